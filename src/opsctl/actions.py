@@ -1,0 +1,313 @@
+"""Acting on jobs and workers: each change is one atomic server-side script.
+
+Every script first re-checks, inside Redis, that the job is exactly as it was
+read: same status, the registry entry still present, no heartbeat since (a
+heartbeat means a live worker), same retry count. If anything changed the
+script writes nothing and says what changed, and the job is reported as
+skipped. Because a script runs atomically, a job is never half-moved: it is
+either out of its registry and in its new place, or untouched.
+
+The four policy actions, as a policy names them::
+
+    defaults:
+      action: fail      # failed status, FailedJobRegistry, a failure result naming opsctl
+    queues:
+      - name: reports-*
+        action: requeue # back on its queue as queued; a worker runs it again
+      - name: imports
+        action: cancel  # canceled status and CanceledJobRegistry
+      - name: scratch
+        action: delete  # the job and every registry and execution entry of it are gone
+
+Two more act on entries rather than jobs: ``remove-entry`` drops a registry
+entry whose job is gone or ended, and ``stop`` asks a live worker to stop a job
+(see :func:`send_stop`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from opsctl.keys import DEAD_WORKER_TTL_S, DEFAULT_FAILURE_TTL_S, Keys
+from opsctl.model import WorkerRecord, format_timestamp
+
+log = logging.getLogger(__name__)
+
+#: What each action does, for the CLI's help and the JSON report's schema.
+JOB_ACTIONS: dict[str, str] = {
+    "fail": "mark failed, file in FailedJobRegistry with a reason (retries honoured)",
+    "requeue": "put back on its queue as queued",
+    "cancel": "mark canceled, file in CanceledJobRegistry",
+    "delete": "delete the job and all its registry and execution entries",
+    "remove-entry": "remove the started-registry entry only; the job is left as it is",
+}
+
+_JOB_SCRIPT = """
+local function field(key, name)
+  local v = redis.call('HGET', key, name)
+  if v == false then return '' end
+  return v
+end
+
+local action, member, job_id, exec_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local now_iso, now = ARGV[9], tonumber(ARGV[10])
+local known = {fail=1, requeue=1, cancel=1, delete=1, ['remove-entry']=1}
+if not known[action] then
+  return redis.error_reply('unknown action ' .. action)
+end
+
+local status = field(KEYS[1], 'status')
+if status ~= ARGV[5] then
+  if status == '' then status = 'missing' end
+  return {0, 'status is now ' .. status}
+end
+if redis.call('ZSCORE', KEYS[2], member) == false then
+  return {0, 'entry is no longer in its registry'}
+end
+if field(KEYS[1], 'last_heartbeat') ~= ARGV[6] then
+  return {0, 'job heartbeat changed since it was read: a worker is alive'}
+end
+if exec_id ~= '' and field(KEYS[3], 'last_heartbeat') ~= ARGV[7] then
+  return {0, 'execution heartbeat changed since it was read: a worker is alive'}
+end
+if field(KEYS[1], 'retries_left') ~= ARGV[8] then
+  return {0, 'retries_left changed since it was read'}
+end
+
+redis.call('ZREM', KEYS[2], member)
+if exec_id ~= '' then
+  redis.call('DEL', KEYS[3])
+  redis.call('ZREM', KEYS[4], exec_id)
+  redis.call('SREM', KEYS[5], job_id .. ':' .. exec_id)
+end
+
+local function enqueue(at_front)
+  redis.call('HSET', KEYS[1], 'status', 'queued', 'enqueued_at', now_iso)
+  if at_front == '1' then
+    redis.call('LPUSH', KEYS[6], job_id)
+  else
+    redis.call('RPUSH', KEYS[6], job_id)
+  end
+  redis.call('SADD', KEYS[7], KEYS[6])
+end
+
+if action == 'remove-entry' then
+  return {1, 'removed'}
+elseif action == 'fail' and ARGV[14] ~= '' then
+  redis.call('HSET', KEYS[1], 'retries_left', tostring(tonumber(ARGV[8]) - 1))
+  local interval = tonumber(ARGV[14])
+  if interval > 0 then
+    redis.call('HSET', KEYS[1], 'status', 'scheduled')
+    redis.call('ZADD', KEYS[10], math.floor(now + interval), job_id)
+    return {1, 'scheduled for retry'}
+  end
+  enqueue(ARGV[15])
+  return {1, 'queued for retry'}
+elseif action == 'fail' then
+  local ttl = tonumber(ARGV[11])
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'ended_at', now_iso)
+  local score = '+inf'
+  if ttl >= 0 then score = tostring(math.floor(now) + ttl) end
+  redis.call('ZADD', KEYS[8], score, job_id)
+  local entry = {'type', '2', 'worker_name', ARGV[13], 'exc_string', ARGV[12]}
+  if exec_id ~= '' then
+    table.insert(entry, 'execution_id')
+    table.insert(entry, exec_id)
+  end
+  redis.call('XADD', KEYS[11], 'MAXLEN', '10', '*', unpack(entry))
+  if ttl > 0 then
+    for _, key in ipairs({KEYS[1], KEYS[11], KEYS[12], KEYS[13]}) do
+      redis.call('EXPIRE', key, ttl)
+    end
+  elseif ttl < 0 then
+    redis.call('PERSIST', KEYS[1])
+  end
+  return {1, 'failed', redis.call('SCARD', KEYS[12])}
+elseif action == 'requeue' then
+  redis.call('HSET', KEYS[1], 'started_at', '', 'ended_at', '')
+  enqueue('0')
+  return {1, 'queued'}
+elseif action == 'cancel' then
+  redis.call('HSET', KEYS[1], 'status', 'canceled', 'ended_at', now_iso)
+  redis.call('ZADD', KEYS[9], math.floor(now), job_id)
+  return {1, 'canceled'}
+elseif action == 'delete' then
+  for _, other in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    redis.call('DEL', ARGV[16] .. ':execution:' .. job_id .. ':' .. other)
+    redis.call('ZREM', KEYS[16], job_id .. ':' .. other)
+  end
+  redis.call('LREM', KEYS[6], 0, job_id)
+  for _, key in ipairs({KEYS[8], KEYS[9], KEYS[10], KEYS[14], KEYS[15]}) do
+    redis.call('ZREM', key, job_id)
+  end
+  redis.call('DEL', KEYS[1], KEYS[4], KEYS[11], KEYS[12], KEYS[13])
+  return {1, 'deleted'}
+end
+"""
+
+_WORKER_SCRIPT = """
+local exists = redis.call('EXISTS', KEYS[1])
+if tostring(exists) ~= ARGV[3] then
+  return {0, 'worker hash changed since it was read'}
+end
+if exists == 1 then
+  local beat = redis.call('HGET', KEYS[1], 'last_heartbeat')
+  if beat == false then beat = '' end
+  if beat ~= ARGV[2] then
+    return {0, 'worker heartbeat changed since it was read: it is alive'}
+  end
+  if redis.call('HEXISTS', KEYS[1], 'death') == 0 then
+    redis.call('HSET', KEYS[1], 'death', ARGV[4])
+    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+  end
+end
+for i = 2, #KEYS do
+  redis.call('SREM', KEYS[i], ARGV[1])
+end
+return {1, 'removed'}
+"""
+
+
+@dataclass(frozen=True)
+class JobChange:
+    """One job action, with the state it expects to find.
+
+    ``source`` is the registry the job is taken out of and ``member`` its entry
+    there: the started registry and ``job:execution`` normally, the failed
+    registry and the bare id for a job a worker has just stopped.
+    """
+
+    action: str
+    queue: str
+    job_id: str
+    member: bytes
+    execution_id: str | None
+    source: str
+    expect: dict[str, str]  # status, last_heartbeat, retries_left of the job
+    expect_execution_heartbeat: str
+    reason: str = ""
+    worker: str = ""
+    failure_ttl_s: int = DEFAULT_FAILURE_TTL_S
+    retry_interval_s: int | None = None  # set: a fail that retries instead
+    retry_at_front: bool = False
+
+
+@dataclass(frozen=True)
+class ChangeResult:
+    """What a script reported: whether it acted, in words, and the job's dependents."""
+
+    done: bool
+    detail: str
+    dependents: int = 0
+    error: bool = False  # Redis refused or failed the change (not a re-check)
+
+
+def failure_text(reason: str) -> str:
+    """A failure reason as RQ stores it in a result stream (zlib, then base64)."""
+    return base64.b64encode(zlib.compress(reason.encode())).decode()
+
+
+class Actor:
+    """Runs the atomic scripts against one Redis, in pipelined batches."""
+
+    def __init__(self, conn: redis.Redis, keys: Keys) -> None:
+        self.conn = conn
+        self.keys = keys
+        self._job_script = conn.register_script(_JOB_SCRIPT)
+        self._worker_script = conn.register_script(_WORKER_SCRIPT)
+
+    def apply_jobs(
+        self, changes: Sequence[JobChange], now: float, batch: int = 200
+    ) -> list[ChangeResult]:
+        """Run ``changes``; one result each, in order. A Redis error fails only its job."""
+        results: list[ChangeResult] = []
+        for start in range(0, len(changes), batch):
+            pipe = self.conn.pipeline(transaction=False)
+            chunk = changes[start : start + batch]
+            for change in chunk:
+                keys, args = self._job_call(change, now)
+                self._job_script(keys=keys, args=args, client=pipe)
+            replies = pipe.execute(raise_on_error=False)
+            results.extend(_result(reply) for reply in replies)
+        return results
+
+    def _job_call(self, change: JobChange, now: float) -> tuple[list[str], list[Any]]:
+        k = self.keys
+        job, origin = change.job_id, change.queue
+        execution = k.execution(job, change.execution_id or "-")
+        keys = [
+            k.job(job),
+            change.source,
+            execution,
+            k.executions(job),
+            k.worker_executions(change.worker or "-"),
+            k.queue(origin),
+            k.queues,
+            k.failed(origin),
+            k.canceled(origin),
+            k.scheduled(origin),
+            k.results(job),
+            k.dependents(job),
+            k.dependencies(job),
+            k.finished(origin),
+            k.deferred(origin),
+            k.started(origin),
+        ]
+        interval = change.retry_interval_s
+        args: list[Any] = [
+            change.action,
+            change.member,
+            job,
+            change.execution_id or "",
+            change.expect.get("status", ""),
+            change.expect.get("last_heartbeat", ""),
+            change.expect_execution_heartbeat,
+            change.expect.get("retries_left", ""),
+            format_timestamp(now),
+            repr(now),
+            change.failure_ttl_s,
+            failure_text(change.reason),
+            change.worker,
+            "" if interval is None else interval,
+            "1" if change.retry_at_front else "0",
+            self.keys.prefix,
+        ]
+        return keys, args
+
+    def deregister_worker(self, worker: WorkerRecord, now: float) -> ChangeResult:
+        """Remove a dead worker's registrations and record its death, if still dead."""
+        keys = [self.keys.worker(worker.name), *sorted(worker.registered_in)]
+        args = [
+            self.keys.worker(worker.name),
+            worker.fields.get("last_heartbeat", ""),
+            "1" if worker.exists else "0",
+            format_timestamp(now),
+            DEAD_WORKER_TTL_S,
+        ]
+        try:
+            reply = self._worker_script(keys=keys, args=args)
+        except redis.RedisError as exc:
+            return ChangeResult(False, f"Redis error: {exc}")
+        return _result(reply)
+
+    def send_stop(self, worker: str, job_id: str) -> int:
+        """Ask ``worker`` to stop ``job_id`` (RQ's stop-job command); receivers count."""
+        payload = json.dumps({"command": "stop-job", "job_id": job_id})
+        return int(self.conn.publish(self.keys.worker_channel(worker), payload))
+
+
+def _result(reply: Any) -> ChangeResult:
+    if isinstance(reply, Exception):
+        return ChangeResult(False, f"Redis error: {reply}", error=True)
+    done, detail = int(reply[0]) == 1, reply[1]
+    detail = detail.decode() if isinstance(detail, bytes) else str(detail)
+    dependents = int(reply[2]) if len(reply) > 2 else 0
+    return ChangeResult(done, detail, dependents)

@@ -1,0 +1,271 @@
+"""The ``opsctl`` command line: the one place that turns errors into exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from enum import Enum
+from typing import Annotated, NoReturn, TypeVar
+
+import redis
+import typer
+from rich.console import Console
+
+from opsctl import __version__, report, status
+from opsctl.connection import DEFAULT_TIMEOUT_S, connect, mask_url, redact
+from opsctl.errors import ExitCode, OpsctlError, PolicyError, Problem, UsageError
+from opsctl.keys import DEFAULT_PREFIX, Keys
+from opsctl.policy import Policy, load_policy, load_policy_schema, parse_duration, validate_files
+from opsctl.run import Overrides, Run, execute, plan
+
+log = logging.getLogger("opsctl")
+
+app = typer.Typer(
+    name="opsctl",
+    help="Find RQ jobs stuck in the started state and clean them up from a YAML policy.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+T = TypeVar("T")
+
+
+class Format(str, Enum):
+    text = "text"
+    json = "json"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"opsctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Find RQ jobs stuck in the started state and clean them up from a YAML policy."""
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING
+    if quiet:
+        level = logging.ERROR
+    elif verbose == 1:
+        level = logging.INFO
+    elif verbose > 1:
+        level = logging.DEBUG
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+
+
+def _fail(error: OpsctlError, best_effort: bool = False, url: str | None = None) -> NoReturn:
+    message = redact(str(error), url)
+    print(f"opsctl: error: {message}", file=sys.stderr)
+    code = error.exit_code
+    if best_effort and code in (ExitCode.ACTION_FAILED, ExitCode.REDIS_UNAVAILABLE):
+        print("opsctl: --best-effort: exiting 0 despite the error above", file=sys.stderr)
+        raise typer.Exit(ExitCode.OK)
+    raise typer.Exit(code)
+
+
+def _guard(body: Callable[[], T], best_effort: bool = False, url: str | None = None) -> T:
+    """Run ``body``; report opsctl's errors, and Redis errors mid-run, as exit codes."""
+    try:
+        return body()
+    except OpsctlError as exc:
+        _fail(exc, best_effort, url)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        from opsctl.errors import RedisUnavailable
+
+        _fail(RedisUnavailable(f"lost the connection to Redis: {exc}"), best_effort, url)
+    except redis.RedisError as exc:
+        _fail(OpsctlError(f"Redis error: {exc}"), best_effort, url)
+
+
+def _load_for_apply(path: str, url_given: bool) -> Policy:
+    """Load a policy; an unset variable is an error unless --redis-url replaces its use."""
+    policy = load_policy(path, strict_env=False)
+    fatal = [
+        Problem(n.file, n.line, n.column, n.path, n.message)
+        for n in policy.notes
+        if "environment variable" in n.message and not (url_given and n.path == "redis.url")
+    ]
+    if fatal:
+        raise PolicyError(fatal)
+    return policy
+
+
+def _resolve_url(flag: str | None, policy: Policy | None) -> str:
+    url = flag or (policy.redis_url if policy else None) or os.environ.get("REDIS_URL")
+    if not url:
+        raise UsageError(
+            "no Redis URL: pass --redis-url, set redis.url in the policy, or set REDIS_URL"
+        )
+    return url
+
+
+def _parse_max_age(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(int(value) if value.isdigit() else value)
+    except ValueError:
+        raise UsageError(
+            f"--max-age: {value!r} is not a duration (use 90s, 10m, 2h or 1d)"
+        ) from None
+
+
+def _console() -> Console:
+    terminal = sys.stdout.isatty()
+    return Console(
+        file=sys.stdout,
+        width=None if terminal else 200,
+        no_color=not terminal or "NO_COLOR" in os.environ,
+        highlight=False,
+        soft_wrap=not terminal,
+    )
+
+
+RedisUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--redis-url",
+        help="Redis URL (redis://, rediss:// or unix://). Default: the policy's "
+        "redis.url, then $REDIS_URL.",
+        show_default=False,
+    ),
+]
+FormatOpt = Annotated[Format, typer.Option("--format", help="Report format.")]
+Verbose = Annotated[
+    int, typer.Option("-v", "--verbose", count=True, help="More logs (-vv: debug).")
+]
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Only errors in the logs.")]
+Timeout = Annotated[
+    float, typer.Option("--timeout", help="Seconds to wait for Redis to connect or answer.")
+]
+
+
+@app.command()
+def apply(
+    policy_file: Annotated[str, typer.Argument(metavar="POLICY", help="Policy file (YAML).")],
+    dry_run: Annotated[
+        bool | None,
+        typer.Option(
+            "--dry-run/--no-dry-run", help="Only report what would be done.", show_default=False
+        ),
+    ] = None,
+    force: Annotated[
+        bool | None,
+        typer.Option(
+            "--force/--no-force", help="Treat every running job as overdue.", show_default=False
+        ),
+    ] = None,
+    max_age: Annotated[
+        str | None, typer.Option("--max-age", help="Override max_age for every queue (e.g. 10m).")
+    ] = None,
+    queue: Annotated[
+        list[str] | None, typer.Option("--queue", help="Only this queue (repeatable).")
+    ] = None,
+    redis_url: RedisUrl = None,
+    output: FormatOpt = Format.text,
+    best_effort: Annotated[
+        bool,
+        typer.Option("--best-effort", help="Exit 0 even when an action failed or Redis is down."),
+    ] = False,
+    stop_timeout: Annotated[
+        float, typer.Option("--stop-timeout", help="Seconds to wait for workers to stop jobs.")
+    ] = 15.0,
+    timeout: Timeout = DEFAULT_TIMEOUT_S,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Apply a policy: classify every started job and act on the stuck ones."""
+    _setup_logging(verbose, quiet)
+    policy = _guard(lambda: _load_for_apply(policy_file, redis_url is not None))
+    url = _guard(lambda: _resolve_url(redis_url, policy))
+    overrides = Overrides(
+        dry_run=dry_run,
+        force=force,
+        max_age_seconds=_guard(lambda: _parse_max_age(max_age)),
+        queues=tuple(queue or ()),
+        stop_timeout_s=stop_timeout,
+    )
+    run = _guard(lambda: _apply(policy, url, overrides, timeout), best_effort, url)
+    shown = mask_url(url)
+    if output is Format.json:
+        report.print_json(report.to_json(run, shown, policy.path, policy.digest))
+    else:
+        report.print_text(run, _console(), shown)
+    if run.failed:
+        count = report.summary(run)["errors"]
+        _fail(OpsctlError(f"{count} action(s) failed; see the report"), best_effort, url)
+
+
+def _apply(policy: Policy, url: str, overrides: Overrides, timeout_s: float) -> Run:
+    conn = connect(url, timeout_s)
+    keys = Keys(policy.key_prefix)
+    run = plan(conn, keys, policy, overrides)
+    if not run.dry_run:
+        execute(conn, keys, run, overrides.stop_timeout_s)
+    return run
+
+
+@app.command()
+def validate(
+    files: Annotated[list[str], typer.Argument(metavar="FILE...", help="Policy files to check.")],
+    strict_env: Annotated[
+        bool,
+        typer.Option("--strict-env", help="Treat unset environment variables as errors."),
+    ] = False,
+) -> None:
+    """Check policy files: one line per problem (FILE:LINE:COL: path: message)."""
+    problems = _guard(lambda: validate_files(files, strict_env=strict_env))
+    for problem in problems:
+        print(problem)
+    failed = {p.file for p in problems if p.severity == "error"}
+    for name in files:
+        if name not in failed:
+            print(f"{name}: ok", file=sys.stderr)
+    if failed:
+        raise typer.Exit(ExitCode.INVALID)
+
+
+@app.command("status")
+def status_command(
+    redis_url: RedisUrl = None,
+    output: FormatOpt = Format.text,
+    key_prefix: Annotated[
+        str, typer.Option("--key-prefix", help="RQ key prefix.")
+    ] = DEFAULT_PREFIX,
+    timeout: Timeout = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Per queue: counts of jobs by state, oldest started job, workers alive and dead."""
+    _setup_logging(0, False)
+    url = _guard(lambda: _resolve_url(redis_url, None))
+    now, statuses = _guard(lambda: status.collect(connect(url, timeout), Keys(key_prefix)), url=url)
+    if output is Format.json:
+        report.print_json(status.to_json(now, mask_url(url), statuses))
+    else:
+        status.print_text(statuses, _console())
+
+
+@app.command()
+def schema() -> None:
+    """Print the policy file's JSON Schema."""
+    print(json.dumps(load_policy_schema(), indent=2))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,201 @@
+"""Pure decisions: which state a started entry is in and what the policy does about it.
+
+Nothing here touches Redis or the clock; every input is a record from
+:mod:`opsctl.model` and the server time read with the snapshot.
+
+A worker is *live* when all of these hold:
+
+1. its hash ``<prefix>:worker:<name>`` exists (RQ lets it expire when the worker
+   stops heartbeating: up to 8 minutes after a hard kill);
+2. the hash carries no ``death`` field (RQ writes one on a clean shutdown);
+3. the worker still holds its connection to Redis: at least one subscriber on
+   its command channel ``<prefix>:pubsub:<name>``, or a client connection
+   named after it. A SIGKILLed worker loses both at once, so it is seen dead
+   within seconds, long before its hash expires. When the server will not say
+   (an ACL without PUBSUB and CLIENT LIST), the hash alone decides, which is
+   slower but never calls a live worker dead.
+
+A live worker is *executing* a job when its records say so: RQ 3 lists
+``job:execution`` members in ``<prefix>:worker:<name>:executions``; RQ 1 and 2
+name the job in the hash's ``current_job`` field. A busy worker that has not
+yet written either (the few milliseconds between taking a job and starting it)
+counts as executing whatever names it, so a job is never taken from a worker
+that is about to run it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from opsctl.model import StartedEntry, WorkerRecord, parse_int, parse_timestamp
+from opsctl.policy import Rule
+
+
+class State(str, Enum):
+    """What a started-registry entry turned out to be."""
+
+    ORPHANED = "orphaned"  # the job hash is gone
+    LEFTOVER = "leftover"  # the job ended or was queued again; only the entry remains
+    ABANDONED = "abandoned"  # no live worker is executing it
+    OVERDUE = "overdue"  # a live worker is executing it for longer than max_age
+    RUNNING = "running"  # a live worker is executing it within max_age
+
+
+#: Actions a report can name; the first four are the policy's own.
+ACTION_STOP = "stop"
+ACTION_REMOVE_ENTRY = "remove-entry"
+ACTION_NONE = "none"
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """Whether a worker is live, and the evidence in words."""
+
+    alive: bool
+    evidence: str
+
+
+@dataclass(frozen=True)
+class Signals:
+    """The measurements behind a verdict, shown on every report line."""
+
+    age_s: float | None
+    heartbeat_age_s: float | None
+    worker: str
+    worker_alive: bool | None
+    worker_evidence: str
+    timeout_s: int | None
+    status: str | None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The state of one entry and what the policy does about it.
+
+    For an overdue job ``action`` is ``stop`` and ``follow_up`` is the policy's
+    action, applied once the worker has stopped the job (``fail`` needs no
+    follow-up: RQ itself files a stopped job as failed).
+    """
+
+    state: State
+    action: str
+    reason: str
+    signals: Signals
+    follow_up: str | None = None
+
+
+def worker_liveness(worker: WorkerRecord | None) -> Liveness:
+    """Decide whether ``worker`` is live; see the module docstring for the rule."""
+    if worker is None or not worker.exists:
+        return Liveness(False, "worker hash is gone")
+    if worker.fields.get("death"):
+        return Liveness(False, f"worker recorded its death at {worker.fields['death']}")
+    if worker.subscribers is None and worker.connected is None:
+        return Liveness(True, "worker hash exists (connection checks not permitted)")
+    if worker.subscribers:
+        return Liveness(True, "worker is subscribed to its command channel")
+    if worker.connected:
+        return Liveness(True, "worker holds a named connection")
+    return Liveness(False, "worker holds no connection to Redis")
+
+
+def is_executing(worker: WorkerRecord, entry: StartedEntry) -> bool:
+    """Whether a live ``worker``'s own records say it runs ``entry``."""
+    if worker.executions:
+        return entry.member.decode("utf-8", "replace") in worker.executions
+    if worker.current_job:
+        return worker.current_job == entry.job_id
+    return worker.fields.get("state") == "busy"
+
+
+def classify(
+    entry: StartedEntry,
+    workers: dict[str, WorkerRecord],
+    rule: Rule,
+    now: float,
+) -> Verdict:
+    """The state of one started entry under ``rule`` at server time ``now``."""
+    worker = workers.get(entry.worker_name) if entry.worker_name else None
+    liveness = worker_liveness(worker) if entry.worker_name else Liveness(False, "no worker named")
+    holds = liveness.alive and worker is not None and is_executing(worker, entry)
+    signals = _signals(entry, liveness, now)
+
+    if entry.job is None or not (entry.job.get("status") or entry.job.get("created_at")):
+        return _orphaned(entry.job, holds, signals)
+    status = entry.job.get("status", "")
+    if status != "started":
+        return _not_started(entry, status, holds, signals)
+    if not holds:
+        return _abandoned(entry, rule, liveness, signals)
+    return _held(rule, signals)
+
+
+def _orphaned(job: dict[str, str] | None, holds: bool, signals: Signals) -> Verdict:
+    if job is None:
+        found = "job hash is gone"
+    else:
+        found = f"job hash holds no job ({', '.join(sorted(job)) or 'no fields opsctl reads'})"
+    if holds:
+        reason = f"{found} but {signals.worker} is executing it"
+        return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
+    return Verdict(State.ORPHANED, ACTION_REMOVE_ENTRY, found, signals)
+
+
+def _not_started(entry: StartedEntry, status: str, holds: bool, signals: Signals) -> Verdict:
+    shown = f"'{status}'" if status else "missing"
+    if holds:
+        # The worker is between taking the job and marking it started, or is
+        # still writing its end; the entry is its to remove.
+        reason = f"status is {shown} but {signals.worker} is executing it"
+        return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
+    return Verdict(State.LEFTOVER, ACTION_REMOVE_ENTRY, f"status is {shown}", signals)
+
+
+def _abandoned(entry: StartedEntry, rule: Rule, liveness: Liveness, signals: Signals) -> Verdict:
+    if not entry.worker_name:
+        why = "no worker is named for it"
+    elif liveness.alive:
+        why = f"{entry.worker_name} is live but not executing it"
+    else:
+        why = f"{entry.worker_name} is dead: {liveness.evidence}"
+    return Verdict(State.ABANDONED, rule.action, why, signals)
+
+
+def _held(rule: Rule, signals: Signals) -> Verdict:
+    age = signals.age_s
+    if rule.force:
+        return Verdict(State.OVERDUE, ACTION_STOP, "force is set", signals, rule.action)
+    if age is None:
+        reason = "age unknown (no readable started_at); never acted on by age"
+        return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
+    if age > rule.max_age_seconds:
+        reason = f"running {age:.0f}s, over max_age {rule.max_age_seconds}s"
+        return Verdict(State.OVERDUE, ACTION_STOP, reason, signals, rule.action)
+    reason = f"running {age:.0f}s, within max_age {rule.max_age_seconds}s"
+    return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
+
+
+def _signals(entry: StartedEntry, liveness: Liveness, now: float) -> Signals:
+    job = entry.job or {}
+    execution = entry.execution or {}
+    started = parse_timestamp(job.get("started_at"))
+    if started is None:
+        started = parse_timestamp(execution.get("created_at"))
+    beats = [
+        t
+        for t in (
+            parse_timestamp(job.get("last_heartbeat")),
+            parse_timestamp(execution.get("last_heartbeat")),
+        )
+        if t is not None
+    ]
+    return Signals(
+        age_s=max(0.0, now - started) if started is not None else None,
+        heartbeat_age_s=max(0.0, now - max(beats)) if beats else None,
+        worker=entry.worker_name,
+        worker_alive=liveness.alive if entry.worker_name else None,
+        worker_evidence=liveness.evidence,
+        timeout_s=parse_int(job.get("timeout")),
+        status=job.get("status") if entry.job is not None else None,
+    )

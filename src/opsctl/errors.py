@@ -1,0 +1,61 @@
+"""Exceptions raised by opsctl and the exit codes the CLI maps them to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes; the README documents each one."""
+
+    OK = 0  # success, nothing to do, or any dry run
+    ACTION_FAILED = 1  # at least one action on a job or worker failed
+    INVALID = 2  # invalid policy file or command-line usage
+    REDIS_UNAVAILABLE = 3  # Redis unreachable, refused the login, or timed out
+
+
+class OpsctlError(Exception):
+    """Base class of every error opsctl reports to the user."""
+
+    exit_code: ExitCode = ExitCode.ACTION_FAILED
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding about a policy file, located at a line and column (1-based)."""
+
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+    severity: str = "error"  # "error" or "note"
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}"
+        prefix = "" if self.severity == "error" else f"{self.severity}: "
+        path = f"{self.path}: " if self.path else ""
+        return f"{where}: {prefix}{path}{self.message}"
+
+
+class PolicyError(OpsctlError):
+    """Raised when a policy file cannot be read, parsed or validated."""
+
+    exit_code = ExitCode.INVALID
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+class UsageError(OpsctlError):
+    """Raised when command-line options contradict each other or are malformed."""
+
+    exit_code = ExitCode.INVALID
+
+
+class RedisUnavailable(OpsctlError):
+    """Raised when Redis cannot be reached, refuses the login, or times out."""
+
+    exit_code = ExitCode.REDIS_UNAVAILABLE

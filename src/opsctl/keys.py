@@ -1,0 +1,136 @@
+"""RQ's Redis key layout and the timing defaults opsctl relies on.
+
+Every key name opsctl reads or writes is built here, from one configurable
+prefix (RQ 3 lets deployments change it; older releases always use ``rq``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "rq"
+
+#: Fields of a job hash that opsctl reads. ``data``, ``meta`` and ``result``
+#: hold pickled user objects and are never read.
+JOB_FIELDS: tuple[str, ...] = (
+    "status",
+    "origin",
+    "created_at",
+    "enqueued_at",
+    "started_at",
+    "ended_at",
+    "last_heartbeat",
+    "timeout",
+    "worker_name",
+    "description",
+    "retries_left",
+    "retry_intervals",
+    "enqueue_at_front_on_retry",
+    "failure_ttl",
+)
+
+#: Fields of an execution hash (``<prefix>:execution:<job>:<execution>``), RQ 2+.
+EXECUTION_FIELDS: tuple[str, ...] = ("worker_name", "created_at", "last_heartbeat")
+
+#: Fields of a worker hash that bear on liveness and on what it is executing.
+WORKER_FIELDS: tuple[str, ...] = (
+    "birth",
+    "death",
+    "last_heartbeat",
+    "state",
+    "current_job",
+    "queues",
+    "version",
+    "hostname",
+    "pid",
+)
+
+#: Seconds a failed job is kept when its hash names no ``failure_ttl`` (RQ: one year).
+DEFAULT_FAILURE_TTL_S = 31_536_000
+
+#: Seconds a dead worker's hash lingers after opsctl records its death, as RQ
+#: itself does when a worker shuts down cleanly.
+DEAD_WORKER_TTL_S = 60
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one RQ prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def queues(self) -> str:
+        """Set of queue keys (``<prefix>:queue:<name>``) that RQ knows."""
+        return f"{self.prefix}:queues"
+
+    @property
+    def workers(self) -> str:
+        """Set of every registered worker key."""
+        return f"{self.prefix}:workers"
+
+    @property
+    def queue_key_prefix(self) -> str:
+        return f"{self.prefix}:queue:"
+
+    def queue(self, queue: str) -> str:
+        """List of job ids waiting on ``queue``."""
+        return f"{self.prefix}:queue:{queue}"
+
+    def started(self, queue: str) -> str:
+        """Sorted set of started entries; the score is the lease's expiry."""
+        return f"{self.prefix}:wip:{queue}"
+
+    def failed(self, queue: str) -> str:
+        return f"{self.prefix}:failed:{queue}"
+
+    def finished(self, queue: str) -> str:
+        return f"{self.prefix}:finished:{queue}"
+
+    def canceled(self, queue: str) -> str:
+        return f"{self.prefix}:canceled:{queue}"
+
+    def deferred(self, queue: str) -> str:
+        return f"{self.prefix}:deferred:{queue}"
+
+    def scheduled(self, queue: str) -> str:
+        return f"{self.prefix}:scheduled:{queue}"
+
+    def queue_workers(self, queue: str) -> str:
+        """Set of worker keys that listen on ``queue``."""
+        return f"{self.prefix}:workers:{queue}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def dependents(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:dependents"
+
+    def dependencies(self, job_id: str) -> str:
+        # RQ builds this one with an extra colon after the job prefix.
+        return f"{self.prefix}:job::{job_id}:dependencies"
+
+    def results(self, job_id: str) -> str:
+        """Stream of results, one entry per ended execution."""
+        return f"{self.prefix}:results:{job_id}"
+
+    def execution(self, job_id: str, execution_id: str) -> str:
+        return f"{self.prefix}:execution:{job_id}:{execution_id}"
+
+    def executions(self, job_id: str) -> str:
+        """Sorted set of a job's execution ids (RQ 2+)."""
+        return f"{self.prefix}:executions:{job_id}"
+
+    def worker(self, name: str) -> str:
+        return f"{self.prefix}:worker:{name}"
+
+    def worker_executions(self, name: str) -> str:
+        """Set of ``job:execution`` members a worker is running (RQ 3)."""
+        return f"{self.prefix}:worker:{name}:executions"
+
+    def worker_channel(self, name: str) -> str:
+        """Pub/sub channel a live worker listens on for commands."""
+        return f"{self.prefix}:pubsub:{name}"
+
+    def worker_name_from_key(self, key: str) -> str:
+        return key.removeprefix(f"{self.prefix}:worker:")

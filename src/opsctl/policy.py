@@ -1,0 +1,914 @@
+"""Policy files: load YAML safely, interpolate the environment, validate, resolve rules.
+
+A policy file goes through five steps, each a section of this module:
+
+1. read: the file's bytes, refused above 1 MiB, decoded as UTF-8;
+2. parse: YAML composed into nodes by the safe loader; no object is ever built from a tag;
+3. build: plain values made from the nodes, recording the line and column of every value and
+   key, with ``${VAR}`` and ``${VAR:-default}`` replaced from the environment;
+4. validate: JSON Schema (``schemas/policy.schema.json``), then what a schema cannot say
+   (glob syntax, a queue listed twice, the Redis URL scheme);
+5. assemble: defaults and overrides merged into one Rule per queue entry.
+
+Every problem is reported at its file, line and column, all of them at once; no input makes
+this module raise anything but PolicyError.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+from jsonschema.exceptions import ValidationError
+from jsonschema.protocols import Validator
+
+from opsctl.errors import PolicyError, Problem
+
+ACTIONS = ("fail", "requeue", "cancel", "delete")
+
+MAX_FILE_BYTES = 1024 * 1024
+"""Largest policy file read, in bytes; real policies are a few hundred bytes."""
+
+MAX_NODES = 100_000
+"""Most YAML values built from one file; a value reached through an alias counts again."""
+
+MAX_DEPTH = 64
+"""Deepest nesting of mappings and lists accepted in a policy file."""
+
+DEFAULT_KEY_PREFIX = "rq"
+"""Prefix of RQ's Redis keys when the policy does not set redis.key_prefix."""
+
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+"""URL schemes redis-py can connect with."""
+
+_DURATION = re.compile(r"([0-9]+)([smhd])")
+_SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_HINT = "use 90s, 10m, 2h or 1d"
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_REFERENCE_HINT = "write ${NAME} or ${NAME:-default}"
+_GLOB_CHARACTERS = "*?["
+_RULE_SETTINGS = ("max_age", "action", "force", "dry_run", "enabled")
+
+_Path = tuple[str | int, ...]
+"""Where a value sits in the policy: ("queues", 0, "max_age") is queues[0].max_age."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The settings that apply to one queue after defaults and overrides are merged."""
+
+    max_age_seconds: int = 600
+    action: str = "fail"
+    force: bool = False
+    dry_run: bool = False
+    enabled: bool = True
+    source: str = "defaults"  # e.g. "queues[1] (reports-*)", shown in reports
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy file."""
+
+    path: str
+    redis_url: str | None
+    key_prefix: str
+    defaults: Rule
+    entries: tuple[tuple[str, Rule], ...]  # (name or glob, merged rule), in file order
+    digest: str  # sha256 hex of the file's bytes
+    notes: tuple[Problem, ...] = field(default=())
+
+    def rule_for(self, queue: str) -> Rule | None:
+        """The rule for `queue`, or None when no entry matches it.
+
+        An entry whose name equals `queue` wins over every glob, wherever it stands in the
+        file. Otherwise the first glob entry in file order that matches `queue` wins, and
+        later globs are not consulted: put narrow globs before broad ones. Globs are
+        fnmatch-style (* ? [seq]) and case-sensitive, like RQ's queue names. A disabled entry
+        still matches; its rule has enabled=False, so the queue is listed but never touched.
+        """
+        for name, rule in self.entries:
+            if name == queue:
+                return rule
+
+        for name, rule in self.entries:
+            if _is_glob(name) and fnmatch.fnmatchcase(queue, name):
+                return rule
+        return None
+
+
+def load_policy(
+    path: str | Path, *, environ: Mapping[str, str] | None = None, strict_env: bool = True
+) -> Policy:
+    """Load and validate a policy file; raise PolicyError listing every problem.
+
+    With `strict_env` (the default, for commands that act on Redis) a ``${VAR}`` whose
+    variable is unset and has no default is an error. Without it, that is a note, and the
+    value is unknown: it is not checked, and the policy treats the key as absent (built-in or
+    inherited settings apply, redis_url is None, an entry with an unknown name is left out).
+    `environ` defaults to the process environment.
+    """
+    policy, problems = _inspect(str(path), _environment(environ), strict_env)
+    if policy is None:
+        raise PolicyError(problems)
+    return policy
+
+
+def validate_files(
+    paths: list[str], *, environ: Mapping[str, str] | None = None, strict_env: bool = False
+) -> list[Problem]:
+    """Every problem (errors and notes) found in the given files.
+
+    Problems come file by file in the order given, each file's sorted by line and column.
+    """
+    variables = _environment(environ)
+    problems: list[Problem] = []
+    for path in paths:
+        problems.extend(_inspect(path, variables, strict_env)[1])
+    return problems
+
+
+def parse_duration(text: str | int) -> int:
+    """Seconds in a duration such as 90s, 10m, 2h, 1d or a bare integer of minutes.
+
+    Raise ValueError for anything else, including booleans, floats and negative numbers.
+    """
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return text * _SECONDS_PER_UNIT["m"]
+
+    match = _DURATION.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"{_describe(text)} is not a duration ({_DURATION_HINT})")
+    return int(match[1]) * _SECONDS_PER_UNIT[match[2]]
+
+
+def load_policy_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) that policy files follow; `opsctl schema` prints it.
+
+    An installed wheel carries it as opsctl/schemas/policy.schema.json; a source checkout
+    has it at schemas/policy.schema.json, beside src/.
+    """
+    schema: dict[str, Any] = json.loads(_schema_text())
+    return schema
+
+
+# Reading and parsing ------------------------------------------------------------------------
+
+
+class _Refused(Exception):
+    """Raised within this module when a file cannot be looked at any further."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
+
+
+def _inspect(
+    file: str, environ: Mapping[str, str], strict_env: bool
+) -> tuple[Policy | None, list[Problem]]:
+    """The policy in `file` (None when it has an error) and every problem found in it."""
+    try:
+        raw = _read_bytes(file)
+        document = _build_document(file, raw, environ, strict_env)
+    except _Refused as refused:
+        return None, [refused.problem]
+
+    _validate(document)
+    problems = sorted(dict.fromkeys(document.problems), key=lambda p: (p.line, p.column))
+
+    if any(problem.severity == "error" for problem in problems):
+        return None, problems
+    return _assemble(document, raw, problems), problems
+
+
+def _environment(environ: Mapping[str, str] | None) -> Mapping[str, str]:
+    """The variables ${VAR} references read: `environ`, or the process environment."""
+    return os.environ if environ is None else environ
+
+
+def _read_bytes(file: str) -> bytes:
+    """The bytes of `file`; refuses one that cannot be read or is too large to be a policy."""
+    try:
+        with open(file, "rb") as stream:
+            raw = stream.read(MAX_FILE_BYTES + 1)
+            size_bytes = os.fstat(stream.fileno()).st_size
+    except OSError as error:
+        raise _Refused(_file_problem(file, f"cannot read file: {_os_reason(error)}")) from None
+
+    if len(raw) > MAX_FILE_BYTES:
+        size = _mebibytes(max(size_bytes, len(raw)))
+        message = f"file is {size} MiB; policy files are limited to 1 MiB"
+        raise _Refused(_file_problem(file, message))
+    return raw
+
+
+def _os_reason(error: OSError) -> str:
+    """Why a file could not be read, in a few words."""
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, IsADirectoryError):
+        return "it is a directory"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    return (error.strerror or type(error).__name__).lower()
+
+
+def _mebibytes(size_bytes: int) -> str:
+    """`size_bytes` in MiB, rounded up to one decimal so that 1 MiB + 1 byte is not '1'."""
+    return f"{math.ceil(size_bytes * 10 / MAX_FILE_BYTES) / 10:g}"
+
+
+def _file_problem(file: str, message: str, line: int = 1, column: int = 1) -> Problem:
+    """A problem with the file as a whole rather than with one value in it."""
+    return Problem(file, line, column, "", message)
+
+
+def _decode(file: str, raw: bytes) -> str:
+    """The text of `raw`, which must be UTF-8; a leading byte-order mark is dropped."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line_start = raw.rfind(b"\n", 0, error.start) + 1
+        line = raw.count(b"\n", 0, error.start) + 1
+        column = len(raw[line_start : error.start].decode("utf-8")) + 1
+        message = f"byte 0x{raw[error.start]:02x} is not UTF-8 text; save the file as UTF-8"
+        raise _Refused(_file_problem(file, message, line, column)) from None
+    return text.removeprefix("\ufeff")
+
+
+def _compose(file: str, text: str) -> yaml.Node:
+    """The one YAML document in `text`, as nodes; tags are kept as names, never constructed."""
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as error:
+        raise _Refused(_yaml_problem(file, text, error)) from None
+
+    try:
+        return _single_document(file, loader)
+    except yaml.YAMLError as error:
+        raise _Refused(_yaml_problem(file, text, error)) from None
+    except RecursionError:
+        message = f"values are nested too deeply; policy files nest at most {MAX_DEPTH} levels"
+        raise _Refused(_file_problem(file, message)) from None
+    finally:
+        loader.dispose()
+
+
+def _single_document(file: str, loader: yaml.SafeLoader) -> yaml.Node:
+    """The document `loader` reads; refuses an empty stream and a second document."""
+    node = loader.get_node() if loader.check_node() else None
+    if node is None:
+        message = "file is empty; a policy needs at least 'version: 1' and a 'queues' list"
+        raise _Refused(_file_problem(file, message))
+
+    if loader.check_node():
+        next_event = loader.peek_event()  # type: ignore[no-untyped-call]  # untyped in stubs
+        line, column = _event_position(next_event)
+        message = "file holds a second YAML document here; keep one policy per file"
+        raise _Refused(_file_problem(file, message, line, column))
+    return node
+
+
+def _event_position(event: Any) -> tuple[int, int]:
+    """The 1-based line and column where a parser event starts."""
+    mark = getattr(event, "start_mark", None)
+    return (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+
+
+def _yaml_problem(file: str, text: str, error: yaml.YAMLError) -> Problem:
+    """One problem, on one line, for a YAML syntax or character error."""
+    if isinstance(error, yaml.reader.ReaderError):
+        line, column = _text_position(text, error.position)
+        message = f"character #x{error.character:04x} is not allowed in YAML; remove it"
+        return _file_problem(file, message, line, column)
+
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark or error.context_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        reason = error.problem or error.context or "unreadable"
+        return _file_problem(file, f"invalid YAML: {reason}", line, column)
+    return _file_problem(file, f"invalid YAML: {error}".splitlines()[0])
+
+
+def _text_position(text: str, index: int) -> tuple[int, int]:
+    """The 1-based line and column of the character at `index` in `text`."""
+    line_start = text.rfind("\n", 0, index) + 1
+    return text.count("\n", 0, index) + 1, index - line_start + 1
+
+
+# Building values ----------------------------------------------------------------------------
+
+_TAG = "tag:yaml.org,2002:"
+_STR_TAG = _TAG + "str"
+_MAP_TAG = _TAG + "map"
+_SEQ_TAG = _TAG + "seq"
+_MERGE_TAG = _TAG + "merge"
+_CONSTRUCTOR = yaml.constructor.SafeConstructor()
+_RESOLVER = yaml.resolver.Resolver()
+
+_SCALARS: dict[str, Callable[[yaml.ScalarNode], Any]] = {
+    _TAG + "null": _CONSTRUCTOR.construct_yaml_null,
+    _TAG + "bool": _CONSTRUCTOR.construct_yaml_bool,
+    _TAG + "int": _CONSTRUCTOR.construct_yaml_int,
+    _TAG + "float": _CONSTRUCTOR.construct_yaml_float,
+    # Dates are kept as written; no policy value is a date, so the schema rejects them.
+    _TAG + "timestamp": lambda node: str(node.value),
+}
+"""How each standard scalar tag other than str becomes a value; any other tag is refused."""
+
+_CONSTRUCTION_ERRORS = (ValueError, KeyError, TypeError, yaml.YAMLError)
+
+
+@dataclass
+class _Document:
+    """Plain values built from one policy file, and where each of them was written."""
+
+    file: str
+    text: str
+    data: Any = None
+    value_marks: dict[_Path, tuple[int, int]] = field(default_factory=dict)
+    key_marks: dict[_Path, tuple[int, int]] = field(default_factory=dict)
+    env_names: dict[_Path, tuple[str, ...]] = field(default_factory=dict)
+    settled: set[_Path] = field(default_factory=set)  # reported or unknown: not checked again
+    unknown: set[_Path] = field(default_factory=set)  # from an unset variable
+    problems: list[Problem] = field(default_factory=list)
+
+    def report(
+        self,
+        path: _Path,
+        message: str,
+        *,
+        at: tuple[int, int] | None = None,
+        severity: str = "error",
+    ) -> None:
+        """Record a problem with the value at `path`, located at that value unless `at`."""
+        line, column = at or self.value_marks.get(path, (1, 1))
+        self.problems.append(
+            Problem(self.file, line, column, _format_path(path), message, severity)
+        )
+
+    def describe(self, path: _Path, value: Any) -> str:
+        """`value` quoted for a message, unless it came from the environment or is a URL."""
+        names = self.env_names.get(path)
+        if names:
+            return "the value from " + ", ".join(f"${{{name}}}" for name in names)
+        if path == ("redis", "url"):
+            return "the URL"
+        return _describe(value)
+
+    def is_settled(self, path: _Path) -> bool:
+        """Whether the value at `path`, or one containing it, needs no further checks."""
+        return any(path[:length] in self.settled for length in range(len(path) + 1))
+
+    def value(self, path: _Path) -> Any:
+        """The value at `path`, or None when the policy has none there."""
+        current = self.data
+        for part in path:
+            if isinstance(part, str) and isinstance(current, dict):
+                current = current.get(part)
+            elif isinstance(part, int) and isinstance(current, list) and part < len(current):
+                current = current[part]
+            else:
+                return None
+        return current
+
+
+def _build_document(
+    file: str, raw: bytes, environ: Mapping[str, str], strict_env: bool
+) -> _Document:
+    """Read, parse and build `raw`; refuses a file whose top level is not a mapping."""
+    text = _decode(file, raw)
+    node = _compose(file, text)
+    document = _Document(file, text)
+    document.data = _Builder(document, environ, strict_env).build(node, (), 0)
+
+    if not isinstance(document.data, dict):
+        what = _describe(document.data)
+        message = f"the top level is {what}; a policy is a mapping with 'version' and 'queues'"
+        raise _Refused(_file_problem(file, message, *_position(node)))
+    return document
+
+
+class _Builder:
+    """Builds plain values from YAML nodes into a _Document, interpolating the environment.
+
+    An alias is expanded each time it is met, so the values it points to count again; the
+    count and the nesting depth are capped, which defeats alias-expansion bombs and
+    self-referencing anchors.
+    """
+
+    def __init__(self, document: _Document, environ: Mapping[str, str], strict_env: bool) -> None:
+        self.document = document
+        self.environ = environ
+        self.strict_env = strict_env
+        self.nodes_built = 0
+
+    def build(self, node: yaml.Node, path: _Path, depth: int) -> Any:
+        """The plain value of `node`, which sits at `path`."""
+        self._count(node, depth)
+        self.document.value_marks[path] = _position(node)
+
+        if isinstance(node, yaml.MappingNode):
+            self._check_tag(node, path, _MAP_TAG)
+            return self._mapping(node, path, depth)
+        if isinstance(node, yaml.SequenceNode):
+            self._check_tag(node, path, _SEQ_TAG)
+            return [self.build(item, (*path, i), depth + 1) for i, item in enumerate(node.value)]
+        return self._scalar(node, path)
+
+    def _count(self, node: yaml.Node, depth: int) -> None:
+        """Count one more value; refuse the file past MAX_NODES or MAX_DEPTH."""
+        self.nodes_built += 1
+        if self.nodes_built > MAX_NODES:
+            message = (
+                f"file expands to more than {MAX_NODES:,} YAML values (aliases repeat what "
+                "they point to); a policy needs a few dozen"
+            )
+            raise _Refused(_file_problem(self.document.file, message, *_position(node)))
+        if depth > MAX_DEPTH:
+            message = f"values are nested more than {MAX_DEPTH} levels deep; flatten the file"
+            raise _Refused(_file_problem(self.document.file, message, *_position(node)))
+
+    def _check_tag(self, node: yaml.Node, path: _Path, expected: str) -> None:
+        """Report an explicit tag other than the standard one for this kind of node."""
+        if node.tag != expected:
+            self._refuse_tag(node, path)
+
+    def _refuse_tag(self, node: yaml.Node, path: _Path, at: tuple[int, int] | None = None) -> None:
+        """Report a tag opsctl does not read; the value it carries is not checked further."""
+        message = f"tag {_short_tag(node.tag)!r} is not allowed; policy files use plain values"
+        self.document.report(path, message, at=at)
+        self.document.settled.add(path)
+
+    def _mapping(self, node: yaml.MappingNode, path: _Path, depth: int) -> dict[str, Any]:
+        """The mapping's values by key; duplicate and unreadable keys are reported."""
+        values: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = self._key(key_node, path, depth)
+            if key is None:
+                continue
+
+            key_path = (*path, key)
+            where = _position(key_node)
+            if key in values:
+                first_line = self.document.key_marks[key_path][0]
+                message = f"duplicate key {key!r} (first at line {first_line})"
+                self.document.report(path, message, at=where)
+                continue
+
+            self.document.key_marks[key_path] = where
+            values[key] = self.build(value_node, key_path, depth + 1)
+        return values
+
+    def _key(self, node: yaml.Node, path: _Path, depth: int) -> str | None:
+        """The text of a mapping key, or None when the key cannot be used."""
+        self._count(node, depth + 1)
+        where = _position(node)
+        if node.tag == _MERGE_TAG:
+            message = "merge keys ('<<') are not supported; write the keys out in full"
+            self.document.report(path, message, at=where)
+            return None
+
+        if not isinstance(node, yaml.ScalarNode):
+            message = "a key must be a plain word, not a mapping or list"
+            self.document.report(path, message, at=where)
+            return None
+        if node.tag != _STR_TAG and node.tag not in _SCALARS:
+            self._refuse_tag(node, path, at=where)
+            return None
+        return str(node.value)
+
+    def _scalar(self, node: yaml.Node, path: _Path) -> Any:
+        """The value of a scalar node, typed by its tag."""
+        assert isinstance(node, yaml.ScalarNode)  # composer yields only three node kinds
+        if node.tag == _STR_TAG:
+            return self._string(node, path)
+
+        construct = _SCALARS.get(node.tag)
+        if construct is None:
+            self._refuse_tag(node, path)
+            return str(node.value)
+        try:
+            return construct(node)
+        except _CONSTRUCTION_ERRORS:
+            what = self.document.describe(path, str(node.value))
+            tag = _short_tag(node.tag)
+            self.document.report(path, f"{what} is not a valid {tag} value; fix it or drop {tag}")
+            self.document.settled.add(path)
+            return str(node.value)
+
+    def _string(self, node: yaml.ScalarNode, path: _Path) -> Any:
+        """A string with the environment interpolated.
+
+        An unquoted value is then typed as if its text had been written in the file, so
+        ``force: ${FORCE}`` with FORCE=true is a boolean, as ``force: true`` would be.
+        """
+        text = str(node.value)
+        if "${" not in text:
+            return text
+
+        result = _interpolate(text, self.environ)
+        if result.error is not None:
+            offset, message = result.error
+            self.document.report(path, message, at=self._position_in(node, offset))
+            self.document.settled.add(path)
+            return text
+
+        self.document.env_names[path] = result.names
+        if result.unset:
+            self._report_unset(path, result.unset)
+            return ""
+        return _retype(result.text) if node.style is None else result.text
+
+    def _report_unset(self, path: _Path, names: tuple[str, ...]) -> None:
+        """Report unset variables: an error under strict_env, a note otherwise."""
+        self.document.settled.add(path)
+        self.document.unknown.add(path)
+        severity = "error" if self.strict_env else "note"
+        for name in names:
+            message = (
+                f"environment variable {name!r} is not set "
+                f"(set it, or give a default with ${{{name}:-...}})"
+            )
+            if not self.strict_env:
+                message += "; the value was not checked"
+            self.document.report(path, message, severity=severity)
+
+    def _position_in(self, node: yaml.ScalarNode, offset: int) -> tuple[int, int]:
+        """Where character `offset` of a scalar's value was written, when that is knowable.
+
+        For a one-line plain or quoted scalar without escapes the value is the source text;
+        otherwise (folded lines, escapes) the scalar's own start is the best answer.
+        """
+        line, column = _position(node)
+        start, end = node.start_mark.index, node.end_mark.index
+        source = self.document.text[start:end]
+        if source == node.value:
+            return line, column + offset
+        if source[1:-1] == node.value and source[:1] in ("'", '"'):
+            return line, column + 1 + offset
+        return line, column
+
+
+def _position(node: yaml.Node) -> tuple[int, int]:
+    """The 1-based line and column where `node` starts."""
+    mark = node.start_mark
+    return (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+
+
+def _short_tag(tag: str) -> str:
+    """A tag as it is written in YAML: tag:yaml.org,2002:python/object is !!python/object."""
+    return "!!" + tag.removeprefix(_TAG) if tag.startswith(_TAG) else tag
+
+
+def _retype(text: str) -> Any:
+    """`text` typed as YAML types an unquoted scalar: true is a boolean, 5 an integer."""
+    tag: str = _RESOLVER.resolve(  # type: ignore[no-untyped-call]  # untyped in the stubs
+        yaml.ScalarNode, text, (True, False)
+    )
+    construct = _SCALARS.get(tag)
+    if construct is None:
+        return text
+    try:
+        return construct(yaml.ScalarNode(tag, text))
+    except _CONSTRUCTION_ERRORS:
+        return text
+
+
+@dataclass(frozen=True)
+class _Interpolation:
+    """The outcome of replacing ${VAR} references in one string."""
+
+    text: str
+    names: tuple[str, ...] = ()  # every variable referenced, in order
+    unset: tuple[str, ...] = ()  # variables neither set nor given a default
+    error: tuple[int, str] | None = None  # offset of the bad reference, and why
+
+
+def _interpolate(text: str, environ: Mapping[str, str]) -> _Interpolation:
+    """`text` with every ${VAR} and ${VAR:-default} replaced from `environ`.
+
+    As in POSIX shells, ${VAR:-default} takes the default when VAR is unset or empty. A `$`
+    not followed by `{` is kept as written. A default cannot contain `}`.
+    """
+    parts: list[str] = []
+    names: list[str] = []
+    unset: list[str] = []
+    position = 0
+    while (start := text.find("${", position)) != -1:
+        end = text.find("}", start)
+        if end == -1:
+            return _Interpolation(text, error=(start, f"'${{' is never closed ({_REFERENCE_HINT})"))
+
+        name, has_default, default = text[start + 2 : end].partition(":-")
+        if not _VARIABLE_NAME.fullmatch(name):
+            message = f"'${{' is not followed by a variable name ({_REFERENCE_HINT})"
+            return _Interpolation(text, error=(start, message))
+
+        value = environ.get(name)
+        if has_default and not value:
+            value = default
+        names.append(name)
+        if value is None:
+            unset.append(name)
+        parts += [text[position:start], value or ""]
+        position = end + 1
+
+    parts.append(text[position:])
+    return _Interpolation("".join(parts), tuple(dict.fromkeys(names)), tuple(unset))
+
+
+# Validating ---------------------------------------------------------------------------------
+
+_VALUE_MESSAGES = {
+    "version": "{value} is not supported (use 1)",
+    "max_age": "{value} is not a duration (" + _DURATION_HINT + ")",
+    "action": "{value} is not one of " + ", ".join(ACTIONS),
+    "force": "{value} is not a boolean (use true or false)",
+    "dry_run": "{value} is not a boolean (use true or false)",
+    "enabled": "{value} is not a boolean (use true or false)",
+    "name": (
+        "{value} is not a queue name "
+        "(use a non-empty string; quote a name that looks like a number)"
+    ),
+    "key_prefix": "{value} is not a key prefix (use letters, digits and _ . - { })",
+    "url": "is not a valid Redis URL (expected redis://, rediss:// or unix://)",
+    "redis": "{value} is not a mapping (put url: and key_prefix: beneath it)",
+    "defaults": "{value} is not a mapping (put max_age:, action: and so on beneath it)",
+    "queues": "{value} is not a list (write one '- name: ...' entry per queue)",
+    "entry": "{value} is not a queue entry (write it as '- name: ...')",
+}
+"""What is wrong with a value, by the key it sits under ("entry": an item of queues)."""
+
+_EMPTY_QUEUES = (
+    "the list is empty; add at least one '- name: ...' entry "
+    "(a policy that matches no queue is a mistake)"
+)
+
+
+def _validate(document: _Document) -> None:
+    """Report every schema violation and every problem the schema cannot express.
+
+    `queues` must hold at least one entry: a policy that matches no queue does nothing,
+    which is never what its author meant.
+    """
+    for error in _validator().iter_errors(document.data):
+        for leaf in _leaf_errors(error):
+            _report_schema_error(document, leaf)
+
+    _check_redis_url(document)
+    _check_queue_names(document)
+
+
+def _leaf_errors(error: ValidationError) -> Iterator[ValidationError]:
+    """The errors that say what is wrong, found inside a oneOf or anyOf when they are deeper.
+
+    A oneOf's own error names no branch. When a branch failed deeper inside the value than
+    the oneOf itself, that branch is the one the author was writing, and its errors are the
+    useful ones; when every branch failed at the value itself, the oneOf error stands.
+    """
+    depth = len(error.absolute_path)
+    deeper = [e for e in error.context or () if len(e.absolute_path) > depth]
+    if error.validator in ("oneOf", "anyOf") and deeper:
+        for inner in deeper:
+            yield from _leaf_errors(inner)
+    else:
+        yield error
+
+
+def _report_schema_error(document: _Document, error: ValidationError) -> None:
+    """Report a schema error in opsctl's words, at the line of the value it concerns."""
+    path: _Path = tuple(error.absolute_path)
+    if document.is_settled(path):
+        return
+
+    if error.validator == "additionalProperties":
+        _report_unknown_keys(document, path, error)
+    elif error.validator == "required":
+        _report_missing_keys(document, path, error)
+    elif error.validator == "minItems" and path == ("queues",):
+        document.report(path, _EMPTY_QUEUES)
+    else:
+        template = _VALUE_MESSAGES.get(_kind(path), "{value} is not allowed here")
+        what = document.describe(path, error.instance)
+        document.report(path, template.replace("{value}", what))
+
+
+def _report_unknown_keys(document: _Document, path: _Path, error: ValidationError) -> None:
+    """One problem per unknown key, located at the key."""
+    allowed = list(error.schema.get("properties", {})) if isinstance(error.schema, dict) else []
+    keys = error.instance if isinstance(error.instance, dict) else {}
+    for key in keys:
+        if key not in allowed:
+            message = f"unknown key {key!r} (allowed: {', '.join(allowed)})"
+            document.report(path, message, at=document.key_marks.get((*path, key)))
+
+
+def _report_missing_keys(document: _Document, path: _Path, error: ValidationError) -> None:
+    """One problem per missing key, located at the mapping that lacks it."""
+    present = error.instance if isinstance(error.instance, dict) else {}
+    required = error.validator_value if isinstance(error.validator_value, list) else []
+    for key in required:
+        if key not in present:
+            document.report(path, f"missing required key {key!r}")
+
+
+def _kind(path: _Path) -> str:
+    """Which entry of _VALUE_MESSAGES describes the value at `path`."""
+    if not path:
+        return "top"
+    return "entry" if isinstance(path[-1], int) else path[-1]
+
+
+def _check_redis_url(document: _Document) -> None:
+    """Report a Redis URL whose scheme redis-py cannot connect with; never quote the URL."""
+    path: _Path = ("redis", "url")
+    url = document.value(path)
+    if document.is_settled(path) or not isinstance(url, str):
+        return
+    if not url.startswith(REDIS_URL_SCHEMES):
+        document.report(path, _VALUE_MESSAGES["url"])
+
+
+def _check_queue_names(document: _Document) -> None:
+    """Report malformed globs and queue names listed twice (the second entry would be dead)."""
+    first_index: dict[str, int] = {}
+    for index, name in _queue_names(document):
+        path: _Path = ("queues", index, "name")
+        what = document.describe(path, name)
+        reason = _glob_error(name)
+        if reason is not None:
+            document.report(path, f"{what} is not a valid glob ({reason})")
+
+        if name in first_index:
+            first = first_index[name]
+            line = document.value_marks[("queues", first)][0]
+            message = f"{what} is already listed at queues[{first}] (line {line}); merge them"
+            document.report(path, message)
+        first_index.setdefault(name, index)
+
+
+def _queue_names(document: _Document) -> Iterator[tuple[int, str]]:
+    """(index, name) of each queue entry whose name is a known string."""
+    queues = document.value(("queues",))
+    for index, entry in enumerate(queues if isinstance(queues, list) else []):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name, str) and not document.is_settled(("queues", index, "name")):
+            yield index, name
+
+
+def _glob_error(pattern: str) -> str | None:
+    """Why `pattern` is not a valid fnmatch glob, or None when it is.
+
+    fnmatch quietly reads an unclosed `[` as a literal character; a policy author who wrote
+    one almost certainly meant a set, so it is an error here.
+    """
+    position = 0
+    while (start := pattern.find("[", position)) != -1:
+        end = start + 1
+        end += pattern.startswith("!", end)
+        end += pattern.startswith("]", end)
+        end = pattern.find("]", end)
+        if end == -1:
+            return "unclosed '['"
+        position = end + 1
+    return None
+
+
+def _is_glob(name: str) -> bool:
+    """Whether a queue entry's name is a glob rather than one queue's name."""
+    return any(character in name for character in _GLOB_CHARACTERS)
+
+
+@lru_cache(maxsize=1)
+def _schema_text() -> str:
+    """The schema file's text, from the installed package or else from the source checkout."""
+    installed = resources.files("opsctl").joinpath("schemas").joinpath("policy.schema.json")
+    if installed.is_file():
+        return installed.read_text(encoding="utf-8")
+    checkout = Path(__file__).resolve().parents[2] / "schemas" / "policy.schema.json"
+    return checkout.read_text(encoding="utf-8")
+
+
+@lru_cache(maxsize=1)
+def _validator() -> Validator:
+    """A draft 2020-12 validator of policy files, made stricter in two ways.
+
+    An integer is an int: the stock checker would take 5.0, which parse_duration rejects.
+    A pattern's final `$` means the end of the text, as in ECMA-262: Python's `$` also
+    matches before a trailing newline, so "10m\\n" would pass and then fail to parse.
+    """
+    checker = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: type(value) is int
+    )
+    cls = jsonschema.validators.extend(  # type: ignore[no-untyped-call]  # untyped in stubs
+        jsonschema.Draft202012Validator,
+        validators={"pattern": _pattern_to_end},
+        type_checker=checker,
+    )
+    validator: Validator = cls(load_policy_schema())
+    return validator
+
+
+def _pattern_to_end(
+    validator: Validator, pattern: str, instance: Any, schema: Mapping[str, Any]
+) -> Iterator[ValidationError]:
+    """JSON Schema's `pattern` keyword, with a final `$` matching only at the very end."""
+    anchored = pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern
+    if isinstance(instance, str) and re.search(anchored, instance) is None:
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+# Assembling ---------------------------------------------------------------------------------
+
+
+def _assemble(document: _Document, raw: bytes, notes: list[Problem]) -> Policy:
+    """The Policy of a document that has no errors; unknown values count as absent."""
+    data: dict[str, Any] = document.data
+    redis = _known(document, ("redis",))
+    defaults = _merge(Rule(), _known(document, ("defaults",)), "defaults")
+
+    entries: list[tuple[str, Rule]] = []
+    for index in range(len(data["queues"])):
+        settings = _known(document, ("queues", index))
+        name = settings.pop("name", None)
+        if name is not None:
+            entries.append((name, _merge(defaults, settings, f"queues[{index}] ({name})")))
+
+    return Policy(
+        path=document.file,
+        redis_url=redis.get("url"),
+        key_prefix=redis.get("key_prefix", DEFAULT_KEY_PREFIX),
+        defaults=defaults,
+        entries=tuple(entries),
+        digest=hashlib.sha256(raw).hexdigest(),
+        notes=tuple(notes),
+    )
+
+
+def _known(document: _Document, path: _Path) -> dict[str, Any]:
+    """The mapping at `path` without the keys whose value is unknown; {} when absent."""
+    mapping = document.value(path)
+    if not isinstance(mapping, dict):
+        return {}
+    return {k: v for k, v in mapping.items() if (*path, k) not in document.unknown}
+
+
+def _merge(base: Rule, settings: Mapping[str, Any], source: str) -> Rule:
+    """`base` with the settings given in a policy's defaults or queue entry applied."""
+    changes = {key: settings[key] for key in _RULE_SETTINGS if key in settings}
+    if "max_age" in changes:
+        changes["max_age_seconds"] = parse_duration(changes.pop("max_age"))
+    return replace(base, **changes, source=source)
+
+
+# Messages -----------------------------------------------------------------------------------
+
+
+def _format_path(path: _Path) -> str:
+    """A value's path as messages show it: queues[0].max_age."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else part
+    return text
+
+
+def _describe(value: Any) -> str:
+    """`value` as a message quotes it: strings quoted and shortened, YAML words for the rest."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "an empty value"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:57] + "...")
+    return repr(value)
+
+
+__all__ = [
+    "ACTIONS",
+    "Policy",
+    "PolicyError",
+    "Rule",
+    "load_policy",
+    "load_policy_schema",
+    "parse_duration",
+    "validate_files",
+]

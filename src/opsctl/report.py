@@ -1,0 +1,202 @@
+"""Reports: a table for people, one JSON document for programs.
+
+Text from Redis (queue names, job ids, worker names, reasons) is data: it is
+escaped so that it can never be taken for markup or a terminal control sequence.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from opsctl.engine import State
+from opsctl.model import format_timestamp
+from opsctl.run import DONE, ERROR, KEPT, PLANNED, SKIPPED, JobOutcome, Run, WorkerOutcome
+
+#: Longest id shown whole in the text report; JSON always has the full id.
+SHORT_ID = 20
+
+
+def safe(value: str) -> str:
+    """``value`` with control characters shown as escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in value)
+
+
+def short(value: str, width: int = SHORT_ID) -> str:
+    value = safe(value)
+    return value if len(value) <= width else value[: width - 5] + "…" + value[-4:]
+
+
+def duration(seconds: float | None) -> str:
+    """A compact age: 42s, 7m12s, 3h05m, 2d04h; '-' when unknown."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def summary(run: Run) -> dict[str, int]:
+    """Counts for the summary line and the JSON report."""
+    outcomes = Counter(j.outcome for j in run.jobs)
+    return {
+        "inspected": len(run.jobs),
+        "stuck": sum(1 for j in run.jobs if j.verdict.state is not State.RUNNING),
+        "acted": outcomes[DONE],
+        "planned": outcomes[PLANNED],
+        "kept": outcomes[KEPT],
+        "skipped": outcomes[SKIPPED],
+        "errors": outcomes[ERROR] + sum(1 for w in run.workers if w.outcome == ERROR),
+        "workers_removed": sum(1 for w in run.workers if w.outcome == DONE),
+    }
+
+
+def to_json(run: Run, redis_url: str, policy_path: str, policy_digest: str) -> dict[str, Any]:
+    """The JSON report (described by schemas/report.schema.json)."""
+    return {
+        "run_id": run.run_id,
+        "dry_run": run.dry_run,
+        "now": format_timestamp(run.now),
+        "redis": redis_url,
+        "policy": {"path": policy_path, "sha256": policy_digest},
+        "summary": summary(run),
+        "queues": [
+            {
+                "name": q.name,
+                "rule": q.rule.source,
+                "max_age_seconds": q.rule.max_age_seconds,
+                "action": q.rule.action,
+                "force": q.rule.force,
+                "dry_run": q.rule.dry_run,
+                "inspected": q.inspected,
+            }
+            for q in run.queues
+        ],
+        "jobs": [_job_json(j) for j in run.jobs],
+        "workers": [_worker_json(w) for w in run.workers],
+        "problems": run.problems,
+        "unmatched_queues": run.unmatched,
+    }
+
+
+def _job_json(j: JobOutcome) -> dict[str, Any]:
+    s = j.verdict.signals
+    return {
+        "id": j.entry.job_id,
+        "queue": j.entry.queue,
+        "entry": j.entry.member.decode("utf-8", "backslashreplace"),
+        "execution_id": j.entry.execution_id,
+        "state": j.verdict.state.value,
+        "status": s.status,
+        "action": j.action,
+        "outcome": j.outcome,
+        "reason": j.reason,
+        "age_seconds": None if s.age_s is None else round(s.age_s, 3),
+        "heartbeat_age_seconds": None if s.heartbeat_age_s is None else round(s.heartbeat_age_s, 3),
+        "worker": s.worker or None,
+        "worker_alive": s.worker_alive,
+        "worker_evidence": s.worker_evidence if s.worker else None,
+        "timeout_seconds": s.timeout_s,
+        "stop_confirmed": j.stop_confirmed,
+        "rule": j.rule.source,
+    }
+
+
+def _worker_json(w: WorkerOutcome) -> dict[str, Any]:
+    return {
+        "name": w.worker.name,
+        "alive": False,
+        "queues": list(w.worker.queues),
+        "registered_in": sorted(w.worker.registered_in),
+        "action": w.action,
+        "outcome": w.outcome,
+        "reason": w.reason,
+    }
+
+
+def print_json(document: dict[str, Any]) -> None:
+    print(json.dumps(document, indent=2, sort_keys=False))
+
+
+def print_text(run: Run, console: Console, redis_url: str) -> None:
+    """The table of jobs, the table of dead workers, problems and a summary."""
+    mode = "dry run: nothing will be changed" if run.dry_run else "applying"
+    console.print(Text(f"opsctl run {run.run_id} against {safe(redis_url)} ({mode})"))
+    for name in run.unmatched:
+        console.print(Text(f"note: queue {safe(name)!r} is matched by no policy entry; skipped"))
+    if run.jobs:
+        console.print(_jobs_table(run.jobs))
+    else:
+        console.print(Text("no started jobs in the queues this policy covers"))
+    if run.workers:
+        console.print(_workers_table(run.workers))
+    for problem in run.problems:
+        console.print(Text(f"problem: {safe(problem)}"))
+    console.print(Text(_summary_line(run)))
+
+
+def _jobs_table(jobs: list[JobOutcome]) -> Table:
+    table = Table(title="started jobs", title_justify="left", expand=False)
+    for column in ("queue", "job", "state", "age", "worker", "action", "outcome", "reason"):
+        table.add_column(column, overflow="fold")
+    for j in jobs:
+        s = j.verdict.signals
+        worker = short(s.worker) + (" (dead)" if s.worker and s.worker_alive is False else "")
+        table.add_row(
+            Text(safe(j.entry.queue)),
+            Text(short(j.entry.job_id)),
+            Text(j.verdict.state.value, style=_STATE_STYLE[j.verdict.state]),
+            Text(duration(s.age_s)),
+            Text(worker or "-"),
+            Text(j.action),
+            Text(j.outcome, style=_OUTCOME_STYLE.get(j.outcome, "")),
+            Text(safe(j.reason)),
+        )
+    return table
+
+
+def _workers_table(workers: list[WorkerOutcome]) -> Table:
+    table = Table(title="dead worker registrations", title_justify="left")
+    for column in ("worker", "queues", "action", "outcome", "reason"):
+        table.add_column(column, overflow="fold")
+    for w in workers:
+        table.add_row(
+            Text(short(w.worker.name, 40)),
+            Text(safe(",".join(w.worker.queues)) or "-"),
+            Text(w.action),
+            Text(w.outcome, style=_OUTCOME_STYLE.get(w.outcome, "")),
+            Text(safe(w.reason)),
+        )
+    return table
+
+
+def _summary_line(run: Run) -> str:
+    c = summary(run)
+    line = (
+        f"run {run.run_id}: {c['inspected']} inspected, {c['stuck']} stuck, "
+        f"{c['acted']} acted, {c['planned']} planned, {c['skipped']} skipped, "
+        f"{c['errors']} errors; {c['workers_removed']} dead worker registrations removed"
+    )
+    if run.dry_run:
+        line += " (dry run: nothing was changed)"
+    return line
+
+
+_STATE_STYLE = {
+    State.ORPHANED: "yellow",
+    State.LEFTOVER: "yellow",
+    State.ABANDONED: "red",
+    State.OVERDUE: "magenta",
+    State.RUNNING: "green",
+}
+_OUTCOME_STYLE = {DONE: "green", ERROR: "bold red", SKIPPED: "yellow", PLANNED: "cyan"}

@@ -1,0 +1,290 @@
+"""Reading RQ's state from Redis: raw, pipelined, and free of side effects.
+
+Nothing here calls RQ's own registry helpers, which clean registries (and run
+user callbacks) as a side effect of counting; nothing reads the pickled
+``data``, ``meta`` or ``result`` fields. A dry run therefore changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import redis
+
+from opsctl.keys import EXECUTION_FIELDS, JOB_FIELDS, WORKER_FIELDS, Keys
+from opsctl.model import StartedEntry, WorkerRecord
+
+log = logging.getLogger(__name__)
+
+#: Commands sent in one pipeline round trip.
+BATCH = 1000
+#: Registry members read with one ZRANGE.
+RANGE_CHUNK = 10_000
+
+
+@dataclass
+class Snapshot:
+    """Everything one run needs, read at (nearly) one moment."""
+
+    now: float
+    queues: list[str]
+    entries: list[StartedEntry]
+    workers: dict[str, WorkerRecord]
+    problems: list[str] = field(default_factory=list)
+
+
+def text(value: bytes | str | None) -> str:
+    """Decode a Redis value for display and comparison, never failing."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return value.decode("utf-8", "backslashreplace")
+
+
+def server_time(conn: redis.Redis) -> float:
+    """The Redis server's clock, in epoch seconds."""
+    seconds, micros = conn.time()
+    return float(seconds) + float(micros) / 1_000_000
+
+
+def known_queues(conn: redis.Redis, keys: Keys) -> list[str]:
+    """Queue names RQ knows: its queue set plus every queue with a started registry."""
+    names = {
+        text(member).removeprefix(keys.queue_key_prefix) for member in conn.smembers(keys.queues)
+    }
+    started_prefix = keys.started("")
+    for key in conn.scan_iter(match=f"{_glob_escape(started_prefix)}*", count=1000):
+        names.add(text(key).removeprefix(started_prefix))
+    return sorted(n for n in names if n)
+
+
+def read_snapshot(
+    conn: redis.Redis,
+    keys: Keys,
+    queues: Iterable[str],
+    on_progress: Callable[[int], None] | None = None,
+) -> Snapshot:
+    """Read the started registries of ``queues`` and every worker they involve."""
+    now = server_time(conn)
+    queues = list(queues)
+    problems: list[str] = []
+    entries: list[StartedEntry] = []
+    for queue in queues:
+        members = list(_registry_members(conn, keys.started(queue)))
+        entries.extend(_read_entries(conn, keys, queue, members, problems))
+        if on_progress:
+            on_progress(len(members))
+    workers = read_workers(conn, keys, _worker_names(conn, keys, queues, entries))
+    return Snapshot(now=now, queues=queues, entries=entries, workers=workers, problems=problems)
+
+
+def _registry_members(conn: redis.Redis, key: str) -> Iterator[tuple[bytes, float]]:
+    start = 0
+    while True:
+        chunk = cast(
+            "list[tuple[bytes, float]]",
+            conn.zrange(key, start, start + RANGE_CHUNK - 1, withscores=True),
+        )
+        yield from chunk
+        if len(chunk) < RANGE_CHUNK:
+            return
+        start += RANGE_CHUNK
+
+
+def split_member(member: bytes) -> tuple[str, str | None]:
+    """Job id and execution id of a started-registry member.
+
+    RQ 1.x stores the bare job id; RQ 2 and later store ``job_id:execution_id``.
+    Job ids cannot contain a colon in RQ 2+, so the last colon splits them.
+    """
+    decoded = text(member)
+    job_id, sep, execution_id = decoded.rpartition(":")
+    if not sep or not job_id or not execution_id:
+        return decoded, None
+    return job_id, execution_id
+
+
+def _read_entries(
+    conn: redis.Redis,
+    keys: Keys,
+    queue: str,
+    members: list[tuple[bytes, float]],
+    problems: list[str],
+) -> list[StartedEntry]:
+    entries: list[StartedEntry] = []
+    for batch in _batches(members, BATCH // 2):
+        pipe = conn.pipeline(transaction=False)
+        for member, _score in batch:
+            job_id, execution_id = split_member(member)
+            pipe.hmget(keys.job(job_id), JOB_FIELDS)
+            if execution_id is None:
+                pipe.echo(b"")  # keeps the replies two per member
+            else:
+                pipe.hmget(keys.execution(job_id, execution_id), EXECUTION_FIELDS)
+        replies = pipe.execute(raise_on_error=False)
+        for i, (member, score) in enumerate(batch):
+            job_reply, execution_reply = replies[2 * i], replies[2 * i + 1]
+            entry = _entry(queue, member, score, job_reply, execution_reply, problems)
+            entries.append(entry)
+    _confirm_missing_jobs(conn, keys, entries)
+    return entries
+
+
+def _entry(
+    queue: str,
+    member: bytes,
+    score: float,
+    job_reply: Any,
+    execution_reply: Any,
+    problems: list[str],
+) -> StartedEntry:
+    job_id, execution_id = split_member(member)
+    job = _as_fields(JOB_FIELDS, job_reply, f"job {job_id}", problems)
+    execution = None
+    if execution_id is not None:
+        execution = _as_fields(
+            EXECUTION_FIELDS, execution_reply, f"execution {job_id}:{execution_id}", problems
+        )
+    if not math.isfinite(score) and not math.isinf(score):
+        problems.append(f"queue {queue}: entry {text(member)} has an unreadable score")
+    return StartedEntry(queue, member, job_id, execution_id, score, job, execution)
+
+
+def _as_fields(
+    names: tuple[str, ...], reply: Any, what: str, problems: list[str]
+) -> dict[str, str] | None:
+    """A hash reply as a dict of present fields; None when no field is present."""
+    if isinstance(reply, Exception):
+        problems.append(f"{what}: could not be read ({reply})")
+        return None
+    fields = {
+        name: text(value) for name, value in zip(names, reply, strict=True) if value is not None
+    }
+    return fields or None
+
+
+def _confirm_missing_jobs(conn: redis.Redis, keys: Keys, entries: list[StartedEntry]) -> None:
+    """Tell a missing job hash from one that exists but holds none of the fields read.
+
+    The second kind is kept as a job with no fields, so it is never taken for
+    an orphan; such records are rare, so this costs one EXISTS each.
+    """
+    unknown = [i for i, e in enumerate(entries) if e.job is None]
+    for batch in _batches(unknown, BATCH):
+        pipe = conn.pipeline(transaction=False)
+        for i in batch:
+            pipe.exists(keys.job(entries[i].job_id))
+        for i, exists in zip(batch, pipe.execute(), strict=True):
+            if exists:
+                e = entries[i]
+                entries[i] = StartedEntry(
+                    e.queue, e.member, e.job_id, e.execution_id, e.score, {}, e.execution
+                )
+
+
+def _worker_names(
+    conn: redis.Redis, keys: Keys, queues: list[str], entries: list[StartedEntry]
+) -> set[str]:
+    pipe = conn.pipeline(transaction=False)
+    pipe.smembers(keys.workers)
+    for queue in queues:
+        pipe.smembers(keys.queue_workers(queue))
+    names = {keys.worker_name_from_key(text(m)) for reply in pipe.execute() for m in reply}
+    names.update(e.worker_name for e in entries if e.worker_name)
+    return names
+
+
+def read_workers(conn: redis.Redis, keys: Keys, names: Iterable[str]) -> dict[str, WorkerRecord]:
+    """Worker hashes, registrations and connection signals for ``names``."""
+    names = sorted(set(names))
+    registrations = _registrations(conn, keys)
+    subscribers = _subscribers(conn, keys, names)
+    connected = _connected_names(conn)
+    workers: dict[str, WorkerRecord] = {}
+    for batch in _batches(names, BATCH // 4):
+        pipe = conn.pipeline(transaction=False)
+        for name in batch:
+            pipe.exists(keys.worker(name))
+            pipe.hmget(keys.worker(name), WORKER_FIELDS)
+            pipe.ttl(keys.worker(name))
+            pipe.smembers(keys.worker_executions(name))
+        replies = pipe.execute()
+        for i, name in enumerate(batch):
+            exists, fields, ttl, executions = replies[4 * i : 4 * i + 4]
+            workers[name] = WorkerRecord(
+                name=name,
+                exists=bool(exists),
+                fields={
+                    k: text(v) for k, v in zip(WORKER_FIELDS, fields, strict=True) if v is not None
+                },
+                ttl_s=int(ttl) if exists else None,
+                subscribers=subscribers.get(name) if subscribers is not None else None,
+                connected=_is_connected(keys, name, connected),
+                executions=frozenset(text(m) for m in executions),
+                registered_in=frozenset(registrations.get(name, ())),
+            )
+    return workers
+
+
+def _registrations(conn: redis.Redis, keys: Keys) -> dict[str, set[str]]:
+    """Worker name → the registration sets (global and per queue) that list it."""
+    sets = [keys.workers]
+    sets += [keys.queue_workers(q) for q in _queue_names_from_set(conn, keys)]
+    pipe = conn.pipeline(transaction=False)
+    for key in sets:
+        pipe.smembers(key)
+    found: dict[str, set[str]] = {}
+    for key, members in zip(sets, pipe.execute(), strict=True):
+        for member in members:
+            found.setdefault(keys.worker_name_from_key(text(member)), set()).add(key)
+    return found
+
+
+def _queue_names_from_set(conn: redis.Redis, keys: Keys) -> list[str]:
+    prefix = keys.queue_key_prefix
+    return [text(m).removeprefix(prefix) for m in conn.smembers(keys.queues)]
+
+
+def _subscribers(conn: redis.Redis, keys: Keys, names: list[str]) -> dict[str, int] | None:
+    """Subscriber count of each worker's command channel; None if not permitted."""
+    counts: dict[str, int] = {}
+    try:
+        for batch in _batches(names, 500):
+            channels = [keys.worker_channel(n) for n in batch]
+            for channel, count in conn.pubsub_numsub(*channels):
+                counts[text(channel).removeprefix(keys.worker_channel(""))] = int(count)
+    except redis.ResponseError as exc:
+        log.warning("pubsub_numsub_unavailable error=%s", exc)
+        return None
+    return counts
+
+
+def _connected_names(conn: redis.Redis) -> set[str] | None:
+    """Names of the open client connections; None if not permitted."""
+    try:
+        clients = conn.client_list()
+    except redis.ResponseError as exc:
+        log.warning("client_list_unavailable error=%s", exc)
+        return None
+    return {text(c.get("name")) for c in clients if c.get("name")}
+
+
+def _is_connected(keys: Keys, name: str, connected: set[str] | None) -> bool | None:
+    if connected is None:
+        return None
+    # RQ 3 names its connection after the worker; older releases used the key.
+    return name in connected or keys.worker(name) in connected
+
+
+def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _glob_escape(literal: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in literal)

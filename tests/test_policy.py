@@ -1,0 +1,388 @@
+"""Policy files: what is accepted, how rules resolve, and what a user sees for each mistake."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from opsctl.errors import ExitCode, PolicyError
+from opsctl.policy import (
+    ACTIONS,
+    Policy,
+    Rule,
+    load_policy,
+    load_policy_schema,
+    parse_duration,
+    validate_files,
+)
+
+TESTS = Path(__file__).parent
+REPOSITORY = TESTS.parent
+SECRET = "hunter2"
+REDIS_ENV = {"REDIS_URL": "redis://localhost:6380/0"}
+
+
+@pytest.fixture(autouse=True)
+def in_tests_directory(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Run each test from tests/, so that messages name files as policies/NAME.yaml."""
+    monkeypatch.chdir(TESTS)
+    yield
+
+
+def problem_lines(path: str, environ: dict[str, str] | None = None) -> list[str]:
+    """What `opsctl validate PATH` prints, one problem per line."""
+    return [str(problem) for problem in validate_files([path], environ=environ or {})]
+
+
+def load(name: str, environ: dict[str, str] | None = None) -> Policy:
+    """The policy in tests/policies/NAME.yaml, with REDIS_URL set unless `environ` is given."""
+    return load_policy(f"policies/{name}.yaml", environ=REDIS_ENV if environ is None else environ)
+
+
+# Accepted policies and rule resolution --------------------------------------------------------
+
+
+def test_example_policy_from_the_docs_is_accepted() -> None:
+    policy = load("example")
+
+    assert policy.redis_url == "redis://localhost:6380/0"
+    assert policy.key_prefix == "rq"
+    assert [name for name, _ in policy.entries] == ["casestrainer", "reports-*", "imports"]
+    assert policy.rule_for("reports-weekly") == Rule(
+        max_age_seconds=7200, action="requeue", source="queues[1] (reports-*)"
+    )
+    assert policy.notes == ()
+
+
+def test_exact_queue_name_beats_a_glob_listed_before_it() -> None:
+    rule = load("overrides").rule_for("reports-daily")
+
+    assert rule is not None
+    assert (rule.action, rule.source) == ("delete", "queues[2] (reports-daily)")
+
+
+def test_first_matching_glob_in_file_order_wins() -> None:
+    # reports-x matches both "reports-*" (queues[0]) and "report?-*" (queues[1]).
+    rule = load("overrides").rule_for("reports-x")
+
+    assert rule is not None
+    assert (rule.source, rule.max_age_seconds, rule.action) == (
+        "queues[0] (reports-*)",
+        7200,
+        "requeue",
+    )
+
+
+def test_later_glob_applies_when_earlier_ones_do_not_match() -> None:
+    rule = load("overrides").rule_for("reportz-x")
+
+    assert rule is not None
+    assert (rule.source, rule.action) == ("queues[1] (report?-*)", "cancel")
+
+
+def test_queue_matched_by_no_entry_is_not_touched() -> None:
+    policy = load("overrides")
+
+    assert policy.rule_for("billing") is None
+    assert policy.rule_for("REPORTS-x") is None  # globs are case-sensitive, like RQ queue names
+
+
+def test_disabled_entry_still_matches_with_enabled_false() -> None:
+    rule = load("overrides").rule_for("imports")
+
+    assert rule is not None
+    assert rule.enabled is False
+    assert rule.source == "queues[3] (imports)"
+
+
+def test_entries_inherit_the_policy_defaults() -> None:
+    rule = load("overrides").rule_for("reportz-x")
+
+    assert rule is not None
+    assert (rule.max_age_seconds, rule.dry_run, rule.force, rule.enabled) == (
+        1800,
+        True,
+        False,
+        True,
+    )
+
+
+def test_bare_integer_max_age_means_minutes() -> None:
+    policy = load("overrides")  # defaults.max_age: 30
+
+    assert policy.defaults.max_age_seconds == 30 * 60
+
+
+def test_built_in_defaults_apply_when_the_policy_sets_none() -> None:
+    policy = load("minimal", environ={})
+
+    assert (policy.redis_url, policy.key_prefix) == (None, "rq")
+    assert policy.rule_for("casestrainer") == Rule(
+        max_age_seconds=600,
+        action="fail",
+        force=False,
+        dry_run=False,
+        enabled=True,
+        source="queues[0] (casestrainer)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90s", 90), ("10m", 600), ("2h", 7200), ("1d", 86400), ("0s", 0), (5, 300), (0, 0)],
+)
+def test_parse_duration_reads_every_unit(text: str | int, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", [True, False, -1, 1.5, "10 minutes", "10", "m", "-5m", "10M", ""])
+def test_parse_duration_rejects_anything_else(text: object) -> None:
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration(text)  # type: ignore[arg-type]
+
+
+def test_digest_is_the_sha256_of_the_file_bytes() -> None:
+    policy = load("example")
+
+    expected = hashlib.sha256(Path("policies/example.yaml").read_bytes()).hexdigest()
+    assert policy.digest == expected
+
+
+# Errors, one exact line each ------------------------------------------------------------------
+
+DURATION_HINT = "(use 90s, 10m, 2h or 1d)"
+QUEUE_KEYS = "name, max_age, action, force, dry_run, enabled"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (
+            "bad_duration",
+            f"7:14: queues[0].max_age: '10 minutes' is not a duration {DURATION_HINT}",
+        ),
+        ("unknown_key", f"7:5: queues[2]: unknown key 'max_agee' (allowed: {QUEUE_KEYS})"),
+        ("bad_boolean", "3:10: defaults.force: 'yes please' is not a boolean (use true or false)"),
+        ("bad_action", "3:11: defaults.action: 'kill' is not one of fail, requeue, cancel, delete"),
+        ("missing_name", "3:5: queues[0]: missing required key 'name'"),
+        ("bad_version", "1:10: version: 2 is not supported (use 1)"),
+        ("bad_glob", "4:11: queues[1].name: '[abc' is not a valid glob (unclosed '[')"),
+        ("duplicate_key", "5:5: queues[0]: duplicate key 'name' (first at line 3)"),
+        (
+            "duplicate_queue",
+            "5:11: queues[2].name: 'casestrainer' is already listed at queues[0] (line 3);"
+            " merge them",
+        ),
+        (
+            "bad_url",
+            "3:8: redis.url: is not a valid Redis URL (expected redis://, rediss:// or unix://)",
+        ),
+        (
+            "empty_queues",
+            "2:9: queues: the list is empty; add at least one '- name: ...' entry"
+            " (a policy that matches no queue is a mistake)",
+        ),
+        (
+            "custom_tag",
+            "4:13: queues[0].action: tag '!custom' is not allowed; policy files use plain values",
+        ),
+        (
+            "python_tag",
+            "3:11: queues[0].name: tag '!!python/object/apply:os.system' is not allowed;"
+            " policy files use plain values",
+        ),
+        (
+            "unclosed_reference",
+            "3:16: redis.url: '${' is never closed (write ${NAME} or ${NAME:-default})",
+        ),
+        ("two_documents", "4:1: file holds a second YAML document here; keep one policy per file"),
+        ("empty", "1:1: file is empty; a policy needs at least 'version: 1' and a 'queues' list"),
+        (
+            "top_level_list",
+            "1:1: the top level is a list; a policy is a mapping with 'version' and 'queues'",
+        ),
+        ("syntax_error", "5:1: invalid YAML: expected ',' or ']', but got '<stream end>'"),
+        ("not_utf8", "4:14: byte 0xe9 is not UTF-8 text; save the file as UTF-8"),
+    ],
+)
+def test_each_mistake_is_reported_on_its_own_exact_line(name: str, expected: str) -> None:
+    assert problem_lines(f"policies/{name}.yaml", REDIS_ENV) == [f"policies/{name}.yaml:{expected}"]
+
+
+def test_every_problem_in_a_file_is_reported_in_line_order() -> None:
+    assert problem_lines("policies/many_problems.yaml") == [
+        "policies/many_problems.yaml:1:10: version: 2 is not supported (use 1)",
+        f"policies/many_problems.yaml:3:12: defaults.max_age: '10 minutes' is not a duration"
+        f" {DURATION_HINT}",
+        "policies/many_problems.yaml:4:11: defaults.action: 'kill' is not one of"
+        " fail, requeue, cancel, delete",
+        "policies/many_problems.yaml:7:12: queues[0].force: 'maybe' is not a boolean"
+        " (use true or false)",
+        "policies/many_problems.yaml:8:5: queues[1]: missing required key 'name'",
+        f"policies/many_problems.yaml:10:5: queues[2]: unknown key 'max_agee'"
+        f" (allowed: {QUEUE_KEYS})",
+    ]
+
+
+def test_load_policy_raises_one_error_listing_every_problem() -> None:
+    with pytest.raises(PolicyError) as raised:
+        load("many_problems")
+
+    assert raised.value.exit_code == ExitCode.INVALID
+    assert len(raised.value.problems) == 6
+    assert str(raised.value).splitlines()[0].startswith("policies/many_problems.yaml:1:10:")
+
+
+def test_missing_file_is_reported_not_raised() -> None:
+    assert problem_lines("policies/no_such_policy.yaml") == [
+        "policies/no_such_policy.yaml:1:1: cannot read file: no such file"
+    ]
+
+
+def test_directory_is_reported_as_unreadable() -> None:
+    assert problem_lines("policies") == ["policies:1:1: cannot read file: it is a directory"]
+
+
+def test_validate_files_reports_each_file_in_the_order_given() -> None:
+    problems = validate_files(["policies/bad_version.yaml", "policies/bad_action.yaml"])
+
+    assert [(p.file, p.path) for p in problems] == [
+        ("policies/bad_version.yaml", "version"),
+        ("policies/bad_action.yaml", "defaults.action"),
+    ]
+
+
+# Environment interpolation ------------------------------------------------------------------
+
+
+def test_both_reference_forms_are_interpolated() -> None:
+    environ = {"REDIS_URL": "redis://cache:6380/2", "MAX_AGE": "2h"}
+
+    policy = load("env_forms", environ)
+
+    assert policy.redis_url == "redis://cache:6380/2"
+    assert policy.defaults.max_age_seconds == 7200
+    assert policy.key_prefix == "rq"  # ${RQ_PREFIX:-rq}, RQ_PREFIX unset
+
+
+def test_empty_variable_takes_the_default_as_in_a_shell() -> None:
+    policy = load("env_forms", {"REDIS_URL": "redis://cache", "RQ_PREFIX": ""})
+
+    assert policy.key_prefix == "rq"
+
+
+def test_unquoted_variable_is_typed_like_the_same_text_written_in_the_file() -> None:
+    policy = load("env_forms", {"REDIS_URL": "redis://cache", "FORCE": "true", "MAX_AGE": "5"})
+
+    assert policy.defaults.force is True
+    assert policy.defaults.max_age_seconds == 300
+
+
+def test_unset_variable_is_an_error_when_strict() -> None:
+    with pytest.raises(PolicyError) as raised:
+        load("example", environ={})
+
+    assert [str(p) for p in raised.value.problems] == [
+        "policies/example.yaml:3:8: redis.url: environment variable 'REDIS_URL' is not set"
+        " (set it, or give a default with ${REDIS_URL:-...})"
+    ]
+
+
+def test_unset_variable_is_a_note_when_not_strict() -> None:
+    assert problem_lines("policies/example.yaml") == [
+        "policies/example.yaml:3:8: note: redis.url: environment variable 'REDIS_URL' is not set"
+        " (set it, or give a default with ${REDIS_URL:-...}); the value was not checked"
+    ]
+
+
+def test_policy_loaded_without_strict_env_treats_unknown_values_as_absent() -> None:
+    policy = load_policy("policies/env_secrets.yaml", environ={}, strict_env=False)
+
+    assert policy.redis_url is None
+    assert policy.defaults.max_age_seconds == 600
+    assert [p.message.split(" (")[0] for p in policy.notes] == [
+        "environment variable 'REDIS_URL' is not set",
+        "environment variable 'MAX_AGE' is not set",
+    ]
+
+
+def test_password_in_an_environment_variable_never_appears_in_a_message() -> None:
+    environ = {"REDIS_URL": f"http://admin:{SECRET}@cache:6380", "MAX_AGE": SECRET}
+
+    lines = problem_lines("policies/env_secrets.yaml", environ)
+
+    assert lines == [
+        "policies/env_secrets.yaml:3:8: redis.url: is not a valid Redis URL"
+        " (expected redis://, rediss:// or unix://)",
+        f"policies/env_secrets.yaml:5:12: defaults.max_age: the value from ${{MAX_AGE}}"
+        f" is not a duration {DURATION_HINT}",
+    ]
+    assert not any(SECRET in line for line in lines)
+
+
+def test_url_written_in_the_file_is_never_quoted() -> None:
+    assert SECRET in Path("policies/bad_url.yaml").read_text()
+
+    assert not any(SECRET in line for line in problem_lines("policies/bad_url.yaml"))
+
+
+# Hostile input --------------------------------------------------------------------------------
+
+
+def test_alias_bomb_is_refused_quickly() -> None:
+    started = time.monotonic()
+    lines = problem_lines("policies/alias_bomb.yaml")
+
+    assert time.monotonic() - started < 2
+    assert len(lines) == 1
+    assert "file expands to more than 100,000 YAML values" in lines[0]
+
+
+def test_anchor_that_contains_itself_is_refused() -> None:
+    lines = problem_lines("policies/self_reference.yaml")
+
+    assert lines == [
+        "policies/self_reference.yaml:3:9: values are nested more than 64 levels deep;"
+        " flatten the file"
+    ]
+
+
+def test_file_over_1_mib_is_refused_before_parsing(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    header = b"version: 1\n#"
+    big.write_bytes(header + b"x" * (2 * 1024 * 1024 - len(header)))
+
+    started = time.monotonic()
+    problems = validate_files([str(big)])
+
+    assert time.monotonic() - started < 1
+    assert [p.message for p in problems] == ["file is 2 MiB; policy files are limited to 1 MiB"]
+
+
+# The deploy default and the schema ------------------------------------------------------------
+
+
+def test_prod_policy_validates_with_redis_url_set() -> None:
+    path = str(REPOSITORY / "policies" / "prod.yaml")
+
+    assert validate_files([path], environ=REDIS_ENV) == []
+    rule = load_policy(path, environ=REDIS_ENV).rule_for("casestrainer")
+    assert rule == Rule(max_age_seconds=600, action="fail", source="queues[0] (casestrainer)")
+
+
+def test_prod_policy_points_editors_at_the_schema() -> None:
+    first_line = (REPOSITORY / "policies" / "prod.yaml").read_text().splitlines()[0]
+
+    assert first_line == "# yaml-language-server: $schema=../schemas/policy.schema.json"
+
+
+def test_schema_is_valid_draft_2020_12_and_lists_every_action() -> None:
+    schema = load_policy_schema()
+
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert tuple(schema["$defs"]["action"]["enum"]) == ACTIONS
