@@ -30,13 +30,14 @@ import base64
 import json
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from opsctl.keys import DEAD_WORKER_TTL_S, DEFAULT_FAILURE_TTL_S, Keys
+from opsctl.audit import AUDIT_MAXLEN, AUDIT_STREAM
+from opsctl.keys import DEAD_WORKER_TTL_S, DEFAULT_FAILURE_TTL_S, RESCUE_TTL_S, Keys, rescue_key
 from opsctl.model import WorkerRecord, format_timestamp
 
 log = logging.getLogger(__name__)
@@ -99,58 +100,74 @@ local function enqueue(at_front)
   redis.call('SADD', KEYS[7], KEYS[6])
 end
 
-if action == 'remove-entry' then
-  return {1, 'removed'}
-elseif action == 'fail' and ARGV[14] ~= '' then
-  redis.call('HSET', KEYS[1], 'retries_left', tostring(tonumber(ARGV[8]) - 1))
-  local interval = tonumber(ARGV[14])
-  if interval > 0 then
-    redis.call('HSET', KEYS[1], 'status', 'scheduled')
-    redis.call('ZADD', KEYS[10], math.floor(now + interval), job_id)
-    return {1, 'scheduled for retry'}
-  end
-  enqueue(ARGV[15])
-  return {1, 'queued for retry'}
-elseif action == 'fail' then
-  local ttl = tonumber(ARGV[11])
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'ended_at', now_iso)
-  local score = '+inf'
-  if ttl >= 0 then score = tostring(math.floor(now) + ttl) end
-  redis.call('ZADD', KEYS[8], score, job_id)
-  local entry = {'type', '2', 'worker_name', ARGV[13], 'exc_string', ARGV[12]}
-  if exec_id ~= '' then
-    table.insert(entry, 'execution_id')
-    table.insert(entry, exec_id)
-  end
-  redis.call('XADD', KEYS[11], 'MAXLEN', '10', '*', unpack(entry))
-  if ttl > 0 then
-    for _, key in ipairs({KEYS[1], KEYS[11], KEYS[12], KEYS[13]}) do
-      redis.call('EXPIRE', key, ttl)
+local function act()
+  if action == 'remove-entry' then
+    return {1, 'removed'}
+  elseif action == 'fail' and ARGV[14] ~= '' then
+    redis.call('HSET', KEYS[1], 'retries_left', tostring(tonumber(ARGV[8]) - 1))
+    local interval = tonumber(ARGV[14])
+    if interval > 0 then
+      redis.call('HSET', KEYS[1], 'status', 'scheduled')
+      redis.call('ZADD', KEYS[10], math.floor(now + interval), job_id)
+      return {1, 'scheduled for retry'}
     end
-  elseif ttl < 0 then
-    redis.call('PERSIST', KEYS[1])
+    enqueue(ARGV[15])
+    return {1, 'queued for retry'}
+  elseif action == 'fail' then
+    local ttl = tonumber(ARGV[11])
+    redis.call('HSET', KEYS[1], 'status', 'failed', 'ended_at', now_iso)
+    local score = '+inf'
+    if ttl >= 0 then score = tostring(math.floor(now) + ttl) end
+    redis.call('ZADD', KEYS[8], score, job_id)
+    local entry = {'type', '2', 'worker_name', ARGV[13], 'exc_string', ARGV[12]}
+    if exec_id ~= '' then
+      table.insert(entry, 'execution_id')
+      table.insert(entry, exec_id)
+    end
+    redis.call('XADD', KEYS[11], 'MAXLEN', '10', '*', unpack(entry))
+    if ttl > 0 then
+      for _, key in ipairs({KEYS[1], KEYS[11], KEYS[12], KEYS[13]}) do
+        redis.call('EXPIRE', key, ttl)
+      end
+    elseif ttl < 0 then
+      redis.call('PERSIST', KEYS[1])
+    end
+    return {1, 'failed', redis.call('SCARD', KEYS[12])}
+  elseif action == 'requeue' then
+    redis.call('HSET', KEYS[1], 'started_at', '', 'ended_at', '')
+    enqueue('0')
+    local count = redis.call('INCR', KEYS[17])
+    redis.call('EXPIRE', KEYS[17], tonumber(ARGV[17]))
+    return {1, 'queued', 0, count}
+  elseif action == 'cancel' then
+    redis.call('HSET', KEYS[1], 'status', 'canceled', 'ended_at', now_iso)
+    redis.call('ZADD', KEYS[9], math.floor(now), job_id)
+    return {1, 'canceled'}
+  elseif action == 'delete' then
+    for _, other in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+      redis.call('DEL', ARGV[16] .. ':execution:' .. job_id .. ':' .. other)
+      redis.call('ZREM', KEYS[16], job_id .. ':' .. other)
+    end
+    redis.call('LREM', KEYS[6], 0, job_id)
+    for _, key in ipairs({KEYS[8], KEYS[9], KEYS[10], KEYS[14], KEYS[15]}) do
+      redis.call('ZREM', key, job_id)
+    end
+    redis.call('DEL', KEYS[1], KEYS[4], KEYS[11], KEYS[12], KEYS[13])
+    return {1, 'deleted'}
   end
-  return {1, 'failed', redis.call('SCARD', KEYS[12])}
-elseif action == 'requeue' then
-  redis.call('HSET', KEYS[1], 'started_at', '', 'ended_at', '')
-  enqueue('0')
-  return {1, 'queued'}
-elseif action == 'cancel' then
-  redis.call('HSET', KEYS[1], 'status', 'canceled', 'ended_at', now_iso)
-  redis.call('ZADD', KEYS[9], math.floor(now), job_id)
-  return {1, 'canceled'}
-elseif action == 'delete' then
-  for _, other in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
-    redis.call('DEL', ARGV[16] .. ':execution:' .. job_id .. ':' .. other)
-    redis.call('ZREM', KEYS[16], job_id .. ':' .. other)
-  end
-  redis.call('LREM', KEYS[6], 0, job_id)
-  for _, key in ipairs({KEYS[8], KEYS[9], KEYS[10], KEYS[14], KEYS[15]}) do
-    redis.call('ZREM', key, job_id)
-  end
-  redis.call('DEL', KEYS[1], KEYS[4], KEYS[11], KEYS[12], KEYS[13])
-  return {1, 'deleted'}
 end
+
+local result = act()
+if result[1] == 1 then
+  local entry = {}
+  for i = 19, #ARGV do table.insert(entry, ARGV[i]) end
+  table.insert(entry, 'outcome')
+  table.insert(entry, 'done')
+  table.insert(entry, 'detail')
+  table.insert(entry, result[2])
+  redis.call('XADD', KEYS[18], 'MAXLEN', '~', ARGV[18], '*', unpack(entry))
+end
+return result
 """
 
 _WORKER_SCRIPT = """
@@ -198,6 +215,7 @@ class JobChange:
     failure_ttl_s: int = DEFAULT_FAILURE_TTL_S
     retry_interval_s: int | None = None  # set: a fail that retries instead
     retry_at_front: bool = False
+    audit: tuple[tuple[str, str], ...] = ()  # fields of the audit entry written on success
 
 
 @dataclass(frozen=True)
@@ -208,6 +226,7 @@ class ChangeResult:
     detail: str
     dependents: int = 0
     error: bool = False  # Redis refused or failed the change (not a re-check)
+    rescues: int = 0  # how often opsctl has now requeued the job
 
 
 def failure_text(reason: str) -> str:
@@ -225,17 +244,33 @@ class Actor:
         self._worker_script = conn.register_script(_WORKER_SCRIPT)
 
     def apply_jobs(
-        self, changes: Sequence[JobChange], now: float, batch: int = 200
-    ) -> list[ChangeResult]:
-        """Run ``changes``; one result each, in order. A Redis error fails only its job."""
-        results: list[ChangeResult] = []
+        self,
+        changes: Sequence[JobChange],
+        now: float,
+        batch: int = 200,
+        between_batches: Callable[[], None] | None = None,
+    ) -> list[ChangeResult | None]:
+        """Run ``changes``; one result each, in order.
+
+        A Redis error fails only its job. If the connection drops, the results
+        of the batch in flight and of every later change are None: unknown for
+        the batch (each script ran whole or not at all), not attempted after it.
+        """
+        results: list[ChangeResult | None] = []
         for start in range(0, len(changes), batch):
-            pipe = self.conn.pipeline(transaction=False)
+            if between_batches and start:
+                between_batches()
             chunk = changes[start : start + batch]
+            pipe = self.conn.pipeline(transaction=False)
             for change in chunk:
                 keys, args = self._job_call(change, now)
                 self._job_script(keys=keys, args=args, client=pipe)
-            replies = pipe.execute(raise_on_error=False)
+            try:
+                replies = pipe.execute(raise_on_error=False)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("connection_lost during=actions error=%s", exc)
+                results.extend([None] * (len(changes) - len(results)))
+                return results
             results.extend(_result(reply) for reply in replies)
         return results
 
@@ -260,6 +295,8 @@ class Actor:
             k.finished(origin),
             k.deferred(origin),
             k.started(origin),
+            rescue_key(job),
+            AUDIT_STREAM,
         ]
         interval = change.retry_interval_s
         args: list[Any] = [
@@ -279,7 +316,11 @@ class Actor:
             "" if interval is None else interval,
             "1" if change.retry_at_front else "0",
             self.keys.prefix,
+            RESCUE_TTL_S,
+            AUDIT_MAXLEN,
         ]
+        for name, value in change.audit:
+            args += [name, value]
         return keys, args
 
     def deregister_worker(self, worker: WorkerRecord, now: float) -> ChangeResult:
@@ -310,4 +351,5 @@ def _result(reply: Any) -> ChangeResult:
     done, detail = int(reply[0]) == 1, reply[1]
     detail = detail.decode() if isinstance(detail, bytes) else str(detail)
     dependents = int(reply[2]) if len(reply) > 2 else 0
-    return ChangeResult(done, detail, dependents)
+    rescues = int(reply[3]) if len(reply) > 3 else 0
+    return ChangeResult(done, detail, dependents, rescues=rescues)

@@ -7,19 +7,40 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, NoReturn, TypeVar
 
 import redis
 import typer
 from rich.console import Console
 
-from opsctl import __version__, report, status
+from opsctl import __version__, audit, planfile, report, status
+from opsctl.apply import Executor
+from opsctl.audit import AuditContext
 from opsctl.connection import DEFAULT_TIMEOUT_S, connect, mask_url, redact
-from opsctl.errors import ExitCode, OpsctlError, PolicyError, Problem, UsageError
+from opsctl.errors import (
+    ExitCode,
+    LimitTripped,
+    OpsctlError,
+    PolicyError,
+    Problem,
+    RedisUnavailable,
+    UsageError,
+)
 from opsctl.keys import DEFAULT_PREFIX, Keys
-from opsctl.policy import Policy, load_policy, load_policy_schema, parse_duration, validate_files
-from opsctl.run import Overrides, Run, execute, plan
+from opsctl.lock import Lock, run_lock
+from opsctl.policy import (
+    UNCHECKED_SUFFIX,
+    Policy,
+    load_policy,
+    load_policy_schema,
+    parse_duration,
+    validate_files,
+)
+from opsctl.run import Overrides, Run, new_run_id, plan
+from opsctl.state import server_time
 
 log = logging.getLogger("opsctl")
 
@@ -97,7 +118,7 @@ def _load_for_apply(path: str, url_given: bool) -> Policy:
     """Load a policy; an unset variable is an error unless --redis-url replaces its use."""
     policy = load_policy(path, strict_env=False)
     fatal = [
-        Problem(n.file, n.line, n.column, n.path, n.message)
+        Problem(n.file, n.line, n.column, n.path, n.message.removesuffix(UNCHECKED_SUFFIX))
         for n in policy.notes
         if "environment variable" in n.message and not (url_given and n.path == "redis.url")
     ]
@@ -113,6 +134,15 @@ def _resolve_url(flag: str | None, policy: Policy | None) -> str:
             "no Redis URL: pass --redis-url, set redis.url in the policy, or set REDIS_URL"
         )
     return url
+
+
+def _parse_duration_option(option: str, value: str) -> int:
+    try:
+        return parse_duration(int(value) if value.isdigit() else value)
+    except ValueError:
+        raise UsageError(
+            f"{option}: {value!r} is not a duration (use 90s, 10m, 2h or 1d)"
+        ) from None
 
 
 def _parse_max_age(value: str | None) -> int | None:
@@ -146,6 +176,14 @@ RedisUrl = Annotated[
         show_default=False,
     ),
 ]
+StatusRedisUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--redis-url",
+        help="Redis URL (redis://, rediss:// or unix://). Default: $REDIS_URL.",
+        show_default=False,
+    ),
+]
 FormatOpt = Annotated[Format, typer.Option("--format", help="Report format.")]
 Verbose = Annotated[
     int, typer.Option("-v", "--verbose", count=True, help="More logs (-vv: debug).")
@@ -156,9 +194,18 @@ Timeout = Annotated[
 ]
 
 
+LockTimeoutOpt = Annotated[
+    float,
+    typer.Option("--lock-timeout", help="Seconds to wait for another opsctl run to finish."),
+]
+
+
 @app.command()
 def apply(
-    policy_file: Annotated[str, typer.Argument(metavar="POLICY", help="Policy file (YAML).")],
+    policy_file: Annotated[
+        str | None,
+        typer.Argument(metavar="[POLICY]", help="Policy file (YAML); optional with --plan."),
+    ] = None,
     dry_run: Annotated[
         bool | None,
         typer.Option(
@@ -172,11 +219,23 @@ def apply(
         ),
     ] = None,
     max_age: Annotated[
-        str | None, typer.Option("--max-age", help="Override max_age for every queue (e.g. 10m).")
+        str | None,
+        typer.Option("--max-age", help="Override max_age for every queue (90s, 10m, 2h, 1d)."),
     ] = None,
     queue: Annotated[
         list[str] | None, typer.Option("--queue", help="Only this queue (repeatable).")
     ] = None,
+    max_actions: Annotated[
+        int | None,
+        typer.Option("--max-actions", min=0, help="Cap on the jobs this run may act on."),
+    ] = None,
+    plan_file: Annotated[
+        str | None,
+        typer.Option("--plan", help="Act on exactly the jobs of this plan file (opsctl plan)."),
+    ] = None,
+    max_plan_age: Annotated[
+        str, typer.Option("--max-plan-age", help="Refuse plans older than this.")
+    ] = "15m",
     redis_url: RedisUrl = None,
     output: FormatOpt = Format.text,
     best_effort: Annotated[
@@ -186,13 +245,18 @@ def apply(
     stop_timeout: Annotated[
         float, typer.Option("--stop-timeout", help="Seconds to wait for workers to stop jobs.")
     ] = 15.0,
+    lock_timeout: LockTimeoutOpt = 5.0,
     timeout: Timeout = DEFAULT_TIMEOUT_S,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
     """Apply a policy: classify every started job and act on the stuck ones."""
     _setup_logging(verbose, quiet)
-    policy = _guard(lambda: _load_for_apply(policy_file, redis_url is not None))
+    if policy_file is None and plan_file is None:
+        _fail(UsageError("give a POLICY file, or --plan with a plan file"))
+    policy = None
+    if policy_file is not None:
+        policy = _guard(lambda: _load_for_apply(policy_file, redis_url is not None))
     url = _guard(lambda: _resolve_url(redis_url, policy))
     overrides = Overrides(
         dry_run=dry_run,
@@ -200,25 +264,163 @@ def apply(
         max_age_seconds=_guard(lambda: _parse_max_age(max_age)),
         queues=tuple(queue or ()),
         stop_timeout_s=stop_timeout,
+        max_actions=max_actions,
     )
-    run = _guard(lambda: _apply(policy, url, overrides, timeout), best_effort, url)
+    job = Job(url, timeout, lock_timeout, overrides)
+    if plan_file is not None:
+        plan_age = _guard(lambda: _parse_duration_option("--max-plan-age", max_plan_age))
+        digest = policy.digest if policy else None
+        run = _guard(lambda: job.apply_plan(plan_file, plan_age, digest), best_effort, url)
+        where = (plan_file, digest or "")
+    else:
+        assert policy is not None
+        run = _guard(lambda: job.apply_policy(policy), best_effort, url)
+        where = (policy.path, policy.digest)
+    _print_run(run, output, url, where)
+    _exit_for(run, best_effort, url)
+
+
+@dataclass
+class Job:
+    """One apply or plan against one Redis, with this invocation's settings."""
+
+    url: str
+    timeout_s: float
+    lock_timeout_s: float
+    overrides: Overrides
+
+    def apply_policy(self, policy: Policy) -> Run:
+        conn = connect(self.url, self.timeout_s)
+        keys = Keys(policy.key_prefix)
+        run_id = new_run_id()
+        dry = self.overrides.dry_run
+        if dry if dry is not None else policy.defaults.dry_run:
+            return plan(conn, keys, policy, self.overrides, run_id=run_id)
+        with run_lock(conn, run_id, self.lock_timeout_s) as lock:
+            run = plan(conn, keys, policy, self.overrides, run_id=run_id)
+            self._execute(conn, keys, run, policy.digest, lock)
+        return run
+
+    def apply_plan(self, path: str, max_age_s: int, digest: str | None) -> Run:
+        conn = connect(self.url, self.timeout_s)
+        identity = planfile.server_identity(conn, self.url)
+        with run_lock(conn, new_run_id(), self.lock_timeout_s) as lock:
+            run = planfile.read(path, identity, server_time(conn), max_age_s, digest)
+            keys = Keys(_plan_prefix(path))
+            self._execute(conn, keys, run, digest or "", lock)
+        return run
+
+    def write_plan(self, policy: Policy, path: str) -> tuple[Run, int]:
+        conn = connect(self.url, self.timeout_s)
+        run = plan(conn, Keys(policy.key_prefix), policy, self.overrides)
+        identity = planfile.server_identity(conn, self.url)
+        where = (policy.path, policy.digest)
+        count = planfile.write(path, run, identity, mask_url(self.url), where, policy.key_prefix)
+        return run, count
+
+    def _execute(self, conn: redis.Redis, keys: Keys, run: Run, digest: str, lock: Lock) -> None:
+        context = AuditContext(run.run_id, digest)
+        Executor(
+            conn,
+            keys,
+            run,
+            context,
+            stop_timeout_s=self.overrides.stop_timeout_s,
+            lock_timeout_s=self.lock_timeout_s,
+            run_lock=lock,
+        ).execute()
+
+
+def _plan_prefix(path: str) -> str:
+    """The RQ key prefix a plan was made under (recorded with its queues' policy)."""
+    try:
+        document = json.loads(Path(path).read_text())
+        return str(document.get("key_prefix") or DEFAULT_PREFIX)
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_PREFIX
+
+
+def _print_run(run: Run, output: Format, url: str, where: tuple[str, str]) -> None:
     shown = mask_url(url)
     if output is Format.json:
-        report.print_json(report.to_json(run, shown, policy.path, policy.digest))
+        report.print_json(report.to_json(run, shown, where[0], where[1]))
     else:
         report.print_text(run, _console(), shown)
+
+
+def _exit_for(run: Run, best_effort: bool, url: str) -> None:
+    """Exit with the code the outcome calls for (the report is already printed)."""
+    if run.redis_lost:
+        _fail(RedisUnavailable("lost the connection to Redis; see the report"), best_effort, url)
     if run.failed:
         count = report.summary(run)["errors"]
         _fail(OpsctlError(f"{count} action(s) failed; see the report"), best_effort, url)
+    if run.limits_tripped and not run.dry_run:
+        _fail(LimitTripped("; ".join(run.limits_tripped) + "; nothing was done"))
 
 
-def _apply(policy: Policy, url: str, overrides: Overrides, timeout_s: float) -> Run:
-    conn = connect(url, timeout_s)
-    keys = Keys(policy.key_prefix)
-    run = plan(conn, keys, policy, overrides)
-    if not run.dry_run:
-        execute(conn, keys, run, overrides.stop_timeout_s)
-    return run
+@app.command("plan")
+def plan_command(
+    policy_file: Annotated[str, typer.Argument(metavar="POLICY", help="Policy file (YAML).")],
+    output_file: Annotated[
+        str, typer.Option("--output", "-o", help="Where to write the plan (JSON).")
+    ],
+    force: Annotated[
+        bool | None,
+        typer.Option(
+            "--force/--no-force", help="Treat every running job as overdue.", show_default=False
+        ),
+    ] = None,
+    max_age: Annotated[
+        str | None,
+        typer.Option("--max-age", help="Override max_age for every queue (90s, 10m, 2h, 1d)."),
+    ] = None,
+    queue: Annotated[
+        list[str] | None, typer.Option("--queue", help="Only this queue (repeatable).")
+    ] = None,
+    max_actions: Annotated[
+        int | None,
+        typer.Option("--max-actions", min=0, help="Cap on the jobs the plan may act on."),
+    ] = None,
+    redis_url: RedisUrl = None,
+    output: FormatOpt = Format.text,
+    timeout: Timeout = DEFAULT_TIMEOUT_S,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Write the exact actions a policy would take to a file, for review and apply --plan."""
+    _setup_logging(verbose, quiet)
+    policy = _guard(lambda: _load_for_apply(policy_file, redis_url is not None))
+    url = _guard(lambda: _resolve_url(redis_url, policy))
+    overrides = Overrides(
+        dry_run=True,
+        force=force,
+        max_age_seconds=_guard(lambda: _parse_max_age(max_age)),
+        queues=tuple(queue or ()),
+        max_actions=max_actions,
+    )
+    job = Job(url, timeout, 0, overrides)
+    run, count = _guard(lambda: job.write_plan(policy, output_file), url=url)
+    _print_run(run, output, url, (policy.path, policy.digest))
+    print(f"opsctl: wrote {count} planned action(s) to {output_file}", file=sys.stderr)
+
+
+@app.command()
+def history(
+    redis_url: StatusRedisUrl = None,
+    run_id: Annotated[str | None, typer.Option("--run", help="Only this run id.")] = None,
+    job_id: Annotated[str | None, typer.Option("--job", help="Only this job id.")] = None,
+    output: FormatOpt = Format.text,
+    timeout: Timeout = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Show the audit trail of actions opsctl has taken."""
+    _setup_logging(0, False)
+    url = _guard(lambda: _resolve_url(redis_url, None))
+    entries = _guard(lambda: audit.history(connect(url, timeout), run_id, job_id), url=url)
+    if output is Format.json:
+        report.print_json({"redis": mask_url(url), "entries": entries})
+    else:
+        report.print_history(entries, _console())
 
 
 @app.command()
@@ -243,7 +445,7 @@ def validate(
 
 @app.command("status")
 def status_command(
-    redis_url: RedisUrl = None,
+    redis_url: StatusRedisUrl = None,
     output: FormatOpt = Format.text,
     key_prefix: Annotated[
         str, typer.Option("--key-prefix", help="RQ key prefix.")

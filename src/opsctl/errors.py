@@ -13,6 +13,8 @@ class ExitCode(IntEnum):
     ACTION_FAILED = 1  # at least one action on a job or worker failed
     INVALID = 2  # invalid policy file or command-line usage
     REDIS_UNAVAILABLE = 3  # Redis unreachable, refused the login, or timed out
+    LIMIT_TRIPPED = 4  # a blast-radius limit tripped: nothing was done
+    LOCKED = 5  # another opsctl run held the lock past --lock-timeout
 
 
 class OpsctlError(Exception):
@@ -59,3 +61,9 @@ class RedisUnavailable(OpsctlError):
     """Raised when Redis cannot be reached, refuses the login, or times out."""
 
     exit_code = ExitCode.REDIS_UNAVAILABLE
+
+
+class LimitTripped(OpsctlError):
+    """Raised when a run would act on more jobs than a blast-radius cap allows."""
+
+    exit_code = ExitCode.LIMIT_TRIPPED

@@ -53,6 +53,15 @@ DEFAULT_FAILURE_TTL_S = 31_536_000
 DEAD_WORKER_TTL_S = 60
 
 
+#: Seconds opsctl remembers how often it requeued a job (a week).
+RESCUE_TTL_S = 7 * 86400
+
+
+def rescue_key(job_id: str) -> str:
+    """opsctl's own counter of how often it requeued ``job_id``."""
+    return f"opsctl:rescues:{job_id}"
+
+
 @dataclass(frozen=True)
 class Keys:
     """Key names under one RQ prefix."""

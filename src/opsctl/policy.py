@@ -59,7 +59,9 @@ _DURATION_HINT = "use 90s, 10m, 2h or 1d"
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _REFERENCE_HINT = "write ${NAME} or ${NAME:-default}"
 _GLOB_CHARACTERS = "*?["
-_RULE_SETTINGS = ("max_age", "action", "force", "dry_run", "enabled")
+#: Ends the note about an unset variable while the value it feeds goes unchecked.
+UNCHECKED_SUFFIX = "; the value was not checked"
+_RULE_SETTINGS = ("max_age", "action", "force", "dry_run", "enabled", "max_requeues")
 
 _Path = tuple[str | int, ...]
 """Where a value sits in the policy: ("queues", 0, "max_age") is queues[0].max_age."""
@@ -75,6 +77,29 @@ class Rule:
     dry_run: bool = False
     enabled: bool = True
     source: str = "defaults"  # e.g. "queues[1] (reports-*)", shown in reports
+    max_requeues: int = 3  # requeues of one job before a requeue becomes a fail
+    limits: Limits | None = None  # the entry's own caps, per queue it matches
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Blast-radius caps for one scope: the whole run, or one queue."""
+
+    max_actions: int | None = None
+    max_percent: float | None = None
+
+    def tripped(self, actions: int, inspected: int) -> str | None:
+        """Which cap ``actions`` out of ``inspected`` jobs exceeds, in words; None if none."""
+        if self.max_actions is not None and actions > self.max_actions:
+            return f"{actions} actions exceed max_actions {self.max_actions}"
+        if self.max_percent is not None and inspected:
+            percent = 100.0 * actions / inspected
+            if percent > self.max_percent:
+                return (
+                    f"{actions} of {inspected} started jobs ({percent:.1f}%) exceed "
+                    f"max_percent {self.max_percent:g}"
+                )
+        return None
 
 
 @dataclass(frozen=True)
@@ -88,6 +113,7 @@ class Policy:
     entries: tuple[tuple[str, Rule], ...]  # (name or glob, merged rule), in file order
     digest: str  # sha256 hex of the file's bytes
     notes: tuple[Problem, ...] = field(default=())
+    limits: Limits | None = None  # caps over the whole run, from defaults.limits
 
     def rule_for(self, queue: str) -> Rule | None:
         """The rule for `queue`, or None when no entry matches it.
@@ -542,7 +568,7 @@ class _Builder:
                 f"(set it, or give a default with ${{{name}:-...}})"
             )
             if not self.strict_env:
-                message += "; the value was not checked"
+                message += UNCHECKED_SUFFIX
             self.document.report(path, message, severity=severity)
 
     def _position_in(self, node: yaml.ScalarNode, offset: int) -> tuple[int, int]:
@@ -638,6 +664,10 @@ _VALUE_MESSAGES = {
     "force": "{value} is not a boolean (use true or false)",
     "dry_run": "{value} is not a boolean (use true or false)",
     "enabled": "{value} is not a boolean (use true or false)",
+    "max_requeues": "{value} is not a count (use a whole number, 0 or more)",
+    "max_actions": "{value} is not a count (use a whole number, 0 or more)",
+    "max_percent": "{value} is not a percentage (use a number from 0 to 100)",
+    "limits": "{value} is not a mapping (put max_actions: and max_percent: beneath it)",
     "name": (
         "{value} is not a queue name "
         "(use a non-empty string; quote a name that looks like a number)"
@@ -854,6 +884,7 @@ def _assemble(document: _Document, raw: bytes, notes: list[Problem]) -> Policy:
         entries=tuple(entries),
         digest=hashlib.sha256(raw).hexdigest(),
         notes=tuple(notes),
+        limits=_limits(_known(document, ("defaults",)).get("limits")),
     )
 
 
@@ -870,7 +901,15 @@ def _merge(base: Rule, settings: Mapping[str, Any], source: str) -> Rule:
     changes = {key: settings[key] for key in _RULE_SETTINGS if key in settings}
     if "max_age" in changes:
         changes["max_age_seconds"] = parse_duration(changes.pop("max_age"))
+    # Caps are never inherited: those in defaults count the whole run.
+    changes["limits"] = _limits(settings.get("limits")) if source != "defaults" else None
     return replace(base, **changes, source=source)
+
+
+def _limits(settings: Any) -> Limits | None:
+    if not isinstance(settings, dict) or not settings:
+        return None
+    return Limits(settings.get("max_actions"), settings.get("max_percent"))
 
 
 # Messages -----------------------------------------------------------------------------------
@@ -904,6 +943,7 @@ def _describe(value: Any) -> str:
 
 __all__ = [
     "ACTIONS",
+    "Limits",
     "Policy",
     "PolicyError",
     "Rule",

@@ -86,6 +86,8 @@ def to_json(run: Run, redis_url: str, policy_path: str, policy_digest: str) -> d
         "workers": [_worker_json(w) for w in run.workers],
         "problems": run.problems,
         "unmatched_queues": run.unmatched,
+        "limits_tripped": run.limits_tripped,
+        "redis_lost": run.redis_lost,
     }
 
 
@@ -142,12 +144,15 @@ def print_text(run: Run, console: Console, redis_url: str) -> None:
         console.print(_workers_table(run.workers))
     for problem in run.problems:
         console.print(Text(f"problem: {safe(problem)}"))
+    for limit in run.limits_tripped:
+        console.print(Text(f"limit tripped, nothing done: {safe(limit)}", style="bold red"))
     console.print(Text(_summary_line(run)))
 
 
 def _jobs_table(jobs: list[JobOutcome]) -> Table:
     table = Table(title="started jobs", title_justify="left", expand=False)
-    for column in ("queue", "job", "state", "age", "worker", "action", "outcome", "reason"):
+    columns = ("queue", "job", "state", "age", "beat", "timeout", "worker", "action", "outcome")
+    for column in (*columns, "reason"):
         table.add_column(column, overflow="fold")
     for j in jobs:
         s = j.verdict.signals
@@ -157,12 +162,20 @@ def _jobs_table(jobs: list[JobOutcome]) -> Table:
             Text(short(j.entry.job_id)),
             Text(j.verdict.state.value, style=_STATE_STYLE[j.verdict.state]),
             Text(duration(s.age_s)),
+            Text(duration(s.heartbeat_age_s)),
+            Text(_timeout(s.timeout_s)),
             Text(worker or "-"),
             Text(j.action),
             Text(j.outcome, style=_OUTCOME_STYLE.get(j.outcome, "")),
             Text(safe(j.reason)),
         )
     return table
+
+
+def _timeout(seconds: int | None) -> str:
+    if seconds is None:
+        return "-"
+    return "none" if seconds < 0 else f"{seconds}s"
 
 
 def _workers_table(workers: list[WorkerOutcome]) -> Table:
@@ -200,3 +213,23 @@ _STATE_STYLE = {
     State.RUNNING: "green",
 }
 _OUTCOME_STYLE = {DONE: "green", ERROR: "bold red", SKIPPED: "yellow", PLANNED: "cyan"}
+
+
+def print_history(entries: list[dict[str, str]], console: Console) -> None:
+    """The audit trail as a table, oldest first."""
+    if not entries:
+        console.print("no audit entries")
+        return
+    table = Table(title="audit trail", title_justify="left")
+    columns = ("time", "run", "queue", "job", "state", "action", "outcome", "reason")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for e in entries:
+        table.add_row(
+            *(
+                Text(safe(e.get(key, "")))
+                for key in ("time", "run_id", "queue", "job", "state", "action", "outcome")
+            ),
+            Text(safe(e.get("reason", ""))),
+        )
+    console.print(table)

@@ -171,8 +171,9 @@ def _as_fields(
 def _confirm_missing_jobs(conn: redis.Redis, keys: Keys, entries: list[StartedEntry]) -> None:
     """Tell a missing job hash from one that exists but holds none of the fields read.
 
-    The second kind is kept as a job with no fields, so it is never taken for
-    an orphan; such records are rare, so this costs one EXISTS each.
+    The second kind is kept as a job with no fields, so the engine can report
+    it as a hash that holds no job rather than a missing one; such records are
+    rare, so this costs one EXISTS each.
     """
     unknown = [i for i, e in enumerate(entries) if e.job is None]
     for batch in _batches(unknown, BATCH):

@@ -1,0 +1,416 @@
+"""Carrying out a run's plan: stops, atomic job changes, worker registrations.
+
+The order of work, per queue: take RQ's maintenance lock for the queue (so a
+worker's own registry cleaning never handles the same job at the same time),
+ask live workers to stop overdue jobs, change abandoned, orphaned and leftover
+entries in atomic batches, release the lock. Dead worker registrations come
+last. Every attempt lands in the audit trail.
+
+If the connection to Redis drops, the batch in flight is reconciled after
+reconnecting: the audit trail, written in the same atomic script as each
+change, says exactly which changes happened; the others are retried (their
+scripts re-check everything first). If Redis stays away, the jobs not acted on
+are reported as errors and the next run completes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import redis
+
+from opsctl import audit
+from opsctl.actions import Actor, ChangeResult, JobChange
+from opsctl.audit import AuditContext
+from opsctl.engine import ACTION_STOP, Verdict
+from opsctl.keys import DEFAULT_FAILURE_TTL_S, Keys
+from opsctl.lock import Lock, maintenance_lock
+from opsctl.model import format_timestamp, parse_int
+from opsctl.run import DONE, ERROR, PLANNED, SKIPPED, JobOutcome, Run, WorkerOutcome
+from opsctl.state import server_time
+
+log = logging.getLogger(__name__)
+
+#: Seconds between polls while waiting for workers to stop jobs.
+STOP_POLL_S = 0.2
+#: Waits before each attempt to reach Redis again after the connection dropped.
+RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
+#: Details a successful script reports that add nothing to the reason.
+_PLAIN_DETAILS = {"removed", "failed", "queued", "canceled", "deleted"}
+
+
+@dataclass
+class Executor:
+    """Carries out one run against one Redis."""
+
+    conn: redis.Redis
+    keys: Keys
+    run: Run
+    context: AuditContext
+    stop_timeout_s: float = 15.0
+    lock_timeout_s: float = 5.0
+    run_lock: Lock | None = None
+
+    def __post_init__(self) -> None:
+        self.actor = Actor(self.conn, self.keys)
+        self._held: list[Lock] = []
+
+    def execute(self) -> None:
+        """Act on every planned job and worker; nothing at all if a limit tripped."""
+        if self.run.limits_tripped:
+            return
+        try:
+            for queue, outcomes in self._work_by_queue().items():
+                if self.run.redis_lost:
+                    break
+                self._execute_queue(queue, outcomes)
+            for worker in self.run.workers:
+                if not worker.dry_run and not self.run.redis_lost:
+                    self._deregister(worker)
+            self._audit_the_rest()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.error("connection_lost error=%s", exc)
+            self._give_up()
+
+    def _work_by_queue(self) -> dict[str, list[JobOutcome]]:
+        work: dict[str, list[JobOutcome]] = {}
+        for job in self.run.jobs:
+            if job.outcome == PLANNED and not job.rule.dry_run:
+                work.setdefault(job.entry.queue, []).append(job)
+        return work
+
+    def _execute_queue(self, queue: str, outcomes: list[JobOutcome]) -> None:
+        lock = maintenance_lock(self.conn, self.keys.prefix, queue, self.run.run_id)
+        if not lock.acquire(self.lock_timeout_s):
+            why = f"RQ is cleaning this queue's registries (lock held by {lock.holder()})"
+            for outcome in outcomes:
+                _set(outcome, SKIPPED, why)
+            return
+        self._held.append(lock)
+        try:
+            stops = [o for o in outcomes if o.action == ACTION_STOP]
+            self._stop_jobs(stops)
+            self._change_jobs([o for o in outcomes if o.action != ACTION_STOP])
+        finally:
+            self._held.remove(lock)
+            lock.release()
+
+    def renew_locks(self) -> None:
+        """Keep the run lock and the maintenance locks held while work goes on."""
+        for lock in [*self._held, *([self.run_lock] if self.run_lock else [])]:
+            if not lock.renew():
+                log.warning("lock=%s lost while working", lock.key)
+
+    # Job changes ---------------------------------------------------------------------------
+
+    def _change_jobs(self, outcomes: list[JobOutcome]) -> None:
+        if not outcomes:
+            return
+        changes = [self._job_change(o) for o in outcomes]
+        results = self._apply_reconciled(outcomes, changes)
+        for outcome, change, result in zip(outcomes, changes, results, strict=True):
+            if result is None:
+                continue
+            _record(outcome, result)
+            if result.done and result.dependents and change.action == "fail":
+                _enqueue_dependents(self.conn, self.keys, outcome)
+
+    def _apply_reconciled(
+        self, outcomes: list[JobOutcome], changes: list[JobChange]
+    ) -> list[ChangeResult | None]:
+        """Apply ``changes``; after a dropped connection, find out what happened."""
+        now = server_time(self.conn)
+        results = self.actor.apply_jobs(changes, now, between_batches=self.renew_locks)
+        while any(r is None for r in results):
+            if not self._reconnect():
+                for outcome, result in zip(outcomes, results, strict=True):
+                    if result is None:
+                        _set(outcome, ERROR, "not acted on: lost the connection to Redis")
+                self.run.redis_lost = True
+                return results
+            results = self._reconcile(changes, results)
+        return results
+
+    def _reconcile(
+        self, changes: list[JobChange], results: list[ChangeResult | None]
+    ) -> list[ChangeResult | None]:
+        """Settle unknown results from the audit trail, and retry the rest."""
+        recorded = {
+            entry["job"]
+            for entry in audit.history(self.conn, run_id=self.run.run_id, limit=10_000)
+            if entry.get("outcome") == DONE
+        }
+        retry = [
+            i for i, r in enumerate(results) if r is None and changes[i].job_id not in recorded
+        ]
+        for i, result in enumerate(results):
+            if result is None and changes[i].job_id in recorded:
+                results[i] = ChangeResult(True, "done (confirmed after reconnecting)")
+        retried = self.actor.apply_jobs(
+            [changes[i] for i in retry], server_time(self.conn), between_batches=self.renew_locks
+        )
+        for i, result in zip(retry, retried, strict=True):
+            results[i] = result
+        return results
+
+    def _reconnect(self) -> bool:
+        for wait_s in RECONNECT_BACKOFF_S:
+            time.sleep(wait_s)
+            try:
+                self.conn.ping()
+            except (redis.ConnectionError, redis.TimeoutError):
+                continue
+            log.warning("reconnected to Redis; reconciling the interrupted batch")
+            return True
+        return False
+
+    def _job_change(self, outcome: JobOutcome) -> JobChange:
+        entry, verdict = outcome.entry, outcome.verdict
+        job = entry.job or {}
+        retries = parse_int(job.get("retries_left"))
+        reason = failure_reason(self.run, verdict)
+        return JobChange(
+            action=outcome.action,
+            queue=job.get("origin") or entry.queue,
+            job_id=entry.job_id,
+            member=entry.member,
+            execution_id=entry.execution_id,
+            source=self.keys.started(entry.queue),
+            expect=job,
+            expect_execution_heartbeat=(entry.execution or {}).get("last_heartbeat", ""),
+            reason=reason,
+            worker=entry.worker_name,
+            failure_ttl_s=_failure_ttl(job),
+            retry_interval_s=_retry_interval(job, retries) if outcome.action == "fail" else None,
+            retry_at_front=job.get("enqueue_at_front_on_retry") == "1",
+            audit=self._audit_fields(outcome, outcome.action, outcome.reason),
+        )
+
+    def _audit_fields(
+        self, outcome: JobOutcome, action: str, reason: str
+    ) -> tuple[tuple[str, str], ...]:
+        return audit.entry_fields(
+            self.context,
+            format_timestamp(time.time()),
+            outcome.entry.job_id,
+            outcome.entry.queue,
+            outcome.verdict.state.value,
+            action,
+            reason,
+        )
+
+    # Overdue jobs ----------------------------------------------------------------------------
+
+    def _stop_jobs(self, outcomes: list[JobOutcome]) -> None:
+        """Ask each live worker to stop its overdue job, wait, then apply the follow-up."""
+        waiting = []
+        for outcome in outcomes:
+            worker, job_id = outcome.entry.worker_name, outcome.entry.job_id
+            if self.actor.send_stop(worker, job_id) == 0:
+                outcome.stop_confirmed = False
+                _set(outcome, ERROR, f"{worker} did not receive the stop command", append=True)
+            else:
+                waiting.append(outcome)
+        statuses = self._wait_until_ended(waiting)
+        follow_ups = []
+        for outcome in waiting:
+            status = statuses.get(outcome.entry.job_id, "started")
+            worker = outcome.entry.worker_name
+            if status == "started":
+                outcome.stop_confirmed = False
+                why = f"{worker} did not stop it within {self.stop_timeout_s:g}s"
+                _set(outcome, ERROR, why, append=True)
+                continue
+            outcome.stop_confirmed = True
+            outcome.reason += f"; stopped by {worker} (status now {status})"
+            if status == "stopped" and outcome.verdict.follow_up not in (None, "fail"):
+                follow_ups.append(outcome)
+            else:
+                outcome.outcome = DONE
+        self._follow_up(follow_ups)
+
+    def _wait_until_ended(self, outcomes: list[JobOutcome]) -> dict[str, str]:
+        statuses: dict[str, str] = {}
+        deadline = time.monotonic() + self.stop_timeout_s
+        pending = [o.entry.job_id for o in outcomes]
+        while pending:
+            pipe = self.conn.pipeline(transaction=False)
+            for job_id in pending:
+                pipe.hget(self.keys.job(job_id), "status")
+            for job_id, status in zip(pending, pipe.execute(), strict=True):
+                statuses[job_id] = status.decode() if status else "missing"
+            pending = [j for j in pending if statuses[j] == "started"]
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(STOP_POLL_S)
+            self.renew_locks()
+        return statuses
+
+    def _follow_up(self, outcomes: list[JobOutcome]) -> None:
+        """Apply the policy's action to stopped jobs (RQ files them as failed)."""
+        if not outcomes:
+            return
+        pipe = self.conn.pipeline(transaction=False)
+        for o in outcomes:
+            pipe.hmget(self.keys.job(o.entry.job_id), "status", "last_heartbeat", "retries_left")
+        changes = []
+        for o, fields in zip(outcomes, pipe.execute(), strict=True):
+            names = ("status", "last_heartbeat", "retries_left")
+            expect = {k: v.decode() for k, v in zip(names, fields, strict=True) if v is not None}
+            origin = (o.entry.job or {}).get("origin") or o.entry.queue
+            o.action = o.verdict.follow_up or "fail"
+            changes.append(
+                JobChange(
+                    action=o.action,
+                    queue=origin,
+                    job_id=o.entry.job_id,
+                    member=o.entry.job_id.encode(),
+                    execution_id=None,
+                    source=self.keys.failed(origin),
+                    expect=expect,
+                    expect_execution_heartbeat="",
+                    worker=o.entry.worker_name,
+                    audit=self._audit_fields(o, o.action, o.reason),
+                )
+            )
+        for o, result in zip(outcomes, self._apply_reconciled(outcomes, changes), strict=True):
+            if result is not None:
+                _record(o, result)
+
+    # Workers and the audit trail -------------------------------------------------------------
+
+    def _deregister(self, worker: WorkerOutcome) -> None:
+        result = self.actor.deregister_worker(worker.worker, self.run.now)
+        if result.done:
+            worker.outcome = DONE
+        elif result.error:
+            worker.outcome, worker.reason = ERROR, result.detail
+        else:
+            worker.outcome, worker.reason = SKIPPED, result.detail
+        log.info(
+            "worker=%s action=remove-registration outcome=%s", worker.worker.name, worker.outcome
+        )
+
+    def _audit_the_rest(self) -> None:
+        """Audit what the change scripts did not: stops, skips, errors, workers."""
+        entries = []
+        for job in self.run.jobs:
+            stopped = job.stop_confirmed is not None and job.outcome == DONE
+            if job.outcome in (SKIPPED, ERROR) or (stopped and job.action == ACTION_STOP):
+                fields = self._audit_fields(job, job.action, job.reason)
+                entries.append((fields, job.outcome, ""))
+        for w in self.run.workers:
+            if w.outcome in (DONE, SKIPPED, ERROR):
+                fields = audit.entry_fields(
+                    self.context,
+                    format_timestamp(time.time()),
+                    "",
+                    "",
+                    "dead-worker",
+                    w.action,
+                    f"{w.worker.name}: {w.reason}",
+                )
+                entries.append((fields, w.outcome, ""))
+        audit.append(self.conn, entries)
+
+    def _give_up(self) -> None:
+        """Redis went away outside a reconciled batch: report what was not done."""
+        self.run.redis_lost = True
+        for job in self.run.jobs:
+            if job.outcome == PLANNED and not job.rule.dry_run:
+                _set(job, ERROR, "not acted on: lost the connection to Redis")
+        for worker in self.run.workers:
+            if worker.outcome == PLANNED and not worker.dry_run:
+                worker.outcome = ERROR
+                worker.reason = "not acted on: lost the connection to Redis"
+
+
+def failure_reason(run: Run, verdict: Verdict) -> str:
+    """The failure text RQ will show for a job opsctl failed."""
+    s = verdict.signals
+    parts = [f"Failed by opsctl (run {run.run_id}): {verdict.state.value}: {verdict.reason}"]
+    if s.age_s is not None:
+        parts.append(f"started {s.age_s:.0f}s ago")
+    if s.heartbeat_age_s is not None:
+        parts.append(f"last heartbeat {s.heartbeat_age_s:.0f}s ago")
+    if s.worker:
+        parts.append(f"worker {s.worker} ({'live' if s.worker_alive else 'dead'})")
+    if s.timeout_s is not None:
+        parts.append(f"timeout {s.timeout_s}s")
+    return "; ".join(parts)
+
+
+def _retry_interval(job: dict[str, str], retries_left: int | None) -> int | None:
+    """Seconds until RQ would retry the job, or None when it has no retries left.
+
+    RQ walks its list of intervals from the end as retries run out, and reuses
+    the first one when there are more retries than intervals.
+    """
+    if not retries_left or retries_left <= 0:
+        return None
+    try:
+        intervals = json.loads(job.get("retry_intervals") or "null")
+    except ValueError:
+        intervals = None
+    if not isinstance(intervals, list) or not intervals:
+        return 0
+    value = intervals[max(len(intervals) - retries_left, 0)]
+    return int(value) if isinstance(value, (int, float)) else 0
+
+
+def _failure_ttl(job: dict[str, str]) -> int:
+    ttl = parse_int(job.get("failure_ttl"))
+    return DEFAULT_FAILURE_TTL_S if ttl is None else ttl
+
+
+def _set(outcome: JobOutcome, result: str, why: str, append: bool = False) -> None:
+    outcome.outcome = result
+    outcome.reason = f"{outcome.reason}; {why}" if append else why
+
+
+def _record(outcome: JobOutcome, result: ChangeResult) -> None:
+    if result.done:
+        outcome.outcome = DONE
+        if result.detail not in _PLAIN_DETAILS:
+            outcome.reason = f"{outcome.reason}; {result.detail}"
+        if result.rescues:
+            outcome.reason += f"; requeued by opsctl {result.rescues} time(s) so far"
+    elif result.error:
+        _set(outcome, ERROR, result.detail)
+    else:
+        _set(outcome, SKIPPED, f"changed since it was read: {result.detail}")
+    log.info(
+        "queue=%s job=%s state=%s action=%s outcome=%s",
+        outcome.entry.queue,
+        outcome.entry.job_id,
+        outcome.verdict.state.value,
+        outcome.action,
+        outcome.outcome,
+    )
+
+
+def _enqueue_dependents(conn: redis.Redis, keys: Keys, outcome: JobOutcome) -> None:
+    """Let RQ enqueue the dependents a failure releases, as RQ does after a failure.
+
+    RQ's dependency rules (allow_dependency_failures, several parents) live in
+    its own code; opsctl calls it rather than re-implementing them. That code
+    loads the job records involved the way RQ does, including their ``meta``.
+    """
+    if keys.prefix != "rq":
+        outcome.reason += "; dependents left deferred (custom key prefix)"
+        return
+    from rq.job import Job
+    from rq.queue import Queue
+
+    try:
+        job = Job.fetch(outcome.entry.job_id, connection=conn)
+        Queue(job.origin, connection=conn).enqueue_dependents(job)
+    except Exception as exc:  # RQ raises many kinds; the failure itself is done
+        log.warning("job=%s dependents_not_enqueued error=%s", outcome.entry.job_id, exc)
+        outcome.reason += f"; dependents not enqueued: {exc}"
+
+
+__all__ = ["Executor", "failure_reason"]

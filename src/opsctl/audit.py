@@ -1,0 +1,78 @@
+"""The audit trail: every action a run takes, in a capped Redis stream.
+
+Each entry of ``opsctl:audit`` holds the run id, time, host, policy hash,
+job, queue, state, action, outcome and reason. A successful change writes its
+entry in the same atomic script as the change itself, so the trail never
+misses an action that happened; skipped and failed attempts are appended
+after. Dry runs write nothing.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+AUDIT_STREAM = "opsctl:audit"
+#: Approximate number of entries kept; older ones are trimmed.
+AUDIT_MAXLEN = 100_000
+
+
+@dataclass(frozen=True)
+class AuditContext:
+    """What every entry of one run shares."""
+
+    run_id: str
+    policy_digest: str
+    host: str = socket.gethostname()
+
+
+def entry_fields(
+    context: AuditContext, time_iso: str, job: str, queue: str, state: str, action: str, reason: str
+) -> tuple[tuple[str, str], ...]:
+    """The fields of one audit entry, before its outcome is known."""
+    return (
+        ("run_id", context.run_id),
+        ("time", time_iso),
+        ("host", context.host),
+        ("policy", context.policy_digest),
+        ("job", job),
+        ("queue", queue),
+        ("state", state),
+        ("action", action),
+        ("reason", reason),
+    )
+
+
+def append(conn: redis.Redis, entries: list[tuple[tuple[tuple[str, str], ...], str, str]]) -> None:
+    """Append (fields, outcome, detail) entries in one round trip."""
+    if not entries:
+        return
+    pipe = conn.pipeline(transaction=False)
+    for fields, outcome, detail in entries:
+        data: dict[Any, Any] = dict(fields)
+        data["outcome"], data["detail"] = outcome, detail
+        pipe.xadd(AUDIT_STREAM, data, maxlen=AUDIT_MAXLEN, approximate=True)
+    pipe.execute()
+
+
+def history(
+    conn: redis.Redis, run_id: str | None = None, job_id: str | None = None, limit: int = 10_000
+) -> list[dict[str, str]]:
+    """Audit entries, oldest first, filtered by run and job; each with its stream id."""
+    found = []
+    replies: list[tuple[bytes, dict[bytes, bytes]]] = conn.xrevrange(  # type: ignore[assignment]
+        AUDIT_STREAM, count=limit
+    )
+    for entry_id, fields in replies:
+        entry = {k.decode(): v.decode("utf-8", "replace") for k, v in fields.items()}
+        if run_id and entry.get("run_id") != run_id:
+            continue
+        if job_id and entry.get("job") != job_id:
+            continue
+        entry["id"] = entry_id.decode()
+        found.append(entry)
+    found.reverse()
+    return found

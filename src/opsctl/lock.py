@@ -1,0 +1,122 @@
+"""Locks that keep opsctl runs, and RQ's own registry cleaning, out of each other's way.
+
+Two kinds, both plain Redis strings holding an owner token with an expiry:
+
+- the run lock (``opsctl:lock``): one ``opsctl apply`` at a time per Redis. If
+  its holder dies the expiry frees it; a live holder renews it as it works.
+- RQ's maintenance lock for a queue (``<prefix>:clean_registries:<queue>``):
+  the key RQ's workers take before cleaning that queue's registries. opsctl
+  takes it while acting on the queue, so a worker's cleanup and opsctl never
+  handle the same job at once. RQ skips a queue whose lock is taken.
+
+Only the owner releases or renews a lock: a script compares the token first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis
+
+from opsctl.errors import ExitCode, OpsctlError
+
+log = logging.getLogger(__name__)
+
+RUN_LOCK_KEY = "opsctl:lock"
+#: Seconds a run lock lives without renewal: a dead holder frees it this soon.
+RUN_LOCK_TTL_S = 60
+#: Seconds opsctl holds a queue's maintenance lock without renewal.
+MAINTENANCE_LOCK_TTL_S = 60
+POLL_S = 0.1
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+class LockTimeout(OpsctlError):
+    """Raised when another opsctl run holds the run lock past --lock-timeout."""
+
+    exit_code = ExitCode.LOCKED
+
+
+def owner_token(run_id: str) -> str:
+    """A token naming this process, so a held lock says who holds it."""
+    return (
+        f"opsctl run={run_id} host={socket.gethostname()} pid={os.getpid()} {uuid.uuid4().hex[:8]}"
+    )
+
+
+class Lock:
+    """One owner-checked lock with an expiry."""
+
+    def __init__(self, conn: redis.Redis, key: str, token: str, ttl_s: int) -> None:
+        self.conn, self.key, self.token, self.ttl_s = conn, key, token, ttl_s
+        self._release = conn.register_script(_RELEASE)
+        self._renew = conn.register_script(_RENEW)
+
+    def try_acquire(self) -> bool:
+        return bool(self.conn.set(self.key, self.token, nx=True, ex=self.ttl_s))
+
+    def acquire(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the lock; whether it was taken."""
+        deadline = time.monotonic() + timeout_s
+        while not self.try_acquire():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_S)
+        return True
+
+    def holder(self) -> str:
+        value = self.conn.get(self.key)
+        if isinstance(value, bytes):
+            return value.decode("utf-8", "replace")
+        return value or "nobody"
+
+    def renew(self) -> bool:
+        """Push the expiry back; False when the lock is no longer ours."""
+        return bool(self._renew(keys=[self.key], args=[self.token, self.ttl_s]))
+
+    def release(self) -> None:
+        try:
+            self._release(keys=[self.key], args=[self.token])
+        except redis.RedisError as exc:
+            # The expiry frees it; nothing else to do.
+            log.warning("lock=%s release_failed error=%s", self.key, exc)
+
+
+@contextmanager
+def run_lock(conn: redis.Redis, run_id: str, timeout_s: float) -> Iterator[Lock]:
+    """Hold the run lock for the body, waiting up to ``timeout_s`` for it."""
+    lock = Lock(conn, RUN_LOCK_KEY, owner_token(run_id), RUN_LOCK_TTL_S)
+    if not lock.acquire(timeout_s):
+        raise LockTimeout(
+            f"another opsctl run holds the lock ({lock.holder()}); waited {timeout_s:g}s. "
+            "Try again when it has finished, or raise --lock-timeout."
+        )
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def maintenance_lock(conn: redis.Redis, prefix: str, queue: str, run_id: str) -> Lock:
+    """RQ's registry-cleaning lock for ``queue``, in opsctl's name."""
+    key = f"{prefix}:clean_registries:{queue}"
+    return Lock(conn, key, owner_token(run_id), MAINTENANCE_LOCK_TTL_S)

@@ -1,0 +1,221 @@
+"""Reviewed plans: the exact actions of a run, written to a file and applied later.
+
+``opsctl plan`` writes every intended action with the state each job was in
+when it was read. ``opsctl apply --plan`` acts on exactly those jobs and no
+others; each change's atomic re-check compares against the state recorded in
+the plan, so a job that changed in between (finished, heartbeat, retried) is
+skipped. A plan names the Redis it was made for and when, and is refused
+elsewhere or once it is older than the allowed age.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+
+from opsctl.engine import Signals, State, Verdict
+from opsctl.errors import ExitCode, OpsctlError, UsageError
+from opsctl.model import StartedEntry, WorkerRecord, format_timestamp
+from opsctl.policy import Limits, Rule
+from opsctl.run import PLANNED, JobOutcome, QueuePlan, Run, WorkerOutcome
+
+FORMAT = "opsctl-plan"
+VERSION = 1
+#: Plan files larger than this are refused unread.
+MAX_PLAN_BYTES = 256 * 1024 * 1024
+
+
+class PlanError(OpsctlError):
+    """Raised when a plan file cannot be read, or does not fit this Redis or this time."""
+
+    exit_code = ExitCode.INVALID
+
+
+def server_identity(conn: redis.Redis, url: str) -> str:
+    """What tells this Redis server from another: its run id, else its address."""
+    try:
+        info = conn.info("server")
+        return f"run_id={info['run_id']}"
+    except (redis.ResponseError, KeyError):
+        parts = urlsplit(url)
+        return f"address={parts.hostname or parts.path}:{parts.port or ''}{parts.path}"
+
+
+def write(
+    path: str, run: Run, identity: str, redis_url: str, policy: tuple[str, str], key_prefix: str
+) -> int:
+    """Write the planned actions of ``run`` to ``path`` atomically; how many jobs it holds."""
+    jobs = [_job(j) for j in run.jobs if j.outcome == PLANNED]
+    document = {
+        "format": FORMAT,
+        "version": VERSION,
+        "run_id": run.run_id,
+        "created_at": format_timestamp(run.now),
+        "created_at_epoch": run.now,
+        "redis": {"url": redis_url, "identity": identity},
+        "key_prefix": key_prefix,
+        "policy": {"path": policy[0], "sha256": policy[1]},
+        "limits_tripped": run.limits_tripped,
+        "queues": [
+            {"name": q.name, "rule": _rule(q.rule), "inspected": q.inspected} for q in run.queues
+        ],
+        "jobs": jobs,
+        "workers": [_worker(w) for w in run.workers if not w.dry_run],
+    }
+    _write_atomically(path, json.dumps(document, indent=2))
+    return len(jobs)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    target = Path(path)
+    if target.exists() and not target.is_file():
+        raise UsageError(
+            f"--output {path!r} exists and is not a regular file; refusing to replace it"
+        )
+    directory = target.parent if str(target.parent) else Path(".")
+    fd, temp = tempfile.mkstemp(prefix=".opsctl-plan-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text + "\n")
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def read(path: str, identity: str, now: float, max_age_s: int, digest: str | None) -> Run:
+    """The run a plan file describes, checked against this Redis and this moment."""
+    document = _load(path)
+    try:
+        return _checked_run(path, document, identity, now, max_age_s, digest)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise PlanError(f"plan {path!r} is damaged: {exc.__class__.__name__}: {exc}") from None
+
+
+def _checked_run(
+    path: str,
+    document: dict[str, Any],
+    identity: str,
+    now: float,
+    max_age_s: int,
+    digest: str | None,
+) -> Run:
+    recorded = document["redis"]["identity"]
+    if recorded != identity:
+        raise PlanError(
+            f"plan {path!r} was made for another Redis ({recorded}); this one is {identity}"
+        )
+    age = now - float(document["created_at_epoch"])
+    if age > max_age_s:
+        raise PlanError(
+            f"plan {path!r} is {age:.0f}s old, over --max-plan-age {max_age_s}s; make a new one"
+        )
+    if digest is not None and digest != document["policy"]["sha256"]:
+        raise PlanError(f"plan {path!r} was made from another version of the policy file")
+    queues = [QueuePlan(q["name"], _unrule(q["rule"]), q["inspected"]) for q in document["queues"]]
+    run = Run(run_id=document["run_id"], dry_run=False, now=now, queues=queues)
+    run.jobs = [_unjob(j) for j in document["jobs"]]
+    run.workers = [_unworker(w) for w in document["workers"]]
+    run.limits_tripped = list(document.get("limits_tripped", []))
+    return run
+
+
+def _load(path: str) -> dict[str, Any]:
+    try:
+        if Path(path).stat().st_size > MAX_PLAN_BYTES:
+            raise PlanError(f"plan {path!r} is larger than any plan opsctl writes")
+        document = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise PlanError(f"cannot read plan {path!r}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise PlanError(f"plan {path!r} is not valid JSON: {exc}") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise PlanError(f"{path!r} is not an opsctl plan file")
+    if document.get("version") != VERSION:
+        raise PlanError(
+            f"plan {path!r} has version {document.get('version')!r}; this opsctl reads {VERSION}"
+        )
+    return document
+
+
+def _rule(rule: Rule) -> dict[str, Any]:
+    return asdict(rule)
+
+
+def _unrule(data: dict[str, Any]) -> Rule:
+    limits = data.pop("limits", None)
+    return Rule(**data, limits=Limits(**limits) if limits else None)
+
+
+def _member_text(member: bytes) -> str:
+    return member.decode("utf-8", "surrogateescape")
+
+
+def _job(j: JobOutcome) -> dict[str, Any]:
+    e, v = j.entry, j.verdict
+    return {
+        "queue": e.queue,
+        "member": _member_text(e.member),
+        "job_id": e.job_id,
+        "execution_id": e.execution_id,
+        "score": e.score if e.score not in (float("inf"), float("-inf")) else str(e.score),
+        "job": e.job,
+        "execution": e.execution,
+        "state": v.state.value,
+        "action": j.action,
+        "follow_up": v.follow_up,
+        "reason": j.reason,
+        "signals": asdict(v.signals),
+        "rule": _rule(j.rule),
+    }
+
+
+def _unjob(data: dict[str, Any]) -> JobOutcome:
+    score = data["score"]
+    entry = StartedEntry(
+        queue=data["queue"],
+        member=data["member"].encode("utf-8", "surrogateescape"),
+        job_id=data["job_id"],
+        execution_id=data["execution_id"],
+        score=float(score),
+        job=data["job"],
+        execution=data["execution"],
+    )
+    verdict = Verdict(
+        state=State(data["state"]),
+        action=data["action"],
+        reason=data["reason"],
+        signals=Signals(**data["signals"]),
+        follow_up=data["follow_up"],
+    )
+    return JobOutcome(
+        entry, verdict, _unrule(data["rule"]), data["action"], PLANNED, data["reason"]
+    )
+
+
+def _worker(w: WorkerOutcome) -> dict[str, Any]:
+    r = w.worker
+    return {
+        "name": r.name,
+        "exists": r.exists,
+        "fields": r.fields,
+        "registered_in": sorted(r.registered_in),
+        "evidence": w.evidence,
+    }
+
+
+def _unworker(data: dict[str, Any]) -> WorkerOutcome:
+    record = WorkerRecord(
+        name=data["name"],
+        exists=data["exists"],
+        fields=data["fields"],
+        registered_in=frozenset(data["registered_in"]),
+    )
+    return WorkerOutcome(record, data["evidence"], PLANNED, data["evidence"])
