@@ -91,9 +91,11 @@ class Executor:
             return
         self._held.append(lock)
         try:
+            # Split first: a stopped job's action becomes its follow-up.
             stops = [o for o in outcomes if o.action == ACTION_STOP]
+            changes = [o for o in outcomes if o.action != ACTION_STOP]
             self._stop_jobs(stops)
-            self._change_jobs([o for o in outcomes if o.action != ACTION_STOP])
+            self._change_jobs(changes)
         finally:
             self._held.remove(lock)
             lock.release()

@@ -40,7 +40,7 @@ from opsctl.policy import (
     validate_files,
 )
 from opsctl.run import Overrides, Run, new_run_id, plan
-from opsctl.state import server_time
+from opsctl.state import server_time, with_retries
 
 log = logging.getLogger("opsctl")
 
@@ -295,9 +295,9 @@ class Job:
         run_id = new_run_id()
         dry = self.overrides.dry_run
         if dry if dry is not None else policy.defaults.dry_run:
-            return plan(conn, keys, policy, self.overrides, run_id=run_id)
+            return with_retries(lambda: plan(conn, keys, policy, self.overrides, run_id=run_id))
         with run_lock(conn, run_id, self.lock_timeout_s) as lock:
-            run = plan(conn, keys, policy, self.overrides, run_id=run_id)
+            run = with_retries(lambda: plan(conn, keys, policy, self.overrides, run_id=run_id))
             self._execute(conn, keys, run, policy.digest, lock)
         return run
 
@@ -312,7 +312,7 @@ class Job:
 
     def write_plan(self, policy: Policy, path: str) -> tuple[Run, int]:
         conn = connect(self.url, self.timeout_s)
-        run = plan(conn, Keys(policy.key_prefix), policy, self.overrides)
+        run = with_retries(lambda: plan(conn, Keys(policy.key_prefix), policy, self.overrides))
         identity = planfile.server_identity(conn, self.url)
         where = (policy.path, policy.digest)
         count = planfile.write(path, run, identity, mask_url(self.url), where, policy.key_prefix)

@@ -170,9 +170,9 @@ def _held(rule: Rule, signals: Signals) -> Verdict:
         reason = "age unknown (no readable started_at); never acted on by age"
         return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
     if age > rule.max_age_seconds:
-        reason = f"running {age:.0f}s, over max_age {rule.max_age_seconds}s"
+        reason = f"running {age:.1f}s, over max_age {rule.max_age_seconds}s"
         return Verdict(State.OVERDUE, ACTION_STOP, reason, signals, rule.action)
-    reason = f"running {age:.0f}s, within max_age {rule.max_age_seconds}s"
+    reason = f"running {age:.1f}s, within max_age {rule.max_age_seconds}s"
     return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
 
 

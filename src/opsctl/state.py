@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis
 
@@ -37,6 +38,27 @@ class Snapshot:
     problems: list[str] = field(default_factory=list)
 
 
+#: Waits before each further attempt of a read that failed on the connection.
+READ_BACKOFF_S = (0.2, 0.5, 1.0)
+
+T = TypeVar("T")
+
+
+def with_retries(read: Callable[[], T]) -> T:
+    """Run a read-only step, repeating it with backoff if the connection drops.
+
+    Only reads go through here: repeating them is always safe. Changes are
+    never repeated blindly; see :mod:`opsctl.apply`.
+    """
+    for wait_s in READ_BACKOFF_S:
+        try:
+            return read()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("read_failed retry_in=%ss error=%s", wait_s, exc)
+            time.sleep(wait_s)
+    return read()
+
+
 def text(value: bytes | str | None) -> str:
     """Decode a Redis value for display and comparison, never failing."""
     if value is None:
@@ -53,13 +75,16 @@ def server_time(conn: redis.Redis) -> float:
 
 
 def known_queues(conn: redis.Redis, keys: Keys) -> list[str]:
-    """Queue names RQ knows: its queue set plus every queue with a started registry."""
+    """Queue names RQ knows: its queue set, every queue with a started registry,
+    and every queue with registered workers."""
     names = {
         text(member).removeprefix(keys.queue_key_prefix) for member in conn.smembers(keys.queues)
     }
-    started_prefix = keys.started("")
-    for key in conn.scan_iter(match=f"{_glob_escape(started_prefix)}*", count=1000):
-        names.add(text(key).removeprefix(started_prefix))
+    # A queue may show only as a started registry, or only through the
+    # workers that serve it.
+    for prefix in (keys.started(""), keys.queue_workers("")):
+        for key in conn.scan_iter(match=f"{_glob_escape(prefix)}*", count=1000):
+            names.add(text(key).removeprefix(prefix))
     return sorted(n for n in names if n)
 
 

@@ -1,0 +1,38 @@
+# Developer and CI entry points. `make test` and `make demo` need only Python 3.10+ and make:
+# they build their own virtual environment in .venv first.
+
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Touched after a successful install; older than pyproject.toml means "install again".
+STAMP := $(VENV)/.stamp
+PYTEST_ARGS ?=
+
+.PHONY: venv fmt lint test demo
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+fmt: venv
+	$(BIN)/ruff format
+
+lint: venv
+	$(BIN)/ruff format --check
+	$(BIN)/ruff check
+	$(BIN)/mypy
+
+# pytest exits 5 when it collected no tests: the suite is broken, so that fails too.
+test: venv lint
+	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then \
+		echo "make test: pytest collected no tests (exit 5): the test suite is broken" >&2; \
+	fi; \
+	exit $$rc
+
+demo: venv
+	$(BIN)/python demo/run_demo.py

@@ -1,0 +1,28 @@
+"""Job functions that the suite's real `rq worker` processes import.
+
+Workers are started with `--path tests/`, so jobs are enqueued by the dotted name
+`jobs.<function>` and the module must stay free of imports from the test suite.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def sleep_for(seconds: float) -> str:
+    """Sleep for `seconds`, then return a short text saying how long it slept.
+
+    The long-running stand-in for a real job: tests kill, stop or wait for it.
+    """
+    time.sleep(seconds)
+    return f"slept {seconds}s"
+
+
+def quick() -> str:
+    """Return at once; the job that a healthy worker finishes normally."""
+    return "done"
+
+
+def boom() -> None:
+    """Raise RuntimeError, so the worker records the job as failed."""
+    raise RuntimeError("boom: this job always fails")

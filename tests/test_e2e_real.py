@@ -1,0 +1,449 @@
+"""opsctl end to end: a private redis-server, real `rq worker` processes, the real CLI.
+
+Each test builds a situation with real workers (killed, slow, healthy), runs
+`python -m opsctl apply POLICY --redis-url URL --format json`, reads the JSON report, and
+then checks the end state through RQ's own API, the way an RQ user would see it. Registry
+reads always pass `cleanup=False`: RQ's cleanup would itself change what is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from rq.registry import (
+    CanceledJobRegistry,
+    DeferredJobRegistry,
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    ScheduledJobRegistry,
+    StartedJobRegistry,
+)
+from rq.worker_registration import get_keys
+
+from conftest import WorkerFactory, WorkerProcess, clean_env, job_status, wait_for_status
+
+pytestmark = pytest.mark.redis_server
+
+SRC_DIR = Path(__file__).resolve().parents[1] / "src"
+
+QUEUE = "e2e"
+SLOW_QUEUE = "e2e-slow"
+
+# Seconds a job may take to reach the status a test waits for.
+STATUS_TIMEOUT_S = 10
+
+
+# --- running opsctl -----------------------------------------------------------------------
+
+
+def run_opsctl(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m opsctl ARGS` with this checkout's code; capture its output."""
+    env = clean_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC_DIR), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "opsctl", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def apply(policy: Path, redis_url: str, *extra: str) -> dict[str, Any]:
+    """`opsctl apply` with a JSON report; the parsed report, after checking it exited 0."""
+    result = run_opsctl("apply", str(policy), "--redis-url", redis_url, "--format", "json", *extra)
+    assert result.returncode == 0, (
+        f"opsctl apply exited {result.returncode}\n"
+        f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    )
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def write_policy(
+    tmp_path: Path,
+    *,
+    action: str = "fail",
+    max_age: str = "10m",
+    queues: dict[str, str] | None = None,
+) -> Path:
+    """A policy for QUEUE with `action` and `max_age`; `queues` adds name: max_age entries."""
+    lines = ["version: 1", "defaults:", f"  max_age: {max_age}", f"  action: {action}"]
+    lines += ["queues:", f"  - name: {QUEUE}"]
+    for name, queue_max_age in (queues or {}).items():
+        lines += [f"  - name: {name}", f"    max_age: {queue_max_age}"]
+    path = tmp_path / f"policy-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def job_line(report: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """The report's one line about `job_id`."""
+    lines: list[dict[str, Any]] = [line for line in report["jobs"] if line["id"] == job_id]
+    assert len(lines) == 1, f"expected one line for job {job_id}: {json.dumps(report, indent=2)}"
+    return lines[0]
+
+
+def show(value: Any) -> str:
+    """A report line in full, for assertion messages (pytest shortens dicts)."""
+    return json.dumps(value, indent=2)
+
+
+# --- building situations ------------------------------------------------------------------
+
+
+def start_job(
+    rq_workers: WorkerFactory,
+    conn: redis.Redis,
+    queue: str,
+    seconds: float,
+    **worker_options: Any,
+) -> tuple[WorkerProcess, Job]:
+    """A worker on `queue` that has started `sleep_for(seconds)`."""
+    worker = rq_workers.start([queue], **worker_options)
+    job = Queue(queue, connection=conn).enqueue("jobs.sleep_for", seconds)
+    assert wait_for_status(conn, job.id, "started", STATUS_TIMEOUT_S) == "started"
+    return worker, job
+
+
+def abandon_job(rq_workers: WorkerFactory, conn: redis.Redis, seconds: float = 30) -> Job:
+    """A job whose worker and work horse were SIGKILLed while it ran."""
+    worker, job = start_job(rq_workers, conn, QUEUE, seconds)
+    assert worker.kill(), "the worker had a work horse running the job"
+    assert job_status(conn, job.id) == "started"
+    return job
+
+
+def add_orphan_entry(conn: redis.Redis, queue: str) -> str:
+    """A started-registry entry whose job hash does not exist; its job id."""
+    job_id = str(uuid.uuid4())
+    lease_end = int(time.time()) + 60
+    conn.zadd(f"rq:wip:{queue}", {f"{job_id}:{uuid.uuid4().hex}": lease_end})
+    return job_id
+
+
+def started_ids(conn: redis.Redis, queue: str = QUEUE) -> list[str]:
+    """Job ids in the queue's started registry, read without RQ's cleanup."""
+    registry = StartedJobRegistry(queue, connection=conn)
+    return [job_id for job_id, _ in registry.get_job_and_execution_ids(cleanup=False)]
+
+
+def failed_ids(conn: redis.Redis, queue: str = QUEUE) -> list[str]:
+    """Job ids in the queue's failed registry, read without RQ's cleanup."""
+    return FailedJobRegistry(queue, connection=conn).get_job_ids(cleanup=False)
+
+
+def redis_state(conn: redis.Redis) -> dict[bytes, tuple[bytes | None, bool]]:
+    """Every key with its DUMP and whether it has a TTL: equal states mean no change."""
+    return {key: (conn.dump(key), conn.pttl(key) >= 0) for key in conn.scan_iter(count=1000)}
+
+
+# --- abandoned: the worker died mid-job ---------------------------------------------------
+
+
+def test_job_of_killed_worker_is_abandoned_and_failed_with_a_reason(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = abandon_job(rq_workers, redis_conn)
+
+    report = apply(write_policy(tmp_path, action="fail"), redis_url)
+
+    line = job_line(report, job.id)
+    assert (line["state"], line["action"], line["outcome"]) == ("abandoned", "fail", "done"), show(
+        line
+    )
+    assert job_status(redis_conn, job.id) == "failed"
+    assert job.id in failed_ids(redis_conn)
+    assert job.id not in started_ids(redis_conn)
+    result = Job.fetch(job.id, connection=redis_conn).latest_result()
+    assert result is not None and "opsctl" in (result.exc_string or "")
+
+
+def test_job_of_killed_worker_is_requeued_and_a_new_worker_runs_it_to_the_end(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = abandon_job(rq_workers, redis_conn, seconds=1.5)
+
+    report = apply(write_policy(tmp_path, action="requeue"), redis_url)
+
+    line = job_line(report, job.id)
+    assert (line["state"], line["action"], line["outcome"]) == ("abandoned", "requeue", "done"), (
+        show(line)
+    )
+    assert job_status(redis_conn, job.id) == "queued"
+    assert job.id in Queue(QUEUE, connection=redis_conn).get_job_ids()
+    assert job.id not in started_ids(redis_conn)
+
+    rq_workers.start([QUEUE])
+    assert wait_for_status(redis_conn, job.id, "finished", STATUS_TIMEOUT_S) == "finished"
+    result = Job.fetch(job.id, connection=redis_conn).latest_result()
+    assert result is not None and result.return_value == "slept 1.5s"
+
+
+def test_job_of_killed_worker_is_canceled(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = abandon_job(rq_workers, redis_conn)
+
+    report = apply(write_policy(tmp_path, action="cancel"), redis_url)
+
+    line = job_line(report, job.id)
+    assert (line["state"], line["action"], line["outcome"]) == ("abandoned", "cancel", "done"), (
+        show(line)
+    )
+    assert job_status(redis_conn, job.id) == "canceled"
+    canceled = CanceledJobRegistry(QUEUE, connection=redis_conn).get_job_ids(cleanup=False)
+    assert job.id in canceled
+    assert job.id not in started_ids(redis_conn)
+
+
+def test_job_of_killed_worker_is_deleted_without_a_trace(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = abandon_job(rq_workers, redis_conn)
+
+    report = apply(write_policy(tmp_path, action="delete"), redis_url)
+
+    line = job_line(report, job.id)
+    assert (line["state"], line["action"], line["outcome"]) == ("abandoned", "delete", "done"), (
+        show(line)
+    )
+    with pytest.raises(NoSuchJobError):
+        Job.fetch(job.id, connection=redis_conn)
+    assert_held_by_no_registry(redis_conn, job.id)
+    keys = [key for key in redis_conn.scan_iter(count=1000) if job.id.encode() in key]
+    assert keys == [], "no key names the deleted job"
+
+
+def assert_held_by_no_registry(conn: redis.Redis, job_id: str) -> None:
+    """The job is in no registry of QUEUE and not waiting on it."""
+    registries = [
+        StartedJobRegistry,
+        FinishedJobRegistry,
+        FailedJobRegistry,
+        CanceledJobRegistry,
+        DeferredJobRegistry,
+        ScheduledJobRegistry,
+    ]
+    for registry_class in registries:
+        registry = registry_class(QUEUE, connection=conn)
+        assert job_id not in registry.get_job_ids(cleanup=False), registry_class.__name__
+    assert job_id not in Queue(QUEUE, connection=conn).get_job_ids()
+
+
+# --- overdue and running: the worker is alive ---------------------------------------------
+
+
+def stopped_then_failed(conn: redis.Redis, job_id: str) -> None:
+    assert job_status(conn, job_id) == "stopped"
+    assert job_id in failed_ids(conn)
+
+
+def stopped_then_requeued(conn: redis.Redis, job_id: str) -> None:
+    assert job_status(conn, job_id) == "queued"
+    assert job_id in Queue(QUEUE, connection=conn).get_job_ids()
+    assert job_id not in failed_ids(conn)
+
+
+def stopped_then_canceled(conn: redis.Redis, job_id: str) -> None:
+    assert job_status(conn, job_id) == "canceled"
+    assert job_id in CanceledJobRegistry(QUEUE, connection=conn).get_job_ids(cleanup=False)
+    assert job_id not in failed_ids(conn)
+
+
+def stopped_then_deleted(conn: redis.Redis, job_id: str) -> None:
+    with pytest.raises(NoSuchJobError):
+        Job.fetch(job_id, connection=conn)
+    assert_held_by_no_registry(conn, job_id)
+
+
+@pytest.mark.parametrize(
+    ("action", "check_end_state"),
+    [
+        ("fail", stopped_then_failed),
+        ("requeue", stopped_then_requeued),
+        ("cancel", stopped_then_canceled),
+        ("delete", stopped_then_deleted),
+    ],
+)
+def test_overdue_job_is_stopped_by_its_live_worker_then_gets_the_policy_action(
+    action: str,
+    check_end_state: Any,
+    rq_workers: WorkerFactory,
+    redis_conn: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    # After a requeue the worker would take the job again; one job and it exits instead.
+    extra = ["--max-jobs", "1"] if action == "requeue" else []
+    worker, job = start_job(rq_workers, redis_conn, QUEUE, 60, extra=extra)
+    time.sleep(1.5)  # past max_age 1s
+
+    report = apply(write_policy(tmp_path, action=action, max_age="1s"), redis_url)
+
+    line = job_line(report, job.id)
+    assert line["state"] == "overdue"
+    assert line["action"] in ({"stop"} if action == "fail" else {"stop", action})
+    assert line["outcome"] == "done", show(line)
+    assert line["worker"] == worker.name
+    assert line["stop_confirmed"] is True, "the report says the worker confirmed the stop"
+    assert job.id not in started_ids(redis_conn)
+    check_end_state(redis_conn, job.id)
+    if action != "requeue":
+        assert worker.running(), "stopping a job leaves its worker running"
+        assert report["workers"] == []
+
+
+def test_job_within_max_age_is_left_running_and_finishes_normally(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    worker, job = start_job(rq_workers, redis_conn, QUEUE, 2)
+
+    report = apply(write_policy(tmp_path, max_age="10m"), redis_url)
+
+    line = job_line(report, job.id)
+    assert (line["state"], line["action"], line["outcome"]) == ("running", "none", "kept"), show(
+        line
+    )
+    assert line["worker"] == worker.name
+    assert job_status(redis_conn, job.id) == "started"
+    assert job.id in started_ids(redis_conn)
+    assert wait_for_status(redis_conn, job.id, "finished", STATUS_TIMEOUT_S) == "finished"
+    result = Job.fetch(job.id, connection=redis_conn).latest_result()
+    assert result is not None and result.return_value == "slept 2s"
+
+
+# --- entries without a started job ---------------------------------------------------------
+
+
+def test_orphaned_entry_is_removed(redis_conn: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    job_id = add_orphan_entry(redis_conn, QUEUE)
+
+    report = apply(write_policy(tmp_path), redis_url)
+
+    line = job_line(report, job_id)
+    assert (line["state"], line["action"], line["outcome"]) == (
+        "orphaned",
+        "remove-entry",
+        "done",
+    ), show(line)
+    assert redis_conn.zcard(f"rq:wip:{QUEUE}") == 0
+    assert started_ids(redis_conn) == []
+
+
+def test_leftover_entry_of_finished_job_is_removed_and_the_job_stays_finished(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    rq_workers.start([QUEUE])
+    job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.quick")
+    assert wait_for_status(redis_conn, job.id, "finished", STATUS_TIMEOUT_S) == "finished"
+    result = Job.fetch(job.id, connection=redis_conn).latest_result()
+    execution_id = (result.execution_id if result else None) or uuid.uuid4().hex
+    lease_end = int(time.time()) + 60
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {f"{job.id}:{execution_id}": lease_end})
+    assert started_ids(redis_conn) == [job.id]
+
+    report = apply(write_policy(tmp_path), redis_url)
+
+    line = job_line(report, job.id)
+    assert (line["state"], line["action"], line["outcome"]) == (
+        "leftover",
+        "remove-entry",
+        "done",
+    ), show(line)
+    assert started_ids(redis_conn) == []
+    assert job_status(redis_conn, job.id) == "finished"
+    assert job.id in FinishedJobRegistry(QUEUE, connection=redis_conn).get_job_ids(cleanup=False)
+    assert job.id not in failed_ids(redis_conn)
+
+
+# --- runs that must change nothing --------------------------------------------------------
+
+
+def build_mixed_scene(rq_workers: WorkerFactory, conn: redis.Redis) -> dict[str, str]:
+    """An abandoned job, an overdue job on a live worker and an orphaned entry.
+
+    The live worker heartbeats only every 30 s, so for the next half minute nothing but
+    opsctl writes to Redis. Returns the job ids by the state opsctl should find.
+    """
+    abandoned = abandon_job(rq_workers, conn)
+    _, overdue = start_job(rq_workers, conn, SLOW_QUEUE, 60, job_monitoring_interval=30)
+    orphaned = add_orphan_entry(conn, QUEUE)
+    time.sleep(1.5)  # the slow queue's max_age is 1s
+    return {"abandoned": abandoned.id, "overdue": overdue.id, "orphaned": orphaned}
+
+
+def test_dry_run_changes_nothing_in_redis(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    scene = build_mixed_scene(rq_workers, redis_conn)
+    policy = write_policy(tmp_path, queues={SLOW_QUEUE: "1s"})
+    before = redis_state(redis_conn)
+
+    report = apply(policy, redis_url, "--dry-run")
+
+    assert redis_state(redis_conn) == before
+    assert report["dry_run"] is True
+    for state, job_id in scene.items():
+        line = job_line(report, job_id)
+        assert (line["state"], line["outcome"]) == (state, "planned"), show(line)
+    assert report["summary"]["acted"] == 0
+    assert [w["outcome"] for w in report["workers"]] == ["planned"]
+
+
+def test_second_apply_right_after_the_first_changes_nothing(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    abandoned = abandon_job(rq_workers, redis_conn)
+    orphaned = add_orphan_entry(redis_conn, QUEUE)
+    policy = write_policy(tmp_path)
+    first = apply(policy, redis_url)
+    assert first["summary"]["acted"] == 2, first
+    before = redis_state(redis_conn)
+
+    second = apply(policy, redis_url)
+
+    assert redis_state(redis_conn) == before
+    assert second["summary"]["acted"] == 0
+    assert second["summary"]["errors"] == 0
+    assert second["workers"] == []
+    assert {line["id"] for line in second["jobs"]}.isdisjoint({abandoned.id, orphaned})
+    assert job_status(redis_conn, abandoned.id) == "failed"
+
+
+# --- worker registrations -----------------------------------------------------------------
+
+
+def test_dead_worker_registration_is_removed_and_a_live_one_stays(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    dead = rq_workers.start([QUEUE])
+    live = rq_workers.start([QUEUE])
+    job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.quick")
+    assert wait_for_status(redis_conn, job.id, "finished", STATUS_TIMEOUT_S) == "finished"
+    dead.kill()
+    dead_key, live_key = f"rq:worker:{dead.name}", f"rq:worker:{live.name}"
+    assert dead_key in get_keys(connection=redis_conn)
+
+    report = apply(write_policy(tmp_path), redis_url)
+
+    lines = {line["name"]: line for line in report["workers"]}
+    assert set(lines) == {dead.name}, report["workers"]
+    assert lines[dead.name]["alive"] is False
+    assert lines[dead.name]["outcome"] == "done"
+    assert get_keys(connection=redis_conn) == {live_key}
+    assert get_keys(Queue(QUEUE, connection=redis_conn)) == {live_key}
+    assert live.running()
