@@ -90,11 +90,21 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     )
 
 
+#: Exit codes --best-effort turns into 0: what went wrong at run time, never a mistake
+#: in the policy or the command line (2).
+BEST_EFFORT_CODES = (
+    ExitCode.ACTION_FAILED,
+    ExitCode.REDIS_UNAVAILABLE,
+    ExitCode.LIMIT_TRIPPED,
+    ExitCode.LOCKED,
+)
+
+
 def _fail(error: OpsctlError, best_effort: bool = False, url: str | None = None) -> NoReturn:
     message = redact(str(error), url)
     print(f"opsctl: error: {message}", file=sys.stderr)
     code = error.exit_code
-    if best_effort and code in (ExitCode.ACTION_FAILED, ExitCode.REDIS_UNAVAILABLE):
+    if best_effort and code in BEST_EFFORT_CODES:
         print("opsctl: --best-effort: exiting 0 despite the error above", file=sys.stderr)
         raise typer.Exit(ExitCode.OK)
     raise typer.Exit(code)
@@ -240,7 +250,11 @@ def apply(
     output: FormatOpt = Format.text,
     best_effort: Annotated[
         bool,
-        typer.Option("--best-effort", help="Exit 0 even when an action failed or Redis is down."),
+        typer.Option(
+            "--best-effort",
+            help="Exit 0 (after printing the problem) when an action failed, Redis is down, "
+            "a limit tripped or another run holds the lock.",
+        ),
     ] = False,
     stop_timeout: Annotated[
         float, typer.Option("--stop-timeout", help="Seconds to wait for workers to stop jobs.")
@@ -356,7 +370,7 @@ def _exit_for(run: Run, best_effort: bool, url: str) -> None:
         count = report.summary(run)["errors"]
         _fail(OpsctlError(f"{count} action(s) failed; see the report"), best_effort, url)
     if run.limits_tripped and not run.dry_run:
-        _fail(LimitTripped("; ".join(run.limits_tripped) + "; nothing was done"))
+        _fail(LimitTripped("; ".join(run.limits_tripped) + "; nothing was done"), best_effort, url)
 
 
 @app.command("plan")
