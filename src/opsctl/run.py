@@ -105,8 +105,11 @@ def effective_rule(rule: Rule, overrides: Overrides) -> Rule:
         changes["force"] = overrides.force
     if overrides.max_age_seconds is not None:
         changes["max_age_seconds"] = overrides.max_age_seconds
-    if overrides.dry_run is not None:
-        changes["dry_run"] = overrides.dry_run
+    # --dry-run holds the whole run back (Run.dry_run) and leaves each queue's
+    # own setting visible, so caps count what a real run would act on;
+    # --no-dry-run lifts every queue's dry_run.
+    if overrides.dry_run is False:
+        changes["dry_run"] = False
     return replace(rule, **changes)  # type: ignore[arg-type]
 
 
@@ -195,7 +198,7 @@ def _apply_rescue_limits(conn: redis.Redis, run: Run) -> None:
 def _tripped_limits(run: Run, policy: Policy, overrides: Overrides) -> list[str]:
     """Every blast-radius cap this run's planned actions exceed, in words."""
     tripped = []
-    acting = [j for j in run.jobs if j.acts]
+    acting = [j for j in run.jobs if j.acts and not j.rule.dry_run]
     for queue in run.queues:
         limits = queue.rule.limits
         if limits is None:

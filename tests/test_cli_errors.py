@@ -1,0 +1,379 @@
+"""Mistakes and outages as a user meets them on the command line: message and exit code.
+
+Every Redis URL here points at a port on 127.0.0.1 that nothing listens on, so a test
+shows both what opsctl reports and that it never needed a server to report it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+from typer.testing import CliRunner
+
+from conftest import clean_env, free_port
+from opsctl import __version__
+from opsctl.cli import app
+
+TESTS = Path(__file__).resolve().parent
+REPOSITORY = TESTS.parent
+
+#: What `opsctl validate` prints for each problem: FILE:LINE:COL: [path: ]message.
+PROBLEM_LINE = re.compile(r"^(?P<file>[^:]+):(?P<line>\d+):(?P<column>\d+): (?P<rest>\S.*)$")
+
+BAD_DURATION = (
+    "policies/bad_duration.yaml:7:14: queues[0].max_age: '10 minutes' is not a duration "
+    "(use 90s, 10m, 2h or 1d)"
+)
+
+
+@pytest.fixture(autouse=True)
+def in_tests_directory(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Run from tests/, so that messages name files as policies/NAME.yaml."""
+    monkeypatch.chdir(TESTS)
+    yield
+
+
+@pytest.fixture
+def closed_url() -> str:
+    """A Redis URL on 127.0.0.1 where nothing listens."""
+    return f"redis://127.0.0.1:{free_port()}/0"
+
+
+def opsctl(*args: str, env: dict[str, str | None] | None = None) -> Result:
+    """Run the CLI in-process; REDIS_URL is unset unless `env` sets it."""
+    result = CliRunner().invoke(app, list(args), env={"REDIS_URL": None, **(env or {})})
+    assert "Traceback" not in result.output, result.output
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def python_m_opsctl(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m opsctl` as a separate process, without REDIS_* or RQ_* variables."""
+    process = subprocess.run(
+        [sys.executable, "-m", "opsctl", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=TESTS,
+        env=clean_env(),
+        check=False,
+    )
+    assert "Traceback" not in process.stdout + process.stderr, process.stderr
+    return process
+
+
+# --- validate -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("bad_duration", BAD_DURATION),
+        (
+            "bad_action",
+            "policies/bad_action.yaml:3:11: defaults.action: 'kill' is not one of fail, "
+            "requeue, cancel, delete",
+        ),
+        (
+            "bad_boolean",
+            "policies/bad_boolean.yaml:3:10: defaults.force: 'yes please' is not a boolean "
+            "(use true or false)",
+        ),
+        ("bad_version", "policies/bad_version.yaml:1:10: version: 2 is not supported (use 1)"),
+        (
+            "missing_name",
+            "policies/missing_name.yaml:3:5: queues[0]: missing required key 'name'",
+        ),
+        (
+            "unknown_key",
+            "policies/unknown_key.yaml:7:5: queues[2]: unknown key 'max_agee' (allowed: name, "
+            "max_age, action, force, dry_run, enabled",
+        ),
+        (
+            "duplicate_key",
+            "policies/duplicate_key.yaml:5:5: queues[0]: duplicate key 'name' (first at line 3)",
+        ),
+        (
+            "syntax_error",
+            "policies/syntax_error.yaml:5:1: invalid YAML: expected ',' or ']', but got "
+            "'<stream end>'",
+        ),
+        (
+            "not_utf8",
+            "policies/not_utf8.yaml:4:14: byte 0xe9 is not UTF-8 text; save the file as UTF-8",
+        ),
+    ],
+)
+def test_validate_prints_each_problem_at_its_file_line_and_column_and_exits_2(
+    name: str, expected: str
+) -> None:
+    result = opsctl("validate", f"policies/{name}.yaml")
+
+    assert result.exit_code == 2, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout
+    assert lines[0].startswith(expected), lines[0]
+    assert f"policies/{name}.yaml: ok" not in result.stderr
+
+
+def test_validate_reports_every_problem_of_a_file_at_once_in_file_order() -> None:
+    result = opsctl("validate", "policies/many_problems.yaml")
+
+    assert result.exit_code == 2, result.output
+    problems = [PROBLEM_LINE.match(line) for line in result.stdout.splitlines()]
+    assert all(problems), result.stdout
+    positions = [(int(p["line"]), int(p["column"])) for p in problems if p]
+    assert positions == [(1, 10), (3, 12), (4, 11), (7, 12), (8, 5), (10, 5)]
+    paths = [p["rest"].split(": ", 1)[0] for p in problems if p]
+    assert paths == [
+        "version",
+        "defaults.max_age",
+        "defaults.action",
+        "queues[0].force",
+        "queues[1]",
+        "queues[2]",
+    ]
+    assert {p["file"] for p in problems if p} == {"policies/many_problems.yaml"}
+
+
+def test_validate_accepts_a_valid_file_and_exits_0() -> None:
+    result = opsctl("validate", "policies/minimal.yaml", "policies/overrides.yaml")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    assert "policies/minimal.yaml: ok" in result.stderr
+    assert "policies/overrides.yaml: ok" in result.stderr
+
+
+def test_validate_of_several_files_fails_when_one_of_them_does() -> None:
+    result = opsctl("validate", "policies/minimal.yaml", "policies/bad_duration.yaml")
+
+    assert result.exit_code == 2, result.output
+    assert result.stdout.splitlines() == [BAD_DURATION]
+    assert "policies/minimal.yaml: ok" in result.stderr
+
+
+def test_validate_of_a_missing_file_says_so_and_exits_2() -> None:
+    result = opsctl("validate", "policies/no_such_policy.yaml")
+
+    assert result.exit_code == 2, result.output
+    assert result.stdout.splitlines() == [
+        "policies/no_such_policy.yaml:1:1: cannot read file: no such file"
+    ]
+
+
+# --- apply: a bad policy is reported before Redis is contacted -----------------------------
+
+
+def test_apply_with_an_invalid_policy_exits_2_with_the_problem_before_connecting(
+    closed_url: str,
+) -> None:
+    result = opsctl("apply", "policies/bad_duration.yaml", "--redis-url", closed_url)
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [f"opsctl: error: {BAD_DURATION}"]
+    assert result.stdout == ""
+
+
+def test_apply_lists_every_problem_of_an_invalid_policy(closed_url: str) -> None:
+    validated = opsctl("validate", "policies/many_problems.yaml")
+
+    result = opsctl("apply", "policies/many_problems.yaml", "--redis-url", closed_url)
+
+    assert result.exit_code == 2, result.output
+    for line in validated.stdout.splitlines():
+        assert line in result.stderr
+    assert "Redis" not in result.stderr
+
+
+def test_apply_never_prints_the_password_of_an_invalid_policy_url(closed_url: str) -> None:
+    result = opsctl("apply", "policies/bad_url.yaml")  # http://admin:hunter2@...
+
+    assert result.exit_code == 2, result.output
+    assert "policies/bad_url.yaml:3:8: redis.url:" in result.stderr
+    assert "hunter2" not in result.output
+
+
+# --- environment variables ------------------------------------------------------------------
+
+UNSET_REDIS_URL = (
+    "policies/example.yaml:3:8: redis.url: environment variable 'REDIS_URL' is not set "
+    "(set it, or give a default with ${REDIS_URL:-...})"
+)
+
+
+def test_apply_with_an_unset_variable_in_redis_url_exits_2_naming_it() -> None:
+    result = opsctl("apply", "policies/example.yaml")
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [f"opsctl: error: {UNSET_REDIS_URL}"]
+
+
+def test_validate_only_notes_an_unset_variable_and_exits_0() -> None:
+    result = opsctl("validate", "policies/example.yaml")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        UNSET_REDIS_URL.replace("redis.url:", "note: redis.url:") + "; the value was not checked"
+    ]
+
+
+def test_validate_strict_env_makes_an_unset_variable_an_error() -> None:
+    result = opsctl("validate", "--strict-env", "policies/example.yaml")
+
+    assert result.exit_code == 2, result.output
+    assert result.stdout.splitlines() == [UNSET_REDIS_URL]
+
+
+def test_redis_url_option_stands_in_for_an_unset_redis_url_variable(closed_url: str) -> None:
+    result = opsctl("apply", "policies/example.yaml", "--redis-url", closed_url)
+
+    assert result.exit_code == 3, result.output
+    assert "cannot reach Redis" in result.stderr
+
+
+def test_redis_url_option_does_not_excuse_other_unset_variables(closed_url: str) -> None:
+    result = opsctl("apply", "policies/env_secrets.yaml", "--redis-url", closed_url)
+
+    assert result.exit_code == 2, result.output
+    assert "defaults.max_age: environment variable 'MAX_AGE' is not set" in result.stderr
+    assert "REDIS_URL" not in result.stderr
+
+
+def test_apply_without_any_redis_url_exits_2_and_says_where_to_give_one() -> None:
+    result = opsctl("apply", "policies/minimal.yaml")
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        "opsctl: error: no Redis URL: pass --redis-url, set redis.url in the policy, "
+        "or set REDIS_URL"
+    ]
+
+
+# --- Redis unreachable ----------------------------------------------------------------------
+
+
+def test_unreachable_redis_exits_3_with_a_one_line_message(closed_url: str) -> None:
+    result = opsctl("apply", "policies/minimal.yaml", "--redis-url", closed_url)
+
+    assert result.exit_code == 3, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"opsctl: error: cannot reach Redis at {closed_url}: "), line
+    assert result.stdout == ""
+
+
+def test_best_effort_exits_0_when_redis_is_unreachable_but_still_reports_it(
+    closed_url: str,
+) -> None:
+    result = opsctl("apply", "policies/minimal.yaml", "--redis-url", closed_url, "--best-effort")
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[0].startswith("opsctl: error: cannot reach Redis at ")
+    assert "--best-effort: exiting 0 despite the error above" in result.stderr
+
+
+def test_best_effort_never_hides_an_invalid_policy(closed_url: str) -> None:
+    result = opsctl(
+        "apply", "policies/bad_duration.yaml", "--redis-url", closed_url, "--best-effort"
+    )
+
+    assert result.exit_code == 2, result.output
+
+
+def test_password_in_the_redis_url_is_never_printed(closed_url: str) -> None:
+    secret_url = closed_url.replace("redis://", "redis://:s3cret@")
+
+    result = opsctl("apply", "policies/minimal.yaml", "--redis-url", secret_url)
+
+    assert result.exit_code == 3, result.output
+    assert "s3cret" not in result.output
+    assert closed_url.replace("redis://", "redis://:***@") in result.stderr
+
+
+def test_password_from_the_environment_is_never_printed(closed_url: str) -> None:
+    secret_url = closed_url.replace("redis://", "redis://admin:hunter2@")
+
+    result = opsctl("apply", "policies/example.yaml", env={"REDIS_URL": secret_url})
+
+    assert result.exit_code == 3, result.output
+    assert "hunter2" not in result.output
+    assert "admin:***@" in result.stderr
+
+
+# --- bad options ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["http://x", "http://:s3cret@cache.internal:6380/0", "localhost"])
+def test_malformed_redis_url_exits_2(url: str) -> None:
+    result = opsctl("apply", "policies/minimal.yaml", "--redis-url", url)
+
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.splitlines()
+    assert "must start with redis://, rediss:// or unix://" in line
+    assert "s3cret" not in result.output
+
+
+def test_max_age_in_words_exits_2_with_the_accepted_forms(closed_url: str) -> None:
+    result = opsctl(
+        "apply", "policies/minimal.yaml", "--redis-url", closed_url, "--max-age", "10 minutes"
+    )
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        "opsctl: error: --max-age: '10 minutes' is not a duration (use 90s, 10m, 2h or 1d)"
+    ]
+
+
+def test_unknown_option_is_a_usage_error_not_a_crash() -> None:
+    result = opsctl("apply", "policies/minimal.yaml", "--max-agee", "10m")
+
+    assert result.exit_code == 2, result.output
+    assert "No such option" in result.output
+
+
+# --- schema, version, help ------------------------------------------------------------------
+
+
+def test_schema_prints_the_policy_schema_as_json() -> None:
+    result = opsctl("schema")
+
+    assert result.exit_code == 0, result.output
+    on_disk = json.loads((REPOSITORY / "schemas" / "policy.schema.json").read_text())
+    assert json.loads(result.stdout) == on_disk
+
+
+def test_version_option_prints_the_version() -> None:
+    result = opsctl("--version")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"opsctl {__version__}\n"
+
+
+def test_python_m_opsctl_help_lists_the_commands() -> None:
+    process = python_m_opsctl("--help")
+
+    assert process.returncode == 0, process.stderr
+    for command in ("apply", "validate", "status", "schema"):
+        assert re.search(rf"^\s*│?\s*{command}\b", process.stdout, re.MULTILINE), process.stdout
+
+
+def test_python_m_opsctl_maps_errors_to_exit_codes_in_a_real_process() -> None:
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+
+    invalid = python_m_opsctl("apply", "policies/bad_duration.yaml", "--redis-url", closed)
+    unreachable = python_m_opsctl("apply", "policies/minimal.yaml", "--redis-url", closed)
+    unset = python_m_opsctl("apply", "policies/example.yaml")
+
+    assert (invalid.returncode, invalid.stderr) == (2, f"opsctl: error: {BAD_DURATION}\n")
+    assert unreachable.returncode == 3, unreachable.stderr
+    assert len(unreachable.stderr.splitlines()) == 1, unreachable.stderr
+    assert unset.returncode == 2, unset.stderr
+    assert "'REDIS_URL' is not set" in unset.stderr

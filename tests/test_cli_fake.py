@@ -1,0 +1,869 @@
+"""`opsctl apply` end to end, against a fakeredis server reached over TCP.
+
+RQ's state is built with RQ's own API, the way a worker writes it (see RQ-NOTES §7): a job
+is enqueued, then an execution is created for it, the job is marked started by a worker
+name and taken off its queue. A dead worker is a name with no live connection; a live one
+is a registered worker whose command channel a test client listens on. The end state is
+checked through RQ's API, as a user of RQ would see it.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import redis
+from click.testing import Result
+from fakeredis import TcpFakeServer
+from rq import Queue, Retry, SimpleWorker
+from rq.exceptions import NoSuchJobError
+from rq.executions import Execution
+from rq.job import Dependency, Job, JobStatus
+from rq.registry import (
+    CanceledJobRegistry,
+    FailedJobRegistry,
+    ScheduledJobRegistry,
+    StartedJobRegistry,
+)
+from rq.utils import utcformat
+from rq.worker_registration import get_keys
+from typer.testing import CliRunner
+
+from conftest import SHARED_REDIS_PORT
+from opsctl import run
+from opsctl.cli import app
+from opsctl.engine import ACTION_NONE, ACTION_REMOVE_ENTRY, ACTION_STOP, State
+from opsctl.policy import ACTIONS
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+REPORT_SCHEMA = json.loads((REPOSITORY / "schemas" / "report.schema.json").read_text())
+
+#: Seconds a fixture's execution lease lasts; long enough that nothing expires mid-test.
+LEASE_S = 3600
+
+#: A policy with one queue, "default", allowing 10 minutes; the test fills in the action.
+DEFAULT_POLICY = """
+    version: 1
+    defaults:
+      max_age: 10m
+      action: {action}
+    queues:
+      - name: default
+"""
+
+
+# --- the fake server ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fake_server() -> Iterator[str]:
+    """A fakeredis server on 127.0.0.1 and a free port, served from a thread; its URL."""
+    # Port 0: the kernel picks a free port at bind time, so nothing can take it first.
+    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
+    port = server.server_address[1]
+    assert port != SHARED_REDIS_PORT
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+
+    yield f"redis://127.0.0.1:{port}/0"
+
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def url(fake_server: str) -> str:
+    """The fake server's URL, emptied before the test."""
+    # FLUSHALL only ever reaches the fake server this module started.
+    client = redis.Redis.from_url(fake_server)
+    try:
+        client.flushall()
+        client.config_set("requirepass", "")
+    finally:
+        client.close()
+    return fake_server
+
+
+@pytest.fixture
+def conn(url: str) -> Iterator[redis.Redis]:
+    """A client of the fake server with the bytes replies RQ needs."""
+    client = redis.Redis.from_url(url, decode_responses=False)
+    yield client
+    client.close()
+
+
+# --- building RQ state ----------------------------------------------------------------------
+
+
+def started_job(
+    conn: redis.Redis,
+    worker: str,
+    queue: str = "default",
+    *,
+    started_ago_s: float = 0.0,
+    **enqueue: Any,
+) -> Job:
+    """A job that `worker` took from `queue` and started `started_ago_s` seconds ago."""
+    rq_queue = Queue(queue, connection=conn)
+    job = rq_queue.enqueue("jobs.quick", **enqueue)
+    with conn.pipeline() as pipe:
+        Execution.create(job, LEASE_S, pipe, worker_name=worker)
+        job.prepare_for_execution(worker, pipe)
+        pipe.lrem(rq_queue.key, 0, job.id)
+        pipe.execute()
+
+    if started_ago_s:
+        moment = datetime.now(timezone.utc) - timedelta(seconds=started_ago_s)
+        conn.hset(job.key, mapping={"started_at": utcformat(moment)})
+        for execution in job.get_executions():
+            conn.hset(execution.key, "created_at", moment.timestamp())
+    return job
+
+
+def register_worker(url: str, name: str, queue: str = "default") -> None:
+    """Register a worker the way RQ does at start-up, then let it die without a goodbye.
+
+    Its hash and registrations stay, as after a SIGKILL; the connection RQ named after it
+    is closed and nothing listens on its command channel.
+    """
+    client = redis.Redis.from_url(url, decode_responses=False)
+    try:
+        worker = SimpleWorker([Queue(queue, connection=client)], name=name, connection=client)
+        worker.register_birth()
+        worker.set_state("busy")
+    finally:
+        client.close()
+
+
+class LiveWorker:
+    """A registered worker that holds its connection: it listens on its command channel.
+
+    With `obeys_stop` it handles RQ's stop-job command as a real worker does: the job
+    becomes `stopped`, its execution ends and it is filed in the FailedJobRegistry.
+    """
+
+    def __init__(self, url: str, name: str, queue: str = "default", obeys_stop: bool = False):
+        self.name = name
+        self.obeys_stop = obeys_stop
+        self.conn = redis.Redis.from_url(url, decode_responses=False)
+        queues = [Queue(queue, connection=self.conn)]
+        self.worker = SimpleWorker(queues, name=name, connection=self.conn)
+        self.worker.register_birth()
+        self.worker.set_state("busy")
+        self.commands: list[dict[str, Any]] = []
+        self.pubsub = self.conn.pubsub()
+        self.pubsub.subscribe(**{f"rq:pubsub:{name}": self._on_command})
+        self.thread = self.pubsub.run_in_thread(sleep_time=0.02, daemon=True)
+
+    def _on_command(self, message: dict[str, Any]) -> None:
+        payload = json.loads(message["data"])
+        self.commands.append(payload)
+        if self.obeys_stop and payload.get("command") == "stop-job":
+            self._stop(payload["job_id"])
+
+    def _stop(self, job_id: str) -> None:
+        job = Job.fetch(job_id, connection=self.conn)
+        with self.conn.pipeline() as pipe:
+            job.set_status(JobStatus.STOPPED, pipeline=pipe)
+            for execution in job.get_executions():
+                execution.delete(job, pipe)
+            FailedJobRegistry(job.origin, connection=self.conn).add(
+                job, exc_string="stopped by command", pipeline=pipe
+            )
+            pipe.execute()
+
+    def close(self) -> None:
+        self.thread.stop()
+        self.thread.join(timeout=5)
+        self.pubsub.close()
+        self.conn.close()
+
+
+@pytest.fixture
+def live_worker(url: str) -> Iterator[Any]:
+    """A factory of live workers: `live_worker("w-live", obeys_stop=True)`."""
+    started: list[LiveWorker] = []
+
+    def start(name: str, queue: str = "default", obeys_stop: bool = False) -> LiveWorker:
+        worker = LiveWorker(url, name, queue, obeys_stop)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.close()
+
+
+def everything(conn: redis.Redis) -> dict[bytes, tuple[bytes | None, bool]]:
+    """Every key's serialized value and whether it expires: what 'nothing changed' means."""
+    return {key: (conn.dump(key), conn.ttl(key) >= 0) for key in sorted(conn.keys("*"))}
+
+
+def status_of(conn: redis.Redis, job_id: str) -> str | None:
+    """The job's status through RQ's API; None when the job no longer exists."""
+    try:
+        return Job.fetch(job_id, connection=conn).get_status().value
+    except NoSuchJobError:
+        return None
+
+
+def started_ids(conn: redis.Redis, queue: str = "default") -> list[str]:
+    return StartedJobRegistry(queue, connection=conn).get_job_ids(cleanup=False)
+
+
+# --- running opsctl -------------------------------------------------------------------------
+
+
+def write_policy(tmp_path: Path, text: str, **values: str) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(textwrap.dedent(text.format(**values) if values else text))
+    return path
+
+
+def opsctl(*args: str) -> Result:
+    """Run the CLI in-process, with no Redis URL in its environment."""
+    result = CliRunner().invoke(app, list(args), env={"REDIS_URL": None})
+    assert "Traceback" not in result.output, result.output
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def apply(policy: Path, url: str, *options: str, exit_code: int = 0) -> dict[str, Any]:
+    """`opsctl apply --format json`; the report, once the exit code is as expected."""
+    result = opsctl("apply", str(policy), "--redis-url", url, "--format", "json", *options)
+    assert result.exit_code == exit_code, result.output
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def jobs_by_id(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {job["id"]: job for job in report["jobs"]}
+
+
+# --- dry run --------------------------------------------------------------------------------
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(
+    conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    register_worker(url, "w-crashed")
+    abandoned = started_job(conn, "w-crashed")
+    orphan = started_job(conn, "w-crashed")
+    conn.delete(orphan.key)
+    leftover = started_job(conn, "w-crashed")
+    leftover.set_status(JobStatus.FINISHED)
+    live_worker("w-live")
+    running = started_job(conn, "w-live")
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="delete")
+    before = everything(conn)
+
+    result = opsctl("apply", str(policy), "--redis-url", url, "--dry-run")
+
+    assert result.exit_code == 0, result.output
+    assert everything(conn) == before
+    assert "dry run: nothing will be changed" in result.stdout
+    rows = {line for line in result.stdout.splitlines() if line.startswith("│ default │")}
+    assert len(rows) == 4, result.stdout
+    for job, state, action, outcome in [
+        (abandoned, "abandoned", "delete", "planned"),
+        (orphan, "orphaned", "remove-entry", "planned"),
+        (leftover, "leftover", "remove-entry", "planned"),
+        (running, "running", "none", "kept"),
+    ]:
+        [row] = [r for r in rows if job.id[:15] in r]
+        cells = [cell.strip() for cell in row.split("│")]
+        assert (state, action, outcome) == (cells[3], cells[-4], cells[-3]), row
+    assert "w-crashed" in result.stdout.split("dead worker registrations")[1]
+
+
+# --- each action ----------------------------------------------------------------------------
+
+
+def test_fail_files_an_abandoned_job_as_failed_with_a_reason_naming_opsctl(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    job = started_job(conn, "w-crashed")
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+
+    report = apply(policy, url)
+
+    assert status_of(conn, job.id) == "failed"
+    assert FailedJobRegistry("default", connection=conn).get_job_ids(cleanup=False) == [job.id]
+    assert started_ids(conn) == []
+    reason = Job.fetch(job.id, connection=conn).latest_result().exc_string
+    assert f"Failed by opsctl (run {report['run_id']})" in reason
+    assert "abandoned" in reason and "w-crashed" in reason
+    assert jobs_by_id(report)[job.id]["outcome"] == "done"
+
+
+def test_job_failed_by_opsctl_can_be_retried_with_rqs_own_tools(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    job = started_job(conn, "w-crashed")
+    apply(write_policy(tmp_path, DEFAULT_POLICY, action="fail"), url)
+    failed = FailedJobRegistry("default", connection=conn)
+
+    failed.requeue(job.id)
+
+    queue = Queue("default", connection=conn)
+    assert queue.get_job_ids() == [job.id]
+    assert SimpleWorker([queue], connection=conn).work(burst=True)
+    assert status_of(conn, job.id) == "finished"
+    assert failed.get_job_ids(cleanup=False) == []
+
+
+def test_abandoned_job_whose_execution_record_expired_is_failed_and_can_be_retried(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    # After a SIGKILL the execution hash expires with its lease; the job hash, its
+    # executions index and the registry entry stay behind.
+    job = started_job(conn, "w-crashed")
+    for execution in job.get_executions():
+        conn.delete(execution.key)
+    apply(write_policy(tmp_path, DEFAULT_POLICY, action="fail"), url)
+    failed = FailedJobRegistry("default", connection=conn)
+
+    failed.requeue(job.id)
+
+    assert status_of(conn, job.id) == "queued"
+    assert started_ids(conn) == []
+    assert Job.fetch(job.id, connection=conn).get_executions() == []
+
+
+def test_requeue_puts_an_abandoned_job_back_on_its_queue_and_a_worker_runs_it(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    job = started_job(conn, "w-crashed")
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="requeue")
+
+    apply(policy, url)
+
+    queue = Queue("default", connection=conn)
+    assert status_of(conn, job.id) == "queued"
+    assert queue.get_job_ids() == [job.id]
+    assert started_ids(conn) == []
+    assert SimpleWorker([queue], connection=conn).work(burst=True)
+    assert status_of(conn, job.id) == "finished"
+    assert Job.fetch(job.id, connection=conn).return_value() == "done"
+
+
+def test_cancel_marks_an_abandoned_job_canceled(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    job = started_job(conn, "w-crashed")
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="cancel")
+
+    apply(policy, url)
+
+    assert status_of(conn, job.id) == "canceled"
+    assert CanceledJobRegistry("default", connection=conn).get_job_ids(cleanup=False) == [job.id]
+    assert started_ids(conn) == []
+    assert Queue("default", connection=conn).get_job_ids() == []
+
+
+def test_delete_removes_an_abandoned_job_without_a_trace(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    job = started_job(conn, "w-crashed")
+    kept = Queue("default", connection=conn).enqueue("jobs.quick")
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="delete")
+
+    apply(policy, url)
+
+    with pytest.raises(NoSuchJobError):
+        Job.fetch(job.id, connection=conn)
+    assert started_ids(conn) == []
+    mentions = [key for key in conn.keys("*") if job.id.encode() in key]
+    assert mentions == []
+    members = _all_members(conn)
+    assert [m for m in members if job.id.encode() in m] == []
+    assert status_of(conn, kept.id) == "queued", "other jobs are left alone"
+
+
+def _all_members(conn: redis.Redis) -> list[bytes]:
+    """Every member of every set, sorted set and list on the server."""
+    members: list[bytes] = []
+    for key in conn.keys("*"):
+        kind = conn.type(key)
+        if kind == b"set":
+            members += conn.smembers(key)
+        elif kind == b"zset":
+            members += conn.zrange(key, 0, -1)
+        elif kind == b"list":
+            members += conn.lrange(key, 0, -1)
+    return members
+
+
+def test_fail_of_a_job_with_retries_left_requeues_it_with_one_retry_fewer(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    job = started_job(conn, "w-crashed", retry=Retry(max=2))
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+
+    apply(policy, url)
+
+    refreshed = Job.fetch(job.id, connection=conn)
+    assert refreshed.get_status() == JobStatus.QUEUED
+    assert refreshed.retries_left == 1
+    assert Queue("default", connection=conn).get_job_ids() == [job.id]
+    assert FailedJobRegistry("default", connection=conn).get_job_ids(cleanup=False) == []
+
+
+def test_fail_of_a_job_with_a_retry_interval_schedules_it(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    job = started_job(conn, "w-crashed", retry=Retry(max=1, interval=300))
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+
+    apply(policy, url)
+
+    refreshed = Job.fetch(job.id, connection=conn)
+    assert refreshed.get_status() == JobStatus.SCHEDULED
+    assert refreshed.retries_left == 0
+    scheduled = ScheduledJobRegistry("default", connection=conn)
+    assert scheduled.get_job_ids(cleanup=False) == [job.id]
+    eta = scheduled.get_scheduled_time(job.id).timestamp()
+    assert eta == pytest.approx(datetime.now(timezone.utc).timestamp() + 300, abs=10)
+
+
+def test_fail_releases_dependents_that_allow_a_failed_parent(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    parent = started_job(conn, "w-crashed")
+    queue = Queue("default", connection=conn)
+    lenient = queue.enqueue("jobs.quick", depends_on=Dependency([parent], allow_failure=True))
+    strict = queue.enqueue("jobs.quick", depends_on=parent)
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+
+    apply(policy, url)
+
+    assert status_of(conn, parent.id) == "failed"
+    assert status_of(conn, lenient.id) == "queued"
+    assert status_of(conn, strict.id) == "deferred"
+    assert queue.get_job_ids() == [lenient.id]
+
+
+# --- entries without a job to act on --------------------------------------------------------
+
+
+def test_orphaned_and_leftover_entries_are_removed_and_the_finished_job_stays_finished(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    orphan = started_job(conn, "w-crashed")
+    conn.delete(orphan.key)
+    finished = started_job(conn, "w-crashed")
+    finished.set_status(JobStatus.FINISHED)
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+
+    report = apply(policy, url)
+
+    assert started_ids(conn) == []
+    assert status_of(conn, finished.id) == "finished"
+    assert status_of(conn, orphan.id) is None
+    assert FailedJobRegistry("default", connection=conn).get_job_ids(cleanup=False) == []
+    states = {j["id"]: (j["state"], j["action"], j["outcome"]) for j in report["jobs"]}
+    assert states == {
+        orphan.id: ("orphaned", "remove-entry", "done"),
+        finished.id: ("leftover", "remove-entry", "done"),
+    }
+
+
+def test_second_apply_right_after_the_first_changes_nothing(
+    conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    register_worker(url, "w-crashed")
+    started_job(conn, "w-crashed")
+    orphan = started_job(conn, "w-crashed")
+    conn.delete(orphan.key)
+    live_worker("w-live")
+    running = started_job(conn, "w-live")
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+    first = apply(policy, url)
+    after_first = everything(conn)
+
+    second = apply(policy, url)
+
+    assert (first["summary"]["acted"], first["summary"]["workers_removed"]) == (2, 1)
+    assert everything(conn) == after_first
+    assert second["summary"] == {
+        "inspected": 1,
+        "stuck": 0,
+        "acted": 0,
+        "planned": 0,
+        "kept": 1,
+        "skipped": 0,
+        "errors": 0,
+        "workers_removed": 0,
+    }
+    assert [j["id"] for j in second["jobs"]] == [running.id]
+
+
+# --- workers --------------------------------------------------------------------------------
+
+
+def test_job_of_a_live_worker_within_max_age_is_left_running(
+    conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    worker = live_worker("w-live")
+    job = started_job(conn, "w-live", started_ago_s=60)
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="delete")
+
+    report = apply(policy, url)
+
+    assert status_of(conn, job.id) == "started"
+    assert started_ids(conn) == [job.id]
+    assert worker.commands == []
+    entry = jobs_by_id(report)[job.id]
+    assert (entry["state"], entry["outcome"], entry["worker_alive"]) == ("running", "kept", True)
+    assert report["workers"] == []
+
+
+def test_dead_worker_registration_is_removed_and_a_live_one_stays(
+    conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    register_worker(url, "w-crashed")
+    live_worker("w-live")
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+    queue = Queue("default", connection=conn)
+    waiting = queue.enqueue("jobs.quick")
+
+    report = apply(policy, url)
+
+    assert get_keys(queue) == {"rq:worker:w-live"}
+    assert get_keys(connection=conn) == {"rq:worker:w-live"}
+    assert conn.hget("rq:worker:w-crashed", "death"), "its death is recorded"
+    assert [(w["name"], w["outcome"]) for w in report["workers"]] == [("w-crashed", "done")]
+    assert report["summary"]["workers_removed"] == 1
+    assert queue.get_job_ids() == [waiting.id], "a queued job is not opsctl's business"
+
+
+def test_forced_job_is_stopped_by_its_live_worker_then_gets_the_policy_action(
+    conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    worker = live_worker("w-live", obeys_stop=True)
+    job = started_job(conn, "w-live", started_ago_s=5)
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="requeue")
+
+    report = apply(policy, url, "--force", "--stop-timeout", "10")
+
+    assert worker.commands == [{"command": "stop-job", "job_id": job.id}]
+    assert status_of(conn, job.id) == "queued"
+    assert Queue("default", connection=conn).get_job_ids() == [job.id]
+    assert FailedJobRegistry("default", connection=conn).get_job_ids(cleanup=False) == []
+    assert started_ids(conn) == []
+    entry = jobs_by_id(report)[job.id]
+    assert (entry["state"], entry["action"], entry["stop_confirmed"]) == (
+        "overdue",
+        "requeue",
+        True,
+    )
+    jsonschema.validate(report, REPORT_SCHEMA)
+
+
+def test_follow_up_after_a_confirmed_stop_is_reported_done_once(
+    conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    live_worker("w-live", obeys_stop=True)
+    job = started_job(conn, "w-live", started_ago_s=5)
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="requeue")
+
+    report = apply(policy, url, "--force", "--stop-timeout", "10")
+
+    assert status_of(conn, job.id) == "queued"
+    assert jobs_by_id(report)[job.id]["outcome"] == "done"
+    assert (report["summary"]["acted"], report["summary"]["skipped"]) == (1, 0)
+    outcomes = [entry[b"outcome"] for _, entry in conn.xrange("opsctl:audit")]
+    assert outcomes == [b"done"]
+
+
+def test_overdue_job_whose_worker_ignores_the_stop_is_an_error_and_exits_1(
+    conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    worker = live_worker("w-live", obeys_stop=False)
+    job = started_job(conn, "w-live", started_ago_s=3600)
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+
+    report = apply(policy, url, "--stop-timeout", "0.5", exit_code=1)
+
+    assert worker.commands == [{"command": "stop-job", "job_id": job.id}]
+    assert status_of(conn, job.id) == "started"
+    entry = jobs_by_id(report)[job.id]
+    assert (entry["state"], entry["outcome"], entry["stop_confirmed"]) == (
+        "overdue",
+        "error",
+        False,
+    )
+    assert "did not stop it" in entry["reason"]
+    jsonschema.validate(report, REPORT_SCHEMA)
+
+
+# --- the JSON report ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["--dry-run", "--no-dry-run"])
+def test_json_report_follows_its_schema_and_masks_the_password(
+    mode: str, conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    register_worker(url, "w-crashed")
+    abandoned = started_job(conn, "w-crashed")
+    orphan = started_job(conn, "w-crashed")
+    conn.delete(orphan.key)
+    leftover = started_job(conn, "w-crashed")
+    leftover.set_status(JobStatus.CANCELED)
+    live_worker("w-live")
+    running = started_job(conn, "w-live")
+    conn.config_set("requirepass", "s3cret")
+    secret_url = url.replace("redis://", "redis://:s3cret@")
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+
+    result = opsctl("apply", str(policy), "--redis-url", secret_url, "--format", "json", mode)
+
+    assert result.exit_code == 0, result.output
+    assert "s3cret" not in result.output
+    report = json.loads(result.stdout)
+    jsonschema.validate(report, REPORT_SCHEMA)
+    assert report["redis"] == url.replace("redis://", "redis://:***@")
+    assert report["dry_run"] is (mode == "--dry-run")
+    assert {j["id"]: j["state"] for j in report["jobs"]} == {
+        abandoned.id: "abandoned",
+        orphan.id: "orphaned",
+        leftover.id: "leftover",
+        running.id: "running",
+    }
+    assert [w["name"] for w in report["workers"]] == ["w-crashed"]
+
+
+def test_report_schema_rejects_what_opsctl_never_prints(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    started_job(conn, "w-crashed")
+    report = apply(write_policy(tmp_path, DEFAULT_POLICY, action="fail"), url)
+    jsonschema.Draft202012Validator.check_schema(REPORT_SCHEMA)
+    validator = jsonschema.Draft202012Validator(REPORT_SCHEMA)
+    assert validator.is_valid(report)
+
+    unknown_state = json.loads(json.dumps(report))
+    unknown_state["jobs"][0]["state"] = "stale"
+    extra_key = json.loads(json.dumps(report))
+    extra_key["summary"]["stuck_jobs"] = 1
+    missing_key = json.loads(json.dumps(report))
+    del missing_key["jobs"][0]["stop_confirmed"]
+
+    for broken in (unknown_state, extra_key, missing_key):
+        assert not validator.is_valid(broken)
+
+
+def test_report_schema_names_every_state_action_and_outcome_opsctl_can_report() -> None:
+    job = REPORT_SCHEMA["$defs"]["job"]["properties"]
+    outcomes = {run.PLANNED, run.DONE, run.KEPT, run.SKIPPED, run.ERROR}
+
+    assert set(job["state"]["enum"]) == {state.value for state in State}
+    assert set(job["action"]["enum"]) == {*ACTIONS, ACTION_STOP, ACTION_REMOVE_ENTRY, ACTION_NONE}
+    assert set(job["outcome"]["enum"]) == outcomes
+    assert set(REPORT_SCHEMA["$defs"]["policy_action"]["enum"]) == set(ACTIONS)
+
+
+# --- which queues, and with which rule ------------------------------------------------------
+
+OVERRIDES_POLICY = """
+    version: 1
+    defaults:
+      max_age: 10m
+      action: fail
+    queues:
+      - name: "reports-*"
+        action: requeue
+      - name: reports-daily
+        action: cancel
+      - name: imports
+        enabled: false
+"""
+
+
+def test_per_queue_rules_decide_each_queues_action(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    weekly = started_job(conn, "w-crashed", "reports-weekly")
+    daily = started_job(conn, "w-crashed", "reports-daily")
+    imports = started_job(conn, "w-crashed", "imports")
+    billing = started_job(conn, "w-crashed", "billing")
+    policy = write_policy(tmp_path, OVERRIDES_POLICY)
+
+    report = apply(policy, url)
+
+    assert status_of(conn, weekly.id) == "queued", "the glob's requeue applies"
+    assert status_of(conn, daily.id) == "canceled", "the exact name beats the earlier glob"
+    assert status_of(conn, imports.id) == "started", "a disabled queue is not touched"
+    assert started_ids(conn, "imports") == [imports.id]
+    assert status_of(conn, billing.id) == "started", "an unmatched queue is not touched"
+    assert started_ids(conn, "billing") == [billing.id]
+    assert [(q["name"], q["rule"], q["action"]) for q in report["queues"]] == [
+        ("reports-daily", "queues[1] (reports-daily)", "cancel"),
+        ("reports-weekly", "queues[0] (reports-*)", "requeue"),
+    ]
+
+
+def test_queue_option_limits_the_run_to_the_named_queues(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    weekly = started_job(conn, "w-crashed", "reports-weekly")
+    monthly = started_job(conn, "w-crashed", "reports-monthly")
+    policy = write_policy(tmp_path, OVERRIDES_POLICY)
+
+    report = apply(policy, url, "--queue", "reports-weekly", "--queue", "nightly")
+
+    assert status_of(conn, weekly.id) == "queued"
+    assert status_of(conn, monthly.id) == "started"
+    assert [q["name"] for q in report["queues"]] == ["reports-weekly"]
+    assert report["unmatched_queues"] == ["nightly"]
+
+
+def test_unmatched_queue_option_is_noted_in_the_text_report(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    policy = write_policy(tmp_path, OVERRIDES_POLICY)
+
+    result = opsctl("apply", str(policy), "--redis-url", url, "--queue", "nightly")
+
+    assert result.exit_code == 0, result.output
+    assert "note: queue 'nightly' is matched by no policy entry; skipped" in result.stdout
+
+
+def test_max_age_option_overrides_the_policy(
+    conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    live_worker("w-live")
+    job = started_job(conn, "w-live", started_ago_s=120)
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+
+    by_policy = apply(policy, url, "--dry-run")
+    by_option = apply(policy, url, "--dry-run", "--max-age", "1m")
+    by_minutes = apply(policy, url, "--dry-run", "--max-age", "1")
+
+    assert jobs_by_id(by_policy)[job.id]["state"] == "running"
+    assert by_policy["queues"][0]["max_age_seconds"] == 600
+    for report in (by_option, by_minutes):
+        assert (jobs_by_id(report)[job.id]["state"], report["queues"][0]["max_age_seconds"]) == (
+            "overdue",
+            60,
+        )
+        assert jobs_by_id(report)[job.id]["action"] == "stop"
+
+
+def test_force_option_makes_a_young_job_overdue_and_no_force_undoes_the_policy(
+    conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    live_worker("w-live")
+    job = started_job(conn, "w-live", started_ago_s=5)
+    plain = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+    forced_report = apply(plain, url, "--dry-run", "--force")
+    forced = tmp_path / "forced.yaml"
+    forced.write_text(plain.read_text().replace("action: fail", "action: fail\n  force: true"))
+
+    unforced_report = apply(forced, url, "--dry-run", "--no-force")
+    policy_report = apply(forced, url, "--dry-run")
+
+    assert jobs_by_id(forced_report)[job.id]["state"] == "overdue"
+    assert forced_report["queues"][0]["force"] is True
+    assert jobs_by_id(unforced_report)[job.id]["state"] == "running"
+    assert jobs_by_id(policy_report)[job.id]["state"] == "overdue"
+
+
+HELD_POLICY = """
+    version: 1
+    defaults:
+      action: fail
+    queues:
+      - name: held
+        dry_run: true
+      - name: live
+"""
+
+
+def test_queue_with_dry_run_is_held_back_while_other_queues_are_acted_on(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    register_worker(url, "w-held", "held")
+    held = started_job(conn, "w-held", "held")
+    live = started_job(conn, "w-crashed", "live")
+
+    report = apply(write_policy(tmp_path, HELD_POLICY), url)
+
+    assert status_of(conn, live.id) == "failed"
+    assert status_of(conn, held.id) == "started"
+    assert started_ids(conn, "held") == [held.id]
+    assert get_keys(Queue("held", connection=conn)) == {"rq:worker:w-held"}
+    assert report["dry_run"] is False
+    assert jobs_by_id(report)[held.id]["outcome"] == "planned"
+    assert jobs_by_id(report)[live.id]["outcome"] == "done"
+
+
+def test_jobs_held_back_by_a_dry_run_queue_do_not_count_against_the_run_cap(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    for _ in range(3):
+        started_job(conn, "w-crashed", "held")
+    live = started_job(conn, "w-crashed", "live")
+    capped = HELD_POLICY.replace("action: fail", "action: fail\n      limits: {max_actions: 1}")
+
+    report = apply(write_policy(tmp_path, capped), url)  # exits 4 today
+
+    assert report["limits_tripped"] == []
+    assert status_of(conn, live.id) == "failed"
+
+
+def test_policy_wide_dry_run_changes_nothing_until_no_dry_run_is_given(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    job = started_job(conn, "w-crashed")
+    policy = write_policy(
+        tmp_path, DEFAULT_POLICY.replace("max_age", "dry_run: true\n      max_age"), action="fail"
+    )
+    before = everything(conn)
+
+    planned = apply(policy, url)
+    unchanged = everything(conn)
+    applied = apply(policy, url, "--no-dry-run")
+
+    assert unchanged == before
+    assert (planned["dry_run"], jobs_by_id(planned)[job.id]["outcome"]) == (True, "planned")
+    assert (applied["dry_run"], jobs_by_id(applied)[job.id]["outcome"]) == (False, "done")
+    assert status_of(conn, job.id) == "failed"
+
+
+# --- the text report ------------------------------------------------------------------------
+
+
+def test_text_report_has_the_table_headers_and_a_summary_with_the_run_id(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    register_worker(url, "w-crashed")
+    started_job(conn, "w-crashed")
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+
+    result = opsctl("apply", str(policy), "--redis-url", url)
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    header = lines[0]
+    assert header.startswith("opsctl run ") and f"against {url} (applying)" in header
+    run_id = header.split()[2]
+    [columns] = [line for line in lines if "┃" in line and "queue" in line and "job" in line]
+    names = [cell.strip() for cell in columns.split("┃") if cell.strip()]
+    assert names[:4] == ["queue", "job", "state", "age"]
+    assert {"worker", "action", "outcome", "reason"} <= set(names)
+    assert lines[-1] == (
+        f"run {run_id}: 1 inspected, 1 stuck, 1 acted, 0 planned, 0 skipped, 0 errors; "
+        "1 dead worker registrations removed"
+    )

@@ -1,0 +1,519 @@
+"""The engine's decisions, from plain records: no Redis, no clock.
+
+Every test builds the records the reader would have produced (a started-registry entry
+with its job and execution hashes, and the workers involved) and checks the state and
+action a user would see in the report.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from opsctl.engine import (
+    ACTION_NONE,
+    ACTION_REMOVE_ENTRY,
+    ACTION_STOP,
+    State,
+    Verdict,
+    classify,
+    worker_liveness,
+)
+from opsctl.model import StartedEntry, WorkerRecord, format_timestamp, parse_timestamp
+from opsctl.policy import Rule
+from opsctl.state import split_member
+
+#: The server time of every snapshot in this module, in epoch seconds.
+NOW = 1_700_000_000.0
+
+JOB_ID = "job1"
+EXECUTION_ID = "ex1"
+MEMBER = f"{JOB_ID}:{EXECUTION_ID}"
+WORKER = "w1"
+
+#: max_age 10m, action requeue: an action other than the built-in default, so a verdict
+#: that carries it shows the policy was consulted.
+RULE = Rule(max_age_seconds=600, action="requeue", source="queues[0] (default)")
+
+_ABSENT: Any = object()
+
+
+def iso(seconds_ago: float) -> str:
+    """A timestamp `seconds_ago` before NOW, written the way RQ writes job timestamps."""
+    return format_timestamp(NOW - seconds_ago)
+
+
+def job_hash(
+    status: str = "started", started_ago_s: float = 30.0, worker: str = WORKER, **fields: str
+) -> dict[str, str]:
+    """The job fields the reader returns for a job a worker started `started_ago_s` ago.
+
+    The job was created and enqueued an hour before NOW; pass a field as "" to leave it out.
+    """
+    job = {
+        "status": status,
+        "origin": "default",
+        "created_at": iso(3600),
+        "enqueued_at": iso(3600),
+        "started_at": iso(started_ago_s),
+        "last_heartbeat": iso(started_ago_s),
+        "worker_name": worker,
+        "timeout": "180",
+    }
+    job.update(fields)
+    return {name: value for name, value in job.items() if value != ""}
+
+
+def execution_hash(
+    worker: str = WORKER, created_ago_s: float = 30.0, heartbeat_ago_s: float | None = None
+) -> dict[str, str]:
+    """An RQ 2/3 execution hash; its timestamps are float epoch seconds, as RQ writes them."""
+    beat = created_ago_s if heartbeat_ago_s is None else heartbeat_ago_s
+    return {
+        "worker_name": worker,
+        "created_at": repr(NOW - created_ago_s),
+        "last_heartbeat": repr(NOW - beat),
+    }
+
+
+def entry(job: Any = _ABSENT, execution: Any = _ABSENT, member: str = MEMBER) -> StartedEntry:
+    """A started-registry entry; by default a job started 30s ago by WORKER."""
+    job_id, _, execution_id = member.rpartition(":")
+    if not job_id:
+        job_id, execution_id = member, ""
+    return StartedEntry(
+        queue="default",
+        member=member.encode(),
+        job_id=job_id,
+        execution_id=execution_id or None,
+        score=NOW + 60,
+        job=job_hash() if job is _ABSENT else job,
+        execution=execution_hash() if execution is _ABSENT else execution,
+    )
+
+
+def worker(
+    name: str = WORKER,
+    *,
+    exists: bool = True,
+    executing: tuple[str, ...] = (MEMBER,),
+    subscribers: int | None = 1,
+    connected: bool | None = True,
+    **fields: str,
+) -> WorkerRecord:
+    """A worker record; by default a live RQ 3 worker executing MEMBER."""
+    hash_fields = {"birth": iso(7200), "last_heartbeat": iso(5), "state": "busy"}
+    hash_fields.update(fields)
+    return WorkerRecord(
+        name=name,
+        exists=exists,
+        fields={k: v for k, v in hash_fields.items() if v != ""} if exists else {},
+        ttl_s=90 if exists else None,
+        subscribers=subscribers,
+        connected=connected,
+        executions=frozenset(executing),
+        registered_in=frozenset({"rq:workers", "rq:workers:default"}),
+    )
+
+
+def decide(started: StartedEntry, *workers: WorkerRecord, rule: Rule = RULE) -> Verdict:
+    """The verdict on `started` with `workers` in the snapshot."""
+    return classify(started, {w.name: w for w in workers}, rule, NOW)
+
+
+# Orphaned and leftover entries ----------------------------------------------------------------
+
+
+def test_entry_whose_job_hash_is_gone_is_orphaned_and_only_the_entry_is_removed() -> None:
+    verdict = decide(entry(job=None), worker(executing=(), state="idle"))
+
+    assert verdict.state is State.ORPHANED
+    assert verdict.action == ACTION_REMOVE_ENTRY
+    assert verdict.reason == "job hash is gone"
+    assert verdict.signals.status is None
+
+
+def test_job_hash_holding_only_heartbeat_fields_is_orphaned() -> None:
+    # What a late heartbeat leaves behind when it recreates a deleted job's hash.
+    leftover_fields = {"last_heartbeat": iso(5)}
+
+    verdict = decide(entry(job=leftover_fields, execution=None), worker(executing=(), state="idle"))
+
+    assert verdict.state is State.ORPHANED
+    assert verdict.action == ACTION_REMOVE_ENTRY
+    assert "last_heartbeat" in verdict.reason
+
+
+def test_job_hash_gone_while_its_live_worker_executes_it_is_left_running() -> None:
+    verdict = decide(entry(job=None), worker())
+
+    assert verdict.state is State.RUNNING
+    assert verdict.action == ACTION_NONE
+
+
+@pytest.mark.parametrize(
+    "status", ["finished", "failed", "stopped", "canceled", "queued", "scheduled", "deferred"]
+)
+def test_entry_of_a_job_that_ended_or_was_queued_again_is_a_leftover(status: str) -> None:
+    verdict = decide(entry(job=job_hash(status=status)))  # its worker is gone
+
+    assert verdict.state is State.LEFTOVER
+    assert verdict.action == ACTION_REMOVE_ENTRY
+    assert verdict.reason == f"status is '{status}'"
+    assert verdict.signals.status == status
+
+
+def test_job_with_no_status_but_a_creation_time_is_a_leftover_not_an_orphan() -> None:
+    verdict = decide(entry(job=job_hash(status="")))
+
+    assert verdict.state is State.LEFTOVER
+    assert verdict.reason == "status is missing"
+
+
+@pytest.mark.parametrize("status", ["queued", "finished"])
+def test_live_worker_holding_a_job_not_yet_or_no_longer_started_keeps_it(status: str) -> None:
+    # Between taking a job and marking it started (or while writing its end) the
+    # entry belongs to the worker; removing it then would pull it from under the worker.
+    verdict = decide(entry(job=job_hash(status=status)), worker())
+
+    assert verdict.state is State.RUNNING
+    assert verdict.action == ACTION_NONE
+    assert WORKER in verdict.reason
+
+
+# Abandoned jobs -------------------------------------------------------------------------------
+
+
+def test_job_whose_worker_hash_is_gone_is_abandoned_and_gets_the_policy_action() -> None:
+    verdict = decide(entry())  # WORKER is in no record at all
+
+    assert verdict.state is State.ABANDONED
+    assert verdict.action == "requeue"
+    assert verdict.reason == f"{WORKER} is dead: worker hash is gone"
+    assert verdict.signals.worker_alive is False
+
+
+def test_job_whose_worker_record_says_the_hash_does_not_exist_is_abandoned() -> None:
+    verdict = decide(entry(), worker(exists=False, subscribers=0, connected=False))
+
+    assert verdict.state is State.ABANDONED
+    assert "worker hash is gone" in verdict.reason
+
+
+def test_job_whose_worker_recorded_its_death_is_abandoned_even_if_still_subscribed() -> None:
+    died = worker(death=iso(60))
+
+    verdict = decide(entry(), died)
+
+    assert verdict.state is State.ABANDONED
+    assert verdict.action == "requeue"
+    assert "recorded its death" in verdict.reason
+
+
+def test_job_whose_worker_holds_no_connection_is_abandoned_while_its_hash_lingers() -> None:
+    # A SIGKILLed worker: the hash expires minutes later, the connection is gone at once.
+    killed = worker(subscribers=0, connected=False)
+
+    verdict = decide(entry(), killed)
+
+    assert verdict.state is State.ABANDONED
+    assert verdict.reason == f"{WORKER} is dead: worker holds no connection to Redis"
+
+
+def test_job_of_a_live_worker_executing_another_job_is_abandoned() -> None:
+    busy_elsewhere = worker(executing=("other:ex9",))
+
+    verdict = decide(entry(), busy_elsewhere)
+
+    assert verdict.state is State.ABANDONED
+    assert verdict.action == "requeue"
+    assert verdict.reason == f"{WORKER} is live but not executing it"
+    assert verdict.signals.worker_alive is True
+
+
+def test_job_that_names_no_worker_is_abandoned() -> None:
+    started = entry(job=job_hash(worker=""), execution=execution_hash(worker=""))
+
+    verdict = decide(started, worker())
+
+    assert verdict.state is State.ABANDONED
+    assert verdict.reason == "no worker is named for it"
+    assert verdict.signals.worker_alive is None
+
+
+def test_worker_named_by_the_execution_wins_over_the_stale_one_in_the_job() -> None:
+    # The job hash still names the worker of an earlier execution; the execution is current.
+    started = entry(job=job_hash(worker="old-worker"), execution=execution_hash(worker=WORKER))
+
+    verdict = decide(started, worker(), worker("old-worker", exists=False))
+
+    assert verdict.state is State.RUNNING
+    assert verdict.signals.worker == WORKER
+
+
+# Liveness ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("subscribers", "connected", "alive", "evidence"),
+    [
+        (None, None, True, "worker hash exists (connection checks not permitted)"),
+        (1, False, True, "worker is subscribed to its command channel"),
+        (1, None, True, "worker is subscribed to its command channel"),
+        (0, True, True, "worker holds a named connection"),
+        (None, True, True, "worker holds a named connection"),
+        (0, False, False, "worker holds no connection to Redis"),
+        (0, None, False, "worker holds no connection to Redis"),
+        (None, False, False, "worker holds no connection to Redis"),
+    ],
+)
+def test_worker_liveness_follows_its_connection_signals(
+    subscribers: int | None, connected: bool | None, alive: bool, evidence: str
+) -> None:
+    liveness = worker_liveness(worker(subscribers=subscribers, connected=connected))
+
+    assert (liveness.alive, liveness.evidence) == (alive, evidence)
+
+
+def test_when_connection_checks_are_not_permitted_the_hash_alone_decides() -> None:
+    def unknown(**fields: str) -> WorkerRecord:
+        return worker(subscribers=None, connected=None, **fields)
+
+    running = decide(entry(), unknown())
+    died = decide(entry(), unknown(death=iso(1)))
+    gone = decide(entry(), worker(exists=False, subscribers=None, connected=None))
+
+    assert running.state is State.RUNNING
+    assert (died.state, gone.state) == (State.ABANDONED, State.ABANDONED)
+
+
+def test_worker_with_only_a_named_connection_keeps_its_job() -> None:
+    verdict = decide(entry(), worker(subscribers=0, connected=True))
+
+    assert verdict.state is State.RUNNING
+    assert verdict.signals.worker_evidence == "worker holds a named connection"
+
+
+# What a live worker is executing -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("executing", "fields", "state"),
+    [
+        pytest.param((MEMBER,), {}, State.RUNNING, id="rq3-executions-set-lists-it"),
+        pytest.param(("other:ex9",), {}, State.ABANDONED, id="rq3-executions-set-lists-another"),
+        pytest.param(
+            (MEMBER,),
+            {"current_job": "other"},
+            State.RUNNING,
+            id="rq3-executions-set-beats-current_job",
+        ),
+        pytest.param((), {"current_job": JOB_ID}, State.RUNNING, id="rq2-current_job-is-it"),
+        pytest.param((), {"current_job": "other"}, State.ABANDONED, id="rq2-current_job-other"),
+        pytest.param((), {"state": "busy"}, State.RUNNING, id="busy-with-no-record-yet"),
+        pytest.param((), {"state": "idle"}, State.ABANDONED, id="idle-with-no-record"),
+    ],
+)
+def test_live_worker_executes_a_job_when_its_own_records_say_so(
+    executing: tuple[str, ...], fields: dict[str, str], state: State
+) -> None:
+    verdict = decide(entry(), worker(executing=executing, **fields))
+
+    assert verdict.state is state
+
+
+def test_rq1_bare_member_is_matched_by_the_workers_current_job() -> None:
+    started = entry(member=JOB_ID, execution=None)
+
+    verdict = decide(started, worker(executing=(), current_job=JOB_ID, state="busy"))
+
+    assert started.execution_id is None
+    assert verdict.state is State.RUNNING
+
+
+# Overdue and running ------------------------------------------------------------------------
+
+
+def test_job_over_max_age_on_a_live_worker_is_overdue_and_stopped_first() -> None:
+    verdict = decide(entry(job=job_hash(started_ago_s=3600)), worker())
+
+    assert verdict.state is State.OVERDUE
+    assert verdict.action == ACTION_STOP
+    assert verdict.follow_up == "requeue"
+    assert verdict.reason == "running 3600.0s, over max_age 600s"
+
+
+def test_job_within_max_age_on_a_live_worker_is_running_and_kept() -> None:
+    verdict = decide(entry(job=job_hash(started_ago_s=30)), worker())
+
+    assert verdict.state is State.RUNNING
+    assert verdict.action == ACTION_NONE
+    assert verdict.follow_up is None
+
+
+def test_job_exactly_max_age_old_is_still_running() -> None:
+    verdict = decide(entry(job=job_hash(started_ago_s=600)), worker())
+
+    assert verdict.state is State.RUNNING
+    assert verdict.signals.age_s == 600
+
+
+def test_job_one_second_over_max_age_is_overdue() -> None:
+    verdict = decide(entry(job=job_hash(started_ago_s=601)), worker())
+
+    assert verdict.state is State.OVERDUE
+    assert verdict.signals.age_s == 601
+
+
+def test_force_turns_a_running_job_into_an_overdue_one() -> None:
+    forced = Rule(max_age_seconds=86400, action="cancel", force=True)
+
+    verdict = decide(entry(job=job_hash(started_ago_s=5)), worker(), rule=forced)
+
+    assert verdict.state is State.OVERDUE
+    assert (verdict.action, verdict.follow_up) == (ACTION_STOP, "cancel")
+    assert verdict.reason == "force is set"
+
+
+def test_force_does_not_change_what_happens_to_an_abandoned_job() -> None:
+    forced = Rule(max_age_seconds=600, action="cancel", force=True)
+
+    verdict = decide(entry(), rule=forced)
+
+    assert (verdict.state, verdict.action) == (State.ABANDONED, "cancel")
+
+
+def test_job_of_unknown_age_is_never_overdue_without_force() -> None:
+    no_start = entry(job=job_hash(started_at=""), execution=None)
+    zero = Rule(max_age_seconds=0, action="fail")
+
+    verdict = decide(no_start, worker(), rule=zero)
+
+    assert verdict.signals.age_s is None
+    assert (verdict.state, verdict.action) == (State.RUNNING, ACTION_NONE)
+    assert "age unknown" in verdict.reason
+
+
+def test_job_of_unknown_age_is_overdue_with_force() -> None:
+    no_start = entry(job=job_hash(started_at="garbage"), execution=None)
+
+    verdict = decide(no_start, worker(), rule=Rule(force=True))
+
+    assert verdict.signals.age_s is None
+    assert verdict.state is State.OVERDUE
+
+
+# Signals ----------------------------------------------------------------------------------------
+
+
+def test_age_counts_from_the_start_not_from_creation() -> None:
+    # Waited an hour in the queue, started 5s ago: 5 seconds old, not an hour.
+    started = entry(job=job_hash(started_ago_s=5), execution=execution_hash(created_ago_s=5))
+
+    verdict = decide(started, worker(), rule=Rule(max_age_seconds=60))
+
+    assert verdict.signals.age_s == 5
+    assert verdict.state is State.RUNNING
+
+
+def test_age_falls_back_to_the_executions_float_creation_time() -> None:
+    started = entry(job=job_hash(started_at=""), execution=execution_hash(created_ago_s=90.5))
+
+    verdict = decide(started, worker(), rule=Rule(max_age_seconds=60))
+
+    assert verdict.signals.age_s == pytest.approx(90.5)
+    assert verdict.state is State.OVERDUE
+
+
+def test_started_at_wins_over_the_execution_creation_time() -> None:
+    started = entry(job=job_hash(started_ago_s=10), execution=execution_hash(created_ago_s=900))
+
+    assert decide(started, worker()).signals.age_s == 10
+
+
+@pytest.mark.parametrize(("job_beat_ago_s", "execution_beat_ago_s"), [(100.0, 10.0), (10.0, 100.0)])
+def test_heartbeat_age_is_the_freshest_of_job_and_execution(
+    job_beat_ago_s: float, execution_beat_ago_s: float
+) -> None:
+    started = entry(
+        job=job_hash(started_ago_s=200, last_heartbeat=iso(job_beat_ago_s)),
+        execution=execution_hash(created_ago_s=200, heartbeat_ago_s=execution_beat_ago_s),
+    )
+
+    signals = decide(started, worker()).signals
+
+    assert signals.heartbeat_age_s == pytest.approx(10.0)
+
+
+def test_heartbeat_age_is_unknown_when_no_heartbeat_was_written() -> None:
+    started = entry(job=job_hash(last_heartbeat=""), execution=None)
+
+    assert decide(started, worker()).signals.heartbeat_age_s is None
+
+
+def test_signals_carry_the_jobs_timeout_and_status() -> None:
+    signals = decide(entry(job=job_hash(timeout="-1")), worker()).signals
+
+    assert (signals.timeout_s, signals.status, signals.worker) == (-1, "started", WORKER)
+
+
+def test_age_is_never_negative_when_clocks_disagree() -> None:
+    from_the_future = entry(job=job_hash(started_ago_s=-30))
+
+    assert decide(from_the_future, worker()).signals.age_s == 0.0
+
+
+# Timestamps and registry members ------------------------------------------------------------
+
+EPOCH_2024 = 1_704_067_200.0  # 2024-01-01T00:00:00Z
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2024-01-01T00:00:00.000000Z", EPOCH_2024),
+        ("2024-01-01T00:00:00.250000Z", EPOCH_2024 + 0.25),
+        ("2024-01-01T00:00:00Z", EPOCH_2024),
+        ("2024-01-01T00:00:00", EPOCH_2024),
+        ("2024-01-01T00:00:00.500", EPOCH_2024 + 0.5),
+        ("2024-01-01T02:00:00+02:00", EPOCH_2024),
+        ("2023-12-31T19:00:00.000000-05:00", EPOCH_2024),
+        ("1704067200.25", EPOCH_2024 + 0.25),
+        ("1704067200", EPOCH_2024),
+        (" 1704067200.5 ", EPOCH_2024 + 0.5),
+    ],
+)
+def test_parse_timestamp_reads_every_form_rq_writes(text: str, expected: float) -> None:
+    assert parse_timestamp(text) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "text", [None, "", "   ", "yesterday", "2024-13-01T00:00:00Z", "nan", "inf", "-5", "0"]
+)
+def test_parse_timestamp_returns_none_for_what_is_not_a_moment(text: str | None) -> None:
+    assert parse_timestamp(text) is None
+
+
+def test_format_timestamp_round_trips_through_parse_timestamp() -> None:
+    text = format_timestamp(EPOCH_2024 + 0.123456)
+
+    assert text == "2024-01-01T00:00:00.123456Z"
+    assert parse_timestamp(text) == pytest.approx(EPOCH_2024 + 0.123456, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("member", "expected"),
+    [
+        (b"4f2a9c", ("4f2a9c", None)),
+        (b"4f2a9c:0d1e2f", ("4f2a9c", "0d1e2f")),
+        (b"old:style:ex1", ("old:style", "ex1")),
+        (b"job1:", ("job1:", None)),
+        (b":ex1", (":ex1", None)),
+        (b"caf\xe9", ("caf\\xe9", None)),
+    ],
+)
+def test_split_member_separates_job_and_execution(
+    member: bytes, expected: tuple[str, str | None]
+) -> None:
+    assert split_member(member) == expected
