@@ -360,6 +360,9 @@ class WorkerFactory:
 
         ready = wait_until(listening, timeout=STARTUP_TIMEOUT_S)
         if ready and worker.running():
+            # RQ 3 reports "idle" before its start-up maintenance pass; its last
+            # step logs this line, after which a signal is handled cleanly.
+            wait_until(lambda: "cleaning group registries" in worker.log(), timeout=5)
             return
         worker.kill()
         pytest.fail(

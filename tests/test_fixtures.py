@@ -43,17 +43,6 @@ def test_worker_runs_jobs_from_the_tests_module_to_the_end(
     assert result is not None and "boom" in (result.exc_string or "")
 
 
-def test_stopped_worker_unregisters_itself(
-    rq_workers: WorkerFactory, redis_conn: redis.Redis
-) -> None:
-    worker = rq_workers.start(["fixtures"], simple=True)
-
-    worker.stop()
-
-    assert worker.process.returncode == 0, worker.log()
-    assert not redis_conn.sismember("rq:workers", f"rq:worker:{worker.name}")
-
-
 def test_forking_worker_works_against_fakeredis_over_tcp(
     fake_redis_url: str, tmp_path: Path
 ) -> None:

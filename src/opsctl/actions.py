@@ -259,7 +259,11 @@ class Actor:
         results: list[ChangeResult | None] = []
         for start in range(0, len(changes), batch):
             if between_batches and start:
-                between_batches()
+                try:
+                    between_batches()
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.warning("connection_lost during=actions error=%s", exc)
+                    return results + [None] * (len(changes) - len(results))
             chunk = changes[start : start + batch]
             pipe = self.conn.pipeline(transaction=False)
             for change in chunk:

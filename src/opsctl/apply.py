@@ -25,7 +25,7 @@ import redis
 from opsctl import audit
 from opsctl.actions import Actor, ChangeResult, JobChange
 from opsctl.audit import AuditContext
-from opsctl.engine import ACTION_STOP, Verdict
+from opsctl.engine import ACTION_STOP
 from opsctl.keys import DEFAULT_FAILURE_TTL_S, Keys
 from opsctl.lock import Lock, maintenance_lock
 from opsctl.model import format_timestamp, parse_int
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 STOP_POLL_S = 0.2
 #: Waits before each attempt to reach Redis again after the connection dropped.
 RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
+#: Rounds of applying, after which changes still unknown are left to the next run.
+RECONCILE_ROUNDS = 5
 #: Details a successful script reports that add nothing to the reason.
 _PLAIN_DETAILS = {"removed", "failed", "queued", "canceled", "deleted"}
 
@@ -123,40 +125,50 @@ class Executor:
     def _apply_reconciled(
         self, outcomes: list[JobOutcome], changes: list[JobChange]
     ) -> list[ChangeResult | None]:
-        """Apply ``changes``; after a dropped connection, find out what happened."""
-        now = server_time(self.conn)
-        results = self.actor.apply_jobs(changes, now, between_batches=self.renew_locks)
-        while any(r is None for r in results):
-            if not self._reconnect():
-                for outcome, result in zip(outcomes, results, strict=True):
-                    if result is None:
-                        _set(outcome, ERROR, "not acted on: lost the connection to Redis")
-                self.run.redis_lost = True
-                return results
-            results = self._reconcile(changes, results)
+        """Apply ``changes``; after a dropped connection, find out what happened.
+
+        Each round applies what is still unknown. After a drop, the audit trail
+        (written atomically with each change) tells which changes happened; the
+        rest are applied again, safely, since every script re-checks first.
+        After a few rounds, or when Redis stays away, the unknown ones are
+        reported as errors for the next run to complete.
+        """
+        results: list[ChangeResult | None] = [None] * len(changes)
+        for attempt in range(RECONCILE_ROUNDS):
+            try:
+                if attempt:
+                    self._settle_from_audit(changes, results)
+                todo = [i for i, r in enumerate(results) if r is None]
+                now = server_time(self.conn)
+                applied = self.actor.apply_jobs(
+                    [changes[i] for i in todo], now, between_batches=self.renew_locks
+                )
+                for i, result in zip(todo, applied, strict=True):
+                    results[i] = result
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("connection_lost during=reconcile error=%s", exc)
+            if all(r is not None for r in results) or not self._reconnect():
+                break
+        if any(r is None for r in results):
+            self.run.redis_lost = True
+            for outcome, result in zip(outcomes, results, strict=True):
+                if result is None:
+                    why = "not known to be done: lost the connection to Redis; rerun to finish"
+                    _set(outcome, ERROR, why)
         return results
 
-    def _reconcile(
+    def _settle_from_audit(
         self, changes: list[JobChange], results: list[ChangeResult | None]
-    ) -> list[ChangeResult | None]:
-        """Settle unknown results from the audit trail, and retry the rest."""
+    ) -> None:
+        """Mark as done the unknown changes the audit trail shows this run made."""
         recorded = {
             entry["job"]
             for entry in audit.history(self.conn, run_id=self.run.run_id, limit=10_000)
             if entry.get("outcome") == DONE
         }
-        retry = [
-            i for i, r in enumerate(results) if r is None and changes[i].job_id not in recorded
-        ]
         for i, result in enumerate(results):
             if result is None and changes[i].job_id in recorded:
                 results[i] = ChangeResult(True, "done (confirmed after reconnecting)")
-        retried = self.actor.apply_jobs(
-            [changes[i] for i in retry], server_time(self.conn), between_batches=self.renew_locks
-        )
-        for i, result in zip(retry, retried, strict=True):
-            results[i] = result
-        return results
 
     def _reconnect(self) -> bool:
         for wait_s in RECONNECT_BACKOFF_S:
@@ -170,10 +182,10 @@ class Executor:
         return False
 
     def _job_change(self, outcome: JobOutcome) -> JobChange:
-        entry, verdict = outcome.entry, outcome.verdict
+        entry = outcome.entry
         job = entry.job or {}
         retries = parse_int(job.get("retries_left"))
-        reason = failure_reason(self.run, verdict)
+        reason = failure_reason(self.run, outcome)
         return JobChange(
             action=outcome.action,
             queue=job.get("origin") or entry.queue,
@@ -330,10 +342,11 @@ class Executor:
                 worker.reason = "not acted on: lost the connection to Redis"
 
 
-def failure_reason(run: Run, verdict: Verdict) -> str:
+def failure_reason(run: Run, outcome: JobOutcome) -> str:
     """The failure text RQ will show for a job opsctl failed."""
-    s = verdict.signals
-    parts = [f"Failed by opsctl (run {run.run_id}): {verdict.state.value}: {verdict.reason}"]
+    s = outcome.verdict.signals
+    state = outcome.verdict.state.value
+    parts = [f"Failed by opsctl (run {run.run_id}): {state}: {outcome.reason}"]
     if s.age_s is not None:
         parts.append(f"started {s.age_s:.0f}s ago")
     if s.heartbeat_age_s is not None:

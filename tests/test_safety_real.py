@@ -1,0 +1,832 @@
+"""opsctl's safety promises against a real redis-server: each job is acted on at most once.
+
+The jobs here are abandoned the quick way, without workers: enqueued, then given an
+execution and the started status in the name of a worker that has no `rq:worker:<name>`
+hash, exactly as a worker killed mid-job leaves them. Each test then runs the real CLI
+(`python -m opsctl ...`), often while something else touches the same Redis at the same
+moment, and checks the end state through RQ's own API: status, registries and results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import redis
+from rq import Queue
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry, clean_registries
+
+from conftest import clean_env, job_status
+
+pytestmark = pytest.mark.redis_server
+
+SRC_DIR = Path(__file__).resolve().parents[1] / "src"
+POLICIES = Path(__file__).resolve().parent / "policies"
+
+QUEUE = "safety"
+OTHER_QUEUE = "safety-other"
+#: A worker name with no worker hash: RQ and opsctl both count it as dead.
+DEAD_WORKER = "dead-worker"
+#: Seconds an abandoned job's execution lease lasts.
+LEASE_S = 600
+
+#: opsctl's exit codes, as its README names them.
+EXIT_OK, EXIT_ACTION_FAILED, EXIT_INVALID = 0, 1, 2
+EXIT_REDIS_UNAVAILABLE, EXIT_LIMIT_TRIPPED, EXIT_LOCKED = 3, 4, 5
+
+
+# --- running opsctl -----------------------------------------------------------------------
+
+
+def opsctl_command(*args: str) -> list[str]:
+    """`python -m opsctl ARGS` with the interpreter running the tests."""
+    return [sys.executable, "-m", "opsctl", *args]
+
+
+def opsctl_env() -> dict[str, str]:
+    """The environment for opsctl: this checkout's code, no Redis settings inherited."""
+    env = clean_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC_DIR), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_opsctl(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m opsctl ARGS`; capture its output."""
+    return subprocess.run(
+        opsctl_command(*args),
+        capture_output=True,
+        text=True,
+        env=opsctl_env(),
+        timeout=120,
+        check=False,
+    )
+
+
+def start_opsctl(*args: str) -> subprocess.Popen[str]:
+    """Start `python -m opsctl ARGS` in the background."""
+    return subprocess.Popen(
+        opsctl_command(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=opsctl_env(),
+    )
+
+
+def apply_args(policy: str | Path, redis_url: str, *extra: str) -> list[str]:
+    """Arguments of `opsctl apply POLICY` against `redis_url`, with a JSON report."""
+    return ["apply", str(policy), "--redis-url", redis_url, "--format", "json", *extra]
+
+
+def shown(result: subprocess.CompletedProcess[str]) -> str:
+    """Everything opsctl printed, for assertion messages."""
+    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def report_of(result: subprocess.CompletedProcess[str], code: int = EXIT_OK) -> dict[str, Any]:
+    """The JSON report of a run, after checking that it exited with `code`."""
+    assert result.returncode == code, shown(result)
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def apply(policy: str | Path, redis_url: str, *extra: str, code: int = EXIT_OK) -> dict[str, Any]:
+    """`opsctl apply POLICY` with a JSON report that exited with `code`."""
+    return report_of(run_opsctl(*apply_args(policy, redis_url, *extra)), code)
+
+
+def outcomes(report: dict[str, Any]) -> dict[str, str]:
+    """Job id to outcome, from a report."""
+    return {line["id"]: line["outcome"] for line in report["jobs"]}
+
+
+def line_of(report: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """The report's one line about `job_id`."""
+    lines: list[dict[str, Any]] = [line for line in report["jobs"] if line["id"] == job_id]
+    assert len(lines) == 1, json.dumps(report, indent=2)
+    return lines[0]
+
+
+# --- abandoned jobs without workers -------------------------------------------------------
+
+
+def start_in_dead_worker(conn: redis.Redis, jobs: list[Job], queue: str = QUEUE) -> None:
+    """Take `jobs` off their queue and mark them started by a worker that is dead."""
+    queue_key = Queue(queue, connection=conn).key
+    for start in range(0, len(jobs), 500):
+        with conn.pipeline() as pipe:
+            for job in jobs[start : start + 500]:
+                Execution.create(job, LEASE_S, pipe, worker_name=DEAD_WORKER)
+                job.prepare_for_execution(DEAD_WORKER, pipe)
+                pipe.lrem(queue_key, 0, job.id)
+            pipe.execute()
+
+
+def abandon(conn: redis.Redis, count: int, queue: str = QUEUE) -> list[str]:
+    """`count` new jobs on `queue`, each abandoned by a dead worker; their ids."""
+    data = [Queue.prepare_data("jobs.sleep_for", (1,)) for _ in range(count)]
+    jobs = Queue(queue, connection=conn).enqueue_many(data)
+    start_in_dead_worker(conn, jobs, queue)
+    return [job.id for job in jobs]
+
+
+def statuses(conn: redis.Redis, job_ids: list[str]) -> Counter[str]:
+    """How many of the jobs RQ reports in each status ('missing' for a deleted job)."""
+    found = Counter[str]()
+    for start in range(0, len(job_ids), 1000):
+        for job in Job.fetch_many(job_ids[start : start + 1000], connection=conn):
+            if job is None:
+                found["missing"] += 1
+            else:
+                found[str(getattr(job.get_status(), "value", job.get_status()))] += 1
+    return found
+
+
+def result_counts(conn: redis.Redis, job_ids: list[str]) -> dict[str, int]:
+    """Job id to the number of results RQ holds for it (one per ended execution)."""
+    with conn.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.xlen(f"rq:results:{job_id}")
+        return dict(zip(job_ids, pipe.execute(), strict=True))
+
+
+def started_ids(conn: redis.Redis, queue: str = QUEUE) -> list[str]:
+    """Job ids in the queue's started registry, read without RQ's own cleanup."""
+    registry = StartedJobRegistry(queue, connection=conn)
+    return [job_id for job_id, _ in registry.get_job_and_execution_ids(cleanup=False)]
+
+
+def failed_ids(conn: redis.Redis, queue: str = QUEUE) -> list[str]:
+    """Job ids in the queue's failed registry, read without RQ's own cleanup."""
+    return FailedJobRegistry(queue, connection=conn).get_job_ids(cleanup=False)
+
+
+def assert_failed_exactly_once(conn: redis.Redis, job_ids: list[str]) -> None:
+    """Every job is failed, filed once in FailedJobRegistry, with one failure result."""
+    assert statuses(conn, job_ids) == Counter({"failed": len(job_ids)})
+    failed = failed_ids(conn)
+    assert len(failed) == len(set(failed))
+    assert set(job_ids) <= set(failed)
+    assert set(job_ids).isdisjoint(started_ids(conn))
+    counts = result_counts(conn, job_ids)
+    assert {job_id: n for job_id, n in counts.items() if n != 1} == {}
+
+
+def assert_still_started(conn: redis.Redis, job_ids: list[str], queue: str = QUEUE) -> None:
+    """Every job is still started, in its started registry, with no result."""
+    assert statuses(conn, job_ids) == Counter({"started": len(job_ids)})
+    assert set(job_ids) <= set(started_ids(conn, queue))
+    assert set(job_ids).isdisjoint(failed_ids(conn, queue))
+    assert set(result_counts(conn, job_ids).values()) == {0}
+
+
+def redis_state(conn: redis.Redis) -> dict[bytes, bytes | None]:
+    """Every key with its DUMP: equal states mean nothing changed."""
+    return {key: conn.dump(key) for key in conn.scan_iter(count=1000)}
+
+
+# --- 1. two runs at once ------------------------------------------------------------------
+
+
+def opsctl_clients(conn: redis.Redis) -> int:
+    """How many connections named `opsctl` are open."""
+    return sum(1 for client in conn.client_list() if client.get("name") == "opsctl")
+
+
+def run_both(runs: list[subprocess.Popen[str]]) -> list[subprocess.CompletedProcess[str]]:
+    """Wait for both runs; their exit codes and output."""
+    results = []
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=120)
+        results.append(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr))
+    return results
+
+
+def jobs_acted_on(results: list[subprocess.CompletedProcess[str]]) -> Counter[str]:
+    """How often the runs' reports say each job was acted on; locked-out runs add nothing."""
+    acted = Counter[str]()
+    for result in results:
+        if result.returncode != EXIT_LOCKED:
+            report = report_of(result)
+            acted.update(j for j, outcome in outcomes(report).items() if outcome == "done")
+    return acted
+
+
+def test_two_applies_started_at_once_fail_each_abandoned_job_exactly_once(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job_ids = abandon(redis_conn, 1000)
+    args = apply_args(POLICIES / "safety_fail.yaml", redis_url, "--lock-timeout", "0.01")
+
+    results = run_both([start_opsctl(*args), start_opsctl(*args)])
+
+    codes = sorted(r.returncode for r in results)
+    print(f"two runs started at once, --lock-timeout 0.01: exit codes {codes}")
+    everything = "\n".join(shown(r) for r in results)
+    assert codes in ([EXIT_OK, EXIT_OK], [EXIT_OK, EXIT_LOCKED]), everything
+    for result in results:
+        if result.returncode == EXIT_LOCKED:
+            assert "another opsctl run holds the lock" in result.stderr
+            assert "--lock-timeout" in result.stderr
+    assert jobs_acted_on(results) == Counter(job_ids), "each job acted on by one run"
+    assert_failed_exactly_once(redis_conn, job_ids)
+
+
+def test_two_applies_waiting_for_the_same_lock_fail_each_abandoned_job_exactly_once(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job_ids = abandon(redis_conn, 1000)
+    args = apply_args(POLICIES / "safety_fail.yaml", redis_url, "--lock-timeout", "30")
+    redis_conn.set("opsctl:lock", "opsctl run=held-by-test", ex=60)
+
+    runs = [start_opsctl(*args), start_opsctl(*args)]
+    assert wait_while_running(runs[0], lambda: opsctl_clients(redis_conn) == 2)
+    redis_conn.delete("opsctl:lock")  # both are waiting: now they race for it
+    results = run_both(runs)
+
+    assert [r.returncode for r in results] == [EXIT_OK, EXIT_OK], [shown(r) for r in results]
+    assert jobs_acted_on(results) == Counter(job_ids), "each job acted on by one run"
+    assert sorted(len(report_of(r)["jobs"]) for r in results) == [0, 1000]
+    assert_failed_exactly_once(redis_conn, job_ids)
+
+
+def test_apply_gives_up_with_exit_5_and_changes_nothing_while_another_run_holds_the_lock(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job_ids = abandon(redis_conn, 3)
+    redis_conn.set("opsctl:lock", "opsctl run=held-by-test host=elsewhere pid=1", ex=60)
+    before = redis_state(redis_conn)
+
+    args = apply_args(POLICIES / "safety_fail.yaml", redis_url, "--lock-timeout", "0.01")
+    result = run_opsctl(*args)
+
+    assert result.returncode == EXIT_LOCKED, shown(result)
+    assert "run=held-by-test" in result.stderr, "the message names who holds the lock"
+    assert redis_state(redis_conn) == before
+    assert_still_started(redis_conn, job_ids)
+
+
+# --- 2. connections killed while it works -------------------------------------------------
+
+
+def opsctl_acting(conn: redis.Redis) -> bool:
+    """Whether opsctl holds the queue's maintenance lock: it takes it to act, after reading."""
+    return bool(conn.exists(f"rq:clean_registries:{QUEUE}"))
+
+
+def kill_opsctl_clients(conn: redis.Redis, run: subprocess.Popen[str], seconds: float) -> int:
+    """Kill every connection named `opsctl`, every 20 ms, until `run` exits or `seconds`
+    pass; how many connections were killed."""
+    kills = 0
+    deadline = time.monotonic() + seconds
+    while run.poll() is None and time.monotonic() < deadline:
+        for client in conn.client_list():
+            if client.get("name") == "opsctl":
+                kills += int(conn.client_kill_filter(_id=client["id"]))
+        time.sleep(0.02)
+    return kills
+
+
+def wait_while_running(run: subprocess.Popen[str], ready: Callable[[], bool]) -> bool:
+    """Wait up to 20 s for `ready()`; False if `run` exited first."""
+    deadline = time.monotonic() + 20
+    while run.poll() is None and time.monotonic() < deadline:
+        if ready():
+            return True
+        time.sleep(0.001)
+    return False
+
+
+@pytest.mark.parametrize("storm_starts", ["reading", "acting"])
+def test_connection_storm_leaves_every_job_in_exactly_one_place_and_a_rerun_finishes(
+    redis_conn: redis.Redis, redis_url: str, storm_starts: str
+) -> None:
+    job_ids = abandon(redis_conn, 3000)
+    policy = POLICIES / "safety_fail.yaml"
+    reached = {
+        "reading": lambda: opsctl_clients(redis_conn) >= 1,
+        "acting": lambda: opsctl_acting(redis_conn),
+    }[storm_starts]
+
+    run = start_opsctl(*apply_args(policy, redis_url, "--timeout", "2"))
+    assert wait_while_running(run, reached), f"opsctl reached {storm_starts}"
+    kills = kill_opsctl_clients(redis_conn, run, seconds=2.5)
+    stdout, stderr = run.communicate(timeout=120)
+    first = subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
+
+    print(f"storm while {storm_starts}: {kills} connection(s) killed, exit {first.returncode}")
+    assert kills >= 1
+    assert first.returncode in (EXIT_OK, EXIT_ACTION_FAILED, EXIT_REDIS_UNAVAILABLE), shown(first)
+    assert_each_job_in_one_place(redis_conn, job_ids)
+    if first.stdout:
+        done = {j for j, outcome in outcomes(json.loads(first.stdout)).items() if outcome == "done"}
+        assert done <= set(failed_ids(redis_conn)), "a job reported done was failed"
+    left = set(started_ids(redis_conn))
+
+    second = apply(policy, redis_url)
+
+    assert {j for j, outcome in outcomes(second).items() if outcome == "done"} == left
+    assert_failed_exactly_once(redis_conn, job_ids)
+    assert started_ids(redis_conn) == []
+
+
+def assert_each_job_in_one_place(conn: redis.Redis, job_ids: list[str]) -> None:
+    """Each job is either still started (and only in the started registry) or failed
+    (only in the failed registry, with one result): never both, never neither."""
+    started, failed = set(started_ids(conn)), set(failed_ids(conn))
+    counts = result_counts(conn, job_ids)
+    jobs = dict(zip(job_ids, Job.fetch_many(job_ids, connection=conn), strict=True))
+    misplaced = {}
+    for job_id, job in jobs.items():
+        status = job.get_status() if job else None
+        still_started = status == JobStatus.STARTED and job_id in started
+        still_started = still_started and job_id not in failed and counts[job_id] == 0
+        now_failed = status == JobStatus.FAILED and job_id in failed
+        now_failed = now_failed and job_id not in started and counts[job_id] == 1
+        if still_started == now_failed:
+            misplaced[job_id] = (status, job_id in started, job_id in failed, counts[job_id])
+    assert misplaced == {}, f"{len(misplaced)} job(s) in two places or none"
+
+
+class DroppingProxy:
+    """A TCP proxy to the private server that cuts a client's connection whenever
+    `drop(chunk)` says so for a chunk the client sends (the chunk is not forwarded)."""
+
+    def __init__(self, port: int, drop: Callable[[bytes], bool]) -> None:
+        self.target = ("127.0.0.1", port)
+        self.drop = drop
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+        self.drops = 0
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            self.sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
+        try:
+            while chunk := source.recv(65536):
+                if upstream and self.drop(chunk):
+                    self.drops += 1
+                    break
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+@contextmanager
+def proxy_cutting_batches_after_the_first(
+    port: int, also_cut: bytes | None = None
+) -> Iterator[DroppingProxy]:
+    """A proxy that lets opsctl's first batch of 200 job changes through, then cuts the
+    connection at every later batch (and at every command containing `also_cut`)."""
+    sent = [0]
+
+    def drop(chunk: bytes) -> bool:
+        if sent[0] >= 200 and chunk.count(b"EVALSHA") > 1:
+            return True
+        if also_cut is not None and also_cut in chunk:
+            return True
+        sent[0] += chunk.count(b"EVALSHA")
+        return False
+
+    proxy = DroppingProxy(port, drop)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+def test_report_after_a_lost_connection_names_the_jobs_that_were_failed(
+    redis_conn: redis.Redis, redis_server: Any
+) -> None:
+    job_ids = abandon(redis_conn, 400)
+    policy = POLICIES / "safety_fail.yaml"
+
+    with proxy_cutting_batches_after_the_first(redis_server.port, b"XREVRANGE") as proxy:
+        result = run_opsctl(*apply_args(policy, proxy.url, "--timeout", "2"))
+
+    report = report_of(result, EXIT_REDIS_UNAVAILABLE)
+    assert statuses(redis_conn, job_ids) == Counter({"failed": 200, "started": 200})
+    done = {j for j, outcome in outcomes(report).items() if outcome == "done"}
+    errors = {j for j, outcome in outcomes(report).items() if outcome == "error"}
+    assert done == set(failed_ids(redis_conn))
+    assert errors == set(started_ids(redis_conn))
+
+
+def test_apply_gives_up_when_every_batch_is_cut_though_ping_answers(
+    redis_conn: redis.Redis, redis_server: Any
+) -> None:
+    job_ids = abandon(redis_conn, 400)
+    policy = POLICIES / "safety_fail.yaml"
+
+    with proxy_cutting_batches_after_the_first(redis_server.port) as proxy:
+        run = start_opsctl(*apply_args(policy, proxy.url, "--timeout", "2"))
+        try:
+            stdout, stderr = run.communicate(timeout=12)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.communicate()
+            pytest.fail(f"opsctl apply still running after 12 s; {proxy.drops} batches cut")
+
+    result = subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
+    report = report_of(result, EXIT_REDIS_UNAVAILABLE)
+    assert statuses(redis_conn, job_ids) == Counter({"failed": 200, "started": 200})
+    assert Counter(outcomes(report).values()) == Counter({"done": 200, "error": 200})
+
+
+# --- 3. reviewed plans --------------------------------------------------------------------
+
+
+def finish_like_a_worker(conn: redis.Redis, job_id: str, queue: str = QUEUE) -> None:
+    """End a started job the way its worker would on success."""
+    registry = StartedJobRegistry(queue, connection=conn)
+    [execution_id] = [
+        e for j, e in registry.get_job_and_execution_ids(cleanup=False) if j == job_id
+    ]
+    with conn.pipeline() as pipe:
+        pipe.hset(
+            f"rq:job:{job_id}",
+            mapping={"status": "finished", "ended_at": "2020-01-01T00:00:00.000000Z"},
+        )
+        pipe.zrem(f"rq:wip:{queue}", f"{job_id}:{execution_id}")
+        pipe.zadd(f"rq:finished:{queue}", {job_id: time.time() + 500})
+        pipe.delete(f"rq:execution:{job_id}:{execution_id}")
+        pipe.zrem(f"rq:executions:{job_id}", execution_id)
+        pipe.srem(f"rq:worker:{DEAD_WORKER}:executions", f"{job_id}:{execution_id}")
+        pipe.execute()
+
+
+def make_plan(redis_url: str, path: Path) -> dict[str, Any]:
+    """`opsctl plan` for the safety queue, written to `path`; the plan it wrote."""
+    result = run_opsctl(
+        "plan", str(POLICIES / "safety_fail.yaml"), "--redis-url", redis_url, "-o", str(path)
+    )
+    assert result.returncode == EXIT_OK, shown(result)
+    plan: dict[str, Any] = json.loads(path.read_text())
+    return plan
+
+
+def finished_planned_and_unplanned(
+    conn: redis.Redis, redis_url: str, plan_path: Path
+) -> tuple[str, list[str], str]:
+    """Plan three abandoned jobs, then let one finish and abandon one more: the job that
+    finished, the two still abandoned, and the job the plan does not know."""
+    finishes, *others = abandon(conn, 3)
+    make_plan(redis_url, plan_path)
+    finish_like_a_worker(conn, finishes)
+    [unplanned] = abandon(conn, 1)
+    return finishes, others, unplanned
+
+
+def apply_plan(plan_path: Path, redis_url: str) -> dict[str, Any]:
+    """`opsctl apply --plan PLAN` with a JSON report, after checking that it exited 0."""
+    args = ["apply", "--plan", str(plan_path), "--redis-url", redis_url, "--format", "json"]
+    return report_of(run_opsctl(*args))
+
+
+def test_apply_plan_fails_the_planned_jobs_skips_one_that_finished_and_touches_no_other(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    plan_path = tmp_path / "plan.json"
+    finishes, others, unplanned = finished_planned_and_unplanned(redis_conn, redis_url, plan_path)
+
+    report = apply_plan(plan_path, redis_url)
+
+    assert {job_id: outcomes(report)[job_id] for job_id in others} == dict.fromkeys(others, "done")
+    assert_failed_exactly_once(redis_conn, others)
+    assert line_of(report, finishes)["outcome"] == "skipped"
+    assert "finished" in line_of(report, finishes)["reason"]
+    assert job_status(redis_conn, finishes) == "finished"
+    assert finishes in FinishedJobRegistry(QUEUE, connection=redis_conn).get_job_ids(cleanup=False)
+    assert finishes not in started_ids(redis_conn) + failed_ids(redis_conn)
+    assert result_counts(redis_conn, [finishes]) == {finishes: 0}
+    assert unplanned not in outcomes(report)
+    assert_still_started(redis_conn, [unplanned])
+
+
+def test_plan_older_than_max_plan_age_is_refused_and_changes_nothing(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job_ids = abandon(redis_conn, 2)
+    plan_path = tmp_path / "plan.json"
+    make_plan(redis_url, plan_path)
+    time.sleep(2)
+
+    args = ["apply", "--plan", str(plan_path), "--redis-url", redis_url, "--max-plan-age", "1s"]
+    result = run_opsctl(*args)
+
+    assert result.returncode == EXIT_INVALID, shown(result)
+    assert "old" in result.stderr and "--max-plan-age" in result.stderr
+    assert_still_started(redis_conn, job_ids)
+
+
+def test_plan_made_for_another_redis_is_refused_and_changes_nothing(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job_ids = abandon(redis_conn, 2)
+    plan_path = tmp_path / "plan.json"
+    plan = make_plan(redis_url, plan_path)
+    plan["redis"]["identity"] = "run_id=0123456789abcdef0123456789abcdef01234567"
+    plan_path.write_text(json.dumps(plan))
+
+    result = run_opsctl("apply", "--plan", str(plan_path), "--redis-url", redis_url)
+
+    assert result.returncode == EXIT_INVALID, shown(result)
+    assert "another Redis" in result.stderr
+    assert_still_started(redis_conn, job_ids)
+
+
+# --- 4. blast-radius caps -----------------------------------------------------------------
+
+
+def test_six_jobs_over_max_actions_5_trip_the_cap_and_nothing_is_done(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job_ids = abandon(redis_conn, 6)
+
+    report = apply(POLICIES / "safety_max_actions_5.yaml", redis_url, code=EXIT_LIMIT_TRIPPED)
+
+    assert any("max_actions 5" in why for why in report["limits_tripped"]), report
+    assert_still_started(redis_conn, job_ids)
+
+
+def test_dry_run_over_max_actions_reports_the_same_tripped_cap_and_exits_0(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job_ids = abandon(redis_conn, 6)
+    policy = POLICIES / "safety_max_actions_5.yaml"
+
+    dry = apply(policy, redis_url, "--dry-run")
+
+    assert dry["dry_run"] is True
+    assert any("max_actions 5" in why for why in dry["limits_tripped"]), dry
+    real = apply(policy, redis_url, code=EXIT_LIMIT_TRIPPED)
+    assert dry["limits_tripped"] == real["limits_tripped"]
+    assert_still_started(redis_conn, job_ids)
+
+
+def test_exactly_max_actions_jobs_are_all_failed(redis_conn: redis.Redis, redis_url: str) -> None:
+    job_ids = abandon(redis_conn, 5)
+
+    report = apply(POLICIES / "safety_max_actions_5.yaml", redis_url)
+
+    assert report["limits_tripped"] == []
+    assert_failed_exactly_once(redis_conn, job_ids)
+
+
+def test_max_actions_option_replaces_the_policy_cap_that_would_trip(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job_ids = abandon(redis_conn, 6)
+
+    report = apply(POLICIES / "safety_max_actions_5.yaml", redis_url, "--max-actions", "100")
+
+    assert report["limits_tripped"] == []
+    assert_failed_exactly_once(redis_conn, job_ids)
+
+
+def test_queue_over_its_max_percent_trips_and_no_queue_is_touched(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    capped = abandon(redis_conn, 3, QUEUE)
+    uncapped = abandon(redis_conn, 2, OTHER_QUEUE)
+
+    report = apply(POLICIES / "safety_max_percent_50.yaml", redis_url, code=EXIT_LIMIT_TRIPPED)
+
+    [why] = report["limits_tripped"]
+    assert f"queue {QUEUE}" in why and "max_percent 50" in why
+    assert_still_started(redis_conn, capped, QUEUE)
+    assert_still_started(redis_conn, uncapped, OTHER_QUEUE)
+
+
+# --- 5. how often one job is rescued ------------------------------------------------------
+
+
+def test_job_requeued_max_requeues_times_is_failed_the_next_time_with_the_count_in_the_report(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    policy = POLICIES / "safety_requeue_max_2.yaml"
+    [job_id] = abandon(redis_conn, 1)
+    queue = Queue(QUEUE, connection=redis_conn)
+
+    for _ in range(2):
+        line = line_of(apply(policy, redis_url), job_id)
+        assert (line["action"], line["outcome"]) == ("requeue", "done")
+        assert job_status(redis_conn, job_id) == "queued"
+        assert queue.get_job_ids() == [job_id]
+        start_in_dead_worker(redis_conn, [Job.fetch(job_id, connection=redis_conn)])
+        assert job_status(redis_conn, job_id) == "started"
+
+    report = apply(policy, redis_url)
+
+    line = line_of(report, job_id)
+    assert (line["action"], line["outcome"]) == ("fail", "done")
+    assert "requeued by opsctl 2 times" in line["reason"] and "max_requeues 2" in line["reason"]
+    assert_failed_exactly_once(redis_conn, [job_id])
+    assert queue.get_job_ids() == []
+
+
+def test_job_failed_instead_of_requeued_says_why_in_its_rq_failure_result(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    policy = POLICIES / "safety_requeue_max_2.yaml"
+    [job_id] = abandon(redis_conn, 1)
+    for _ in range(2):
+        apply(policy, redis_url)
+        start_in_dead_worker(redis_conn, [Job.fetch(job_id, connection=redis_conn)])
+
+    apply(policy, redis_url)
+
+    result = Job.fetch(job_id, connection=redis_conn).latest_result()
+    assert result is not None and "max_requeues" in (result.exc_string or "")
+
+
+# --- 6. RQ's own registry cleaning at the same moment -------------------------------------
+
+
+def expire_leases(conn: redis.Redis, queue: str = QUEUE) -> None:
+    """Push every started entry's lease into the past, so RQ's cleaning takes it too."""
+    key = f"rq:wip:{queue}"
+    members = cast("list[bytes]", conn.zrange(key, 0, -1))
+    conn.zadd(key, dict.fromkeys(members, time.time() - 60), xx=True)
+
+
+def expire_leases_one_by_one(conn: redis.Redis, over_s: float, queue: str = QUEUE) -> None:
+    """Let the started entries' leases run out one after another over the next `over_s`
+    seconds, so RQ's cleaning passes take a few more of them each time."""
+    key = f"rq:wip:{queue}"
+    members = cast("list[bytes]", conn.zrange(key, 0, -1))
+    now, step = time.time(), over_s / max(1, len(members))
+    conn.zadd(key, {m: now + i * step for i, m in enumerate(members)}, xx=True)
+
+
+def clean_like_a_worker(conn: redis.Redis, queue_name: str) -> bool:
+    """One maintenance pass the way every RQ worker makes it: only under the queue's
+    maintenance lock. Whether the lock was free."""
+    queue = Queue(queue_name, connection=conn)
+    if not queue.acquire_maintenance_lock():
+        return False
+    clean_registries(queue)
+    queue.release_maintenance_lock()  # type: ignore[no-untyped-call]
+    return True
+
+
+def abandoned_by_rq(conn: redis.Redis, job_id: str) -> bool:
+    """Whether RQ's own cleaning failed the job (its failure names AbandonedJobError)."""
+    result = Job.fetch(job_id, connection=conn).latest_result()
+    return result is not None and "AbandonedJobError" in (result.exc_string or "")
+
+
+def test_jobs_rq_cleans_while_opsctl_waits_for_the_maintenance_lock_are_skipped_by_opsctl(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job_ids = abandon(redis_conn, 300)
+    expire_leases(redis_conn)
+    queue = Queue(QUEUE, connection=redis_conn)
+    assert queue.acquire_maintenance_lock(), "a worker's maintenance pass begins"
+    policy = POLICIES / "safety_fail.yaml"
+
+    run = start_opsctl(*apply_args(policy, redis_url, "--lock-timeout", "20"))
+    assert wait_while_running(run, lambda: bool(redis_conn.exists("opsctl:lock")))
+    time.sleep(1)  # opsctl reads the 300 started jobs in well under a second
+    clean_registries(queue)
+    queue.release_maintenance_lock()  # type: ignore[no-untyped-call]
+    stdout, stderr = run.communicate(timeout=120)
+
+    report = report_of(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr))
+    assert Counter(outcomes(report).values()) == Counter({"skipped": 300})
+    assert all("status is now failed" in line["reason"] for line in report["jobs"])
+    assert_failed_exactly_once(redis_conn, job_ids)
+    assert all(abandoned_by_rq(redis_conn, job_id) for job_id in job_ids)
+
+
+def test_rq_workers_cleaning_over_and_over_during_apply_fail_each_job_exactly_once(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job_ids = abandon(redis_conn, 1000)
+    expire_leases_one_by_one(redis_conn, over_s=1.5)
+    stop = threading.Event()
+    passes = [0]
+
+    def clean_until_stopped() -> None:
+        while not stop.is_set():
+            passes[0] += clean_like_a_worker(redis_conn, QUEUE)
+            time.sleep(0.001)
+
+    run = start_opsctl(*apply_args(POLICIES / "safety_fail.yaml", redis_url))
+    assert wait_while_running(run, lambda: bool(redis_conn.exists("opsctl:lock")))
+    cleaner = threading.Thread(target=clean_until_stopped, daemon=True)
+    cleaner.start()
+    stdout, stderr = run.communicate(timeout=120)
+    stop.set()
+    cleaner.join(timeout=30)
+
+    report = report_of(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr))
+    print(f"RQ passes: {passes[0]}; opsctl outcomes: {Counter(outcomes(report).values())}")
+    assert set(outcomes(report).values()) <= {"done", "skipped"}
+    assert_failed_exactly_once(redis_conn, job_ids)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="limitation: RQ's StartedJobRegistry.cleanup() also runs without the maintenance "
+    "lock (registry.count and get_job_ids call it, so `rq info` does) and is not atomic; "
+    "when opsctl fails a job between RQ's read and RQ's write, the job gets two failures",
+)
+def test_job_opsctl_fails_while_rq_info_cleans_the_registry_has_one_failure(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    [job_id] = abandon(redis_conn, 1)
+    expire_leases(redis_conn)
+    reports = []
+
+    def opsctl_applies_now(job: Job, *exc_info: object) -> None:
+        """Called by RQ once it has decided the job is abandoned, before it writes."""
+        reports.append(apply(POLICIES / "safety_fail.yaml", redis_url))
+
+    registry = StartedJobRegistry(QUEUE, connection=redis_conn)
+    registry.cleanup(exception_handlers=[opsctl_applies_now])
+
+    [report] = reports
+    assert outcomes(report) == {job_id: "done"}
+    assert_failed_exactly_once(redis_conn, [job_id])
+
+
+# --- 7. the audit trail -------------------------------------------------------------------
+
+
+def history(redis_url: str, *extra: str) -> list[dict[str, str]]:
+    """The entries `opsctl history --format json` lists."""
+    result = run_opsctl("history", "--redis-url", redis_url, "--format", "json", *extra)
+    assert result.returncode == EXIT_OK, shown(result)
+    entries: list[dict[str, str]] = json.loads(result.stdout)["entries"]
+    return entries
+
+
+def test_history_lists_one_entry_per_job_acted_on_and_filters_by_job(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job_ids = abandon(redis_conn, 3)
+    run_id = apply(POLICIES / "safety_fail.yaml", redis_url)["run_id"]
+
+    entries = history(redis_url, "--run", run_id)
+
+    assert sorted(e["job"] for e in entries) == sorted(job_ids)
+    for entry in entries:
+        assert entry["run_id"] == run_id
+        assert (entry["queue"], entry["state"], entry["action"], entry["outcome"]) == (
+            QUEUE,
+            "abandoned",
+            "fail",
+            "done",
+        )
+    [only] = history(redis_url, "--run", run_id, "--job", job_ids[1])
+    assert only["job"] == job_ids[1]
+
+
+def test_dry_run_adds_nothing_to_the_audit_trail(redis_conn: redis.Redis, redis_url: str) -> None:
+    abandon(redis_conn, 1)
+    apply(POLICIES / "safety_fail.yaml", redis_url)
+    before = redis_conn.xlen("opsctl:audit")
+    abandon(redis_conn, 3)
+
+    report = apply(POLICIES / "safety_fail.yaml", redis_url, "--dry-run")
+
+    assert Counter(outcomes(report).values()) == Counter({"planned": 3})
+    assert before == 1
+    assert redis_conn.xlen("opsctl:audit") == before
+    assert history(redis_url, "--run", report["run_id"]) == []
