@@ -357,7 +357,7 @@ def _plan_prefix(path: str) -> str:
 def _print_run(run: Run, output: Format, url: str, where: tuple[str, str]) -> None:
     shown = mask_url(url)
     if output is Format.json:
-        report.print_json(report.to_json(run, shown, where[0], where[1]))
+        report.write_run_json(run, shown, where[0], where[1], sys.stdout)
     else:
         report.print_text(run, _console(), shown)
 

@@ -48,7 +48,7 @@ ACTION_REMOVE_ENTRY = "remove-entry"
 ACTION_NONE = "none"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Liveness:
     """Whether a worker is live, and the evidence in words."""
 
@@ -56,7 +56,7 @@ class Liveness:
     evidence: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Signals:
     """The measurements behind a verdict, shown on every report line."""
 
@@ -69,7 +69,7 @@ class Signals:
     status: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Verdict:
     """The state of one entry and what the policy does about it.
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WorkerRecord:
     """One RQ worker as seen in Redis at snapshot time.
 
@@ -34,7 +34,7 @@ class WorkerRecord:
         return tuple(q for q in raw.split(",") if q)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StartedEntry:
     """One member of a queue's started registry, with the job and execution it names.
 

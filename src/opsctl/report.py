@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
@@ -63,6 +63,28 @@ def summary(run: Run) -> dict[str, int]:
 
 def to_json(run: Run, redis_url: str, policy_path: str, policy_digest: str) -> dict[str, Any]:
     """The JSON report (described by schemas/report.schema.json)."""
+    document = _head(run, redis_url, policy_path, policy_digest)
+    document["jobs"] = [_job_json(j) for j in run.jobs]
+    return document
+
+
+def write_run_json(
+    run: Run, redis_url: str, policy_path: str, policy_digest: str, out: TextIO
+) -> None:
+    """Write the JSON report job by job, so a large run never sits in memory twice."""
+    head = _head(run, redis_url, policy_path, policy_digest)
+    out.write("{\n")
+    for key, value in head.items():
+        out.write(f"  {json.dumps(key)}: {json.dumps(value)},\n")
+    out.write('  "jobs": [')
+    for i, job in enumerate(run.jobs):
+        out.write(",\n    " if i else "\n    ")
+        out.write(json.dumps(_job_json(job)))
+    out.write("\n  ]\n}\n")
+
+
+def _head(run: Run, redis_url: str, policy_path: str, policy_digest: str) -> dict[str, Any]:
+    """Every part of the JSON report but its jobs, in report order."""
     return {
         "run_id": run.run_id,
         "dry_run": run.dry_run,
@@ -82,7 +104,6 @@ def to_json(run: Run, redis_url: str, policy_path: str, policy_digest: str) -> d
             }
             for q in run.queues
         ],
-        "jobs": [_job_json(j) for j in run.jobs],
         "workers": [_worker_json(w) for w in run.workers],
         "problems": run.problems,
         "unmatched_queues": run.unmatched,

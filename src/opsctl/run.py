@@ -37,7 +37,7 @@ class Overrides:
     max_actions: int | None = None  # replaces the run-wide max_actions cap
 
 
-@dataclass
+@dataclass(slots=True)
 class JobOutcome:
     """One started entry: its verdict and what became of it."""
 
