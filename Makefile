@@ -36,3 +36,12 @@ test: venv lint
 
 demo: venv
 	$(BIN)/python demo/run_demo.py
+
+# Performance benchmark against its own private redis-server (never the shared one).
+# Full run: `make bench` (100,000 jobs, a few minutes); smoke check: BENCH_ARGS="--jobs 2000".
+BENCH_ARGS ?=
+
+.PHONY: bench
+
+bench: venv
+	$(BIN)/python bench/run_bench.py $(BENCH_ARGS)
