@@ -69,12 +69,16 @@ def parse_timestamp(text: str | None) -> float | None:
     if not text:
         return None
     text = text.strip()
+    if "-" in text[1:] or "T" in text:
+        return _parse_iso(text)
     try:
         value = float(text)
     except ValueError:
-        pass
-    else:
-        return value if math.isfinite(value) and value > 0 else None
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _parse_iso(text: str) -> float | None:
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

@@ -20,10 +20,15 @@ from opsctl.run import DONE, ERROR, KEPT, PLANNED, SKIPPED, JobOutcome, Run, Wor
 
 #: Longest id shown whole in the text report; JSON always has the full id.
 SHORT_ID = 20
+#: Above this many jobs the text report prints plain aligned lines instead of a
+#: table: a table of that size is slow to lay out and no easier to read.
+TABLE_ROWS_MAX = 1000
 
 
 def safe(value: str) -> str:
     """``value`` with control characters shown as escapes."""
+    if value.isprintable():
+        return value
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in value)
 
 
@@ -157,7 +162,9 @@ def print_text(run: Run, console: Console, redis_url: str) -> None:
     console.print(Text(f"opsctl run {run.run_id} against {safe(redis_url)} ({mode})"))
     for name in run.unmatched:
         console.print(Text(f"note: queue {safe(name)!r} is matched by no policy entry; skipped"))
-    if run.jobs:
+    if len(run.jobs) > TABLE_ROWS_MAX:
+        _print_job_lines(run.jobs, console)
+    elif run.jobs:
         console.print(_jobs_table(run.jobs))
     else:
         console.print(Text("no started jobs in the queues this policy covers"))
@@ -191,6 +198,28 @@ def _jobs_table(jobs: list[JobOutcome]) -> Table:
             Text(safe(j.reason)),
         )
     return table
+
+
+def _print_job_lines(jobs: list[JobOutcome], console: Console) -> None:
+    columns = ("queue", "job", "state", "age", "beat", "timeout", "worker", "action", "outcome")
+    widths = (20, 20, 9, 7, 7, 7, 27, 12, 7)
+    out = console.file
+    out.write(" ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " reason\n")
+    for j in jobs:
+        s = j.verdict.signals
+        cells = (
+            short(j.entry.queue),
+            short(j.entry.job_id),
+            j.verdict.state.value,
+            duration(s.age_s),
+            duration(s.heartbeat_age_s),
+            _timeout(s.timeout_s),
+            short(s.worker) + (" (dead)" if s.worker and s.worker_alive is False else ""),
+            j.action,
+            j.outcome,
+        )
+        line = " ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
+        out.write(f"{line} {safe(j.reason)}\n")
 
 
 def _timeout(seconds: int | None) -> str:

@@ -26,6 +26,11 @@ BATCH = 1000
 #: Registry members read with one ZRANGE.
 RANGE_CHUNK = 10_000
 
+# Field names sent as bytes: redis-py passes bytes through instead of encoding
+# every name of every command again.
+_JOB_FIELDS_RAW = tuple(f.encode() for f in JOB_FIELDS)
+_EXECUTION_FIELDS_RAW = tuple(f.encode() for f in EXECUTION_FIELDS)
+
 
 @dataclass
 class Snapshot:
@@ -146,11 +151,11 @@ def _read_entries(
         pipe = conn.pipeline(transaction=False)
         for member, _score in batch:
             job_id, execution_id = split_member(member)
-            pipe.hmget(keys.job(job_id), JOB_FIELDS)
+            pipe.hmget(keys.job(job_id), _JOB_FIELDS_RAW)
             if execution_id is None:
                 pipe.echo(b"")  # keeps the replies two per member
             else:
-                pipe.hmget(keys.execution(job_id, execution_id), EXECUTION_FIELDS)
+                pipe.hmget(keys.execution(job_id, execution_id), _EXECUTION_FIELDS_RAW)
         replies = pipe.execute(raise_on_error=False)
         for i, (member, score) in enumerate(batch):
             job_reply, execution_reply = replies[2 * i], replies[2 * i + 1]
