@@ -39,6 +39,7 @@ from opsctl.policy import (
     parse_duration,
     validate_files,
 )
+from opsctl.progress import ScanProgress
 from opsctl.run import Overrides, Run, new_run_id, plan
 from opsctl.state import server_time, with_retries
 
@@ -280,7 +281,7 @@ def apply(
         stop_timeout_s=stop_timeout,
         max_actions=max_actions,
     )
-    job = Job(url, timeout, lock_timeout, overrides)
+    job = Job(url, timeout, lock_timeout, overrides, progress=output is Format.text)
     if plan_file is not None:
         plan_age = _guard(lambda: _parse_duration_option("--max-plan-age", max_plan_age))
         digest = policy.digest if policy else None
@@ -302,6 +303,7 @@ class Job:
     timeout_s: float
     lock_timeout_s: float
     overrides: Overrides
+    progress: bool = False  # a progress bar on a terminal's stderr for long scans
 
     def apply_policy(self, policy: Policy) -> Run:
         conn = connect(self.url, self.timeout_s)
@@ -309,9 +311,9 @@ class Job:
         run_id = new_run_id()
         dry = self.overrides.dry_run
         if dry if dry is not None else policy.defaults.dry_run:
-            return with_retries(lambda: plan(conn, keys, policy, self.overrides, run_id=run_id))
+            return self._plan(conn, keys, policy, run_id)
         with run_lock(conn, run_id, self.lock_timeout_s) as lock:
-            run = with_retries(lambda: plan(conn, keys, policy, self.overrides, run_id=run_id))
+            run = self._plan(conn, keys, policy, run_id)
             self._execute(conn, keys, run, policy.digest, lock)
         return run
 
@@ -326,11 +328,17 @@ class Job:
 
     def write_plan(self, policy: Policy, path: str) -> tuple[Run, int]:
         conn = connect(self.url, self.timeout_s)
-        run = with_retries(lambda: plan(conn, Keys(policy.key_prefix), policy, self.overrides))
+        run = self._plan(conn, Keys(policy.key_prefix), policy, None)
         identity = planfile.server_identity(conn, self.url)
         where = (policy.path, policy.digest)
         count = planfile.write(path, run, identity, mask_url(self.url), where, policy.key_prefix)
         return run, count
+
+    def _plan(self, conn: redis.Redis, keys: Keys, policy: Policy, run_id: str | None) -> Run:
+        with ScanProgress(self.progress) as progress:
+            return with_retries(
+                lambda: plan(conn, keys, policy, self.overrides, progress, run_id=run_id)
+            )
 
     def _execute(self, conn: redis.Redis, keys: Keys, run: Run, digest: str, lock: Lock) -> None:
         context = AuditContext(run.run_id, digest)
@@ -413,7 +421,7 @@ def plan_command(
         queues=tuple(queue or ()),
         max_actions=max_actions,
     )
-    job = Job(url, timeout, 0, overrides)
+    job = Job(url, timeout, 0, overrides, progress=output is Format.text)
     run, count = _guard(lambda: job.write_plan(policy, output_file), url=url)
     _print_run(run, output, url, (policy.path, policy.digest))
     print(f"opsctl: wrote {count} planned action(s) to {output_file}", file=sys.stderr)

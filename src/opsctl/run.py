@@ -147,7 +147,7 @@ def plan(
     keys: Keys,
     policy: Policy,
     overrides: Overrides,
-    on_progress: Callable[[int], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
     run_id: str | None = None,
 ) -> Run:
     """Read Redis and decide every entry's state and action; changes nothing."""
@@ -176,7 +176,7 @@ def _plan(
     keys: Keys,
     policy: Policy,
     overrides: Overrides,
-    on_progress: Callable[[int], None] | None,
+    on_progress: Callable[[int, int], None] | None,
     run_id: str | None,
 ) -> Run:
     queues, unmatched = select_queues(conn, keys, policy, overrides)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -97,20 +98,32 @@ def read_snapshot(
     conn: redis.Redis,
     keys: Keys,
     queues: Iterable[str],
-    on_progress: Callable[[int], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Snapshot:
     """Read the started registries of ``queues`` and every worker they involve."""
     now = server_time(conn)
     queues = list(queues)
     problems: list[str] = []
     entries: list[StartedEntry] = []
+    total = _count_started(conn, keys, queues) if on_progress else 0
+
+    def tick(batch: int) -> None:
+        if on_progress:
+            done = len(entries) + batch
+            on_progress(done, max(total, done))
+
     for queue in queues:
         members = list(_registry_members(conn, keys.started(queue)))
-        entries.extend(_read_entries(conn, keys, queue, members, problems))
-        if on_progress:
-            on_progress(len(members))
+        entries.extend(_read_entries(conn, keys, queue, members, problems, tick))
     workers = read_workers(conn, keys, _worker_names(conn, keys, queues, entries))
     return Snapshot(now=now, queues=queues, entries=entries, workers=workers, problems=problems)
+
+
+def _count_started(conn: redis.Redis, keys: Keys, queues: list[str]) -> int:
+    pipe = conn.pipeline(transaction=False)
+    for queue in queues:
+        pipe.zcard(keys.started(queue))
+    return sum(int(n) for n in pipe.execute())
 
 
 def _registry_members(conn: redis.Redis, key: str) -> Iterator[tuple[bytes, float]]:
@@ -145,6 +158,7 @@ def _read_entries(
     queue: str,
     members: list[tuple[bytes, float]],
     problems: list[str],
+    tick: Callable[[int], None],
 ) -> list[StartedEntry]:
     entries: list[StartedEntry] = []
     for batch in _batches(members, BATCH // 2):
@@ -161,6 +175,7 @@ def _read_entries(
             job_reply, execution_reply = replies[2 * i], replies[2 * i + 1]
             entry = _entry(queue, member, score, job_reply, execution_reply, problems)
             entries.append(entry)
+        tick(len(entries))
     _confirm_missing_jobs(conn, keys, entries)
     return entries
 
@@ -193,9 +208,32 @@ def _as_fields(
         problems.append(f"{what}: could not be read ({reply})")
         return None
     fields = {
-        name: text(value) for name, value in zip(names, reply, strict=True) if value is not None
+        name: _shared(name, value)
+        for name, value in zip(names, reply, strict=True)
+        if value is not None
     }
     return fields or None
+
+
+#: Fields whose values repeat across jobs (status, queue and worker names,
+#: settings); one shared copy of each value keeps large runs small.
+_REPEATING = frozenset(
+    {
+        "status",
+        "origin",
+        "worker_name",
+        "timeout",
+        "retries_left",
+        "retry_intervals",
+        "enqueue_at_front_on_retry",
+        "failure_ttl",
+    }
+)
+
+
+def _shared(name: str, value: bytes) -> str:
+    decoded = text(value)
+    return sys.intern(decoded) if name in _REPEATING else decoded
 
 
 def _confirm_missing_jobs(conn: redis.Redis, keys: Keys, entries: list[StartedEntry]) -> None:

@@ -1,0 +1,64 @@
+"""A progress bar on stderr for long scans, shown only to a person at a terminal."""
+
+from __future__ import annotations
+
+import sys
+import time
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+#: Seconds a scan runs before a bar appears; quick runs never show one.
+SHOW_AFTER_S = 1.0
+
+
+class ScanProgress:
+    """Counts scanned entries; draws a bar once a scan has taken over a second.
+
+    Never drawn when stderr is not a terminal or the report is JSON, so logs,
+    pipes and programs never see it.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self._started = time.monotonic()
+        self._bar: Progress | None = None
+        self._task = TaskID(0)
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._bar is None:
+            if time.monotonic() - self._started < SHOW_AFTER_S:
+                return
+            self._bar = Progress(
+                TextColumn("scanning started jobs"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("scan", total=total)
+        self._bar.update(self._task, completed=done, total=total)
+
+    def __enter__(self) -> ScanProgress:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if self._bar is not None:
+            self._bar.stop()
