@@ -867,3 +867,159 @@ def test_text_report_has_the_table_headers_and_a_summary_with_the_run_id(
         f"run {run_id}: 1 inspected, 1 stuck, 1 acted, 0 planned, 0 skipped, 0 errors; "
         "1 dead worker registrations removed"
     )
+
+
+# --- odd input a real deployment produces ----------------------------------------------------
+
+FAIL_ALL = """\
+    version: 1
+    queues:
+      - name: default
+    """
+
+
+def test_dry_run_with_a_plan_changes_nothing(conn: redis.Redis, url: str, tmp_path: Path) -> None:
+    job = started_job(conn, "w-dead")
+    policy = write_policy(tmp_path, FAIL_ALL)
+    plan = tmp_path / "plan.json"
+    made = opsctl("plan", str(policy), "--output", str(plan), "--redis-url", url)
+    assert made.exit_code == 0, made.output
+    before = everything(conn)
+
+    result = opsctl("apply", "--plan", str(plan), "--dry-run", "--redis-url", url)
+
+    assert result.exit_code == 0, result.output
+    assert "dry run" in result.stdout
+    assert everything(conn) == before
+    assert status_of(conn, job.id) == "started"
+
+
+def test_url_without_a_host_is_refused_rather_than_completed_with_a_default(
+    tmp_path: Path,
+) -> None:
+    policy = write_policy(tmp_path, FAIL_ALL)
+
+    result = opsctl("apply", str(policy), "--redis-url", "redis://:s3cret@/0")
+
+    assert result.exit_code == 2, result.output
+    assert "names no host" in result.output
+    assert "s3cret" not in result.output
+
+
+def test_password_written_without_its_colon_is_still_masked() -> None:
+    result = opsctl("status", "--redis-url", "redis://s3cret@127.0.0.1:1/0", "--timeout", "1")
+
+    assert result.exit_code == 3, result.output
+    assert "s3cret" not in result.output
+
+
+def test_status_that_is_not_utf8_is_reported_and_the_other_jobs_are_acted_on(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    odd = started_job(conn, "w-dead")
+    conn.hset(odd.key, "status", b"\xff\xfe")
+    plain = started_job(conn, "w-dead")
+    policy = write_policy(tmp_path, FAIL_ALL)
+
+    report = apply(policy, url)
+
+    jobs = jobs_by_id(report)
+    assert jobs[plain.id]["outcome"] == "done"
+    assert jobs[odd.id]["state"] == "leftover"
+    assert Job.fetch(plain.id, connection=conn).get_status() == "failed"
+
+
+def test_plan_written_into_a_missing_folder_is_a_usage_error(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    started_job(conn, "w-dead")
+    policy = write_policy(tmp_path, FAIL_ALL)
+    target = tmp_path / "missing" / "plan.json"
+
+    result = opsctl("plan", str(policy), "--output", str(target), "--redis-url", url)
+
+    assert result.exit_code == 2, result.output
+    assert "cannot write there" in result.output
+
+
+def test_waits_that_are_not_a_finite_number_of_seconds_are_refused(tmp_path: Path) -> None:
+    policy = write_policy(tmp_path, FAIL_ALL)
+
+    for option, value in (
+        ("--stop-timeout", "nan"),
+        ("--lock-timeout", "-1"),
+        ("--timeout", "inf"),
+    ):
+        result = opsctl("apply", str(policy), "--redis-url", "redis://127.0.0.1:1/0", option, value)
+        assert result.exit_code == 2, (option, result.output)
+        assert "not a number of seconds" in result.output
+
+
+def test_started_registry_of_the_wrong_type_is_a_problem_not_a_failed_run(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    conn.set("rq:wip:broken", "not a sorted set")
+    job = started_job(conn, "w-dead")
+    policy = write_policy(
+        tmp_path,
+        """\
+        version: 1
+        queues:
+          - name: "*"
+        """,
+    )
+
+    report = apply(policy, url, "--dry-run")
+
+    assert any("rq:wip:broken" in p for p in report["problems"])
+    assert jobs_by_id(report)[job.id]["outcome"] == "planned"
+
+
+def test_dead_worker_of_a_queue_the_run_does_not_cover_keeps_its_registration(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    register_worker(url, "w-billing", queue="billing")
+    conn.delete("rq:worker:w-billing")  # its hash expired, as after a crash
+    started_job(conn, "w-dead")
+    policy = write_policy(
+        tmp_path,
+        """\
+        version: 1
+        queues:
+          - name: default
+          - name: billing
+            enabled: false
+        """,
+    )
+
+    apply(policy, url)
+
+    assert conn.sismember("rq:workers:billing", "rq:worker:w-billing")
+
+
+def test_registration_set_member_that_is_no_worker_key_is_left_alone(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    conn.sadd("rq:workers", "garbage-member")
+    started_job(conn, "w-dead")
+    policy = write_policy(tmp_path, FAIL_ALL)
+
+    report = apply(policy, url)
+
+    assert conn.sismember("rq:workers", "garbage-member")
+    assert all(w["name"] != "garbage-member" for w in report["workers"])
+
+
+def test_audit_key_of_the_wrong_type_stops_the_run_before_any_change(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    conn.set("opsctl:audit", "someone else's value")
+    job = started_job(conn, "w-dead")
+    policy = write_policy(tmp_path, FAIL_ALL)
+
+    result = opsctl("apply", str(policy), "--redis-url", url)
+
+    assert result.exit_code == 1, result.output
+    assert "opsctl:audit" in result.output
+    assert started_ids(conn) == [job.id]
+    assert job.id not in FailedJobRegistry("default", connection=conn).get_job_ids(cleanup=False)

@@ -353,7 +353,9 @@ def _result(reply: Any) -> ChangeResult:
     if isinstance(reply, Exception):
         return ChangeResult(False, f"Redis error: {reply}", error=True)
     done, detail = int(reply[0]) == 1, reply[1]
-    detail = detail.decode() if isinstance(detail, bytes) else str(detail)
+    detail = (
+        detail.decode("utf-8", "backslashreplace") if isinstance(detail, bytes) else str(detail)
+    )
     dependents = int(reply[2]) if len(reply) > 2 else 0
     rescues = int(reply[3]) if len(reply) > 3 else 0
     return ChangeResult(done, detail, dependents, rescues=rescues)

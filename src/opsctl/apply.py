@@ -26,11 +26,12 @@ from opsctl import audit
 from opsctl.actions import Actor, ChangeResult, JobChange
 from opsctl.audit import AuditContext
 from opsctl.engine import ACTION_STOP
+from opsctl.errors import OpsctlError
 from opsctl.keys import DEFAULT_FAILURE_TTL_S, Keys
 from opsctl.lock import Lock, maintenance_lock
 from opsctl.model import format_timestamp, parse_int
 from opsctl.run import DONE, ERROR, PLANNED, SKIPPED, JobOutcome, Run, WorkerOutcome
-from opsctl.state import server_time
+from opsctl.state import server_time, text
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,12 @@ class Executor:
         """Act on every planned job and worker; nothing at all if a limit tripped."""
         if self.run.limits_tripped:
             return
+        kind = text(self.conn.type(audit.AUDIT_STREAM))
+        if kind not in ("none", "stream"):
+            raise OpsctlError(
+                f"{audit.AUDIT_STREAM} holds a {kind}, not opsctl's audit stream; "
+                "rename or remove it, then run again (nothing was changed)"
+            )
         try:
             for queue, outcomes in self._work_by_queue().items():
                 if self.run.redis_lost:
@@ -255,7 +262,7 @@ class Executor:
             for job_id in pending:
                 pipe.hget(self.keys.job(job_id), "status")
             for job_id, status in zip(pending, pipe.execute(), strict=True):
-                statuses[job_id] = status.decode() if status else "missing"
+                statuses[job_id] = text(status) if status else "missing"
             pending = [j for j in pending if statuses[j] == "started"]
             if not pending or time.monotonic() >= deadline:
                 break
@@ -273,7 +280,7 @@ class Executor:
         changes = []
         for o, fields in zip(outcomes, pipe.execute(), strict=True):
             names = ("status", "last_heartbeat", "retries_left")
-            expect = {k: v.decode() for k, v in zip(names, fields, strict=True) if v is not None}
+            expect = {k: text(v) for k, v in zip(names, fields, strict=True) if v is not None}
             origin = (o.entry.job or {}).get("origin") or o.entry.queue
             o.action = o.verdict.follow_up or "fail"
             changes.append(

@@ -67,7 +67,9 @@ def history(
         AUDIT_STREAM, count=limit
     )
     for entry_id, fields in replies:
-        entry = {k.decode(): v.decode("utf-8", "replace") for k, v in fields.items()}
+        entry = {
+            k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in fields.items()
+        }
         if run_id and entry.get("run_id") != run_id:
             continue
         if job_id and entry.get("job") != job_id:

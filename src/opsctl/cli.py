@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import Annotated, NoReturn, TypeVar
 
 import redis
@@ -123,6 +123,10 @@ def _guard(body: Callable[[], T], best_effort: bool = False, url: str | None = N
         _fail(RedisUnavailable(f"lost the connection to Redis: {exc}"), best_effort, url)
     except redis.RedisError as exc:
         _fail(OpsctlError(f"Redis error: {exc}"), best_effort, url)
+    except Exception as exc:  # the last line of defence: a message, never a traceback
+        log.debug("unexpected error", exc_info=True)
+        message = f"unexpected {exc.__class__.__name__}: {exc} (run with -vv for details)"
+        _fail(OpsctlError(message), best_effort, url)
 
 
 def _load_for_apply(path: str, url_given: bool) -> Policy:
@@ -200,14 +204,38 @@ Verbose = Annotated[
     int, typer.Option("-v", "--verbose", count=True, help="More logs (-vv: debug).")
 ]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Only errors in the logs.")]
+
+
+def _seconds(value: float) -> float:
+    """Accept a finite, non-negative number of seconds (the options that wait)."""
+    if not math.isfinite(value) or value < 0:
+        raise typer.BadParameter(f"{value!r} is not a number of seconds (use 0 or more)")
+    return value
+
+
+def _positive_seconds(value: float) -> float:
+    if _seconds(value) == 0:
+        raise typer.BadParameter("0 seconds would never let Redis answer; use more than 0")
+    return value
+
+
 Timeout = Annotated[
-    float, typer.Option("--timeout", help="Seconds to wait for Redis to connect or answer.")
+    float,
+    typer.Option(
+        "--timeout",
+        help="Seconds to wait for Redis to connect or answer.",
+        callback=_positive_seconds,
+    ),
 ]
 
 
 LockTimeoutOpt = Annotated[
     float,
-    typer.Option("--lock-timeout", help="Seconds to wait for another opsctl run to finish."),
+    typer.Option(
+        "--lock-timeout",
+        help="Seconds to wait for another opsctl run to finish.",
+        callback=_seconds,
+    ),
 ]
 
 
@@ -258,7 +286,10 @@ def apply(
         ),
     ] = False,
     stop_timeout: Annotated[
-        float, typer.Option("--stop-timeout", help="Seconds to wait for workers to stop jobs.")
+        float,
+        typer.Option(
+            "--stop-timeout", help="Seconds to wait for workers to stop jobs.", callback=_seconds
+        ),
     ] = 15.0,
     lock_timeout: LockTimeoutOpt = 5.0,
     timeout: Timeout = DEFAULT_TIMEOUT_S,
@@ -285,8 +316,10 @@ def apply(
     if plan_file is not None:
         plan_age = _guard(lambda: _parse_duration_option("--max-plan-age", max_plan_age))
         digest = policy.digest if policy else None
-        run = _guard(lambda: job.apply_plan(plan_file, plan_age, digest), best_effort, url)
-        where = (plan_file, digest or "")
+        run, plan_digest = _guard(
+            lambda: job.apply_plan(plan_file, plan_age, digest), best_effort, url
+        )
+        where = (policy.path if policy else plan_file, plan_digest)
     else:
         assert policy is not None
         run = _guard(lambda: job.apply_policy(policy), best_effort, url)
@@ -317,14 +350,19 @@ class Job:
             self._execute(conn, keys, run, policy.digest, lock)
         return run
 
-    def apply_plan(self, path: str, max_age_s: int, digest: str | None) -> Run:
+    def apply_plan(self, path: str, max_age_s: int, digest: str | None) -> tuple[Run, str]:
         conn = connect(self.url, self.timeout_s)
         identity = planfile.server_identity(conn, self.url)
+        if self.overrides.dry_run:
+            plan_read = planfile.read(path, identity, server_time(conn), max_age_s, digest)
+            plan_read.run.dry_run = True
+            return plan_read.run, plan_read.policy_digest
         with run_lock(conn, new_run_id(), self.lock_timeout_s) as lock:
-            run = planfile.read(path, identity, server_time(conn), max_age_s, digest)
-            keys = Keys(_plan_prefix(path))
-            self._execute(conn, keys, run, digest or "", lock)
-        return run
+            plan_read = planfile.read(path, identity, server_time(conn), max_age_s, digest)
+            run = plan_read.run
+            keys = Keys(plan_read.key_prefix)
+            self._execute(conn, keys, run, plan_read.policy_digest, lock)
+        return run, plan_read.policy_digest
 
     def write_plan(self, policy: Policy, path: str) -> tuple[Run, int]:
         conn = connect(self.url, self.timeout_s)
@@ -351,15 +389,6 @@ class Job:
             lock_timeout_s=self.lock_timeout_s,
             run_lock=lock,
         ).execute()
-
-
-def _plan_prefix(path: str) -> str:
-    """The RQ key prefix a plan was made under (recorded with its queues' policy)."""
-    try:
-        document = json.loads(Path(path).read_text())
-        return str(document.get("key_prefix") or DEFAULT_PREFIX)
-    except (OSError, ValueError, AttributeError):
-        return DEFAULT_PREFIX
 
 
 def _print_run(run: Run, output: Format, url: str, where: tuple[str, str]) -> None:

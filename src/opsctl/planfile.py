@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,9 +22,10 @@ import redis
 
 from opsctl.engine import Signals, State, Verdict
 from opsctl.errors import ExitCode, OpsctlError, UsageError
+from opsctl.keys import DEFAULT_PREFIX
 from opsctl.model import StartedEntry, WorkerRecord, format_timestamp
 from opsctl.policy import Limits, Rule
-from opsctl.run import PLANNED, JobOutcome, QueuePlan, Run, WorkerOutcome
+from opsctl.run import PLANNED, JobOutcome, QueuePlan, Run, WorkerOutcome, new_run_id
 
 FORMAT = "opsctl-plan"
 VERSION = 1
@@ -80,21 +81,40 @@ def _write_atomically(path: str, text: str) -> None:
             f"--output {path!r} exists and is not a regular file; refusing to replace it"
         )
     directory = target.parent if str(target.parent) else Path(".")
-    fd, temp = tempfile.mkstemp(prefix=".opsctl-plan-", dir=directory)
+    try:
+        fd, temp = tempfile.mkstemp(prefix=".opsctl-plan-", dir=directory)
+    except OSError as exc:
+        raise UsageError(f"--output {path!r}: cannot write there: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text + "\n")
         os.replace(temp, target)
+    except OSError as exc:
+        Path(temp).unlink(missing_ok=True)
+        raise UsageError(f"--output {path!r}: cannot write there: {exc.strerror}") from None
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
 
 
-def read(path: str, identity: str, now: float, max_age_s: int, digest: str | None) -> Run:
+@dataclass(frozen=True)
+class Plan:
+    """A plan file read back: the run to carry out, and what it was made from."""
+
+    run: Run
+    policy_digest: str
+    key_prefix: str
+
+
+def read(path: str, identity: str, now: float, max_age_s: int, digest: str | None) -> Plan:
     """The run a plan file describes, checked against this Redis and this moment."""
     document = _load(path)
     try:
-        return _checked_run(path, document, identity, now, max_age_s, digest)
+        run = _checked_run(path, document, identity, now, max_age_s, digest)
+        prefix = document.get("key_prefix") or DEFAULT_PREFIX
+        if not isinstance(prefix, str):
+            raise TypeError("key_prefix is not a string")
+        return Plan(run, str(document["policy"]["sha256"]), prefix)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise PlanError(f"plan {path!r} is damaged: {exc.__class__.__name__}: {exc}") from None
 
@@ -120,7 +140,8 @@ def _checked_run(
     if digest is not None and digest != document["policy"]["sha256"]:
         raise PlanError(f"plan {path!r} was made from another version of the policy file")
     queues = [QueuePlan(q["name"], _unrule(q["rule"]), q["inspected"]) for q in document["queues"]]
-    run = Run(run_id=document["run_id"], dry_run=False, now=now, queues=queues)
+    # Each application of a plan is a run of its own, with its own id.
+    run = Run(run_id=new_run_id(), dry_run=False, now=now, queues=queues)
     run.jobs = [_unjob(j) for j in document["jobs"]]
     run.workers = [_unworker(w) for w in document["workers"]]
     run.limits_tripped = list(document.get("limits_tripped", []))
@@ -178,6 +199,12 @@ def _job(j: JobOutcome) -> dict[str, Any]:
 
 
 def _unjob(data: dict[str, Any]) -> JobOutcome:
+    for name in ("job", "execution"):
+        value = data[name]
+        if value is not None and not (
+            isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        ):
+            raise TypeError(f"a job's {name} is not a mapping of text fields")
     score = data["score"]
     entry = StartedEntry(
         queue=data["queue"],

@@ -213,7 +213,7 @@ def _apply_rescue_limits(conn: redis.Redis, run: Run) -> None:
     for j in requeues:
         pipe.get(rescue_key(j.entry.job_id))
     for j, raw in zip(requeues, pipe.execute(), strict=True):
-        count = parse_int(raw.decode() if raw else None) or 0
+        count = parse_int(raw.decode("ascii", "replace") if raw else None) or 0
         if count < j.rule.max_requeues:
             continue
         note = (
@@ -266,8 +266,11 @@ def _dead_registrations(
     A worker whose target queues are all in dry-run mode is reported as planned
     and left alone, like their jobs.
     """
+    # Only the global set and the sets of queues this run covers are touched.
+    allowed = {keys.workers} | {keys.queue_workers(q) for q in rules}
     found = []
     for worker in sorted(snapshot.workers.values(), key=lambda w: w.name):
+        worker = replace(worker, registered_in=worker.registered_in & allowed)
         if not worker.registered_in:
             continue
         liveness = engine.worker_liveness(worker)

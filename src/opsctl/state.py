@@ -83,9 +83,7 @@ def server_time(conn: redis.Redis) -> float:
 def known_queues(conn: redis.Redis, keys: Keys) -> list[str]:
     """Queue names RQ knows: its queue set, every queue with a started registry,
     and every queue with registered workers."""
-    names = {
-        text(member).removeprefix(keys.queue_key_prefix) for member in conn.smembers(keys.queues)
-    }
+    names = set(_queue_names_from_set(conn, keys))
     # A queue may show only as a started registry, or only through the
     # workers that serve it.
     for prefix in (keys.started(""), keys.queue_workers("")):
@@ -113,7 +111,12 @@ def read_snapshot(
             on_progress(done, max(total, done))
 
     for queue in queues:
-        members = list(_registry_members(conn, keys.started(queue)))
+        try:
+            members = list(_registry_members(conn, keys.started(queue)))
+        except redis.ResponseError as exc:
+            # One unreadable registry (the wrong type, say) never stops the run.
+            problems.append(f"queue {queue}: {keys.started(queue)} cannot be read: {exc}")
+            continue
         entries.extend(_read_entries(conn, keys, queue, members, problems, tick))
     workers = read_workers(conn, keys, _worker_names(conn, keys, queues, entries))
     return Snapshot(now=now, queues=queues, entries=entries, workers=workers, problems=problems)
@@ -123,7 +126,7 @@ def _count_started(conn: redis.Redis, keys: Keys, queues: list[str]) -> int:
     pipe = conn.pipeline(transaction=False)
     for queue in queues:
         pipe.zcard(keys.started(queue))
-    return sum(int(n) for n in pipe.execute())
+    return sum(n for n in pipe.execute(raise_on_error=False) if isinstance(n, int))
 
 
 def _registry_members(conn: redis.Redis, key: str) -> Iterator[tuple[bytes, float]]:
@@ -263,7 +266,13 @@ def _worker_names(
     pipe.smembers(keys.workers)
     for queue in queues:
         pipe.smembers(keys.queue_workers(queue))
-    names = {keys.worker_name_from_key(text(m)) for reply in pipe.execute() for m in reply}
+    names = {
+        keys.worker_name_from_key(text(m))
+        for reply in pipe.execute(raise_on_error=False)
+        if not isinstance(reply, Exception)
+        for m in reply
+        if text(m).startswith(keys.worker(""))
+    }
     names.update(e.worker_name for e in entries if e.worker_name)
     return names
 
@@ -282,9 +291,13 @@ def read_workers(conn: redis.Redis, keys: Keys, names: Iterable[str]) -> dict[st
             pipe.hmget(keys.worker(name), WORKER_FIELDS)
             pipe.ttl(keys.worker(name))
             pipe.smembers(keys.worker_executions(name))
-        replies = pipe.execute()
+        replies = pipe.execute(raise_on_error=False)
         for i, name in enumerate(batch):
-            exists, fields, ttl, executions = replies[4 * i : 4 * i + 4]
+            exists, fields, ttl, executions = (
+                ([] if isinstance(r, Exception) else r) for r in replies[4 * i : 4 * i + 4]
+            )
+            fields = fields or [None] * len(WORKER_FIELDS)
+            ttl = ttl if isinstance(ttl, int) else -1
             workers[name] = WorkerRecord(
                 name=name,
                 exists=bool(exists),
@@ -308,15 +321,23 @@ def _registrations(conn: redis.Redis, keys: Keys) -> dict[str, set[str]]:
     for key in sets:
         pipe.smembers(key)
     found: dict[str, set[str]] = {}
-    for key, members in zip(sets, pipe.execute(), strict=True):
+    for key, members in zip(sets, pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(members, Exception):
+            continue
         for member in members:
-            found.setdefault(keys.worker_name_from_key(text(member)), set()).add(key)
+            # A member that is not a worker key is someone else's data: left alone.
+            if text(member).startswith(keys.worker("")):
+                found.setdefault(keys.worker_name_from_key(text(member)), set()).add(key)
     return found
 
 
 def _queue_names_from_set(conn: redis.Redis, keys: Keys) -> list[str]:
     prefix = keys.queue_key_prefix
-    return [text(m).removeprefix(prefix) for m in conn.smembers(keys.queues)]
+    try:
+        members = conn.smembers(keys.queues)
+    except redis.ResponseError:
+        return []
+    return [text(m).removeprefix(prefix) for m in members]
 
 
 def _subscribers(conn: redis.Redis, keys: Keys, names: list[str]) -> dict[str, int] | None:

@@ -14,7 +14,7 @@ from opsctl import engine
 from opsctl.keys import Keys
 from opsctl.model import format_timestamp, parse_timestamp
 from opsctl.report import duration, safe
-from opsctl.state import known_queues, read_snapshot
+from opsctl.state import known_queues, read_snapshot, text
 
 #: Registries counted, in column order: (column, key builder name).
 REGISTRIES = (
@@ -32,13 +32,13 @@ class QueueStatus:
     """Counts of one queue's jobs by where they are, and its workers."""
 
     name: str
-    queued: int = 0
-    started: int = 0
-    failed: int = 0
-    finished: int = 0
-    deferred: int = 0
-    scheduled: int = 0
-    canceled: int = 0
+    queued: int | None = 0  # None: the key exists but is not of RQ's type
+    started: int | None = 0
+    failed: int | None = 0
+    finished: int | None = 0
+    deferred: int | None = 0
+    scheduled: int | None = 0
+    canceled: int | None = 0
     oldest_started_age_seconds: float | None = None
     workers_alive: int = 0
     workers_dead: int = 0
@@ -54,16 +54,17 @@ def collect(conn: redis.Redis, keys: Keys) -> tuple[float, list[QueueStatus]]:
         for _, builder in REGISTRIES:
             pipe.zcard(getattr(keys, builder)(name))
         pipe.smembers(keys.queue_workers(name))
-    replies = pipe.execute()
+    replies = pipe.execute(raise_on_error=False)
     width = 2 + len(REGISTRIES)
     statuses = []
     for i, name in enumerate(names):
         counts = replies[i * width : (i + 1) * width]
-        status = QueueStatus(name, queued=int(counts[0]))
+        status = QueueStatus(name, queued=_count(counts[0]))
         for (column, _), count in zip(REGISTRIES, counts[1:-1], strict=True):
-            setattr(status, column, int(count))
-        for member in counts[-1]:
-            worker = snapshot.workers.get(keys.worker_name_from_key(member.decode()))
+            setattr(status, column, _count(count))
+        members = [] if isinstance(counts[-1], Exception) else counts[-1]
+        for member in members:
+            worker = snapshot.workers.get(keys.worker_name_from_key(text(member)))
             if engine.worker_liveness(worker).alive:
                 status.workers_alive += 1
             else:
@@ -71,6 +72,11 @@ def collect(conn: redis.Redis, keys: Keys) -> tuple[float, list[QueueStatus]]:
         statuses.append(status)
     _oldest_started(snapshot.entries, snapshot.now, statuses)
     return snapshot.now, statuses
+
+
+def _count(reply: Any) -> int | None:
+    """A count, or None when the key holds something else (shown as '?')."""
+    return int(reply) if isinstance(reply, int) else None
 
 
 def _oldest_started(entries: list[Any], now: float, statuses: list[QueueStatus]) -> None:
@@ -95,6 +101,10 @@ def to_json(now: float, redis_url: str, statuses: list[QueueStatus]) -> dict[str
     }
 
 
+def _shown(count: int | None) -> str:
+    return "?" if count is None else str(count)
+
+
 def print_text(statuses: list[QueueStatus], console: Console) -> None:
     if not statuses:
         console.print("no RQ queues found")
@@ -104,8 +114,8 @@ def print_text(statuses: list[QueueStatus], console: Console) -> None:
     for column in columns:
         table.add_column(column, justify="left" if column == "queue" else "right")
     for s in statuses:
-        counts = [str(getattr(s, c)) for c, _ in REGISTRIES]
+        counts = [_shown(getattr(s, c)) for c, _ in REGISTRIES]
         workers = f"{s.workers_alive} alive, {s.workers_dead} dead"
         age = duration(s.oldest_started_age_seconds)
-        table.add_row(Text(safe(s.name)), str(s.queued), *counts, age, workers)
+        table.add_row(Text(safe(s.name)), _shown(s.queued), *counts, age, workers)
     console.print(table)
