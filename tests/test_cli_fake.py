@@ -1023,3 +1023,18 @@ def test_audit_key_of_the_wrong_type_stops_the_run_before_any_change(
     assert "opsctl:audit" in result.output
     assert started_ids(conn) == [job.id]
     assert job.id not in FailedJobRegistry("default", connection=conn).get_job_ids(cleanup=False)
+
+
+def test_destination_of_the_wrong_type_leaves_the_job_untouched_and_exits_1(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    conn.set("rq:failed:default", "not a sorted set")
+    job = started_job(conn, "w-dead")
+    policy = write_policy(tmp_path, FAIL_ALL)
+
+    report = apply(policy, url, exit_code=1)
+
+    assert jobs_by_id(report)[job.id]["outcome"] == "error"
+    assert "rq:failed:default holds a string" in jobs_by_id(report)[job.id]["reason"]
+    assert started_ids(conn) == [job.id]
+    assert status_of(conn, job.id) == "started"

@@ -65,6 +65,18 @@ if not known[action] then
   return redis.error_reply('unknown action ' .. action)
 end
 
+-- A write to a key of the wrong type would fail halfway through the script,
+-- after earlier writes: check every key first, so a job is never half-moved.
+local expected = {'hash', 'zset', 'hash', 'zset', 'set', 'list', 'set', 'zset', 'zset',
+                  'zset', 'stream', 'set', 'set', 'zset', 'zset', 'zset', 'string', 'stream'}
+for i, kind in ipairs(expected) do
+  local found = redis.call('TYPE', KEYS[i])
+  if type(found) == 'table' then found = found['ok'] end
+  if found ~= 'none' and found ~= kind then
+    return redis.error_reply(KEYS[i] .. ' holds a ' .. found .. ', not a ' .. kind)
+  end
+end
+
 local status = field(KEYS[1], 'status')
 if status ~= ARGV[5] then
   if status == '' then status = 'missing' end
