@@ -229,6 +229,23 @@ Timeout = Annotated[
 ]
 
 
+ForceOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--force/--no-force", help="Treat every running job as overdue.", show_default=False
+    ),
+]
+MaxAgeOpt = Annotated[
+    str | None,
+    typer.Option("--max-age", help="Override max_age for every queue (90s, 10m, 2h, 1d)."),
+]
+QueueOpt = Annotated[
+    list[str] | None, typer.Option("--queue", help="Only this queue (repeatable).")
+]
+MaxActionsOpt = Annotated[
+    int | None,
+    typer.Option("--max-actions", min=0, help="Cap on the jobs one run may act on."),
+]
 LockTimeoutOpt = Annotated[
     float,
     typer.Option(
@@ -251,23 +268,10 @@ def apply(
             "--dry-run/--no-dry-run", help="Only report what would be done.", show_default=False
         ),
     ] = None,
-    force: Annotated[
-        bool | None,
-        typer.Option(
-            "--force/--no-force", help="Treat every running job as overdue.", show_default=False
-        ),
-    ] = None,
-    max_age: Annotated[
-        str | None,
-        typer.Option("--max-age", help="Override max_age for every queue (90s, 10m, 2h, 1d)."),
-    ] = None,
-    queue: Annotated[
-        list[str] | None, typer.Option("--queue", help="Only this queue (repeatable).")
-    ] = None,
-    max_actions: Annotated[
-        int | None,
-        typer.Option("--max-actions", min=0, help="Cap on the jobs this run may act on."),
-    ] = None,
+    force: ForceOpt = None,
+    max_age: MaxAgeOpt = None,
+    queue: QueueOpt = None,
+    max_actions: MaxActionsOpt = None,
     plan_file: Annotated[
         str | None,
         typer.Option("--plan", help="Act on exactly the jobs of this plan file (opsctl plan)."),
@@ -416,23 +420,10 @@ def plan_command(
     output_file: Annotated[
         str, typer.Option("--output", "-o", help="Where to write the plan (JSON).")
     ],
-    force: Annotated[
-        bool | None,
-        typer.Option(
-            "--force/--no-force", help="Treat every running job as overdue.", show_default=False
-        ),
-    ] = None,
-    max_age: Annotated[
-        str | None,
-        typer.Option("--max-age", help="Override max_age for every queue (90s, 10m, 2h, 1d)."),
-    ] = None,
-    queue: Annotated[
-        list[str] | None, typer.Option("--queue", help="Only this queue (repeatable).")
-    ] = None,
-    max_actions: Annotated[
-        int | None,
-        typer.Option("--max-actions", min=0, help="Cap on the jobs the plan may act on."),
-    ] = None,
+    force: ForceOpt = None,
+    max_age: MaxAgeOpt = None,
+    queue: QueueOpt = None,
+    max_actions: MaxActionsOpt = None,
     redis_url: RedisUrl = None,
     output: FormatOpt = Format.text,
     timeout: Timeout = DEFAULT_TIMEOUT_S,
