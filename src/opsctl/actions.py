@@ -65,6 +65,25 @@ if not known[action] then
   return redis.error_reply('unknown action ' .. action)
 end
 
+-- Likewise a command the Redis user may not run (ACL): check them all first.
+if redis.acl_check_cmd then
+  local writes = {
+    {'ZREM', 2, 'm'}, {'DEL', 3}, {'ZREM', 4, 'm'}, {'SREM', 5, 'm'}, {'HSET', 1, 'f', 'v'},
+    {'RPUSH', 6, 'v'}, {'LPUSH', 6, 'v'}, {'LREM', 6, '0', 'v'}, {'SADD', 7, 'm'},
+    {'ZADD', 8, '1', 'm'}, {'ZADD', 9, '1', 'm'}, {'ZADD', 10, '1', 'm'},
+    {'XADD', 11, '*', 'f', 'v'}, {'EXPIRE', 1, '1'}, {'PERSIST', 1}, {'DEL', 1},
+    {'INCR', 17}, {'EXPIRE', 17, '1'}, {'XADD', 18, '*', 'f', 'v'},
+    {'ZREM', 14, 'm'}, {'ZREM', 15, 'm'}, {'ZREM', 16, 'm'},
+  }
+  for _, w in ipairs(writes) do
+    local args = {w[1], KEYS[w[2]]}
+    for i = 3, #w do table.insert(args, w[i]) end
+    if not redis.acl_check_cmd(unpack(args)) then
+      return redis.error_reply('NOPERM the Redis user may not run ' .. w[1] .. ' on ' .. KEYS[w[2]])
+    end
+  end
+end
+
 -- A write to a key of the wrong type would fail halfway through the script,
 -- after earlier writes: check every key first, so a job is never half-moved.
 local expected = {'hash', 'zset', 'hash', 'zset', 'set', 'list', 'set', 'zset', 'zset',

@@ -335,7 +335,13 @@ class Executor:
                     f"{w.worker.name}: {w.reason}",
                 )
                 entries.append((fields, w.outcome, ""))
-        audit.append(self.conn, entries)
+        try:
+            audit.append(self.conn, entries)
+        except redis.ResponseError as exc:
+            # The actions themselves are recorded (or refused) atomically; losing
+            # these extra entries must not hide the report of what was done.
+            log.error("audit_not_written error=%s", exc)
+            self.run.problems.append(f"audit trail: skipped and failed attempts not written: {exc}")
 
     def _give_up(self) -> None:
         """Redis went away outside a reconciled batch: report what was not done."""

@@ -118,9 +118,13 @@ def _guard(body: Callable[[], T], best_effort: bool = False, url: str | None = N
     except OpsctlError as exc:
         _fail(exc, best_effort, url)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        from opsctl.errors import RedisUnavailable
-
         _fail(RedisUnavailable(f"lost the connection to Redis: {exc}"), best_effort, url)
+    except redis.exceptions.NoPermissionError as exc:
+        message = (
+            f"Redis refused a command: the user lacks a permission ({exc}); grant the "
+            "rights listed in the README's ACL table"
+        )
+        _fail(RedisUnavailable(message), best_effort, url)
     except redis.RedisError as exc:
         _fail(OpsctlError(f"Redis error: {exc}"), best_effort, url)
     except Exception as exc:  # the last line of defence: a message, never a traceback
