@@ -447,3 +447,20 @@ def test_dead_worker_registration_is_removed_and_a_live_one_stays(
     assert get_keys(connection=redis_conn) == {live_key}
     assert get_keys(Queue(QUEUE, connection=redis_conn)) == {live_key}
     assert live.running()
+
+
+def test_report_names_the_server_version_and_warns_when_keys_can_be_evicted(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    policy = write_policy(tmp_path)
+    calm = apply(policy, redis_url, "--dry-run")
+    # Our own private server: its setting is put back before the test ends.
+    redis_conn.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        evicting = apply(policy, redis_url, "--dry-run")
+    finally:
+        redis_conn.config_set("maxmemory-policy", "noeviction")
+
+    assert calm["server_version"] == redis_conn.info()["redis_version"]
+    assert not any("maxmemory-policy" in w for w in calm["warnings"])
+    assert any("maxmemory-policy is allkeys-lru" in w for w in evicting["warnings"])

@@ -114,6 +114,8 @@ def _head(run: Run, redis_url: str, policy_path: str, policy_digest: str) -> dic
         "unmatched_queues": run.unmatched,
         "limits_tripped": run.limits_tripped,
         "redis_lost": run.redis_lost,
+        "server_version": run.server_version,
+        "warnings": run.warnings,
     }
 
 
@@ -159,7 +161,10 @@ def print_json(document: dict[str, Any]) -> None:
 def print_text(run: Run, console: Console, redis_url: str) -> None:
     """The table of jobs, the table of dead workers, problems and a summary."""
     mode = "dry run: nothing will be changed" if run.dry_run else "applying"
-    console.print(Text(f"opsctl run {run.run_id} against {safe(redis_url)} ({mode})"))
+    version = f", Redis {run.server_version}" if run.server_version else ""
+    console.print(Text(f"opsctl run {run.run_id} against {safe(redis_url)}{version} ({mode})"))
+    for warning in run.warnings:
+        console.print(Text(f"warning: {safe(warning)}", style="yellow"))
     for name in run.unmatched:
         console.print(Text(f"note: queue {safe(name)!r} is matched by no policy entry; skipped"))
     if len(run.jobs) > TABLE_ROWS_MAX:

@@ -17,7 +17,7 @@ from opsctl.engine import ACTION_NONE, Verdict
 from opsctl.keys import Keys, rescue_key
 from opsctl.model import StartedEntry, WorkerRecord, parse_int
 from opsctl.policy import Limits, Policy, Rule
-from opsctl.state import Snapshot, known_queues, read_snapshot
+from opsctl.state import Snapshot, known_queues, read_snapshot, server_notes
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ class Run:
     unmatched: list[str] = field(default_factory=list)
     limits_tripped: list[str] = field(default_factory=list)
     redis_lost: bool = False  # the connection dropped and could not be restored
+    server_version: str | None = None
+    warnings: list[str] = field(default_factory=list)  # about the server's settings
 
     @property
     def failed(self) -> bool:
@@ -191,6 +193,7 @@ def _plan(
         problems=list(snapshot.problems),
         unmatched=unmatched,
     )
+    run.server_version, run.warnings = server_notes(conn)
     for entry in snapshot.entries:
         rule = rules[entry.queue]
         verdict = engine.classify(entry, snapshot.workers, rule, snapshot.now)

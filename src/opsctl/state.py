@@ -65,6 +65,37 @@ def with_retries(read: Callable[[], T]) -> T:
     return read()
 
 
+#: A server up for less than this may have restored its registries from a
+#: snapshot taken before the latest jobs started or ended.
+RECENT_RESTART_S = 600
+
+
+def server_notes(conn: redis.Redis) -> tuple[str | None, list[str]]:
+    """The server's version, and warnings about settings that make RQ's data unreliable.
+
+    Servers (or ACLs) that refuse INFO give no version and no warnings.
+    """
+    try:
+        info = conn.info()
+    except redis.ResponseError:
+        return None, []
+    version = info.get("redis_version")
+    warnings = []
+    policy = info.get("maxmemory_policy", "noeviction")
+    if policy != "noeviction":
+        warnings.append(
+            f"maxmemory-policy is {policy}: Redis may evict job hashes, and evicted jobs "
+            "show up as orphaned entries"
+        )
+    uptime = info.get("uptime_in_seconds")
+    if isinstance(uptime, int) and uptime < RECENT_RESTART_S:
+        warnings.append(
+            f"Redis started {uptime}s ago: its registries may have been restored from an "
+            "older snapshot"
+        )
+    return (str(version) if version else None), warnings
+
+
 def text(value: bytes | str | None) -> str:
     """Decode a Redis value for display and comparison, never failing."""
     if value is None:
