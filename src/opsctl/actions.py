@@ -202,6 +202,17 @@ return result
 """
 
 _WORKER_SCRIPT = """
+if redis.acl_check_cmd then
+  if not redis.acl_check_cmd('HSET', KEYS[1], 'f', 'v')
+      or not redis.acl_check_cmd('EXPIRE', KEYS[1], '1') then
+    return redis.error_reply('NOPERM the Redis user may not write ' .. KEYS[1])
+  end
+  for i = 2, #KEYS do
+    if not redis.acl_check_cmd('SREM', KEYS[i], 'm') then
+      return redis.error_reply('NOPERM the Redis user may not run SREM on ' .. KEYS[i])
+    end
+  end
+end
 local exists = redis.call('EXISTS', KEYS[1])
 if tostring(exists) ~= ARGV[3] then
   return {0, 'worker hash changed since it was read'}

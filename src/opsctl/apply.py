@@ -82,7 +82,13 @@ class Executor:
             self._audit_the_rest()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.error("connection_lost error=%s", exc)
-            self._give_up()
+            self.run.redis_lost = True
+            self._give_up("not acted on: lost the connection to Redis")
+        except redis.ResponseError as exc:
+            # Refused mid-run (an ACL, say): keep the report of what was done.
+            log.error("refused error=%s", exc)
+            self.run.refused = str(exc)
+            self._give_up(f"not acted on: Redis refused a command ({exc})")
 
     def _work_by_queue(self) -> dict[str, list[JobOutcome]]:
         work: dict[str, list[JobOutcome]] = {}
@@ -343,16 +349,14 @@ class Executor:
             log.error("audit_not_written error=%s", exc)
             self.run.problems.append(f"audit trail: skipped and failed attempts not written: {exc}")
 
-    def _give_up(self) -> None:
-        """Redis went away outside a reconciled batch: report what was not done."""
-        self.run.redis_lost = True
+    def _give_up(self, why: str) -> None:
+        """The run cannot go on: report every planned action as not done."""
         for job in self.run.jobs:
             if job.outcome == PLANNED and not job.rule.dry_run:
-                _set(job, ERROR, "not acted on: lost the connection to Redis")
+                _set(job, ERROR, why)
         for worker in self.run.workers:
             if worker.outcome == PLANNED and not worker.dry_run:
-                worker.outcome = ERROR
-                worker.reason = "not acted on: lost the connection to Redis"
+                worker.outcome, worker.reason = ERROR, why
 
 
 def failure_reason(run: Run, outcome: JobOutcome) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import redis
 import typer
@@ -111,6 +112,15 @@ def _fail(error: OpsctlError, best_effort: bool = False, url: str | None = None)
     raise typer.Exit(code)
 
 
+def _redis_user(url: str | None) -> str:
+    """How a message names the Redis user of ``url`` (never its password)."""
+    try:
+        name = urlsplit(url).username if url else None
+    except ValueError:
+        name = None
+    return f"Redis user {name!r}" if name else "the default Redis user"
+
+
 def _guard(body: Callable[[], T], best_effort: bool = False, url: str | None = None) -> T:
     """Run ``body``; report opsctl's errors, and Redis errors mid-run, as exit codes."""
     try:
@@ -120,9 +130,10 @@ def _guard(body: Callable[[], T], best_effort: bool = False, url: str | None = N
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         _fail(RedisUnavailable(f"lost the connection to Redis: {exc}"), best_effort, url)
     except redis.exceptions.NoPermissionError as exc:
+        user = _redis_user(url)
         message = (
-            f"Redis refused a command: the user lacks a permission ({exc}); grant the "
-            "rights listed in the README's ACL table"
+            f"Redis refused a command: {user} lacks a permission ({exc}); nothing was "
+            "changed by the refused command. Grant the rights listed in the README's ACL table"
         )
         _fail(RedisUnavailable(message), best_effort, url)
     except redis.RedisError as exc:
@@ -411,6 +422,9 @@ def _exit_for(run: Run, best_effort: bool, url: str) -> None:
     """Exit with the code the outcome calls for (the report is already printed)."""
     if run.redis_lost:
         _fail(RedisUnavailable("lost the connection to Redis; see the report"), best_effort, url)
+    if run.refused:
+        why = f"Redis refused a command mid-run ({run.refused}); see the report for what was done"
+        _fail(RedisUnavailable(why), best_effort, url)
     if run.failed:
         count = report.summary(run)["errors"]
         _fail(OpsctlError(f"{count} action(s) failed; see the report"), best_effort, url)

@@ -114,6 +114,7 @@ def _head(run: Run, redis_url: str, policy_path: str, policy_digest: str) -> dic
         "unmatched_queues": run.unmatched,
         "limits_tripped": run.limits_tripped,
         "redis_lost": run.redis_lost,
+        "refused": run.refused,
         "server_version": run.server_version,
         "warnings": run.warnings,
     }

@@ -92,6 +92,7 @@ class Run:
     unmatched: list[str] = field(default_factory=list)
     limits_tripped: list[str] = field(default_factory=list)
     redis_lost: bool = False  # the connection dropped and could not be restored
+    refused: str | None = None  # Redis refused a command mid-run (an ACL, say)
     server_version: str | None = None
     warnings: list[str] = field(default_factory=list)  # about the server's settings
 

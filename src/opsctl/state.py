@@ -96,6 +96,21 @@ def server_notes(conn: redis.Redis) -> tuple[str | None, list[str]]:
     return (str(version) if version else None), warnings
 
 
+def replies_of(pipe: Any) -> list[Any]:
+    """A pipeline's replies, errors included, except a refused permission.
+
+    A wrong-type key is one bad record: its error stays in the replies for the
+    caller to report. A refused command (ACL) means opsctl cannot see what it
+    needs, and guessing (a worker "gone" because EXISTS was refused) could act
+    behind a live worker's back, so it stops the run.
+    """
+    replies: list[Any] = pipe.execute(raise_on_error=False)
+    for reply in replies:
+        if isinstance(reply, redis.exceptions.NoPermissionError):
+            raise reply
+    return replies
+
+
 def text(value: bytes | str | None) -> str:
     """Decode a Redis value for display and comparison, never failing."""
     if value is None:
@@ -144,6 +159,8 @@ def read_snapshot(
     for queue in queues:
         try:
             members = list(_registry_members(conn, keys.started(queue)))
+        except redis.exceptions.NoPermissionError:
+            raise
         except redis.ResponseError as exc:
             # One unreadable registry (the wrong type, say) never stops the run.
             problems.append(f"queue {queue}: {keys.started(queue)} cannot be read: {exc}")
@@ -157,7 +174,7 @@ def _count_started(conn: redis.Redis, keys: Keys, queues: list[str]) -> int:
     pipe = conn.pipeline(transaction=False)
     for queue in queues:
         pipe.zcard(keys.started(queue))
-    return sum(n for n in pipe.execute(raise_on_error=False) if isinstance(n, int))
+    return sum(n for n in replies_of(pipe) if isinstance(n, int))
 
 
 def _registry_members(conn: redis.Redis, key: str) -> Iterator[tuple[bytes, float]]:
@@ -204,7 +221,7 @@ def _read_entries(
                 pipe.echo(b"")  # keeps the replies two per member
             else:
                 pipe.hmget(keys.execution(job_id, execution_id), _EXECUTION_FIELDS_RAW)
-        replies = pipe.execute(raise_on_error=False)
+        replies = replies_of(pipe)
         for i, (member, score) in enumerate(batch):
             job_reply, execution_reply = replies[2 * i], replies[2 * i + 1]
             entry = _entry(queue, member, score, job_reply, execution_reply, problems)
@@ -239,8 +256,10 @@ def _as_fields(
 ) -> dict[str, str] | None:
     """A hash reply as a dict of present fields; None when no field is present."""
     if isinstance(reply, Exception):
+        # The key exists but cannot be read as a hash: never mistake it for a
+        # missing one.
         problems.append(f"{what}: could not be read ({reply})")
-        return None
+        return {}
     fields = {
         name: _shared(name, value)
         for name, value in zip(names, reply, strict=True)
@@ -299,7 +318,7 @@ def _worker_names(
         pipe.smembers(keys.queue_workers(queue))
     names = {
         keys.worker_name_from_key(text(m))
-        for reply in pipe.execute(raise_on_error=False)
+        for reply in replies_of(pipe)
         if not isinstance(reply, Exception)
         for m in reply
         if text(m).startswith(keys.worker(""))
@@ -322,7 +341,7 @@ def read_workers(conn: redis.Redis, keys: Keys, names: Iterable[str]) -> dict[st
             pipe.hmget(keys.worker(name), WORKER_FIELDS)
             pipe.ttl(keys.worker(name))
             pipe.smembers(keys.worker_executions(name))
-        replies = pipe.execute(raise_on_error=False)
+        replies = replies_of(pipe)
         for i, name in enumerate(batch):
             exists, fields, ttl, executions = (
                 ([] if isinstance(r, Exception) else r) for r in replies[4 * i : 4 * i + 4]
@@ -352,7 +371,7 @@ def _registrations(conn: redis.Redis, keys: Keys) -> dict[str, set[str]]:
     for key in sets:
         pipe.smembers(key)
     found: dict[str, set[str]] = {}
-    for key, members in zip(sets, pipe.execute(raise_on_error=False), strict=True):
+    for key, members in zip(sets, replies_of(pipe), strict=True):
         if isinstance(members, Exception):
             continue
         for member in members:
@@ -366,6 +385,8 @@ def _queue_names_from_set(conn: redis.Redis, keys: Keys) -> list[str]:
     prefix = keys.queue_key_prefix
     try:
         members = conn.smembers(keys.queues)
+    except redis.exceptions.NoPermissionError:
+        raise
     except redis.ResponseError:
         return []
     return [text(m).removeprefix(prefix) for m in members]

@@ -14,7 +14,7 @@ from opsctl import engine
 from opsctl.keys import Keys
 from opsctl.model import format_timestamp, parse_timestamp
 from opsctl.report import duration, safe
-from opsctl.state import known_queues, read_snapshot, text
+from opsctl.state import known_queues, read_snapshot, replies_of, text
 
 #: Registries counted, in column order: (column, key builder name).
 REGISTRIES = (
@@ -54,7 +54,7 @@ def collect(conn: redis.Redis, keys: Keys) -> tuple[float, list[QueueStatus]]:
         for _, builder in REGISTRIES:
             pipe.zcard(getattr(keys, builder)(name))
         pipe.smembers(keys.queue_workers(name))
-    replies = pipe.execute(raise_on_error=False)
+    replies = replies_of(pipe)
     width = 2 + len(REGISTRIES)
     statuses = []
     for i, name in enumerate(names):
