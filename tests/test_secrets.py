@@ -268,13 +268,17 @@ def out_dir(tmp_path: Path) -> Path:
 
 # --- every command and format, with the password in the URL --------------------------------
 
-#: Credentials: how the URL names them, and whether it reaches opsctl as --redis-url.
+#: Credentials: the URL (its port left as {port}) and whether it is given as --redis-url
+#: (otherwise $REDIS_URL, which the policy reads as ${REDIS_URL}).
 CREDENTIALS = {
-    "password-flag": (f":{PASSWORD}", True),
-    "acl-user-flag": (f"{USER}:{USER_PASSWORD}", True),
-    "encoded-password-flag": (f"{SPECIAL_USER}:{quote(SPECIAL_PASSWORD, safe='')}", True),
-    "password-env": (f":{PASSWORD}", False),
-    "acl-user-env": (f"{USER}:{USER_PASSWORD}", False),
+    "password-flag": (f"redis://:{PASSWORD}@127.0.0.1:{{port}}/0", True),
+    "acl-user-flag": (f"redis://{USER}:{USER_PASSWORD}@127.0.0.1:{{port}}/0", True),
+    "encoded-password-flag": (
+        f"redis://{SPECIAL_USER}:{quote(SPECIAL_PASSWORD, safe='')}@127.0.0.1:{{port}}/0",
+        True,
+    ),
+    "query-password-flag": (f"redis://127.0.0.1:{{port}}/0?password={PASSWORD}", True),
+    "password-env": (f"redis://:{PASSWORD}@127.0.0.1:{{port}}/0", False),
 }
 
 
@@ -322,13 +326,13 @@ COMMANDS = {
         0,
         "2 acted",
         ("plan", POLICY, "--output", PLAN, "--queue", CLEAN_QUEUE),
-    ),  # fmt: skip
+    ),
     "apply-plan-json-debug": Command(
         ("apply", "--plan", PLAN, "--format", "json", "-vv", *QUIET),
         1,
         '"outcome": "error"',
         ("plan", POLICY, "--output", PLAN),
-    ),  # fmt: skip
+    ),
     "apply-plan-dry-run": Command(
         ("apply", "--plan", PLAN, "--dry-run"), 0, "dry run", ("plan", POLICY, "--output", PLAN)
     ),
@@ -372,10 +376,10 @@ def test_no_command_shows_or_stores_the_password_of_its_redis_url(
     name: str,
     credentials: str,
 ) -> None:
-    userinfo, as_flag = CREDENTIALS[credentials]
+    url, as_flag = CREDENTIALS[credentials]
     command = COMMANDS[name]
 
-    run, first = run_command(command, policy, out_dir, server.url(userinfo), as_flag)
+    run, first = run_command(command, policy, out_dir, url.format(port=server.port), as_flag)
 
     assert run.returncode == command.code, run.shown()
     assert command.shows in run.stdout + run.stderr, run.shown()
@@ -443,6 +447,7 @@ BAD_URLS = {
     "unreachable-host-best-effort": BadUrl(
         "redis://:{pw}@opsctl-unreachable.invalid:1/0", 0, extra=("--best-effort",)
     ),
+    "at-sign-in-password": BadUrl("redis://:P@ss-S3cr3t@127.0.0.1:{port}/0", 3, "P@ss-S3cr3t"),
     "no-host": BadUrl("redis://:{pw}@/0", 2),
     "password-without-colon": BadUrl("redis://{pw}@host:1/0", 3),
     "http-scheme": BadUrl("http://:{pw}@x", 2),
@@ -468,13 +473,17 @@ URL_COMMANDS = {
 }
 
 
-def bad_url_cases() -> Iterator[object]:
+def bad_url_cases() -> list[object]:
+    cases = []
     for url_name, bad in BAD_URLS.items():
         for command_name in URL_COMMANDS:
             if bad.extra and command_name != "apply-json":
                 continue
             marks = [LEAKS_UNENCODED] if url_name in LEAKING_URLS else []
-            yield pytest.param(url_name, command_name, id=f"{url_name}-{command_name}", marks=marks)
+            cases.append(
+                pytest.param(url_name, command_name, id=f"{url_name}-{command_name}", marks=marks)
+            )
+    return cases
 
 
 @pytest.mark.parametrize(("url_name", "command_name"), bad_url_cases())

@@ -61,6 +61,8 @@ _REFERENCE_HINT = "write ${NAME} or ${NAME:-default}"
 _GLOB_CHARACTERS = "*?["
 #: Ends the note about an unset variable while the value it feeds goes unchecked.
 UNCHECKED_SUFFIX = "; the value was not checked"
+#: Longest value, in characters, that interpolating the environment may produce.
+MAX_VALUE_CHARS = 65_536
 _RULE_SETTINGS = ("max_age", "action", "force", "dry_run", "enabled", "max_requeues")
 
 _Path = tuple[str | int, ...]
@@ -287,6 +289,11 @@ def _compose(file: str, text: str) -> yaml.Node:
     except RecursionError:
         message = f"values are nested too deeply; policy files nest at most {MAX_DEPTH} levels"
         raise _Refused(_file_problem(file, message)) from None
+    except (ValueError, OverflowError) as error:
+        # PyYAML raises these for escapes beyond Unicode, such as "\U00110000".
+        mark = loader.get_mark()
+        problem = _file_problem(file, f"invalid YAML: {error}", mark.line + 1, mark.column + 1)
+        raise _Refused(problem) from None
     finally:
         loader.dispose()
 
@@ -526,7 +533,7 @@ class _Builder:
             self._refuse_tag(node, path)
             return str(node.value)
         try:
-            return construct(node)
+            return self._sane(construct(node), path)
         except _CONSTRUCTION_ERRORS:
             what = self.document.describe(path, str(node.value))
             tag = _short_tag(node.tag)
@@ -555,7 +562,19 @@ class _Builder:
         if result.unset:
             self._report_unset(path, result.unset)
             return ""
-        return _retype(result.text) if node.style is None else result.text
+        value = _retype(result.text) if node.style is None else result.text
+        return self._sane(value, path)
+
+    def _sane(self, value: Any, path: _Path) -> Any:
+        """``value``, or a placeholder after reporting a number no setting can hold."""
+        if isinstance(value, float) and not math.isfinite(value):
+            self.document.report(path, f"{value} is not a finite number")
+        elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 63:
+            self.document.report(path, "the number is too large for any setting")
+        else:
+            return value
+        self.document.settled.add(path)
+        return "<number>"
 
     def _report_unset(self, path: _Path, names: tuple[str, ...]) -> None:
         """Report unset variables: an error under strict_env, a note otherwise."""
@@ -632,6 +651,7 @@ def _interpolate(text: str, environ: Mapping[str, str]) -> _Interpolation:
     names: list[str] = []
     unset: list[str] = []
     position = 0
+    length = 0
     while (start := text.find("${", position)) != -1:
         end = text.find("}", start)
         if end == -1:
@@ -649,6 +669,13 @@ def _interpolate(text: str, environ: Mapping[str, str]) -> _Interpolation:
         if value is None:
             unset.append(name)
         parts += [text[position:start], value or ""]
+        length += start - position + len(value or "")
+        if length > MAX_VALUE_CHARS:
+            message = (
+                f"the environment expands this value past {MAX_VALUE_CHARS:,} characters, "
+                "the most a value may hold"
+            )
+            return _Interpolation(text, error=(start, message))
         position = end + 1
 
     parts.append(text[position:])
@@ -921,8 +948,10 @@ def _format_path(path: _Path) -> str:
     for part in path:
         if isinstance(part, int):
             text += f"[{part}]"
-        else:
-            text += f".{part}" if text else part
+            continue
+        if not part.isprintable():
+            part = part.encode("unicode_escape").decode()  # never a control character
+        text += f".{part}" if text else part
     return text
 
 
