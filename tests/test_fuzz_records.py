@@ -11,8 +11,7 @@ normal jobs.
 
 The CLI runs in-process (typer's CliRunner) so that a fixed budget of examples fits in a
 few seconds; one test runs the real process over one state that holds every kind of
-damage. Damage that trips a known product bug is left out of the random mix and pinned by
-its own strict xfail test at the end of the file.
+damage. Values that once broke a run are pinned by their own tests at the end of the file.
 """
 
 from __future__ import annotations
@@ -119,8 +118,8 @@ RETRY_INTERVALS = ("[]", "[1]", "[0, 5]", "[-5]", "[1.5]", '["a"]', "{}", "[", "
 FAILURE_TTLS = ("0", "-1", "60", "abc", "1.5", "", "31536000")
 WORKER_STATES = ("idle", "busy", "started", "suspended", "", "BUSY")
 
-# Values that trip known product bugs (see the xfail tests below); only the dry run and
-# status properties, which those bugs do not affect, draw them.
+# Values that once broke a run (see the tests at the end of the file); only the dry run
+# and status properties draw them at random.
 BUG_RETRIES_LEFT = ("1_0",)  # Python reads 10, Lua cannot: the fail script dies midway
 BUG_RETRY_INTERVALS = ("[1e400]", "[NaN]", "[Infinity]")  # int() of inf/nan aborts the run
 BUG_FAILURE_TTLS = ("99999999999999999999", "100000000000000000")  # EXPIRE refuses them
@@ -760,11 +759,6 @@ def apply_json(policy: Path, url: str, *extra: str) -> tuple[subprocess.Complete
     return result, report
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: retry_intervals holding inf/NaN raises OverflowError in _retry_interval; "
-    "the whole apply aborts with 'unexpected OverflowError', no report, no job acted on",
-)
 def test_one_job_with_an_infinite_retry_interval_does_not_stop_the_others_being_failed(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
@@ -780,11 +774,6 @@ def test_one_job_with_an_infinite_retry_interval_does_not_stop_the_others_being_
     assert [job_status(redis_conn, job_id) for job_id in normal[:2]] == ["failed", "failed"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a failure_ttl EXPIRE refuses (>= ~1e16 s) makes the fail script error after "
-    "it has failed the job; the report and the audit trail say 'error' for a job that was failed",
-)
 def test_a_job_reported_as_not_failed_is_still_in_its_started_registry(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
@@ -798,12 +787,6 @@ def test_a_job_reported_as_not_failed_is_still_in_its_started_registry(
     assert (line["outcome"] == "done") == changed, process_output(result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: retries_left '1_0' (int() reads 10, Lua's tonumber nil) makes the fail script "
-    "die after removing the started entry and execution: the job stays 'started' in no "
-    "registry, and later runs never see it",
-)
 def test_a_retry_count_lua_cannot_read_never_leaves_a_started_job_outside_every_registry(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
@@ -819,11 +802,6 @@ def test_a_retry_count_lua_cannot_read_never_leaves_a_started_job_outside_every_
     assert in_registry or not still_started
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the change script type-checks rq:queues (and rq:queue:<origin>) even for a "
-    "plain fail that never writes them, so one wrong-typed rq:queues fails every action",
-)
 def test_a_wrong_typed_rq_queues_key_does_not_stop_abandoned_jobs_being_failed(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
@@ -836,11 +814,6 @@ def test_a_wrong_typed_rq_queues_key_does_not_stop_abandoned_jobs_being_failed(
     assert [job_status(redis_conn, j) for j in normal] == ["failed"] * 2, process_output(result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a wrong-typed opsctl:rescues:<id> makes _apply_rescue_limits raise; a requeue "
-    "run, even --dry-run, exits 1 with 'Redis error: ... WRONGTYPE' and no report",
-)
 def test_a_damaged_requeue_counter_does_not_stop_a_requeue_dry_run(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
@@ -853,12 +826,6 @@ def test_a_damaged_requeue_counter_does_not_stop_a_requeue_dry_run(
     assert report is not None and len(report["jobs"]) == 2, process_output(result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: fields are decoded with backslashreplace and the decoded text is what the "
-    "script re-checks against the raw bytes: a job whose last_heartbeat is not UTF-8 is "
-    "skipped on every run as 'a worker is alive' and never failed",
-)
 def test_an_abandoned_job_with_a_non_utf8_heartbeat_is_failed(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
@@ -871,11 +838,6 @@ def test_an_abandoned_job_with_a_non_utf8_heartbeat_is_failed(
     assert redis_conn.hget(f"rq:job:{job_id}", "status") == b"failed", process_output(result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: opsctl names its own connection 'opsctl' and counts a client named after a "
-    "worker as that worker's connection, so a dead worker named 'opsctl' always looks live",
-)
 def test_a_dead_worker_named_opsctl_is_seen_dead(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

@@ -84,13 +84,36 @@ if redis.acl_check_cmd then
   end
 end
 
--- A write to a key of the wrong type would fail halfway through the script,
--- after earlier writes: check every key first, so a job is never half-moved.
-local expected = {'hash', 'zset', 'hash', 'zset', 'set', 'list', 'set', 'zset', 'zset',
-                  'zset', 'stream', 'set', 'set', 'zset', 'zset', 'zset', 'string', 'stream'}
-for i, kind in ipairs(expected) do
-  local found = redis.call('TYPE', KEYS[i])
+-- Anything that could make a command fail halfway through the script, after
+-- earlier writes, is checked before the first write, so a job is never
+-- half-moved: numbers that must parse, and the type of every key written.
+local ttl, interval, left = tonumber(ARGV[11]), tonumber(ARGV[14]), tonumber(ARGV[8])
+local retrying = action == 'fail' and ARGV[14] ~= ''
+if not ttl or not tonumber(ARGV[17]) or (retrying and not (interval and left)) then
+  return redis.error_reply('a number this change needs cannot be read')
+end
+local kinds = {[1] = 'hash', [2] = 'zset', [18] = 'stream'}
+if exec_id ~= '' then kinds[3], kinds[4], kinds[5] = 'hash', 'zset', 'set' end
+if retrying and interval > 0 then
+  kinds[10] = 'zset'
+elseif retrying or action == 'requeue' then
+  kinds[6], kinds[7] = 'list', 'set'
+  if action == 'requeue' then kinds[17] = 'string' end
+elseif action == 'fail' then
+  kinds[8], kinds[11] = 'zset', 'stream'
+elseif action == 'cancel' then
+  kinds[9] = 'zset'
+elseif action == 'delete' then
+  kinds[4], kinds[6] = 'zset', 'list'
+  for _, i in ipairs({8, 9, 10, 14, 15, 16}) do kinds[i] = 'zset' end
+end
+local function kind_of(key)
+  local found = redis.call('TYPE', key)
   if type(found) == 'table' then found = found['ok'] end
+  return found
+end
+for i, kind in pairs(kinds) do
+  local found = kind_of(KEYS[i])
   if found ~= 'none' and found ~= kind then
     return redis.error_reply(KEYS[i] .. ' holds a ' .. found .. ', not a ' .. kind)
   end
@@ -135,8 +158,7 @@ local function act()
   if action == 'remove-entry' then
     return {1, 'removed'}
   elseif action == 'fail' and ARGV[14] ~= '' then
-    redis.call('HSET', KEYS[1], 'retries_left', tostring(tonumber(ARGV[8]) - 1))
-    local interval = tonumber(ARGV[14])
+    redis.call('HSET', KEYS[1], 'retries_left', tostring(left - 1))
     if interval > 0 then
       redis.call('HSET', KEYS[1], 'status', 'scheduled')
       redis.call('ZADD', KEYS[10], math.floor(now + interval), job_id)
@@ -145,7 +167,6 @@ local function act()
     enqueue(ARGV[15])
     return {1, 'queued for retry'}
   elseif action == 'fail' then
-    local ttl = tonumber(ARGV[11])
     redis.call('HSET', KEYS[1], 'status', 'failed', 'ended_at', now_iso)
     local score = '+inf'
     if ttl >= 0 then score = tostring(math.floor(now) + ttl) end
@@ -163,7 +184,9 @@ local function act()
     elseif ttl < 0 then
       redis.call('PERSIST', KEYS[1])
     end
-    return {1, 'failed', redis.call('SCARD', KEYS[12])}
+    local dependents = 0
+    if kind_of(KEYS[12]) == 'set' then dependents = redis.call('SCARD', KEYS[12]) end
+    return {1, 'failed', dependents}
   elseif action == 'requeue' then
     redis.call('HSET', KEYS[1], 'started_at', '', 'ended_at', '')
     enqueue('0')
@@ -273,7 +296,9 @@ class ChangeResult:
 
 def failure_text(reason: str) -> str:
     """A failure reason as RQ stores it in a result stream (zlib, then base64)."""
-    return base64.b64encode(zlib.compress(reason.encode())).decode()
+    # Text read from Redis may hold bytes that are not UTF-8 (kept as surrogates).
+    data = reason.encode("utf-8", "backslashreplace")
+    return base64.b64encode(zlib.compress(data)).decode()
 
 
 class Actor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 STOP_POLL_S = 0.2
 #: Waits before each attempt to reach Redis again after the connection dropped.
 RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
+#: Longest TTL or delay opsctl passes to Redis (a century); longer means forever.
+MAX_TTL_S = 100 * 365 * 86400
 #: Rounds of applying, after which changes still unknown are left to the next run.
 RECONCILE_ROUNDS = 5
 #: Details a successful script reports that add nothing to the reason.
@@ -390,12 +393,17 @@ def _retry_interval(job: dict[str, str], retries_left: int | None) -> int | None
     if not isinstance(intervals, list) or not intervals:
         return 0
     value = intervals[max(len(intervals) - retries_left, 0)]
-    return int(value) if isinstance(value, (int, float)) else 0
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return 0  # RQ could not schedule it either: retry at once
+    return min(int(value), MAX_TTL_S)
 
 
 def _failure_ttl(job: dict[str, str]) -> int:
     ttl = parse_int(job.get("failure_ttl"))
-    return DEFAULT_FAILURE_TTL_S if ttl is None else ttl
+    if ttl is None:
+        return DEFAULT_FAILURE_TTL_S
+    # Redis refuses expiries past its clock's range; such a TTL means "keep it".
+    return -1 if ttl > MAX_TTL_S else ttl
 
 
 def _set(outcome: JobOutcome, result: str, why: str, append: bool = False) -> None:

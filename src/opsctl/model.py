@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -88,14 +89,14 @@ def _parse_iso(text: str) -> float | None:
     return parsed.timestamp()
 
 
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
+
+
 def parse_int(text: str | None) -> int | None:
     """An integer field of a job hash, or None when absent or unparsable."""
-    if text is None or text == "":
+    if text is None or not _INTEGER.fullmatch(text):
         return None
-    try:
-        return int(text)
-    except ValueError:
-        return None
+    return int(text)
 
 
 def format_timestamp(epoch_s: float) -> str:

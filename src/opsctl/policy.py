@@ -34,6 +34,7 @@ import yaml
 from jsonschema.exceptions import ValidationError
 from jsonschema.protocols import Validator
 
+from opsctl.connection import mask_url
 from opsctl.errors import PolicyError, Problem
 
 ACTIONS = ("fail", "requeue", "cancel", "delete")
@@ -966,6 +967,8 @@ def _describe(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     if isinstance(value, str):
+        if "://" in value or "password" in value.lower():
+            value = mask_url(value)  # a URL in the wrong place still hides its password
         return repr(value if len(value) <= 60 else value[:57] + "...")
     return repr(value)
 

@@ -17,7 +17,7 @@ from opsctl.engine import ACTION_NONE, Verdict
 from opsctl.keys import Keys, rescue_key
 from opsctl.model import StartedEntry, WorkerRecord, parse_int
 from opsctl.policy import Limits, Policy, Rule
-from opsctl.state import Snapshot, known_queues, read_snapshot, server_notes
+from opsctl.state import Snapshot, known_queues, read_snapshot, replies_of, server_notes
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,10 @@ def _apply_rescue_limits(conn: redis.Redis, run: Run) -> None:
     pipe = conn.pipeline(transaction=False)
     for j in requeues:
         pipe.get(rescue_key(j.entry.job_id))
-    for j, raw in zip(requeues, pipe.execute(), strict=True):
+    for j, raw in zip(requeues, replies_of(pipe), strict=True):
+        if isinstance(raw, Exception):
+            run.problems.append(f"requeue count of job {j.entry.job_id}: cannot be read ({raw})")
+            raw = None
         count = parse_int(raw.decode("ascii", "replace") if raw else None) or 0
         if count < j.rule.max_requeues:
             continue

@@ -117,7 +117,11 @@ def text(value: bytes | str | None) -> str:
         return ""
     if isinstance(value, str):
         return value
-    return value.decode("utf-8", "backslashreplace")
+    # Bytes that are not UTF-8 become lone surrogates, which the connection
+    # (encoding_errors="surrogateescape") turns back into the same bytes, so
+    # keys and re-checks built from the text match what is stored. Reports
+    # escape them for display.
+    return value.decode("utf-8", "surrogateescape")
 
 
 def server_time(conn: redis.Redis) -> float:
