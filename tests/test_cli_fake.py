@@ -1038,3 +1038,41 @@ def test_destination_of_the_wrong_type_leaves_the_job_untouched_and_exits_1(
     assert "rq:failed:default holds a string" in jobs_by_id(report)[job.id]["reason"]
     assert started_ids(conn) == [job.id]
     assert status_of(conn, job.id) == "started"
+
+
+def test_names_from_redis_cannot_send_control_sequences_to_the_terminal(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    conn.zadd("rq:wip:default", {b"evil\x1b[2J\x07:exec1": 1})
+    policy = write_policy(tmp_path, FAIL_ALL)
+
+    result = opsctl("apply", str(policy), "--redis-url", url, "--dry-run")
+
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert "\\x1b[2J" in result.stdout
+
+
+def test_plan_output_replaces_only_a_regular_file(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    started_job(conn, "w-dead")
+    policy = write_policy(tmp_path, FAIL_ALL)
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep me")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+
+    for path in (link, folder, Path("/dev/null")):
+        result = opsctl("plan", str(policy), "--output", str(path), "--redis-url", url)
+        assert result.exit_code == 2, (path, result.output)
+        assert "not a regular file" in result.output
+    assert target.read_text() == "keep me"
+
+    regular = tmp_path / "plan.json"
+    regular.write_text("old plan")
+    result = opsctl("plan", str(policy), "--output", str(regular), "--redis-url", url)
+    assert result.exit_code == 0, result.output
+    assert json.loads(regular.read_text())["format"] == "opsctl-plan"

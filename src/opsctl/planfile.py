@@ -76,7 +76,9 @@ def write(
 
 def _write_atomically(path: str, text: str) -> None:
     target = Path(path)
-    if target.exists() and not target.is_file():
+    # Only a regular file is replaced: never a directory, device, pipe or a
+    # symbolic link (which could point anywhere).
+    if target.is_symlink() or (target.exists() and not target.is_file()):
         raise UsageError(
             f"--output {path!r} exists and is not a regular file; refusing to replace it"
         )
