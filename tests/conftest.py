@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,12 +148,13 @@ def _start_redis_server(binary: str, data_dir: Path) -> RedisServer:
     if ready and process.poll() is None:
         return server
 
-    _terminate(process)
+    terminate(process)
     log = log_path.read_text(errors="replace") if log_path.exists() else "(no log)"
     raise RuntimeError(f"redis-server on port {port} did not start:\n{log}")
 
 
-def _terminate(process: subprocess.Popen[bytes]) -> None:
+def terminate(process: subprocess.Popen[bytes]) -> None:
+    """Stop a server process: politely first, then by force."""
     if process.poll() is None:
         process.terminate()
     try:
@@ -180,7 +182,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         raise RuntimeError("could not start a private redis-server") from error
 
     yield server
-    _terminate(server.process)
+    terminate(server.process)
 
 
 @pytest.fixture
@@ -410,9 +412,9 @@ def rq_workers(redis_url: str, tmp_path: Path) -> Iterator[WorkerFactory]:
 # --- fakeredis over TCP -------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake_redis_url() -> Iterator[str]:
-    """The URL of a fresh fakeredis server, served over TCP from a background thread."""
+@contextmanager
+def serve_fake_redis() -> Iterator[str]:
+    """Serve a fresh fakeredis over TCP from a background thread; its URL."""
     from fakeredis import TcpFakeServer
 
     # Port 0 lets the kernel pick a free port at bind time, so no other process can race us.
@@ -427,9 +429,16 @@ def fake_redis_url() -> Iterator[str]:
         target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
     )
     thread.start()
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
-    yield f"redis://127.0.0.1:{port}/0"
 
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+@pytest.fixture
+def fake_redis_url() -> Iterator[str]:
+    """The URL of a fresh fakeredis server, served over TCP from a background thread."""
+    with serve_fake_redis() as url:
+        yield url

@@ -40,6 +40,7 @@ from conftest import (
     clean_env,
     free_port,
     job_status,
+    terminate,
     wait_for_status,
     wait_until,
 )
@@ -155,18 +156,8 @@ def _start(binary: str, data_dir: Path) -> tuple[int, subprocess.Popen[bytes]]:
 
     if wait_until(answers, timeout=STARTUP_TIMEOUT_S) and process.poll() is None:
         return port, process
-    _stop(process)
+    terminate(process)
     raise RuntimeError(f"redis-server on port {port} did not start")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +188,7 @@ def acl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclServer]:
             server.add_user(user, line)
         yield server
     finally:
-        _stop(process)
+        terminate(process)
 
 
 @pytest.fixture

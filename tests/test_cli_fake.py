@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -21,7 +20,6 @@ import jsonschema
 import pytest
 import redis
 from click.testing import Result
-from fakeredis import TcpFakeServer
 from rq import Queue, Retry, SimpleWorker
 from rq.exceptions import NoSuchJobError
 from rq.executions import Execution
@@ -36,7 +34,7 @@ from rq.utils import utcformat
 from rq.worker_registration import get_keys
 from typer.testing import CliRunner
 
-from conftest import SHARED_REDIS_PORT
+from conftest import serve_fake_redis
 from opsctl import run
 from opsctl.cli import app
 from opsctl.engine import ACTION_NONE, ACTION_REMOVE_ENTRY, ACTION_STOP, State
@@ -64,21 +62,9 @@ DEFAULT_POLICY = """
 
 @pytest.fixture(scope="module")
 def fake_server() -> Iterator[str]:
-    """A fakeredis server on 127.0.0.1 and a free port, served from a thread; its URL."""
-    # Port 0: the kernel picks a free port at bind time, so nothing can take it first.
-    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
-    port = server.server_address[1]
-    assert port != SHARED_REDIS_PORT
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-
-    yield f"redis://127.0.0.1:{port}/0"
-
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    """A fakeredis server on 127.0.0.1 and a free port for this module; its URL."""
+    with serve_fake_redis() as url:
+        yield url
 
 
 @pytest.fixture
