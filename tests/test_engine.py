@@ -510,10 +510,15 @@ def test_format_timestamp_round_trips_through_parse_timestamp() -> None:
         (b"old:style:ex1", ("old:style", "ex1")),
         (b"job1:", ("job1:", None)),
         (b":ex1", (":ex1", None)),
-        (b"caf\xe9", ("caf\\xe9", None)),
+        (b"caf\xe9", ("caf\udce9", None)),
     ],
 )
 def test_split_member_separates_job_and_execution(
     member: bytes, expected: tuple[str, str | None]
 ) -> None:
-    assert split_member(member) == expected
+    job_id, execution_id = split_member(member)
+
+    assert (job_id, execution_id) == expected
+    # Bytes that are not UTF-8 come back unchanged, so keys built from the id match.
+    whole = job_id + (f":{execution_id}" if execution_id else "")
+    assert whole.encode("utf-8", "surrogateescape") == member

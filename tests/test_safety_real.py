@@ -203,8 +203,10 @@ def redis_state(conn: redis.Redis) -> dict[bytes, bytes | None]:
 
 
 def opsctl_clients(conn: redis.Redis) -> int:
-    """How many connections named `opsctl` are open."""
-    return sum(1 for client in conn.client_list() if client.get("name") == "opsctl")
+    """How many connections opsctl named (`opsctl-<pid>`) are open."""
+    return sum(
+        1 for client in conn.client_list() if str(client.get("name", "")).startswith("opsctl-")
+    )
 
 
 def run_both(runs: list[subprocess.Popen[str]]) -> list[subprocess.CompletedProcess[str]]:
@@ -289,13 +291,13 @@ def opsctl_acting(conn: redis.Redis) -> bool:
 
 
 def kill_opsctl_clients(conn: redis.Redis, run: subprocess.Popen[str], seconds: float) -> int:
-    """Kill every connection named `opsctl`, every 20 ms, until `run` exits or `seconds`
+    """Kill every connection opsctl named, every 20 ms, until `run` exits or `seconds`
     pass; how many connections were killed."""
     kills = 0
     deadline = time.monotonic() + seconds
     while run.poll() is None and time.monotonic() < deadline:
         for client in conn.client_list():
-            if client.get("name") == "opsctl":
+            if str(client.get("name", "")).startswith("opsctl-"):
                 kills += int(conn.client_kill_filter(_id=client["id"]))
         time.sleep(0.02)
     return kills
