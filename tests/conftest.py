@@ -28,6 +28,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
 TESTS_DIR = Path(__file__).resolve().parent
+SRC_DIR = TESTS_DIR.parent / "src"
 
 # The machine's shared Redis. The suite must never connect to it, flush it or change it.
 SHARED_REDIS_PORT = 6379
@@ -399,6 +400,20 @@ def clean_env() -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("RQ_", "REDIS_"))}
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def run_opsctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m opsctl ARGS`` with this checkout's code; capture its output."""
+    env = env or clean_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC_DIR), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "opsctl", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.fixture

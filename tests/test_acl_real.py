@@ -18,7 +18,6 @@ import re
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,9 +36,9 @@ from conftest import (
     SHARED_REDIS_PORT,
     STARTUP_TIMEOUT_S,
     WorkerFactory,
-    clean_env,
     free_port,
     job_status,
+    run_opsctl,
     terminate,
     wait_for_status,
     wait_until,
@@ -49,7 +48,6 @@ from opsctl.errors import ExitCode
 pytestmark = pytest.mark.redis_server
 
 ROOT = Path(__file__).resolve().parents[1]
-SRC_DIR = ROOT / "src"
 
 #: The password placeholder of the documented lines; each test run uses random ones.
 PLACEHOLDER = ">CHANGE_ME"
@@ -220,20 +218,6 @@ def redis_state(conn: redis.Redis) -> dict[bytes, tuple[bytes | None, bool]]:
 
 
 # --- running opsctl -----------------------------------------------------------------------
-
-
-def run_opsctl(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run `python -m opsctl ARGS` with this checkout's code; capture its output."""
-    env = clean_env()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC_DIR), env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, "-m", "opsctl", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
 
 
 def shown(result: subprocess.CompletedProcess[str]) -> str:

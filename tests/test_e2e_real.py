@@ -9,9 +9,6 @@ reads always pass `cleanup=False`: RQ's cleanup would itself change what is chec
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -32,11 +29,16 @@ from rq.registry import (
 )
 from rq.worker_registration import get_keys
 
-from conftest import WorkerFactory, WorkerProcess, clean_env, job_status, wait_for_status
+from conftest import (
+    WorkerFactory,
+    WorkerProcess,
+    job_status,
+    run_opsctl,
+    wait_for_status,
+)
 
 pytestmark = pytest.mark.redis_server
 
-SRC_DIR = Path(__file__).resolve().parents[1] / "src"
 
 QUEUE = "e2e"
 SLOW_QUEUE = "e2e-slow"
@@ -46,20 +48,6 @@ STATUS_TIMEOUT_S = 10
 
 
 # --- running opsctl -----------------------------------------------------------------------
-
-
-def run_opsctl(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run `python -m opsctl ARGS` with this checkout's code; capture its output."""
-    env = clean_env()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC_DIR), env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, "-m", "opsctl", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
 
 
 def apply(policy: Path, redis_url: str, *extra: str) -> dict[str, Any]:

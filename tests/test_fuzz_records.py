@@ -17,9 +17,7 @@ damage. Values that once broke a run are pinned by their own tests at the end of
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,12 +33,11 @@ from rq import Queue
 from rq.executions import Execution
 from typer.testing import CliRunner
 
-from conftest import SHARED_REDIS_PORT, RedisServer, clean_env, job_status
+from conftest import SHARED_REDIS_PORT, RedisServer, job_status, run_opsctl
 from opsctl.cli import app
 
 pytestmark = pytest.mark.redis_server
 
-SRC_DIR = Path(__file__).resolve().parents[1] / "src"
 
 #: The queue and dead worker of the normal abandoned jobs; random damage never
 #: changes the type of this queue's keys or of the dead worker's keys.
@@ -652,20 +649,6 @@ def every_kind_of_damage() -> list[Write]:
         Write("hash", b"rq:queue:fq", {b"a": b"b"}),
         Write("string", b"rq:failed:fq", b"not a zset"),
     ]
-
-
-def run_opsctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m opsctl ARGS`` with this checkout's code."""
-    env = env or clean_env()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC_DIR), env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, "-m", "opsctl", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
 
 
 def process_output(result: subprocess.CompletedProcess[str]) -> str:

@@ -175,6 +175,25 @@ def _parse_duration_option(option: str, value: str) -> int:
         ) from None
 
 
+def _overrides(
+    dry_run: bool | None,
+    force: bool | None,
+    max_age: str | None,
+    queue: list[str] | None,
+    max_actions: int | None,
+    stop_timeout_s: float = Overrides.stop_timeout_s,
+) -> Overrides:
+    """The policy overrides that apply and plan share, checked."""
+    return Overrides(
+        dry_run=dry_run,
+        force=force,
+        max_age_seconds=_guard(lambda: _parse_max_age(max_age)),
+        queues=tuple(queue or ()),
+        stop_timeout_s=stop_timeout_s,
+        max_actions=max_actions,
+    )
+
+
 def _parse_max_age(value: str | None) -> int | None:
     if value is None:
         return None
@@ -323,14 +342,7 @@ def apply(
     if policy_file is not None:
         policy = _guard(lambda: _load_for_apply(policy_file, redis_url is not None))
     url = _guard(lambda: _resolve_url(redis_url, policy))
-    overrides = Overrides(
-        dry_run=dry_run,
-        force=force,
-        max_age_seconds=_guard(lambda: _parse_max_age(max_age)),
-        queues=tuple(queue or ()),
-        stop_timeout_s=stop_timeout,
-        max_actions=max_actions,
-    )
+    overrides = _overrides(dry_run, force, max_age, queue, max_actions, stop_timeout)
     job = Job(url, timeout, lock_timeout, overrides, progress=output is Format.text)
     if plan_file is not None:
         plan_age = _guard(lambda: _parse_duration_option("--max-plan-age", max_plan_age))
@@ -452,13 +464,7 @@ def plan_command(
     _setup_logging(verbose, quiet)
     policy = _guard(lambda: _load_for_apply(policy_file, redis_url is not None))
     url = _guard(lambda: _resolve_url(redis_url, policy))
-    overrides = Overrides(
-        dry_run=True,
-        force=force,
-        max_age_seconds=_guard(lambda: _parse_max_age(max_age)),
-        queues=tuple(queue or ()),
-        max_actions=max_actions,
-    )
+    overrides = _overrides(True, force, max_age, queue, max_actions)
     job = Job(url, timeout, 0, overrides, progress=output is Format.text)
     run, count = _guard(lambda: job.write_plan(policy, output_file), url=url)
     _print_run(run, output, url, (policy.path, policy.digest))
