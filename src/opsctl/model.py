@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TypeVar, overload
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +39,60 @@ class WorkerRecord:
         return tuple(q for q in raw.split(",") if q)
 
 
-@dataclass(frozen=True, slots=True)
+class Fields(Mapping[str, str]):
+    """The fields read from one hash, stored compactly: a tuple of values in a fixed name order.
+
+    A large run holds hundreds of thousands of these; a tuple costs a third of
+    a dict with the same fields. Absent fields are stored as None and behave
+    as missing keys.
+    """
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, index: dict[str, int], values: tuple[str | None, ...]) -> None:
+        self._index = index
+        self._values = values
+
+    @staticmethod
+    def index_of(names: tuple[str, ...]) -> dict[str, int]:
+        """The name → position table shared by every record read with ``names``."""
+        return {name: i for i, name in enumerate(names)}
+
+    @overload
+    def get(self, key: str, /) -> str | None: ...
+    @overload
+    def get(self, key: str, default: str | _T, /) -> str | _T: ...
+
+    def get(self, key: str, default: object = None, /) -> object:
+        i = self._index.get(key)
+        if i is None:
+            return default
+        value = self._values[i]
+        return default if value is None else value
+
+    def __getitem__(self, key: str) -> str:
+        value = self._values[self._index[key]]
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        values = self._values
+        return (name for name, i in self._index.items() if values[i] is not None)
+
+    def __len__(self) -> int:
+        return len(self._values) - self._values.count(None)
+
+    def __bool__(self) -> bool:
+        return self._values.count(None) != len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Fields({dict(self)!r})"
+
+
+# Not frozen: one is made per started entry, and a frozen dataclass's
+# __init__ costs several times as much. Nothing changes one once made.
+@dataclass(slots=True)
 class StartedEntry:
     """One member of a queue's started registry, with the job and execution it names.
 
@@ -48,17 +105,17 @@ class StartedEntry:
     job_id: str
     execution_id: str | None
     score: float
-    job: dict[str, str] | None
-    execution: dict[str, str] | None
+    job: Mapping[str, str] | None
+    execution: Mapping[str, str] | None
 
     @property
     def worker_name(self) -> str:
         """The worker that owns this execution, from the freshest record that names one."""
-        if self.execution and self.execution.get("worker_name"):
-            return self.execution["worker_name"]
-        if self.job:
-            return self.job.get("worker_name", "")
-        return ""
+        if self.execution is not None:
+            name = self.execution.get("worker_name")
+            if name:
+                return name
+        return self.job.get("worker_name", "") if self.job is not None else ""
 
 
 def parse_timestamp(text: str | None) -> float | None:
