@@ -25,6 +25,7 @@ that is about to run it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -107,7 +108,7 @@ def worker_liveness(worker: WorkerRecord | None) -> Liveness:
 def is_executing(worker: WorkerRecord, entry: StartedEntry) -> bool:
     """Whether a live ``worker``'s own records say it runs ``entry``."""
     if worker.executions:
-        return entry.member.decode("utf-8", "replace") in worker.executions
+        return entry.member_text in worker.executions
     if worker.current_job:
         return worker.current_job == entry.job_id
     return worker.fields.get("state") == "busy"
@@ -162,12 +163,14 @@ def _not_started(entry: StartedEntry, status: str, holds: bool, signals: Signals
 
 
 def _abandoned(entry: StartedEntry, rule: Rule, liveness: Liveness, signals: Signals) -> Verdict:
+    # Reasons name the worker and the rule, not the job: many jobs share each
+    # one, so a large run keeps a single copy of it.
     if not entry.worker_name:
         why = "no worker is named for it"
     elif liveness.alive:
-        why = f"{entry.worker_name} is live but not executing it"
+        why = sys.intern(f"{entry.worker_name} is live but not executing it")
     else:
-        why = f"{entry.worker_name} is dead: {liveness.evidence}"
+        why = sys.intern(f"{entry.worker_name} is dead: {liveness.evidence}")
     return Verdict(State.ABANDONED, rule.action, why, signals)
 
 
@@ -178,10 +181,11 @@ def _held(rule: Rule, signals: Signals) -> Verdict:
     if age is None:
         reason = "age unknown (no readable started_at); never acted on by age"
         return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
+    # The age itself is in the signals (and every report's age column).
     if age > rule.max_age_seconds:
-        reason = f"running {age:.1f}s, over max_age {rule.max_age_seconds}s"
+        reason = sys.intern(f"running longer than max_age {rule.max_age_seconds}s")
         return Verdict(State.OVERDUE, ACTION_STOP, reason, signals, rule.action)
-    reason = f"running {age:.1f}s, within max_age {rule.max_age_seconds}s"
+    reason = sys.intern(f"running within max_age {rule.max_age_seconds}s")
     return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
 
 

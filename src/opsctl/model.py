@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, make_dataclass
 from datetime import datetime, timezone
-from typing import TypeVar, overload
+from typing import ClassVar, TypeVar, cast, overload
 
 _T = TypeVar("_T")
 
@@ -40,23 +40,16 @@ class WorkerRecord:
 
 
 class Fields(Mapping[str, str]):
-    """The fields read from one hash, stored compactly: a tuple of values in a fixed name order.
+    """The fields read from one hash, one slot per field name; None means absent.
 
-    A large run holds hundreds of thousands of these; a tuple costs a third of
-    a dict with the same fields. Absent fields are stored as None and behave
-    as missing keys.
+    A large run holds hundreds of thousands of these: slots cost a quarter of a
+    dict holding the same fields. Make a class per kind of hash with
+    :func:`fields_class`; absent fields behave as missing keys.
     """
 
-    __slots__ = ("_index", "_values")
-
-    def __init__(self, index: dict[str, int], values: tuple[str | None, ...]) -> None:
-        self._index = index
-        self._values = values
-
-    @staticmethod
-    def index_of(names: tuple[str, ...]) -> dict[str, int]:
-        """The name → position table shared by every record read with ``names``."""
-        return {name: i for i, name in enumerate(names)}
+    __slots__ = ()
+    _field_names: ClassVar[tuple[str, ...]] = ()
+    _field_set: ClassVar[frozenset[str]] = frozenset()
 
     @overload
     def get(self, key: str, /) -> str | None: ...
@@ -64,30 +57,45 @@ class Fields(Mapping[str, str]):
     def get(self, key: str, default: str | _T, /) -> str | _T: ...
 
     def get(self, key: str, default: object = None, /) -> object:
-        i = self._index.get(key)
-        if i is None:
+        if key not in self._field_set:
             return default
-        value = self._values[i]
+        value = getattr(self, key)
         return default if value is None else value
 
     def __getitem__(self, key: str) -> str:
-        value = self._values[self._index[key]]
+        value = self.get(key)
         if value is None:
             raise KeyError(key)
         return value
 
     def __iter__(self) -> Iterator[str]:
-        values = self._values
-        return (name for name, i in self._index.items() if values[i] is not None)
+        return (name for name in self._field_names if getattr(self, name) is not None)
 
     def __len__(self) -> int:
-        return len(self._values) - self._values.count(None)
+        return sum(1 for _ in self)
 
     def __bool__(self) -> bool:
-        return self._values.count(None) != len(self._values)
+        return any(getattr(self, name) is not None for name in self._field_names)
 
     def __repr__(self) -> str:
-        return f"Fields({dict(self)!r})"
+        return f"{type(self).__name__}({dict(self)!r})"
+
+
+def fields_class(name: str, field_names: tuple[str, ...]) -> Callable[..., Fields]:
+    """A :class:`Fields` class whose constructor takes one value per name, in order."""
+    made = make_dataclass(
+        name,
+        field_names,
+        bases=(Fields,),
+        slots=True,
+        eq=False,
+        repr=False,
+        namespace={
+            "_field_names": field_names,
+            "_field_set": frozenset(field_names),
+        },
+    )
+    return cast("Callable[..., Fields]", made)
 
 
 # Not frozen: one is made per started entry, and a frozen dataclass's
@@ -101,12 +109,24 @@ class StartedEntry:
     """
 
     queue: str
-    member: bytes
     job_id: str
     execution_id: str | None
     score: float
     job: Mapping[str, str] | None
     execution: Mapping[str, str] | None
+
+    @property
+    def member_text(self) -> str:
+        """The registry member as text: ``job_id`` (RQ 1.x) or ``job_id:execution_id``."""
+        if self.execution_id is None:
+            return self.job_id
+        return f"{self.job_id}:{self.execution_id}"
+
+    @property
+    def member(self) -> bytes:
+        """The registry member exactly as stored (built again rather than kept: it
+        is the ids joined, and a large run holds a great many entries)."""
+        return self.member_text.encode("utf-8", "surrogateescape")
 
     @property
     def worker_name(self) -> str:

@@ -210,13 +210,14 @@ def _unjob(data: dict[str, Any]) -> JobOutcome:
     score = data["score"]
     entry = StartedEntry(
         queue=data["queue"],
-        member=data["member"].encode("utf-8", "surrogateescape"),
         job_id=data["job_id"],
         execution_id=data["execution_id"],
         score=float(score),
         job=data["job"],
         execution=data["execution"],
     )
+    if entry.member_text != data["member"]:
+        raise TypeError("a job's member does not match its job and execution ids")
     verdict = Verdict(
         state=State(data["state"]),
         action=data["action"],

@@ -20,7 +20,7 @@ from typing import Any, TypeVar, cast
 import redis
 
 from opsctl.keys import EXECUTION_FIELDS, JOB_FIELDS, WORKER_FIELDS, Keys
-from opsctl.model import Fields, StartedEntry, WorkerRecord
+from opsctl.model import Fields, StartedEntry, WorkerRecord, fields_class
 
 log = logging.getLogger(__name__)
 
@@ -286,28 +286,28 @@ def _decode_entries(
         reply = replies[at]
         at += 1
         if reply.__class__ is list:
-            job: Fields | None = Fields(_JOB_INDEX, _decode(_JOB_INDEX, reply))
+            job: Fields | None = _JobFields(*_decode(_JOB_SHARED, reply))
         else:
-            job = _odd_reply(_JOB_INDEX, reply, f"job {job_id}", problems)
+            job = _odd_reply(_JobFields, reply, f"job {job_id}", problems)
         execution = None
         if execution_id is not None:
             reply = replies[at]
             at += 1
             if reply.__class__ is list:
-                execution = Fields(_EXECUTION_INDEX, _decode(_EXECUTION_INDEX, reply))
+                execution = _ExecutionFields(*_decode(_EXECUTION_SHARED, reply))
             else:
                 what = f"execution {job_id}:{execution_id}"
-                execution = _odd_reply(_EXECUTION_INDEX, reply, what, problems)
+                execution = _odd_reply(_ExecutionFields, reply, what, problems)
         if math.isnan(score):
             problems.append(f"queue {queue}: entry {text(member)} has an unreadable score")
-        entries.append(StartedEntry(queue, member, job_id, execution_id, score, job, execution))
+        entries.append(StartedEntry(queue, job_id, execution_id, score, job, execution))
 
 
 #: Entries read by one call of the read script (each entry: a job hash and,
 #: from RQ 2 on, an execution hash).
 SCRIPT_BATCH = 500
 #: Script calls sent in one pipeline round trip.
-SCRIPT_CALLS = 8
+SCRIPT_CALLS = 4
 
 # A read-only script that reads the fields opsctl needs from many hashes in
 # one call, so a large registry costs a few hundred commands, not two per
@@ -482,20 +482,29 @@ def _send_script(
     )
 
 
-def _odd_reply(index: dict[str, int], reply: Any, what: str, problems: list[str]) -> Fields | None:
+def _odd_reply(
+    make: Callable[..., Fields], reply: Any, what: str, problems: list[str]
+) -> Fields | None:
     """A hash's answer other than its fields: missing, holding none of them, or unreadable.
 
     A hash that exists but holds none of the fields gives empty fields: it is
     a record that holds no job, not a missing one.
     """
     if isinstance(reply, int):
-        return Fields(index, (None,) * len(index)) if reply else None
+        return make(*_NO_VALUES[make]) if reply else None
     # The key exists but cannot be read as a hash: never mistake it for a
     # missing one.
     detail = text(reply) if isinstance(reply, bytes | str) else str(reply)
     problems.append(f"{what}: could not be read ({detail})")
-    return Fields(index, (None,) * len(index))
+    return make(*_NO_VALUES[make])
 
+
+_JobFields = fields_class("JobFields", JOB_FIELDS)
+_ExecutionFields = fields_class("ExecutionFields", EXECUTION_FIELDS)
+_NO_VALUES = {
+    _JobFields: (None,) * len(JOB_FIELDS),
+    _ExecutionFields: (None,) * len(EXECUTION_FIELDS),
+}
 
 #: Fields whose values repeat across jobs (status, queue and worker names,
 #: settings); one shared copy of each value keeps large runs small.
@@ -511,26 +520,21 @@ _REPEATING = frozenset(
         "failure_ttl",
     }
 )
-_JOB_INDEX = Fields.index_of(JOB_FIELDS)
-_EXECUTION_INDEX = Fields.index_of(EXECUTION_FIELDS)
-_SHARED = {
-    id(index): tuple(name in _REPEATING for name in index)
-    for index in (_JOB_INDEX, _EXECUTION_INDEX)
-}
+_JOB_SHARED = tuple(name in _REPEATING for name in JOB_FIELDS)
+_EXECUTION_SHARED = tuple(name in _REPEATING for name in EXECUTION_FIELDS)
 
 
-def _decode(index: dict[str, int], values: list[str | bytes | None]) -> tuple[str | None, ...]:
+def _decode(shared: tuple[bool, ...], values: list[str | bytes | None]) -> list[str | None]:
+    """Field values as text, repeating ones shared (hiredis has usually decoded them)."""
     intern = sys.intern
-    return tuple(
-        [
-            None
-            if v is None
-            else (intern if shared else str)(
-                v if v.__class__ is str else v.decode("utf-8", "surrogateescape")  # type: ignore[union-attr]
-            )
-            for v, shared in zip(values, _SHARED[id(index)], strict=True)
-        ]
-    )
+    return [
+        None
+        if v is None
+        else (intern if share else str)(
+            v if v.__class__ is str else v.decode("utf-8", "surrogateescape")  # type: ignore[union-attr]
+        )
+        for v, share in zip(values, shared, strict=True)
+    ]
 
 
 def _worker_names(
