@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import redis
 
-from opsctl import audit
+from opsctl import audit, compat
 from opsctl.actions import Actor, ChangeResult, JobChange
 from opsctl.audit import AuditContext
 from opsctl.engine import ACTION_STOP
@@ -433,12 +433,22 @@ def _record(outcome: JobOutcome, result: ChangeResult) -> None:
 
 
 def _enqueue_dependents(conn: redis.Redis, keys: Keys, outcome: JobOutcome) -> None:
-    """Let RQ enqueue the dependents a failure releases, as RQ does after a failure.
+    """Enqueue the dependents a failure releases, as the job's own RQ release does.
 
+    For a job of RQ 1 or 2 (see :mod:`opsctl.compat`) opsctl writes what those
+    releases write; for RQ 3 it calls RQ's own code.
     RQ's dependency rules (allow_dependency_failures, several parents) live in
     its own code; opsctl calls it rather than re-implementing them. That code
     loads the job records involved the way RQ does, including their ``meta``.
     """
+    if compat.owner_major(conn, keys, outcome.entry) < 3:
+        # RQ 1 and 2 never drain RQ 3's ready registry: write what they expect.
+        try:
+            compat.release_dependents(conn, keys, outcome.entry.job_id, server_time(conn))
+        except redis.RedisError as exc:
+            log.warning("job=%s dependents_not_enqueued error=%s", outcome.entry.job_id, exc)
+            outcome.reason += f"; dependents not enqueued: {exc}"
+        return
     if keys.prefix != "rq":
         outcome.reason += "; dependents left deferred (custom key prefix)"
         return

@@ -231,6 +231,7 @@ def _read_entries(
             entry = _entry(queue, member, score, job_reply, execution_reply, problems)
             entries.append(entry)
         tick(len(entries))
+    _resolve_rq1_ids_with_colons(conn, keys, entries, problems)
     _confirm_missing_jobs(conn, keys, entries)
     return entries
 
@@ -291,6 +292,34 @@ _REPEATING = frozenset(
 def _shared(name: str, value: bytes) -> str:
     decoded = text(value)
     return sys.intern(decoded) if name in _REPEATING else decoded
+
+
+def _resolve_rq1_ids_with_colons(
+    conn: redis.Redis, keys: Keys, entries: list[StartedEntry], problems: list[str]
+) -> None:
+    """Read a member whose split names no job as the bare job id RQ 1 stored.
+
+    RQ 1 accepts any job id and stores it bare, so ``report:42`` may be a whole
+    RQ 1 id as well as job ``report``, execution ``42`` of RQ 2+. The split is
+    kept when its job hash exists; otherwise, when a job hash is named by the
+    whole member, that is the job. Such members are rare: one EXISTS each.
+    """
+    candidates = [i for i, e in enumerate(entries) if e.job is None and e.execution_id is not None]
+    for batch in _batches(candidates, BATCH):
+        pipe = conn.pipeline(transaction=False)
+        for i in batch:
+            pipe.exists(keys.job(text(entries[i].member)))
+        found = [i for i, exists in zip(batch, replies_of(pipe), strict=True) if exists == 1]
+        if not found:
+            continue
+        pipe = conn.pipeline(transaction=False)
+        for i in found:
+            pipe.hmget(keys.job(text(entries[i].member)), _JOB_FIELDS_RAW)
+        for i, reply in zip(found, replies_of(pipe), strict=True):
+            e = entries[i]
+            job_id = text(e.member)
+            job = _as_fields(JOB_FIELDS, reply, f"job {job_id}", problems)
+            entries[i] = StartedEntry(e.queue, e.member, job_id, None, e.score, job, None)
 
 
 def _confirm_missing_jobs(conn: redis.Redis, keys: Keys, entries: list[StartedEntry]) -> None:

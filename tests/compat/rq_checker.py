@@ -50,6 +50,8 @@ def _text(value: Any) -> Any:
 
 def enqueue(conn: redis.Redis, args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"job_timeout": args.timeout}
+    if args.job_id:
+        options["job_id"] = args.job_id
     if args.depends_on:
         options["depends_on"] = Dependency(jobs=[args.depends_on], allow_failure=args.allow_failure)
     if args.retry:
@@ -124,6 +126,7 @@ def main() -> int:
     p.add_argument("--allow-failure", action="store_true")
     p.add_argument("--retry", type=int, default=0)
     p.add_argument("--timeout", type=int, default=180)
+    p.add_argument("--job-id")
     p = commands.add_parser("state")
     p.add_argument("url")
     p.add_argument("job_id")

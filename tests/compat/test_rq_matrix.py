@@ -297,3 +297,97 @@ def test_overdue_job_is_stopped_by_its_live_worker_of_any_release(
         assert (seen["status"], seen["registries"]) == ("stopped", ["failed"]), seen
     else:
         assert (seen["status"], seen["registries"], seen["in_queue"]) == ("queued", [], True), seen
+
+
+# --- retries ------------------------------------------------------------------------------
+
+
+def test_failed_abandoned_job_with_retries_left_is_retried_by_a_worker_of_its_release(
+    release: RQEnv, rq_workers: WorkerFactory, redis_url: str, tmp_path: Path
+) -> None:
+    queue = "compat-retry"
+    worker = start_worker(rq_workers, release, [queue])
+    marker = str(tmp_path / "ran-once")
+    job_id = enqueue(release, redis_url, queue, "sleep_first_time", marker, 60, retry=2)
+    assert wait_status(release, redis_url, job_id, "started")["status"] == "started"
+    assert worker.kill()
+
+    report = apply(write_policy(tmp_path, {queue: "fail"}), redis_url)
+
+    assert_done(report, job_id, "abandoned", "fail")
+    seen = state(release, redis_url, job_id)
+    assert (seen["status"], seen["in_queue"], seen["retries_left"]) == ("queued", True, 1), seen
+    start_worker(rq_workers, release, [queue])
+    seen = wait_status(release, redis_url, job_id, "finished")
+    assert seen["status"] == "finished", seen
+    assert seen["latest_result"]["return_value"] == "ran again", seen
+
+
+# --- RQ 1 job ids ------------------------------------------------------------------------
+
+
+def test_rq1_job_id_with_colons_is_one_id_not_an_execution(
+    rq_workers: WorkerFactory, redis_url: str, tmp_path: Path
+) -> None:
+    # RQ 1 accepts any job id, so its bare-id registry members can hold colons; RQ 2+
+    # refuses such ids, and its members are job_id:execution_id.
+    release = rq_env(VERSIONS[0])
+    queue = "compat-colon"
+    worker = start_worker(rq_workers, release, [queue])
+    job_id = f"report:{uuid.uuid4().hex[:8]}:42"
+    enqueue(release, redis_url, queue, "sleep_for", 60, job_id=job_id)
+    assert wait_status(release, redis_url, job_id, "started")["status"] == "started"
+    assert worker.kill()
+    tolerant = enqueue(release, redis_url, queue, "quick", depends_on=job_id, allow_failure=True)
+
+    report = apply(write_policy(tmp_path, {queue: "fail"}), redis_url)
+
+    line = line_of(report, job_id)
+    assert (line["state"], line["execution_id"], line["outcome"]) == ("abandoned", None, "done")
+    assert "dependents not enqueued" not in line["reason"], line
+    seen = state(release, redis_url, job_id)
+    assert (seen["status"], seen["registries"]) == ("failed", ["failed"]), seen
+    seen = state(release, redis_url, tolerant)
+    assert (seen["status"], seen["in_queue"], seen["registries"]) == ("queued", True, []), seen
+
+
+# --- all three releases on one Redis ------------------------------------------------------
+
+
+def test_one_run_cleans_a_database_that_workers_of_all_three_releases_share(
+    rq_workers: WorkerFactory, redis_url: str, tmp_path: Path
+) -> None:
+    """A rolling upgrade: each release has a queue of its own, and all share one queue."""
+    releases = [rq_env(v) for v in VERSIONS]
+    shared = "mixed-shared"
+    own: dict[str, str] = {}
+    for r in releases:
+        own[r.version] = abandoned_job(rq_workers, r, redis_url, f"mixed-{r.major}")
+    shared_workers = [start_worker(rq_workers, r, [shared]) for r in releases]
+    enqueued: dict[str, str] = {}
+    for r in releases:
+        marker = str(tmp_path / f"ran-{r.major}")
+        enqueued[r.version] = enqueue(r, redis_url, shared, "sleep_first_time", marker, 60)
+    for r in releases:
+        assert wait_status(r, redis_url, enqueued[r.version], "started")["status"] == "started"
+    for worker in shared_workers:
+        assert worker.kill()
+
+    actions = {f"mixed-{r.major}": "fail" for r in releases} | {shared: "requeue"}
+    report = apply(write_policy(tmp_path, actions), redis_url)
+
+    for r in releases:
+        assert_done(report, own[r.version], "abandoned", "fail")
+        seen = state(r, redis_url, own[r.version])
+        assert (seen["status"], seen["registries"]) == ("failed", ["failed"]), seen
+        assert "Failed by opsctl" in seen["latest_result"]["exc_string"], seen
+        assert_done(report, enqueued[r.version], "abandoned", "requeue")
+        seen = state(r, redis_url, enqueued[r.version])
+        assert (seen["status"], seen["in_queue"], seen["registries"]) == ("queued", True, []), seen
+    # Each release's worker takes the jobs its own release enqueued.
+    for r in releases:
+        start_worker(rq_workers, r, [shared])
+    for r in releases:
+        seen = wait_status(r, redis_url, enqueued[r.version], "finished")
+        assert seen["status"] == "finished", seen
+        assert seen["latest_result"]["return_value"] == "ran again", seen
