@@ -53,7 +53,7 @@ def enqueue(conn: redis.Redis, args: argparse.Namespace) -> dict[str, Any]:
     if args.job_id:
         options["job_id"] = args.job_id
     if args.depends_on:
-        options["depends_on"] = Dependency(jobs=[args.depends_on], allow_failure=args.allow_failure)
+        options["depends_on"] = Dependency(jobs=args.depends_on, allow_failure=args.allow_failure)
     if args.retry:
         options["retry"] = Retry(max=args.retry)
     values = [json.loads(a) for a in args.args]
@@ -122,7 +122,7 @@ def main() -> int:
     p.add_argument("queue")
     p.add_argument("func")
     p.add_argument("args", nargs="*")
-    p.add_argument("--depends-on")
+    p.add_argument("--depends-on", action="append")
     p.add_argument("--allow-failure", action="store_true")
     p.add_argument("--retry", type=int, default=0)
     p.add_argument("--timeout", type=int, default=180)

@@ -64,7 +64,11 @@ def enqueue(release: RQEnv, url: str, queue: str, func: str, *values: Any, **opt
     args = [url, queue, f"jobs.{func}", *(json.dumps(v) for v in values)]
     for name, value in opts.items():
         flag = "--" + name.replace("_", "-")
-        args += [flag] if value is True else [flag, str(value)]
+        if value is True:
+            args.append(flag)
+        else:
+            for one in value if isinstance(value, list) else [value]:
+                args += [flag, str(one)]
     return str(check(release, "enqueue", *args)["id"])
 
 
@@ -150,6 +154,11 @@ def test_failed_abandoned_job_reads_as_failed_with_opsctls_reason_and_releases_d
     job_id = abandoned_job(rq_workers, release, redis_url, queue)
     tolerant = enqueue(release, redis_url, queue, "quick", depends_on=job_id, allow_failure=True)
     strict = enqueue(release, redis_url, queue, "quick", depends_on=job_id)
+    # A second parent that no worker has run yet keeps this one deferred.
+    waiting = enqueue(release, redis_url, "compat-idle", "quick")
+    two_parents = enqueue(
+        release, redis_url, queue, "quick", depends_on=[job_id, waiting], allow_failure=True
+    )
 
     report = apply(write_policy(tmp_path, {queue: "fail"}), redis_url)
 
@@ -165,6 +174,7 @@ def test_failed_abandoned_job_reads_as_failed_with_opsctls_reason_and_releases_d
     # The dependent that allows its parent to fail is released, in a form this
     # release's worker runs; the other stays deferred.
     assert state(release, redis_url, strict)["registries"] == ["deferred"]
+    assert state(release, redis_url, two_parents)["registries"] == ["deferred"]
     seen = state(release, redis_url, tolerant)
     assert (seen["status"], seen["in_queue"]) == ("queued", True), seen
     start_worker(rq_workers, release, [queue])
@@ -172,6 +182,7 @@ def test_failed_abandoned_job_reads_as_failed_with_opsctls_reason_and_releases_d
     assert seen["status"] == "finished", seen
     assert seen["latest_result"]["return_value"] == "done", seen
     assert state(release, redis_url, strict)["status"] == "deferred"
+    assert state(release, redis_url, two_parents)["status"] == "deferred"
 
 
 def test_requeued_abandoned_job_is_run_to_the_end_by_a_worker_of_the_same_release(
