@@ -435,11 +435,11 @@ def _record(outcome: JobOutcome, result: ChangeResult) -> None:
 def _enqueue_dependents(conn: redis.Redis, keys: Keys, outcome: JobOutcome) -> None:
     """Enqueue the dependents a failure releases, as the job's own RQ release does.
 
-    For a job of RQ 1 or 2 (see :mod:`opsctl.compat`) opsctl writes what those
-    releases write; for RQ 3 it calls RQ's own code.
-    RQ's dependency rules (allow_dependency_failures, several parents) live in
-    its own code; opsctl calls it rather than re-implementing them. That code
-    loads the job records involved the way RQ does, including their ``meta``.
+    For an RQ 3 job opsctl calls RQ's own code, where RQ 3's dependency rules
+    and its ready registry live; that code loads the job records involved the
+    way RQ does, including their ``meta``. RQ 1 and 2 never drain that ready
+    registry, so for their jobs opsctl writes the one-step release those
+    releases make (see :mod:`opsctl.compat`).
     """
     if compat.owner_major(conn, keys, outcome.entry) < 3:
         # RQ 1 and 2 never drain RQ 3's ready registry: write what they expect.
