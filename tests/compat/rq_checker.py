@@ -8,6 +8,7 @@ would itself change what is checked. Every command prints one JSON document.
     python rq_checker.py enqueue URL QUEUE FUNC [ARG_JSON ...] [--depends-on ID] ...
     python rq_checker.py state URL JOB_ID
     python rq_checker.py wait URL JOB_ID STATUS --timeout SECONDS
+    python rq_checker.py serve      # the same commands, one JSON argument list per line
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def wait(conn: redis.Redis, args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(0.1)
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("enqueue")
@@ -136,16 +137,39 @@ def main() -> int:
     p.add_argument("job_id")
     p.add_argument("status")
     p.add_argument("--timeout", type=float, default=20)
-    args = parser.parse_args()
+    return parser
 
+
+def run(argv: list[str]) -> dict[str, Any]:
+    args = parser().parse_args(argv)
     conn = redis.Redis.from_url(args.url)
-    if args.command == "enqueue":
-        out = enqueue(conn, args)
-    elif args.command == "state":
-        out = state(conn, args.job_id, args.queue)
-    else:
-        out = wait(conn, args)
-    json.dump(out, sys.stdout, default=str)
+    try:
+        if args.command == "enqueue":
+            return enqueue(conn, args)
+        if args.command == "state":
+            return state(conn, args.job_id, args.queue)
+        return wait(conn, args)
+    finally:
+        conn.close()
+
+
+def serve() -> int:
+    """Answer commands until stdin closes: one JSON list of arguments per line in, one
+    JSON document per line out (``{"error": ...}`` when the command failed)."""
+    for line in sys.stdin:
+        try:
+            out = run(json.loads(line))
+        except BaseException as exc:  # report it; the next command still gets an answer
+            out = {"error": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(json.dumps(out, default=str) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def main() -> int:
+    if sys.argv[1:] == ["serve"]:
+        return serve()
+    json.dump(run(sys.argv[1:]), sys.stdout, default=str)
     return 0
 
 
