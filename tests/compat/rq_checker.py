@@ -8,6 +8,7 @@ would itself change what is checked. Every command prints one JSON document.
     python rq_checker.py enqueue URL QUEUE FUNC [ARG_JSON ...] [--depends-on ID] ...
     python rq_checker.py state URL JOB_ID
     python rq_checker.py wait URL JOB_ID STATUS --timeout SECONDS
+    python rq_checker.py retry-failed URL JOB_ID
     python rq_checker.py serve      # the same commands, one JSON argument list per line
 """
 
@@ -105,6 +106,13 @@ def state(conn: redis.Redis, job_id: str, queue: str | None = None) -> dict[str,
     return seen
 
 
+def retry_failed(conn: redis.Redis, job_id: str) -> dict[str, Any]:
+    """Requeue a failed job from its FailedJobRegistry, as a user retries one."""
+    job = Job.fetch(job_id, connection=conn)
+    FailedJobRegistry(job.origin, connection=conn).requeue(job_id)
+    return state(conn, job_id)
+
+
 def wait(conn: redis.Redis, args: argparse.Namespace) -> dict[str, Any]:
     """Poll until the job has ``status``; the last state seen either way."""
     deadline = time.monotonic() + args.timeout
@@ -132,6 +140,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("url")
     p.add_argument("job_id")
     p.add_argument("--queue")
+    p = commands.add_parser("retry-failed")
+    p.add_argument("url")
+    p.add_argument("job_id")
     p = commands.add_parser("wait")
     p.add_argument("url")
     p.add_argument("job_id")
@@ -148,6 +159,8 @@ def run(argv: list[str]) -> dict[str, Any]:
             return enqueue(conn, args)
         if args.command == "state":
             return state(conn, args.job_id, args.queue)
+        if args.command == "retry-failed":
+            return retry_failed(conn, args.job_id)
         return wait(conn, args)
     finally:
         conn.close()

@@ -177,7 +177,11 @@ def test_failed_abandoned_job_reads_as_failed_with_opsctls_reason_and_releases_d
     release: RQEnv, rq_workers: WorkerFactory, redis_url: str, tmp_path: Path
 ) -> None:
     queue = "compat-fail"
-    job_id = abandoned_job(rq_workers, release, redis_url, queue)
+    worker = start_worker(rq_workers, release, [queue])
+    marker = str(tmp_path / "ran-once")
+    job_id = enqueue(release, redis_url, queue, "sleep_first_time", marker, 60)
+    assert wait_status(release, redis_url, job_id, "started")["status"] == "started"
+    assert worker.kill()
     tolerant = enqueue(release, redis_url, queue, "quick", depends_on=job_id, allow_failure=True)
     strict = enqueue(release, redis_url, queue, "quick", depends_on=job_id)
     # A second parent that no worker has run yet keeps this one deferred.
@@ -209,6 +213,13 @@ def test_failed_abandoned_job_reads_as_failed_with_opsctls_reason_and_releases_d
     assert seen["latest_result"]["return_value"] == "done", seen
     assert state(release, redis_url, strict)["status"] == "deferred"
     assert state(release, redis_url, two_parents)["status"] == "deferred"
+
+    # The failed job is retried the way this release's users retry one (the running
+    # worker takes it at once), and runs to the end.
+    check(release, "retry-failed", redis_url, job_id)
+    seen = wait_status(release, redis_url, job_id, "finished")
+    assert (seen["status"], seen["registries"]) == ("finished", ["finished"]), seen
+    assert seen["latest_result"]["return_value"] == "ran again", seen
 
 
 def test_requeued_abandoned_job_is_run_to_the_end_by_a_worker_of_the_same_release(
