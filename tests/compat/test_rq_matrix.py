@@ -429,6 +429,10 @@ def test_one_run_cleans_a_database_that_workers_of_all_three_releases_share(
     actions = {f"mixed-{r.major}": "fail" for r in releases} | {shared: "requeue"}
     report = apply(write_policy(tmp_path, actions), redis_url)
 
+    # Each worker on the shared queue ran one job: one RQ 1 bare-id entry, two RQ 2/3 ones.
+    shared_lines = [line for line in report["jobs"] if line["queue"] == shared]
+    forms = sorted(line["execution_id"] is None for line in shared_lines)
+    assert forms == [False, False, True], json.dumps(shared_lines, indent=2)
     for r in releases:
         assert_done(report, own[r.version], "abandoned", "fail")
         seen = state(r, redis_url, own[r.version])
@@ -437,7 +441,8 @@ def test_one_run_cleans_a_database_that_workers_of_all_three_releases_share(
         assert_done(report, enqueued[r.version], "abandoned", "requeue")
         seen = state(r, redis_url, enqueued[r.version])
         assert (seen["status"], seen["in_queue"], seen["registries"]) == ("queued", True, []), seen
-    # Each release's worker takes the jobs its own release enqueued.
+    # A worker of each release serves the shared queue again; whichever takes a job runs
+    # it to the end, and the release that enqueued it sees it finished.
     for r in releases:
         start_worker(rq_workers, r, [shared])
     for r in releases:
