@@ -45,3 +45,12 @@ BENCH_ARGS ?=
 
 bench: venv
 	$(BIN)/python bench/run_bench.py $(BENCH_ARGS)
+
+# The RQ compatibility matrix alone: opsctl against real workers of RQ 1.16, 2.12 and 3.0,
+# each checked through its own API. The first run builds one virtual environment per
+# release in .compat-venvs/ (needs the package index); later runs reuse them.
+# `make test` runs the matrix too.
+.PHONY: compat
+
+compat: venv
+	$(BIN)/pytest tests/compat $(PYTEST_ARGS)

@@ -7,6 +7,7 @@ Workers are started with `--path tests/`, so jobs are enqueued by the dotted nam
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 
 def sleep_for(seconds: float) -> str:
@@ -26,3 +27,17 @@ def quick() -> str:
 def boom() -> None:
     """Raise RuntimeError, so the worker records the job as failed."""
     raise RuntimeError("boom: this job always fails")
+
+
+def sleep_first_time(marker: str, seconds: float) -> str:
+    """Sleep for `seconds` on the first run only (that run creates the file `marker`).
+
+    A job that is killed mid-run and then run again by another worker ends quickly the
+    second time.
+    """
+    path = Path(marker)
+    if not path.exists():
+        path.touch()
+        time.sleep(seconds)
+        return "slept"
+    return "ran again"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import redis
 
-from opsctl import audit
+from opsctl import audit, compat
 from opsctl.actions import Actor, ChangeResult, JobChange
 from opsctl.audit import AuditContext
 from opsctl.engine import ACTION_STOP
@@ -434,12 +434,22 @@ def _record(outcome: JobOutcome, result: ChangeResult) -> None:
 
 
 def _enqueue_dependents(conn: redis.Redis, keys: Keys, outcome: JobOutcome) -> None:
-    """Let RQ enqueue the dependents a failure releases, as RQ does after a failure.
+    """Enqueue the dependents a failure releases, as the job's own RQ release does.
 
-    RQ's dependency rules (allow_dependency_failures, several parents) live in
-    its own code; opsctl calls it rather than re-implementing them. That code
-    loads the job records involved the way RQ does, including their ``meta``.
+    For an RQ 3 job opsctl calls RQ's own code, where RQ 3's dependency rules
+    and its ready registry live; that code loads the job records involved the
+    way RQ does, including their ``meta``. RQ 1 and 2 never drain that ready
+    registry, so for their jobs opsctl writes the one-step release those
+    releases make (see :mod:`opsctl.compat`).
     """
+    if compat.owner_major(conn, keys, outcome.entry) < 3:
+        # RQ 1 and 2 never drain RQ 3's ready registry: write what they expect.
+        try:
+            compat.release_dependents(conn, keys, outcome.entry.job_id, server_time(conn))
+        except redis.RedisError as exc:
+            log.warning("job=%s dependents_not_enqueued error=%s", outcome.entry.job_id, exc)
+            outcome.reason += f"; dependents not enqueued: {exc}"
+        return
     if keys.prefix != "rq":
         outcome.reason += "; dependents left deferred (custom key prefix)"
         return

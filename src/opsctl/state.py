@@ -255,7 +255,36 @@ def _read_entries(
                 _decode_entries(queue, done_batch, done_ids, replies.result(), problems, entries)
                 tick(len(entries))
             pending = sent if batch is not None else None
+    _resolve_rq1_ids_with_colons(keys, entries, problems, reader)
     return entries
+
+
+def _resolve_rq1_ids_with_colons(
+    keys: Keys, entries: list[StartedEntry], problems: list[str], reader: HashReader
+) -> None:
+    """Read a member whose split names no job as the bare job id RQ 1 stored.
+
+    RQ 1 accepts any job id and stores it bare, so ``report:42`` may be a whole
+    RQ 1 id as well as job ``report``, execution ``42`` of RQ 2+. The split is
+    kept when its job hash exists; otherwise, when a job hash is named by the
+    whole member, that is the job. Such members are rare.
+    """
+    candidates = [i for i, e in enumerate(entries) if e.job is None and e.execution_id is not None]
+    if not candidates:
+        return
+    hash_keys = [
+        keys.job(entries[i].member_text).encode("utf-8", "surrogateescape") for i in candidates
+    ]
+    replies = reader.read(hash_keys, [False] * len(candidates))
+    for i, reply in zip(candidates, replies, strict=True):
+        e = entries[i]
+        whole = e.member_text
+        if reply.__class__ is list:
+            job: Fields | None = _JobFields(*_decode(_JOB_SHARED, reply))
+        else:
+            job = _odd_reply(_JobFields, reply, f"job {whole}", problems)
+        if job is not None:
+            entries[i] = StartedEntry(e.queue, whole, None, e.score, job, None)
 
 
 def _hash_keys(
