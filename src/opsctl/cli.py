@@ -18,7 +18,7 @@ import redis
 import typer
 from rich.console import Console
 
-from opsctl import __version__, audit, metrics, planfile, report, status, watch
+from opsctl import __version__, audit, metrics, planfile, report, status, undo, watch
 from opsctl.apply import Executor
 from opsctl.audit import AuditContext
 from opsctl.connection import DEFAULT_TIMEOUT_S, connect, mask_url, redact
@@ -638,6 +638,42 @@ def history(
         report.print_json({"redis": mask_url(url), "entries": entries})
     else:
         report.print_history(entries, _console())
+
+
+@app.command("requeue")
+def requeue_command(
+    run_id: Annotated[
+        str, typer.Option("--run", help="The run whose failed and canceled jobs to requeue.")
+    ],
+    redis_url: StatusRedisUrl = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only report what would be requeued.")
+    ] = False,
+    output: FormatOpt = Format.text,
+    key_prefix: Annotated[
+        str, typer.Option("--key-prefix", help="RQ key prefix.")
+    ] = DEFAULT_PREFIX,
+    lock_timeout: LockTimeoutOpt = 5.0,
+    timeout: Timeout = DEFAULT_TIMEOUT_S,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Undo a run: put the jobs it failed or canceled back on their queues."""
+    _setup_logging(verbose, quiet)
+    url = _guard(lambda: _resolve_url(redis_url, None))
+    done = _guard(
+        lambda: undo.requeue_run(
+            connect(url, timeout), Keys(key_prefix), run_id, dry_run, lock_timeout
+        ),
+        url=url,
+    )
+    if output is Format.json:
+        report.print_json(done.to_json(mask_url(url)))
+    else:
+        undo.print_text(done, _console())
+    if done.failed:
+        errors = done.summary()["errors"]
+        _fail(OpsctlError(f"{errors} requeue(s) failed; see the report"), url=url)
 
 
 @app.command()
