@@ -53,7 +53,7 @@ local now_iso, write, maxlen, registry = ARGV[5], ARGV[6] == '1', ARGV[7], ARGV[
 
 if write and redis.acl_check_cmd then
   local writes = {
-    {'ZREM', 2, 'm'}, {'HSET', 1, 'f', 'v'}, {'HDEL', 1, 'f'}, {'PERSIST', 1},
+    {'ZREM', 2, 'm'}, {'HSET', 1, 'f', 'v'}, {'PERSIST', 1},
     {'EXPIRE', 1, '1'}, {'RPUSH', 3, 'v'}, {'SADD', 4, 'm'}, {'XADD', 5, '*', 'f', 'v'},
   }
   for _, w in ipairs(writes) do
@@ -104,7 +104,10 @@ end
 redis.call('ZREM', KEYS[2], job_id)
 redis.call('HSET', KEYS[1], 'status', 'queued', 'enqueued_at', now_iso,
   'started_at', '', 'ended_at', '')
-redis.call('HDEL', KEYS[1], 'exc_info')
+-- The legacy failure text, emptied as RQ does (which needs no HDEL right).
+if redis.call('HEXISTS', KEYS[1], 'exc_info') == 1 then
+  redis.call('HSET', KEYS[1], 'exc_info', '')
+end
 -- A failed job's hash expires with its failure_ttl; waiting in a queue it must
 -- not, unless the job has a ttl of its own.
 local ttl = tonumber(field('ttl'))
