@@ -724,8 +724,9 @@ def status_command(
     seen = None
     if found is not None:
         now, statuses, snapshot = found
-        # status takes no policy: states are judged by the built-in rule (max_age 10m).
-        seen = metrics.observe_snapshot(snapshot, Rule())
+        if output is StatusFormat.prometheus or metrics_file is not None:
+            # status takes no policy: states are judged by the built-in rule (max_age 10m).
+            seen = metrics.observe_snapshot(snapshot, Rule())
         if output is StatusFormat.json:
             report.print_json(status.to_json(now, mask_url(url), statuses))
         elif output is StatusFormat.text:
