@@ -198,3 +198,21 @@ def test_entry_written_before_ended_at_was_recorded_is_skipped_not_guessed(
     assert outcome == "skipped" and "predates" in reason, reason
     assert job_status(redis_conn, job.id) == "failed"
     assert run["run_id"] != "0ld0ld0ld0ld"
+
+
+def test_job_taken_out_of_its_registry_since_is_left_as_it_is(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    job = Queue(FAIL_QUEUE, connection=redis_conn).enqueue("jobs.quick")
+    started_again(redis_conn, job)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    run = opsctl_json("apply", str(policy), "--redis-url", redis_url)
+    FailedJobRegistry(FAIL_QUEUE, connection=redis_conn).remove(job.id)
+
+    undo = opsctl_json("requeue", "--run", run["run_id"], "--redis-url", redis_url)
+
+    outcome, reason = outcomes(undo)[job.id]
+    assert (outcome, reason.endswith("no longer in FailedJobRegistry")) == ("skipped", True)
+    assert job_status(redis_conn, job.id) == "failed"
+    assert queued_ids(redis_conn, FAIL_QUEUE) == []
