@@ -134,8 +134,15 @@ def _answers_ping(port: int) -> bool:
         client.close()
 
 
-def _start_redis_server(binary: str, data_dir: Path) -> RedisServer:
-    port = free_port()
+def start_redis_server(data_dir: Path, port: int | None = None) -> RedisServer:
+    """Start one more private redis-server (on `port`, e.g. to restart one); stop it with
+    `terminate(server.process)`."""
+    return _start_redis_server(_redis_server_binary(), data_dir, port)
+
+
+def _start_redis_server(binary: str, data_dir: Path, port: int | None = None) -> RedisServer:
+    port = port or free_port()
+    assert port != SHARED_REDIS_PORT
     log_path = data_dir / f"redis-{port}.log"
     command = [binary, "--bind", "127.0.0.1", "--port", str(port)]
     command += ["--save", "", "--appendonly", "no", "--dir", str(data_dir)]
@@ -408,10 +415,35 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def run_opsctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m opsctl ARGS`` with this checkout's code; capture its output."""
+def opsctl_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for an opsctl child process: this checkout's code, no Redis settings."""
     env = env or clean_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC_DIR), env.get("PYTHONPATH")]))
+    return env
+
+
+def start_opsctl(*args: str, log_dir: Path) -> subprocess.Popen[str]:
+    """Start ``python -m opsctl ARGS`` in the background (e.g. ``opsctl watch``).
+
+    Its stdout and stderr go to ``log_dir/opsctl.out`` and ``log_dir/opsctl.err``, so a
+    long-running process can never block on a full pipe. Stop it and wait for it.
+    """
+    out = (log_dir / "opsctl.out").open("w")
+    err = (log_dir / "opsctl.err").open("w")
+    with out, err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "opsctl", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            text=True,
+            env=opsctl_env(),
+        )
+
+
+def run_opsctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m opsctl ARGS`` with this checkout's code; capture its output."""
+    env = opsctl_env(env)
     return subprocess.run(
         [sys.executable, "-m", "opsctl", *args],
         capture_output=True,

@@ -524,6 +524,38 @@ def test_apply_user_reads_the_audit_trail_with_opsctl_history(
     }
 
 
+def test_apply_user_undoes_a_run_with_opsctl_requeue(
+    acl_server: AclServer, admin: redis.Redis, tmp_path: Path
+) -> None:
+    jobs = abandoned_jobs(admin, count=2)
+    applied = acl_server.opsctl(
+        APPLY_USER, "apply", str(write_policy(tmp_path)), "--format", "json"
+    )
+    assert applied.returncode == ExitCode.OK, shown(applied)
+    run_id = json_report(applied)["run_id"]
+
+    result = acl_server.opsctl(APPLY_USER, "requeue", "--run", run_id, "--format", "json")
+
+    succeeded(result, admin)
+    assert {j["id"]: j["outcome"] for j in json.loads(result.stdout)["jobs"]} == {
+        j.id: "done" for j in jobs
+    }
+    assert all(job_status(admin, j.id) == "queued" for j in jobs)
+    assert failed_ids(admin) == []
+
+
+def test_status_user_writes_metrics_with_opsctl_status(
+    acl_server: AclServer, admin: redis.Redis, tmp_path: Path
+) -> None:
+    abandoned_jobs(admin, count=2)
+    target = tmp_path / "status.prom"
+
+    result = acl_server.opsctl(STATUS_USER, "status", "--metrics-file", str(target))
+
+    succeeded(result, admin)
+    assert f'opsctl_started_jobs{{queue="{QUEUE}",state="abandoned"}} 2.0' in target.read_text()
+
+
 # --- a user too weak for `opsctl apply` ---------------------------------------------------
 
 

@@ -342,6 +342,15 @@ COMMANDS = {
     "history-json": Command(
         ("history", "--format", "json"), 0, '"entries"', ("apply", POLICY, *QUIET)
     ),
+    "status-prometheus-metrics-file": Command(
+        ("status", "--format", "prometheus", "--metrics-file", "status.prom"),
+        0,
+        "opsctl_started_jobs",
+    ),
+    "apply-metrics-file": Command(
+        ("apply", POLICY, "--queue", CLEAN_QUEUE, "--metrics-file", "apply.prom"), 0, "2 acted"
+    ),
+    "requeue-unknown-run": Command(("requeue", "--run", "0123456789ab"), 2, "no audit entries"),
     "validate": Command(("validate", POLICY), 0, "ok", url_option=False),
     "validate-strict-env": Command(("validate", "--strict-env", POLICY), 0, "ok", url_option=False),
     "schema": Command(("schema",), 0, '"properties"', url_option=False),

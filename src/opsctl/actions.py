@@ -215,6 +215,12 @@ local result = act()
 if result[1] == 1 then
   local entry = {}
   for i = 19, #ARGV do table.insert(entry, ARGV[i]) end
+  if result[2] == 'failed' or result[2] == 'canceled' then
+    -- What the job's ended_at now holds: opsctl requeue --run compares it to
+    -- tell a job still as this run left it from one that ran again since.
+    table.insert(entry, 'ended_at')
+    table.insert(entry, now_iso)
+  end
   table.insert(entry, 'outcome')
   table.insert(entry, 'done')
   table.insert(entry, 'detail')

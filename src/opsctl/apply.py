@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import redis
@@ -45,8 +45,14 @@ RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
 MAX_TTL_S = 100 * 365 * 86400
 #: Rounds of applying, after which changes still unknown are left to the next run.
 RECONCILE_ROUNDS = 5
+#: Job changes carried out between two checks of whether opsctl was asked to stop.
+STOP_CHECK_EVERY = 200
 #: Details a successful script reports that add nothing to the reason.
 _PLAIN_DETAILS = {"removed", "failed", "queued", "canceled", "deleted"}
+
+
+class Interrupted(Exception):
+    """Raised between two changes when the run was asked to stop."""
 
 
 @dataclass
@@ -60,6 +66,9 @@ class Executor:
     stop_timeout_s: float = 15.0
     lock_timeout_s: float = 5.0
     run_lock: Lock | None = None
+    #: Polled between queues and between batches of changes (never inside one
+    #: change): True makes the run stop there and leave the rest for later.
+    should_stop: Callable[[], bool] | None = None
 
     def __post_init__(self) -> None:
         self.actor = Actor(self.conn, self.keys)
@@ -79,10 +88,25 @@ class Executor:
             for queue, outcomes in self._work_by_queue().items():
                 if self.run.redis_lost:
                     break
+                self._checkpoint()
                 self._execute_queue(queue, outcomes)
+            self._checkpoint()
             for worker in self.run.workers:
                 if not worker.dry_run and not self.run.redis_lost:
                     self._deregister(worker)
+            self._audit_the_rest()
+        except Interrupted:
+            log.warning("stopping: the remaining actions are left for the next run")
+            self.run.stopped = True
+            for job in self.run.jobs:
+                if job.outcome == PLANNED and not job.rule.dry_run:
+                    _set(job, SKIPPED, "not acted on: opsctl was asked to stop")
+            for worker in self.run.workers:
+                if worker.outcome == PLANNED and not worker.dry_run:
+                    worker.outcome, worker.reason = (
+                        SKIPPED,
+                        "not acted on: opsctl was asked to stop",
+                    )
             self._audit_the_rest()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.error("connection_lost error=%s", exc)
@@ -127,7 +151,18 @@ class Executor:
 
     # Job changes ---------------------------------------------------------------------------
 
+    def _checkpoint(self) -> None:
+        """Stop here, between two changes, if opsctl was asked to stop."""
+        if self.should_stop is not None and self.should_stop():
+            raise Interrupted
+
     def _change_jobs(self, outcomes: list[JobOutcome]) -> None:
+        for start in range(0, len(outcomes), STOP_CHECK_EVERY):
+            if start:
+                self._checkpoint()
+            self._change_batch(outcomes[start : start + STOP_CHECK_EVERY])
+
+    def _change_batch(self, outcomes: list[JobOutcome]) -> None:
         if not outcomes:
             return
         changes = [self._job_change(o) for o in outcomes]

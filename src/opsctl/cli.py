@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -17,7 +18,7 @@ import redis
 import typer
 from rich.console import Console
 
-from opsctl import __version__, audit, planfile, report, status
+from opsctl import __version__, audit, metrics, planfile, report, status, undo, watch
 from opsctl.apply import Executor
 from opsctl.audit import AuditContext
 from opsctl.connection import DEFAULT_TIMEOUT_S, connect, mask_url, redact
@@ -35,6 +36,7 @@ from opsctl.lock import Lock, run_lock
 from opsctl.policy import (
     UNCHECKED_SUFFIX,
     Policy,
+    Rule,
     load_policy,
     load_policy_schema,
     parse_duration,
@@ -125,23 +127,36 @@ def _guard(body: Callable[[], T], best_effort: bool = False, url: str | None = N
     """Run ``body``; report opsctl's errors, and Redis errors mid-run, as exit codes."""
     try:
         return body()
-    except OpsctlError as exc:
-        _fail(exc, best_effort, url)
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        _fail(RedisUnavailable(f"lost the connection to Redis: {exc}"), best_effort, url)
-    except redis.exceptions.NoPermissionError as exc:
+    except Exception as exc:
+        _fail(_as_error(exc, url), best_effort, url)
+
+
+def _attempt(body: Callable[[], T], url: str | None = None) -> tuple[T | None, OpsctlError | None]:
+    """Run ``body``; its result, or the error ``_guard`` would report (without exiting)."""
+    try:
+        return body(), None
+    except Exception as exc:
+        return None, _as_error(exc, url)
+
+
+def _as_error(exc: Exception, url: str | None) -> OpsctlError:
+    """The user-facing error for ``exc``: opsctl's own, Redis's, or anything else."""
+    if isinstance(exc, OpsctlError):
+        return exc
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return RedisUnavailable(f"lost the connection to Redis: {exc}")
+    if isinstance(exc, redis.exceptions.NoPermissionError):
         user = _redis_user(url)
         message = (
             f"Redis refused a command: {user} lacks a permission ({exc}); nothing was "
             "changed by the refused command. Grant the rights listed in the README's ACL table"
         )
-        _fail(RedisUnavailable(message), best_effort, url)
-    except redis.RedisError as exc:
-        _fail(OpsctlError(f"Redis error: {exc}"), best_effort, url)
-    except Exception as exc:  # the last line of defence: a message, never a traceback
-        log.debug("unexpected error", exc_info=True)
-        message = f"unexpected {exc.__class__.__name__}: {exc} (run with -vv for details)"
-        _fail(OpsctlError(message), best_effort, url)
+        return RedisUnavailable(message)
+    if isinstance(exc, redis.RedisError):
+        return OpsctlError(f"Redis error: {exc}")
+    # The last line of defence: a message, never a traceback.
+    log.debug("unexpected error", exc_info=True)
+    return OpsctlError(f"unexpected {exc.__class__.__name__}: {exc} (run with -vv for details)")
 
 
 def _load_for_apply(path: str, url_given: bool) -> Policy:
@@ -280,6 +295,15 @@ MaxActionsOpt = Annotated[
     int | None,
     typer.Option("--max-actions", min=0, help="Cap on the jobs one run may act on."),
 ]
+MetricsFileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--metrics-file",
+        help="Also write Prometheus metrics to this file, atomically (for node_exporter's "
+        "textfile collector; name it *.prom).",
+        show_default=False,
+    ),
+]
 LockTimeoutOpt = Annotated[
     float,
     typer.Option(
@@ -331,6 +355,7 @@ def apply(
     ] = 15.0,
     lock_timeout: LockTimeoutOpt = 5.0,
     timeout: Timeout = DEFAULT_TIMEOUT_S,
+    metrics_file: MetricsFileOpt = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -344,19 +369,61 @@ def apply(
     url = _guard(lambda: _resolve_url(redis_url, policy))
     overrides = _overrides(dry_run, force, max_age, queue, max_actions, stop_timeout)
     job = Job(url, timeout, lock_timeout, overrides, progress=output is Format.text)
+    began = time.monotonic()
     if plan_file is not None:
         plan_age = _guard(lambda: _parse_duration_option("--max-plan-age", max_plan_age))
         digest = policy.digest if policy else None
-        run, plan_digest = _guard(
-            lambda: job.apply_plan(plan_file, plan_age, digest), best_effort, url
-        )
-        where = (policy.path if policy else plan_file, plan_digest)
+        done, error = _attempt(lambda: job.apply_plan(plan_file, plan_age, digest), url)
+        run, where = None, None
+        if done is not None:
+            run, plan_digest = done
+            where = (policy.path if policy else plan_file, plan_digest)
     else:
         assert policy is not None
-        run = _guard(lambda: job.apply_policy(policy), best_effort, url)
+        run, error = _attempt(lambda: job.apply_policy(policy), url)
         where = (policy.path, policy.digest)
-    _print_run(run, output, url, where)
-    _exit_for(run, best_effort, url)
+    if run is not None and where is not None:
+        _print_run(run, output, url, where)
+        error = _run_error(run)
+    _finish(error, best_effort, url, metrics_file, run, began)
+
+
+def _finish(
+    error: OpsctlError | None,
+    best_effort: bool,
+    url: str,
+    metrics_file: str | None,
+    run: Run | None,
+    began: float,
+    seen: metrics.Observation | None = None,
+) -> None:
+    """Write the metrics file (when asked), then exit as the run's outcome calls for.
+
+    The run's own error decides the exit code; a metrics file that cannot be
+    written exits 6 only when the run itself succeeded.
+    """
+    if metrics_file is not None:
+        if run is not None:
+            seen = metrics.observe_run(run)
+        code = error.exit_code if error is not None else ExitCode.OK
+        _, write_error = _attempt(lambda: _write_metrics(metrics_file, seen, code, began), url)
+        if write_error is not None and error is None:
+            error = write_error
+        elif write_error is not None:
+            print(f"opsctl: error: {redact(str(write_error), url)}", file=sys.stderr)
+    if error is not None:
+        _fail(error, best_effort, url)
+
+
+def _write_metrics(path: str, seen: metrics.Observation | None, code: int, began: float) -> None:
+    now_s = time.time()
+    facts = metrics.RunFacts(
+        timestamp_s=now_s,
+        duration_s=time.monotonic() - began,
+        exit_code=code,
+        last_success_s=metrics.last_success(path, code, now_s),
+    )
+    metrics.write(path, metrics.build(seen, facts))
 
 
 @dataclass
@@ -368,6 +435,7 @@ class Job:
     lock_timeout_s: float
     overrides: Overrides
     progress: bool = False  # a progress bar on a terminal's stderr for long scans
+    should_stop: Callable[[], bool] | None = None  # polled between changes (opsctl watch)
 
     def apply_policy(self, policy: Policy) -> Run:
         conn = connect(self.url, self.timeout_s)
@@ -419,6 +487,7 @@ class Job:
             stop_timeout_s=self.overrides.stop_timeout_s,
             lock_timeout_s=self.lock_timeout_s,
             run_lock=lock,
+            should_stop=self.should_stop,
         ).execute()
 
 
@@ -432,16 +501,98 @@ def _print_run(run: Run, output: Format, url: str, where: tuple[str, str]) -> No
 
 def _exit_for(run: Run, best_effort: bool, url: str) -> None:
     """Exit with the code the outcome calls for (the report is already printed)."""
+    error = _run_error(run)
+    if error is not None:
+        _fail(error, best_effort, url)
+
+
+def _run_error(run: Run) -> OpsctlError | None:
+    """The error a finished run's outcome calls for; None when it exits 0."""
     if run.redis_lost:
-        _fail(RedisUnavailable("lost the connection to Redis; see the report"), best_effort, url)
+        return RedisUnavailable("lost the connection to Redis; see the report")
     if run.refused:
         why = f"Redis refused a command mid-run ({run.refused}); see the report for what was done"
-        _fail(RedisUnavailable(why), best_effort, url)
+        return RedisUnavailable(why)
     if run.failed:
         count = report.summary(run)["errors"]
-        _fail(OpsctlError(f"{count} action(s) failed; see the report"), best_effort, url)
+        return OpsctlError(f"{count} action(s) failed; see the report")
     if run.limits_tripped and not run.dry_run:
-        _fail(LimitTripped("; ".join(run.limits_tripped) + "; nothing was done"), best_effort, url)
+        return LimitTripped("; ".join(run.limits_tripped) + "; nothing was done")
+    return None
+
+
+@app.command("watch")
+def watch_command(
+    policy_file: Annotated[str, typer.Argument(metavar="POLICY", help="Policy file (YAML).")],
+    every: Annotated[
+        str, typer.Option("--every", help="Time between rounds (90s, 10m, 2h, 1d).")
+    ] = "60s",
+    dry_run: Annotated[
+        bool | None,
+        typer.Option(
+            "--dry-run/--no-dry-run", help="Only report what would be done.", show_default=False
+        ),
+    ] = None,
+    force: ForceOpt = None,
+    max_age: MaxAgeOpt = None,
+    queue: QueueOpt = None,
+    max_actions: MaxActionsOpt = None,
+    redis_url: RedisUrl = None,
+    output: FormatOpt = Format.text,
+    stop_timeout: Annotated[
+        float,
+        typer.Option(
+            "--stop-timeout", help="Seconds to wait for workers to stop jobs.", callback=_seconds
+        ),
+    ] = 15.0,
+    lock_timeout: LockTimeoutOpt = 5.0,
+    timeout: Timeout = DEFAULT_TIMEOUT_S,
+    metrics_file: MetricsFileOpt = None,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Apply a policy in a loop, re-reading it when it changes; SIGTERM stops it cleanly."""
+    _setup_logging(verbose, quiet)
+    every_s = _guard(lambda: _parse_duration_option("--every", every))
+    if every_s <= 0:
+        _fail(UsageError(f"--every: {every!r} must be longer than 0s"))
+    policy = _guard(lambda: _load_for_apply(policy_file, redis_url is not None))
+    _guard(lambda: _resolve_url(redis_url, policy))
+    overrides = _overrides(dry_run, force, max_age, queue, max_actions, stop_timeout)
+
+    def one_round(current: Policy, should_stop: Callable[[], bool]) -> watch.RoundResult:
+        url, error = _attempt(lambda: _resolve_url(redis_url, current))
+        if url is None:
+            log.error("round not run: %s", error)
+            return watch.RoundResult(None, error.exit_code if error else ExitCode.INVALID)
+        job = Job(url, timeout, lock_timeout, overrides, should_stop=should_stop)
+        run, error = _attempt(lambda: job.apply_policy(current), url)
+        if run is not None:
+            _print_round(run, output, url, current)
+            error = _run_error(run)
+        if error is None:
+            return watch.RoundResult(run, ExitCode.OK)
+        log.error("round failed, exit_code=%d: %s", error.exit_code, redact(str(error), url))
+        return watch.RoundResult(run, error.exit_code)
+
+    loop = watch.Watch(
+        policy,
+        lambda path: _load_for_apply(path, redis_url is not None),
+        one_round,
+        every_s,
+        metrics_file,
+    )
+    raise typer.Exit(loop.run())
+
+
+def _print_round(run: Run, output: Format, url: str, policy: Policy) -> None:
+    """One round's report: the text report, or the JSON report on a single line."""
+    if output is Format.json:
+        document = report.to_json(run, mask_url(url), policy.path, policy.digest)
+        print(json.dumps(document), flush=True)
+    else:
+        report.print_text(run, _console(), mask_url(url))
+        sys.stdout.flush()
 
 
 @app.command("plan")
@@ -489,6 +640,42 @@ def history(
         report.print_history(entries, _console())
 
 
+@app.command("requeue")
+def requeue_command(
+    run_id: Annotated[
+        str, typer.Option("--run", help="The run whose failed and canceled jobs to requeue.")
+    ],
+    redis_url: StatusRedisUrl = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only report what would be requeued.")
+    ] = False,
+    output: FormatOpt = Format.text,
+    key_prefix: Annotated[
+        str, typer.Option("--key-prefix", help="RQ key prefix.")
+    ] = DEFAULT_PREFIX,
+    lock_timeout: LockTimeoutOpt = 5.0,
+    timeout: Timeout = DEFAULT_TIMEOUT_S,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Undo a run: put the jobs it failed or canceled back on their queues."""
+    _setup_logging(verbose, quiet)
+    url = _guard(lambda: _resolve_url(redis_url, None))
+    done = _guard(
+        lambda: undo.requeue_run(
+            connect(url, timeout), Keys(key_prefix), run_id, dry_run, lock_timeout
+        ),
+        url=url,
+    )
+    if output is Format.json:
+        report.print_json(done.to_json(mask_url(url)))
+    else:
+        undo.print_text(done, _console())
+    if done.failed:
+        errors = done.summary()["errors"]
+        _fail(OpsctlError(f"{errors} requeue(s) failed; see the report"), url=url)
+
+
 @app.command()
 def validate(
     files: Annotated[list[str], typer.Argument(metavar="FILE...", help="Policy files to check.")],
@@ -509,23 +696,46 @@ def validate(
         raise typer.Exit(ExitCode.INVALID)
 
 
+class StatusFormat(str, Enum):
+    text = "text"
+    json = "json"
+    prometheus = "prometheus"
+
+
 @app.command("status")
 def status_command(
     redis_url: StatusRedisUrl = None,
-    output: FormatOpt = Format.text,
+    output: Annotated[
+        StatusFormat, typer.Option("--format", help="Report format.")
+    ] = StatusFormat.text,
     key_prefix: Annotated[
         str, typer.Option("--key-prefix", help="RQ key prefix.")
     ] = DEFAULT_PREFIX,
     timeout: Timeout = DEFAULT_TIMEOUT_S,
+    metrics_file: MetricsFileOpt = None,
 ) -> None:
     """Per queue: counts of jobs by state, oldest started job, workers alive and dead."""
     _setup_logging(0, False)
     url = _guard(lambda: _resolve_url(redis_url, None))
-    now, statuses = _guard(lambda: status.collect(connect(url, timeout), Keys(key_prefix)), url=url)
-    if output is Format.json:
-        report.print_json(status.to_json(now, mask_url(url), statuses))
-    else:
-        status.print_text(statuses, _console())
+    began = time.monotonic()
+    found, error = _attempt(
+        lambda: status.collect_with_snapshot(connect(url, timeout), Keys(key_prefix)), url
+    )
+    seen = None
+    if found is not None:
+        now, statuses, snapshot = found
+        if output is StatusFormat.prometheus or metrics_file is not None:
+            # status takes no policy: states are judged by the built-in rule (max_age 10m).
+            seen = metrics.observe_snapshot(snapshot, Rule())
+        if output is StatusFormat.json:
+            report.print_json(status.to_json(now, mask_url(url), statuses))
+        elif output is StatusFormat.text:
+            status.print_text(statuses, _console())
+        else:
+            code = ExitCode.OK
+            facts = metrics.RunFacts(time.time(), time.monotonic() - began, code, time.time())
+            sys.stdout.write(metrics.render(metrics.build(seen, facts)))
+    _finish(error, False, url, metrics_file, None, began, seen)
 
 
 @app.command()

@@ -15,6 +15,7 @@ class ExitCode(IntEnum):
     REDIS_UNAVAILABLE = 3  # Redis unreachable, refused the login, or timed out
     LIMIT_TRIPPED = 4  # a blast-radius limit tripped: nothing was done
     LOCKED = 5  # another opsctl run held the lock past --lock-timeout
+    METRICS_FAILED = 6  # the run is reported, but its metrics file could not be written
 
 
 class OpsctlError(Exception):

@@ -95,6 +95,7 @@ class Run:
     refused: str | None = None  # Redis refused a command mid-run (an ACL, say)
     server_version: str | None = None
     warnings: list[str] = field(default_factory=list)  # about the server's settings
+    stopped: bool = False  # asked to stop (opsctl watch): the rest was left for later
 
     @property
     def failed(self) -> bool:

@@ -14,7 +14,7 @@ from opsctl import engine
 from opsctl.keys import Keys
 from opsctl.model import format_timestamp, parse_timestamp
 from opsctl.report import duration, safe
-from opsctl.state import known_queues, read_snapshot, replies_of, text
+from opsctl.state import Snapshot, known_queues, read_snapshot, replies_of, text
 
 #: Registries counted, in column order: (column, key builder name).
 REGISTRIES = (
@@ -46,6 +46,14 @@ class QueueStatus:
 
 def collect(conn: redis.Redis, keys: Keys) -> tuple[float, list[QueueStatus]]:
     """Server time and the status of every queue RQ knows."""
+    now, statuses, _ = collect_with_snapshot(conn, keys)
+    return now, statuses
+
+
+def collect_with_snapshot(
+    conn: redis.Redis, keys: Keys
+) -> tuple[float, list[QueueStatus], Snapshot]:
+    """Like :func:`collect`, with the snapshot the counts came from (for metrics)."""
     names = known_queues(conn, keys)
     snapshot = read_snapshot(conn, keys, names)
     pipe = conn.pipeline(transaction=False)
@@ -71,7 +79,7 @@ def collect(conn: redis.Redis, keys: Keys) -> tuple[float, list[QueueStatus]]:
                 status.workers_dead += 1
         statuses.append(status)
     _oldest_started(snapshot.entries, snapshot.now, statuses)
-    return snapshot.now, statuses
+    return snapshot.now, statuses, snapshot
 
 
 def _count(reply: Any) -> int | None:

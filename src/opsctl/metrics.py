@@ -1,0 +1,185 @@
+"""Prometheus metrics of a run, for node_exporter's textfile collector or a scrape.
+
+Every metric is a gauge describing the last run (``opsctl apply``, ``opsctl
+status`` or one round of ``opsctl watch``):
+
+- ``opsctl_started_jobs{queue,state}``: started-registry entries by state;
+  every state opsctl knows gets a series per queue, 0 when empty, so a
+  dashboard never sees a series vanish;
+- ``opsctl_oldest_started_job_age_seconds{queue}``: age of the oldest started
+  job (from ``started_at``), on queues whose started jobs have a readable age;
+- ``opsctl_actions{queue,action,outcome}``: what the run did (``planned`` in
+  a dry run);
+- ``opsctl_run_duration_seconds``, ``opsctl_last_run_timestamp_seconds``,
+  ``opsctl_last_run_exit_code``;
+- ``opsctl_last_success_timestamp_seconds``: the last run that exited 0. A
+  failed run keeps the previous value, read back from the metrics file it
+  replaces, so one-shot runs behave like a long-lived exporter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Gauge, generate_latest, write_to_textfile
+from prometheus_client.parser import text_string_to_metric_families
+
+from opsctl.engine import State, classify
+from opsctl.errors import ExitCode, OpsctlError
+from opsctl.policy import Rule
+from opsctl.run import Run
+from opsctl.state import Snapshot
+
+log = logging.getLogger(__name__)
+
+LAST_SUCCESS = "opsctl_last_success_timestamp_seconds"
+
+
+class MetricsWriteError(OpsctlError):
+    """Raised when the metrics file cannot be written (the report is already printed)."""
+
+    exit_code = ExitCode.METRICS_FAILED
+
+
+@dataclass
+class Observation:
+    """What one run saw and did, reduced to the numbers the gauges show."""
+
+    queues: set[str] = field(default_factory=set)
+    started: Counter[tuple[str, str]] = field(default_factory=Counter)  # (queue, state)
+    oldest_age_s: dict[str, float] = field(default_factory=dict)  # per queue
+    actions: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+
+    def add_entry(self, queue: str, state: str, age_s: float | None) -> None:
+        self.queues.add(queue)
+        self.started[(queue, state)] += 1
+        if age_s is not None and age_s > self.oldest_age_s.get(queue, -1.0):
+            self.oldest_age_s[queue] = age_s
+
+
+def observe_run(run: Run) -> Observation:
+    """The gauges' view of an apply, plan or watch round."""
+    seen = Observation(queues={q.name for q in run.queues})
+    for job in run.jobs:
+        queue = job.entry.queue
+        seen.add_entry(queue, job.verdict.state.value, job.verdict.signals.age_s)
+        if job.acts:
+            seen.actions[(queue, job.action, job.outcome)] += 1
+    return seen
+
+
+def observe_snapshot(snapshot: Snapshot, rule: Rule) -> Observation:
+    """The gauges' view of ``opsctl status``: every entry classified under ``rule``."""
+    seen = Observation(queues=set(snapshot.queues))
+    for entry in snapshot.entries:
+        verdict = classify(entry, snapshot.workers, rule, snapshot.now)
+        seen.add_entry(entry.queue, verdict.state.value, verdict.signals.age_s)
+    return seen
+
+
+@dataclass
+class RunFacts:
+    """The run-level numbers: when, how long, how it ended, when it last succeeded."""
+
+    timestamp_s: float
+    duration_s: float
+    exit_code: int
+    last_success_s: float | None  # None: no run has succeeded yet
+
+
+def build(seen: Observation | None, facts: RunFacts) -> CollectorRegistry:
+    """A registry holding every gauge; ``seen`` is None when the run read nothing."""
+    registry = CollectorRegistry(auto_describe=True)
+    started = Gauge(
+        "opsctl_started_jobs",
+        "Started-registry entries by queue and opsctl state.",
+        ["queue", "state"],
+        registry=registry,
+    )
+    oldest = Gauge(
+        "opsctl_oldest_started_job_age_seconds",
+        "Age since started_at of the oldest started job of the queue.",
+        ["queue"],
+        registry=registry,
+    )
+    actions = Gauge(
+        "opsctl_actions",
+        "Actions the run took, by queue, action and outcome.",
+        ["queue", "action", "outcome"],
+        registry=registry,
+    )
+    if seen is not None:
+        for queue in sorted(seen.queues):
+            for state in State:
+                started.labels(queue, state.value).set(seen.started[(queue, state.value)])
+        for queue, age_s in sorted(seen.oldest_age_s.items()):
+            oldest.labels(queue).set(age_s)
+        for (queue, action, outcome), count in sorted(seen.actions.items()):
+            actions.labels(queue, action, outcome).set(count)
+    _gauge(registry, "opsctl_run_duration_seconds", "Seconds the run took.", facts.duration_s)
+    _gauge(
+        registry,
+        "opsctl_last_run_timestamp_seconds",
+        "Unix time at which the run ended.",
+        facts.timestamp_s,
+    )
+    _gauge(registry, "opsctl_last_run_exit_code", "Exit code of the run.", facts.exit_code)
+    _gauge(
+        registry,
+        LAST_SUCCESS,
+        "Unix time of the last run that exited 0 (0: none yet).",
+        facts.last_success_s or 0.0,
+    )
+    return registry
+
+
+def _gauge(registry: CollectorRegistry, name: str, help_text: str, value: float) -> None:
+    Gauge(name, help_text, registry=registry).set(value)
+
+
+def render(registry: CollectorRegistry) -> str:
+    """The Prometheus text exposition format."""
+    return generate_latest(registry).decode("utf-8")
+
+
+def previous_success(path: str) -> float | None:
+    """The last success time a metrics file records; None if it has none.
+
+    A missing, unreadable or malformed file is not an error: it only means no
+    earlier success is known.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == LAST_SUCCESS and sample.value > 0:
+                    return float(sample.value)
+    except ValueError as exc:
+        log.warning("metrics_file=%s unreadable error=%s", path, exc)
+    return None
+
+
+def last_success(path: str | None, facts_exit_code: int, now_s: float) -> float | None:
+    """This run's time when it succeeded, else the success ``path`` records."""
+    if facts_exit_code == ExitCode.OK:
+        return now_s
+    return previous_success(path) if path else None
+
+
+def write(path: str, registry: CollectorRegistry) -> None:
+    """Write the file atomically: a temporary file beside it, then a rename."""
+    try:
+        write_to_textfile(path, registry)
+    except OSError as exc:
+        where = os.path.dirname(os.path.abspath(path))
+        raise MetricsWriteError(
+            f"cannot write the metrics file {path!r}: {exc.strerror or exc} "
+            f"(check that {where!r} exists and is writable; the report above is complete)"
+        ) from None

@@ -1,0 +1,138 @@
+"""``opsctl watch``: apply a policy in a loop, for a sidecar or a small deployment.
+
+Each round re-reads the policy file if its bytes changed. A valid edit takes
+effect in that round; an invalid one is logged and the last good policy stays
+in force. A round that fails (Redis down, the lock held, an action failed) is
+logged and reflected in the metrics, and the loop goes on.
+
+SIGTERM and SIGINT only raise a flag. A round in progress notices it between
+two changes (each change is one atomic script, so none is ever cut in half),
+releases its locks and ends; a signal during the sleep between rounds ends the
+loop at once. The process then exits 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+
+from opsctl import metrics
+from opsctl.errors import ExitCode, OpsctlError
+from opsctl.policy import Policy
+from opsctl.run import Run
+
+log = logging.getLogger(__name__)
+
+#: Signals that stop the loop cleanly.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@dataclass
+class RoundResult:
+    """How one round ended: its run (None when it never got that far) and exit code."""
+
+    run: Run | None
+    exit_code: int
+
+
+#: Carries out one round under a policy; polls the callable to know when to stop.
+RoundFn = Callable[[Policy, Callable[[], bool]], RoundResult]
+
+
+class Watch:
+    """The loop: reload the policy, run a round, write metrics, sleep."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        load: Callable[[str], Policy],
+        round_fn: RoundFn,
+        every_s: float,
+        metrics_file: str | None = None,
+    ) -> None:
+        self.policy = policy
+        self._load = load
+        self._round = round_fn
+        self.every_s = every_s
+        self.metrics_file = metrics_file
+        self._stop = threading.Event()
+        self._seen_digest = policy.digest
+        self._last_success_s = metrics.previous_success(metrics_file) if metrics_file else None
+        self.rounds = 0
+
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def request_stop(self, signum: int, _frame: FrameType | None = None) -> None:
+        if not self._stop.is_set():
+            log.warning("signal=%s stopping after the change in progress", signum)
+        self._stop.set()
+
+    def run(self) -> ExitCode:
+        """Loop until a stop signal; the exit code of a clean stop (0)."""
+        with self._signals_handled():
+            while not self._stop.is_set():
+                self._reload()
+                began = time.monotonic()
+                result = self._round(self.policy, self.stop_requested)
+                self.rounds += 1
+                self._write_metrics(result, began)
+                self._stop.wait(self.every_s)
+        log.warning("stopped after %d round(s)", self.rounds)
+        return ExitCode.OK
+
+    @contextmanager
+    def _signals_handled(self) -> Iterator[None]:
+        previous = {s: signal.signal(s, self.request_stop) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _reload(self) -> None:
+        """Take up a changed policy file; keep the last good policy if it is invalid."""
+        path = self.policy.path
+        try:
+            with open(path, "rb") as handle:
+                digest = hashlib.sha256(handle.read()).hexdigest()
+        except OSError as exc:
+            if self._seen_digest != "unreadable":
+                log.error("policy=%s unreadable: %s; keeping the last good policy", path, exc)
+            self._seen_digest = "unreadable"
+            return
+        if digest == self._seen_digest:
+            return
+        self._seen_digest = digest
+        try:
+            self.policy = self._load(path)
+        except OpsctlError as exc:
+            problems = str(exc).replace("\n", " | ")
+            log.error("policy=%s invalid, keeping the last good policy: %s", path, problems)
+            return
+        log.warning("policy=%s reloaded sha256=%s", path, self.policy.digest[:12])
+
+    def _write_metrics(self, result: RoundResult, began: float) -> None:
+        now_s = time.time()
+        if result.exit_code == ExitCode.OK:
+            self._last_success_s = now_s
+        if not self.metrics_file:
+            return
+        facts = metrics.RunFacts(
+            timestamp_s=now_s,
+            duration_s=time.monotonic() - began,
+            exit_code=result.exit_code,
+            last_success_s=self._last_success_s,
+        )
+        seen = metrics.observe_run(result.run) if result.run is not None else None
+        try:
+            metrics.write(self.metrics_file, metrics.build(seen, facts))
+        except metrics.MetricsWriteError as exc:
+            log.error("%s", exc)

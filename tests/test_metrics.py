@@ -1,0 +1,246 @@
+"""Prometheus metrics: `status --format prometheus`, `--metrics-file` on apply and status.
+
+The output is parsed back with prometheus_client's own text parser and compared with a
+state seeded through RQ's API (against a fakeredis server over TCP) and, after apply, with
+what RQ's API shows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+from rq import Queue
+from rq.job import JobStatus
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, StartedJobRegistry
+
+from conftest import run_opsctl
+from test_cli_fake import LiveWorker, register_worker, started_job
+
+STATES = ("orphaned", "leftover", "abandoned", "overdue", "running")
+
+POLICY = """version: 1
+defaults:
+  max_age: 10m
+  action: fail
+queues:
+  - name: default
+  - name: spare
+    action: cancel
+"""
+
+
+@pytest.fixture
+def conn(fake_redis_url: str) -> Any:
+    client = redis.Redis.from_url(fake_redis_url, decode_responses=False)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def live(fake_redis_url: str) -> Any:
+    worker = LiveWorker(fake_redis_url, "w-live")
+    yield worker
+    worker.close()
+
+
+def gauges(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text exposition: (name, sorted labels) -> value."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        assert family.type == "gauge", family
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def started(values: dict[Any, float], queue: str, state: str) -> float:
+    return values[("opsctl_started_jobs", (("queue", queue), ("state", state)))]
+
+
+def action(values: dict[Any, float], queue: str, name: str, outcome: str) -> float | None:
+    key = (("action", name), ("outcome", outcome), ("queue", queue))
+    return values.get(("opsctl_actions", key))
+
+
+def single(values: dict[Any, float], name: str) -> float:
+    return values[(name, ())]
+
+
+def seed(conn: redis.Redis, url: str) -> dict[str, Any]:
+    """Two abandoned jobs (one started 5 minutes ago), an orphaned and a leftover entry,
+    one job a live worker is running, all in `default`; `spare` holds only a queued job."""
+    register_worker(url, "w-dead")
+    old = started_job(conn, "w-dead", started_ago_s=300)
+    young = started_job(conn, "w-dead", started_ago_s=20)
+    orphan = started_job(conn, "w-dead")
+    conn.delete(orphan.key)
+    leftover = started_job(conn, "w-dead")
+    leftover.set_status(JobStatus.FINISHED)
+    running = started_job(conn, "w-live", started_ago_s=60)
+    Queue("spare", connection=conn).enqueue("jobs.quick")
+    return {"abandoned": [old, young], "orphan": orphan, "leftover": leftover, "run": running}
+
+
+def test_status_prints_started_jobs_by_queue_and_state_and_the_oldest_age(
+    conn: redis.Redis, fake_redis_url: str, live: LiveWorker
+) -> None:
+    seed(conn, fake_redis_url)
+
+    result = run_opsctl("status", "--redis-url", fake_redis_url, "--format", "prometheus")
+
+    assert result.returncode == 0, result.stderr
+    values = gauges(result.stdout)
+    expected = {"orphaned": 1, "leftover": 1, "abandoned": 2, "overdue": 0, "running": 1}
+    assert {s: started(values, "default", s) for s in STATES} == expected
+    assert {s: started(values, "spare", s) for s in STATES} == dict.fromkeys(STATES, 0)
+    oldest = values[("opsctl_oldest_started_job_age_seconds", (("queue", "default"),))]
+    assert 300 <= oldest < 400
+    assert ("opsctl_oldest_started_job_age_seconds", (("queue", "spare"),)) not in values
+    assert single(values, "opsctl_last_run_exit_code") == 0
+    assert single(values, "opsctl_last_success_timestamp_seconds") == pytest.approx(
+        single(values, "opsctl_last_run_timestamp_seconds"), abs=5
+    )
+    # status only reads: nothing was changed
+    assert len(StartedJobRegistry("default", connection=conn).get_job_ids(cleanup=False)) == 5
+
+
+def test_apply_metrics_file_counts_what_rq_shows_afterwards(
+    conn: redis.Redis, fake_redis_url: str, live: LiveWorker, tmp_path: Path
+) -> None:
+    seed(conn, fake_redis_url)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    metrics_dir = tmp_path / "textfile"
+    metrics_dir.mkdir()
+    target = metrics_dir / "opsctl.prom"
+
+    result = run_opsctl(
+        "apply", str(policy), "--redis-url", fake_redis_url, "--metrics-file", str(target)
+    )
+
+    assert result.returncode == 0, result.stderr
+    values = gauges(target.read_text())
+    failed = FailedJobRegistry("default", connection=conn).get_job_ids(cleanup=False)
+    still_started = StartedJobRegistry("default", connection=conn).get_job_ids(cleanup=False)
+    assert action(values, "default", "fail", "done") == len(failed) == 2
+    assert action(values, "default", "remove-entry", "done") == 2
+    assert started(values, "default", "running") == len(still_started) == 1
+    assert started(values, "default", "abandoned") == 2
+    assert single(values, "opsctl_last_run_exit_code") == 0
+    assert single(values, "opsctl_run_duration_seconds") > 0
+    # written beside its target and renamed into place: no temporary file stays behind
+    assert [p.name for p in metrics_dir.iterdir()] == ["opsctl.prom"]
+
+
+def test_dry_run_metrics_show_planned_actions_and_nothing_changes(
+    conn: redis.Redis, fake_redis_url: str, live: LiveWorker, tmp_path: Path
+) -> None:
+    seeded = seed(conn, fake_redis_url)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    target = tmp_path / "opsctl.prom"
+
+    result = run_opsctl(
+        "apply", str(policy), "--dry-run", "--redis-url", fake_redis_url,
+        "--metrics-file", str(target),
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    values = gauges(target.read_text())
+    assert action(values, "default", "fail", "planned") == 2
+    assert action(values, "default", "fail", "done") is None
+    assert FailedJobRegistry("default", connection=conn).get_job_ids(cleanup=False) == []
+    assert seeded["abandoned"][0].get_status(refresh=True) == JobStatus.STARTED
+
+
+def test_failed_run_keeps_the_last_success_time_of_the_previous_run(
+    conn: redis.Redis, fake_redis_url: str, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    target = tmp_path / "opsctl.prom"
+    args = ("apply", str(policy), "--redis-url", fake_redis_url, "--metrics-file", str(target))
+    first = run_opsctl(*args)
+    assert first.returncode == 0, first.stderr
+    success = single(gauges(target.read_text()), "opsctl_last_success_timestamp_seconds")
+    conn.set("opsctl:lock", "another opsctl run")  # the next run cannot take the run lock
+
+    second = run_opsctl(*args, "--lock-timeout", "0")
+
+    assert second.returncode == 5, second.stderr
+    values = gauges(target.read_text())
+    assert single(values, "opsctl_last_run_exit_code") == 5
+    assert single(values, "opsctl_last_success_timestamp_seconds") == success
+    assert single(values, "opsctl_last_run_timestamp_seconds") >= success
+
+
+def test_metrics_file_that_cannot_be_written_exits_6_after_the_full_report(
+    conn: redis.Redis, fake_redis_url: str, tmp_path: Path
+) -> None:
+    register_worker(fake_redis_url, "w-dead")
+    job = started_job(conn, "w-dead")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+
+    result = run_opsctl(
+        "apply", str(policy), "--redis-url", fake_redis_url, "--format", "json",
+        "--metrics-file", str(not_a_folder / "opsctl.prom"),
+    )  # fmt: skip
+
+    assert result.returncode == 6, result.stderr
+    report = json.loads(result.stdout)
+    assert [(j["id"], j["outcome"]) for j in report["jobs"]] == [(job.id, "done")]
+    assert job.get_status(refresh=True) == JobStatus.FAILED
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write the metrics file" in lines[0], result.stderr
+
+
+def test_action_failure_keeps_its_own_exit_code_when_metrics_are_written(
+    conn: redis.Redis, fake_redis_url: str, tmp_path: Path
+) -> None:
+    register_worker(fake_redis_url, "w-dead")
+    job = started_job(conn, "w-dead", "spare")
+    conn.set(CanceledJobRegistry("spare", connection=conn).key, "not a sorted set")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    target = tmp_path / "opsctl.prom"
+
+    result = run_opsctl(
+        "apply", str(policy), "--redis-url", fake_redis_url, "--metrics-file", str(target)
+    )
+
+    assert result.returncode == 1, result.stderr
+    values = gauges(target.read_text())
+    assert action(values, "spare", "cancel", "error") == 1
+    assert single(values, "opsctl_last_run_exit_code") == 1
+    assert single(values, "opsctl_last_success_timestamp_seconds") == 0
+    assert job.get_status(refresh=True) == JobStatus.STARTED
+
+
+def test_status_metrics_file_holds_the_gauges_it_prints(
+    conn: redis.Redis, fake_redis_url: str, live: LiveWorker, tmp_path: Path
+) -> None:
+    seed(conn, fake_redis_url)
+    target = tmp_path / "status.prom"
+
+    result = run_opsctl(
+        "status", "--redis-url", fake_redis_url, "--format", "prometheus",
+        "--metrics-file", str(target),
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    printed, written = gauges(result.stdout), gauges(target.read_text())
+    timing = {"opsctl_run_duration_seconds", "opsctl_last_run_timestamp_seconds"}
+    timing.add("opsctl_last_success_timestamp_seconds")
+    assert {k: v for k, v in printed.items() if k[0] not in timing} == {
+        k: v for k, v in written.items() if k[0] not in timing
+    }
+    assert started(written, "default", "abandoned") == 2

@@ -1,0 +1,218 @@
+"""`opsctl requeue --run`: undoing a real run against a private redis-server.
+
+Real `rq worker` processes are killed mid-job, `opsctl apply` fails or cancels the jobs,
+then `opsctl requeue --run` puts them back, and real workers finish them. End states are
+read through RQ's API.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from rq import Queue
+from rq.executions import Execution
+from rq.job import Job
+from rq.registry import CanceledJobRegistry, FailedJobRegistry
+
+from conftest import WorkerFactory, job_status, run_opsctl, wait_for_status
+
+pytestmark = pytest.mark.redis_server
+
+FAIL_QUEUE = "undo-fail"
+CANCEL_QUEUE = "undo-cancel"
+POLICY = f"""version: 1
+defaults:
+  action: fail
+queues:
+  - name: {FAIL_QUEUE}
+  - name: {CANCEL_QUEUE}
+    action: cancel
+"""
+#: Seconds each job sleeps: long enough to be killed mid-job, short enough to rerun.
+JOB_S = 6
+FINISH_TIMEOUT_S = 90
+
+
+def abandon(rq_workers: WorkerFactory, conn: redis.Redis, queue: str) -> Job:
+    """A job whose worker and work horse were SIGKILLed while it ran."""
+    worker = rq_workers.start([queue])
+    job = Queue(queue, connection=conn).enqueue("jobs.sleep_for", JOB_S)
+    assert wait_for_status(conn, job.id, "started") == "started"
+    assert worker.kill(), "the worker had a work horse running the job"
+    return job
+
+
+def opsctl_json(*args: str, exit_code: int = 0) -> dict[str, Any]:
+    result = run_opsctl(*args, "--format", "json")
+    assert result.returncode == exit_code, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    document: dict[str, Any] = json.loads(result.stdout)
+    return document
+
+
+def outcomes(report: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {j["id"]: (j["outcome"], j["reason"]) for j in report["jobs"]}
+
+
+def queued_ids(conn: redis.Redis, queue: str) -> list[str]:
+    return Queue(queue, connection=conn).get_job_ids()
+
+
+def test_requeue_run_puts_back_what_the_run_failed_or_canceled_and_workers_finish_them(
+    redis_url: str, redis_conn: redis.Redis, rq_workers: WorkerFactory, tmp_path: Path
+) -> None:
+    to_fail = abandon(rq_workers, redis_conn, FAIL_QUEUE)
+    retried = abandon(rq_workers, redis_conn, FAIL_QUEUE)
+    deleted = abandon(rq_workers, redis_conn, FAIL_QUEUE)
+    to_cancel = abandon(rq_workers, redis_conn, CANCEL_QUEUE)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    run = opsctl_json("apply", str(policy), "--redis-url", redis_url)
+    assert job_status(redis_conn, to_fail.id) == "failed"
+    assert job_status(redis_conn, to_cancel.id) == "canceled"
+    # Someone changes two of them in between: a retry with RQ's own tool, a deletion.
+    FailedJobRegistry(FAIL_QUEUE, connection=redis_conn).requeue(retried.id)
+    Job.fetch(deleted.id, connection=redis_conn).delete()
+    audit_before = redis_conn.xlen("opsctl:audit")
+
+    dry = opsctl_json("requeue", "--run", run["run_id"], "--redis-url", redis_url, "--dry-run")
+
+    assert {k: v[0] for k, v in outcomes(dry).items()} == {
+        to_fail.id: "planned",
+        retried.id: "skipped",
+        deleted.id: "skipped",
+        to_cancel.id: "planned",
+    }
+    assert job_status(redis_conn, to_fail.id) == "failed"
+    assert queued_ids(redis_conn, FAIL_QUEUE) == [retried.id]
+    assert redis_conn.xlen("opsctl:audit") == audit_before
+
+    undo = opsctl_json("requeue", "--run", run["run_id"], "--redis-url", redis_url)
+
+    found = outcomes(undo)
+    assert found[to_fail.id][0] == found[to_cancel.id][0] == "done", found
+    assert found[retried.id] == (
+        "skipped",
+        f"changed since run {run['run_id']}: status is now queued",
+    )
+    assert found[deleted.id] == ("skipped", "the job no longer exists (deleted)")
+    assert undo["undo_of"] == run["run_id"]
+    assert queued_ids(redis_conn, FAIL_QUEUE) == [retried.id, to_fail.id]
+    assert queued_ids(redis_conn, CANCEL_QUEUE) == [to_cancel.id]
+    assert FailedJobRegistry(FAIL_QUEUE, connection=redis_conn).get_job_ids(cleanup=False) == []
+    canceled = CanceledJobRegistry(CANCEL_QUEUE, connection=redis_conn)
+    assert canceled.get_job_ids(cleanup=False) == []
+    job = Job.fetch(to_fail.id, connection=redis_conn)
+    assert (job.get_status().value, job.started_at, job.ended_at) == ("queued", None, None)
+    assert redis_conn.ttl(job.key) == -1  # no leftover failure expiry while it waits
+    history = run_opsctl("history", "--run", undo["run_id"], "--redis-url", redis_url)
+    assert to_fail.id in history.stdout and to_cancel.id in history.stdout
+
+    rq_workers.start([FAIL_QUEUE, CANCEL_QUEUE])
+    rq_workers.start([FAIL_QUEUE, CANCEL_QUEUE])
+    for job_id in (to_fail.id, retried.id, to_cancel.id):
+        status = wait_for_status(redis_conn, job_id, "finished", FINISH_TIMEOUT_S)
+        assert status == "finished", job_id
+    assert Job.fetch(to_fail.id, connection=redis_conn).return_value() == f"slept {JOB_S}s"
+
+
+def started_again(conn: redis.Redis, job: Job) -> None:
+    """A worker takes the job off its queue and starts it (then dies), as RQ writes it."""
+    with conn.pipeline() as pipe:
+        Execution.create(job, 3600, pipe, worker_name="w-gone-too")
+        job.prepare_for_execution("w-gone-too", pipe)
+        pipe.lrem(Queue(job.origin, connection=conn).key, 0, job.id)
+        pipe.execute()
+
+
+def test_job_that_ran_and_was_failed_again_since_is_left_failed(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    queue = Queue(FAIL_QUEUE, connection=redis_conn)
+    job = queue.enqueue("jobs.quick")
+    started_again(redis_conn, job)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    first = opsctl_json("apply", str(policy), "--redis-url", redis_url)
+    FailedJobRegistry(FAIL_QUEUE, connection=redis_conn).requeue(job.id)
+    started_again(redis_conn, Job.fetch(job.id, connection=redis_conn))
+    opsctl_json("apply", str(policy), "--redis-url", redis_url)
+    assert job_status(redis_conn, job.id) == "failed"
+
+    undo = opsctl_json("requeue", "--run", first["run_id"], "--redis-url", redis_url)
+
+    outcome, reason = outcomes(undo)[job.id]
+    assert outcome == "skipped" and "ran again" in reason, reason
+    assert job_status(redis_conn, job.id) == "failed"
+    assert queued_ids(redis_conn, FAIL_QUEUE) == []
+
+
+def test_unknown_run_id_exits_2_and_writes_nothing(redis_url: str, redis_conn: redis.Redis) -> None:
+    result = run_opsctl("requeue", "--run", "0123456789ab", "--redis-url", redis_url)
+
+    assert result.returncode == 2, result.stderr
+    assert "no audit entries for run '0123456789ab'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert redis_conn.keys("*") == []
+
+
+def test_requeue_waits_for_a_running_apply_and_gives_up_with_exit_5(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    job = Queue(FAIL_QUEUE, connection=redis_conn).enqueue("jobs.quick")
+    started_again(redis_conn, job)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    run = opsctl_json("apply", str(policy), "--redis-url", redis_url)
+    redis_conn.set("opsctl:lock", "opsctl run=other host=elsewhere pid=1")
+
+    result = run_opsctl(
+        "requeue", "--run", run["run_id"], "--redis-url", redis_url, "--lock-timeout", "0"
+    )
+
+    assert result.returncode == 5, result.stderr
+    assert "another opsctl run holds the lock" in result.stderr
+    assert job_status(redis_conn, job.id) == "failed"
+
+
+def test_entry_written_before_ended_at_was_recorded_is_skipped_not_guessed(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    job = Queue(FAIL_QUEUE, connection=redis_conn).enqueue("jobs.quick")
+    started_again(redis_conn, job)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    run = opsctl_json("apply", str(policy), "--redis-url", redis_url)
+    # An entry as an earlier opsctl wrote it: the same fields, without ended_at.
+    (_, entry), *_ = redis_conn.xrange("opsctl:audit")
+    older = {k: v for k, v in entry.items() if k != b"ended_at"}
+    older[b"run_id"] = b"0ld0ld0ld0ld"
+    redis_conn.xadd("opsctl:audit", older)
+
+    undo = opsctl_json("requeue", "--run", "0ld0ld0ld0ld", "--redis-url", redis_url)
+
+    outcome, reason = outcomes(undo)[job.id]
+    assert outcome == "skipped" and "predates" in reason, reason
+    assert job_status(redis_conn, job.id) == "failed"
+    assert run["run_id"] != "0ld0ld0ld0ld"
+
+
+def test_job_taken_out_of_its_registry_since_is_left_as_it_is(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    job = Queue(FAIL_QUEUE, connection=redis_conn).enqueue("jobs.quick")
+    started_again(redis_conn, job)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    run = opsctl_json("apply", str(policy), "--redis-url", redis_url)
+    FailedJobRegistry(FAIL_QUEUE, connection=redis_conn).remove(job.id)
+
+    undo = opsctl_json("requeue", "--run", run["run_id"], "--redis-url", redis_url)
+
+    outcome, reason = outcomes(undo)[job.id]
+    assert (outcome, reason.endswith("no longer in FailedJobRegistry")) == ("skipped", True)
+    assert job_status(redis_conn, job.id) == "failed"
+    assert queued_ids(redis_conn, FAIL_QUEUE) == []

@@ -1,0 +1,235 @@
+"""`opsctl watch` as a real background process against a private redis-server.
+
+Jobs get stuck between rounds (real `rq worker` processes killed mid-job) and the loop
+cleans them; policy edits, a Redis restart and SIGTERM are driven from outside, as an
+operator or an orchestrator would. End states are read through RQ's API.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+from rq import Queue
+from rq.executions import Execution
+from rq.job import Job
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+
+from conftest import (
+    WorkerFactory,
+    start_opsctl,
+    start_redis_server,
+    terminate,
+    wait_for_status,
+    wait_until,
+)
+
+pytestmark = pytest.mark.redis_server
+
+QUEUE = "watched"
+#: Generous: a round on a loaded machine can take seconds.
+ROUND_TIMEOUT_S = 60
+#: How long a stopped watch may take to exit.
+EXIT_TIMEOUT_S = 30
+
+
+def write_policy(path: Path, action: str) -> None:
+    path.write_text(f"version: 1\ndefaults:\n  action: {action}\nqueues:\n  - name: {QUEUE}\n")
+
+
+def abandon(rq_workers: WorkerFactory, conn: redis.Redis, seconds: float = 60) -> Job:
+    """A job whose worker and work horse were SIGKILLed while it ran."""
+    worker = rq_workers.start([QUEUE])
+    job = Queue(QUEUE, connection=conn).enqueue("jobs.sleep_for", seconds)
+    assert wait_for_status(conn, job.id, "started") == "started"
+    assert worker.kill(), "the worker had a work horse running the job"
+    return job
+
+
+def read_metrics(path: Path) -> dict[str, float]:
+    """Unlabelled gauges of a metrics file ({} while it does not exist yet)."""
+    if not path.exists():
+        return {}
+    found = {}
+    for family in text_string_to_metric_families(path.read_text()):
+        for sample in family.samples:
+            if not sample.labels:
+                found[sample.name] = sample.value
+    return found
+
+
+def stop(process: subprocess.Popen[str], signum: int = signal.SIGTERM) -> int | None:
+    """Signal the process and wait for it; its exit code (None if it did not exit)."""
+    if process.poll() is None:
+        process.send_signal(signum)
+    try:
+        return process.wait(timeout=EXIT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+        return None
+
+
+def logs(tmp_path: Path) -> str:
+    out = (tmp_path / "opsctl.out").read_text(errors="replace")
+    err = (tmp_path / "opsctl.err").read_text(errors="replace")
+    return f"stdout:\n{out}\nstderr:\n{err}"
+
+
+@pytest.fixture
+def watch(tmp_path: Path) -> Any:
+    """Start `opsctl watch ARGS`; every process started is stopped at teardown."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        process = start_opsctl("watch", *args, log_dir=tmp_path)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        stop(process, signal.SIGKILL)
+
+
+def test_watch_cleans_jobs_stuck_between_rounds_and_follows_policy_edits(
+    redis_url: str, redis_conn: redis.Redis, rq_workers: WorkerFactory, tmp_path: Path, watch: Any
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    write_policy(policy, "fail")
+    metrics = tmp_path / "opsctl.prom"
+    process = watch(
+        str(policy), "--every", "1s", "--redis-url", redis_url, "--metrics-file", str(metrics)
+    )
+    assert wait_until(lambda: read_metrics(metrics), timeout=ROUND_TIMEOUT_S), logs(tmp_path)
+
+    failed = abandon(rq_workers, redis_conn)
+    assert wait_for_status(redis_conn, failed.id, "failed", ROUND_TIMEOUT_S) == "failed"
+
+    write_policy(policy, "cancel")  # a valid edit takes effect in the next round
+    canceled = abandon(rq_workers, redis_conn)
+    assert wait_for_status(redis_conn, canceled.id, "canceled", ROUND_TIMEOUT_S) == "canceled"
+
+    policy.write_text("version: 1\nqueues:\n  - name: [unclosed\n")  # an invalid edit
+    assert wait_until(
+        lambda: "keeping the last good policy" in logs(tmp_path), timeout=ROUND_TIMEOUT_S
+    ), logs(tmp_path)
+    still_cancel = abandon(rq_workers, redis_conn)
+    status = wait_for_status(redis_conn, still_cancel.id, "canceled", ROUND_TIMEOUT_S)
+    assert status == "canceled", logs(tmp_path)
+    assert process.poll() is None, logs(tmp_path)
+    assert read_metrics(metrics)["opsctl_last_run_exit_code"] == 0
+
+    assert stop(process) == 0, logs(tmp_path)
+    assert redis_conn.exists("opsctl:lock") == 0
+    assert FailedJobRegistry(QUEUE, connection=redis_conn).get_job_ids(cleanup=False) == [failed.id]
+
+
+def seed_abandoned(conn: redis.Redis, count: int) -> list[str]:
+    """`count` jobs started by a worker that no longer exists, as RQ writes them."""
+    queue = Queue(QUEUE, connection=conn)
+    ids = []
+    for _ in range(count):
+        job = queue.enqueue("jobs.quick")
+        with conn.pipeline() as pipe:
+            Execution.create(job, 3600, pipe, worker_name="w-gone")
+            job.prepare_for_execution("w-gone", pipe)
+            pipe.lrem(queue.key, 0, job.id)
+            pipe.execute()
+        ids.append(job.id)
+    return ids
+
+
+def test_sigterm_mid_round_stops_between_changes_with_no_job_half_moved(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path, watch: Any
+) -> None:
+    ids = seed_abandoned(redis_conn, 1500)
+    policy = tmp_path / "policy.yaml"
+    write_policy(policy, "fail")
+    process = watch(str(policy), "--every", "1h", "--redis-url", redis_url)
+
+    # The first change of the round is recorded in the audit trail in the same script.
+    assert wait_until(lambda: redis_conn.xlen("opsctl:audit") > 0, timeout=ROUND_TIMEOUT_S)
+    assert stop(process) == 0, logs(tmp_path)
+
+    assert redis_conn.exists("opsctl:lock") == 0
+    assert redis_conn.exists(f"rq:clean_registries:{QUEUE}") == 0
+    failed = set(FailedJobRegistry(QUEUE, connection=redis_conn).get_job_ids(cleanup=False))
+    started = set(StartedJobRegistry(QUEUE, connection=redis_conn).get_job_ids(cleanup=False))
+    statuses = {
+        job.id: job.get_status(refresh=False).value
+        for job in Job.fetch_many(ids, connection=redis_conn)
+    }
+    assert failed | started == set(ids) and not failed & started
+    assert {statuses[i] for i in failed} <= {"failed"}
+    assert {statuses[i] for i in started} <= {"started"}
+    done = [e for _, e in redis_conn.xrange("opsctl:audit") if e[b"outcome"] == b"done"]
+    assert len(done) == len(failed)
+
+
+def test_watch_survives_a_redis_restart_and_shows_it_in_the_metrics(
+    tmp_path: Path, watch: Any
+) -> None:
+    server = start_redis_server(tmp_path)
+    policy = tmp_path / "policy.yaml"
+    write_policy(policy, "fail")
+    metrics = tmp_path / "opsctl.prom"
+    process = watch(
+        str(policy), "--every", "1s", "--redis-url", server.url, "--timeout", "2",
+        "--metrics-file", str(metrics),
+    )  # fmt: skip
+    try:
+        assert wait_until(
+            lambda: read_metrics(metrics).get("opsctl_last_run_exit_code") == 0,
+            timeout=ROUND_TIMEOUT_S,
+        ), logs(tmp_path)
+        first_success = read_metrics(metrics)["opsctl_last_success_timestamp_seconds"]
+
+        terminate(server.process)
+        assert wait_until(
+            lambda: read_metrics(metrics).get("opsctl_last_run_exit_code") == 3,
+            timeout=ROUND_TIMEOUT_S,
+        ), logs(tmp_path)
+        during = read_metrics(metrics)
+        assert during["opsctl_last_success_timestamp_seconds"] >= first_success
+        assert (
+            during["opsctl_last_run_timestamp_seconds"]
+            > (during["opsctl_last_success_timestamp_seconds"])
+        )
+        assert process.poll() is None, logs(tmp_path)
+
+        server = start_redis_server(tmp_path, port=server.port)
+        assert wait_until(
+            lambda: read_metrics(metrics).get("opsctl_last_run_exit_code") == 0,
+            timeout=ROUND_TIMEOUT_S,
+        ), logs(tmp_path)
+        conn = server.client()
+        seed_abandoned(conn, 1)
+        assert wait_until(
+            lambda: FailedJobRegistry(QUEUE, connection=conn).get_job_ids(cleanup=False),
+            timeout=ROUND_TIMEOUT_S,
+        ), logs(tmp_path)
+        conn.close()
+
+        assert stop(process) == 0, logs(tmp_path)
+        assert "round failed, exit_code=3" in logs(tmp_path)
+    finally:
+        terminate(server.process)
+
+
+def test_watch_with_an_invalid_policy_or_interval_exits_2_at_once(
+    redis_url: str, tmp_path: Path, watch: Any
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 2\n")
+    good = tmp_path / "good.yaml"
+    write_policy(good, "fail")
+
+    for args in ((str(bad), "--every", "1s"), (str(good), "--every", "0s")):
+        process = watch(*args, "--redis-url", redis_url)
+        assert process.wait(timeout=EXIT_TIMEOUT_S) == 2, logs(tmp_path)
+        assert "Traceback" not in logs(tmp_path)
