@@ -12,10 +12,12 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
 import trustme
+
 from conftest import (
     STARTUP_TIMEOUT_S,
     RedisServer,
@@ -310,7 +312,8 @@ def test_redis_username_option_with_the_password_in_the_url(
     redis_server: RedisServer, redis_conn: redis.Redis, acl_user: tuple[str, str]
 ) -> None:
     name, password = acl_user
-    url = f"redis://:{password.replace('#', '%23').replace('/', '%2F')}@127.0.0.1:{redis_server.port}/0"
+    encoded = quote(password, safe="")
+    url = f"redis://:{encoded}@127.0.0.1:{redis_server.port}/0"
 
     ok = _opsctl("status", "--redis-url", url, "--redis-username", name, "--format", "json")
     wrong_user = _opsctl("status", "--redis-url", url, "--redis-username", "nobody")
@@ -320,7 +323,7 @@ def test_redis_username_option_with_the_password_in_the_url(
     assert "refused the login" in wrong_user.stderr
     for result in (ok, wrong_user):
         assert password not in result.stdout + result.stderr
-        assert "%23" not in result.stdout + result.stderr
+        assert encoded not in result.stdout + result.stderr
 
 
 def test_a_user_in_the_url_and_another_in_the_options_is_refused(
