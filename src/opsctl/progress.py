@@ -45,7 +45,7 @@ class ScanProgress:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
-                console=console(stderr=True),
+                console=console(stderr=True, live=True),
                 transient=True,
             )
             self._bar.start()

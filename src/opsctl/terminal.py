@@ -7,6 +7,7 @@ FORCE_COLOR (set and not empty) turns it on even in a pipe, unless NO_COLOR is s
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from typing import TextIO
 
@@ -20,16 +21,21 @@ def colour_wanted(stream: TextIO) -> bool:
     return bool(os.environ.get("FORCE_COLOR")) or stream.isatty()
 
 
-def console(stderr: bool = False) -> Console:
-    """A Console on stdout (or stderr) that colours only when colour_wanted() says so."""
+def console(stderr: bool = False, live: bool = False) -> Console:
+    """A Console on stdout (or stderr) that colours only when colour_wanted() says so.
+
+    Without colour it writes no escape sequence at all (rich would still write bold and
+    italic on a terminal, or in a pipe under FORCE_COLOR). A ``live`` console (the progress
+    bar) keeps the cursor control a terminal needs to redraw it, but never colour.
+    """
     stream = sys.stderr if stderr else sys.stdout
     terminal = stream.isatty()
     colour = colour_wanted(stream)
     return Console(
         file=stream,
-        width=None if terminal else 200,
+        width=shutil.get_terminal_size().columns if terminal else 200,
         no_color=not colour,
-        force_terminal=True if colour else None,
+        force_terminal=colour or (live and terminal),
         highlight=False,
         soft_wrap=not terminal,
     )
