@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
+
 from conftest import clean_env, run_opsctl, serve_fake_redis
 from test_cli_fake import started_job, status_of
 
