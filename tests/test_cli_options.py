@@ -253,3 +253,37 @@ def test_install_completion_writes_the_script_into_the_users_shell_setup(
     assert "opsctl" in bashrc
     scripts = list((tmp_path / ".bash_completions").glob("opsctl*"))
     assert scripts and "_OPSCTL_COMPLETE" in scripts[0].read_text()
+
+
+def test_with_json_logs_errors_and_notes_on_stderr_are_json_lines_too(tmp_path: Path) -> None:
+    missing = tmp_path / "no-server.sock"  # nothing listens here: opsctl cannot connect
+    policy = str(_write(tmp_path))
+
+    failed = _opsctl(
+        "apply",
+        policy,
+        "--redis-url",
+        f"unix://{missing}",
+        "--log-format",
+        "json",
+        "--best-effort",
+    )
+    with serve_fake_redis() as url:
+        planned = _opsctl(
+            "plan",
+            policy,
+            "--redis-url",
+            url,
+            "-o",
+            str(tmp_path / "plan.json"),
+            "--log-format",
+            "json",
+        )
+
+    assert failed.returncode == 0  # --best-effort
+    lines = [json.loads(line) for line in failed.stderr.splitlines()]
+    assert [line["level"] for line in lines] == ["error", "warning"]
+    assert "cannot reach Redis" in lines[0]["message"]
+    assert planned.returncode == 0, planned.stderr
+    notes = [json.loads(line) for line in planned.stderr.splitlines()]
+    assert any("wrote 0 planned action(s)" in note["message"] for note in notes), notes

@@ -118,12 +118,22 @@ BEST_EFFORT_CODES = (
 )
 
 
+def _say(message: str, level: int = logging.INFO) -> None:
+    """Tell the reader of stderr: "opsctl: MESSAGE", or a JSON log line under --log-format json
+    (at any verbosity), so that a log shipper reads nothing but JSON there."""
+    if logs.json_lines():
+        logger = logging.getLogger(logs.ROOT)
+        logger.handle(logger.makeRecord(logs.ROOT, level, "cli", 0, message, (), None))
+    else:
+        print(f"opsctl: {message}", file=sys.stderr)
+
+
 def _fail(error: OpsctlError, best_effort: bool = False, url: str | None = None) -> NoReturn:
     message = redact(str(error), url)
-    print(f"opsctl: error: {message}", file=sys.stderr)
+    _say(f"error: {message}", logging.ERROR)
     code = error.exit_code
     if best_effort and code in BEST_EFFORT_CODES:
-        print("opsctl: --best-effort: exiting 0 despite the error above", file=sys.stderr)
+        _say("--best-effort: exiting 0 despite the error above", logging.WARNING)
         raise typer.Exit(ExitCode.OK)
     raise typer.Exit(code)
 
@@ -633,7 +643,7 @@ def plan_command(
     job = Job(url, timeout, 0, overrides, output is Format.text, options)
     run, count = _guard(lambda: job.write_plan(policy, output_file), url=url)
     _print_run(run, output, url, (policy.path, policy.digest))
-    print(f"opsctl: wrote {count} planned action(s) to {output_file}", file=sys.stderr)
+    _say(f"wrote {count} planned action(s) to {output_file}")
 
 
 @app.command()
@@ -683,6 +693,7 @@ def validate(
     ] = False,
 ) -> None:
     """Check policy files: one line per problem (FILE:LINE:COL: path: message)."""
+    _setup_logging(0, False)
     problems = _guard(lambda: validate_files(files, strict_env=strict_env))
     for problem in problems:
         print(problem)

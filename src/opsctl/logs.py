@@ -68,6 +68,12 @@ class JsonFormatter(_Redacting):
         return json.dumps(line, ensure_ascii=False)
 
 
+def json_lines() -> bool:
+    """Whether opsctl's log lines are JSON (setup() was last called with LogFormat.json)."""
+    handlers = logging.getLogger(ROOT).handlers
+    return any(isinstance(h.formatter, JsonFormatter) for h in handlers)
+
+
 def setup(
     verbose: int = 0,
     quiet: bool = False,

@@ -709,7 +709,7 @@ _VALUE_MESSAGES = {
     "url": "is not a valid Redis URL (expected redis://, rediss://, unix:// or redis+sentinel://)",
     "redis": "{value} is not a mapping (put url: and key_prefix: beneath it)",
     "username": "{value} is not a user name (use a non-empty string)",
-    "password": "{value} is not a password (use a non-empty string, best ${VAR})",
+    "password": "{value} is not a string (write ${VAR}, or quote the value)",
     "tls": "{value} is not a mapping (put ca_cert:, cert:, key: and verify: beneath it)",
     "ca_cert": "{value} is not a file path (use a non-empty string)",
     "cert": "{value} is not a file path (use a non-empty string)",
@@ -742,6 +742,7 @@ def _validate(document: _Document) -> None:
             _report_schema_error(document, leaf)
 
     _check_redis_url(document)
+    _check_tls(document)
     _check_queue_names(document)
 
 
@@ -819,6 +820,22 @@ def _check_redis_url(document: _Document) -> None:
         return
     if not url.startswith(REDIS_URL_SCHEMES):
         document.report(path, _VALUE_MESSAGES["url"])
+
+
+def _check_tls(document: _Document) -> None:
+    """Report TLS settings that no connection of this policy would use."""
+    tls_path: _Path = ("redis", "tls")
+    if document.value(tls_path) is None or document.is_settled(tls_path):
+        return
+    at = document.key_marks.get(tls_path)
+    url = document.value(("redis", "url"))
+    if document.value(("redis", "sentinel")) is not None:
+        message = "TLS through Redis Sentinel is not supported; give a rediss:// url instead"
+        document.report(tls_path, message, at=at)
+    elif isinstance(url, str) and not document.is_settled(("redis", "url")):
+        if not url.startswith("rediss://"):
+            message = "TLS settings need a rediss:// url (this one does not use TLS)"
+            document.report(tls_path, message, at=at)
 
 
 def _check_queue_names(document: _Document) -> None:
