@@ -829,13 +829,13 @@ def _check_tls(document: _Document) -> None:
         return
     at = document.key_marks.get(tls_path)
     url = document.value(("redis", "url"))
+    plain = isinstance(url, str) and not url.startswith("rediss://")
     if document.value(("redis", "sentinel")) is not None:
         message = "TLS through Redis Sentinel is not supported; give a rediss:// url instead"
         document.report(tls_path, message, at=at)
-    elif isinstance(url, str) and not document.is_settled(("redis", "url")):
-        if not url.startswith("rediss://"):
-            message = "TLS settings need a rediss:// url (this one does not use TLS)"
-            document.report(tls_path, message, at=at)
+    elif plain and not document.is_settled(("redis", "url")):
+        message = "TLS settings need a rediss:// url (this one does not use TLS)"
+        document.report(tls_path, message, at=at)
 
 
 def _check_queue_names(document: _Document) -> None:
