@@ -972,8 +972,8 @@ def _redis_options(document: _Document, redis: dict[str, Any]) -> ConnectionOpti
         register_secret(secret)
     return ConnectionOptions(
         username=redis.get("username"),
-        password=redis.get("password"),
-        sentinel_password=sentinel.get("password"),
+        password=redis.get("password") or None,
+        sentinel_password=sentinel.get("password") or None,
         tls=Tls(tls.get("ca_cert"), tls.get("cert"), tls.get("key"), tls.get("verify")),
     )
 
