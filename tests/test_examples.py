@@ -157,7 +157,9 @@ def _queries(node: Any) -> list[str]:
     found: list[str] = []
     if isinstance(node, dict):
         for key, value in node.items():
-            if (key in ("expr", "definition") and isinstance(value, str)) or (key == "query" and isinstance(value, str) and "(" in value):
+            if (key in ("expr", "definition") and isinstance(value, str)) or (
+                key == "query" and isinstance(value, str) and "(" in value
+            ):
                 found.append(value)
             else:
                 found += _queries(value)
