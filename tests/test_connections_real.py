@@ -451,3 +451,31 @@ def test_sentinel_and_redis_url_together_are_refused_with_exit_2(sentinel: Senti
 
     assert result.returncode == 2
     assert "not both" in result.stderr
+
+
+def test_a_refused_command_names_the_user_given_apart_from_the_url(
+    redis_server: RedisServer, redis_url: str, tmp_path: Path
+) -> None:
+    admin = redis_server.client()
+    admin.acl_setuser(
+        "no-writes",
+        enabled=True,
+        passwords=["+pw-no-writes"],
+        keys="*",
+        channels="*",
+        commands=["+@all", "-set"],
+    )
+    try:
+        section = f"""redis:
+  url: redis://127.0.0.1:{redis_server.port}/0
+  username: no-writes
+  password: pw-no-writes"""
+
+        result = _opsctl("apply", str(_policy(tmp_path, section)))
+    finally:
+        admin.acl_deluser("no-writes")
+        admin.close()
+
+    assert result.returncode == 3, result.stderr
+    assert "Redis user 'no-writes' lacks a permission" in result.stderr
+    assert "pw-no-writes" not in result.stderr + result.stdout

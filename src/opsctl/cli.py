@@ -8,6 +8,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -138,12 +139,17 @@ def _fail(error: OpsctlError, best_effort: bool = False, url: str | None = None)
     raise typer.Exit(code)
 
 
+#: The user that --redis-username or redis.username names, once a command has resolved it.
+_option_user: ContextVar[str | None] = ContextVar("opsctl_option_user", default=None)
+
+
 def _redis_user(url: str | None) -> str:
     """How a message names the Redis user of ``url`` (never its password)."""
     try:
         name = urlsplit(url).username if url else None
     except ValueError:
         name = None
+    name = name or _option_user.get()
     return f"Redis user {name!r}" if name else "the default Redis user"
 
 
@@ -235,7 +241,9 @@ class Connection:
             self.tls.key or base.tls.key,
             self.tls.verify or base.tls.verify,
         )
-        return url, replace(base, username=self.username or base.username, tls=tls)
+        username = self.username or base.username
+        _option_user.set(username)
+        return url, replace(base, username=username, tls=tls)
 
 
 def _parse_duration_option(option: str, value: str) -> int:
