@@ -54,8 +54,9 @@ class Tls:
 class ConnectionOptions:
     """What a connection needs besides its URL: credentials and TLS settings.
 
-    Credentials in the URL win over ``username`` and ``password`` here only when both name
-    the same user; a URL and an option naming two different users is refused.
+    ``password`` is used only when the URL holds no credentials. ``username`` adds a user to a
+    URL that names none; a URL and ``username`` naming two different users are refused.
+    ``sentinel_password`` is the sentinels' own, for redis+sentinel:// URLs.
     """
 
     username: str | None = None
