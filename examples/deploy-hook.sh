@@ -5,6 +5,7 @@
 #
 # Redis comes from the environment: REDIS_URL (or OPSCTL_REDIS_URL) and, for the example
 # policy, REDIS_PASSWORD. Any OPSCTL_* variable sets the option it is named after.
+# The JSON report goes to $DEPLOY_HOOK_REPORT, or to a new temporary file.
 #
 # What blocks the deploy (this hook exits non-zero):
 #   2  the policy or an option is invalid: a mistake to fix before the next deploy
