@@ -407,10 +407,15 @@ def _rq_command() -> list[str]:
 def clean_env() -> dict[str, str]:
     """The environment for child processes, without settings that could redirect them.
 
-    RQ reads RQ_REDIS_URL, RQ_CONFIG, RQ_KEY_PREFIX and friends, and policies may read
-    REDIS_URL: none of them may point a child at a server the suite did not start.
+    RQ reads RQ_REDIS_URL, RQ_CONFIG, RQ_KEY_PREFIX and friends, policies may read
+    REDIS_URL, and opsctl reads OPSCTL_REDIS_URL and every other OPSCTL_* option: none of
+    them may point a child at a server the suite did not start.
     """
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("RQ_", "REDIS_"))}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("RQ_", "REDIS_", "OPSCTL_"))
+    }
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -452,6 +457,14 @@ def run_opsctl(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
         timeout=120,
         check=False,
     )
+
+
+@pytest.fixture(autouse=True)
+def _no_opsctl_settings_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep OPSCTL_* variables of the shell that runs the suite out of in-process CLI runs."""
+    for name in list(os.environ):
+        if name.startswith("OPSCTL_"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture

@@ -253,8 +253,8 @@ def test_apply_without_any_redis_url_exits_2_and_says_where_to_give_one() -> Non
 
     assert result.exit_code == 2, result.output
     assert result.stderr.splitlines() == [
-        "opsctl: error: no Redis URL: pass --redis-url, set redis.url in the policy, "
-        "or set REDIS_URL"
+        "opsctl: error: no Redis URL: pass --redis-url or --sentinel, set redis.url or "
+        "redis.sentinel in the policy, or set REDIS_URL"
     ]
 
 
@@ -317,7 +317,7 @@ def test_malformed_redis_url_exits_2(url: str) -> None:
 
     assert result.exit_code == 2, result.output
     [line] = result.stderr.splitlines()
-    assert "must start with redis://, rediss:// or unix://" in line
+    assert "must start with redis://, rediss://, unix:// or redis+sentinel://" in line
     assert "s3cret" not in result.output
 
 

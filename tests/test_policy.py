@@ -180,7 +180,8 @@ QUEUE_KEYS = "name, max_age, action, force, dry_run, enabled, limits, max_requeu
         ),
         (
             "bad_url",
-            "3:8: redis.url: is not a valid Redis URL (expected redis://, rediss:// or unix://)",
+            "3:8: redis.url: is not a valid Redis URL"
+            " (expected redis://, rediss://, unix:// or redis+sentinel://)",
         ),
         (
             "empty_queues",
@@ -318,7 +319,7 @@ def test_password_in_an_environment_variable_never_appears_in_a_message() -> Non
 
     assert lines == [
         "policies/env_secrets.yaml:3:8: redis.url: is not a valid Redis URL"
-        " (expected redis://, rediss:// or unix://)",
+        " (expected redis://, rediss://, unix:// or redis+sentinel://)",
         f"policies/env_secrets.yaml:5:12: defaults.max_age: the value from ${{MAX_AGE}}"
         f" is not a duration {DURATION_HINT}",
     ]

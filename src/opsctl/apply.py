@@ -357,7 +357,14 @@ class Executor:
         else:
             worker.outcome, worker.reason = SKIPPED, result.detail
         log.info(
-            "worker=%s action=remove-registration outcome=%s", worker.worker.name, worker.outcome
+            "worker=%s action=remove-registration outcome=%s",
+            worker.worker.name,
+            worker.outcome,
+            extra={
+                "worker": worker.worker.name,
+                "action": "remove-registration",
+                "outcome": worker.outcome,
+            },
         )
 
     def _audit_the_rest(self) -> None:
@@ -465,6 +472,13 @@ def _record(outcome: JobOutcome, result: ChangeResult) -> None:
         outcome.verdict.state.value,
         outcome.action,
         outcome.outcome,
+        extra={
+            "queue": outcome.entry.queue,
+            "job_id": outcome.entry.job_id,
+            "state": outcome.verdict.state.value,
+            "action": outcome.action,
+            "outcome": outcome.outcome,
+        },
     )
 
 

@@ -9,19 +9,40 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Annotated, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import redis
 import typer
 from rich.console import Console
 
-from opsctl import __version__, audit, metrics, planfile, report, status, undo, watch
+from opsctl import (
+    __version__,
+    audit,
+    logs,
+    metrics,
+    planfile,
+    report,
+    status,
+    terminal,
+    undo,
+    watch,
+)
 from opsctl.apply import Executor
 from opsctl.audit import AuditContext
-from opsctl.connection import DEFAULT_TIMEOUT_S, connect, mask_url, redact
+from opsctl.connection import (
+    DEFAULT_TIMEOUT_S,
+    TLS_VERIFY_MODES,
+    ConnectionOptions,
+    Tls,
+    connect,
+    mask_url,
+    redact,
+    sentinel_url,
+)
 from opsctl.errors import (
     ExitCode,
     LimitTripped,
@@ -54,10 +75,21 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 
 T = TypeVar("T")
+
+#: Every option of every command can also be set by an environment variable named after
+#: it: --redis-url is OPSCTL_REDIS_URL, --dry-run/--no-dry-run is OPSCTL_DRY_RUN.
+ENV_PREFIX = "OPSCTL_"
+
+
+def _option(*names: str, **settings: Any) -> Any:
+    """typer.Option with the OPSCTL_* environment variable named after the first long name."""
+    long_name = next(n for n in names if n.startswith("--")).split("/")[0]
+    envvar = ENV_PREFIX + long_name.removeprefix("--").replace("-", "_").upper()
+    return typer.Option(*names, envvar=envvar, **settings)
 
 
 class Format(str, Enum):
@@ -81,17 +113,13 @@ def _root(
     """Find RQ jobs stuck in the started state and clean them up from a YAML policy."""
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING
-    if quiet:
-        level = logging.ERROR
-    elif verbose == 1:
-        level = logging.INFO
-    elif verbose > 1:
-        level = logging.DEBUG
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+def _setup_logging(
+    verbose: int,
+    quiet: bool,
+    log_format: logs.LogFormat = logs.LogFormat.text,
+    url: str | None = None,
+) -> None:
+    logs.setup(verbose, quiet, log_format, url)
 
 
 #: Exit codes --best-effort turns into 0: what went wrong at run time, never a mistake
@@ -104,14 +132,28 @@ BEST_EFFORT_CODES = (
 )
 
 
+def _say(message: str, level: int = logging.INFO) -> None:
+    """Tell the reader of stderr: "opsctl: MESSAGE", or a JSON log line under --log-format json
+    (at any verbosity), so that a log shipper reads nothing but JSON there."""
+    if logs.json_lines():
+        logger = logging.getLogger(logs.ROOT)
+        logger.handle(logger.makeRecord(logs.ROOT, level, "cli", 0, message, (), None))
+    else:
+        print(f"opsctl: {message}", file=sys.stderr)
+
+
 def _fail(error: OpsctlError, best_effort: bool = False, url: str | None = None) -> NoReturn:
     message = redact(str(error), url)
-    print(f"opsctl: error: {message}", file=sys.stderr)
+    _say(f"error: {message}", logging.ERROR)
     code = error.exit_code
     if best_effort and code in BEST_EFFORT_CODES:
-        print("opsctl: --best-effort: exiting 0 despite the error above", file=sys.stderr)
+        _say("--best-effort: exiting 0 despite the error above", logging.WARNING)
         raise typer.Exit(ExitCode.OK)
     raise typer.Exit(code)
+
+
+#: The user that --redis-username or redis.username names, once a command has resolved it.
+_option_user: ContextVar[str | None] = ContextVar("opsctl_option_user", default=None)
 
 
 def _redis_user(url: str | None) -> str:
@@ -120,6 +162,7 @@ def _redis_user(url: str | None) -> str:
         name = urlsplit(url).username if url else None
     except ValueError:
         name = None
+    name = name or _option_user.get()
     return f"Redis user {name!r}" if name else "the default Redis user"
 
 
@@ -165,20 +208,68 @@ def _load_for_apply(path: str, url_given: bool) -> Policy:
     fatal = [
         Problem(n.file, n.line, n.column, n.path, n.message.removesuffix(UNCHECKED_SUFFIX))
         for n in policy.notes
-        if "environment variable" in n.message and not (url_given and n.path == "redis.url")
+        if "environment variable" in n.message and not (url_given and _names_server(n.path))
     ]
     if fatal:
         raise PolicyError(fatal)
     return policy
 
 
+def _names_server(path: str) -> bool:
+    """Whether a policy value at ``path`` only says where Redis is (--redis-url replaces it)."""
+    return path == "redis.url" or path.startswith("redis.sentinel.hosts")
+
+
 def _resolve_url(flag: str | None, policy: Policy | None) -> str:
     url = flag or (policy.redis_url if policy else None) or os.environ.get("REDIS_URL")
     if not url:
         raise UsageError(
-            "no Redis URL: pass --redis-url, set redis.url in the policy, or set REDIS_URL"
+            "no Redis URL: pass --redis-url or --sentinel, set redis.url or redis.sentinel in "
+            "the policy, or set REDIS_URL"
         )
     return url
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where to connect and how, as the options and OPSCTL_* variables of one command say.
+
+    A setting given here beats the policy's, which beats REDIS_URL (for the URL alone).
+    """
+
+    url: str | None = None
+    username: str | None = None
+    sentinels: tuple[str, ...] = ()
+    sentinel_service: str | None = None
+    sentinel_db: int | None = None
+    tls: Tls = field(default_factory=Tls)
+
+    def given_url(self) -> str | None:
+        """The URL these options name (--redis-url or --sentinel), or None."""
+        if self.sentinels and self.url:
+            raise UsageError("give --redis-url or --sentinel, not both")
+        if not self.sentinels:
+            if self.sentinel_service or self.sentinel_db is not None:
+                raise UsageError("--sentinel-service and --sentinel-db need --sentinel HOST:PORT")
+            return self.url
+        if not self.sentinel_service:
+            raise UsageError("--sentinel needs --sentinel-service NAME (the master's name)")
+        return sentinel_url(list(self.sentinels), self.sentinel_service, self.sentinel_db or 0)
+
+    def resolve(self, policy: Policy | None) -> tuple[str, ConnectionOptions]:
+        """The URL and connection options to use, each setting from the first source that
+        gives it: these options, then the policy (then REDIS_URL for the URL)."""
+        url = _resolve_url(self.given_url(), policy)
+        base = policy.redis_options if policy else ConnectionOptions()
+        tls = Tls(
+            self.tls.ca_cert or base.tls.ca_cert,
+            self.tls.cert or base.tls.cert,
+            self.tls.key or base.tls.key,
+            self.tls.verify or base.tls.verify,
+        )
+        username = self.username or base.username
+        _option_user.set(username)
+        return url, replace(base, username=username, tls=tls)
 
 
 def _parse_duration_option(option: str, value: str) -> int:
@@ -221,38 +312,99 @@ def _parse_max_age(value: str | None) -> int | None:
 
 
 def _console() -> Console:
-    terminal = sys.stdout.isatty()
-    return Console(
-        file=sys.stdout,
-        width=None if terminal else 200,
-        no_color=not terminal or "NO_COLOR" in os.environ,
-        highlight=False,
-        soft_wrap=not terminal,
-    )
+    return terminal.console()
 
 
 RedisUrl = Annotated[
     str | None,
-    typer.Option(
+    _option(
         "--redis-url",
-        help="Redis URL (redis://, rediss:// or unix://). Default: the policy's "
-        "redis.url, then $REDIS_URL.",
+        help="Redis URL (redis://, rediss://, unix:// or redis+sentinel://). Default: the "
+        "policy's redis.url or redis.sentinel, then $REDIS_URL.",
         show_default=False,
     ),
 ]
 StatusRedisUrl = Annotated[
     str | None,
-    typer.Option(
+    _option(
         "--redis-url",
-        help="Redis URL (redis://, rediss:// or unix://). Default: $REDIS_URL.",
+        help="Redis URL (redis://, rediss://, unix:// or redis+sentinel://). Default: $REDIS_URL.",
         show_default=False,
     ),
 ]
-FormatOpt = Annotated[Format, typer.Option("--format", help="Report format.")]
-Verbose = Annotated[
-    int, typer.Option("-v", "--verbose", count=True, help="More logs (-vv: debug).")
+FormatOpt = Annotated[Format, _option("--format", help="Report format.")]
+Verbose = Annotated[int, _option("-v", "--verbose", count=True, help="More logs (-vv: debug).")]
+Quiet = Annotated[bool, _option("-q", "--quiet", help="Only errors in the logs.")]
+LogFormatOpt = Annotated[
+    logs.LogFormat,
+    _option(
+        "--log-format",
+        help="Log lines on stderr as text, or as one JSON object per line for log shippers.",
+    ),
 ]
-Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Only errors in the logs.")]
+RedisUsername = Annotated[
+    str | None,
+    _option("--redis-username", help="Redis ACL user name, when the URL names none."),
+]
+SentinelOpt = Annotated[
+    list[str] | None,
+    _option(
+        "--sentinel",
+        metavar="HOST:PORT",
+        help="Ask this Redis Sentinel for the master (repeatable; with --sentinel-service).",
+    ),
+]
+SentinelService = Annotated[
+    str | None,
+    _option("--sentinel-service", help="The master's name at the sentinels."),
+]
+SentinelDb = Annotated[
+    int | None,
+    _option("--sentinel-db", min=0, help="Database on the master found by the sentinels [0]."),
+]
+TlsCaCert = Annotated[
+    str | None,
+    _option("--tls-ca-cert", help="CA certificate (PEM) to check a rediss:// server with."),
+]
+TlsCert = Annotated[
+    str | None,
+    _option("--tls-cert", help="Client certificate (PEM) for a rediss:// server; needs --tls-key."),
+]
+TlsKey = Annotated[
+    str | None,
+    _option("--tls-key", help="Private key (PEM) of --tls-cert."),
+]
+
+
+class TlsVerify(str, Enum):
+    full = "full"
+    certificate = "certificate"
+    none = "none"
+
+
+assert tuple(m.value for m in TlsVerify) == TLS_VERIFY_MODES
+TlsVerifyOpt = Annotated[
+    TlsVerify | None,
+    _option(
+        "--tls-verify",
+        help="full: check the certificate and host name (default); certificate: not the host "
+        "name; none: check nothing.",
+        show_default=False,
+    ),
+]
+
+
+def _connection(
+    url: str | None,
+    username: str | None,
+    sentinels: list[str] | None,
+    service: str | None,
+    db: int | None,
+    tls: tuple[str | None, str | None, str | None, TlsVerify | None],
+) -> Connection:
+    ca_cert, cert, key, verify = tls
+    settings = Tls(ca_cert, cert, key, verify.value if verify else None)
+    return Connection(url, username, tuple(sentinels or ()), service, db, settings)
 
 
 def _seconds(value: float) -> float:
@@ -270,7 +422,7 @@ def _positive_seconds(value: float) -> float:
 
 Timeout = Annotated[
     float,
-    typer.Option(
+    _option(
         "--timeout",
         help="Seconds to wait for Redis to connect or answer.",
         callback=_positive_seconds,
@@ -280,24 +432,20 @@ Timeout = Annotated[
 
 ForceOpt = Annotated[
     bool | None,
-    typer.Option(
-        "--force/--no-force", help="Treat every running job as overdue.", show_default=False
-    ),
+    _option("--force/--no-force", help="Treat every running job as overdue.", show_default=False),
 ]
 MaxAgeOpt = Annotated[
     str | None,
-    typer.Option("--max-age", help="Override max_age for every queue (90s, 10m, 2h, 1d)."),
+    _option("--max-age", help="Override max_age for every queue (90s, 10m, 2h, 1d)."),
 ]
-QueueOpt = Annotated[
-    list[str] | None, typer.Option("--queue", help="Only this queue (repeatable).")
-]
+QueueOpt = Annotated[list[str] | None, _option("--queue", help="Only this queue (repeatable).")]
 MaxActionsOpt = Annotated[
     int | None,
-    typer.Option("--max-actions", min=0, help="Cap on the jobs one run may act on."),
+    _option("--max-actions", min=0, help="Cap on the jobs one run may act on."),
 ]
 MetricsFileOpt = Annotated[
     str | None,
-    typer.Option(
+    _option(
         "--metrics-file",
         help="Also write Prometheus metrics to this file, atomically (for node_exporter's "
         "textfile collector; name it *.prom).",
@@ -306,7 +454,7 @@ MetricsFileOpt = Annotated[
 ]
 LockTimeoutOpt = Annotated[
     float,
-    typer.Option(
+    _option(
         "--lock-timeout",
         help="Seconds to wait for another opsctl run to finish.",
         callback=_seconds,
@@ -322,7 +470,7 @@ def apply(
     ] = None,
     dry_run: Annotated[
         bool | None,
-        typer.Option(
+        _option(
             "--dry-run/--no-dry-run", help="Only report what would be done.", show_default=False
         ),
     ] = None,
@@ -332,16 +480,16 @@ def apply(
     max_actions: MaxActionsOpt = None,
     plan_file: Annotated[
         str | None,
-        typer.Option("--plan", help="Act on exactly the jobs of this plan file (opsctl plan)."),
+        _option("--plan", help="Act on exactly the jobs of this plan file (opsctl plan)."),
     ] = None,
     max_plan_age: Annotated[
-        str, typer.Option("--max-plan-age", help="Refuse plans older than this.")
+        str, _option("--max-plan-age", help="Refuse plans older than this.")
     ] = "15m",
     redis_url: RedisUrl = None,
     output: FormatOpt = Format.text,
     best_effort: Annotated[
         bool,
-        typer.Option(
+        _option(
             "--best-effort",
             help="Exit 0 (after printing the problem) when an action failed, Redis is down, "
             "a limit tripped or another run holds the lock.",
@@ -349,7 +497,7 @@ def apply(
     ] = False,
     stop_timeout: Annotated[
         float,
-        typer.Option(
+        _option(
             "--stop-timeout", help="Seconds to wait for workers to stop jobs.", callback=_seconds
         ),
     ] = 15.0,
@@ -358,17 +506,38 @@ def apply(
     metrics_file: MetricsFileOpt = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
+    log_format: LogFormatOpt = logs.LogFormat.text,
+    redis_username: RedisUsername = None,
+    sentinel: SentinelOpt = None,
+    sentinel_service: SentinelService = None,
+    sentinel_db: SentinelDb = None,
+    tls_ca_cert: TlsCaCert = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_verify: TlsVerifyOpt = None,
 ) -> None:
     """Apply a policy: classify every started job and act on the stuck ones."""
-    _setup_logging(verbose, quiet)
+    _setup_logging(verbose, quiet, log_format)
+    connection = _connection(
+        redis_url,
+        redis_username,
+        sentinel,
+        sentinel_service,
+        sentinel_db,
+        (tls_ca_cert, tls_cert, tls_key, tls_verify),
+    )
     if policy_file is None and plan_file is None:
         _fail(UsageError("give a POLICY file, or --plan with a plan file"))
     policy = None
     if policy_file is not None:
-        policy = _guard(lambda: _load_for_apply(policy_file, redis_url is not None))
-    url = _guard(lambda: _resolve_url(redis_url, policy))
+        url_given = _guard(connection.given_url) is not None
+        policy = _guard(lambda: _load_for_apply(policy_file, url_given))
+    url, options = _guard(lambda: connection.resolve(policy))
+    _setup_logging(verbose, quiet, log_format, url)
     overrides = _overrides(dry_run, force, max_age, queue, max_actions, stop_timeout)
-    job = Job(url, timeout, lock_timeout, overrides, progress=output is Format.text)
+    job = Job(
+        url, timeout, lock_timeout, overrides, progress=output is Format.text, options=options
+    )
     began = time.monotonic()
     if plan_file is not None:
         plan_age = _guard(lambda: _parse_duration_option("--max-plan-age", max_plan_age))
@@ -436,11 +605,20 @@ class Job:
     overrides: Overrides
     progress: bool = False  # a progress bar on a terminal's stderr for long scans
     should_stop: Callable[[], bool] | None = None  # polled between changes (opsctl watch)
+    options: ConnectionOptions = field(default_factory=ConnectionOptions)
+
+    def connect(self) -> redis.Redis:
+        """A checked connection to this job's Redis."""
+        conn = connect(self.url, self.timeout_s, self.options)
+        log.info("connected redis=%s", mask_url(self.url))
+        return conn
 
     def apply_policy(self, policy: Policy) -> Run:
-        conn = connect(self.url, self.timeout_s)
+        conn = self.connect()
         keys = Keys(policy.key_prefix)
         run_id = new_run_id()
+        logs.current_run_id.set(run_id)
+        log.info("run started policy=%s", policy.path, extra={"run_id": run_id})
         dry = self.overrides.dry_run
         if dry if dry is not None else policy.defaults.dry_run:
             return self._plan(conn, keys, policy, run_id)
@@ -450,7 +628,7 @@ class Job:
         return run
 
     def apply_plan(self, path: str, max_age_s: int, digest: str | None) -> tuple[Run, str]:
-        conn = connect(self.url, self.timeout_s)
+        conn = self.connect()
         identity = planfile.server_identity(conn, self.url)
         if self.overrides.dry_run:
             plan_read = planfile.read(path, identity, server_time(conn), max_age_s, digest)
@@ -459,12 +637,13 @@ class Job:
         with run_lock(conn, new_run_id(), self.lock_timeout_s) as lock:
             plan_read = planfile.read(path, identity, server_time(conn), max_age_s, digest)
             run = plan_read.run
+            logs.current_run_id.set(run.run_id)
             keys = Keys(plan_read.key_prefix)
             self._execute(conn, keys, run, plan_read.policy_digest, lock)
         return run, plan_read.policy_digest
 
     def write_plan(self, policy: Policy, path: str) -> tuple[Run, int]:
-        conn = connect(self.url, self.timeout_s)
+        conn = self.connect()
         run = self._plan(conn, Keys(policy.key_prefix), policy, None)
         identity = planfile.server_identity(conn, self.url)
         where = (policy.path, policy.digest)
@@ -525,11 +704,11 @@ def _run_error(run: Run) -> OpsctlError | None:
 def watch_command(
     policy_file: Annotated[str, typer.Argument(metavar="POLICY", help="Policy file (YAML).")],
     every: Annotated[
-        str, typer.Option("--every", help="Time between rounds (90s, 10m, 2h, 1d).")
+        str, _option("--every", help="Time between rounds (90s, 10m, 2h, 1d).")
     ] = "60s",
     dry_run: Annotated[
         bool | None,
-        typer.Option(
+        _option(
             "--dry-run/--no-dry-run", help="Only report what would be done.", show_default=False
         ),
     ] = None,
@@ -541,7 +720,7 @@ def watch_command(
     output: FormatOpt = Format.text,
     stop_timeout: Annotated[
         float,
-        typer.Option(
+        _option(
             "--stop-timeout", help="Seconds to wait for workers to stop jobs.", callback=_seconds
         ),
     ] = 15.0,
@@ -550,22 +729,42 @@ def watch_command(
     metrics_file: MetricsFileOpt = None,
     verbose: Verbose = 0,
     quiet: Quiet = False,
+    log_format: LogFormatOpt = logs.LogFormat.text,
+    redis_username: RedisUsername = None,
+    sentinel: SentinelOpt = None,
+    sentinel_service: SentinelService = None,
+    sentinel_db: SentinelDb = None,
+    tls_ca_cert: TlsCaCert = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_verify: TlsVerifyOpt = None,
 ) -> None:
     """Apply a policy in a loop, re-reading it when it changes; SIGTERM stops it cleanly."""
-    _setup_logging(verbose, quiet)
+    _setup_logging(verbose, quiet, log_format)
+    connection = _connection(
+        redis_url,
+        redis_username,
+        sentinel,
+        sentinel_service,
+        sentinel_db,
+        (tls_ca_cert, tls_cert, tls_key, tls_verify),
+    )
     every_s = _guard(lambda: _parse_duration_option("--every", every))
     if every_s <= 0:
         _fail(UsageError(f"--every: {every!r} must be longer than 0s"))
-    policy = _guard(lambda: _load_for_apply(policy_file, redis_url is not None))
-    _guard(lambda: _resolve_url(redis_url, policy))
+    url_given = _guard(connection.given_url) is not None
+    policy = _guard(lambda: _load_for_apply(policy_file, url_given))
+    first_url, _ = _guard(lambda: connection.resolve(policy))
+    _setup_logging(verbose, quiet, log_format, first_url)
     overrides = _overrides(dry_run, force, max_age, queue, max_actions, stop_timeout)
 
     def one_round(current: Policy, should_stop: Callable[[], bool]) -> watch.RoundResult:
-        url, error = _attempt(lambda: _resolve_url(redis_url, current))
-        if url is None:
+        resolved, error = _attempt(lambda: connection.resolve(current))
+        if resolved is None:
             log.error("round not run: %s", error)
             return watch.RoundResult(None, error.exit_code if error else ExitCode.INVALID)
-        job = Job(url, timeout, lock_timeout, overrides, should_stop=should_stop)
+        url, options = resolved
+        job = Job(url, timeout, lock_timeout, overrides, should_stop=should_stop, options=options)
         run, error = _attempt(lambda: job.apply_policy(current), url)
         if run is not None:
             _print_round(run, output, url, current)
@@ -577,7 +776,7 @@ def watch_command(
 
     loop = watch.Watch(
         policy,
-        lambda path: _load_for_apply(path, redis_url is not None),
+        lambda path: _load_for_apply(path, url_given),
         one_round,
         every_s,
         metrics_file,
@@ -598,9 +797,7 @@ def _print_round(run: Run, output: Format, url: str, policy: Policy) -> None:
 @app.command("plan")
 def plan_command(
     policy_file: Annotated[str, typer.Argument(metavar="POLICY", help="Policy file (YAML).")],
-    output_file: Annotated[
-        str, typer.Option("--output", "-o", help="Where to write the plan (JSON).")
-    ],
+    output_file: Annotated[str, _option("--output", "-o", help="Where to write the plan (JSON).")],
     force: ForceOpt = None,
     max_age: MaxAgeOpt = None,
     queue: QueueOpt = None,
@@ -610,30 +807,69 @@ def plan_command(
     timeout: Timeout = DEFAULT_TIMEOUT_S,
     verbose: Verbose = 0,
     quiet: Quiet = False,
+    log_format: LogFormatOpt = logs.LogFormat.text,
+    redis_username: RedisUsername = None,
+    sentinel: SentinelOpt = None,
+    sentinel_service: SentinelService = None,
+    sentinel_db: SentinelDb = None,
+    tls_ca_cert: TlsCaCert = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_verify: TlsVerifyOpt = None,
 ) -> None:
     """Write the exact actions a policy would take to a file, for review and apply --plan."""
-    _setup_logging(verbose, quiet)
-    policy = _guard(lambda: _load_for_apply(policy_file, redis_url is not None))
-    url = _guard(lambda: _resolve_url(redis_url, policy))
+    _setup_logging(verbose, quiet, log_format)
+    connection = _connection(
+        redis_url,
+        redis_username,
+        sentinel,
+        sentinel_service,
+        sentinel_db,
+        (tls_ca_cert, tls_cert, tls_key, tls_verify),
+    )
+    url_given = _guard(connection.given_url) is not None
+    policy = _guard(lambda: _load_for_apply(policy_file, url_given))
+    url, options = _guard(lambda: connection.resolve(policy))
+    _setup_logging(verbose, quiet, log_format, url)
     overrides = _overrides(True, force, max_age, queue, max_actions)
-    job = Job(url, timeout, 0, overrides, progress=output is Format.text)
+    job = Job(url, timeout, 0, overrides, progress=output is Format.text, options=options)
     run, count = _guard(lambda: job.write_plan(policy, output_file), url=url)
     _print_run(run, output, url, (policy.path, policy.digest))
-    print(f"opsctl: wrote {count} planned action(s) to {output_file}", file=sys.stderr)
+    _say(f"wrote {count} planned action(s) to {output_file}")
 
 
 @app.command()
 def history(
     redis_url: StatusRedisUrl = None,
-    run_id: Annotated[str | None, typer.Option("--run", help="Only this run id.")] = None,
-    job_id: Annotated[str | None, typer.Option("--job", help="Only this job id.")] = None,
+    run_id: Annotated[str | None, _option("--run", help="Only this run id.")] = None,
+    job_id: Annotated[str | None, _option("--job", help="Only this job id.")] = None,
     output: FormatOpt = Format.text,
     timeout: Timeout = DEFAULT_TIMEOUT_S,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+    log_format: LogFormatOpt = logs.LogFormat.text,
+    redis_username: RedisUsername = None,
+    sentinel: SentinelOpt = None,
+    sentinel_service: SentinelService = None,
+    sentinel_db: SentinelDb = None,
+    tls_ca_cert: TlsCaCert = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_verify: TlsVerifyOpt = None,
 ) -> None:
     """Show the audit trail of actions opsctl has taken."""
-    _setup_logging(0, False)
-    url = _guard(lambda: _resolve_url(redis_url, None))
-    entries = _guard(lambda: audit.history(connect(url, timeout), run_id, job_id), url=url)
+    _setup_logging(verbose, quiet, log_format)
+    connection = _connection(
+        redis_url,
+        redis_username,
+        sentinel,
+        sentinel_service,
+        sentinel_db,
+        (tls_ca_cert, tls_cert, tls_key, tls_verify),
+    )
+    url, options = _guard(lambda: connection.resolve(None))
+    _setup_logging(verbose, quiet, log_format, url)
+    entries = _guard(lambda: audit.history(connect(url, timeout, options), run_id, job_id), url=url)
     if output is Format.json:
         report.print_json({"redis": mask_url(url), "entries": entries})
     else:
@@ -643,27 +879,43 @@ def history(
 @app.command("requeue")
 def requeue_command(
     run_id: Annotated[
-        str, typer.Option("--run", help="The run whose failed and canceled jobs to requeue.")
+        str, _option("--run", help="The run whose failed and canceled jobs to requeue.")
     ],
     redis_url: StatusRedisUrl = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Only report what would be requeued.")
+        bool, _option("--dry-run", help="Only report what would be requeued.")
     ] = False,
     output: FormatOpt = Format.text,
-    key_prefix: Annotated[
-        str, typer.Option("--key-prefix", help="RQ key prefix.")
-    ] = DEFAULT_PREFIX,
+    key_prefix: Annotated[str, _option("--key-prefix", help="RQ key prefix.")] = DEFAULT_PREFIX,
     lock_timeout: LockTimeoutOpt = 5.0,
     timeout: Timeout = DEFAULT_TIMEOUT_S,
     verbose: Verbose = 0,
     quiet: Quiet = False,
+    log_format: LogFormatOpt = logs.LogFormat.text,
+    redis_username: RedisUsername = None,
+    sentinel: SentinelOpt = None,
+    sentinel_service: SentinelService = None,
+    sentinel_db: SentinelDb = None,
+    tls_ca_cert: TlsCaCert = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_verify: TlsVerifyOpt = None,
 ) -> None:
     """Undo a run: put the jobs it failed or canceled back on their queues."""
-    _setup_logging(verbose, quiet)
-    url = _guard(lambda: _resolve_url(redis_url, None))
+    _setup_logging(verbose, quiet, log_format)
+    connection = _connection(
+        redis_url,
+        redis_username,
+        sentinel,
+        sentinel_service,
+        sentinel_db,
+        (tls_ca_cert, tls_cert, tls_key, tls_verify),
+    )
+    url, options = _guard(lambda: connection.resolve(None))
+    _setup_logging(verbose, quiet, log_format, url)
     done = _guard(
         lambda: undo.requeue_run(
-            connect(url, timeout), Keys(key_prefix), run_id, dry_run, lock_timeout
+            connect(url, timeout, options), Keys(key_prefix), run_id, dry_run, lock_timeout
         ),
         url=url,
     )
@@ -681,10 +933,11 @@ def validate(
     files: Annotated[list[str], typer.Argument(metavar="FILE...", help="Policy files to check.")],
     strict_env: Annotated[
         bool,
-        typer.Option("--strict-env", help="Treat unset environment variables as errors."),
+        _option("--strict-env", help="Treat unset environment variables as errors."),
     ] = False,
 ) -> None:
     """Check policy files: one line per problem (FILE:LINE:COL: path: message)."""
+    _setup_logging(0, False)
     problems = _guard(lambda: validate_files(files, strict_env=strict_env))
     for problem in problems:
         print(problem)
@@ -705,21 +958,38 @@ class StatusFormat(str, Enum):
 @app.command("status")
 def status_command(
     redis_url: StatusRedisUrl = None,
-    output: Annotated[
-        StatusFormat, typer.Option("--format", help="Report format.")
-    ] = StatusFormat.text,
-    key_prefix: Annotated[
-        str, typer.Option("--key-prefix", help="RQ key prefix.")
-    ] = DEFAULT_PREFIX,
+    output: Annotated[StatusFormat, _option("--format", help="Report format.")] = StatusFormat.text,
+    key_prefix: Annotated[str, _option("--key-prefix", help="RQ key prefix.")] = DEFAULT_PREFIX,
     timeout: Timeout = DEFAULT_TIMEOUT_S,
     metrics_file: MetricsFileOpt = None,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+    log_format: LogFormatOpt = logs.LogFormat.text,
+    redis_username: RedisUsername = None,
+    sentinel: SentinelOpt = None,
+    sentinel_service: SentinelService = None,
+    sentinel_db: SentinelDb = None,
+    tls_ca_cert: TlsCaCert = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_verify: TlsVerifyOpt = None,
 ) -> None:
     """Per queue: counts of jobs by state, oldest started job, workers alive and dead."""
-    _setup_logging(0, False)
-    url = _guard(lambda: _resolve_url(redis_url, None))
+    _setup_logging(verbose, quiet, log_format)
+    connection = _connection(
+        redis_url,
+        redis_username,
+        sentinel,
+        sentinel_service,
+        sentinel_db,
+        (tls_ca_cert, tls_cert, tls_key, tls_verify),
+    )
+    url, options = _guard(lambda: connection.resolve(None))
+    _setup_logging(verbose, quiet, log_format, url)
     began = time.monotonic()
     found, error = _attempt(
-        lambda: status.collect_with_snapshot(connect(url, timeout), Keys(key_prefix)), url
+        lambda: status.collect_with_snapshot(connect(url, timeout, options), Keys(key_prefix)),
+        url,
     )
     seen = None
     if found is not None:
@@ -746,4 +1016,5 @@ def schema() -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    # A fixed name, so that completion works the same from `opsctl` and `python -m opsctl`.
+    app(prog_name="opsctl")

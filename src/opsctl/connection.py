@@ -2,16 +2,67 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from opsctl.errors import RedisUnavailable, UsageError
 
-SCHEMES = ("redis", "rediss", "unix")
+log = logging.getLogger(__name__)
+
+SENTINEL_SCHEME = "redis+sentinel"
+SCHEMES = ("redis", "rediss", "unix", SENTINEL_SCHEME)
 DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_SENTINEL_PORT = 26379
+
+#: How a TLS connection checks the server: "full" checks the certificate against the CA and
+#: the host name against the certificate; "certificate" skips the host name; "none" checks
+#: nothing and only encrypts.
+TLS_VERIFY_MODES = ("full", "certificate", "none")
+
+#: Passwords that did not come inside a URL (policy values), scrubbed from every message.
+_SECRETS: set[str] = set()
+
+
+def register_secret(secret: str | None) -> None:
+    """Remember ``secret`` so that redact() removes it from every message and log line."""
+    if secret:
+        _SECRETS.add(secret)
+
+
+@dataclass(frozen=True)
+class Tls:
+    """TLS settings of a rediss:// connection; None leaves redis-py's default."""
+
+    ca_cert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    verify: str | None = None  # one of TLS_VERIFY_MODES; None means "full"
+
+    def is_set(self) -> bool:
+        """Whether any TLS setting was given."""
+        return any(v is not None for v in (self.ca_cert, self.cert, self.key, self.verify))
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    """What a connection needs besides its URL: credentials and TLS settings.
+
+    ``password`` is used only when the URL holds no credentials. ``username`` adds a user to a
+    URL that names none; a URL and ``username`` naming two different users are refused.
+    ``sentinel_password`` is the sentinels' own, for redis+sentinel:// URLs.
+    """
+
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    sentinel_password: str | None = field(default=None, repr=False)
+    tls: Tls = field(default_factory=Tls)
 
 
 _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>.*)$", re.DOTALL)
@@ -38,6 +89,8 @@ def _secrets(url: str) -> tuple[str, list[str]]:
     for found in re.finditer(r"(?i)password=([^&]*)", rest):
         secrets.append(found[1])
     rest = re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
+    # A percent-encoded password can show up decoded in redis-py's messages.
+    secrets += [unquote(s) for s in secrets]
     return scheme + rest, [s for s in secrets if s]
 
 
@@ -47,11 +100,12 @@ def mask_url(url: str) -> str:
 
 
 def redact(message: str, url: str | None) -> str:
-    """``message`` with the credentials of ``url`` removed wherever they appear."""
-    if not url:
-        return message
-    masked, secrets = _secrets(url)
-    message = message.replace(url, masked)
+    """``message`` without the credentials of ``url`` or any registered password."""
+    secrets = set(_SECRETS)
+    if url:
+        masked, found = _secrets(url)
+        message = message.replace(url, masked)
+        secrets.update(found)
     for secret in sorted(secrets, key=len, reverse=True):
         message = message.replace(secret, "***")
     return message
@@ -67,13 +121,16 @@ def check_url(url: str) -> None:
     if match is None or scheme not in SCHEMES:
         raise UsageError(
             f"Redis URL {mask_url(url)!r} is not valid: it must start with redis://, "
-            "rediss:// or unix://"
+            "rediss://, unix:// or redis+sentinel://"
         )
     shown = mask_url(url)
     rest = match["rest"].rsplit("@", 1)[-1]
     if scheme == "unix":
         if not rest.split("?", 1)[0]:
             raise UsageError(f"Redis URL {shown!r} names no socket path")
+        return
+    if scheme == SENTINEL_SCHEME:
+        parse_sentinel_url(url)
         return
     address, _, tail = rest.partition("/")
     host, port = _host_and_port(address.split("?", 1)[0].split("#", 1)[0])
@@ -108,25 +165,92 @@ def _host_and_port(address: str) -> tuple[str, str]:
     return host.lower(), port
 
 
-def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> redis.Redis:
+@dataclass(frozen=True)
+class SentinelUrl:
+    """The parts of a redis+sentinel://[USER:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[/DB]
+    URL; the credentials are the master's."""
+
+    hosts: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """The sentinels, service and database a redis+sentinel:// URL names; UsageError if none."""
+    shown = mask_url(url)
+    match = _URL.match(url)
+    rest = match["rest"] if match else ""
+    userinfo, _, rest = rest.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    addresses, _, path = rest.partition("/")
+    hosts = []
+    for address in addresses.split(","):
+        host, port = _host_and_port(address)
+        if not host:
+            raise UsageError(f"Redis URL {shown!r}: every sentinel needs a host (HOST[:PORT])")
+        if port and not port.isdigit():
+            raise UsageError(f"Redis URL {shown!r}: port {port!r} is not a number")
+        hosts.append((host.strip("[]"), int(port) if port else DEFAULT_SENTINEL_PORT))
+    service, _, database = path.strip("/").partition("/")
+    if not service:
+        raise UsageError(
+            f"Redis URL {shown!r} names no service: write redis+sentinel://HOST:PORT/SERVICE/DB"
+        )
+    if database and not database.isdigit():
+        raise UsageError(f"Redis URL {shown!r}: database {database!r} is not a number")
+    return SentinelUrl(
+        tuple(hosts),
+        unquote(service),
+        int(database or 0),
+        unquote(user) or None,
+        unquote(password if colon else userinfo) or None,
+    )
+
+
+def sentinel_url(hosts: list[str], service: str, db: int = 0) -> str:
+    """The redis+sentinel:// URL of ``hosts`` (HOST[:PORT] each), ``service`` and ``db``."""
+    return f"{SENTINEL_SCHEME}://{','.join(hosts)}/{service}/{db}"
+
+
+def connect(
+    url: str,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    options: ConnectionOptions | None = None,
+) -> redis.Redis:
     """A checked connection to ``url`` (raw bytes replies, bounded waits).
 
-    Raises UsageError for a malformed URL and RedisUnavailable when the server
-    cannot be reached, refuses the login or does not answer in time.
+    A redis+sentinel:// URL is resolved by asking its sentinels for the service's master.
+    Raises UsageError for a malformed URL or unreadable TLS files, and RedisUnavailable when
+    the server cannot be reached, refuses the login or does not answer in time.
     """
     check_url(url)
+    options = options or ConnectionOptions()
+    register_secret(options.password)
+    register_secret(options.sentinel_password)
+    settings: dict[str, Any] = {
+        "socket_connect_timeout": timeout_s,
+        "socket_timeout": timeout_s,
+        "decode_responses": False,
+        # Bytes that are not UTF-8 survive a round trip through str unchanged,
+        # so a record read can be matched exactly when it is re-checked.
+        "encoding_errors": "surrogateescape",
+        "client_name": f"opsctl-{os.getpid()}",
+    }
+    settings.update(_credentials(url, options))
+    settings.update(_tls_settings(url, options.tls))
     try:
-        conn = redis.Redis.from_url(
-            url,
-            socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s,
-            decode_responses=False,
-            # Bytes that are not UTF-8 survive a round trip through str unchanged,
-            # so a record read can be matched exactly when it is re-checked.
-            encoding_errors="surrogateescape",
-            client_name=f"opsctl-{os.getpid()}",
-        )
+        if url.lower().startswith(SENTINEL_SCHEME + "://"):
+            conn = _master(url, settings, options)
+        else:
+            conn = redis.Redis.from_url(url, **settings)
         conn.ping()
+    except MasterNotFoundError as exc:
+        raise RedisUnavailable(
+            f"no sentinel of {mask_url(url)} named a master: {redact(str(exc), url)}"
+        ) from None
     except (ValueError, TypeError) as exc:
         raise UsageError(
             f"Redis URL {mask_url(url)!r} is not valid: {redact(str(exc), url)}"
@@ -144,3 +268,79 @@ def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> redis.Redis:
             f"Redis at {mask_url(url)} refused the connection: {redact(str(exc), url)}"
         ) from None
     return conn
+
+
+def _credentials(url: str, options: ConnectionOptions) -> dict[str, Any]:
+    """The username and password to log in with, from the options when the URL has none."""
+    match = _URL.match(url)
+    userinfo = match["rest"].rpartition("@")[0] if match else ""
+    user, colon, _ = userinfo.partition(":")
+    url_user = unquote(user) if colon else ""
+    if options.username and url_user and options.username != url_user:
+        raise UsageError(
+            f"Redis URL {mask_url(url)!r} names user {url_user!r} but the options name "
+            f"{options.username!r}; give the user in one place"
+        )
+    found: dict[str, Any] = {}
+    if options.username:
+        found["username"] = options.username
+    if options.password and not userinfo:
+        found["password"] = options.password
+    return found
+
+
+def _tls_settings(url: str, tls: Tls) -> dict[str, Any]:
+    """redis-py's ssl_* arguments for ``tls``; refused unless the URL asks for TLS."""
+    if not tls.is_set():
+        return {}
+    if not url.lower().startswith("rediss://"):
+        raise UsageError(
+            f"TLS options were given but Redis URL {mask_url(url)!r} does not use TLS: "
+            "write rediss://"
+        )
+    for option, path in (
+        ("tls ca_cert", tls.ca_cert),
+        ("tls cert", tls.cert),
+        ("tls key", tls.key),
+    ):
+        if path is not None and not os.access(path, os.R_OK):
+            raise UsageError(f"{option}: {path!r} cannot be read (no such file, or no permission)")
+    if (tls.cert is None) != (tls.key is None):
+        raise UsageError("TLS client authentication needs both a certificate and its key")
+    verify = tls.verify or "full"
+    if verify not in TLS_VERIFY_MODES:
+        raise UsageError(f"tls verify: {verify!r} is not one of {', '.join(TLS_VERIFY_MODES)}")
+    settings: dict[str, Any] = {
+        "ssl_cert_reqs": "none" if verify == "none" else "required",
+        "ssl_check_hostname": verify == "full",
+    }
+    if verify == "none":
+        log.warning("TLS certificate checks are off (tls verify none): the server is not verified")
+    if tls.ca_cert:
+        settings["ssl_ca_certs"] = tls.ca_cert
+    if tls.cert:
+        settings["ssl_certfile"], settings["ssl_keyfile"] = tls.cert, tls.key
+    return settings
+
+
+def _master(url: str, settings: dict[str, Any], options: ConnectionOptions) -> redis.Redis:
+    """A client of the master that the sentinels of ``url`` name for its service.
+
+    The client asks the sentinels again whenever it reconnects, so a failover during a run
+    sends the next command to the new master.
+    """
+    parsed = parse_sentinel_url(url)
+    register_secret(parsed.password)
+    master = dict(settings)
+    master["username"] = parsed.username or options.username
+    master["password"] = parsed.password or options.password
+    sentinel_settings = {
+        "socket_connect_timeout": settings["socket_connect_timeout"],
+        "socket_timeout": settings["socket_timeout"],
+        "password": options.sentinel_password,
+    }
+    sentinels = Sentinel(list(parsed.hosts), sentinel_kwargs=sentinel_settings)
+    address = sentinels.discover_master(parsed.service)
+    log.info("sentinel service=%s master=%s:%s", parsed.service, *address)
+    client: redis.Redis = sentinels.master_for(parsed.service, db=parsed.db, **master)
+    return client

@@ -34,7 +34,7 @@ import yaml
 from jsonschema.exceptions import ValidationError
 from jsonschema.protocols import Validator
 
-from opsctl.connection import mask_url
+from opsctl.connection import ConnectionOptions, Tls, mask_url, register_secret, sentinel_url
 from opsctl.errors import PolicyError, Problem
 
 ACTIONS = ("fail", "requeue", "cancel", "delete")
@@ -51,7 +51,7 @@ MAX_DEPTH = 64
 DEFAULT_KEY_PREFIX = "rq"
 """Prefix of RQ's Redis keys when the policy does not set redis.key_prefix."""
 
-REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
 """URL schemes redis-py can connect with."""
 
 _DURATION = re.compile(r"([0-9]+)([smhd])")
@@ -117,6 +117,9 @@ class Policy:
     digest: str  # sha256 hex of the file's bytes
     notes: tuple[Problem, ...] = field(default=())
     limits: Limits | None = None  # caps over the whole run, from defaults.limits
+    # Credentials and TLS settings from the redis section; redis_url holds the sentinel
+    # section as a redis+sentinel:// URL.
+    redis_options: ConnectionOptions = field(default_factory=ConnectionOptions)
 
     def rule_for(self, queue: str) -> Rule | None:
         """The rule for `queue`, or None when no entry matches it.
@@ -399,6 +402,8 @@ class _Document:
             return "the value from " + ", ".join(f"${{{name}}}" for name in names)
         if path == ("redis", "url"):
             return "the URL"
+        if path and path[-1] == "password":
+            return "the password"
         return _describe(value)
 
     def is_settled(self, path: _Path) -> bool:
@@ -701,8 +706,19 @@ _VALUE_MESSAGES = {
         "(use a non-empty string; quote a name that looks like a number)"
     ),
     "key_prefix": "{value} is not a key prefix (use letters, digits and _ . - { })",
-    "url": "is not a valid Redis URL (expected redis://, rediss:// or unix://)",
+    "url": "is not a valid Redis URL (expected redis://, rediss://, unix:// or redis+sentinel://)",
     "redis": "{value} is not a mapping (put url: and key_prefix: beneath it)",
+    "username": "{value} is not a user name (use a non-empty string)",
+    "password": "{value} is not a string (write ${VAR}, or quote the value)",
+    "tls": "{value} is not a mapping (put ca_cert:, cert:, key: and verify: beneath it)",
+    "ca_cert": "{value} is not a file path (use a non-empty string)",
+    "cert": "{value} is not a file path (use a non-empty string)",
+    "key": "{value} is not a file path (use a non-empty string)",
+    "verify": "{value} is not one of full, certificate, none",
+    "sentinel": "{value} is not a mapping (put hosts: and service: beneath it)",
+    "hosts": "{value} is not a list (write one HOST:PORT per sentinel)",
+    "service": "{value} is not a service name (letters, digits and _ . -)",
+    "db": "{value} is not a database number (use a whole number, 0 or more)",
     "defaults": "{value} is not a mapping (put max_age:, action: and so on beneath it)",
     "queues": "{value} is not a list (write one '- name: ...' entry per queue)",
     "entry": "{value} is not a queue entry (write it as '- name: ...')",
@@ -726,6 +742,7 @@ def _validate(document: _Document) -> None:
             _report_schema_error(document, leaf)
 
     _check_redis_url(document)
+    _check_tls(document)
     _check_queue_names(document)
 
 
@@ -753,6 +770,12 @@ def _report_schema_error(document: _Document, error: ValidationError) -> None:
 
     if error.validator == "additionalProperties":
         _report_unknown_keys(document, path, error)
+    elif error.validator == "not" and path == ("redis",):
+        message = "give url or sentinel, not both (both say where Redis is)"
+        document.report(path, message, at=document.key_marks.get(("redis", "sentinel")))
+    elif path[:2] == ("redis", "sentinel") and len(path) == 4 and path[2] == "hosts":
+        what = document.describe(path, error.instance)
+        document.report(path, f"{what} is not a sentinel address (use HOST or HOST:PORT)")
     elif error.validator == "required":
         _report_missing_keys(document, path, error)
     elif error.validator == "minItems" and path == ("queues",):
@@ -797,6 +820,22 @@ def _check_redis_url(document: _Document) -> None:
         return
     if not url.startswith(REDIS_URL_SCHEMES):
         document.report(path, _VALUE_MESSAGES["url"])
+
+
+def _check_tls(document: _Document) -> None:
+    """Report TLS settings that no connection of this policy would use."""
+    tls_path: _Path = ("redis", "tls")
+    if document.value(tls_path) is None or document.is_settled(tls_path):
+        return
+    at = document.key_marks.get(tls_path)
+    url = document.value(("redis", "url"))
+    plain = isinstance(url, str) and not url.startswith("rediss://")
+    if document.value(("redis", "sentinel")) is not None:
+        message = "TLS through Redis Sentinel is not supported; give a rediss:// url instead"
+        document.report(tls_path, message, at=at)
+    elif plain and not document.is_settled(("redis", "url")):
+        message = "TLS settings need a rediss:// url (this one does not use TLS)"
+        document.report(tls_path, message, at=at)
 
 
 def _check_queue_names(document: _Document) -> None:
@@ -906,13 +945,36 @@ def _assemble(document: _Document, raw: bytes, notes: list[Problem]) -> Policy:
 
     return Policy(
         path=document.file,
-        redis_url=redis.get("url"),
+        redis_url=_redis_url(document, redis),
         key_prefix=redis.get("key_prefix", DEFAULT_KEY_PREFIX),
         defaults=defaults,
         entries=tuple(entries),
         digest=hashlib.sha256(raw).hexdigest(),
         notes=tuple(notes),
         limits=_limits(_known(document, ("defaults",)).get("limits")),
+        redis_options=_redis_options(document, redis),
+    )
+
+
+def _redis_url(document: _Document, redis: dict[str, Any]) -> str | None:
+    """redis.url, or the sentinel section as a redis+sentinel:// URL (None when unknown)."""
+    sentinel = _known(document, ("redis", "sentinel"))
+    if "url" in redis or not {"hosts", "service"} <= sentinel.keys():
+        return redis.get("url")
+    return sentinel_url(sentinel["hosts"], sentinel["service"], sentinel.get("db", 0))
+
+
+def _redis_options(document: _Document, redis: dict[str, Any]) -> ConnectionOptions:
+    """The credentials and TLS settings of the redis section."""
+    tls = _known(document, ("redis", "tls"))
+    sentinel = _known(document, ("redis", "sentinel"))
+    for secret in (redis.get("password"), sentinel.get("password")):
+        register_secret(secret)
+    return ConnectionOptions(
+        username=redis.get("username"),
+        password=redis.get("password") or None,
+        sentinel_password=sentinel.get("password") or None,
+        tls=Tls(tls.get("ca_cert"), tls.get("cert"), tls.get("key"), tls.get("verify")),
     )
 
 

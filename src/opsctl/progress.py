@@ -6,7 +6,6 @@ import sys
 import time
 from types import TracebackType
 
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -15,6 +14,8 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+
+from opsctl.terminal import console
 
 #: Seconds a scan runs before a bar appears; quick runs never show one.
 SHOW_AFTER_S = 1.0
@@ -44,7 +45,7 @@ class ScanProgress:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
-                console=Console(stderr=True),
+                console=console(stderr=True, live=True),
                 transient=True,
             )
             self._bar.start()

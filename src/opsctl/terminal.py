@@ -1,0 +1,41 @@
+"""The one way opsctl makes a rich Console, so that every one treats colour alike.
+
+Colour is used only on a terminal. NO_COLOR (set to anything) turns it off everywhere;
+FORCE_COLOR (set and not empty) turns it on even in a pipe, unless NO_COLOR is set too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from typing import TextIO
+
+from rich.console import Console
+
+
+def colour_wanted(stream: TextIO) -> bool:
+    """Whether text written to ``stream`` may carry colour."""
+    if "NO_COLOR" in os.environ:
+        return False
+    return bool(os.environ.get("FORCE_COLOR")) or stream.isatty()
+
+
+def console(stderr: bool = False, live: bool = False) -> Console:
+    """A Console on stdout (or stderr) that colours only when colour_wanted() says so.
+
+    Without colour it writes no escape sequence at all (rich would still write bold and
+    italic on a terminal, or in a pipe under FORCE_COLOR). A ``live`` console (the progress
+    bar) keeps the cursor control a terminal needs to redraw it, but never colour.
+    """
+    stream = sys.stderr if stderr else sys.stdout
+    terminal = stream.isatty()
+    colour = colour_wanted(stream)
+    return Console(
+        file=stream,
+        width=shutil.get_terminal_size().columns if terminal else 200,
+        no_color=not colour,
+        force_terminal=colour or (live and terminal),
+        highlight=False,
+        soft_wrap=not terminal,
+    )
