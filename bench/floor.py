@@ -2,7 +2,11 @@
 
 Run as its own process (like opsctl) so interpreter start-up counts for both:
 
-    python bench/floor.py redis://127.0.0.1:PORT/0
+    python bench/floor.py redis://127.0.0.1:PORT/0 [--scripted]
+
+By default the job and execution hashes are read as two pipelined HMGETs per
+entry. With ``--scripted`` they are read the way opsctl reads them, through its
+read-only script (500 entries a call), and the replies are kept as they come.
 
 It reads what opsctl's state reader reads, with the same batch sizes, and keeps
 only the raw replies (plus the worker names it must pull out of them to know
@@ -19,6 +23,7 @@ import time
 import redis
 
 from opsctl.keys import EXECUTION_FIELDS, JOB_FIELDS, WORKER_FIELDS
+from opsctl.state import HashReader
 
 PREFIX = "rq"
 #: Commands per pipeline round trip, and members per ZRANGE: opsctl's own sizes.
@@ -58,6 +63,19 @@ def job_replies(conn: redis.Redis, entries: list[tuple[bytes, float]]) -> list[o
     return replies
 
 
+def scripted_replies(conn: redis.Redis, entries: list[tuple[bytes, float]]) -> list[object]:
+    """The same fields through opsctl's read script: replies only, no records."""
+    reader = HashReader(conn)
+    prefix = PREFIX.encode()
+    keys: list[bytes] = []
+    for member, _score in entries:
+        keys.append(b"%s:job:%s" % (prefix, member.rpartition(b":")[0]))
+        keys.append(b"%s:execution:%s" % (prefix, member))
+    replies = reader.read(keys, [True] * len(entries))
+    reader.close()
+    return replies
+
+
 def worker_names(conn: redis.Redis, queues: list[bytes], replies: list[object]) -> set[bytes]:
     pipe = conn.pipeline(transaction=False)
     pipe.smembers(f"{PREFIX}:workers")
@@ -69,7 +87,7 @@ def worker_names(conn: redis.Redis, queues: list[bytes], replies: list[object]) 
         job, execution = replies[i], replies[i + 1]
         name = execution[0] or job[WORKER_NAME_AT]  # type: ignore[index]
         if name:
-            names.add(name)
+            names.add(name if isinstance(name, bytes) else name.encode())
     return names
 
 
@@ -90,14 +108,15 @@ def worker_replies(conn: redis.Redis, names: list[bytes]) -> list[object]:
     return replies
 
 
-def main(url: str) -> None:
+def main(url: str, scripted: bool) -> None:
     started = time.perf_counter()
     conn = redis.Redis.from_url(url, decode_responses=False)
     conn.time()
     queues = registries(conn)
     replies: list[object] = []
     for queue in queues:
-        replies += job_replies(conn, members(conn, queue))
+        read = scripted_replies if scripted else job_replies
+        replies += read(conn, members(conn, queue))
     names = sorted(worker_names(conn, queues, replies))
     workers = worker_replies(conn, names)
     elapsed = time.perf_counter() - started
@@ -106,4 +125,4 @@ def main(url: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], "--scripted" in sys.argv[2:])

@@ -215,7 +215,7 @@ class Executor:
         """Mark as done the unknown changes the audit trail shows this run made."""
         recorded = {
             entry["job"]
-            for entry in audit.history(self.conn, run_id=self.run.run_id, limit=10_000)
+            for entry in audit.history(self.conn, run_id=self.run.run_id, limit=None)
             if entry.get("outcome") == DONE
         }
         for i, result in enumerate(results):

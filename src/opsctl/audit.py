@@ -58,23 +58,52 @@ def append(conn: redis.Redis, entries: list[tuple[tuple[tuple[str, str], ...], s
     pipe.execute()
 
 
+#: Stream entries read per XREVRANGE while searching the audit trail.
+HISTORY_PAGE = 10_000
+
+
 def history(
-    conn: redis.Redis, run_id: str | None = None, job_id: str | None = None, limit: int = 10_000
+    conn: redis.Redis,
+    run_id: str | None = None,
+    job_id: str | None = None,
+    limit: int | None = 10_000,
 ) -> list[dict[str, str]]:
-    """Audit entries, oldest first, filtered by run and job; each with its stream id."""
+    """Audit entries, oldest first, filtered by run and job; each with its stream id.
+
+    The whole stream is searched, newest first, one page at a time (it is
+    capped, so this is bounded); at most ``limit`` matching entries are kept,
+    the newest ones.
+    """
     found = []
-    replies: list[tuple[bytes, dict[bytes, bytes]]] = conn.xrevrange(  # type: ignore[assignment]
-        AUDIT_STREAM, count=limit
-    )
-    for entry_id, fields in replies:
-        entry = {
-            k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in fields.items()
-        }
-        if run_id and entry.get("run_id") != run_id:
-            continue
-        if job_id and entry.get("job") != job_id:
-            continue
-        entry["id"] = entry_id.decode()
-        found.append(entry)
+    newest = "+"
+    while True:
+        page: list[tuple[bytes, dict[bytes, bytes]]] = conn.xrevrange(  # type: ignore[assignment]
+            AUDIT_STREAM, max=newest, count=HISTORY_PAGE
+        )
+        for entry_id, fields in page:
+            entry = {
+                k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
+                for k, v in fields.items()
+            }
+            if run_id and entry.get("run_id") != run_id:
+                continue
+            if job_id and entry.get("job") != job_id:
+                continue
+            entry["id"] = entry_id.decode()
+            found.append(entry)
+            if limit is not None and len(found) >= limit:
+                found.reverse()
+                return found
+        if len(page) < HISTORY_PAGE:
+            break
+        newest = _before(page[-1][0].decode())
     found.reverse()
     return found
+
+
+def _before(entry_id: str) -> str:
+    """The greatest stream id below ``entry_id`` (exclusive ranges need Redis 6.2)."""
+    millis, _, seq = entry_id.partition("-")
+    if int(seq) > 0:
+        return f"{millis}-{int(seq) - 1}"
+    return f"{max(int(millis) - 1, 0)}-{2**64 - 1}"

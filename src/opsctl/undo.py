@@ -185,7 +185,7 @@ class UndoRun:
 
 def jobs_of_run(conn: redis.Redis, run_id: str) -> list[Undo]:
     """The jobs ``run_id`` failed or canceled, from the audit trail, in the order it did."""
-    entries = audit.history(conn, run_id=run_id, limit=2 * AUDIT_MAXLEN)
+    entries = audit.history(conn, run_id=run_id, limit=None)
     if not entries:
         raise UnknownRun(
             f"--run: no audit entries for run {run_id!r} (see `opsctl history` for run ids; "

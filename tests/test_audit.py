@@ -1,0 +1,55 @@
+"""The audit trail is searched in full, page by page, however many entries it holds."""
+
+from __future__ import annotations
+
+import fakeredis
+import pytest
+
+from opsctl import audit
+from opsctl.audit import AUDIT_STREAM
+
+
+@pytest.fixture
+def conn(monkeypatch: pytest.MonkeyPatch) -> fakeredis.FakeRedis:
+    # Small pages, so a few hundred entries span many of them.
+    monkeypatch.setattr(audit, "HISTORY_PAGE", 7)
+    return fakeredis.FakeRedis()
+
+
+def add(conn: fakeredis.FakeRedis, entry_id: str, run_id: str, job: str) -> None:
+    conn.xadd(AUDIT_STREAM, {"run_id": run_id, "job": job, "outcome": "done"}, id=entry_id)
+
+
+def test_an_old_run_is_found_behind_more_than_a_page_of_newer_entries() -> None:
+    conn = fakeredis.FakeRedis()  # the real page size: a run older than 10,000 entries
+    for i in range(5):
+        add(conn, f"1000-{i}", "old", f"old-{i}")
+    pipe = conn.pipeline(transaction=False)
+    for i in range(audit.HISTORY_PAGE + 500):  # several per millisecond, as a busy run writes
+        pipe.xadd(AUDIT_STREAM, {"run_id": "new", "job": f"new-{i}"}, id=f"{2000 + i // 3}-{i % 3}")
+    pipe.execute()
+
+    found = audit.history(conn, run_id="old")
+
+    assert [e["job"] for e in found] == [f"old-{i}" for i in range(5)]
+    assert [e["id"] for e in found] == [f"1000-{i}" for i in range(5)]
+
+
+def test_every_entry_of_a_large_run_is_returned_oldest_first(conn: fakeredis.FakeRedis) -> None:
+    for i in range(100):
+        add(conn, f"{3000 + i // 4}-{i % 4}", "big", f"job-{i}")
+
+    found = audit.history(conn, run_id="big", limit=None)
+
+    assert [e["job"] for e in found] == [f"job-{i}" for i in range(100)]
+
+
+def test_a_limit_keeps_the_newest_matching_entries(conn: fakeredis.FakeRedis) -> None:
+    for i in range(40):
+        add(conn, f"{4000 + i}-0", "run", f"job-{i}")
+
+    found = audit.history(conn, job_id="job-3", limit=None)
+    newest = audit.history(conn, run_id="run", limit=5)
+
+    assert [e["job"] for e in found] == ["job-3"]
+    assert [e["job"] for e in newest] == [f"job-{i}" for i in range(35, 40)]
