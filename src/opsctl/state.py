@@ -397,7 +397,8 @@ class HashReader:
     """
 
     def __init__(self, conn: redis.Redis) -> None:
-        self.conn = _text_client(conn) or conn
+        self.own = _text_client(conn)
+        self.conn = self.own or conn
         self.mode: int | None = None  # index into _READ_SCRIPTS; len() = pipelined reads
         self.sha: list[str] = [
             hashlib.sha1(body.encode()).hexdigest() for _, _, body in _READ_SCRIPTS
@@ -405,7 +406,8 @@ class HashReader:
 
     def close(self) -> None:
         """Drop the reader's own connection, if it opened one."""
-        self.conn.connection_pool.disconnect()
+        if self.own is not None:
+            self.own.connection_pool.disconnect()
 
     def read(self, hash_keys: list[bytes], has_execution: list[bool]) -> list[Any]:
         """Replies for ``hash_keys`` (a job key, then its execution key where it has one)."""
