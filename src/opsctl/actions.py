@@ -75,6 +75,8 @@ if redis.acl_check_cmd then
     {'INCR', 17}, {'EXPIRE', 17, '1'}, {'XADD', 18, '*', 'f', 'v'},
     {'ZREM', 14, 'm'}, {'ZREM', 15, 'm'}, {'ZREM', 16, 'm'},
   }
+  -- Application keys deleted along with the job (policy related_keys).
+  for i = 21, #KEYS do table.insert(writes, {'DEL', i}) end
   for _, w in ipairs(writes) do
     local args = {w[1], KEYS[w[2]]}
     for i = 3, #w do table.insert(args, w[i]) end
@@ -112,6 +114,11 @@ local function kind_of(key)
   if type(found) == 'table' then found = found['ok'] end
   return found
 end
+if member == '' then
+  kinds[4], kinds[6], kinds[19] = 'zset', 'list', 'list'
+  for _, i in ipairs({8, 9, 10, 14, 15, 16}) do kinds[i] = 'zset' end
+end
+if action == 'delete' then kinds[20] = 'zset' end
 for i, kind in pairs(kinds) do
   local found = kind_of(KEYS[i])
   if found ~= 'none' and found ~= kind then
@@ -119,13 +126,55 @@ for i, kind in pairs(kinds) do
   end
 end
 
+-- Lost jobs: whether a registry or list holds the job after all (then a
+-- worker or RQ took it back), in words; false when nothing does.
+local function lost_job_is_held(status)
+  if status == 'started' then
+    if redis.call('ZSCORE', KEYS[2], job_id) ~= false then
+      return 'the job is in its started registry again'
+    end
+    if kind_of(KEYS[4]) == 'zset' then
+      for _, e in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+        if redis.call('ZSCORE', KEYS[2], job_id .. ':' .. e) ~= false then
+          return 'the job is in its started registry again'
+        end
+      end
+    end
+    return false
+  end
+  if redis.call('LPOS', KEYS[6], job_id) ~= false
+      or redis.call('LPOS', KEYS[19], job_id) ~= false then
+    return 'the job is on its queue again'
+  end
+  for _, i in ipairs({8, 9, 10, 14, 15, 16}) do
+    if redis.call('ZSCORE', KEYS[i], job_id) ~= false then
+      return 'the job is in ' .. KEYS[i] .. ' again'
+    end
+  end
+  return false
+end
+
 local status = field(KEYS[1], 'status')
 if status ~= ARGV[5] then
   if status == '' then status = 'missing' end
   return {0, 'status is now ' .. status}
 end
-if redis.call('ZSCORE', KEYS[2], member) == false then
+-- A lost job (found by the keyspace scan) has no entry: ``member`` is empty,
+-- and the re-check is that nothing holds it still.
+if member == '' then
+  local held = lost_job_is_held(status)
+  if held then return {0, held} end
+elseif redis.call('ZSCORE', KEYS[2], member) == false then
   return {0, 'entry is no longer in its registry'}
+end
+-- Never delete a job that a scheduler will enqueue again.
+if action == 'delete' then
+  if redis.call('ZSCORE', KEYS[10], job_id) ~= false then
+    return {0, 'a scheduler still refers to it (' .. KEYS[10] .. ')'}
+  end
+  if redis.call('ZSCORE', KEYS[20], job_id) ~= false then
+    return {0, 'a scheduler still refers to it (' .. KEYS[20] .. ')'}
+  end
 end
 if field(KEYS[1], 'last_heartbeat') ~= ARGV[6] then
   return {0, 'job heartbeat changed since it was read: a worker is alive'}
@@ -207,6 +256,7 @@ local function act()
       redis.call('ZREM', key, job_id)
     end
     redis.call('DEL', KEYS[1], KEYS[4], KEYS[11], KEYS[12], KEYS[13])
+    for i = 21, #KEYS do redis.call('DEL', KEYS[i]) end
     return {1, 'deleted'}
   end
 end
@@ -281,6 +331,9 @@ class JobChange:
     retry_interval_s: int | None = None  # set: a fail that retries instead
     retry_at_front: bool = False
     audit: tuple[tuple[str, str], ...] = ()  # fields of the audit entry written on success
+    # Application keys a delete removes with the job (policy related_keys); other
+    # actions never touch them. Kept apart from the rest as keys 21 and on.
+    related_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -368,7 +421,12 @@ class Actor:
             k.started(origin),
             rescue_key(job),
             AUDIT_STREAM,
+            # 19 and 20: a lost job's re-check and the scheduler check of a delete.
+            k.intermediate(origin),
+            k.scheduler_jobs,
         ]
+        if change.action == "delete":
+            keys += list(change.related_keys)
         interval = change.retry_interval_s
         args: list[Any] = [
             change.action,

@@ -25,7 +25,7 @@ that is about to run it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from opsctl.model import StartedEntry, WorkerRecord, parse_int, parse_timestamp
@@ -40,6 +40,7 @@ class State(str, Enum):
     ABANDONED = "abandoned"  # no live worker is executing it
     OVERDUE = "overdue"  # a live worker is executing it for longer than max_age
     RUNNING = "running"  # a live worker is executing it within max_age
+    LOST = "lost"  # status started or queued, yet in no registry, queue or list
 
 
 #: Actions a report can name; the first four are the policy's own.
@@ -103,6 +104,8 @@ def worker_liveness(worker: WorkerRecord | None) -> Liveness:
 def is_executing(worker: WorkerRecord, entry: StartedEntry) -> bool:
     """Whether a live ``worker``'s own records say it runs ``entry``."""
     if worker.executions:
+        if entry.lost:  # no registry member to match: any execution of the job
+            return any(e.startswith(f"{entry.job_id}:") for e in worker.executions)
         return entry.member.decode("utf-8", "replace") in worker.executions
     if worker.current_job:
         return worker.current_job == entry.job_id
@@ -115,12 +118,30 @@ def classify(
     rule: Rule,
     now: float,
 ) -> Verdict:
-    """The state of one started entry under ``rule`` at server time ``now``."""
+    """The state of one started entry (or lost job) under ``rule`` at server time ``now``."""
     worker = workers.get(entry.worker_name) if entry.worker_name else None
     liveness = worker_liveness(worker) if entry.worker_name else Liveness(False, "no worker named")
     holds = liveness.alive and worker is not None and is_executing(worker, entry)
     signals = _signals(entry, liveness, now)
+    verdict = _decide(entry, rule, liveness, holds, signals, now)
+    origin = (entry.job or {}).get("origin", "")
+    if origin and origin != entry.queue:
+        # Actions use the origin's registries and queue, as RQ does.
+        note = f"; its origin is queue {origin!r}, not {entry.queue!r}"
+        verdict = replace(verdict, reason=verdict.reason + note)
+    return verdict
 
+
+def _decide(
+    entry: StartedEntry,
+    rule: Rule,
+    liveness: Liveness,
+    holds: bool,
+    signals: Signals,
+    now: float,
+) -> Verdict:
+    if entry.lost:
+        return _lost(entry, rule, holds, signals, now)
     if entry.job is None or not (entry.job.get("status") or entry.job.get("created_at")):
         return _orphaned(entry.job, holds, signals)
     status = entry.job.get("status", "")
@@ -129,6 +150,40 @@ def classify(
     if not holds:
         return _abandoned(entry, rule, liveness, signals)
     return _held(rule, signals)
+
+
+def lost_since(job: dict[str, str]) -> float | None:
+    """When a lost job was last seen in its place: its latest recorded moment.
+
+    A started job counts from its start or latest heartbeat, a queued one from
+    when it was enqueued. None when no such time can be read.
+    """
+    if job.get("status") == "started":
+        names = ("started_at", "last_heartbeat")
+    else:
+        names = ("enqueued_at", "created_at")
+    moments = [t for t in (parse_timestamp(job.get(n)) for n in names) if t is not None]
+    return max(moments) if moments else None
+
+
+def _lost(entry: StartedEntry, rule: Rule, holds: bool, signals: Signals, now: float) -> Verdict:
+    job = entry.job or {}
+    status = job.get("status", "")
+    place = "no started registry" if status == "started" else "no queue, list or registry"
+    found = f"status is '{status}' but the job is in {place}"
+    if holds:
+        reason = f"{found}; {signals.worker} is executing it"
+        return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
+    since = lost_since(job)
+    if since is None:
+        reason = f"{found}; when it was lost is unknown, so it is never acted on by age"
+        return Verdict(State.LOST, ACTION_NONE, reason, signals)
+    lost_s = max(0.0, now - since)
+    if lost_s <= rule.lost_after_seconds:
+        reason = f"{found} for {lost_s:.0f}s, within lost_after {rule.lost_after_seconds}s"
+        return Verdict(State.LOST, ACTION_NONE, reason, signals)
+    reason = f"{found} for {lost_s:.0f}s, over lost_after {rule.lost_after_seconds}s"
+    return Verdict(State.LOST, rule.action, reason, signals)
 
 
 def _orphaned(job: dict[str, str] | None, holds: bool, signals: Signals) -> Verdict:

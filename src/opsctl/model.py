@@ -41,6 +41,10 @@ class StartedEntry:
 
     ``job`` is None when the job hash does not exist; ``execution`` is None when
     the member names no execution (RQ 1.x) or its hash is gone.
+
+    ``lost`` marks a job found by the keyspace scan rather than in a registry:
+    its status says started or queued, but no registry or list holds it.
+    ``member`` is then empty and ``queue`` is the job's origin.
     """
 
     queue: str
@@ -50,6 +54,7 @@ class StartedEntry:
     score: float
     job: dict[str, str] | None
     execution: dict[str, str] | None
+    lost: bool = False
 
     @property
     def worker_name(self) -> str:

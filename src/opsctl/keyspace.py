@@ -1,0 +1,277 @@
+"""Reads beyond the started registries: lost jobs, scheduler references, function names.
+
+Lost jobs are found by scanning the keyspace for job hashes, which is the only
+way to find a job that no registry or list names. The scan stays cheap at scale:
+``SCAN`` with ``MATCH`` and ``TYPE hash`` pages through the job hashes, and a
+read-only Lua script (``EVAL_RO``) keeps only those whose status is ``started``
+or ``queued``, so only candidates cross the wire. Where ``EVAL_RO`` is unknown
+(Redis before 7) or refused (an ACL without it), each page is read with
+pipelined ``HMGET`` instead. Like the rest of opsctl's reads, nothing here
+reads ``data`` as an object: :func:`function_names` reads its bytes and walks
+the pickle opcodes without unpickling (see :mod:`opsctl.records`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from opsctl.keys import Keys
+from opsctl.model import StartedEntry
+from opsctl.records import function_name
+from opsctl.state import replies_of, text
+
+log = logging.getLogger(__name__)
+
+#: Keys SCAN is asked to look at per page.
+SCAN_COUNT = 1000
+#: Queue list entries read with one LRANGE.
+LIST_CHUNK = 10_000
+
+#: Fields of a lost candidate's hash that opsctl reads (never data or meta).
+LOST_FIELDS: tuple[str, ...] = (
+    "status",
+    "origin",
+    "created_at",
+    "enqueued_at",
+    "started_at",
+    "last_heartbeat",
+    "timeout",
+    "worker_name",
+    "retries_left",
+    "retry_intervals",
+    "enqueue_at_front_on_retry",
+    "failure_ttl",
+)
+
+# KEYS: the job hashes of one SCAN page. Returns those whose status is
+# started or queued. Read-only: runs under EVAL_RO.
+_CANDIDATES_SCRIPT = """
+local found = {}
+for _, key in ipairs(KEYS) do
+  local status = redis.call('HGET', key, 'status')
+  if status == 'started' or status == 'queued' then
+    table.insert(found, key)
+  end
+end
+return found
+"""
+
+#: Registries a queued job may legitimately sit in instead of its queue list.
+_QUEUED_PLACES = ("started", "deferred", "scheduled", "failed", "finished", "canceled")
+
+
+@dataclass
+class LostScan:
+    """What the keyspace scan found: lost jobs, and records it could not read."""
+
+    entries: list[StartedEntry] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    scanned: int = 0
+    filtered_server_side: bool = True
+
+
+def find_lost(
+    conn: redis.Redis,
+    keys: Keys,
+    queues: Iterable[str],
+    started: Iterable[StartedEntry],
+) -> LostScan:
+    """Jobs of ``queues`` whose status is started or queued but that nothing holds.
+
+    ``started`` are the entries already read from the started registries: a
+    started job among them is not lost. A queued job is lost when its origin's
+    queue list, intermediate list and registries all lack it.
+    """
+    wanted = set(queues)
+    result = LostScan()
+    in_registries = {e.job_id for e in started}
+    candidates = _candidates(conn, keys, result)
+    jobs = _read_jobs(conn, keys, candidates, result)
+    queued: dict[str, list[str]] = {}
+    for job_id, job in jobs.items():
+        origin = job.get("origin", "")
+        if origin not in wanted:
+            continue
+        status = job.get("status")
+        if status == "started" and job_id not in in_registries:
+            result.entries.append(_lost_entry(origin, job_id, job))
+        elif status == "queued":
+            queued.setdefault(origin, []).append(job_id)
+    for origin, ids in sorted(queued.items()):
+        for job_id in _not_held(conn, keys, origin, ids):
+            result.entries.append(_lost_entry(origin, job_id, jobs[job_id]))
+    result.entries.sort(key=lambda e: (e.queue, e.job_id))
+    return result
+
+
+def _lost_entry(origin: str, job_id: str, job: dict[str, str]) -> StartedEntry:
+    return StartedEntry(origin, b"", job_id, None, float("nan"), job, None, lost=True)
+
+
+def _candidates(conn: redis.Redis, keys: Keys, result: LostScan) -> list[str]:
+    """Ids of job hashes whose status is started or queued, page by page."""
+    found: list[str] = []
+    pattern = _glob_escape(keys.job_prefix) + "*"
+    for page in _pages(conn, pattern):
+        result.scanned += len(page)
+        if result.filtered_server_side:
+            try:
+                chosen = conn.eval_ro(_CANDIDATES_SCRIPT, len(page), *page)
+            except redis.ResponseError as exc:
+                # Unknown before Redis 7, or refused by an ACL: read plainly instead.
+                log.info("eval_ro_unavailable error=%s; reading job statuses plainly", exc)
+                result.filtered_server_side = False
+            else:
+                found += [_job_id(keys, k) for k in chosen]
+                continue
+        found += _filter_plainly(conn, keys, page)
+    return [j for j in found if j]
+
+
+def _pages(conn: redis.Redis, pattern: str) -> Iterator[list[bytes]]:
+    cursor: Any = 0
+    while True:
+        cursor, page = conn.scan(cursor, match=pattern, count=SCAN_COUNT, _type="hash")
+        # RQ's dependency sets share the prefix but are not hashes; TYPE drops them.
+        if page:
+            yield [k if isinstance(k, bytes) else k.encode() for k in page]
+        if int(cursor) == 0:
+            return
+
+
+def _filter_plainly(conn: redis.Redis, keys: Keys, page: list[bytes]) -> list[str]:
+    pipe = conn.pipeline(transaction=False)
+    for key in page:
+        pipe.hmget(key, ["status"])
+    found = []
+    for key, reply in zip(page, replies_of(pipe), strict=True):
+        if isinstance(reply, Exception):
+            continue
+        if reply and reply[0] in (b"started", b"queued"):
+            found.append(_job_id(keys, key))
+    return found
+
+
+def _job_id(keys: Keys, key: bytes | str) -> str:
+    name = text(key).removeprefix(keys.job_prefix)
+    # ``<prefix>:job::<id>:dependencies`` and ``...:dependents`` are not jobs.
+    if not name or name.startswith(":") or name.endswith((":dependents", ":dependencies")):
+        return ""
+    return name
+
+
+def _read_jobs(
+    conn: redis.Redis, keys: Keys, ids: list[str], result: LostScan
+) -> dict[str, dict[str, str]]:
+    jobs: dict[str, dict[str, str]] = {}
+    for start in range(0, len(ids), 500):
+        batch = ids[start : start + 500]
+        pipe = conn.pipeline(transaction=False)
+        for job_id in batch:
+            pipe.hmget(keys.job(job_id), LOST_FIELDS)
+        for job_id, reply in zip(batch, replies_of(pipe), strict=True):
+            if isinstance(reply, Exception):
+                result.problems.append(f"job {job_id}: could not be read ({reply})")
+                continue
+            fields = {n: text(v) for n, v in zip(LOST_FIELDS, reply, strict=True) if v is not None}
+            if fields.get("status") in ("started", "queued"):
+                jobs[job_id] = fields
+    return jobs
+
+
+def _not_held(conn: redis.Redis, keys: Keys, origin: str, ids: list[str]) -> list[str]:
+    """The queued ``ids`` of ``origin`` that its lists and registries all lack."""
+    listed = _list_members(conn, keys.queue(origin)) | _list_members(
+        conn, keys.intermediate(origin)
+    )
+    missing = [j for j in ids if j not in listed]
+    if not missing:
+        return []
+    registries = [getattr(keys, place)(origin) for place in _QUEUED_PLACES]
+    pipe = conn.pipeline(transaction=False)
+    for job_id in missing:
+        for registry in registries:
+            pipe.zscore(registry, job_id)
+    replies = replies_of(pipe)
+    per_job = len(registries)
+    held_elsewhere = {
+        job_id
+        for i, job_id in enumerate(missing)
+        if any(r is not None and not isinstance(r, Exception) for r in _slice(replies, i, per_job))
+    }
+    return [j for j in missing if j not in held_elsewhere]
+
+
+def _slice(replies: list[Any], index: int, width: int) -> list[Any]:
+    return replies[index * width : (index + 1) * width]
+
+
+def _list_members(conn: redis.Redis, key: str) -> set[str]:
+    """Every entry of a list, read in chunks; empty when it is missing or no list."""
+    members: set[str] = set()
+    start = 0
+    while True:
+        try:
+            chunk = conn.lrange(key, start, start + LIST_CHUNK - 1)
+        except redis.exceptions.NoPermissionError:
+            raise
+        except redis.ResponseError:
+            return members
+        members.update(text(m) for m in chunk)
+        if len(chunk) < LIST_CHUNK:
+            return members
+        start += LIST_CHUNK
+
+
+def scheduler_references(conn: redis.Redis, keys: Keys, jobs: list[tuple[str, str]]) -> list[str]:
+    """For each (job id, origin): what schedules it again, in words; '' when nothing.
+
+    RQ's ScheduledJobRegistry of the origin, and the separate rq-scheduler
+    package's sorted set, both name jobs a scheduler will enqueue later.
+    """
+    if not jobs:
+        return []
+    pipe = conn.pipeline(transaction=False)
+    for job_id, origin in jobs:
+        pipe.zscore(keys.scheduled(origin), job_id)
+        pipe.zscore(keys.scheduler_jobs, job_id)
+    replies = replies_of(pipe)
+    found = []
+    for i, (_job_id, origin) in enumerate(jobs):
+        registry, scheduler = replies[2 * i], replies[2 * i + 1]
+        if registry is not None and not isinstance(registry, Exception):
+            found.append(f"it is in {keys.scheduled(origin)}")
+        elif scheduler is not None and not isinstance(scheduler, Exception):
+            found.append(f"rq-scheduler lists it in {keys.scheduler_jobs}")
+        else:
+            found.append("")
+    return found
+
+
+def function_names(conn: redis.Redis, keys: Keys, job_ids: list[str]) -> list[str]:
+    """The function each job calls, read from ``data`` bytes or ``description``.
+
+    ``data`` is read as bytes and never unpickled; see :mod:`opsctl.records`.
+    """
+    names: list[str] = []
+    for start in range(0, len(job_ids), 200):
+        batch = job_ids[start : start + 200]
+        pipe = conn.pipeline(transaction=False)
+        for job_id in batch:
+            pipe.hmget(keys.job(job_id), ["data", "description"])
+        for reply in replies_of(pipe):
+            if isinstance(reply, Exception) or not reply:
+                names.append(function_name(None))
+                continue
+            data, description = reply
+            names.append(function_name(data, text(description) if description else None))
+    return names
+
+
+def _glob_escape(literal: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in literal)
