@@ -63,13 +63,14 @@ ACL_LINES = {
         "ACL SETUSER opsctl-dryrun reset on >CHANGE_ME resetchannels "
         "%R~rq:* %R~opsctl:rescues:* "
         "+ping +client|setname +time +scan +smembers +zrange +zcard +hmget +exists +ttl "
-        "+llen +echo +pubsub|numsub +client|list +get +info"
+        "+llen +echo +pubsub|numsub +client|list +get +info +eval_ro +lrange +lpos +zscore +hgetall"
     ),
     "opsctl-apply": (
         "ACL SETUSER opsctl-apply reset on >CHANGE_ME resetchannels "
         "~rq:* ~opsctl:* &rq:pubsub:* "
         "+ping +client|setname +time +scan +smembers +zrange +zcard +hmget +exists +ttl "
         "+llen +echo +pubsub|numsub +client|list +get +info "
+        "+eval_ro +lrange +lpos +zscore +hgetall "
         "+type +hget +hgetall +xrevrange +set +evalsha +script|load +script|exists "
         "+publish +xadd +del +zrem +zadd +zscore +srem +sadd +scard +hset +hexists "
         "+lpush +rpush +lrem +expire +persist +incr +watch +unwatch +multi +exec"

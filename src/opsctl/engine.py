@@ -159,11 +159,11 @@ def lost_since(job: dict[str, str]) -> float | None:
     when it was enqueued. None when no such time can be read.
     """
     if job.get("status") == "started":
-        names = ("started_at", "last_heartbeat")
-    else:
-        names = ("enqueued_at", "created_at")
-    moments = [t for t in (parse_timestamp(job.get(n)) for n in names) if t is not None]
-    return max(moments) if moments else None
+        moments = [parse_timestamp(job.get(n)) for n in ("started_at", "last_heartbeat")]
+        known = [t for t in moments if t is not None]
+        return max(known) if known else None
+    # A job enqueued again keeps its first created_at: enqueued_at is the latest.
+    return parse_timestamp(job.get("enqueued_at")) or parse_timestamp(job.get("created_at"))
 
 
 def _lost(entry: StartedEntry, rule: Rule, holds: bool, signals: Signals, now: float) -> Verdict:

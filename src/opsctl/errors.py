@@ -15,6 +15,7 @@ class ExitCode(IntEnum):
     REDIS_UNAVAILABLE = 3  # Redis unreachable, refused the login, or timed out
     LIMIT_TRIPPED = 4  # a blast-radius limit tripped: nothing was done
     LOCKED = 5  # another opsctl run held the lock past --lock-timeout
+    NOT_FOUND = 6  # opsctl explain: no such job (no hash, list or registry names it)
 
 
 class OpsctlError(Exception):

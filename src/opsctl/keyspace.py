@@ -53,7 +53,7 @@ LOST_FIELDS: tuple[str, ...] = (
 _CANDIDATES_SCRIPT = """
 local found = {}
 for _, key in ipairs(KEYS) do
-  local status = redis.call('HGET', key, 'status')
+  local status = redis.call('HMGET', key, 'status')[1]
   if status == 'started' or status == 'queued' then
     table.insert(found, key)
   end
@@ -89,6 +89,22 @@ def find_lost(
     """
     wanted = set(queues)
     result = LostScan()
+    try:
+        _scan(conn, keys, wanted, started, result)
+    except redis.exceptions.NoPermissionError as exc:
+        # Not looking is safe: a job not found is a job not acted on.
+        result.entries = []
+        result.problems.append(f"lost jobs were not looked for: the Redis user may not ({exc})")
+    return result
+
+
+def _scan(
+    conn: redis.Redis,
+    keys: Keys,
+    wanted: set[str],
+    started: Iterable[StartedEntry],
+    result: LostScan,
+) -> None:
     in_registries = {e.job_id for e in started}
     candidates = _candidates(conn, keys, result)
     jobs = _read_jobs(conn, keys, candidates, result)
@@ -106,7 +122,6 @@ def find_lost(
         for job_id in _not_held(conn, keys, origin, ids):
             result.entries.append(_lost_entry(origin, job_id, jobs[job_id]))
     result.entries.sort(key=lambda e: (e.queue, e.job_id))
-    return result
 
 
 def _lost_entry(origin: str, job_id: str, job: dict[str, str]) -> StartedEntry:
