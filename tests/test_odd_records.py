@@ -25,10 +25,11 @@ from click.testing import Result
 from rq import Queue
 from rq.executions import Execution
 from rq.job import Job
+from rq.rate_limit import RateLimit, RateLimitRegistry
 from rq.registry import FailedJobRegistry
 from typer.testing import CliRunner
 
-from conftest import job_status
+from conftest import WorkerFactory, job_status, wait_for_status
 from opsctl.cli import app
 from opsctl.keys import Keys
 from opsctl.keyspace import find_lost
@@ -630,3 +631,106 @@ def test_explain_of_an_unknown_job_exits_6_with_one_line(redis_url: str) -> None
     assert result.stderr.strip() == (
         "opsctl: error: job 'no-such-job' does not exist: no hash, list or registry names it"
     )
+
+
+# --- real workers: SimpleWorker and RQ 3 concurrency limits --------------------------------
+
+
+def test_a_simpleworkers_job_is_never_abandoned_while_the_worker_lives(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    worker = rq_workers.start([QUEUE], simple=True)
+    job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 60, job_timeout=600)
+    assert wait_for_status(redis_conn, job.id, "started", timeout=20) == "started"
+    # No horse and no heartbeats while the job runs: its lease can lapse.
+    member = started_member(redis_conn, job.id)
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {member: time.time() - HOUR_S})
+
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert (item["state"], item["worker"], item["worker_alive"]) == ("running", worker.name, True)
+    assert item["outcome"] == "kept"
+    assert job_status(redis_conn, job.id) == "started"
+    worker.kill()
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+    assert (item["state"], item["outcome"]) == ("abandoned", "done")
+    assert job_status(redis_conn, job.id) == "failed"
+
+
+@pytest.mark.parametrize("action", ["fail", "cancel", "delete"])
+def test_ending_a_stuck_job_that_holds_a_concurrency_slot_lets_a_waiting_job_run(
+    rq_workers: WorkerFactory,
+    redis_conn: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    action: str,
+) -> None:
+    limit = RateLimit(key="api", concurrency=1)
+    queue = Queue(QUEUE, connection=redis_conn)
+    first = rq_workers.start([QUEUE])
+    stuck = queue.enqueue("jobs.sleep_for", 60, rate_limit=limit)
+    assert wait_for_status(redis_conn, stuck.id, "started", timeout=20) == "started"
+    waiting = queue.enqueue("jobs.quick", rate_limit=limit)
+    assert job_status(redis_conn, waiting.id) == "rate_limited"
+    first.kill()
+    rq_workers.start([QUEUE])
+
+    item = job_in(run(policy(tmp_path, action), redis_url), stuck.id)
+
+    assert (item["state"], item["outcome"]) == ("abandoned", "done")
+    assert wait_for_status(redis_conn, waiting.id, "finished", timeout=20) == "finished"
+    registry = RateLimitRegistry("api", connection=redis_conn)
+    assert stuck.id not in registry.get_allowed_job_ids()
+
+
+def test_requeueing_a_stuck_job_keeps_its_concurrency_slot(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    limit = RateLimit(key="api", concurrency=1)
+    queue = Queue(QUEUE, connection=redis_conn)
+    first = rq_workers.start([QUEUE])
+    stuck = queue.enqueue("jobs.sleep_for", 60, rate_limit=limit)
+    assert wait_for_status(redis_conn, stuck.id, "started", timeout=20) == "started"
+    waiting = queue.enqueue("jobs.quick", rate_limit=limit)
+    first.kill()
+
+    item = job_in(run(policy(tmp_path, "requeue"), redis_url), stuck.id)
+
+    assert item["outcome"] == "done"
+    assert job_status(redis_conn, stuck.id) == "queued"
+    assert job_status(redis_conn, waiting.id) == "rate_limited"
+    registry = RateLimitRegistry("api", connection=redis_conn)
+    assert registry.get_allowed_job_ids() == [stuck.id]
+
+
+# --- 11. a custom key prefix ------------------------------------------------------------------
+
+
+def test_a_custom_key_prefix_is_used_by_every_read_and_write(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    old = iso(ago(HOUR_S))
+    common = {"origin": QUEUE, "worker_name": DEAD, "started_at": old, "created_at": old}
+    redis_conn.sadd("tenant:queues", f"tenant:queue:{QUEUE}")
+    redis_conn.hset("tenant:job:stuck", mapping={"status": "started", **common})
+    redis_conn.zadd(f"tenant:wip:{QUEUE}", {"stuck:e1": time.time() - 10})
+    redis_conn.hset("tenant:job:lost", mapping={"status": "started", **common})
+    redis_conn.hset("tenant:job:gone", mapping={"status": "queued", **common, "enqueued_at": old})
+    redis_conn.set("progress:gone", "1")
+    path = tmp_path / "tenant.yaml"
+    path.write_text(
+        "version: 1\nredis:\n  key_prefix: tenant\ndefaults:\n  action: delete\n"
+        '  related_keys: ["progress:{job_id}"]\nqueues:\n  - name: "*"\n'
+    )
+
+    report = run(path, redis_url)
+
+    states = {j["id"]: (j["state"], j["outcome"]) for j in report["jobs"]}
+    assert states == {
+        "stuck": ("abandoned", "done"),
+        "lost": ("lost", "done"),
+        "gone": ("lost", "done"),
+    }
+    assert not redis_conn.exists("tenant:job:stuck", "tenant:job:lost", "tenant:job:gone")
+    assert not redis_conn.exists("progress:gone")
+    assert not [k for k in redis_conn.scan_iter("rq:*")], "nothing was written under rq:"

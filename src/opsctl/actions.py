@@ -86,6 +86,17 @@ if redis.acl_check_cmd then
   end
 end
 
+-- RQ 3 names a job's concurrency-limit keys in the job itself: check them too.
+if redis.acl_check_cmd and field(KEYS[1], 'rate_limit_key') ~= '' then
+  local base = ARGV[16] .. ':rl:' .. field(KEYS[1], 'rate_limit_key')
+  for _, key in ipairs({base .. ':allowed', base .. ':rate_limited'}) do
+    if not (redis.acl_check_cmd('ZREM', key, 'm')
+        and redis.acl_check_cmd('ZADD', key, '1', 'm')) then
+      return redis.error_reply('NOPERM the Redis user may not write ' .. key)
+    end
+  end
+end
+
 -- Anything that could make a command fail halfway through the script, after
 -- earlier writes, is checked before the first write, so a job is never
 -- half-moved: numbers that must parse, and the type of every key written.
@@ -261,7 +272,45 @@ local function act()
   end
 end
 
+-- RQ 3 concurrency limits. A job that ends here (failed, canceled, deleted)
+-- gives back its slot in <prefix>:rl:<key>:allowed, and waiting jobs take the
+-- free slots oldest first, as RQ does when a job ends: added to allowed,
+-- pushed onto their queue, marked queued. A job queued again keeps its slot.
+local function release_slot(rl_key, rl_concurrency)
+  local base = ARGV[16] .. ':rl:' .. rl_key
+  local allowed, waiting = base .. ':allowed', base .. ':rate_limited'
+  redis.call('ZREM', waiting, job_id)
+  if redis.call('ZREM', allowed, job_id) == 0 then return end
+  local concurrency = tonumber(redis.call('HGET', base, 'concurrency') or '')
+  concurrency = concurrency or tonumber(rl_concurrency) or 0
+  while redis.call('ZCARD', allowed) < concurrency do
+    local oldest = redis.call('ZRANGE', waiting, 0, 0)
+    if #oldest == 0 then break end
+    local id = oldest[1]
+    redis.call('ZREM', waiting, id)
+    local key = ARGV[16] .. ':job:' .. id
+    local f = redis.call('HMGET', key, 'origin', 'status', 'enqueue_at_front')
+    if f[1] and f[2] == 'rate_limited' then
+      redis.call('ZADD', allowed, math.floor(now), id)
+      if f[3] == '1' then
+        redis.call('LPUSH', ARGV[16] .. ':queue:' .. f[1], id)
+      else
+        redis.call('RPUSH', ARGV[16] .. ':queue:' .. f[1], id)
+      end
+      redis.call('HSET', key, 'status', 'queued', 'enqueued_at', now_iso)
+    end
+  end
+end
+local rl_key = field(KEYS[1], 'rate_limit_key')
+local rl_concurrency = field(KEYS[1], 'rate_limit_concurrency')
+
 local result = act()
+if result[1] == 1 and rl_key ~= '' then
+  local detail = result[2]
+  if detail == 'failed' or detail == 'canceled' or detail == 'deleted' then
+    release_slot(rl_key, rl_concurrency)
+  end
+end
 if result[1] == 1 then
   local entry = {}
   for i = 19, #ARGV do table.insert(entry, ARGV[i]) end
