@@ -734,3 +734,84 @@ def test_a_custom_key_prefix_is_used_by_every_read_and_write(
     assert not redis_conn.exists("tenant:job:stuck", "tenant:job:lost", "tenant:job:gone")
     assert not redis_conn.exists("progress:gone")
     assert not [k for k in redis_conn.scan_iter("rq:*")], "nothing was written under rq:"
+
+
+# --- 6. RQ's intermediate list ---------------------------------------------------------------
+
+
+def stranded(conn: redis.Redis, first_seen_s: float | None) -> Job:
+    """A job a worker moved to the intermediate list and died with before starting it."""
+    job = Queue(QUEUE, connection=conn).enqueue("jobs.quick")
+    conn.lmove(f"rq:queue:{QUEUE}", f"rq:queue:{QUEUE}:intermediate", "LEFT", "RIGHT")
+    if first_seen_s is not None:
+        key = f"rq:queue:{QUEUE}:intermediate:first_seen:{job.id}"
+        conn.set(key, time.time() - first_seen_s, ex=86400)
+    return job
+
+
+def test_an_id_stranded_in_the_intermediate_list_is_failed_after_the_grace(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = stranded(redis_conn, first_seen_s=HOUR_S)
+
+    item = job_in(run(policy(tmp_path, "delete"), redis_url), job.id)
+
+    assert (item["state"], item["stranded"], item["action"], item["outcome"]) == (
+        "stranded",
+        True,
+        "fail",
+        "done",
+    ), "failed as RQ's own cleanup does, whatever the policy's action"
+    assert job_status(redis_conn, job.id) == "failed"
+    assert redis_conn.llen(f"rq:queue:{QUEUE}:intermediate") == 0
+
+
+def test_a_stranded_job_with_retries_left_is_queued_again(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = stranded(redis_conn, first_seen_s=HOUR_S)
+    redis_conn.hset(job.key, "retries_left", "2")
+
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert item["outcome"] == "done"
+    assert job_status(redis_conn, job.id) == "queued"
+    assert Queue(QUEUE, connection=redis_conn).get_job_ids() == [job.id]
+    assert Job.fetch(job.id, connection=redis_conn).retries_left == 1
+
+
+@pytest.mark.parametrize("first_seen_s", [None, 30.0], ids=["never-seen", "seen-recently"])
+def test_a_recently_stranded_id_is_left_for_its_worker(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, first_seen_s: float | None
+) -> None:
+    job = stranded(redis_conn, first_seen_s=first_seen_s)
+
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert (item["state"], item["action"], item["outcome"]) == ("stranded", "none", "kept")
+    assert redis_conn.lrange(f"rq:queue:{QUEUE}:intermediate", 0, -1) == [job.id.encode()]
+
+
+def test_a_stranded_id_whose_job_is_gone_is_removed_from_the_list(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    redis_conn.rpush(f"rq:queue:{QUEUE}:intermediate", "vanished")
+    redis_conn.sadd("rq:queues", f"rq:queue:{QUEUE}")
+
+    item = job_in(run(policy(tmp_path), redis_url), "vanished")
+
+    assert (item["state"], item["action"], item["outcome"]) == ("orphaned", "remove-entry", "done")
+    assert redis_conn.llen(f"rq:queue:{QUEUE}:intermediate") == 0
+
+
+def test_explain_of_a_stranded_job_shows_the_intermediate_list(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job = stranded(redis_conn, first_seen_s=HOUR_S)
+
+    code, explained = explain(job.id, redis_url)
+
+    assert code == 0 and isinstance(explained, dict)
+    assert f"rq:queue:{QUEUE}:intermediate (list)" in explained["places"]
+    [verdict] = explained["verdicts"]
+    assert (verdict["state"], verdict["action"]) == ("stranded", "fail")

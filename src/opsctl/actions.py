@@ -73,7 +73,7 @@ if redis.acl_check_cmd then
     {'ZADD', 8, '1', 'm'}, {'ZADD', 9, '1', 'm'}, {'ZADD', 10, '1', 'm'},
     {'XADD', 11, '*', 'f', 'v'}, {'EXPIRE', 1, '1'}, {'PERSIST', 1}, {'DEL', 1},
     {'INCR', 17}, {'EXPIRE', 17, '1'}, {'XADD', 18, '*', 'f', 'v'},
-    {'ZREM', 14, 'm'}, {'ZREM', 15, 'm'}, {'ZREM', 16, 'm'},
+    {'ZREM', 14, 'm'}, {'ZREM', 15, 'm'}, {'ZREM', 16, 'm'}, {'LREM', 2, '0', 'v'},
   }
   -- Application keys deleted along with the job (policy related_keys).
   for i = 21, #KEYS do table.insert(writes, {'DEL', i}) end
@@ -105,7 +105,10 @@ local retrying = action == 'fail' and ARGV[14] ~= ''
 if not ttl or not tonumber(ARGV[17]) or (retrying and not (interval and left)) then
   return redis.error_reply('a number this change needs cannot be read')
 end
+-- A stranded job's source is its queue's intermediate list (KEYS[19]), not a registry.
+local stranded = KEYS[2] == KEYS[19]
 local kinds = {[1] = 'hash', [2] = 'zset', [18] = 'stream'}
+if stranded then kinds[2], kinds[16] = 'list', 'zset' end
 if exec_id ~= '' then kinds[3], kinds[4], kinds[5] = 'hash', 'zset', 'set' end
 if retrying and interval > 0 then
   kinds[10] = 'zset'
@@ -139,18 +142,19 @@ end
 
 -- Lost jobs: whether a registry or list holds the job after all (then a
 -- worker or RQ took it back), in words; false when nothing does.
+local function in_started(registry)
+  if redis.call('ZSCORE', registry, job_id) ~= false then return true end
+  if kind_of(KEYS[4]) == 'zset' then
+    for _, e in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+      if redis.call('ZSCORE', registry, job_id .. ':' .. e) ~= false then return true end
+    end
+  end
+  return false
+end
+
 local function lost_job_is_held(status)
   if status == 'started' then
-    if redis.call('ZSCORE', KEYS[2], job_id) ~= false then
-      return 'the job is in its started registry again'
-    end
-    if kind_of(KEYS[4]) == 'zset' then
-      for _, e in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
-        if redis.call('ZSCORE', KEYS[2], job_id .. ':' .. e) ~= false then
-          return 'the job is in its started registry again'
-        end
-      end
-    end
+    if in_started(KEYS[2]) then return 'the job is in its started registry again' end
     return false
   end
   if redis.call('LPOS', KEYS[6], job_id) ~= false
@@ -172,7 +176,12 @@ if status ~= ARGV[5] then
 end
 -- A lost job (found by the keyspace scan) has no entry: ``member`` is empty,
 -- and the re-check is that nothing holds it still.
-if member == '' then
+if stranded then
+  if redis.call('LPOS', KEYS[2], job_id) == false then
+    return {0, 'no longer in the intermediate list'}
+  end
+  if in_started(KEYS[16]) then return {0, 'the job is in its started registry now'} end
+elseif member == '' then
   local held = lost_job_is_held(status)
   if held then return {0, held} end
 elseif redis.call('ZSCORE', KEYS[2], member) == false then
@@ -197,7 +206,11 @@ if field(KEYS[1], 'retries_left') ~= ARGV[8] then
   return {0, 'retries_left changed since it was read'}
 end
 
-redis.call('ZREM', KEYS[2], member)
+if stranded then
+  redis.call('LREM', KEYS[2], 0, job_id)
+else
+  redis.call('ZREM', KEYS[2], member)
+end
 if exec_id ~= '' then
   redis.call('DEL', KEYS[3])
   redis.call('ZREM', KEYS[4], exec_id)

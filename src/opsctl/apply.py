@@ -208,7 +208,11 @@ class Executor:
             job_id=entry.job_id,
             member=entry.member,
             execution_id=entry.execution_id,
-            source=self.keys.started(entry.queue),
+            source=(
+                self.keys.intermediate(entry.queue)
+                if entry.stranded
+                else self.keys.started(entry.queue)
+            ),
             expect=job,
             expect_execution_heartbeat=(entry.execution or {}).get("last_heartbeat", ""),
             reason=reason,

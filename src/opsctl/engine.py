@@ -41,6 +41,7 @@ class State(str, Enum):
     OVERDUE = "overdue"  # a live worker is executing it for longer than max_age
     RUNNING = "running"  # a live worker is executing it within max_age
     LOST = "lost"  # status started or queued, yet in no registry, queue or list
+    STRANDED = "stranded"  # left in an intermediate list by a worker that never started it
 
 
 #: Actions a report can name; the first four are the policy's own.
@@ -142,6 +143,8 @@ def _decide(
 ) -> Verdict:
     if entry.lost:
         return _lost(entry, rule, holds, signals, now)
+    if entry.stranded:
+        return _stranded(entry, rule, signals, now)
     if entry.job is None or not (entry.job.get("status") or entry.job.get("created_at")):
         return _orphaned(entry.job, holds, signals)
     status = entry.job.get("status", "")
@@ -184,6 +187,35 @@ def _lost(entry: StartedEntry, rule: Rule, holds: bool, signals: Signals, now: f
         return Verdict(State.LOST, ACTION_NONE, reason, signals)
     reason = f"{found} for {lost_s:.0f}s, over lost_after {rule.lost_after_seconds}s"
     return Verdict(State.LOST, rule.action, reason, signals)
+
+
+#: Statuses of a stranded job that RQ's own cleanup fails; others only leave the id behind.
+_STRANDED_STATUSES = ("queued", "started", "")
+
+
+def _stranded(entry: StartedEntry, rule: Rule, signals: Signals, now: float) -> Verdict:
+    """An id in an intermediate list, in no started registry: RQ's own cleanup fails
+    such a job (retries honoured) once it has been seen there for a while; so does
+    opsctl, after lost_after, whatever the policy's action."""
+    if entry.job is None:
+        return Verdict(State.ORPHANED, ACTION_REMOVE_ENTRY, "job hash is gone", signals)
+    status = entry.job.get("status", "")
+    if status not in _STRANDED_STATUSES:
+        reason = f"status is '{status}'; only its id is left in the intermediate list"
+        return Verdict(State.LEFTOVER, ACTION_REMOVE_ENTRY, reason, signals)
+    found = "taken from its queue but never started (left in the intermediate list)"
+    since = parse_timestamp(entry.job.get("first_seen")) or parse_timestamp(
+        entry.job.get("enqueued_at")
+    )
+    if since is None:
+        reason = f"{found}; for how long is unknown, so it is never acted on by age"
+        return Verdict(State.STRANDED, ACTION_NONE, reason, signals)
+    stranded_s = max(0.0, now - since)
+    if stranded_s <= rule.lost_after_seconds:
+        reason = f"{found} for {stranded_s:.0f}s, within lost_after {rule.lost_after_seconds}s"
+        return Verdict(State.STRANDED, ACTION_NONE, reason, signals)
+    reason = f"{found} for {stranded_s:.0f}s; failed as RQ's own cleanup would"
+    return Verdict(State.STRANDED, "fail", reason, signals)
 
 
 def _orphaned(job: dict[str, str] | None, holds: bool, signals: Signals) -> Verdict:

@@ -11,7 +11,7 @@ at it. The decision is the engine's own; nothing here decides anything.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import redis
@@ -78,6 +78,9 @@ def explain(conn: redis.Redis, keys: Keys, job_id: str, policy: Policy | None) -
     found.workers = [_worker_view(w) for w in workers.values()]
     rule, found.rule = _rule(policy, origin or (members[0][0] if members else ""))
     job = {k: v for k, v in fields.items() if k in JOB_FIELDS or k in LOST_FIELDS}
+    first_seen = conn.get(keys.intermediate_first_seen(origin, job_id)) if origin else None
+    if first_seen:
+        job["first_seen"] = text(first_seen)
     entries = _entries(job_id, job if raw else None, members, executions, found.places)
     for entry in entries:
         found.verdicts.append(_verdict(conn, keys, entry, workers, rule, now))
@@ -211,6 +214,12 @@ def _entries(
         for queue, member, score in members
         for execution in [split_member(member)[1]]
     ]
+    intermediate = [p for p in places if p.endswith(":intermediate (list)")]
+    if not entries and intermediate:
+        queue = (job or {}).get("origin", "")
+        record = dict(job or {})
+        entry = StartedEntry(queue, job_id.encode(), job_id, None, math.nan, record or None, None)
+        return [replace(entry, stranded=True)]
     if not entries and job and job.get("status") in ("started", "queued"):
         lost = job.get("status") == "started" or not places
         if lost:
@@ -228,6 +237,8 @@ def _verdict(
     now: float,
 ) -> dict[str, Any]:
     where = "lost (in no registry or list)" if entry.lost else text(entry.member)
+    if entry.stranded:
+        where = "stranded (in the intermediate list only)"
     if rule is None:
         return {"entry": where, "state": None, "action": "none", "reason": "no rule applies"}
     verdict = engine.classify(entry, workers, rule, now)

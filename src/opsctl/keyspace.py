@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -241,6 +241,52 @@ def _list_members(conn: redis.Redis, key: str) -> set[str]:
         if len(chunk) < LIST_CHUNK:
             return members
         start += LIST_CHUNK
+
+
+def find_stranded(
+    conn: redis.Redis, keys: Keys, queues: Iterable[str], started: Iterable[StartedEntry]
+) -> LostScan:
+    """Ids left in the intermediate lists of ``queues`` and in no started registry.
+
+    The job's fields come with ``first_seen``: when RQ's own cleanup first saw
+    the id stranded (its marker key), which is how long it has been there.
+    """
+    result = LostScan()
+    in_registries = {e.job_id for e in started}
+    try:
+        for queue in sorted(set(queues)):
+            ids = sorted(_list_members(conn, keys.intermediate(queue)) - in_registries)
+            result.entries += _stranded_entries(conn, keys, queue, ids, result)
+    except redis.exceptions.NoPermissionError as exc:
+        result.entries = []
+        result.problems.append(f"intermediate lists were not read: the Redis user may not ({exc})")
+    return result
+
+
+def _stranded_entries(
+    conn: redis.Redis, keys: Keys, queue: str, ids: list[str], result: LostScan
+) -> list[StartedEntry]:
+    entries = []
+    for start in range(0, len(ids), 500):
+        batch = ids[start : start + 500]
+        pipe = conn.pipeline(transaction=False)
+        for job_id in batch:
+            pipe.hmget(keys.job(job_id), LOST_FIELDS)
+            pipe.get(keys.intermediate_first_seen(queue, job_id))
+        replies = replies_of(pipe)
+        for i, job_id in enumerate(batch):
+            reply, first_seen = replies[2 * i], replies[2 * i + 1]
+            if isinstance(reply, Exception):
+                result.problems.append(f"job {job_id}: could not be read ({reply})")
+                continue
+            job = {n: text(v) for n, v in zip(LOST_FIELDS, reply, strict=True) if v is not None}
+            if job and isinstance(first_seen, bytes):
+                job["first_seen"] = text(first_seen)
+            entry = StartedEntry(
+                queue, job_id.encode(), job_id, None, float("nan"), job or None, None
+            )
+            entries.append(replace(entry, stranded=True))
+    return entries
 
 
 def scheduler_references(conn: redis.Redis, keys: Keys, jobs: list[tuple[str, str]]) -> list[str]:

@@ -45,6 +45,9 @@ class StartedEntry:
     ``lost`` marks a job found by the keyspace scan rather than in a registry:
     its status says started or queued, but no registry or list holds it.
     ``member`` is then empty and ``queue`` is the job's origin.
+
+    ``stranded`` marks an id left in a queue's intermediate list (taken by a
+    worker that died before starting it); ``member`` is then the bare id.
     """
 
     queue: str
@@ -55,6 +58,7 @@ class StartedEntry:
     job: dict[str, str] | None
     execution: dict[str, str] | None
     lost: bool = False
+    stranded: bool = False
 
     @property
     def worker_name(self) -> str:

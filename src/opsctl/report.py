@@ -141,6 +141,7 @@ def _job_json(j: JobOutcome) -> dict[str, Any]:
         "stop_confirmed": j.stop_confirmed,
         "rule": j.rule.source,
         "lost": j.entry.lost,
+        "stranded": j.entry.stranded,
         "function": j.function or None,
     }
 
@@ -275,6 +276,7 @@ _STATE_STYLE = {
     State.OVERDUE: "magenta",
     State.RUNNING: "green",
     State.LOST: "red",
+    State.STRANDED: "red",
 }
 _OUTCOME_STYLE = {DONE: "green", ERROR: "bold red", SKIPPED: "yellow", PLANNED: "cyan"}
 

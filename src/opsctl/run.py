@@ -15,7 +15,7 @@ import redis
 from opsctl import engine
 from opsctl.engine import ACTION_NONE, Verdict
 from opsctl.keys import Keys, rescue_key
-from opsctl.keyspace import find_lost, function_names, scheduler_references
+from opsctl.keyspace import find_lost, find_stranded, function_names, scheduler_references
 from opsctl.model import StartedEntry, WorkerRecord, parse_int
 from opsctl.policy import Limits, Policy, Rule
 from opsctl.state import (
@@ -223,13 +223,14 @@ def _plan(
 def _lost_entries(
     conn: redis.Redis, keys: Keys, snapshot: Snapshot, run: Run
 ) -> list[StartedEntry]:
-    """Lost jobs of the snapshot's queues; their workers join the snapshot's."""
+    """Lost and stranded jobs of the snapshot's queues; their workers join the snapshot's."""
     scan = find_lost(conn, keys, snapshot.queues, snapshot.entries)
-    run.problems.extend(scan.problems)
+    stranded = find_stranded(conn, keys, snapshot.queues, snapshot.entries)
+    run.problems.extend(scan.problems + stranded.problems)
     names = {e.worker_name for e in scan.entries if e.worker_name} - set(snapshot.workers)
     if names:
         snapshot.workers.update(read_workers(conn, keys, names))
-    return scan.entries
+    return scan.entries + stranded.entries
 
 
 def _read_functions(conn: redis.Redis, keys: Keys, run: Run) -> None:
