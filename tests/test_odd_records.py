@@ -29,7 +29,7 @@ from rq.rate_limit import RateLimit, RateLimitRegistry
 from rq.registry import FailedJobRegistry
 from typer.testing import CliRunner
 
-from conftest import WorkerFactory, job_status, wait_for_status
+from conftest import WorkerFactory, job_status, run_opsctl, wait_for_status
 from opsctl.cli import app
 from opsctl.keys import Keys
 from opsctl.keyspace import find_lost
@@ -742,7 +742,10 @@ def test_a_custom_key_prefix_is_used_by_every_read_and_write(
 def stranded(conn: redis.Redis, first_seen_s: float | None) -> Job:
     """A job a worker moved to the intermediate list and died with before starting it."""
     job = Queue(QUEUE, connection=conn).enqueue("jobs.quick")
-    conn.lmove(f"rq:queue:{QUEUE}", f"rq:queue:{QUEUE}:intermediate", "LEFT", "RIGHT")
+    with conn.pipeline() as pipe:  # what the worker's BLMOVE did
+        pipe.lrem(f"rq:queue:{QUEUE}", 0, job.id)
+        pipe.rpush(f"rq:queue:{QUEUE}:intermediate", job.id)
+        pipe.execute()
     if first_seen_s is not None:
         key = f"rq:queue:{QUEUE}:intermediate:first_seen:{job.id}"
         conn.set(key, time.time() - first_seen_s, ex=86400)
@@ -815,3 +818,111 @@ def test_explain_of_a_stranded_job_shows_the_intermediate_list(
     assert f"rq:queue:{QUEUE}:intermediate (list)" in explained["places"]
     [verdict] = explained["verdicts"]
     assert (verdict["state"], verdict["action"]) == ("stranded", "fail")
+
+
+# --- every kind at once ---------------------------------------------------------------------
+
+DELETE_QUEUE = "odd-delete"
+
+
+def test_one_database_with_every_kind_of_odd_record_is_applied_correctly(
+    rq_workers: WorkerFactory,
+    redis_conn: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    live_worker: Any,
+) -> None:
+    queue = Queue(QUEUE, connection=redis_conn)
+    # Normal jobs: one waiting, one finished, one a SimpleWorker runs past its lease.
+    simple = rq_workers.start([QUEUE], simple=True)
+    running = queue.enqueue("jobs.sleep_for", 60, job_timeout=600)
+    assert wait_for_status(redis_conn, running.id, "started", timeout=20) == "started"
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {started_member(redis_conn, running.id): 1.0})
+    simple.process.send_signal(19)  # SIGSTOP: it keeps its connection, takes nothing new
+    waiting = queue.enqueue("jobs.quick")
+    finished = queue.enqueue("jobs.quick")
+    redis_conn.lrem(queue.key, 0, finished.id)
+    redis_conn.hset(finished.key, "status", "finished")
+
+    abandoned = started_job(redis_conn)  # 1: plus a husk beside it
+    redis_conn.hset("rq:job:husk", "last_heartbeat", iso(ago(5)))
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {"husk:e1": time.time()})
+    offset = started_job(redis_conn, worker="busy")  # 2: offset timestamp, live worker
+    live_worker("busy", {"state": "busy", "current_job": offset.id})
+    plus_two = ago(1800).astimezone(timezone(timedelta(hours=2)))
+    redis_conn.hset(offset.key, "started_at", iso(plus_two, "%Y-%m-%dT%H:%M:%S%z"))
+    undecodable = started_job(redis_conn)  # 3
+    redis_conn.hset(undecodable.key, "data", zlib.compress(_uninstalled_pickle()))
+    infinite = started_job(redis_conn)  # 4
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {started_member(redis_conn, infinite.id): float("inf")})
+    lost = lost_started(redis_conn)  # 5
+    lost_waiting = lost_queued(redis_conn)
+    stuck_in_list = stranded(redis_conn, first_seen_s=HOUR_S)  # 6
+    elsewhere = started_job(redis_conn, queue=OTHER_QUEUE)  # 7
+    member = started_member(redis_conn, elsewhere.id, OTHER_QUEUE)
+    redis_conn.zrem(f"rq:wip:{OTHER_QUEUE}", member)
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {member: time.time()})
+    partial = started_job(redis_conn, worker="partial")  # 8
+    live_worker(
+        "partial", {"last_heartbeat": ""}, [started_member(redis_conn, partial.id).decode()]
+    )
+    scheduled = started_job(redis_conn, queue=DELETE_QUEUE)  # 10
+    redis_conn.zadd("rq:scheduler:scheduled_jobs", {scheduled.id: time.time() + HOUR_S})
+    deleted = started_job(redis_conn, queue=DELETE_QUEUE)  # 12
+    redis_conn.set(f"job_progress:{deleted.id}", "50%")
+    limit = RateLimit(key="mix", concurrency=1)  # 11: a dead job's slot, a job waiting for it
+    limited = queue.enqueue("jobs.quick", rate_limit=limit)
+    redis_conn.lrem(queue.key, 0, limited.id)
+    with redis_conn.pipeline() as pipe:
+        Execution.create(limited, 600, pipe, worker_name=DEAD)
+        limited.prepare_for_execution(DEAD, pipe)
+        pipe.execute()
+    held_back = queue.enqueue("jobs.quick", rate_limit=limit)
+    assert job_status(redis_conn, held_back.id) == "rate_limited"
+
+    path = tmp_path / "mixed.yaml"
+    path.write_text(
+        "version: 1\ndefaults:\n  action: fail\n  max_age: 1h\nqueues:\n"
+        f"  - name: {QUEUE}\n  - name: {OTHER_QUEUE}\n  - name: {DELETE_QUEUE}\n"
+        '    action: delete\n    related_keys: ["job_progress:{job_id}"]\n'
+    )
+    result = run_opsctl("apply", str(path), "--redis-url", redis_url, "--format", "json")
+    simple.process.send_signal(18)  # SIGCONT
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    seen = {j["id"]: (j["state"], j["action"], j["outcome"]) for j in report["jobs"]}
+    assert seen == {
+        running.id: ("running", "none", "kept"),
+        abandoned.id: ("abandoned", "fail", "done"),
+        "husk": ("orphaned", "remove-entry", "done"),
+        offset.id: ("running", "none", "kept"),
+        undecodable.id: ("abandoned", "fail", "done"),
+        infinite.id: ("abandoned", "fail", "done"),
+        lost.id: ("lost", "fail", "done"),
+        lost_waiting.id: ("lost", "fail", "done"),
+        stuck_in_list.id: ("stranded", "fail", "done"),
+        elsewhere.id: ("abandoned", "fail", "done"),
+        partial.id: ("running", "none", "kept"),
+        scheduled.id: ("abandoned", "delete", "skipped"),
+        deleted.id: ("abandoned", "delete", "done"),
+        limited.id: ("abandoned", "fail", "done"),
+    }, json.dumps(report["jobs"], indent=1)
+    assert job_in(report, undecodable.id)["function"] == "billing.charge"
+    assert 1700 < job_in(report, offset.id)["age_seconds"] < 1900
+
+    failed = FailedJobRegistry(QUEUE, connection=redis_conn).get_job_ids(cleanup=False)
+    for job in (abandoned, undecodable, infinite, lost, lost_waiting, stuck_in_list, limited):
+        assert job_status(redis_conn, job.id) == "failed", job.id
+        assert job.id in failed
+    assert elsewhere.id in FailedJobRegistry(OTHER_QUEUE, connection=redis_conn).get_job_ids(
+        cleanup=False
+    )
+    for job in (running, partial, scheduled):
+        assert job_status(redis_conn, job.id) == "started"
+    assert redis_conn.hget(offset.key, "status") == b"started"  # RQ cannot parse its offset
+    assert job_status(redis_conn, deleted.id) is None
+    assert not redis_conn.exists(f"job_progress:{deleted.id}")
+    assert job_status(redis_conn, finished.id) == "finished"
+    assert job_status(redis_conn, held_back.id) == "queued", "the freed slot went to it"
+    assert queue.get_job_ids() == [waiting.id, held_back.id]
