@@ -19,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import redis
 from click.testing import Result
@@ -33,6 +34,7 @@ from conftest import WorkerFactory, job_status, run_opsctl, wait_for_status
 from opsctl.cli import app
 from opsctl.keys import Keys
 from opsctl.keyspace import find_lost
+from opsctl.policy import load_policy
 
 pytestmark = pytest.mark.redis_server
 
@@ -42,6 +44,7 @@ DEAD = "dead-worker"
 HOUR_S = 3600
 
 runner = CliRunner()
+REPORT_SCHEMA = json.loads((Path(__file__).parents[1] / "schemas/report.schema.json").read_text())
 
 
 # --- building records ----------------------------------------------------------------------
@@ -120,6 +123,7 @@ def run(path: Path, url: str, *extra: str) -> dict[str, Any]:
     assert result.exit_code == 0, f"{result.stdout}\n{result.stderr}"
     assert "Traceback" not in result.stderr
     report: dict[str, Any] = json.loads(result.stdout)
+    jsonschema.validate(report, REPORT_SCHEMA)
     return report
 
 
@@ -926,3 +930,47 @@ def test_one_database_with_every_kind_of_odd_record_is_applied_correctly(
     assert job_status(redis_conn, finished.id) == "finished"
     assert job_status(redis_conn, held_back.id) == "queued", "the freed slot went to it"
     assert queue.get_job_ids() == [waiting.id, held_back.id]
+
+
+# --- policy settings ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("rq:job:{job_id}", "would name a key under 'rq:', which belongs to RQ or opsctl"),
+        ("opsctl:{job_id}", "would name a key under 'opsctl:', which belongs to RQ or opsctl"),
+        ("{job_id}:progress", "must start with a fixed part before {job_id}"),
+        ("progress:{id}", "must hold the placeholder {job_id} exactly once"),
+        ("p:{job_id}:{job_id}", "must hold the placeholder {job_id} exactly once"),
+        ("p:{job_id}:{queue}", "holds a placeholder other than {job_id}"),
+    ],
+)
+def test_a_related_keys_template_that_could_name_other_keys_is_refused(
+    tmp_path: Path, template: str, message: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(f'version: 1\nqueues:\n  - name: a\n    related_keys: ["{template}"]\n')
+
+    result = opsctl("validate", str(path))
+
+    assert result.exit_code == 2
+    assert f"4:20: queues[0].related_keys[0]: '{template}' {message}" in result.stdout
+
+
+def test_lost_after_takes_a_duration_and_is_inherited_per_queue(tmp_path: Path) -> None:
+    path = tmp_path / "lost.yaml"
+    path.write_text(
+        "version: 1\ndefaults:\n  lost_after: 2h\nqueues:\n  - name: a\n"
+        "  - name: b\n    lost_after: 90s\n  - name: c\n    lost_after: soon\n"
+    )
+
+    result = opsctl("validate", str(path))
+
+    assert result.exit_code == 2
+    assert result.stdout.strip().endswith(
+        "queues[2].lost_after: 'soon' is not a duration (use 90s, 10m, 2h or 1d)"
+    )
+    path.write_text(path.read_text().replace("soon", "1d"))
+    policy = load_policy(path)
+    assert [policy.rule_for(q).lost_after_seconds for q in "abc"] == [7200, 90, 86400]  # type: ignore[union-attr]
