@@ -974,3 +974,25 @@ def test_lost_after_takes_a_duration_and_is_inherited_per_queue(tmp_path: Path) 
     path.write_text(path.read_text().replace("soon", "1d"))
     policy = load_policy(path)
     assert [policy.rule_for(q).lost_after_seconds for q in "abc"] == [7200, 90, 86400]  # type: ignore[union-attr]
+
+
+def test_a_reviewed_plan_fails_a_stranded_job_and_deletes_related_keys(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = stranded(redis_conn, first_seen_s=HOUR_S)
+    doomed = started_job(redis_conn, queue=OTHER_QUEUE)
+    redis_conn.set(f"job_progress:{doomed.id}", "1")
+    path = tmp_path / "plan-policy.yaml"
+    path.write_text(
+        f"version: 1\nqueues:\n  - name: {QUEUE}\n  - name: {OTHER_QUEUE}\n    action: delete\n"
+        '    related_keys: ["job_progress:{job_id}"]\n'
+    )
+    plan = tmp_path / "plan.json"
+    assert opsctl("plan", str(path), "--redis-url", redis_url, "-o", str(plan)).exit_code == 0
+
+    report = run(path, redis_url, "--plan", str(plan))
+
+    assert job_in(report, job.id)["outcome"] == "done"
+    assert job_status(redis_conn, job.id) == "failed"
+    assert job_status(redis_conn, doomed.id) is None
+    assert not redis_conn.exists(f"job_progress:{doomed.id}")
