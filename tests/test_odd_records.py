@@ -996,3 +996,19 @@ def test_a_reviewed_plan_fails_a_stranded_job_and_deletes_related_keys(
     assert job_status(redis_conn, job.id) == "failed"
     assert job_status(redis_conn, doomed.id) is None
     assert not redis_conn.exists(f"job_progress:{doomed.id}")
+
+
+def test_a_started_job_in_an_uncovered_queues_registry_is_not_lost(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = started_job(redis_conn, queue="elsewhere")
+    redis_conn.hset(job.key, mapping={"origin": QUEUE, "started_at": iso(ago(HOUR_S))})
+    redis_conn.hset(job.key, "last_heartbeat", iso(ago(HOUR_S)))
+    redis_conn.sadd("rq:queues", f"rq:queue:{QUEUE}")
+    path = tmp_path / "only-odd.yaml"
+    path.write_text(f"version: 1\nqueues:\n  - name: {QUEUE}\n")
+
+    report = run(path, redis_url)
+
+    assert report["jobs"] == [], "its entry in rq:wip:elsewhere holds it"
+    assert job_status(redis_conn, job.id) == "started"

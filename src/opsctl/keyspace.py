@@ -23,7 +23,7 @@ import redis
 from opsctl.keys import Keys
 from opsctl.model import StartedEntry
 from opsctl.records import function_name
-from opsctl.state import replies_of, text
+from opsctl.state import known_queues, replies_of, text
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,19 @@ LOST_FIELDS: tuple[str, ...] = (
     "failure_ttl",
 )
 
-# KEYS: the job hashes of one SCAN page. Returns those whose status is
-# started or queued. Read-only: runs under EVAL_RO.
+# KEYS: the job hashes of one SCAN page; ARGV: the queues the run covers.
+# Returns key, status, origin of each job whose status is started or queued
+# and whose origin is a covered queue. Read-only: runs under EVAL_RO.
 _CANDIDATES_SCRIPT = """
+local covered = {}
+for _, queue in ipairs(ARGV) do covered[queue] = true end
 local found = {}
 for _, key in ipairs(KEYS) do
-  local status = redis.call('HMGET', key, 'status')[1]
-  if status == 'started' or status == 'queued' then
+  local f = redis.call('HMGET', key, 'status', 'origin')
+  if (f[1] == 'started' or f[1] == 'queued') and f[2] and covered[f[2]] then
     table.insert(found, key)
+    table.insert(found, f[1])
+    table.insert(found, f[2])
   end
 end
 return found
@@ -106,21 +111,19 @@ def _scan(
     result: LostScan,
 ) -> None:
     in_registries = {e.job_id for e in started}
-    candidates = _candidates(conn, keys, result)
-    jobs = _read_jobs(conn, keys, candidates, result)
+    started_ids: list[str] = []
     queued: dict[str, list[str]] = {}
-    for job_id, job in jobs.items():
-        origin = job.get("origin", "")
-        if origin not in wanted:
-            continue
-        status = job.get("status")
+    for job_id, status, origin in _candidates(conn, keys, sorted(wanted), result):
         if status == "started" and job_id not in in_registries:
-            result.entries.append(_lost_entry(origin, job_id, job))
+            started_ids.append(job_id)
         elif status == "queued":
             queued.setdefault(origin, []).append(job_id)
+    lost = [j for j in started_ids if j not in _in_any_started(conn, keys, started_ids)]
     for origin, ids in sorted(queued.items()):
-        for job_id in _not_held(conn, keys, origin, ids):
-            result.entries.append(_lost_entry(origin, job_id, jobs[job_id]))
+        lost += _not_held(conn, keys, origin, ids)
+    for job_id, job in _read_jobs(conn, keys, lost, result).items():
+        if job.get("origin") in wanted:
+            result.entries.append(_lost_entry(job["origin"], job_id, job))
     result.entries.sort(key=lambda e: (e.queue, e.job_id))
 
 
@@ -128,24 +131,27 @@ def _lost_entry(origin: str, job_id: str, job: dict[str, str]) -> StartedEntry:
     return StartedEntry(origin, b"", job_id, None, float("nan"), job, None, lost=True)
 
 
-def _candidates(conn: redis.Redis, keys: Keys, result: LostScan) -> list[str]:
-    """Ids of job hashes whose status is started or queued, page by page."""
-    found: list[str] = []
+def _candidates(
+    conn: redis.Redis, keys: Keys, queues: list[str], result: LostScan
+) -> Iterator[tuple[str, str, str]]:
+    """(job id, status, origin) of each job started or queued on ``queues``."""
     pattern = _glob_escape(keys.job_prefix) + "*"
     for page in _pages(conn, pattern):
         result.scanned += len(page)
         if result.filtered_server_side:
             try:
-                chosen = conn.eval_ro(_CANDIDATES_SCRIPT, len(page), *page)
+                found = conn.eval_ro(_CANDIDATES_SCRIPT, len(page), *page, *queues)
             except redis.ResponseError as exc:
                 # Unknown before Redis 7, or refused by an ACL: read plainly instead.
                 log.info("eval_ro_unavailable error=%s; reading job statuses plainly", exc)
                 result.filtered_server_side = False
             else:
-                found += [_job_id(keys, k) for k in chosen]
+                for i in range(0, len(found), 3):
+                    key, status, origin = found[i : i + 3]
+                    if job_id := _job_id(keys, key):
+                        yield job_id, text(status), text(origin)
                 continue
-        found += _filter_plainly(conn, keys, page)
-    return [j for j in found if j]
+        yield from _filter_plainly(conn, keys, page, set(queues))
 
 
 def _pages(conn: redis.Redis, pattern: str) -> Iterator[list[bytes]]:
@@ -159,17 +165,18 @@ def _pages(conn: redis.Redis, pattern: str) -> Iterator[list[bytes]]:
             return
 
 
-def _filter_plainly(conn: redis.Redis, keys: Keys, page: list[bytes]) -> list[str]:
+def _filter_plainly(
+    conn: redis.Redis, keys: Keys, page: list[bytes], queues: set[str]
+) -> Iterator[tuple[str, str, str]]:
     pipe = conn.pipeline(transaction=False)
     for key in page:
-        pipe.hmget(key, ["status"])
-    found = []
+        pipe.hmget(key, ["status", "origin"])
     for key, reply in zip(page, replies_of(pipe), strict=True):
-        if isinstance(reply, Exception):
+        if isinstance(reply, Exception) or not reply:
             continue
-        if reply and reply[0] in (b"started", b"queued"):
-            found.append(_job_id(keys, key))
-    return found
+        status, origin = text(reply[0]), text(reply[1])
+        if status in ("started", "queued") and origin in queues and (job_id := _job_id(keys, key)):
+            yield job_id, status, origin
 
 
 def _job_id(keys: Keys, key: bytes | str) -> str:
@@ -178,6 +185,37 @@ def _job_id(keys: Keys, key: bytes | str) -> str:
     if not name or name.startswith(":") or name.endswith((":dependents", ":dependencies")):
         return ""
     return name
+
+
+def _in_any_started(conn: redis.Redis, keys: Keys, ids: list[str]) -> set[str]:
+    """The ``ids`` that some started registry lists, whichever queue's it is.
+
+    The run read only its own queues' registries; a job may sit in another's
+    (its origin names another queue). Members are the bare id (RQ 1) or
+    ``id:execution`` for an execution the job lists.
+    """
+    if not ids:
+        return set()
+    registries = [keys.started(q) for q in known_queues(conn, keys)]
+    pipe = conn.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.zrange(keys.executions(job_id), 0, -1)
+    executions = replies_of(pipe)
+    pipe = conn.pipeline(transaction=False)
+    asked: list[str] = []
+    for job_id, ids_of_job in zip(ids, executions, strict=True):
+        members = [job_id]
+        if not isinstance(ids_of_job, Exception):
+            members += [f"{job_id}:{text(e)}" for e in ids_of_job]
+        for registry in registries:
+            for member in members:
+                pipe.zscore(registry, member)
+                asked.append(job_id)
+    return {
+        job_id
+        for job_id, score in zip(asked, replies_of(pipe), strict=True)
+        if score is not None and not isinstance(score, Exception)
+    }
 
 
 def _read_jobs(
