@@ -186,35 +186,36 @@ def test_a_started_job_with_a_timeout_that_is_not_a_number_is_still_failed(
 
 # --- 2. timestamps ---------------------------------------------------------------------------
 
-TWO_HOURS_AGO = ago(2 * HOUR_S)
+#: How a moment is written in each form RQ has used; None: as float epoch seconds.
+TIMESTAMP_FORMS: dict[str, tuple[str | None, timezone]] = {
+    "fraction-Z": ("%Y-%m-%dT%H:%M:%S.%fZ", timezone.utc),
+    "no-fraction-Z": ("%Y-%m-%dT%H:%M:%SZ", timezone.utc),
+    "naive": ("%Y-%m-%dT%H:%M:%S.%f", timezone.utc),
+    "offset-zero": ("%Y-%m-%dT%H:%M:%S+00:00", timezone.utc),
+    "offset-plus-2": ("%Y-%m-%dT%H:%M:%S%z", timezone(timedelta(hours=2))),
+    "float-epoch": (None, timezone.utc),
+}
 
 
-@pytest.mark.parametrize(
-    ("started_at", "execution_created_at"),
-    [
-        (iso(TWO_HOURS_AGO), None),
-        (iso(TWO_HOURS_AGO, "%Y-%m-%dT%H:%M:%SZ"), None),
-        (iso(TWO_HOURS_AGO, "%Y-%m-%dT%H:%M:%S.%f"), None),
-        (iso(TWO_HOURS_AGO, "%Y-%m-%dT%H:%M:%S+00:00"), None),
-        (iso(TWO_HOURS_AGO.astimezone(timezone(timedelta(hours=2))), "%Y-%m-%dT%H:%M:%S%z"), None),
-        ("", str(TWO_HOURS_AGO.timestamp())),
-    ],
-    ids=["fraction-Z", "no-fraction-Z", "naive", "offset-zero", "offset-plus-2", "float-epoch"],
-)
+@pytest.mark.parametrize("form", sorted(TIMESTAMP_FORMS))
 def test_every_timestamp_form_rq_wrote_gives_the_same_age(
     redis_conn: redis.Redis,
     redis_url: str,
     tmp_path: Path,
     live_worker: Any,
-    started_at: str,
-    execution_created_at: str | None,
+    form: str,
 ) -> None:
+    pattern, zone = TIMESTAMP_FORMS[form]
+    moment = ago(2 * HOUR_S).astimezone(zone)
     job = started_job(redis_conn, worker="busy")
     member = started_member(redis_conn, job.id)
     live_worker("busy", {"state": "busy", "current_job": job.id, "birth": iso(ago(9000))})
-    redis_conn.hset(job.key, "started_at", started_at)
-    execution = f"rq:execution:{member.decode()}"
-    redis_conn.hset(execution, "created_at", execution_created_at or "")
+    if pattern is None:  # execution records hold float epoch seconds
+        redis_conn.hset(job.key, "started_at", "")
+        redis_conn.hset(f"rq:execution:{member.decode()}", "created_at", str(moment.timestamp()))
+    else:
+        redis_conn.hset(job.key, "started_at", iso(moment, pattern))
+        redis_conn.hset(f"rq:execution:{member.decode()}", "created_at", "")
 
     item = job_in(run(policy(tmp_path), redis_url, "--dry-run"), job.id)
 
