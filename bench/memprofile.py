@@ -25,13 +25,13 @@ def main() -> None:
     from opsctl import cli, report
 
     snapshots: list[tuple[tracemalloc.Snapshot, int]] = []
-    print_json = report.print_json
+    write_run_json = report.write_run_json
 
-    def snapshot_then_print(document: dict[str, Any]) -> None:
+    def snapshot_then_write(*args: Any) -> None:
         snapshots.append((tracemalloc.take_snapshot(), tracemalloc.get_traced_memory()[0]))
-        print_json(document)
+        write_run_json(*args)
 
-    report.print_json = snapshot_then_print
+    report.write_run_json = snapshot_then_write  # type: ignore[assignment]
     sys.argv = ["opsctl", *argv]
     try:
         cli.main()

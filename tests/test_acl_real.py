@@ -57,20 +57,21 @@ ACL_LINES = {
     "opsctl-status": (
         "ACL SETUSER opsctl-status reset on >CHANGE_ME resetchannels %R~rq:* "
         "+ping +client|setname +time +scan +smembers +zrange +zcard +hmget +exists +ttl "
-        "+llen +echo +pubsub|numsub +client|list"
+        "+llen +pubsub|numsub +client|list +eval_ro +evalsha_ro"
     ),
     "opsctl-dryrun": (
         "ACL SETUSER opsctl-dryrun reset on >CHANGE_ME resetchannels "
         "%R~rq:* %R~opsctl:rescues:* "
         "+ping +client|setname +time +scan +smembers +zrange +zcard +hmget +exists +ttl "
-        "+llen +echo +pubsub|numsub +client|list +get +info +eval_ro +lrange +lpos +zscore +hgetall"
+        "+llen +pubsub|numsub +client|list +eval_ro +evalsha_ro +get +info "
+        "+lrange +lpos +zscore +hgetall"
     ),
     "opsctl-apply": (
         "ACL SETUSER opsctl-apply reset on >CHANGE_ME resetchannels "
         "~rq:* ~opsctl:* &rq:pubsub:* "
         "+ping +client|setname +time +scan +smembers +zrange +zcard +hmget +exists +ttl "
-        "+llen +echo +pubsub|numsub +client|list +get +info "
-        "+eval_ro +lrange +lpos +zscore +hgetall "
+        "+llen +pubsub|numsub +client|list +eval_ro +evalsha_ro +get +info "
+        "+lrange +lpos +zscore +hgetall "
         "+type +hget +hgetall +xrevrange +set +evalsha +script|load +script|exists "
         "+publish +xadd +del +zrem +zadd +zscore +srem +sadd +scard +hset +hexists "
         "+lpush +rpush +lrem +expire +persist +incr +watch +unwatch +multi +exec"
@@ -345,6 +346,27 @@ def test_dryrun_user_runs_a_dry_run_that_plans_and_changes_nothing(
     report = json_report(result)
     assert outcomes(report) == {j.id: ("abandoned", "requeue", "planned") for j in jobs}
     assert [(w["name"], w["outcome"]) for w in report["workers"]] == [(dead, "planned")]
+    assert redis_state(admin) == before
+
+
+def test_a_user_without_script_rights_gets_the_same_dry_run_from_plain_reads(
+    acl_server: AclServer, admin: redis.Redis, tmp_path: Path
+) -> None:
+    # Older ACL setups grant no EVAL_RO: opsctl falls back to one HMGET per hash.
+    no_scripts = "opsctl-noscript"
+    line = ACL_LINES[DRYRUN_USER].replace(DRYRUN_USER, no_scripts)
+    acl_server.add_user(no_scripts, line.replace(" +eval_ro +evalsha_ro", ""))
+    jobs = abandoned_jobs(admin, count=3)
+    policy = str(write_policy(tmp_path))
+    before = redis_state(admin)
+
+    plain = acl_server.opsctl(no_scripts, "apply", policy, "--dry-run", "--format", "json")
+    scripted = acl_server.opsctl(DRYRUN_USER, "apply", policy, "--dry-run", "--format", "json")
+
+    assert plain.returncode == scripted.returncode == ExitCode.OK, shown(plain)
+    expected = {j.id: ("abandoned", "fail", "planned") for j in jobs}
+    assert outcomes(json_report(plain)) == outcomes(json_report(scripted)) == expected
+    assert {r.split(":")[0] for r in refusals(admin)} == {no_scripts}
     assert redis_state(admin) == before
 
 

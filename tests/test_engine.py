@@ -84,7 +84,6 @@ def entry(job: Any = _ABSENT, execution: Any = _ABSENT, member: str = MEMBER) ->
         job_id, execution_id = member, ""
     return StartedEntry(
         queue="default",
-        member=member.encode(),
         job_id=job_id,
         execution_id=execution_id or None,
         score=NOW + 60,
@@ -341,7 +340,8 @@ def test_job_over_max_age_on_a_live_worker_is_overdue_and_stopped_first() -> Non
     assert verdict.state is State.OVERDUE
     assert verdict.action == ACTION_STOP
     assert verdict.follow_up == "requeue"
-    assert verdict.reason == "running 3600.0s, over max_age 600s"
+    assert verdict.reason == "running longer than max_age 600s"
+    assert verdict.signals.age_s == 3600.0
 
 
 def test_job_within_max_age_on_a_live_worker_is_running_and_kept() -> None:

@@ -309,7 +309,7 @@ COMMANDS = {
     "apply-debug": Command(("apply", POLICY, "-vv", *QUIET), 1, "did not receive the stop"),
     "apply-quiet": Command(("apply", POLICY, "-q", *QUIET), 1, "action(s) failed"),
     "apply-failing-action-json": Command(
-        ("apply", POLICY, "--queue", BROKEN_QUEUE, "--format", "json"), 1, '"outcome": "error"'
+        ("apply", POLICY, "--queue", BROKEN_QUEUE, "--format", "json"), 1, '"outcome":"error"'
     ),
     "apply-failing-action-best-effort": Command(
         ("apply", POLICY, "--queue", BROKEN_QUEUE, "--best-effort"), 0, "--best-effort"
@@ -330,7 +330,7 @@ COMMANDS = {
     "apply-plan-json-debug": Command(
         ("apply", "--plan", PLAN, "--format", "json", "-vv", *QUIET),
         1,
-        '"outcome": "error"',
+        '"outcome":"error"',
         ("plan", POLICY, "--output", PLAN),
     ),
     "apply-plan-dry-run": Command(

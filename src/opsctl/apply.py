@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import redis
@@ -213,7 +214,7 @@ class Executor:
                 if entry.stranded
                 else self.keys.started(entry.queue)
             ),
-            expect=job,
+            expect=dict(job),
             expect_execution_heartbeat=(entry.execution or {}).get("last_heartbeat", ""),
             reason=reason,
             worker=entry.worker_name,
@@ -383,7 +384,7 @@ def failure_reason(run: Run, outcome: JobOutcome) -> str:
     return "; ".join(parts)
 
 
-def _retry_interval(job: dict[str, str], retries_left: int | None) -> int | None:
+def _retry_interval(job: Mapping[str, str], retries_left: int | None) -> int | None:
     """Seconds until RQ would retry the job, or None when it has no retries left.
 
     RQ walks its list of intervals from the end as retries run out, and reuses
@@ -403,7 +404,7 @@ def _retry_interval(job: dict[str, str], retries_left: int | None) -> int | None
     return min(int(value), MAX_TTL_S)
 
 
-def _failure_ttl(job: dict[str, str]) -> int:
+def _failure_ttl(job: Mapping[str, str]) -> int:
     ttl = parse_int(job.get("failure_ttl"))
     if ttl is None:
         return DEFAULT_FAILURE_TTL_S

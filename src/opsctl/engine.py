@@ -25,6 +25,8 @@ that is about to run it.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -50,7 +52,10 @@ ACTION_REMOVE_ENTRY = "remove-entry"
 ACTION_NONE = "none"
 
 
-@dataclass(frozen=True, slots=True)
+# Records below are not frozen: one of each is made per started entry, and
+# a frozen dataclass's __init__ costs several times as much. Nothing changes
+# one once made.
+@dataclass(slots=True)
 class Liveness:
     """Whether a worker is live, and the evidence in words."""
 
@@ -58,7 +63,7 @@ class Liveness:
     evidence: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Signals:
     """The measurements behind a verdict, shown on every report line."""
 
@@ -71,7 +76,7 @@ class Signals:
     status: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Verdict:
     """The state of one entry and what the policy does about it.
 
@@ -107,7 +112,7 @@ def is_executing(worker: WorkerRecord, entry: StartedEntry) -> bool:
     if worker.executions:
         if entry.lost:  # no registry member to match: any execution of the job
             return any(e.startswith(f"{entry.job_id}:") for e in worker.executions)
-        return entry.member.decode("utf-8", "replace") in worker.executions
+        return entry.member_text in worker.executions
     if worker.current_job:
         return worker.current_job == entry.job_id
     return worker.fields.get("state") == "busy"
@@ -120,12 +125,13 @@ def classify(
     now: float,
 ) -> Verdict:
     """The state of one started entry (or lost job) under ``rule`` at server time ``now``."""
-    worker = workers.get(entry.worker_name) if entry.worker_name else None
-    liveness = worker_liveness(worker) if entry.worker_name else Liveness(False, "no worker named")
+    name = entry.worker_name
+    worker = workers.get(name) if name else None
+    liveness = worker_liveness(worker) if name else _NO_WORKER
     holds = liveness.alive and worker is not None and is_executing(worker, entry)
-    signals = _signals(entry, liveness, now)
+    signals = _signals(entry, name, liveness, now)
     verdict = _decide(entry, rule, liveness, holds, signals, now)
-    origin = (entry.job or {}).get("origin", "")
+    origin = entry.job.get("origin", "") if entry.job is not None else ""
     if origin and origin != entry.queue:
         # Actions use the origin's registries and queue, as RQ does.
         note = f"; its origin is queue {origin!r}, not {entry.queue!r}"
@@ -145,9 +151,10 @@ def _decide(
         return _lost(entry, rule, holds, signals, now)
     if entry.stranded:
         return _stranded(entry, rule, signals, now)
-    if entry.job is None or not (entry.job.get("status") or entry.job.get("created_at")):
-        return _orphaned(entry.job, holds, signals)
-    status = entry.job.get("status", "")
+    job = entry.job
+    status = job.get("status", "") if job is not None else ""
+    if job is None or not (status or job.get("created_at")):
+        return _orphaned(job, holds, signals)
     if status != "started":
         return _not_started(entry, status, holds, signals)
     if not holds:
@@ -155,7 +162,10 @@ def _decide(
     return _held(rule, signals)
 
 
-def lost_since(job: dict[str, str]) -> float | None:
+_NO_WORKER = Liveness(False, "no worker named")
+
+
+def lost_since(job: Mapping[str, str]) -> float | None:
     """When a lost job was last seen in its place: its latest recorded moment.
 
     A started job counts from its start or latest heartbeat, a queued one from
@@ -170,7 +180,7 @@ def lost_since(job: dict[str, str]) -> float | None:
 
 
 def _lost(entry: StartedEntry, rule: Rule, holds: bool, signals: Signals, now: float) -> Verdict:
-    job = entry.job or {}
+    job = entry.job if entry.job is not None else _NO_FIELDS
     status = job.get("status", "")
     place = "no started registry" if status == "started" else "no queue, list or registry"
     found = f"status is '{status}' but the job is in {place}"
@@ -218,7 +228,7 @@ def _stranded(entry: StartedEntry, rule: Rule, signals: Signals, now: float) -> 
     return Verdict(State.STRANDED, "fail", reason, signals)
 
 
-def _orphaned(job: dict[str, str] | None, holds: bool, signals: Signals) -> Verdict:
+def _orphaned(job: Mapping[str, str] | None, holds: bool, signals: Signals) -> Verdict:
     if job is None:
         found = "job hash is gone"
     else:
@@ -240,12 +250,14 @@ def _not_started(entry: StartedEntry, status: str, holds: bool, signals: Signals
 
 
 def _abandoned(entry: StartedEntry, rule: Rule, liveness: Liveness, signals: Signals) -> Verdict:
+    # Reasons name the worker and the rule, not the job: many jobs share each
+    # one, so a large run keeps a single copy of it.
     if not entry.worker_name:
         why = "no worker is named for it"
     elif liveness.alive:
-        why = f"{entry.worker_name} is live but not executing it"
+        why = sys.intern(f"{entry.worker_name} is live but not executing it")
     else:
-        why = f"{entry.worker_name} is dead: {liveness.evidence}"
+        why = sys.intern(f"{entry.worker_name} is dead: {liveness.evidence}")
     return Verdict(State.ABANDONED, rule.action, why, signals)
 
 
@@ -256,33 +268,33 @@ def _held(rule: Rule, signals: Signals) -> Verdict:
     if age is None:
         reason = "age unknown (no readable started_at); never acted on by age"
         return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
+    # The age itself is in the signals (and every report's age column).
     if age > rule.max_age_seconds:
-        reason = f"running {age:.1f}s, over max_age {rule.max_age_seconds}s"
+        reason = sys.intern(f"running longer than max_age {rule.max_age_seconds}s")
         return Verdict(State.OVERDUE, ACTION_STOP, reason, signals, rule.action)
-    reason = f"running {age:.1f}s, within max_age {rule.max_age_seconds}s"
+    reason = sys.intern(f"running within max_age {rule.max_age_seconds}s")
     return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
 
 
-def _signals(entry: StartedEntry, liveness: Liveness, now: float) -> Signals:
-    job = entry.job or {}
-    execution = entry.execution or {}
+def _signals(entry: StartedEntry, worker: str, liveness: Liveness, now: float) -> Signals:
+    job = entry.job if entry.job is not None else _NO_FIELDS
+    execution = entry.execution if entry.execution is not None else _NO_FIELDS
     started = parse_timestamp(job.get("started_at"))
     if started is None:
         started = parse_timestamp(execution.get("created_at"))
-    beats = [
-        t
-        for t in (
-            parse_timestamp(job.get("last_heartbeat")),
-            parse_timestamp(execution.get("last_heartbeat")),
-        )
-        if t is not None
-    ]
+    job_beat = parse_timestamp(job.get("last_heartbeat"))
+    execution_beat = parse_timestamp(execution.get("last_heartbeat"))
+    if job_beat is None or (execution_beat is not None and execution_beat > job_beat):
+        job_beat = execution_beat
     return Signals(
         age_s=max(0.0, now - started) if started is not None else None,
-        heartbeat_age_s=max(0.0, now - max(beats)) if beats else None,
-        worker=entry.worker_name,
-        worker_alive=liveness.alive if entry.worker_name else None,
+        heartbeat_age_s=max(0.0, now - job_beat) if job_beat is not None else None,
+        worker=worker,
+        worker_alive=liveness.alive if worker else None,
         worker_evidence=liveness.evidence,
         timeout_s=parse_int(job.get("timeout")),
         status=job.get("status") if entry.job is not None else None,
     )
+
+
+_NO_FIELDS: Mapping[str, str] = {}

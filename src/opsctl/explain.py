@@ -11,7 +11,7 @@ at it. The decision is the engine's own; nothing here decides anything.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
@@ -210,7 +210,7 @@ def _entries(
     """What the engine would look at: each started entry, or the job as a lost one."""
     records = {e["id"]: e["fields"] or None for e in executions if e["exists"]}
     entries = [
-        StartedEntry(queue, member, job_id, execution, score, job, records.get(execution or ""))
+        StartedEntry(queue, job_id, execution, score, job, records.get(execution or ""))
         for queue, member, score in members
         for execution in [split_member(member)[1]]
     ]
@@ -218,13 +218,12 @@ def _entries(
     if not entries and intermediate:
         queue = (job or {}).get("origin", "")
         record = dict(job or {})
-        entry = StartedEntry(queue, job_id.encode(), job_id, None, math.nan, record or None, None)
-        return [replace(entry, stranded=True)]
+        return [StartedEntry(queue, job_id, None, math.nan, record or None, None, stranded=True)]
     if not entries and job and job.get("status") in ("started", "queued"):
         lost = job.get("status") == "started" or not places
         if lost:
             origin = job.get("origin", "")
-            entries.append(StartedEntry(origin, b"", job_id, None, math.nan, job, None, lost=True))
+            entries.append(StartedEntry(origin, job_id, None, math.nan, job, None, lost=True))
     return entries
 
 

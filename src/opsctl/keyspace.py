@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -128,7 +128,7 @@ def _scan(
 
 
 def _lost_entry(origin: str, job_id: str, job: dict[str, str]) -> StartedEntry:
-    return StartedEntry(origin, b"", job_id, None, float("nan"), job, None, lost=True)
+    return StartedEntry(origin, job_id, None, float("nan"), job, None, lost=True)
 
 
 def _candidates(
@@ -320,10 +320,9 @@ def _stranded_entries(
             job = {n: text(v) for n, v in zip(LOST_FIELDS, reply, strict=True) if v is not None}
             if job and isinstance(first_seen, bytes):
                 job["first_seen"] = text(first_seen)
-            entry = StartedEntry(
-                queue, job_id.encode(), job_id, None, float("nan"), job or None, None
+            entries.append(
+                StartedEntry(queue, job_id, None, float("nan"), job or None, None, stranded=True)
             )
-            entries.append(replace(entry, stranded=True))
     return entries
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, make_dataclass
 from datetime import datetime, timezone
+from typing import ClassVar, TypeVar, cast, overload
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +39,68 @@ class WorkerRecord:
         return tuple(q for q in raw.split(",") if q)
 
 
-@dataclass(frozen=True, slots=True)
+class Fields(Mapping[str, str]):
+    """The fields read from one hash, one slot per field name; None means absent.
+
+    A large run holds hundreds of thousands of these: slots cost a quarter of a
+    dict holding the same fields. Make a class per kind of hash with
+    :func:`fields_class`; absent fields behave as missing keys.
+    """
+
+    __slots__ = ()
+    _field_names: ClassVar[tuple[str, ...]] = ()
+    _field_set: ClassVar[frozenset[str]] = frozenset()
+
+    @overload
+    def get(self, key: str, /) -> str | None: ...
+    @overload
+    def get(self, key: str, default: str | _T, /) -> str | _T: ...
+
+    def get(self, key: str, default: object = None, /) -> object:
+        if key not in self._field_set:
+            return default
+        value = getattr(self, key)
+        return default if value is None else value
+
+    def __getitem__(self, key: str) -> str:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in self._field_names if getattr(self, name) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, name) is not None for name in self._field_names)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self)!r})"
+
+
+def fields_class(name: str, field_names: tuple[str, ...]) -> Callable[..., Fields]:
+    """A :class:`Fields` class whose constructor takes one value per name, in order."""
+    made = make_dataclass(
+        name,
+        field_names,
+        bases=(Fields,),
+        slots=True,
+        eq=False,
+        repr=False,
+        namespace={
+            "_field_names": field_names,
+            "_field_set": frozenset(field_names),
+        },
+    )
+    return cast("Callable[..., Fields]", made)
+
+
+# Not frozen: one is made per started entry, and a frozen dataclass's
+# __init__ costs several times as much. Nothing changes one once made.
+@dataclass(slots=True)
 class StartedEntry:
     """One member of a queue's started registry, with the job and execution it names.
 
@@ -51,23 +116,38 @@ class StartedEntry:
     """
 
     queue: str
-    member: bytes
     job_id: str
     execution_id: str | None
     score: float
-    job: dict[str, str] | None
-    execution: dict[str, str] | None
+    job: Mapping[str, str] | None
+    execution: Mapping[str, str] | None
     lost: bool = False
     stranded: bool = False
 
     @property
+    def member_text(self) -> str:
+        """The registry member as text: ``job_id`` (RQ 1.x) or ``job_id:execution_id``;
+        empty for a lost job, which no registry holds."""
+        if self.lost:
+            return ""
+        if self.execution_id is None:
+            return self.job_id
+        return f"{self.job_id}:{self.execution_id}"
+
+    @property
+    def member(self) -> bytes:
+        """The registry member exactly as stored (built again rather than kept: it
+        is the ids joined, and a large run holds a great many entries)."""
+        return self.member_text.encode("utf-8", "surrogateescape")
+
+    @property
     def worker_name(self) -> str:
         """The worker that owns this execution, from the freshest record that names one."""
-        if self.execution and self.execution.get("worker_name"):
-            return self.execution["worker_name"]
-        if self.job:
-            return self.job.get("worker_name", "")
-        return ""
+        if self.execution is not None:
+            name = self.execution.get("worker_name")
+            if name:
+                return name
+        return self.job.get("worker_name", "") if self.job is not None else ""
 
 
 def parse_timestamp(text: str | None) -> float | None:

@@ -190,8 +190,8 @@ def _job(j: JobOutcome) -> dict[str, Any]:
         "job_id": e.job_id,
         "execution_id": e.execution_id,
         "score": e.score if e.score not in (float("inf"), float("-inf")) else str(e.score),
-        "job": e.job,
-        "execution": e.execution,
+        "job": None if e.job is None else dict(e.job),
+        "execution": None if e.execution is None else dict(e.execution),
         "state": v.state.value,
         "action": j.action,
         "follow_up": v.follow_up,
@@ -215,7 +215,6 @@ def _unjob(data: dict[str, Any]) -> JobOutcome:
     score = data["score"]
     entry = StartedEntry(
         queue=data["queue"],
-        member=data["member"].encode("utf-8", "surrogateescape"),
         job_id=data["job_id"],
         execution_id=data["execution_id"],
         score=float(score),
@@ -224,6 +223,8 @@ def _unjob(data: dict[str, Any]) -> JobOutcome:
         lost=data.get("lost") is True,
         stranded=data.get("stranded") is True,
     )
+    if entry.member_text != data["member"]:
+        raise TypeError("a job's member does not match its job and execution ids")
     verdict = Verdict(
         state=State(data["state"]),
         action=data["action"],

@@ -10,6 +10,7 @@ import json
 from collections import Counter
 from typing import Any, TextIO
 
+import orjson
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -84,8 +85,18 @@ def write_run_json(
     out.write('  "jobs": [')
     for i, job in enumerate(run.jobs):
         out.write(",\n    " if i else "\n    ")
-        out.write(json.dumps(_job_json(job)))
+        out.write(_dumps(_job_json(job)))
     out.write("\n  ]\n}\n")
+
+
+def _dumps(value: dict[str, Any]) -> str:
+    """One job's JSON, written fast; ids that are not valid Unicode take the slow path."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        # Bytes from Redis that are not UTF-8 reach here as lone surrogates,
+        # which only the standard encoder writes (as \u escapes).
+        return json.dumps(value)
 
 
 def _head(run: Run, redis_url: str, policy_path: str, policy_digest: str) -> dict[str, Any]:

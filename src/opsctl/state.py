@@ -7,18 +7,20 @@ user callbacks) as a side effect of counting; nothing reads the pickled
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import redis
 
 from opsctl.keys import EXECUTION_FIELDS, JOB_FIELDS, WORKER_FIELDS, Keys
-from opsctl.model import StartedEntry, WorkerRecord
+from opsctl.model import Fields, StartedEntry, WorkerRecord, fields_class
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +137,14 @@ def known_queues(conn: redis.Redis, keys: Keys) -> list[str]:
     and every queue with registered workers."""
     names = set(_queue_names_from_set(conn, keys))
     # A queue may show only as a started registry, or only through the
-    # workers that serve it.
-    for prefix in (keys.started(""), keys.queue_workers("")):
-        for key in conn.scan_iter(match=f"{_glob_escape(prefix)}*", count=1000):
-            names.add(text(key).removeprefix(prefix))
+    # workers that serve it. One pass over the key space finds both: their
+    # names share the start "<prefix>:w", which job keys do not.
+    prefixes = (keys.started(""), keys.queue_workers(""))
+    for key in conn.scan_iter(match=f"{_glob_escape(keys.prefix)}:w*", count=1000):
+        name = text(key)
+        for prefix in prefixes:
+            if name.startswith(prefix):
+                names.add(name.removeprefix(prefix))
     return sorted(n for n in names if n)
 
 
@@ -149,11 +155,26 @@ def read_snapshot(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Snapshot:
     """Read the started registries of ``queues`` and every worker they involve."""
-    now = server_time(conn)
     queues = list(queues)
+    total = _count_started(conn, keys, queues) if on_progress else 0
+    reader = HashReader(conn)
+    try:
+        return _read_snapshot(conn, keys, queues, on_progress, total, reader)
+    finally:
+        reader.close()
+
+
+def _read_snapshot(
+    conn: redis.Redis,
+    keys: Keys,
+    queues: list[str],
+    on_progress: Callable[[int, int], None] | None,
+    total: int,
+    reader: HashReader,
+) -> Snapshot:
+    now = server_time(conn)
     problems: list[str] = []
     entries: list[StartedEntry] = []
-    total = _count_started(conn, keys, queues) if on_progress else 0
 
     def tick(batch: int) -> None:
         if on_progress:
@@ -169,7 +190,7 @@ def read_snapshot(
             # One unreadable registry (the wrong type, say) never stops the run.
             problems.append(f"queue {queue}: {keys.started(queue)} cannot be read: {exc}")
             continue
-        entries.extend(_read_entries(conn, keys, queue, members, problems, tick))
+        entries.extend(_read_entries(conn, keys, queue, members, problems, tick, reader))
     workers = read_workers(conn, keys, _worker_names(conn, keys, queues, entries))
     return Snapshot(now=now, queues=queues, entries=entries, workers=workers, problems=problems)
 
@@ -214,63 +235,276 @@ def _read_entries(
     members: list[tuple[bytes, float]],
     problems: list[str],
     tick: Callable[[int], None],
+    reader: HashReader,
 ) -> list[StartedEntry]:
+    """The entries of one registry, read a batch ahead of the one being decoded.
+
+    The next batch's read runs on a helper thread while this one decodes its
+    replies, so Redis runs the read script while Python turns the previous
+    replies into records.
+    """
     entries: list[StartedEntry] = []
-    for batch in _batches(members, BATCH // 2):
-        pipe = conn.pipeline(transaction=False)
-        for member, _score in batch:
-            job_id, execution_id = split_member(member)
-            pipe.hmget(keys.job(job_id), _JOB_FIELDS_RAW)
-            if execution_id is None:
-                pipe.echo(b"")  # keeps the replies two per member
-            else:
-                pipe.hmget(keys.execution(job_id, execution_id), _EXECUTION_FIELDS_RAW)
-        replies = replies_of(pipe)
-        for i, (member, score) in enumerate(batch):
-            job_reply, execution_reply = replies[2 * i], replies[2 * i + 1]
-            entry = _entry(queue, member, score, job_reply, execution_reply, problems)
-            entries.append(entry)
-        tick(len(entries))
-    _confirm_missing_jobs(conn, keys, entries)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="opsctl-read") as ahead:
+        pending: tuple[list[tuple[bytes, float]], list[tuple[str, str | None]], Any] | None = None
+        for batch in [*_batches(members, SCRIPT_BATCH * SCRIPT_CALLS), None]:
+            if batch is not None:
+                ids, hash_keys, flags = _hash_keys(keys, batch)
+                sent = (batch, ids, ahead.submit(reader.read, hash_keys, flags))
+            if pending is not None:
+                done_batch, done_ids, replies = pending
+                _decode_entries(queue, done_batch, done_ids, replies.result(), problems, entries)
+                tick(len(entries))
+            pending = sent if batch is not None else None
     return entries
 
 
-def _entry(
+def _hash_keys(
+    keys: Keys, batch: list[tuple[bytes, float]]
+) -> tuple[list[tuple[str, str | None]], list[bytes], list[bool]]:
+    """Job and execution ids of a batch of members, and the hash keys to read for them."""
+    ids = [split_member(member) for member, _score in batch]
+    hash_keys: list[bytes] = []
+    for job_id, execution_id in ids:
+        hash_keys.append(keys.job(job_id).encode("utf-8", "surrogateescape"))
+        if execution_id is not None:
+            hash_keys.append(
+                keys.execution(job_id, execution_id).encode("utf-8", "surrogateescape")
+            )
+    return ids, hash_keys, [execution_id is not None for _, execution_id in ids]
+
+
+def _decode_entries(
     queue: str,
-    member: bytes,
-    score: float,
-    job_reply: Any,
-    execution_reply: Any,
+    batch: list[tuple[bytes, float]],
+    ids: list[tuple[str, str | None]],
+    replies: list[Any],
     problems: list[str],
-) -> StartedEntry:
-    job_id, execution_id = split_member(member)
-    job = _as_fields(JOB_FIELDS, job_reply, f"job {job_id}", problems)
-    execution = None
-    if execution_id is not None:
-        execution = _as_fields(
-            EXECUTION_FIELDS, execution_reply, f"execution {job_id}:{execution_id}", problems
-        )
-    if not math.isfinite(score) and not math.isinf(score):
-        problems.append(f"queue {queue}: entry {text(member)} has an unreadable score")
-    return StartedEntry(queue, member, job_id, execution_id, score, job, execution)
+    entries: list[StartedEntry],
+) -> None:
+    at = 0
+    for (member, score), (job_id, execution_id) in zip(batch, ids, strict=True):
+        reply = replies[at]
+        at += 1
+        if reply.__class__ is list:
+            job: Fields | None = _JobFields(*_decode(_JOB_SHARED, reply))
+        else:
+            job = _odd_reply(_JobFields, reply, f"job {job_id}", problems)
+        execution = None
+        if execution_id is not None:
+            reply = replies[at]
+            at += 1
+            if reply.__class__ is list:
+                execution = _ExecutionFields(*_decode(_EXECUTION_SHARED, reply))
+            else:
+                what = f"execution {job_id}:{execution_id}"
+                execution = _odd_reply(_ExecutionFields, reply, what, problems)
+        if math.isnan(score):
+            problems.append(f"queue {queue}: entry {text(member)} has an unreadable score")
+        entries.append(StartedEntry(queue, job_id, execution_id, score, job, execution))
 
 
-def _as_fields(
-    names: tuple[str, ...], reply: Any, what: str, problems: list[str]
-) -> dict[str, str] | None:
-    """A hash reply as a dict of present fields; None when no field is present."""
-    if isinstance(reply, Exception):
-        # The key exists but cannot be read as a hash: never mistake it for a
-        # missing one.
-        problems.append(f"{what}: could not be read ({reply})")
-        return {}
-    fields = {
-        name: _shared(name, value)
-        for name, value in zip(names, reply, strict=True)
-        if value is not None
-    }
-    return fields or None
+#: Entries read by one call of the read script (each entry: a job hash and,
+#: from RQ 2 on, an execution hash).
+SCRIPT_BATCH = 500
+#: Script calls sent in one pipeline round trip.
+SCRIPT_CALLS = 4
 
+# A read-only script that reads the fields opsctl needs from many hashes in
+# one call, so a large registry costs a few hundred commands, not two per
+# entry. It answers, for each key in KEYS: the HMGET reply when any field is
+# present; 1 when the key exists but holds none of them; 0 when it does not
+# exist; an error text when the key cannot be read as a hash. A refused
+# permission stops the script, as it would stop a plain read.
+# ARGV: the number of job fields, then of execution fields, then a string of
+# one character per entry ("2": a job and an execution key, "1": a job key
+# only), then the job field names, then the execution field names.
+_READ_SCRIPT_BODY = """
+local nj, ne = tonumber(ARGV[1]), tonumber(ARGV[2])
+local layout = ARGV[3]
+local job_fields, execution_fields = {}, {}
+for i = 1, nj do job_fields[i] = ARGV[3 + i] end
+for i = 1, ne do execution_fields[i] = ARGV[3 + nj + i] end
+local out, k = {}, 1
+local function read(key, fields)
+  local reply = redis.pcall('HMGET', key, unpack(fields))
+  if type(reply) == 'table' and reply.err then
+    if string.sub(reply.err, 1, 6) == 'NOPERM' then error(reply) end
+    return reply.err
+  end
+  for i = 1, #fields do
+    if reply[i] then return reply end
+  end
+  return redis.call('EXISTS', key)
+end
+for i = 1, #layout do
+  out[k] = read(KEYS[k], job_fields)
+  k = k + 1
+  if string.sub(layout, i, i) == '2' then
+    out[k] = read(KEYS[k], execution_fields)
+    k = k + 1
+  end
+end
+return out
+"""
+# Redis 7 runs a script flagged as read-only through EVAL_RO, which a
+# read-only ACL user may be allowed and a replica accepts; older servers (and
+# fakeredis) know neither the flag line nor EVAL_RO and get the plain body.
+_READ_SCRIPTS = (
+    ("EVAL_RO", "EVALSHA_RO", "#!lua flags=no-writes\n" + _READ_SCRIPT_BODY),
+    ("EVAL", "EVALSHA", _READ_SCRIPT_BODY),
+)
+_SCRIPT_ARGS = (
+    str(len(JOB_FIELDS)).encode(),
+    str(len(EXECUTION_FIELDS)).encode(),
+)
+
+
+class HashReader:
+    """Reads job and execution hashes the cheapest way the server allows.
+
+    The first read tries the read script (read-only form first); a server or
+    ACL that refuses both gets two pipelined HMGETs per entry instead, which
+    answer the same.
+    """
+
+    def __init__(self, conn: redis.Redis) -> None:
+        self.conn = _text_client(conn) or conn
+        self.mode: int | None = None  # index into _READ_SCRIPTS; len() = pipelined reads
+        self.sha: list[str] = [
+            hashlib.sha1(body.encode()).hexdigest() for _, _, body in _READ_SCRIPTS
+        ]
+
+    def close(self) -> None:
+        """Drop the reader's own connection, if it opened one."""
+        self.conn.connection_pool.disconnect()
+
+    def read(self, hash_keys: list[bytes], has_execution: list[bool]) -> list[Any]:
+        """Replies for ``hash_keys`` (a job key, then its execution key where it has one)."""
+        calls = list(self._calls(hash_keys, has_execution))
+        if self.mode is None:
+            self._choose(calls[0])
+        if self.mode == len(_READ_SCRIPTS):
+            return self._pipelined(hash_keys, has_execution)
+        mode = cast(int, self.mode)
+        eval_name, evalsha_name, body = _READ_SCRIPTS[mode]
+        pipe = self.conn.pipeline(transaction=False)
+        for call in calls:
+            _send_script(pipe, evalsha_name, self.sha[mode], *call)
+        replies: list[Any] = []
+        for call, reply in zip(calls, replies_of(pipe), strict=True):
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                # The script cache was emptied since: send the body again.
+                reply = _send_script(self.conn, eval_name, body, *call)
+            if isinstance(reply, Exception):
+                raise reply
+            replies.extend(reply)
+        return replies
+
+    @staticmethod
+    def _calls(
+        hash_keys: list[bytes], has_execution: list[bool]
+    ) -> Iterator[tuple[list[bytes], bytes]]:
+        at = 0
+        for start in range(0, len(has_execution), SCRIPT_BATCH):
+            flags = has_execution[start : start + SCRIPT_BATCH]
+            width = len(flags) + sum(flags)
+            yield hash_keys[at : at + width], bytes(50 if f else 49 for f in flags)
+            at += width
+
+    def _choose(self, first: tuple[list[bytes], bytes]) -> None:
+        call_keys, layout = first
+        for mode, (eval_name, _, body) in enumerate(_READ_SCRIPTS):
+            try:
+                _send_script(self.conn, eval_name, body, call_keys, layout)
+            except redis.ResponseError as exc:
+                log.debug("read_script_refused command=%s error=%s", eval_name, exc)
+                continue
+            self.mode = mode
+            return
+        log.info("read_script_unavailable: reading hashes with pipelined HMGET")
+        self.mode = len(_READ_SCRIPTS)
+
+    def _pipelined(self, hash_keys: list[bytes], has_execution: list[bool]) -> list[Any]:
+        """The script's answers from plain commands: HMGET, then EXISTS where nothing was found."""
+        fields: list[tuple[bytes, ...]] = []
+        for flag in has_execution:
+            fields.append(_JOB_FIELDS_RAW)
+            if flag:
+                fields.append(_EXECUTION_FIELDS_RAW)
+        replies: list[Any] = []
+        for start in range(0, len(hash_keys), BATCH):
+            pipe = self.conn.pipeline(transaction=False)
+            for key, names in zip(
+                hash_keys[start : start + BATCH], fields[start : start + BATCH], strict=True
+            ):
+                pipe.hmget(key, names)
+            replies.extend(replies_of(pipe))
+        empty = [i for i, r in enumerate(replies) if isinstance(r, list) and not any(r)]
+        for start in range(0, len(empty), BATCH):
+            pipe = self.conn.pipeline(transaction=False)
+            for i in empty[start : start + BATCH]:
+                pipe.exists(hash_keys[i])
+            for i, exists in zip(empty[start : start + BATCH], replies_of(pipe), strict=True):
+                replies[i] = exists
+        return replies
+
+
+def _text_client(conn: redis.Redis) -> redis.Redis | None:
+    """A client for the same server whose replies hiredis decodes to text.
+
+    Decoding hundreds of thousands of field values in C rather than one by one
+    in Python is most of what a large read costs on the client. Only a plain
+    connection pool is copied; for others (Sentinel) the caller decodes itself.
+    """
+    pool = conn.connection_pool
+    if type(pool) is not redis.ConnectionPool:
+        return None
+    kwargs = {**pool.connection_kwargs, "decode_responses": True}
+    return redis.Redis(
+        connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+    )
+
+
+def _send_script(
+    target: Any, command: str, script: str, call_keys: list[bytes], layout: bytes
+) -> Any:
+    """Send one read-script call (on a pipeline: queue it)."""
+    send: Callable[..., Any] = target.execute_command
+    return send(
+        command,
+        script,
+        len(call_keys),
+        *call_keys,
+        *_SCRIPT_ARGS,
+        layout,
+        *_JOB_FIELDS_RAW,
+        *_EXECUTION_FIELDS_RAW,
+    )
+
+
+def _odd_reply(
+    make: Callable[..., Fields], reply: Any, what: str, problems: list[str]
+) -> Fields | None:
+    """A hash's answer other than its fields: missing, holding none of them, or unreadable.
+
+    A hash that exists but holds none of the fields gives empty fields: it is
+    a record that holds no job, not a missing one.
+    """
+    if isinstance(reply, int):
+        return make(*_NO_VALUES[make]) if reply else None
+    # The key exists but cannot be read as a hash: never mistake it for a
+    # missing one.
+    detail = text(reply) if isinstance(reply, bytes | str) else str(reply)
+    problems.append(f"{what}: could not be read ({detail})")
+    return make(*_NO_VALUES[make])
+
+
+_JobFields = fields_class("JobFields", JOB_FIELDS)
+_ExecutionFields = fields_class("ExecutionFields", EXECUTION_FIELDS)
+_NO_VALUES = {
+    _JobFields: (None,) * len(JOB_FIELDS),
+    _ExecutionFields: (None,) * len(EXECUTION_FIELDS),
+}
 
 #: Fields whose values repeat across jobs (status, queue and worker names,
 #: settings); one shared copy of each value keeps large runs small.
@@ -286,31 +520,21 @@ _REPEATING = frozenset(
         "failure_ttl",
     }
 )
+_JOB_SHARED = tuple(name in _REPEATING for name in JOB_FIELDS)
+_EXECUTION_SHARED = tuple(name in _REPEATING for name in EXECUTION_FIELDS)
 
 
-def _shared(name: str, value: bytes) -> str:
-    decoded = text(value)
-    return sys.intern(decoded) if name in _REPEATING else decoded
-
-
-def _confirm_missing_jobs(conn: redis.Redis, keys: Keys, entries: list[StartedEntry]) -> None:
-    """Tell a missing job hash from one that exists but holds none of the fields read.
-
-    The second kind is kept as a job with no fields, so the engine can report
-    it as a hash that holds no job rather than a missing one; such records are
-    rare, so this costs one EXISTS each.
-    """
-    unknown = [i for i, e in enumerate(entries) if e.job is None]
-    for batch in _batches(unknown, BATCH):
-        pipe = conn.pipeline(transaction=False)
-        for i in batch:
-            pipe.exists(keys.job(entries[i].job_id))
-        for i, exists in zip(batch, pipe.execute(), strict=True):
-            if exists:
-                e = entries[i]
-                entries[i] = StartedEntry(
-                    e.queue, e.member, e.job_id, e.execution_id, e.score, {}, e.execution
-                )
+def _decode(shared: tuple[bool, ...], values: list[str | bytes | None]) -> list[str | None]:
+    """Field values as text, repeating ones shared (hiredis has usually decoded them)."""
+    intern = sys.intern
+    return [
+        None
+        if v is None
+        else (intern if share else str)(
+            v if v.__class__ is str else v.decode("utf-8", "surrogateescape")  # type: ignore[union-attr]
+        )
+        for v, share in zip(values, shared, strict=True)
+    ]
 
 
 def _worker_names(
