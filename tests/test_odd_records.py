@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 from conftest import WorkerFactory, job_status, run_opsctl, wait_for_status
 from opsctl.cli import app
 from opsctl.keys import Keys
-from opsctl.keyspace import find_lost
+from opsctl.keyspace import LostScan, _candidates, find_lost
 from opsctl.policy import load_policy
 
 pytestmark = pytest.mark.redis_server
@@ -1013,3 +1013,21 @@ def test_a_started_job_in_an_uncovered_queues_registry_is_not_lost(
 
     assert report["jobs"] == [], "its entry in rq:wip:elsewhere holds it"
     assert job_status(redis_conn, job.id) == "started"
+
+
+def test_running_jobs_never_leave_the_server_as_lost_candidates(
+    redis_conn: redis.Redis,
+) -> None:
+    running = [started_job(redis_conn, worker=f"w{i}") for i in range(300)]
+    bare = started_job(redis_conn)  # an RQ 1 entry: the bare id
+    member = started_member(redis_conn, bare.id)
+    redis_conn.zrem(f"rq:wip:{QUEUE}", member)
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {bare.id: time.time()})
+    lost = lost_started(redis_conn)
+    result = LostScan()
+
+    candidates = list(_candidates(redis_conn, Keys(), [QUEUE], result))
+
+    assert result.filtered_server_side
+    assert candidates == [(lost.id, "started", QUEUE)]
+    assert len(running) + 2 <= result.scanned

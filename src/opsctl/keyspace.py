@@ -3,8 +3,9 @@
 Lost jobs are found by scanning the keyspace for job hashes, which is the only
 way to find a job that no registry or list names. The scan stays cheap at scale:
 ``SCAN`` with ``MATCH`` and ``TYPE hash`` pages through the job hashes, and a
-read-only Lua script (``EVAL_RO``) keeps only those whose status is ``started``
-or ``queued``, so only candidates cross the wire. Where ``EVAL_RO`` is unknown
+read-only Lua script (``EVAL_RO``) keeps only the jobs of covered queues whose
+status is ``queued``, or ``started`` with no entry in their origin's started
+registry, so only candidates cross the wire. Where ``EVAL_RO`` is unknown
 (Redis before 7) or refused (an ACL without it), each page is read with
 pipelined ``HMGET`` instead. Like the rest of opsctl's reads, nothing here
 reads ``data`` as an object: :func:`function_names` reads its bytes and walks
@@ -48,19 +49,42 @@ LOST_FIELDS: tuple[str, ...] = (
     "failure_ttl",
 )
 
-# KEYS: the job hashes of one SCAN page; ARGV: the queues the run covers.
-# Returns key, status, origin of each job whose status is started or queued
-# and whose origin is a covered queue. Read-only: runs under EVAL_RO.
+# KEYS: the job hashes of one SCAN page. ARGV[1]: the key prefix; ARGV[2...]:
+# the queues the run covers. Returns key, status, origin of each job whose
+# origin is covered and whose status is queued, or started while the origin's
+# started registry lists none of its executions (the common case, a running
+# job, never crosses the wire). Read-only: runs under EVAL_RO. A record of the
+# wrong type makes a job a candidate, for the client's own checks to judge.
 _CANDIDATES_SCRIPT = """
+local prefix = ARGV[1]
 local covered = {}
-for _, queue in ipairs(ARGV) do covered[queue] = true end
+for i = 2, #ARGV do covered[ARGV[i]] = true end
+local function ok(reply)
+  return type(reply) ~= 'table' or reply.err == nil
+end
+local function registered(id, origin)
+  local wip = prefix .. ':wip:' .. origin
+  local score = redis.pcall('ZSCORE', wip, id)
+  if not ok(score) then return false end
+  if score then return true end
+  local executions = redis.pcall('ZRANGE', prefix .. ':executions:' .. id, 0, -1)
+  if not ok(executions) then return false end
+  for _, e in ipairs(executions) do
+    if redis.pcall('ZSCORE', wip, id .. ':' .. e) then return true end
+  end
+  return false
+end
+local job_prefix = prefix .. ':job:'
 local found = {}
 for _, key in ipairs(KEYS) do
-  local f = redis.call('HMGET', key, 'status', 'origin')
-  if (f[1] == 'started' or f[1] == 'queued') and f[2] and covered[f[2]] then
-    table.insert(found, key)
-    table.insert(found, f[1])
-    table.insert(found, f[2])
+  local f = redis.pcall('HMGET', key, 'status', 'origin')
+  if ok(f) and f[2] and covered[f[2]] then
+    local id = string.sub(key, #job_prefix + 1)
+    if f[1] == 'queued' or (f[1] == 'started' and not registered(id, f[2])) then
+      table.insert(found, key)
+      table.insert(found, f[1])
+      table.insert(found, f[2])
+    end
   end
 end
 return found
@@ -140,7 +164,7 @@ def _candidates(
         result.scanned += len(page)
         if result.filtered_server_side:
             try:
-                found = conn.eval_ro(_CANDIDATES_SCRIPT, len(page), *page, *queues)
+                found = conn.eval_ro(_CANDIDATES_SCRIPT, len(page), *page, keys.prefix, *queues)
             except redis.ResponseError as exc:
                 # Unknown before Redis 7, or refused by an ACL: read plainly instead.
                 log.info("eval_ro_unavailable error=%s; reading job statuses plainly", exc)
