@@ -63,13 +63,15 @@ ACL_LINES = {
         "ACL SETUSER opsctl-dryrun reset on >CHANGE_ME resetchannels "
         "%R~rq:* %R~opsctl:rescues:* "
         "+ping +client|setname +time +scan +smembers +zrange +zcard +hmget +exists +ttl "
-        "+llen +pubsub|numsub +client|list +eval_ro +evalsha_ro +get +info"
+        "+llen +pubsub|numsub +client|list +eval_ro +evalsha_ro +get +info "
+        "+lrange +lpos +zscore +hgetall"
     ),
     "opsctl-apply": (
         "ACL SETUSER opsctl-apply reset on >CHANGE_ME resetchannels "
         "~rq:* ~opsctl:* &rq:pubsub:* "
         "+ping +client|setname +time +scan +smembers +zrange +zcard +hmget +exists +ttl "
         "+llen +pubsub|numsub +client|list +eval_ro +evalsha_ro +get +info "
+        "+lrange +lpos +zscore +hgetall "
         "+type +hget +hgetall +xrevrange +set +evalsha +script|load +script|exists "
         "+publish +xadd +del +zrem +zadd +zscore +srem +sadd +scard +hset +hexists "
         "+lpush +rpush +lrem +expire +persist +incr +watch +unwatch +multi +exec"
@@ -661,3 +663,28 @@ def test_a_permission_refused_mid_run_still_reports_what_was_done(
     assert result.stdout.strip(), f"no report of the change made\n{shown(result)}"
     lines = outcomes(json_report(result))
     assert (lines[abandoned.id][2], lines[overdue.id][2]) == ("done", "error"), shown(result)
+
+
+def test_dryrun_user_finds_lost_jobs_and_explains_them_without_a_refused_command(
+    acl_server: AclServer, admin: redis.Redis, tmp_path: Path
+) -> None:
+    [started, queued] = abandoned_jobs(admin, count=2)
+    for member in admin.zrange(f"rq:wip:{QUEUE}", 0, -1):
+        admin.zrem(f"rq:wip:{QUEUE}", member)  # both drop out of every registry
+    old = {"started_at": "2020-01-01T00:00:00Z", "last_heartbeat": "2020-01-01T00:00:00Z"}
+    admin.hset(started.key, mapping=old)
+    admin.hset(queued.key, mapping={"status": "queued", "enqueued_at": "2020-01-01T00:00:00Z"})
+    policy = str(write_policy(tmp_path))
+    before = redis_state(admin)
+
+    result = acl_server.opsctl(DRYRUN_USER, "apply", policy, "--dry-run", "--format", "json")
+    explained = acl_server.opsctl(DRYRUN_USER, "explain", queued.id, "--format", "json")
+
+    succeeded(result, admin)
+    assert outcomes(json_report(result)) == {
+        started.id: ("lost", "fail", "planned"),
+        queued.id: ("lost", "fail", "planned"),
+    }
+    succeeded(explained, admin)
+    assert [v["state"] for v in json_report(explained)["verdicts"]] == ["lost"]
+    assert redis_state(admin) == before

@@ -156,7 +156,9 @@ def test_digest_is_the_sha256_of_the_file_bytes() -> None:
 # Errors, one exact line each ------------------------------------------------------------------
 
 DURATION_HINT = "(use 90s, 10m, 2h or 1d)"
-QUEUE_KEYS = "name, max_age, action, force, dry_run, enabled, limits, max_requeues"
+QUEUE_KEYS = (
+    "name, max_age, action, force, dry_run, enabled, limits, max_requeues, lost_after, related_keys"
+)
 
 
 @pytest.mark.parametrize(

@@ -73,13 +73,26 @@ if redis.acl_check_cmd then
     {'ZADD', 8, '1', 'm'}, {'ZADD', 9, '1', 'm'}, {'ZADD', 10, '1', 'm'},
     {'XADD', 11, '*', 'f', 'v'}, {'EXPIRE', 1, '1'}, {'PERSIST', 1}, {'DEL', 1},
     {'INCR', 17}, {'EXPIRE', 17, '1'}, {'XADD', 18, '*', 'f', 'v'},
-    {'ZREM', 14, 'm'}, {'ZREM', 15, 'm'}, {'ZREM', 16, 'm'},
+    {'ZREM', 14, 'm'}, {'ZREM', 15, 'm'}, {'ZREM', 16, 'm'}, {'LREM', 2, '0', 'v'},
   }
+  -- Application keys deleted along with the job (policy related_keys).
+  for i = 21, #KEYS do table.insert(writes, {'DEL', i}) end
   for _, w in ipairs(writes) do
     local args = {w[1], KEYS[w[2]]}
     for i = 3, #w do table.insert(args, w[i]) end
     if not redis.acl_check_cmd(unpack(args)) then
       return redis.error_reply('NOPERM the Redis user may not run ' .. w[1] .. ' on ' .. KEYS[w[2]])
+    end
+  end
+end
+
+-- RQ 3 names a job's concurrency-limit keys in the job itself: check them too.
+if redis.acl_check_cmd and field(KEYS[1], 'rate_limit_key') ~= '' then
+  local base = ARGV[16] .. ':rl:' .. field(KEYS[1], 'rate_limit_key')
+  for _, key in ipairs({base .. ':allowed', base .. ':rate_limited'}) do
+    if not (redis.acl_check_cmd('ZREM', key, 'm')
+        and redis.acl_check_cmd('ZADD', key, '1', 'm')) then
+      return redis.error_reply('NOPERM the Redis user may not write ' .. key)
     end
   end
 end
@@ -92,7 +105,10 @@ local retrying = action == 'fail' and ARGV[14] ~= ''
 if not ttl or not tonumber(ARGV[17]) or (retrying and not (interval and left)) then
   return redis.error_reply('a number this change needs cannot be read')
 end
+-- A stranded job's source is its queue's intermediate list (KEYS[19]), not a registry.
+local stranded = KEYS[2] == KEYS[19]
 local kinds = {[1] = 'hash', [2] = 'zset', [18] = 'stream'}
+if stranded then kinds[2], kinds[16] = 'list', 'zset' end
 if exec_id ~= '' then kinds[3], kinds[4], kinds[5] = 'hash', 'zset', 'set' end
 if retrying and interval > 0 then
   kinds[10] = 'zset'
@@ -112,6 +128,11 @@ local function kind_of(key)
   if type(found) == 'table' then found = found['ok'] end
   return found
 end
+if member == '' then
+  kinds[4], kinds[6], kinds[19] = 'zset', 'list', 'list'
+  for _, i in ipairs({8, 9, 10, 14, 15, 16}) do kinds[i] = 'zset' end
+end
+if action == 'delete' then kinds[20] = 'zset' end
 for i, kind in pairs(kinds) do
   local found = kind_of(KEYS[i])
   if found ~= 'none' and found ~= kind then
@@ -119,13 +140,61 @@ for i, kind in pairs(kinds) do
   end
 end
 
+-- Lost jobs: whether a registry or list holds the job after all (then a
+-- worker or RQ took it back), in words; false when nothing does.
+local function in_started(registry)
+  if redis.call('ZSCORE', registry, job_id) ~= false then return true end
+  if kind_of(KEYS[4]) == 'zset' then
+    for _, e in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+      if redis.call('ZSCORE', registry, job_id .. ':' .. e) ~= false then return true end
+    end
+  end
+  return false
+end
+
+local function lost_job_is_held(status)
+  if status == 'started' then
+    if in_started(KEYS[2]) then return 'the job is in its started registry again' end
+    return false
+  end
+  if redis.call('LPOS', KEYS[6], job_id) ~= false
+      or redis.call('LPOS', KEYS[19], job_id) ~= false then
+    return 'the job is on its queue again'
+  end
+  for _, i in ipairs({8, 9, 10, 14, 15, 16}) do
+    if redis.call('ZSCORE', KEYS[i], job_id) ~= false then
+      return 'the job is in ' .. KEYS[i] .. ' again'
+    end
+  end
+  return false
+end
+
 local status = field(KEYS[1], 'status')
 if status ~= ARGV[5] then
   if status == '' then status = 'missing' end
   return {0, 'status is now ' .. status}
 end
-if redis.call('ZSCORE', KEYS[2], member) == false then
+-- A lost job (found by the keyspace scan) has no entry: ``member`` is empty,
+-- and the re-check is that nothing holds it still.
+if stranded then
+  if redis.call('LPOS', KEYS[2], job_id) == false then
+    return {0, 'no longer in the intermediate list'}
+  end
+  if in_started(KEYS[16]) then return {0, 'the job is in its started registry now'} end
+elseif member == '' then
+  local held = lost_job_is_held(status)
+  if held then return {0, held} end
+elseif redis.call('ZSCORE', KEYS[2], member) == false then
   return {0, 'entry is no longer in its registry'}
+end
+-- Never delete a job that a scheduler will enqueue again.
+if action == 'delete' then
+  if redis.call('ZSCORE', KEYS[10], job_id) ~= false then
+    return {0, 'a scheduler still refers to it (' .. KEYS[10] .. ')'}
+  end
+  if redis.call('ZSCORE', KEYS[20], job_id) ~= false then
+    return {0, 'a scheduler still refers to it (' .. KEYS[20] .. ')'}
+  end
 end
 if field(KEYS[1], 'last_heartbeat') ~= ARGV[6] then
   return {0, 'job heartbeat changed since it was read: a worker is alive'}
@@ -137,7 +206,11 @@ if field(KEYS[1], 'retries_left') ~= ARGV[8] then
   return {0, 'retries_left changed since it was read'}
 end
 
-redis.call('ZREM', KEYS[2], member)
+if stranded then
+  redis.call('LREM', KEYS[2], 0, job_id)
+else
+  redis.call('ZREM', KEYS[2], member)
+end
 if exec_id ~= '' then
   redis.call('DEL', KEYS[3])
   redis.call('ZREM', KEYS[4], exec_id)
@@ -207,11 +280,50 @@ local function act()
       redis.call('ZREM', key, job_id)
     end
     redis.call('DEL', KEYS[1], KEYS[4], KEYS[11], KEYS[12], KEYS[13])
+    for i = 21, #KEYS do redis.call('DEL', KEYS[i]) end
     return {1, 'deleted'}
   end
 end
 
+-- RQ 3 concurrency limits. A job that ends here (failed, canceled, deleted)
+-- gives back its slot in <prefix>:rl:<key>:allowed, and waiting jobs take the
+-- free slots oldest first, as RQ does when a job ends: added to allowed,
+-- pushed onto their queue, marked queued. A job queued again keeps its slot.
+local function release_slot(rl_key, rl_concurrency)
+  local base = ARGV[16] .. ':rl:' .. rl_key
+  local allowed, waiting = base .. ':allowed', base .. ':rate_limited'
+  redis.call('ZREM', waiting, job_id)
+  if redis.call('ZREM', allowed, job_id) == 0 then return end
+  local concurrency = tonumber(redis.call('HGET', base, 'concurrency') or '')
+  concurrency = concurrency or tonumber(rl_concurrency) or 0
+  while redis.call('ZCARD', allowed) < concurrency do
+    local oldest = redis.call('ZRANGE', waiting, 0, 0)
+    if #oldest == 0 then break end
+    local id = oldest[1]
+    redis.call('ZREM', waiting, id)
+    local key = ARGV[16] .. ':job:' .. id
+    local f = redis.call('HMGET', key, 'origin', 'status', 'enqueue_at_front')
+    if f[1] and f[2] == 'rate_limited' then
+      redis.call('ZADD', allowed, math.floor(now), id)
+      if f[3] == '1' then
+        redis.call('LPUSH', ARGV[16] .. ':queue:' .. f[1], id)
+      else
+        redis.call('RPUSH', ARGV[16] .. ':queue:' .. f[1], id)
+      end
+      redis.call('HSET', key, 'status', 'queued', 'enqueued_at', now_iso)
+    end
+  end
+end
+local rl_key = field(KEYS[1], 'rate_limit_key')
+local rl_concurrency = field(KEYS[1], 'rate_limit_concurrency')
+
 local result = act()
+if result[1] == 1 and rl_key ~= '' then
+  local detail = result[2]
+  if detail == 'failed' or detail == 'canceled' or detail == 'deleted' then
+    release_slot(rl_key, rl_concurrency)
+  end
+end
 if result[1] == 1 then
   local entry = {}
   for i = 19, #ARGV do table.insert(entry, ARGV[i]) end
@@ -287,6 +399,9 @@ class JobChange:
     retry_interval_s: int | None = None  # set: a fail that retries instead
     retry_at_front: bool = False
     audit: tuple[tuple[str, str], ...] = ()  # fields of the audit entry written on success
+    # Application keys a delete removes with the job (policy related_keys); other
+    # actions never touch them. Kept apart from the rest as keys 21 and on.
+    related_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -374,7 +489,12 @@ class Actor:
             k.started(origin),
             rescue_key(job),
             AUDIT_STREAM,
+            # 19 and 20: a lost job's re-check and the scheduler check of a delete.
+            k.intermediate(origin),
+            k.scheduler_jobs,
         ]
+        if change.action == "delete":
+            keys += list(change.related_keys)
         interval = change.retry_interval_s
         args: list[Any] = [
             change.action,

@@ -244,7 +244,11 @@ class Executor:
             job_id=entry.job_id,
             member=entry.member,
             execution_id=entry.execution_id,
-            source=self.keys.started(entry.queue),
+            source=(
+                self.keys.intermediate(entry.queue)
+                if entry.stranded
+                else self.keys.started(entry.queue)
+            ),
             expect=dict(job),
             expect_execution_heartbeat=(entry.execution or {}).get("last_heartbeat", ""),
             reason=reason,
@@ -253,6 +257,7 @@ class Executor:
             retry_interval_s=_retry_interval(job, retries) if outcome.action == "fail" else None,
             retry_at_front=job.get("enqueue_at_front_on_retry") == "1",
             audit=self._audit_fields(outcome, outcome.action, outcome.reason),
+            related_keys=outcome.rule.related_keys_of(entry.job_id),
         )
 
     def _audit_fields(

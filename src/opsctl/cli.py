@@ -1008,6 +1008,34 @@ def status_command(
     _finish(error, False, url, metrics_file, None, began, seen)
 
 
+@app.command("explain")
+def explain_command(
+    job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="The job's id.")],
+    policy_file: Annotated[
+        str | None,
+        typer.Option("--policy", help="Policy whose rule to apply (default: built-in rule)."),
+    ] = None,
+    redis_url: RedisUrl = None,
+    output: FormatOpt = Format.text,
+    timeout: Timeout = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Everything known about one job, and what the policy would do with it and why."""
+    from opsctl import explain
+
+    _setup_logging(0, False)
+    policy = None
+    if policy_file is not None:
+        path = policy_file
+        policy = _guard(lambda: _load_for_apply(path, redis_url is not None))
+    url = _guard(lambda: _resolve_url(redis_url, policy))
+    keys = Keys(policy.key_prefix if policy else DEFAULT_PREFIX)
+    found = _guard(lambda: explain.explain(connect(url, timeout), keys, job_id, policy), url=url)
+    if output is Format.json:
+        report.print_json(explain.to_json(found, mask_url(url)))
+    else:
+        explain.print_text(found, _console())
+
+
 @app.command()
 def schema() -> None:
     """Print the policy file's JSON Schema."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from opsctl.model import StartedEntry, WorkerRecord, parse_int, parse_timestamp
@@ -42,6 +42,8 @@ class State(str, Enum):
     ABANDONED = "abandoned"  # no live worker is executing it
     OVERDUE = "overdue"  # a live worker is executing it for longer than max_age
     RUNNING = "running"  # a live worker is executing it within max_age
+    LOST = "lost"  # status started or queued, yet in no registry, queue or list
+    STRANDED = "stranded"  # left in an intermediate list by a worker that never started it
 
 
 #: Actions a report can name; the first four are the policy's own.
@@ -108,6 +110,8 @@ def worker_liveness(worker: WorkerRecord | None) -> Liveness:
 def is_executing(worker: WorkerRecord, entry: StartedEntry) -> bool:
     """Whether a live ``worker``'s own records say it runs ``entry``."""
     if worker.executions:
+        if entry.lost:  # no registry member to match: any execution of the job
+            return any(e.startswith(f"{entry.job_id}:") for e in worker.executions)
         return entry.member_text in worker.executions
     if worker.current_job:
         return worker.current_job == entry.job_id
@@ -120,13 +124,33 @@ def classify(
     rule: Rule,
     now: float,
 ) -> Verdict:
-    """The state of one started entry under ``rule`` at server time ``now``."""
+    """The state of one started entry (or lost job) under ``rule`` at server time ``now``."""
     name = entry.worker_name
     worker = workers.get(name) if name else None
     liveness = worker_liveness(worker) if name else _NO_WORKER
     holds = liveness.alive and worker is not None and is_executing(worker, entry)
     signals = _signals(entry, name, liveness, now)
+    verdict = _decide(entry, rule, liveness, holds, signals, now)
+    origin = entry.job.get("origin", "") if entry.job is not None else ""
+    if origin and origin != entry.queue:
+        # Actions use the origin's registries and queue, as RQ does.
+        note = f"; its origin is queue {origin!r}, not {entry.queue!r}"
+        verdict = replace(verdict, reason=verdict.reason + note)
+    return verdict
 
+
+def _decide(
+    entry: StartedEntry,
+    rule: Rule,
+    liveness: Liveness,
+    holds: bool,
+    signals: Signals,
+    now: float,
+) -> Verdict:
+    if entry.lost:
+        return _lost(entry, rule, holds, signals, now)
+    if entry.stranded:
+        return _stranded(entry, rule, signals, now)
     job = entry.job
     status = job.get("status", "") if job is not None else ""
     if job is None or not (status or job.get("created_at")):
@@ -139,6 +163,69 @@ def classify(
 
 
 _NO_WORKER = Liveness(False, "no worker named")
+
+
+def lost_since(job: Mapping[str, str]) -> float | None:
+    """When a lost job was last seen in its place: its latest recorded moment.
+
+    A started job counts from its start or latest heartbeat, a queued one from
+    when it was enqueued. None when no such time can be read.
+    """
+    if job.get("status") == "started":
+        moments = [parse_timestamp(job.get(n)) for n in ("started_at", "last_heartbeat")]
+        known = [t for t in moments if t is not None]
+        return max(known) if known else None
+    # A job enqueued again keeps its first created_at: enqueued_at is the latest.
+    return parse_timestamp(job.get("enqueued_at")) or parse_timestamp(job.get("created_at"))
+
+
+def _lost(entry: StartedEntry, rule: Rule, holds: bool, signals: Signals, now: float) -> Verdict:
+    job = entry.job if entry.job is not None else _NO_FIELDS
+    status = job.get("status", "")
+    place = "no started registry" if status == "started" else "no queue, list or registry"
+    found = f"status is '{status}' but the job is in {place}"
+    if holds:
+        reason = f"{found}; {signals.worker} is executing it"
+        return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
+    since = lost_since(job)
+    if since is None:
+        reason = f"{found}; when it was lost is unknown, so it is never acted on by age"
+        return Verdict(State.LOST, ACTION_NONE, reason, signals)
+    lost_s = max(0.0, now - since)
+    if lost_s <= rule.lost_after_seconds:
+        reason = f"{found} for {lost_s:.0f}s, within lost_after {rule.lost_after_seconds}s"
+        return Verdict(State.LOST, ACTION_NONE, reason, signals)
+    reason = f"{found} for {lost_s:.0f}s, over lost_after {rule.lost_after_seconds}s"
+    return Verdict(State.LOST, rule.action, reason, signals)
+
+
+#: Statuses of a stranded job that RQ's own cleanup fails; others only leave the id behind.
+_STRANDED_STATUSES = ("queued", "started", "")
+
+
+def _stranded(entry: StartedEntry, rule: Rule, signals: Signals, now: float) -> Verdict:
+    """An id in an intermediate list, in no started registry: RQ's own cleanup fails
+    such a job (retries honoured) once it has been seen there for a while; so does
+    opsctl, after lost_after, whatever the policy's action."""
+    if entry.job is None:
+        return Verdict(State.ORPHANED, ACTION_REMOVE_ENTRY, "job hash is gone", signals)
+    status = entry.job.get("status", "")
+    if status not in _STRANDED_STATUSES:
+        reason = f"status is '{status}'; only its id is left in the intermediate list"
+        return Verdict(State.LEFTOVER, ACTION_REMOVE_ENTRY, reason, signals)
+    found = "taken from its queue but never started (left in the intermediate list)"
+    since = parse_timestamp(entry.job.get("first_seen")) or parse_timestamp(
+        entry.job.get("enqueued_at")
+    )
+    if since is None:
+        reason = f"{found}; for how long is unknown, so it is never acted on by age"
+        return Verdict(State.STRANDED, ACTION_NONE, reason, signals)
+    stranded_s = max(0.0, now - since)
+    if stranded_s <= rule.lost_after_seconds:
+        reason = f"{found} for {stranded_s:.0f}s, within lost_after {rule.lost_after_seconds}s"
+        return Verdict(State.STRANDED, ACTION_NONE, reason, signals)
+    reason = f"{found} for {stranded_s:.0f}s; failed as RQ's own cleanup would"
+    return Verdict(State.STRANDED, "fail", reason, signals)
 
 
 def _orphaned(job: Mapping[str, str] | None, holds: bool, signals: Signals) -> Verdict:

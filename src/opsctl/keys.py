@@ -83,6 +83,24 @@ class Keys:
         """List of job ids waiting on ``queue``."""
         return f"{self.prefix}:queue:{queue}"
 
+    def intermediate(self, queue: str) -> str:
+        """List of ids a worker has taken from ``queue`` but not yet started (RQ 1.15+)."""
+        return f"{self.prefix}:queue:{queue}:intermediate"
+
+    def intermediate_first_seen(self, queue: str, job_id: str) -> str:
+        """When RQ's own cleanup first saw ``job_id`` stranded in the intermediate list."""
+        return f"{self.intermediate(queue)}:first_seen:{job_id}"
+
+    @property
+    def scheduler_jobs(self) -> str:
+        """Sorted set of job ids the separate rq-scheduler package will enqueue."""
+        return f"{self.prefix}:scheduler:scheduled_jobs"
+
+    @property
+    def job_prefix(self) -> str:
+        """What every job hash's key starts with."""
+        return f"{self.prefix}:job:"
+
     def started(self, queue: str) -> str:
         """Sorted set of started entries; the score is the lease's expiry."""
         return f"{self.prefix}:wip:{queue}"

@@ -106,6 +106,13 @@ class StartedEntry:
 
     ``job`` is None when the job hash does not exist; ``execution`` is None when
     the member names no execution (RQ 1.x) or its hash is gone.
+
+    ``lost`` marks a job found by the keyspace scan rather than in a registry:
+    its status says started or queued, but no registry or list holds it.
+    ``member`` is then empty and ``queue`` is the job's origin.
+
+    ``stranded`` marks an id left in a queue's intermediate list (taken by a
+    worker that died before starting it); ``member`` is then the bare id.
     """
 
     queue: str
@@ -114,10 +121,15 @@ class StartedEntry:
     score: float
     job: Mapping[str, str] | None
     execution: Mapping[str, str] | None
+    lost: bool = False
+    stranded: bool = False
 
     @property
     def member_text(self) -> str:
-        """The registry member as text: ``job_id`` (RQ 1.x) or ``job_id:execution_id``."""
+        """The registry member as text: ``job_id`` (RQ 1.x) or ``job_id:execution_id``;
+        empty for a lost job, which no registry holds."""
+        if self.lost:
+            return ""
         if self.execution_id is None:
             return self.job_id
         return f"{self.job_id}:{self.execution_id}"

@@ -174,7 +174,8 @@ def _rule(rule: Rule) -> dict[str, Any]:
 
 def _unrule(data: dict[str, Any]) -> Rule:
     limits = data.pop("limits", None)
-    return Rule(**data, limits=Limits(**limits) if limits else None)
+    related = tuple(data.pop("related_keys", ()))
+    return Rule(**data, related_keys=related, limits=Limits(**limits) if limits else None)
 
 
 def _member_text(member: bytes) -> str:
@@ -197,6 +198,10 @@ def _job(j: JobOutcome) -> dict[str, Any]:
         "reason": j.reason,
         "signals": asdict(v.signals),
         "rule": _rule(j.rule),
+        # Where a job found outside the started registries sits (absent in older plans).
+        "lost": e.lost,
+        "stranded": e.stranded,
+        "function": j.function,
     }
 
 
@@ -215,6 +220,8 @@ def _unjob(data: dict[str, Any]) -> JobOutcome:
         score=float(score),
         job=data["job"],
         execution=data["execution"],
+        lost=data.get("lost") is True,
+        stranded=data.get("stranded") is True,
     )
     if entry.member_text != data["member"]:
         raise TypeError("a job's member does not match its job and execution ids")
@@ -225,8 +232,15 @@ def _unjob(data: dict[str, Any]) -> JobOutcome:
         signals=Signals(**data["signals"]),
         follow_up=data["follow_up"],
     )
+    function = data.get("function")
     return JobOutcome(
-        entry, verdict, _unrule(data["rule"]), data["action"], PLANNED, data["reason"]
+        entry,
+        verdict,
+        _unrule(data["rule"]),
+        data["action"],
+        PLANNED,
+        data["reason"],
+        function=function if isinstance(function, str) else "",
     )
 
 

@@ -64,7 +64,18 @@ _GLOB_CHARACTERS = "*?["
 UNCHECKED_SUFFIX = "; the value was not checked"
 #: Longest value, in characters, that interpolating the environment may produce.
 MAX_VALUE_CHARS = 65_536
-_RULE_SETTINGS = ("max_age", "action", "force", "dry_run", "enabled", "max_requeues")
+_RULE_SETTINGS = (
+    "max_age",
+    "action",
+    "force",
+    "dry_run",
+    "enabled",
+    "max_requeues",
+    "lost_after",
+    "related_keys",
+)
+#: The one placeholder a related_keys template may hold.
+JOB_ID_PLACEHOLDER = "{job_id}"
 
 _Path = tuple[str | int, ...]
 """Where a value sits in the policy: ("queues", 0, "max_age") is queues[0].max_age."""
@@ -82,6 +93,12 @@ class Rule:
     source: str = "defaults"  # e.g. "queues[1] (reports-*)", shown in reports
     max_requeues: int = 3  # requeues of one job before a requeue becomes a fail
     limits: Limits | None = None  # the entry's own caps, per queue it matches
+    lost_after_seconds: int = 600  # grace before a lost job is acted on
+    related_keys: tuple[str, ...] = ()  # key templates deleted along with a job
+
+    def related_keys_of(self, job_id: str) -> tuple[str, ...]:
+        """The application keys that belong to ``job_id``, from ``related_keys``."""
+        return tuple(t.replace(JOB_ID_PLACEHOLDER, job_id) for t in self.related_keys)
 
 
 @dataclass(frozen=True)
@@ -698,6 +715,9 @@ _VALUE_MESSAGES = {
     "dry_run": "{value} is not a boolean (use true or false)",
     "enabled": "{value} is not a boolean (use true or false)",
     "max_requeues": "{value} is not a count (use a whole number, 0 or more)",
+    "lost_after": "{value} is not a duration (" + _DURATION_HINT + ")",
+    "related_keys": "{value} is not a list (write one key template per item)",
+    "related_key": "{value} is not a key template (use a string such as 'progress:{job_id}')",
     "max_actions": "{value} is not a count (use a whole number, 0 or more)",
     "max_percent": "{value} is not a percentage (use a number from 0 to 100)",
     "limits": "{value} is not a mapping (put max_actions: and max_percent: beneath it)",
@@ -744,6 +764,7 @@ def _validate(document: _Document) -> None:
     _check_redis_url(document)
     _check_tls(document)
     _check_queue_names(document)
+    _check_related_keys(document)
 
 
 def _leaf_errors(error: ValidationError) -> Iterator[ValidationError]:
@@ -809,6 +830,8 @@ def _kind(path: _Path) -> str:
     """Which entry of _VALUE_MESSAGES describes the value at `path`."""
     if not path:
         return "top"
+    if len(path) > 1 and path[-2] == "related_keys":
+        return "related_key"
     return "entry" if isinstance(path[-1], int) else path[-1]
 
 
@@ -854,6 +877,46 @@ def _check_queue_names(document: _Document) -> None:
             message = f"{what} is already listed at queues[{first}] (line {line}); merge them"
             document.report(path, message)
         first_index.setdefault(name, index)
+
+
+def _check_related_keys(document: _Document) -> None:
+    """Report related_keys templates that could name anything but one job's own keys."""
+    prefix = document.value(("redis", "key_prefix"))
+    prefix = prefix if isinstance(prefix, str) else DEFAULT_KEY_PREFIX
+    places: list[_Path] = [("defaults", "related_keys")]
+    queues = document.value(("queues",))
+    places += [("queues", i, "related_keys") for i in range(len(queues or []))]
+    for place in places:
+        templates = document.value(place)
+        for index, template in enumerate(templates if isinstance(templates, list) else []):
+            path = (*place, index)
+            if not isinstance(template, str) or document.is_settled(path):
+                continue
+            why = related_key_error(template, prefix)
+            if why:
+                document.report(path, f"{document.describe(path, template)} {why}")
+
+
+def related_key_error(template: str, key_prefix: str) -> str | None:
+    """Why ``template`` is refused as a related key, or None when it is fine.
+
+    A template must name one job's own key: exactly one ``{job_id}`` placeholder,
+    no other braces, a fixed part before the id (so the id alone never decides
+    what is deleted), and nothing under RQ's prefix or opsctl's own.
+    """
+    if template.count(JOB_ID_PLACEHOLDER) != 1:
+        return "must hold the placeholder {job_id} exactly once"
+    rest = template.replace(JOB_ID_PLACEHOLDER, "")
+    if "{" in rest or "}" in rest:
+        return "holds a placeholder other than {job_id}"
+    if template.startswith(JOB_ID_PLACEHOLDER):
+        return "must start with a fixed part before {job_id}, such as 'progress:'"
+    for reserved in (f"{key_prefix}:", "opsctl:"):
+        if template.startswith(reserved):
+            return f"would name a key under {reserved!r}, which belongs to RQ or opsctl"
+    if not template.isprintable():
+        return "holds a control character"
+    return None
 
 
 def _queue_names(document: _Document) -> Iterator[tuple[int, str]]:
@@ -991,6 +1054,10 @@ def _merge(base: Rule, settings: Mapping[str, Any], source: str) -> Rule:
     changes = {key: settings[key] for key in _RULE_SETTINGS if key in settings}
     if "max_age" in changes:
         changes["max_age_seconds"] = parse_duration(changes.pop("max_age"))
+    if "lost_after" in changes:
+        changes["lost_after_seconds"] = parse_duration(changes.pop("lost_after"))
+    if "related_keys" in changes:
+        changes["related_keys"] = tuple(changes["related_keys"])
     # Caps are never inherited: those in defaults count the whole run.
     changes["limits"] = _limits(settings.get("limits")) if source != "defaults" else None
     return replace(base, **changes, source=source)

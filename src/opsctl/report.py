@@ -151,6 +151,9 @@ def _job_json(j: JobOutcome) -> dict[str, Any]:
         "timeout_seconds": s.timeout_s,
         "stop_confirmed": j.stop_confirmed,
         "rule": j.rule.source,
+        "lost": j.entry.lost,
+        "stranded": j.entry.stranded,
+        "function": j.function or None,
     }
 
 
@@ -212,7 +215,7 @@ def _jobs_table(jobs: list[JobOutcome]) -> Table:
             Text(worker or "-"),
             Text(j.action),
             Text(j.outcome, style=_OUTCOME_STYLE.get(j.outcome, "")),
-            Text(safe(j.reason)),
+            Text(safe(_reason(j))),
         )
     return table
 
@@ -236,7 +239,12 @@ def _print_job_lines(jobs: list[JobOutcome], console: Console) -> None:
             j.outcome,
         )
         line = " ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
-        out.write(f"{line} {safe(j.reason)}\n")
+        out.write(f"{line} {safe(_reason(j))}\n")
+
+
+def _reason(j: JobOutcome) -> str:
+    """The reason column: the reason, then the job's function when it was read."""
+    return f"{j.reason} [function {j.function}]" if j.function else j.reason
 
 
 def _timeout(seconds: int | None) -> str:
@@ -278,6 +286,8 @@ _STATE_STYLE = {
     State.ABANDONED: "red",
     State.OVERDUE: "magenta",
     State.RUNNING: "green",
+    State.LOST: "red",
+    State.STRANDED: "red",
 }
 _OUTCOME_STYLE = {DONE: "green", ERROR: "bold red", SKIPPED: "yellow", PLANNED: "cyan"}
 

@@ -15,9 +15,17 @@ import redis
 from opsctl import engine
 from opsctl.engine import ACTION_NONE, Verdict
 from opsctl.keys import Keys, rescue_key
+from opsctl.keyspace import find_lost, find_stranded, function_names, scheduler_references
 from opsctl.model import StartedEntry, WorkerRecord, parse_int
 from opsctl.policy import Limits, Policy, Rule
-from opsctl.state import Snapshot, known_queues, read_snapshot, replies_of, server_notes
+from opsctl.state import (
+    Snapshot,
+    known_queues,
+    read_snapshot,
+    read_workers,
+    replies_of,
+    server_notes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,7 @@ class JobOutcome:
     outcome: str
     reason: str
     stop_confirmed: bool | None = None
+    function: str = ""  # the job's function, read without unpickling; "" when not read
 
     @property
     def acts(self) -> bool:
@@ -196,7 +205,8 @@ def _plan(
         unmatched=unmatched,
     )
     run.server_version, run.warnings = server_notes(conn)
-    for entry in snapshot.entries:
+    entries = snapshot.entries + _lost_entries(conn, keys, snapshot, run)
+    for entry in entries:
         rule = rules[entry.queue]
         verdict = engine.classify(entry, snapshot.workers, rule, snapshot.now)
         run.jobs.append(_initial_outcome(entry, verdict, rule, dry_run))
@@ -204,9 +214,48 @@ def _plan(
     for queue in queues:
         queue.inspected = inspected[queue.name]
     run.workers = _dead_registrations(snapshot, keys, rules)
+    _read_functions(conn, keys, run)
+    _hold_back_scheduled_deletes(conn, keys, run)
     _apply_rescue_limits(conn, run)
     run.limits_tripped = _tripped_limits(run, policy, overrides)
     return run
+
+
+def _lost_entries(
+    conn: redis.Redis, keys: Keys, snapshot: Snapshot, run: Run
+) -> list[StartedEntry]:
+    """Lost and stranded jobs of the snapshot's queues; their workers join the snapshot's."""
+    scan = find_lost(conn, keys, snapshot.queues, snapshot.entries)
+    stranded = find_stranded(conn, keys, snapshot.queues, snapshot.entries)
+    run.problems.extend(scan.problems + stranded.problems)
+    names = {e.worker_name for e in scan.entries if e.worker_name} - set(snapshot.workers)
+    if names:
+        snapshot.workers.update(read_workers(conn, keys, names))
+    return scan.entries + stranded.entries
+
+
+def _read_functions(conn: redis.Redis, keys: Keys, run: Run) -> None:
+    """Name the function of every job that is not simply running (for the report)."""
+    jobs = [j for j in run.jobs if j.verdict.state is not engine.State.RUNNING]
+    names = function_names(conn, keys, [j.entry.job_id for j in jobs])
+    for job, name in zip(jobs, names, strict=True):
+        job.function = name
+
+
+def _hold_back_scheduled_deletes(conn: redis.Redis, keys: Keys, run: Run) -> None:
+    """Never delete a job a scheduler will enqueue again: the delete becomes a skip.
+
+    Deleting it would leave the scheduler pointing at nothing (RQ's scheduler
+    then drops the entry silently, rq-scheduler loses a repeating job), so the
+    job is left as it is and the report says why.
+    """
+    deletes = [j for j in run.jobs if "delete" in (j.action, j.verdict.follow_up) and j.acts]
+    origins = [(j.entry.job or {}).get("origin") or j.entry.queue for j in deletes]
+    pairs = [(j.entry.job_id, o) for j, o in zip(deletes, origins, strict=True)]
+    for job, why in zip(deletes, scheduler_references(conn, keys, pairs), strict=True):
+        if why:
+            job.outcome = SKIPPED
+            job.reason = f"{job.reason}; not deleted: a scheduler still refers to it ({why})"
 
 
 def _apply_rescue_limits(conn: redis.Redis, run: Run) -> None:
@@ -238,7 +287,7 @@ def _apply_rescue_limits(conn: redis.Redis, run: Run) -> None:
 def _tripped_limits(run: Run, policy: Policy, overrides: Overrides) -> list[str]:
     """Every blast-radius cap this run's planned actions exceed, in words."""
     tripped = []
-    acting = [j for j in run.jobs if j.acts and not j.rule.dry_run]
+    acting = [j for j in run.jobs if j.acts and not j.rule.dry_run and j.outcome != SKIPPED]
     for queue in run.queues:
         limits = queue.rule.limits
         if limits is None:

@@ -1,0 +1,314 @@
+"""Everything opsctl knows about one job, and what a policy would do with it.
+
+``opsctl explain JOB_ID`` reads the job's hash (showing only the size of the
+pickled ``data`` and ``meta``, and the function name read from ``data``
+without unpickling), every list and registry of its queue that holds it, its
+executions, the workers named for it with each liveness signal, and the
+verdict of :func:`opsctl.engine.classify` for each place the engine would look
+at it. The decision is the engine's own; nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import redis
+from rich.console import Console
+from rich.text import Text
+
+from opsctl import engine
+from opsctl.errors import ExitCode, OpsctlError
+from opsctl.keys import EXECUTION_FIELDS, JOB_FIELDS, Keys
+from opsctl.keyspace import LOST_FIELDS, scheduler_references
+from opsctl.model import StartedEntry, WorkerRecord, format_timestamp
+from opsctl.policy import Policy, Rule
+from opsctl.records import function_name
+from opsctl.report import safe
+from opsctl.state import known_queues, read_workers, server_time, split_member, text
+
+#: Hash fields that hold serialized user objects: only their size is shown.
+OPAQUE_FIELDS = ("data", "meta", "result", "exc_info")
+#: Registries of a queue, by the name a report shows.
+_REGISTRIES = ("started", "failed", "finished", "canceled", "deferred", "scheduled")
+
+
+class JobNotFound(OpsctlError):
+    """Raised when the job to explain has no hash and no list or registry names it."""
+
+    exit_code = ExitCode.INVALID
+
+
+@dataclass
+class Explanation:
+    """What ``opsctl explain`` shows about one job."""
+
+    job_id: str
+    now: float
+    exists: bool
+    fields: dict[str, str]
+    function: str
+    places: list[str] = field(default_factory=list)
+    executions: list[dict[str, Any]] = field(default_factory=list)
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    rule: str = ""
+
+
+def explain(conn: redis.Redis, keys: Keys, job_id: str, policy: Policy | None) -> Explanation:
+    """Read everything about ``job_id`` and ask the engine what it would do."""
+    now = server_time(conn)
+    raw = cast("dict[bytes, bytes]", conn.hgetall(keys.job(job_id)))
+    fields = _shown_fields(raw)
+    description = fields.get("description")
+    found = Explanation(
+        job_id, now, bool(raw), fields, function_name(raw.get(b"data"), description)
+    )
+
+    origin = fields.get("origin", "")
+    queues = [origin] if origin else known_queues(conn, keys)
+    members = _places(conn, keys, job_id, queues, found)
+    if not raw and not found.places:
+        raise JobNotFound(f"job {job_id!r} does not exist: no hash, list or registry names it")
+
+    executions = _executions(conn, keys, job_id, members)
+    found.executions = executions
+    workers = _workers(conn, keys, fields, executions)
+    found.workers = [_worker_view(w) for w in workers.values()]
+    rule, found.rule = _rule(policy, origin or (members[0][0] if members else ""))
+    job = {k: v for k, v in fields.items() if k in JOB_FIELDS or k in LOST_FIELDS}
+    first_seen = conn.get(keys.intermediate_first_seen(origin, job_id)) if origin else None
+    if first_seen:
+        job["first_seen"] = text(first_seen)
+    entries = _entries(job_id, job if raw else None, members, executions, found.places)
+    for entry in entries:
+        found.verdicts.append(_verdict(conn, keys, entry, workers, rule, now))
+    return found
+
+
+def _shown_fields(raw: dict[bytes, bytes]) -> dict[str, str]:
+    shown = {}
+    for name, value in sorted(raw.items()):
+        key = text(name)
+        shown[key] = f"<{len(value)} bytes>" if key in OPAQUE_FIELDS else text(value)
+    return shown
+
+
+def _places(
+    conn: redis.Redis, keys: Keys, job_id: str, queues: list[str], found: Explanation
+) -> list[tuple[str, bytes, float]]:
+    """Fill ``found.places``; return the job's started-registry members."""
+    members: list[tuple[str, bytes, float]] = []
+    for queue in queues:
+        for key in (keys.queue(queue), keys.intermediate(queue)):
+            if _position(conn, key, job_id) is not None:
+                found.places.append(f"{key} (list)")
+        for registry in _REGISTRIES:
+            key = getattr(keys, registry)(queue)
+            for member, score in _registry_hits(conn, key, job_id):
+                members += [(queue, member, score)] if registry == "started" else []
+                found.places.append(f"{key} member {text(member)!r} score {_score(score)}")
+    why = scheduler_references(conn, keys, [(job_id, queues[0] if queues else "")])
+    if why and why[0] and "rq-scheduler" in why[0]:
+        found.places.append(f"{keys.scheduler_jobs} (rq-scheduler)")
+    return members
+
+
+def _position(conn: redis.Redis, key: str, job_id: str) -> int | None:
+    try:
+        position = conn.lpos(key, job_id)
+    except redis.exceptions.NoPermissionError:
+        raise
+    except redis.ResponseError:
+        return None  # not a list
+    return position if isinstance(position, int) else None
+
+
+def _registry_hits(conn: redis.Redis, key: str, job_id: str) -> list[tuple[bytes, float]]:
+    """Members of a registry that name ``job_id``: the bare id or ``id:execution``."""
+    try:
+        members = cast("list[tuple[bytes, float]]", conn.zrange(key, 0, -1, withscores=True))
+    except redis.exceptions.NoPermissionError:
+        raise
+    except redis.ResponseError:
+        return []
+    return [(m, s) for m, s in members if split_member(m)[0] == job_id]
+
+
+def _score(score: float) -> str:
+    if math.isinf(score):
+        return "+inf" if score > 0 else "-inf"
+    return f"{score:.0f} ({format_timestamp(score)})" if score > 0 else f"{score:g}"
+
+
+def _executions(
+    conn: redis.Redis, keys: Keys, job_id: str, members: list[tuple[str, bytes, float]]
+) -> list[dict[str, Any]]:
+    ids = {text(e) for e in _zrange(conn, keys.executions(job_id))}
+    ids |= {e for _q, m, _s in members if (e := split_member(m)[1])}
+    found = []
+    for execution_id in sorted(ids):
+        key = keys.execution(job_id, execution_id)
+        values = conn.hmget(key, list(EXECUTION_FIELDS))
+        record = {n: text(v) for n, v in zip(EXECUTION_FIELDS, values, strict=True) if v}
+        found.append({"id": execution_id, "exists": bool(conn.exists(key)), "fields": record})
+    return found
+
+
+def _zrange(conn: redis.Redis, key: str) -> list[bytes]:
+    try:
+        return cast("list[bytes]", conn.zrange(key, 0, -1))
+    except redis.exceptions.NoPermissionError:
+        raise
+    except redis.ResponseError:
+        return []
+
+
+def _workers(
+    conn: redis.Redis, keys: Keys, fields: dict[str, str], executions: list[dict[str, Any]]
+) -> dict[str, WorkerRecord]:
+    names = {fields.get("worker_name", "")}
+    names |= {e["fields"].get("worker_name", "") for e in executions}
+    return read_workers(conn, keys, {n for n in names if n})
+
+
+def _worker_view(worker: WorkerRecord) -> dict[str, Any]:
+    liveness = engine.worker_liveness(worker)
+    return {
+        "name": worker.name,
+        "alive": liveness.alive,
+        "evidence": liveness.evidence,
+        "hash_exists": worker.exists,
+        "ttl_seconds": worker.ttl_s,
+        "subscribers": worker.subscribers,
+        "connected": worker.connected,
+        "fields": dict(worker.fields),
+        "executions": sorted(worker.executions),
+        "registered_in": sorted(worker.registered_in),
+    }
+
+
+def _rule(policy: Policy | None, queue: str) -> tuple[Rule | None, str]:
+    if policy is None:
+        return Rule(source="built-in defaults"), "built-in defaults (no --policy given)"
+    rule = policy.rule_for(queue)
+    if rule is None:
+        return None, f"no entry of {policy.path} matches queue {queue!r}: never touched"
+    if not rule.enabled:
+        return None, f"{rule.source} matches queue {queue!r} but is disabled: never touched"
+    return rule, rule.source
+
+
+def _entries(
+    job_id: str,
+    job: dict[str, str] | None,
+    members: list[tuple[str, bytes, float]],
+    executions: list[dict[str, Any]],
+    places: list[str],
+) -> list[StartedEntry]:
+    """What the engine would look at: each started entry, or the job as a lost one."""
+    records = {e["id"]: e["fields"] or None for e in executions if e["exists"]}
+    entries = [
+        StartedEntry(queue, job_id, execution, score, job, records.get(execution or ""))
+        for queue, member, score in members
+        for execution in [split_member(member)[1]]
+    ]
+    intermediate = [p for p in places if p.endswith(":intermediate (list)")]
+    if not entries and intermediate:
+        queue = (job or {}).get("origin", "")
+        record = dict(job or {})
+        return [StartedEntry(queue, job_id, None, math.nan, record or None, None, stranded=True)]
+    if not entries and job and job.get("status") in ("started", "queued"):
+        lost = job.get("status") == "started" or not places
+        if lost:
+            origin = job.get("origin", "")
+            entries.append(StartedEntry(origin, job_id, None, math.nan, job, None, lost=True))
+    return entries
+
+
+def _verdict(
+    conn: redis.Redis,
+    keys: Keys,
+    entry: StartedEntry,
+    workers: dict[str, WorkerRecord],
+    rule: Rule | None,
+    now: float,
+) -> dict[str, Any]:
+    where = "lost (in no registry or list)" if entry.lost else text(entry.member)
+    if entry.stranded:
+        where = "stranded (in the intermediate list only)"
+    if rule is None:
+        return {"entry": where, "state": None, "action": "none", "reason": "no rule applies"}
+    verdict = engine.classify(entry, workers, rule, now)
+    reason = verdict.reason
+    acts_by_delete = "delete" in (verdict.action, verdict.follow_up)
+    if acts_by_delete and verdict.action != engine.ACTION_NONE:
+        origin = (entry.job or {}).get("origin") or entry.queue
+        [why] = scheduler_references(conn, keys, [(entry.job_id, origin)])
+        if why:
+            reason += f"; not deleted: a scheduler still refers to it ({why})"
+    return {
+        "entry": where,
+        "state": verdict.state.value,
+        "action": verdict.action,
+        "follow_up": verdict.follow_up,
+        "reason": reason,
+        "age_seconds": verdict.signals.age_s,
+        "heartbeat_age_seconds": verdict.signals.heartbeat_age_s,
+    }
+
+
+def to_json(found: Explanation, redis_url: str) -> dict[str, Any]:
+    """The JSON document ``opsctl explain --format json`` prints."""
+    return {
+        "job": found.job_id,
+        "redis": redis_url,
+        "now": format_timestamp(found.now),
+        "exists": found.exists,
+        "function": found.function,
+        "fields": found.fields,
+        "places": found.places,
+        "executions": found.executions,
+        "workers": found.workers,
+        "rule": found.rule,
+        "verdicts": found.verdicts,
+    }
+
+
+def print_text(found: Explanation, console: Console) -> None:
+    """The explanation as plain sections, one fact per line."""
+    out: list[str] = [f"job {found.job_id}", f"  function: {found.function}"]
+    if not found.exists:
+        out.append("  hash: gone")
+    out.append("fields:")
+    out += [f"  {name}: {value}" for name, value in found.fields.items()] or ["  (none)"]
+    out.append("in:")
+    out += [f"  {place}" for place in found.places] or ["  no list or registry"]
+    out.append("executions:")
+    for e in found.executions:
+        state = "" if e["exists"] else " (hash gone)"
+        details = ", ".join(f"{k}={v}" for k, v in e["fields"].items())
+        out.append(f"  {e['id']}{state} {details}".rstrip())
+    if not found.executions:
+        out.append("  none")
+    out.append("workers:")
+    for w in found.workers:
+        alive = "live" if w["alive"] else "dead"
+        out.append(f"  {w['name']}: {alive} ({w['evidence']})")
+        out.append(
+            f"    hash exists: {w['hash_exists']}, ttl: {w['ttl_seconds']}, subscribers: "
+            f"{w['subscribers']}, connected: {w['connected']}, "
+            f"current_job: {w['fields'].get('current_job', '-') or '-'}, "
+            f"executions: {', '.join(w['executions']) or '-'}"
+        )
+    if not found.workers:
+        out.append("  none named")
+    out.append(f"policy: {found.rule}")
+    for v in found.verdicts:
+        follow = f" then {v['follow_up']}" if v.get("follow_up") else ""
+        out.append(f"  {v['entry']}: {v['state']} -> {v['action']}{follow}: {v['reason']}")
+    if not found.verdicts:
+        out.append("  not in a started registry and not lost: opsctl does not act on it")
+    for line in out:
+        console.print(Text(safe(line)))

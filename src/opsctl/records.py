@@ -1,0 +1,90 @@
+"""Reading what a job hash says about its function, without running anything.
+
+RQ stores a job's call in ``data``: zlib-compressed (usually) serializer output of
+``(func_name, instance, args, kwargs)``. Unpickling it would import modules and could
+run arbitrary code, so opsctl never does. With the pickle serializer the first string
+in the pickle stream is the function's name; :func:`pickletools.genops` walks the
+opcodes of a stream without building a single object. With the JSON serializer it is
+the first element of a list. Anything else is "unknown".
+"""
+
+from __future__ import annotations
+
+import json
+import pickletools
+import zlib
+
+#: Shown when no function name can be read safely.
+UNKNOWN_FUNCTION = "unknown"
+#: Most bytes of ``data`` opsctl decompresses: the name is at the very start.
+MAX_INFLATED_BYTES = 64 * 1024
+#: Longest function name shown.
+MAX_NAME_CHARS = 200
+
+_STRING_OPCODES = frozenset(
+    {
+        "SHORT_BINUNICODE",
+        "BINUNICODE",
+        "BINUNICODE8",
+        "UNICODE",
+        "SHORT_BINSTRING",
+        "BINSTRING",
+        "STRING",
+        "SHORT_BINBYTES",
+        "BINBYTES",
+    }
+)
+
+
+def function_name(data: bytes | None, description: str | None = None) -> str:
+    """The function a job calls, read without unpickling; ``"unknown"`` if not readable.
+
+    Tries the pickle opcodes, then a JSON list, then the part of ``description``
+    before its first parenthesis (RQ writes ``module.func(args)`` there).
+    """
+    name = _from_data(data) if data else None
+    if name is None and description:
+        name = description.split("(", 1)[0].strip() or None
+    if not name or not name.isprintable():
+        return UNKNOWN_FUNCTION
+    return name[:MAX_NAME_CHARS]
+
+
+def _from_data(data: bytes) -> str | None:
+    raw = _inflate(data)
+    return _from_json(raw) or _from_pickle(raw)
+
+
+def _inflate(data: bytes) -> bytes:
+    """``data`` decompressed if it is zlib, else as it is; never more than the cap."""
+    try:
+        return zlib.decompressobj().decompress(data, MAX_INFLATED_BYTES)
+    except zlib.error:
+        return data[:MAX_INFLATED_BYTES]
+
+
+def _from_pickle(raw: bytes) -> str | None:
+    """The first string of a pickle stream, or None if it is not one.
+
+    genops only parses; a truncated or corrupt stream raises, which just means
+    no name was found before the damage.
+    """
+    try:
+        for opcode, arg, _pos in pickletools.genops(raw):
+            if opcode.name in _STRING_OPCODES:
+                return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+            if opcode.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                return arg.replace(" ", ".")
+    except Exception:  # genops raises many kinds on damaged input; no name then
+        return None
+    return None
+
+
+def _from_json(raw: bytes) -> str | None:
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(value, list) and value and isinstance(value[0], str):
+        return value[0]
+    return None

@@ -1,0 +1,1034 @@
+"""Broken and unusual RQ records: each kind is read, reported and decided correctly.
+
+Every test builds one odd record beside what RQ itself writes (with RQ's own API), runs
+opsctl in-process against the suite's private redis-server, and checks the JSON report and,
+for whatever was acted on, the end state through RQ's API. A *live worker* here is a worker
+hash plus an open subscription to its command channel, which is what opsctl's liveness
+check looks for; a *dead worker* is a name with no hash and no connection.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+import traceback
+import zlib
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import redis
+from click.testing import Result
+from rq import Queue
+from rq.executions import Execution
+from rq.job import Job
+from rq.rate_limit import RateLimit, RateLimitRegistry
+from rq.registry import FailedJobRegistry
+from typer.testing import CliRunner
+
+from conftest import WorkerFactory, job_status, run_opsctl, wait_for_status
+from opsctl.cli import app
+from opsctl.errors import ExitCode
+from opsctl.keys import Keys
+from opsctl.keyspace import LostScan, _candidates, find_lost
+from opsctl.policy import load_policy
+
+pytestmark = pytest.mark.redis_server
+
+QUEUE = "odd"
+OTHER_QUEUE = "odd-other"
+DEAD = "dead-worker"
+HOUR_S = 3600
+
+runner = CliRunner()
+REPORT_SCHEMA = json.loads((Path(__file__).parents[1] / "schemas/report.schema.json").read_text())
+
+
+# --- building records ----------------------------------------------------------------------
+
+
+def started_job(
+    conn: redis.Redis, worker: str = DEAD, queue: str = QUEUE, func: str = "jobs.quick"
+) -> Job:
+    """A job RQ started on ``worker``: hash, execution record and started-registry entry."""
+    job = Queue(queue, connection=conn).enqueue(func)
+    with conn.pipeline() as pipe:
+        Execution.create(job, 600, pipe, worker_name=worker)
+        job.prepare_for_execution(worker, pipe)
+        pipe.lrem(f"rq:queue:{queue}", 0, job.id)
+        pipe.execute()
+    return job
+
+
+def iso(moment: datetime, form: str = "%Y-%m-%dT%H:%M:%S.%fZ") -> str:
+    return moment.strftime(form)
+
+
+def ago(seconds: float) -> datetime:
+    return datetime.now(timezone.utc) - timedelta(seconds=seconds)
+
+
+def started_member(conn: redis.Redis, job_id: str, queue: str = QUEUE) -> bytes:
+    [member] = [m for m in conn.zrange(f"rq:wip:{queue}", 0, -1) if m.startswith(job_id.encode())]
+    return bytes(member)
+
+
+@pytest.fixture
+def live_worker(redis_conn: redis.Redis) -> Iterator[Any]:
+    """A factory of live workers: hash fields given, subscribed to their command channel."""
+    subscriptions = []
+
+    def start(name: str, fields: dict[str, str], executions: list[str] = ()) -> str:  # type: ignore[assignment]
+        if fields:
+            redis_conn.hset(f"rq:worker:{name}", mapping=fields)
+        # RQ 3 lists a worker's executions in a set; only the ones given here stay.
+        redis_conn.delete(f"rq:worker:{name}:executions")
+        if executions:
+            redis_conn.sadd(f"rq:worker:{name}:executions", *executions)
+        redis_conn.sadd("rq:workers", f"rq:worker:{name}")
+        pubsub = redis_conn.pubsub()
+        pubsub.subscribe(f"rq:pubsub:{name}")
+        pubsub.get_message(timeout=1)
+        subscriptions.append(pubsub)
+        return name
+
+    yield start
+    for pubsub in subscriptions:
+        pubsub.close()
+
+
+# --- running opsctl ------------------------------------------------------------------------
+
+
+def policy(tmp_path: Path, action: str = "fail", extra: str = "") -> Path:
+    path = tmp_path / f"policy-{action}.yaml"
+    text = f'version: 1\ndefaults:\n  action: {action}\n{extra}queues:\n  - name: "*"\n'
+    path.write_text(text)
+    return path
+
+
+def opsctl(*args: str) -> Result:
+    result = runner.invoke(app, list(args))
+    crashed = result.exception is not None and not isinstance(result.exception, SystemExit)
+    assert not crashed, "".join(traceback.format_exception(*result.exc_info))
+    return result
+
+
+def run(path: Path, url: str, *extra: str) -> dict[str, Any]:
+    """`opsctl apply` with a JSON report; the report, after checking it exited 0."""
+    result = opsctl("apply", str(path), "--redis-url", url, "--format", "json", *extra)
+    assert result.exit_code == 0, f"{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    jsonschema.validate(report, REPORT_SCHEMA)
+    return report
+
+
+def job_in(report: dict[str, Any], job_id: str) -> dict[str, Any]:
+    [item] = [j for j in report["jobs"] if j["id"] == job_id]
+    return item
+
+
+def explain(job_id: str, url: str, *extra: str) -> tuple[int, dict[str, Any] | str]:
+    result = opsctl("explain", job_id, "--redis-url", url, "--format", "json", *extra)
+    if result.exit_code != 0:
+        return result.exit_code, result.stderr
+    return 0, json.loads(result.stdout)
+
+
+# --- 1. hashes that hold no job -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"last_heartbeat": iso(ago(5))},
+        {"status": "", "created_at": "", "timeout": "", "started_at": ""},
+        {"worker_name": DEAD, "timeout": "ten", "retries_left": "x"},
+    ],
+    ids=["heartbeat-only", "empty-strings", "unparsable-numbers"],
+)
+def test_a_hash_that_holds_no_job_is_orphaned_and_only_its_entry_is_removed(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, fields: dict[str, str]
+) -> None:
+    normal = started_job(redis_conn)
+    redis_conn.hset("rq:job:husk", mapping=fields)
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {"husk:e1": time.time() - 10})
+
+    report = run(policy(tmp_path), redis_url)
+
+    husk = job_in(report, "husk")
+    assert (husk["state"], husk["action"], husk["outcome"]) == (
+        "orphaned",
+        "remove-entry",
+        "done",
+    )
+    assert "holds no job" in husk["reason"]
+    assert redis_conn.zscore(f"rq:wip:{QUEUE}", "husk:e1") is None
+    assert redis_conn.exists("rq:job:husk"), "the husk itself is left as it is"
+    assert job_status(redis_conn, normal.id) == "failed"
+
+
+def test_a_started_job_with_a_timeout_that_is_not_a_number_is_still_failed(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = started_job(redis_conn)
+    redis_conn.hset(job.key, mapping={"timeout": "forever", "failure_ttl": ""})
+
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert (item["state"], item["outcome"], item["timeout_seconds"]) == ("abandoned", "done", None)
+    assert job.id in FailedJobRegistry(QUEUE, connection=redis_conn).get_job_ids(cleanup=False)
+
+
+# --- 2. timestamps ---------------------------------------------------------------------------
+
+#: How a moment is written in each form RQ has used; None: as float epoch seconds.
+TIMESTAMP_FORMS: dict[str, tuple[str | None, timezone]] = {
+    "fraction-Z": ("%Y-%m-%dT%H:%M:%S.%fZ", timezone.utc),
+    "no-fraction-Z": ("%Y-%m-%dT%H:%M:%SZ", timezone.utc),
+    "naive": ("%Y-%m-%dT%H:%M:%S.%f", timezone.utc),
+    "offset-zero": ("%Y-%m-%dT%H:%M:%S+00:00", timezone.utc),
+    "offset-plus-2": ("%Y-%m-%dT%H:%M:%S%z", timezone(timedelta(hours=2))),
+    "float-epoch": (None, timezone.utc),
+}
+
+
+@pytest.mark.parametrize("form", sorted(TIMESTAMP_FORMS))
+def test_every_timestamp_form_rq_wrote_gives_the_same_age(
+    redis_conn: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    live_worker: Any,
+    form: str,
+) -> None:
+    pattern, zone = TIMESTAMP_FORMS[form]
+    moment = ago(2 * HOUR_S).astimezone(zone)
+    job = started_job(redis_conn, worker="busy")
+    member = started_member(redis_conn, job.id)
+    live_worker("busy", {"state": "busy", "current_job": job.id, "birth": iso(ago(9000))})
+    if pattern is None:  # execution records hold float epoch seconds
+        redis_conn.hset(job.key, "started_at", "")
+        redis_conn.hset(f"rq:execution:{member.decode()}", "created_at", str(moment.timestamp()))
+    else:
+        redis_conn.hset(job.key, "started_at", iso(moment, pattern))
+        redis_conn.hset(f"rq:execution:{member.decode()}", "created_at", "")
+
+    item = job_in(run(policy(tmp_path), redis_url, "--dry-run"), job.id)
+
+    assert item["state"] == "overdue", item
+    assert 2 * HOUR_S - 120 < item["age_seconds"] < 2 * HOUR_S + 120
+
+
+@pytest.mark.parametrize("started_at", ["", "yesterday", "nan", "-1", "2026-13-45T99:00:00Z"])
+def test_a_job_whose_age_cannot_be_known_is_never_acted_on_by_age(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, live_worker: Any, started_at: str
+) -> None:
+    job = started_job(redis_conn, worker="busy")
+    live_worker("busy", {"state": "busy", "current_job": job.id})
+    redis_conn.hset(job.key, "started_at", started_at)
+    redis_conn.hset(f"rq:execution:{started_member(redis_conn, job.id).decode()}", "created_at", "")
+
+    item = job_in(run(policy(tmp_path), redis_url, "--max-age", "0s"), job.id)
+
+    assert (item["state"], item["action"], item["age_seconds"]) == ("running", "none", None)
+    assert "never acted on by age" in item["reason"]
+    # RQ's own Job.fetch cannot parse such a started_at; read the status raw.
+    assert redis_conn.hget(job.key, "status") == b"started"
+
+
+# --- 3. data that cannot be decoded --------------------------------------------------------
+
+
+class Trap:
+    """Unpickling this would write a file: proof that opsctl never unpickles."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path(self.path).write_text, ("unpickled!",))
+
+
+class Gone:
+    """Pickled under this module's name, which is then swapped for one never installed."""
+
+
+def _uninstalled_pickle() -> bytes:
+    data = pickle.dumps(("billing.charge", None, (Gone(),), {}), protocol=5)
+    # Same length, so the pickle's own length prefixes stay right.
+    assert len(__name__) == len("nomodule_install")
+    return data.replace(__name__.encode(), b"nomodule_install")
+
+
+DATA_CASES = {
+    "uninstalled-module": (zlib.compress(_uninstalled_pickle()), None, "billing.charge"),
+    "protocol-0": (
+        zlib.compress(pickle.dumps(("mail.send", None, (), {}), protocol=0)),
+        None,
+        "mail.send",
+    ),
+    "uncompressed-protocol-2": (pickle.dumps(("mail.send", None, (), {}), 2), None, "mail.send"),
+    "json-serializer": (zlib.compress(b'["reports.build", null, [1], {}]'), None, "reports.build"),
+    "corrupt-with-description": (b"\x78\x9c\x00garbage", "legacy.task(3)", "legacy.task"),
+    "corrupt": (zlib.compress(b"\x80\x05\x95garbage"), None, "unknown"),
+    "empty": (b"", None, "unknown"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATA_CASES))
+def test_the_function_name_is_read_from_data_without_unpickling(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, case: str
+) -> None:
+    data, description, expected = DATA_CASES[case]
+    trap = tmp_path / "unpickled"
+    job = started_job(redis_conn)
+    poisoned_meta = pickle.dumps({"trap": Trap(str(trap))})
+    redis_conn.hset(job.key, mapping={"data": data, "meta": poisoned_meta})
+    redis_conn.hset(job.key, "description", description or "")
+
+    report = run(policy(tmp_path), redis_url, "--dry-run")
+    code, explained = explain(job.id, redis_url)
+
+    assert job_in(report, job.id)["function"] == expected
+    assert code == 0 and isinstance(explained, dict)
+    assert explained["function"] == expected
+    assert explained["fields"]["data"] == f"<{len(data)} bytes>"
+    assert explained["fields"]["meta"] == f"<{len(poisoned_meta)} bytes>"
+    assert not trap.exists(), "opsctl unpickled a job's data or meta"
+
+
+# --- 4. registry scores that lie --------------------------------------------------------------
+
+
+def test_an_infinite_score_does_not_protect_a_job_whose_worker_is_dead(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.quick")
+    redis_conn.lrem(f"rq:queue:{QUEUE}", 0, job.id)
+    # RQ up to 1.8 scored a no-timeout job +inf and stored the bare id.
+    redis_conn.hset(job.key, mapping={"status": "started", "worker_name": DEAD, "timeout": "-1"})
+    redis_conn.hset(job.key, "started_at", iso(ago(60)))
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {job.id: float("inf")})
+
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert (item["state"], item["outcome"]) == ("abandoned", "done")
+    assert job_status(redis_conn, job.id) == "failed"
+
+
+def test_an_expired_score_does_not_condemn_a_job_a_live_worker_holds(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    job = started_job(redis_conn, worker="paused")
+    member = started_member(redis_conn, job.id)
+    live_worker("paused", {"state": "busy", "current_job": job.id})
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {member: time.time() - HOUR_S})  # the lease lapsed
+
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert (item["state"], item["action"], item["outcome"]) == ("running", "none", "kept")
+    assert job_status(redis_conn, job.id) == "started"
+
+
+# --- 5. lost jobs ---------------------------------------------------------------------------
+
+
+def lost_started(conn: redis.Redis, worker: str = DEAD, since_s: float = HOUR_S) -> Job:
+    """Status started, but the worker died before its started-registry entry was written."""
+    job = started_job(conn, worker=worker)
+    conn.zrem(f"rq:wip:{QUEUE}", started_member(conn, job.id))
+    conn.hset(
+        job.key, mapping={"started_at": iso(ago(since_s)), "last_heartbeat": iso(ago(since_s))}
+    )
+    return job
+
+
+def lost_queued(conn: redis.Redis, since_s: float = HOUR_S) -> Job:
+    """Status queued, but taken off its queue by a worker that died at once."""
+    job = Queue(QUEUE, connection=conn).enqueue("jobs.quick")
+    conn.lrem(f"rq:queue:{QUEUE}", 0, job.id)
+    conn.hset(job.key, "enqueued_at", iso(ago(since_s)))
+    return job
+
+
+def test_a_started_job_in_no_started_registry_is_lost_and_failed_after_lost_after(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = lost_started(redis_conn)
+
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert (item["state"], item["lost"], item["action"], item["outcome"]) == (
+        "lost",
+        True,
+        "fail",
+        "done",
+    )
+    assert "in no started registry" in item["reason"]
+    assert job_status(redis_conn, job.id) == "failed"
+    assert job.id in FailedJobRegistry(QUEUE, connection=redis_conn).get_job_ids(cleanup=False)
+
+
+def test_a_queued_job_in_no_queue_or_registry_is_lost_and_requeued(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = lost_queued(redis_conn)
+    waiting = Queue(QUEUE, connection=redis_conn).enqueue("jobs.quick")
+
+    report = run(policy(tmp_path, "requeue"), redis_url)
+
+    item = job_in(report, job.id)
+    assert (item["state"], item["action"], item["outcome"]) == ("lost", "requeue", "done")
+    assert [j["id"] for j in report["jobs"]] == [job.id], "a job on its queue is not lost"
+    assert job.id in Queue(QUEUE, connection=redis_conn).get_job_ids()
+    assert waiting.id in Queue(QUEUE, connection=redis_conn).get_job_ids()
+
+
+def test_a_lost_job_within_lost_after_is_reported_and_left_alone(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = lost_started(redis_conn, since_s=60)
+    path = policy(tmp_path, extra="  lost_after: 5m\n")
+
+    item = job_in(run(path, redis_url), job.id)
+
+    assert (item["state"], item["action"], item["outcome"]) == ("lost", "none", "kept")
+    assert "within lost_after 300s" in item["reason"]
+    assert job_status(redis_conn, job.id) == "started"
+
+
+def test_a_lost_job_a_live_worker_holds_is_never_acted_on(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    job = lost_started(redis_conn, worker="holder")
+    live_worker("holder", {"state": "busy", "current_job": job.id})
+
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert (item["state"], item["action"], item["outcome"]) == ("running", "none", "kept")
+    assert job_status(redis_conn, job.id) == "started"
+
+
+def test_a_lost_job_that_reappears_in_its_queue_before_the_change_is_skipped(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = lost_queued(redis_conn)
+    result = opsctl(
+        "plan", str(policy(tmp_path)), "--redis-url", redis_url, "-o", str(tmp_path / "p.json")
+    )
+    assert result.exit_code == 0, result.stderr
+    redis_conn.rpush(f"rq:queue:{QUEUE}", job.id)  # RQ put it back meanwhile
+
+    report = run(policy(tmp_path), redis_url, "--plan", str(tmp_path / "p.json"))
+
+    item = job_in(report, job.id)
+    assert item["outcome"] == "skipped" and "on its queue again" in item["reason"]
+    assert job_status(redis_conn, job.id) == "queued"
+
+
+def sent_bytes(conn: redis.Redis) -> int:
+    return int(conn.info("stats")["total_net_output_bytes"])
+
+
+def test_the_lost_search_filters_on_the_server_and_falls_back_to_plain_reads(
+    redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with redis_conn.pipeline() as pipe:
+        for i in range(3000):
+            pipe.hset(f"rq:job:done-{i}", mapping={"status": "finished", "origin": QUEUE})
+        pipe.execute()
+    Queue(QUEUE, connection=redis_conn).enqueue("jobs.quick")
+    lost = lost_started(redis_conn)
+
+    before = sent_bytes(redis_conn)
+    filtered = find_lost(redis_conn, Keys(), [QUEUE], [])
+    filtered_bytes = sent_bytes(redis_conn) - before
+
+    def refused(*_args: object) -> None:
+        raise redis.ResponseError("unknown command 'EVAL_RO'")
+
+    monkeypatch.setattr(redis_conn, "eval_ro", refused)
+    before = sent_bytes(redis_conn)
+    plain = find_lost(redis_conn, Keys(), [QUEUE], [])
+    plain_bytes = sent_bytes(redis_conn) - before
+
+    assert [e.job_id for e in filtered.entries] == [e.job_id for e in plain.entries] == [lost.id]
+    assert filtered.scanned >= 3001 and filtered.filtered_server_side
+    assert not plain.filtered_server_side
+    # Each finished job's status crossed the wire only on the plain path.
+    assert plain_bytes - filtered_bytes > 3000 * len(b"finished")
+
+
+# --- 7. origin names another queue ----------------------------------------------------------
+
+
+def test_a_job_whose_origin_names_another_queue_is_failed_into_its_origins_registry(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = started_job(redis_conn, queue=OTHER_QUEUE)
+    member = started_member(redis_conn, job.id, OTHER_QUEUE)
+    score = redis_conn.zscore(f"rq:wip:{OTHER_QUEUE}", member)
+    redis_conn.zrem(f"rq:wip:{OTHER_QUEUE}", member)
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {member: score})
+
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert (item["queue"], item["state"], item["outcome"]) == (QUEUE, "abandoned", "done")
+    assert f"origin is queue '{OTHER_QUEUE}'" in item["reason"]
+    assert job.id in FailedJobRegistry(OTHER_QUEUE, connection=redis_conn).get_job_ids(
+        cleanup=False
+    )
+    assert redis_conn.zcard(f"rq:wip:{QUEUE}") == 0
+
+
+# --- 8. worker hashes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "executions"),
+    [
+        ({"last_heartbeat": iso(ago(5))}, "member"),
+        ({"birth": "", "last_heartbeat": "", "state": "busy", "queues": ""}, None),
+        ({"state": "busy", "current_job": "JOB"}, None),
+    ],
+    ids=["partial-rebuilt", "empty-dates", "current-job-field"],
+)
+def test_odd_worker_hashes_of_a_live_worker_keep_its_job_running(
+    redis_conn: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    live_worker: Any,
+    fields: dict[str, str],
+    executions: str | None,
+) -> None:
+    job = started_job(redis_conn, worker="odd-worker")
+    member = started_member(redis_conn, job.id).decode()
+    fields = {k: v.replace("JOB", job.id) for k, v in fields.items()}
+    live_worker("odd-worker", fields, [member] if executions else [])
+
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert (item["state"], item["worker_alive"], item["outcome"]) == ("running", True, "kept")
+    assert job_status(redis_conn, job.id) == "started"
+
+
+def test_a_live_worker_whose_current_job_is_another_leaves_this_job_abandoned(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    job = started_job(redis_conn, worker="moved-on")
+    live_worker("moved-on", {"state": "busy", "current_job": "some-other-job"})
+
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert (item["state"], item["outcome"]) == ("abandoned", "done")
+    assert "live but not executing it" in item["reason"]
+
+
+# --- 10. jobs a scheduler refers to ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler_key", [f"rq:scheduled:{QUEUE}", "rq:scheduler:scheduled_jobs"])
+def test_a_job_a_scheduler_refers_to_is_never_deleted(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, scheduler_key: str
+) -> None:
+    job = started_job(redis_conn)
+    redis_conn.zadd(scheduler_key, {job.id: time.time() + HOUR_S})
+
+    item = job_in(run(policy(tmp_path, "delete"), redis_url), job.id)
+
+    assert (item["action"], item["outcome"]) == ("delete", "skipped")
+    assert "a scheduler still refers to it" in item["reason"] and scheduler_key in item["reason"]
+    assert job_status(redis_conn, job.id) == "started"
+
+
+def test_the_delete_script_itself_refuses_a_job_a_scheduler_took_after_the_plan(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = started_job(redis_conn)
+    plan = tmp_path / "plan.json"
+    path = policy(tmp_path, "delete")
+    assert opsctl("plan", str(path), "--redis-url", redis_url, "-o", str(plan)).exit_code == 0
+    redis_conn.zadd("rq:scheduler:scheduled_jobs", {job.id: time.time() + HOUR_S})
+
+    item = job_in(run(path, redis_url, "--plan", str(plan)), job.id)
+
+    assert item["outcome"] == "skipped" and "scheduler still refers to it" in item["reason"]
+    assert job_status(redis_conn, job.id) == "started"
+
+
+# --- 12. related keys ------------------------------------------------------------------------
+
+RELATED = '  related_keys: ["job_progress:{job_id}"]\n'
+
+
+def test_delete_removes_the_related_keys_with_the_job(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = started_job(redis_conn)
+    bystander = started_job(redis_conn, worker="busy-elsewhere")
+    redis_conn.set(f"job_progress:{job.id}", "42%")
+    redis_conn.set("job_progress:unrelated", "7%")
+
+    item = job_in(run(policy(tmp_path, "delete", RELATED), redis_url), job.id)
+
+    assert item["outcome"] == "done"
+    assert job_status(redis_conn, job.id) is None
+    assert not redis_conn.exists(f"job_progress:{job.id}")
+    assert redis_conn.get("job_progress:unrelated") == b"7%"
+    assert job_status(redis_conn, bystander.id) is None, "both were abandoned, both deleted"
+
+
+@pytest.mark.parametrize("action", ["fail", "requeue", "cancel"])
+def test_other_actions_keep_the_related_keys(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, action: str
+) -> None:
+    job = started_job(redis_conn)
+    redis_conn.set(f"job_progress:{job.id}", "42%")
+
+    item = job_in(run(policy(tmp_path, action, RELATED), redis_url), job.id)
+
+    assert item["outcome"] == "done"
+    assert redis_conn.get(f"job_progress:{job.id}") == b"42%"
+
+
+# --- explain ---------------------------------------------------------------------------------
+
+
+def test_explain_shows_places_executions_worker_signals_and_the_policys_verdict(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = started_job(redis_conn)
+    member = started_member(redis_conn, job.id).decode()
+
+    code, explained = explain(job.id, redis_url, "--policy", str(policy(tmp_path, "requeue")))
+
+    assert code == 0 and isinstance(explained, dict)
+    assert explained["fields"]["status"] == "started"
+    assert any(member in place for place in explained["places"])
+    assert [e["id"] for e in explained["executions"]] == [member.split(":")[1]]
+    [worker] = explained["workers"]
+    assert (worker["name"], worker["alive"], worker["hash_exists"]) == (DEAD, False, False)
+    [verdict] = explained["verdicts"]
+    assert (verdict["state"], verdict["action"]) == ("abandoned", "requeue")
+    assert job_status(redis_conn, job.id) == "started", "explain changes nothing"
+
+
+def test_explain_of_a_lost_job_says_it_is_lost(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = lost_queued(redis_conn)
+
+    result = opsctl("explain", job.id, "--redis-url", redis_url)
+
+    assert result.exit_code == 0, result.stderr
+    assert "lost (in no registry or list): lost -> fail" in result.stdout
+    assert "no list or registry" in result.stdout
+
+
+def test_explain_of_an_unknown_job_exits_6_with_one_line(redis_url: str) -> None:
+    result = opsctl("explain", "no-such-job", "--redis-url", redis_url)
+
+    assert result.exit_code == ExitCode.INVALID
+    assert result.stderr.strip() == (
+        "opsctl: error: job 'no-such-job' does not exist: no hash, list or registry names it"
+    )
+
+
+# --- real workers: SimpleWorker and RQ 3 concurrency limits --------------------------------
+
+
+def test_a_simpleworkers_job_is_never_abandoned_while_the_worker_lives(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    worker = rq_workers.start([QUEUE], simple=True)
+    job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 60, job_timeout=600)
+    assert wait_for_status(redis_conn, job.id, "started", timeout=20) == "started"
+    # No horse and no heartbeats while the job runs: its lease can lapse.
+    member = started_member(redis_conn, job.id)
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {member: time.time() - HOUR_S})
+
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert (item["state"], item["worker"], item["worker_alive"]) == ("running", worker.name, True)
+    assert item["outcome"] == "kept"
+    assert job_status(redis_conn, job.id) == "started"
+    worker.kill()
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+    assert (item["state"], item["outcome"]) == ("abandoned", "done")
+    assert job_status(redis_conn, job.id) == "failed"
+
+
+@pytest.mark.parametrize("action", ["fail", "cancel", "delete"])
+def test_ending_a_stuck_job_that_holds_a_concurrency_slot_lets_a_waiting_job_run(
+    rq_workers: WorkerFactory,
+    redis_conn: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    action: str,
+) -> None:
+    limit = RateLimit(key="api", concurrency=1)
+    queue = Queue(QUEUE, connection=redis_conn)
+    first = rq_workers.start([QUEUE])
+    stuck = queue.enqueue("jobs.sleep_for", 60, rate_limit=limit)
+    assert wait_for_status(redis_conn, stuck.id, "started", timeout=20) == "started"
+    waiting = queue.enqueue("jobs.quick", rate_limit=limit)
+    assert job_status(redis_conn, waiting.id) == "rate_limited"
+    first.kill()
+    rq_workers.start([QUEUE])
+
+    item = job_in(run(policy(tmp_path, action), redis_url), stuck.id)
+
+    assert (item["state"], item["outcome"]) == ("abandoned", "done")
+    assert wait_for_status(redis_conn, waiting.id, "finished", timeout=20) == "finished"
+    registry = RateLimitRegistry("api", connection=redis_conn)
+    assert stuck.id not in registry.get_allowed_job_ids()
+
+
+def test_requeueing_a_stuck_job_keeps_its_concurrency_slot(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    limit = RateLimit(key="api", concurrency=1)
+    queue = Queue(QUEUE, connection=redis_conn)
+    first = rq_workers.start([QUEUE])
+    stuck = queue.enqueue("jobs.sleep_for", 60, rate_limit=limit)
+    assert wait_for_status(redis_conn, stuck.id, "started", timeout=20) == "started"
+    waiting = queue.enqueue("jobs.quick", rate_limit=limit)
+    first.kill()
+
+    item = job_in(run(policy(tmp_path, "requeue"), redis_url), stuck.id)
+
+    assert item["outcome"] == "done"
+    assert job_status(redis_conn, stuck.id) == "queued"
+    assert job_status(redis_conn, waiting.id) == "rate_limited"
+    registry = RateLimitRegistry("api", connection=redis_conn)
+    assert registry.get_allowed_job_ids() == [stuck.id]
+
+
+# --- 11. a custom key prefix ------------------------------------------------------------------
+
+
+def test_a_custom_key_prefix_is_used_by_every_read_and_write(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    old = iso(ago(HOUR_S))
+    common = {"origin": QUEUE, "worker_name": DEAD, "started_at": old, "created_at": old}
+    redis_conn.sadd("tenant:queues", f"tenant:queue:{QUEUE}")
+    redis_conn.hset("tenant:job:stuck", mapping={"status": "started", **common})
+    redis_conn.zadd(f"tenant:wip:{QUEUE}", {"stuck:e1": time.time() - 10})
+    redis_conn.hset("tenant:job:lost", mapping={"status": "started", **common})
+    redis_conn.hset("tenant:job:gone", mapping={"status": "queued", **common, "enqueued_at": old})
+    redis_conn.set("progress:gone", "1")
+    path = tmp_path / "tenant.yaml"
+    path.write_text(
+        "version: 1\nredis:\n  key_prefix: tenant\ndefaults:\n  action: delete\n"
+        '  related_keys: ["progress:{job_id}"]\nqueues:\n  - name: "*"\n'
+    )
+
+    report = run(path, redis_url)
+
+    states = {j["id"]: (j["state"], j["outcome"]) for j in report["jobs"]}
+    assert states == {
+        "stuck": ("abandoned", "done"),
+        "lost": ("lost", "done"),
+        "gone": ("lost", "done"),
+    }
+    assert not redis_conn.exists("tenant:job:stuck", "tenant:job:lost", "tenant:job:gone")
+    assert not redis_conn.exists("progress:gone")
+    assert not [k for k in redis_conn.scan_iter("rq:*")], "nothing was written under rq:"
+
+
+# --- 6. RQ's intermediate list ---------------------------------------------------------------
+
+
+def stranded(conn: redis.Redis, first_seen_s: float | None) -> Job:
+    """A job a worker moved to the intermediate list and died with before starting it."""
+    job = Queue(QUEUE, connection=conn).enqueue("jobs.quick")
+    with conn.pipeline() as pipe:  # what the worker's BLMOVE did
+        pipe.lrem(f"rq:queue:{QUEUE}", 0, job.id)
+        pipe.rpush(f"rq:queue:{QUEUE}:intermediate", job.id)
+        pipe.execute()
+    if first_seen_s is not None:
+        key = f"rq:queue:{QUEUE}:intermediate:first_seen:{job.id}"
+        conn.set(key, time.time() - first_seen_s, ex=86400)
+    return job
+
+
+def test_an_id_stranded_in_the_intermediate_list_is_failed_after_the_grace(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = stranded(redis_conn, first_seen_s=HOUR_S)
+
+    item = job_in(run(policy(tmp_path, "delete"), redis_url), job.id)
+
+    assert (item["state"], item["stranded"], item["action"], item["outcome"]) == (
+        "stranded",
+        True,
+        "fail",
+        "done",
+    ), "failed as RQ's own cleanup does, whatever the policy's action"
+    assert job_status(redis_conn, job.id) == "failed"
+    assert redis_conn.llen(f"rq:queue:{QUEUE}:intermediate") == 0
+
+
+def test_a_stranded_job_with_retries_left_is_queued_again(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = stranded(redis_conn, first_seen_s=HOUR_S)
+    redis_conn.hset(job.key, "retries_left", "2")
+
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert item["outcome"] == "done"
+    assert job_status(redis_conn, job.id) == "queued"
+    assert Queue(QUEUE, connection=redis_conn).get_job_ids() == [job.id]
+    assert Job.fetch(job.id, connection=redis_conn).retries_left == 1
+
+
+@pytest.mark.parametrize("first_seen_s", [None, 30.0], ids=["never-seen", "seen-recently"])
+def test_a_recently_stranded_id_is_left_for_its_worker(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, first_seen_s: float | None
+) -> None:
+    job = stranded(redis_conn, first_seen_s=first_seen_s)
+
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert (item["state"], item["action"], item["outcome"]) == ("stranded", "none", "kept")
+    assert redis_conn.lrange(f"rq:queue:{QUEUE}:intermediate", 0, -1) == [job.id.encode()]
+
+
+def test_a_stranded_id_whose_job_is_gone_is_removed_from_the_list(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    redis_conn.rpush(f"rq:queue:{QUEUE}:intermediate", "vanished")
+    redis_conn.sadd("rq:queues", f"rq:queue:{QUEUE}")
+
+    item = job_in(run(policy(tmp_path), redis_url), "vanished")
+
+    assert (item["state"], item["action"], item["outcome"]) == ("orphaned", "remove-entry", "done")
+    assert redis_conn.llen(f"rq:queue:{QUEUE}:intermediate") == 0
+
+
+def test_explain_of_a_stranded_job_shows_the_intermediate_list(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job = stranded(redis_conn, first_seen_s=HOUR_S)
+
+    code, explained = explain(job.id, redis_url)
+
+    assert code == 0 and isinstance(explained, dict)
+    assert f"rq:queue:{QUEUE}:intermediate (list)" in explained["places"]
+    [verdict] = explained["verdicts"]
+    assert (verdict["state"], verdict["action"]) == ("stranded", "fail")
+
+
+# --- every kind at once ---------------------------------------------------------------------
+
+DELETE_QUEUE = "odd-delete"
+
+
+def test_one_database_with_every_kind_of_odd_record_is_applied_correctly(
+    rq_workers: WorkerFactory,
+    redis_conn: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    live_worker: Any,
+) -> None:
+    queue = Queue(QUEUE, connection=redis_conn)
+    # Normal jobs: one waiting, one finished, one a SimpleWorker runs past its lease.
+    simple = rq_workers.start([QUEUE], simple=True)
+    running = queue.enqueue("jobs.sleep_for", 60, job_timeout=600)
+    assert wait_for_status(redis_conn, running.id, "started", timeout=20) == "started"
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {started_member(redis_conn, running.id): 1.0})
+    simple.process.send_signal(19)  # SIGSTOP: it keeps its connection, takes nothing new
+    waiting = queue.enqueue("jobs.quick")
+    finished = queue.enqueue("jobs.quick")
+    redis_conn.lrem(queue.key, 0, finished.id)
+    redis_conn.hset(finished.key, "status", "finished")
+
+    abandoned = started_job(redis_conn)  # 1: plus a husk beside it
+    redis_conn.hset("rq:job:husk", "last_heartbeat", iso(ago(5)))
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {"husk:e1": time.time()})
+    offset = started_job(redis_conn, worker="busy")  # 2: offset timestamp, live worker
+    live_worker("busy", {"state": "busy", "current_job": offset.id})
+    plus_two = ago(1800).astimezone(timezone(timedelta(hours=2)))
+    redis_conn.hset(offset.key, "started_at", iso(plus_two, "%Y-%m-%dT%H:%M:%S%z"))
+    undecodable = started_job(redis_conn)  # 3
+    redis_conn.hset(undecodable.key, "data", zlib.compress(_uninstalled_pickle()))
+    infinite = started_job(redis_conn)  # 4
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {started_member(redis_conn, infinite.id): float("inf")})
+    lost = lost_started(redis_conn)  # 5
+    lost_waiting = lost_queued(redis_conn)
+    stuck_in_list = stranded(redis_conn, first_seen_s=HOUR_S)  # 6
+    elsewhere = started_job(redis_conn, queue=OTHER_QUEUE)  # 7
+    member = started_member(redis_conn, elsewhere.id, OTHER_QUEUE)
+    redis_conn.zrem(f"rq:wip:{OTHER_QUEUE}", member)
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {member: time.time()})
+    partial = started_job(redis_conn, worker="partial")  # 8
+    live_worker(
+        "partial", {"last_heartbeat": ""}, [started_member(redis_conn, partial.id).decode()]
+    )
+    scheduled = started_job(redis_conn, queue=DELETE_QUEUE)  # 10
+    redis_conn.zadd("rq:scheduler:scheduled_jobs", {scheduled.id: time.time() + HOUR_S})
+    deleted = started_job(redis_conn, queue=DELETE_QUEUE)  # 12
+    redis_conn.set(f"job_progress:{deleted.id}", "50%")
+    limit = RateLimit(key="mix", concurrency=1)  # 11: a dead job's slot, a job waiting for it
+    limited = queue.enqueue("jobs.quick", rate_limit=limit)
+    redis_conn.lrem(queue.key, 0, limited.id)
+    with redis_conn.pipeline() as pipe:
+        Execution.create(limited, 600, pipe, worker_name=DEAD)
+        limited.prepare_for_execution(DEAD, pipe)
+        pipe.execute()
+    held_back = queue.enqueue("jobs.quick", rate_limit=limit)
+    assert job_status(redis_conn, held_back.id) == "rate_limited"
+
+    path = tmp_path / "mixed.yaml"
+    path.write_text(
+        "version: 1\ndefaults:\n  action: fail\n  max_age: 1h\nqueues:\n"
+        f"  - name: {QUEUE}\n  - name: {OTHER_QUEUE}\n  - name: {DELETE_QUEUE}\n"
+        '    action: delete\n    related_keys: ["job_progress:{job_id}"]\n'
+    )
+    result = run_opsctl("apply", str(path), "--redis-url", redis_url, "--format", "json")
+    simple.process.send_signal(18)  # SIGCONT
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    seen = {j["id"]: (j["state"], j["action"], j["outcome"]) for j in report["jobs"]}
+    assert seen == {
+        running.id: ("running", "none", "kept"),
+        abandoned.id: ("abandoned", "fail", "done"),
+        "husk": ("orphaned", "remove-entry", "done"),
+        offset.id: ("running", "none", "kept"),
+        undecodable.id: ("abandoned", "fail", "done"),
+        infinite.id: ("abandoned", "fail", "done"),
+        lost.id: ("lost", "fail", "done"),
+        lost_waiting.id: ("lost", "fail", "done"),
+        stuck_in_list.id: ("stranded", "fail", "done"),
+        elsewhere.id: ("abandoned", "fail", "done"),
+        partial.id: ("running", "none", "kept"),
+        scheduled.id: ("abandoned", "delete", "skipped"),
+        deleted.id: ("abandoned", "delete", "done"),
+        limited.id: ("abandoned", "fail", "done"),
+    }, json.dumps(report["jobs"], indent=1)
+    assert job_in(report, undecodable.id)["function"] == "billing.charge"
+    assert 1700 < job_in(report, offset.id)["age_seconds"] < 1900
+
+    failed = FailedJobRegistry(QUEUE, connection=redis_conn).get_job_ids(cleanup=False)
+    for job in (abandoned, undecodable, infinite, lost, lost_waiting, stuck_in_list, limited):
+        assert job_status(redis_conn, job.id) == "failed", job.id
+        assert job.id in failed
+    assert elsewhere.id in FailedJobRegistry(OTHER_QUEUE, connection=redis_conn).get_job_ids(
+        cleanup=False
+    )
+    for job in (running, partial, scheduled):
+        assert job_status(redis_conn, job.id) == "started"
+    assert redis_conn.hget(offset.key, "status") == b"started"  # RQ cannot parse its offset
+    assert job_status(redis_conn, deleted.id) is None
+    assert not redis_conn.exists(f"job_progress:{deleted.id}")
+    assert job_status(redis_conn, finished.id) == "finished"
+    assert job_status(redis_conn, held_back.id) == "queued", "the freed slot went to it"
+    assert queue.get_job_ids() == [waiting.id, held_back.id]
+
+
+# --- policy settings ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("rq:job:{job_id}", "would name a key under 'rq:', which belongs to RQ or opsctl"),
+        ("opsctl:{job_id}", "would name a key under 'opsctl:', which belongs to RQ or opsctl"),
+        ("{job_id}:progress", "must start with a fixed part before {job_id}"),
+        ("progress:{id}", "must hold the placeholder {job_id} exactly once"),
+        ("p:{job_id}:{job_id}", "must hold the placeholder {job_id} exactly once"),
+        ("p:{job_id}:{queue}", "holds a placeholder other than {job_id}"),
+    ],
+)
+def test_a_related_keys_template_that_could_name_other_keys_is_refused(
+    tmp_path: Path, template: str, message: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(f'version: 1\nqueues:\n  - name: a\n    related_keys: ["{template}"]\n')
+
+    result = opsctl("validate", str(path))
+
+    assert result.exit_code == 2
+    assert f"4:20: queues[0].related_keys[0]: '{template}' {message}" in result.stdout
+
+
+def test_lost_after_takes_a_duration_and_is_inherited_per_queue(tmp_path: Path) -> None:
+    path = tmp_path / "lost.yaml"
+    path.write_text(
+        "version: 1\ndefaults:\n  lost_after: 2h\nqueues:\n  - name: a\n"
+        "  - name: b\n    lost_after: 90s\n  - name: c\n    lost_after: soon\n"
+    )
+
+    result = opsctl("validate", str(path))
+
+    assert result.exit_code == 2
+    assert result.stdout.strip().endswith(
+        "queues[2].lost_after: 'soon' is not a duration (use 90s, 10m, 2h or 1d)"
+    )
+    path.write_text(path.read_text().replace("soon", "1d"))
+    policy = load_policy(path)
+    assert [policy.rule_for(q).lost_after_seconds for q in "abc"] == [7200, 90, 86400]  # type: ignore[union-attr]
+
+
+def test_a_reviewed_plan_fails_a_stranded_job_and_deletes_related_keys(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = stranded(redis_conn, first_seen_s=HOUR_S)
+    doomed = started_job(redis_conn, queue=OTHER_QUEUE)
+    redis_conn.set(f"job_progress:{doomed.id}", "1")
+    path = tmp_path / "plan-policy.yaml"
+    path.write_text(
+        f"version: 1\nqueues:\n  - name: {QUEUE}\n  - name: {OTHER_QUEUE}\n    action: delete\n"
+        '    related_keys: ["job_progress:{job_id}"]\n'
+    )
+    plan = tmp_path / "plan.json"
+    assert opsctl("plan", str(path), "--redis-url", redis_url, "-o", str(plan)).exit_code == 0
+
+    report = run(path, redis_url, "--plan", str(plan))
+
+    assert job_in(report, job.id)["outcome"] == "done"
+    assert job_status(redis_conn, job.id) == "failed"
+    assert job_status(redis_conn, doomed.id) is None
+    assert not redis_conn.exists(f"job_progress:{doomed.id}")
+
+
+def test_a_started_job_in_an_uncovered_queues_registry_is_not_lost(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = started_job(redis_conn, queue="elsewhere")
+    redis_conn.hset(job.key, mapping={"origin": QUEUE, "started_at": iso(ago(HOUR_S))})
+    redis_conn.hset(job.key, "last_heartbeat", iso(ago(HOUR_S)))
+    redis_conn.sadd("rq:queues", f"rq:queue:{QUEUE}")
+    path = tmp_path / "only-odd.yaml"
+    path.write_text(f"version: 1\nqueues:\n  - name: {QUEUE}\n")
+
+    report = run(path, redis_url)
+
+    assert report["jobs"] == [], "its entry in rq:wip:elsewhere holds it"
+    assert job_status(redis_conn, job.id) == "started"
+
+
+def test_running_jobs_never_leave_the_server_as_lost_candidates(
+    redis_conn: redis.Redis,
+) -> None:
+    running = [started_job(redis_conn, worker=f"w{i}") for i in range(300)]
+    bare = started_job(redis_conn)  # an RQ 1 entry: the bare id
+    member = started_member(redis_conn, bare.id)
+    redis_conn.zrem(f"rq:wip:{QUEUE}", member)
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {bare.id: time.time()})
+    lost = lost_started(redis_conn)
+    result = LostScan()
+
+    candidates = list(_candidates(redis_conn, Keys(), [QUEUE], result))
+
+    assert result.filtered_server_side
+    assert candidates == [(lost.id, "started", QUEUE)]
+    assert len(running) + 2 <= result.scanned
