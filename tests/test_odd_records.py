@@ -34,8 +34,9 @@ from conftest import WorkerFactory, job_status, run_opsctl, wait_for_status
 from opsctl.cli import app
 from opsctl.errors import ExitCode
 from opsctl.keys import Keys
-from opsctl.keyspace import LostScan, _candidates, find_lost
+from opsctl.keyspace import find_lost
 from opsctl.policy import load_policy
+from opsctl.state import read_snapshot
 
 pytestmark = pytest.mark.redis_server
 
@@ -1016,7 +1017,7 @@ def test_a_started_job_in_an_uncovered_queues_registry_is_not_lost(
     assert job_status(redis_conn, job.id) == "started"
 
 
-def test_running_jobs_never_leave_the_server_as_lost_candidates(
+def test_running_jobs_among_many_are_never_taken_for_lost(
     redis_conn: redis.Redis,
 ) -> None:
     running = [started_job(redis_conn, worker=f"w{i}") for i in range(300)]
@@ -1025,10 +1026,10 @@ def test_running_jobs_never_leave_the_server_as_lost_candidates(
     redis_conn.zrem(f"rq:wip:{QUEUE}", member)
     redis_conn.zadd(f"rq:wip:{QUEUE}", {bare.id: time.time()})
     lost = lost_started(redis_conn)
-    result = LostScan()
+    snapshot = read_snapshot(redis_conn, Keys(), [QUEUE])
 
-    candidates = list(_candidates(redis_conn, Keys(), [QUEUE], result))
+    found = find_lost(redis_conn, Keys(), [QUEUE], snapshot.entries)
 
-    assert result.filtered_server_side
-    assert candidates == [(lost.id, "started", QUEUE)]
-    assert len(running) + 2 <= result.scanned
+    assert found.filtered_server_side
+    assert [e.job_id for e in found.entries] == [lost.id]
+    assert len(running) + 2 <= found.scanned

@@ -4,8 +4,8 @@ Lost jobs are found by scanning the keyspace for job hashes, which is the only
 way to find a job that no registry or list names. The scan stays cheap at scale:
 ``SCAN`` with ``MATCH`` and ``TYPE hash`` pages through the job hashes, and a
 read-only Lua script (``EVAL_RO``) keeps only the jobs of covered queues whose
-status is ``queued``, or ``started`` with no entry in their origin's started
-registry, so only candidates cross the wire. Where ``EVAL_RO`` is unknown
+status is ``queued`` or ``started``, and the client drops the started ones it
+has just read from a registry. Where ``EVAL_RO`` is unknown
 (Redis before 7) or refused (an ACL without it), each page is read with
 pipelined ``HMGET`` instead. Like the rest of opsctl's reads, nothing here
 reads ``data`` as an object: :func:`function_names` reads its bytes and walks
@@ -24,7 +24,7 @@ import redis
 from opsctl.keys import Keys
 from opsctl.model import StartedEntry
 from opsctl.records import function_name
-from opsctl.state import known_queues, replies_of, text
+from opsctl.state import HashReader, known_queues, replies_of, text
 
 log = logging.getLogger(__name__)
 
@@ -49,42 +49,22 @@ LOST_FIELDS: tuple[str, ...] = (
     "failure_ttl",
 )
 
-# KEYS: the job hashes of one SCAN page. ARGV[1]: the key prefix; ARGV[2...]:
-# the queues the run covers. Returns key, status, origin of each job whose
-# origin is covered and whose status is queued, or started while the origin's
-# started registry lists none of its executions (the common case, a running
-# job, never crosses the wire). Read-only: runs under EVAL_RO. A record of the
-# wrong type makes a job a candidate, for the client's own checks to judge.
+# KEYS: the job hashes of one SCAN page. ARGV: the queues the run covers.
+# Returns key, status, origin of each job whose origin is covered and whose
+# status is queued or started; the client drops the started ones it already
+# read from a registry (a set lookup there is far cheaper than registry reads
+# here). Read-only: runs under EVAL_RO.
 _CANDIDATES_SCRIPT = """
-local prefix = ARGV[1]
 local covered = {}
-for i = 2, #ARGV do covered[ARGV[i]] = true end
-local function ok(reply)
-  return type(reply) ~= 'table' or reply.err == nil
-end
-local function registered(id, origin)
-  local wip = prefix .. ':wip:' .. origin
-  local score = redis.pcall('ZSCORE', wip, id)
-  if not ok(score) then return false end
-  if score then return true end
-  local executions = redis.pcall('ZRANGE', prefix .. ':executions:' .. id, 0, -1)
-  if not ok(executions) then return false end
-  for _, e in ipairs(executions) do
-    if redis.pcall('ZSCORE', wip, id .. ':' .. e) then return true end
-  end
-  return false
-end
-local job_prefix = prefix .. ':job:'
+for i = 1, #ARGV do covered[ARGV[i]] = true end
 local found = {}
 for _, key in ipairs(KEYS) do
   local f = redis.pcall('HMGET', key, 'status', 'origin')
-  if ok(f) and f[2] and covered[f[2]] then
-    local id = string.sub(key, #job_prefix + 1)
-    if f[1] == 'queued' or (f[1] == 'started' and not registered(id, f[2])) then
-      table.insert(found, key)
-      table.insert(found, f[1])
-      table.insert(found, f[2])
-    end
+  if (type(f) ~= 'table' or f.err == nil) and f[2] and covered[f[2]]
+      and (f[1] == 'queued' or f[1] == 'started') then
+    found[#found + 1] = key
+    found[#found + 1] = f[1]
+    found[#found + 1] = f[2]
   end
 end
 return found
@@ -164,7 +144,7 @@ def _candidates(
         result.scanned += len(page)
         if result.filtered_server_side:
             try:
-                found = conn.eval_ro(_CANDIDATES_SCRIPT, len(page), *page, keys.prefix, *queues)
+                found = conn.eval_ro(_CANDIDATES_SCRIPT, len(page), *page, *queues)
             except redis.ResponseError as exc:
                 # Unknown before Redis 7, or refused by an ACL: read plainly instead.
                 log.info("eval_ro_unavailable error=%s; reading job statuses plainly", exc)
@@ -376,23 +356,31 @@ def scheduler_references(conn: redis.Redis, keys: Keys, jobs: list[tuple[str, st
 
 
 def function_names(conn: redis.Redis, keys: Keys, job_ids: list[str]) -> list[str]:
-    """The function each job calls, read from ``data`` bytes or ``description``.
+    """The function each job calls, from its ``data`` bytes or else its ``description``.
 
-    ``data`` is read as bytes and never unpickled; see :mod:`opsctl.records`.
+    Both fields are read for many jobs at once with the read script (see
+    :class:`opsctl.state.HashReader`). ``data`` is scanned, never unpickled;
+    see :mod:`opsctl.records`.
     """
+    reader = HashReader(conn, ("description", "data"), ())
     names: list[str] = []
-    for start in range(0, len(job_ids), 200):
-        batch = job_ids[start : start + 200]
-        pipe = conn.pipeline(transaction=False)
-        for job_id in batch:
-            pipe.hmget(keys.job(job_id), ["data", "description"])
-        for reply in replies_of(pipe):
-            if isinstance(reply, Exception) or not reply:
-                names.append(function_name(None))
-                continue
-            data, description = reply
-            names.append(function_name(data, text(description) if description else None))
+    try:
+        for start in range(0, len(job_ids), 4000):
+            batch = job_ids[start : start + 4000]
+            hash_keys = [keys.job(j).encode("utf-8", "surrogateescape") for j in batch]
+            for reply in reader.read(hash_keys, [False] * len(batch)):
+                description, data = reply if isinstance(reply, list) else (None, None)
+                names.append(function_name(_as_bytes(data), text(description) or None))
+    finally:
+        reader.close()
     return names
+
+
+def _as_bytes(value: bytes | str | None) -> bytes | None:
+    """A field value as the bytes stored (the reader may have decoded it to text)."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return value.encode("utf-8", "surrogateescape")
 
 
 def _glob_escape(literal: str) -> str:

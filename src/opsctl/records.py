@@ -51,16 +51,48 @@ def function_name(data: bytes | None, description: str | None = None) -> str:
 
 
 def _from_data(data: bytes) -> str | None:
+    quick = _leading_name(_inflate(data, QUICK_INFLATED_BYTES))
+    if quick is not None:
+        return quick
     raw = _inflate(data)
     return _from_json(raw) or _from_pickle(raw)
 
 
-def _inflate(data: bytes) -> bytes:
-    """``data`` decompressed if it is zlib, else as it is; never more than the cap."""
+#: Bytes decompressed for the quick look at how a pickle starts.
+QUICK_INFLATED_BYTES = 512
+_PROTO, _FRAME, _MARK = 0x80, 0x95, 0x28
+#: String opcodes and the width of their length prefix.
+_LEADING_STRINGS = {0x8C: 1, 0x58: 4}  # SHORT_BINUNICODE, BINUNICODE
+
+
+def _leading_name(raw: bytes) -> str | None:
+    """The name at the usual start of RQ's pickle, else None.
+
+    That start is PROTO, FRAME (protocol 4 and later), MARK, then the name as
+    a string. Reading those opcodes directly spares walking the stream; any
+    other start is left to :func:`_from_pickle`.
+    """
+    if len(raw) < 4 or raw[0] != _PROTO:
+        return None
+    at = 11 if raw[2] == _FRAME else 2
+    if at < len(raw) and raw[at] == _MARK:
+        at += 1
+    width = _LEADING_STRINGS.get(raw[at]) if at < len(raw) else None
+    if width is None:
+        return None
+    size = int.from_bytes(raw[at + 1 : at + 1 + width], "little")
+    start = at + 1 + width
+    if len(raw) < start + size:
+        return None
+    return raw[start : start + size].decode("utf-8", "replace")
+
+
+def _inflate(data: bytes, limit: int = MAX_INFLATED_BYTES) -> bytes:
+    """``data`` decompressed if it is zlib, else as it is; never more than ``limit`` bytes."""
     try:
-        return zlib.decompressobj().decompress(data, MAX_INFLATED_BYTES)
+        return zlib.decompressobj().decompress(data, limit)
     except zlib.error:
-        return data[:MAX_INFLATED_BYTES]
+        return data[:limit]
 
 
 def _from_pickle(raw: bytes) -> str | None:

@@ -31,8 +31,6 @@ RANGE_CHUNK = 10_000
 
 # Field names sent as bytes: redis-py passes bytes through instead of encoding
 # every name of every command again.
-_JOB_FIELDS_RAW = tuple(f.encode() for f in JOB_FIELDS)
-_EXECUTION_FIELDS_RAW = tuple(f.encode() for f in EXECUTION_FIELDS)
 
 
 @dataclass
@@ -382,10 +380,6 @@ _READ_SCRIPTS = (
     ("EVAL_RO", "EVALSHA_RO", "#!lua flags=no-writes\n" + _READ_SCRIPT_BODY),
     ("EVAL", "EVALSHA", _READ_SCRIPT_BODY),
 )
-_SCRIPT_ARGS = (
-    str(len(JOB_FIELDS)).encode(),
-    str(len(EXECUTION_FIELDS)).encode(),
-)
 
 
 class HashReader:
@@ -396,13 +390,24 @@ class HashReader:
     answer the same.
     """
 
-    def __init__(self, conn: redis.Redis) -> None:
+    def __init__(
+        self,
+        conn: redis.Redis,
+        job_fields: tuple[str, ...] = JOB_FIELDS,
+        execution_fields: tuple[str, ...] = EXECUTION_FIELDS,
+    ) -> None:
+        self.job_fields = tuple(f.encode() for f in job_fields)
+        self.execution_fields = tuple(f.encode() for f in execution_fields)
         self.own = _text_client(conn)
         self.conn = self.own or conn
         self.mode: int | None = None  # index into _READ_SCRIPTS; len() = pipelined reads
         self.sha: list[str] = [
             hashlib.sha1(body.encode()).hexdigest() for _, _, body in _READ_SCRIPTS
         ]
+
+    @property
+    def _fields(self) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+        return self.job_fields, self.execution_fields
 
     def close(self) -> None:
         """Drop the reader's own connection, if it opened one."""
@@ -420,12 +425,12 @@ class HashReader:
         eval_name, evalsha_name, body = _READ_SCRIPTS[mode]
         pipe = self.conn.pipeline(transaction=False)
         for call in calls:
-            _send_script(pipe, evalsha_name, self.sha[mode], *call)
+            _send_script(pipe, evalsha_name, self.sha[mode], *call, self._fields)
         replies: list[Any] = []
         for call, reply in zip(calls, replies_of(pipe), strict=True):
             if isinstance(reply, redis.exceptions.NoScriptError):
                 # The script cache was emptied since: send the body again.
-                reply = _send_script(self.conn, eval_name, body, *call)
+                reply = _send_script(self.conn, eval_name, body, *call, self._fields)
             if isinstance(reply, Exception):
                 raise reply
             replies.extend(reply)
@@ -446,7 +451,7 @@ class HashReader:
         call_keys, layout = first
         for mode, (eval_name, _, body) in enumerate(_READ_SCRIPTS):
             try:
-                _send_script(self.conn, eval_name, body, call_keys, layout)
+                _send_script(self.conn, eval_name, body, call_keys, layout, self._fields)
             except redis.ResponseError as exc:
                 log.debug("read_script_refused command=%s error=%s", eval_name, exc)
                 continue
@@ -459,9 +464,9 @@ class HashReader:
         """The script's answers from plain commands: HMGET, then EXISTS where nothing was found."""
         fields: list[tuple[bytes, ...]] = []
         for flag in has_execution:
-            fields.append(_JOB_FIELDS_RAW)
+            fields.append(self.job_fields)
             if flag:
-                fields.append(_EXECUTION_FIELDS_RAW)
+                fields.append(self.execution_fields)
         replies: list[Any] = []
         for start in range(0, len(hash_keys), BATCH):
             pipe = self.conn.pipeline(transaction=False)
@@ -497,19 +502,26 @@ def _text_client(conn: redis.Redis) -> redis.Redis | None:
 
 
 def _send_script(
-    target: Any, command: str, script: str, call_keys: list[bytes], layout: bytes
+    target: Any,
+    command: str,
+    script: str,
+    call_keys: list[bytes],
+    layout: bytes,
+    fields: tuple[tuple[bytes, ...], tuple[bytes, ...]],
 ) -> Any:
     """Send one read-script call (on a pipeline: queue it)."""
     send: Callable[..., Any] = target.execute_command
+    job_fields, execution_fields = fields
     return send(
         command,
         script,
         len(call_keys),
         *call_keys,
-        *_SCRIPT_ARGS,
+        str(len(job_fields)).encode(),
+        str(len(execution_fields)).encode(),
         layout,
-        *_JOB_FIELDS_RAW,
-        *_EXECUTION_FIELDS_RAW,
+        *job_fields,
+        *execution_fields,
     )
 
 
