@@ -15,6 +15,7 @@ the pickle opcodes without unpickling (see :mod:`opsctl.records`).
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -370,7 +371,8 @@ def function_names(conn: redis.Redis, keys: Keys, job_ids: list[str]) -> list[st
             hash_keys = [keys.job(j).encode("utf-8", "surrogateescape") for j in batch]
             for reply in reader.read(hash_keys, [False] * len(batch)):
                 description, data = reply if isinstance(reply, list) else (None, None)
-                names.append(function_name(_as_bytes(data), text(description) or None))
+                # Many jobs call the same function: keep one copy of each name.
+                names.append(sys.intern(function_name(_as_bytes(data), text(description) or None)))
     finally:
         reader.close()
     return names

@@ -23,15 +23,19 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-
-from prometheus_client import CollectorRegistry, Gauge, generate_latest, write_to_textfile
-from prometheus_client.parser import text_string_to_metric_families
+from typing import TYPE_CHECKING
 
 from opsctl.engine import State, classify
 from opsctl.errors import ExitCode, OpsctlError
 from opsctl.policy import Rule
 from opsctl.run import Run
 from opsctl.state import Snapshot
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+# prometheus_client is imported where it is used: it costs about 14 MB of
+# memory, which a run that writes no metrics should not pay.
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,8 @@ class RunFacts:
 
 def build(seen: Observation | None, facts: RunFacts) -> CollectorRegistry:
     """A registry holding every gauge; ``seen`` is None when the run read nothing."""
+    from prometheus_client import CollectorRegistry, Gauge
+
     registry = CollectorRegistry(auto_describe=True)
     started = Gauge(
         "opsctl_started_jobs",
@@ -137,11 +143,15 @@ def build(seen: Observation | None, facts: RunFacts) -> CollectorRegistry:
 
 
 def _gauge(registry: CollectorRegistry, name: str, help_text: str, value: float) -> None:
+    from prometheus_client import Gauge
+
     Gauge(name, help_text, registry=registry).set(value)
 
 
 def render(registry: CollectorRegistry) -> str:
     """The Prometheus text exposition format."""
+    from prometheus_client import generate_latest
+
     return generate_latest(registry).decode("utf-8")
 
 
@@ -156,6 +166,8 @@ def previous_success(path: str) -> float | None:
             text = handle.read()
     except (OSError, UnicodeDecodeError):
         return None
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -175,6 +187,8 @@ def last_success(path: str | None, facts_exit_code: int, now_s: float) -> float 
 
 def write(path: str, registry: CollectorRegistry) -> None:
     """Write the file atomically: a temporary file beside it, then a rename."""
+    from prometheus_client import write_to_textfile
+
     try:
         write_to_textfile(path, registry)
     except OSError as exc:

@@ -183,9 +183,22 @@ _INTEGER = re.compile(r"-?[0-9]{1,18}")
 
 def parse_int(text: str | None) -> int | None:
     """An integer field of a job hash, or None when absent or unparsable."""
-    if text is None or not _INTEGER.fullmatch(text):
+    if text is None:
         return None
-    return int(text)
+    known = _PARSED_INTS.get(text)
+    if known is not None:
+        return known
+    if not _INTEGER.fullmatch(text):
+        return None
+    value = int(text)
+    if len(_PARSED_INTS) < _PARSED_INTS_MAX:
+        # Timeouts and TTLs repeat across jobs: one shared int each keeps large runs small.
+        _PARSED_INTS[text] = value
+    return value
+
+
+_PARSED_INTS: dict[str, int] = {}
+_PARSED_INTS_MAX = 10_000
 
 
 def format_timestamp(epoch_s: float) -> str:

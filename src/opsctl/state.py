@@ -334,7 +334,7 @@ def _decode_entries(
 #: from RQ 2 on, an execution hash).
 SCRIPT_BATCH = 500
 #: Script calls sent in one pipeline round trip.
-SCRIPT_CALLS = 4
+SCRIPT_CALLS = 2
 
 # A read-only script that reads the fields opsctl needs from many hashes in
 # one call, so a large registry costs a few hundred commands, not two per
