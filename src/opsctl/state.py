@@ -355,8 +355,9 @@ local out, k = {}, 1
 local function read(key, fields)
   local reply = redis.pcall('HMGET', key, unpack(fields))
   if type(reply) == 'table' and reply.err then
-    if string.sub(reply.err, 1, 6) == 'NOPERM' then error(reply) end
-    return reply.err
+    local err = tostring(reply.err)
+    if string.sub(err, 1, 6) == 'NOPERM' then error(reply) end
+    return err
   end
   for i = 1, #fields do
     if reply[i] then return reply end
@@ -475,7 +476,9 @@ class HashReader:
             ):
                 pipe.hmget(key, names)
             replies.extend(replies_of(pipe))
-        empty = [i for i, r in enumerate(replies) if isinstance(r, list) and not any(r)]
+        empty = [
+            i for i, r in enumerate(replies) if isinstance(r, list) and all(v is None for v in r)
+        ]
         for start in range(0, len(empty), BATCH):
             pipe = self.conn.pipeline(transaction=False)
             for i in empty[start : start + BATCH]:
