@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import redis
 import yaml
 
-from conftest import clean_env, run_opsctl
+from conftest import clean_env, opsctl_env, run_opsctl, wait_until
 from opsctl.errors import ExitCode
 from test_cli_fake import started_job, status_of
 
@@ -147,6 +148,43 @@ def test_watch_deployment_runs_watch_every_60s_with_a_metrics_file_its_sidecar_r
     opsctl_mounts = {m["name"]: m["mountPath"] for m in opsctl["volumeMounts"]}
     assert str(metrics_file.parent) == opsctl_mounts["metrics"] == exporter_mounts["metrics"]
     assert f"--collector.textfile.directory={metrics_file.parent}" in exporter["args"]
+
+
+def test_watch_deployment_command_runs_rounds_writes_metrics_and_stops_on_sigterm(
+    fake_redis_url: str, tmp_path: Path
+) -> None:
+    # The container's own arguments, with the mounted paths pointed at this test's files.
+    args = list(_pod(_kubernetes("watch-deployment.yaml"))["containers"][0]["args"])
+    args[1] = str(EXAMPLES / "policy.yaml")
+    args[args.index("--every") + 1] = "1s"
+    metrics_file = tmp_path / "opsctl.prom"
+    args[args.index("--metrics-file") + 1] = str(metrics_file)
+    env = {**opsctl_env(), "OPSCTL_REDIS_URL": fake_redis_url}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "opsctl", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        rounds = wait_until(
+            lambda: (
+                metrics_file.exists()
+                and "opsctl_last_run_exit_code 0.0" in metrics_file.read_text()
+            ),
+            timeout=60,
+        )
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert rounds, f"no successful round written to {metrics_file}"
+    assert process.returncode == 0, stderr
+    assert "opsctl_last_success_timestamp_seconds" in metrics_file.read_text()
 
 
 # --- the Grafana dashboard ------------------------------------------------------------------
