@@ -188,7 +188,7 @@ def _read_snapshot(
             # One unreadable registry (the wrong type, say) never stops the run.
             problems.append(f"queue {queue}: {keys.started(queue)} cannot be read: {exc}")
             continue
-        entries.extend(_read_entries(conn, keys, queue, members, problems, tick, reader))
+        entries.extend(_read_entries(keys, queue, members, problems, tick, reader))
     workers = read_workers(conn, keys, _worker_names(conn, keys, queues, entries))
     return Snapshot(now=now, queues=queues, entries=entries, workers=workers, problems=problems)
 
@@ -227,7 +227,6 @@ def split_member(member: bytes) -> tuple[str, str | None]:
 
 
 def _read_entries(
-    conn: redis.Redis,
     keys: Keys,
     queue: str,
     members: list[tuple[bytes, float]],
