@@ -332,6 +332,32 @@ def test_max_age_in_words_exits_2_with_the_accepted_forms(closed_url: str) -> No
     ]
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # Digits of other scripts pass str.isdigit(): a full-width zero was taken for 0.
+        (("apply", "policies/minimal.yaml", "--max-age", "\uff10"), "is not a duration"),
+        (("apply", "policies/minimal.yaml", "--max-age", "٣"), "is not a duration"),
+        (("apply", "policies/minimal.yaml", "--max-age", "99999999999d"), "is not a duration"),
+        (("watch", "policies/minimal.yaml", "--every", "999999999d"), "at most 7d"),
+        # An empty id would filter nothing out: requeue would undo every run.
+        (("requeue", "--run", ""), "an empty id names nothing"),
+        (("history", "--run", ""), "an empty id names nothing"),
+        (("history", "--job", " "), "an empty id names nothing"),
+        (("status", "--metrics-file", ""), "give a file path"),
+        (("status", "--metrics-file", "."), "is a directory"),
+    ],
+)
+def test_options_no_run_could_use_are_refused_before_anything_happens(
+    closed_url: str, args: tuple[str, ...], message: str
+) -> None:
+    result = opsctl(*args, "--redis-url", closed_url)
+
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "cannot reach Redis" not in result.output  # refused before connecting
+
+
 def test_unknown_option_is_a_usage_error_not_a_crash() -> None:
     result = opsctl("apply", "policies/minimal.yaml", "--max-agee", "10m")
 

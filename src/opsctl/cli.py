@@ -272,9 +272,14 @@ class Connection:
         return url, replace(base, username=username, tls=tls)
 
 
+#: Longest pause between two rounds of opsctl watch.
+MAX_WATCH_EVERY_S = 7 * 86400
+
+
 def _parse_duration_option(option: str, value: str) -> int:
     try:
-        return parse_duration(int(value) if value.isdigit() else value)
+        # isdigit() alone accepts other scripts' digits (full-width...); a policy does not.
+        return parse_duration(int(value) if value.isascii() and value.isdigit() else value)
     except ValueError:
         raise UsageError(
             f"{option}: {value!r} is not a duration (use 90s, 10m, 2h or 1d)"
@@ -301,14 +306,7 @@ def _overrides(
 
 
 def _parse_max_age(value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(int(value) if value.isdigit() else value)
-    except ValueError:
-        raise UsageError(
-            f"--max-age: {value!r} is not a duration (use 90s, 10m, 2h or 1d)"
-        ) from None
+    return None if value is None else _parse_duration_option("--max-age", value)
 
 
 def _console() -> Console:
@@ -443,6 +441,28 @@ MaxActionsOpt = Annotated[
     int | None,
     _option("--max-actions", min=0, help="Cap on the jobs one run may act on."),
 ]
+
+
+def _metrics_path(value: str | None) -> str | None:
+    """Refuse, before anything is done, a metrics path that can never be written."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise typer.BadParameter(
+            "give a file path (for example /var/lib/node_exporter/opsctl.prom)"
+        )
+    if os.path.isdir(value):
+        raise typer.BadParameter(f"{value!r} is a directory; give a file path inside it")
+    return value
+
+
+def _an_id(value: str | None) -> str | None:
+    """Refuse an empty id: it would match nothing, or (as a filter) everything."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("an empty id names nothing; give the id")
+    return value
+
+
 MetricsFileOpt = Annotated[
     str | None,
     _option(
@@ -450,6 +470,7 @@ MetricsFileOpt = Annotated[
         help="Also write Prometheus metrics to this file, atomically (for node_exporter's "
         "textfile collector; name it *.prom).",
         show_default=False,
+        callback=_metrics_path,
     ),
 ]
 LockTimeoutOpt = Annotated[
@@ -750,8 +771,8 @@ def watch_command(
         (tls_ca_cert, tls_cert, tls_key, tls_verify),
     )
     every_s = _guard(lambda: _parse_duration_option("--every", every))
-    if every_s <= 0:
-        _fail(UsageError(f"--every: {every!r} must be longer than 0s"))
+    if not 0 < every_s <= MAX_WATCH_EVERY_S:
+        _fail(UsageError(f"--every: {every!r} must be longer than 0s and at most 7d"))
     url_given = _guard(connection.given_url) is not None
     policy = _guard(lambda: _load_for_apply(policy_file, url_given))
     first_url, _ = _guard(lambda: connection.resolve(policy))
@@ -841,8 +862,12 @@ def plan_command(
 @app.command()
 def history(
     redis_url: StatusRedisUrl = None,
-    run_id: Annotated[str | None, _option("--run", help="Only this run id.")] = None,
-    job_id: Annotated[str | None, _option("--job", help="Only this job id.")] = None,
+    run_id: Annotated[
+        str | None, _option("--run", help="Only this run id.", callback=_an_id)
+    ] = None,
+    job_id: Annotated[
+        str | None, _option("--job", help="Only this job id.", callback=_an_id)
+    ] = None,
     output: FormatOpt = Format.text,
     timeout: Timeout = DEFAULT_TIMEOUT_S,
     verbose: Verbose = 0,
@@ -879,7 +904,10 @@ def history(
 @app.command("requeue")
 def requeue_command(
     run_id: Annotated[
-        str, _option("--run", help="The run whose failed and canceled jobs to requeue.")
+        str,
+        _option(
+            "--run", help="The run whose failed and canceled jobs to requeue.", callback=_an_id
+        ),
     ],
     redis_url: StatusRedisUrl = None,
     dry_run: Annotated[

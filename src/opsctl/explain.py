@@ -307,7 +307,8 @@ def print_text(found: Explanation, console: Console) -> None:
     out.append(f"policy: {found.rule}")
     for v in found.verdicts:
         follow = f" then {v['follow_up']}" if v.get("follow_up") else ""
-        out.append(f"  {v['entry']}: {v['state']} -> {v['action']}{follow}: {v['reason']}")
+        state = v["state"] or "not judged"  # no rule covers the queue
+        out.append(f"  {v['entry']}: {state} -> {v['action']}{follow}: {v['reason']}")
     if not found.verdicts:
         out.append("  not in a started registry and not lost: opsctl does not act on it")
     for line in out:

@@ -54,7 +54,10 @@ DEFAULT_KEY_PREFIX = "rq"
 REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
 """URL schemes redis-py can connect with."""
 
-_DURATION = re.compile(r"([0-9]+)([smhd])")
+#: As in the schema: at most nine digits, then a unit.
+_DURATION = re.compile(r"([0-9]{1,9})([smhd])")
+#: The largest bare number of minutes the schema allows.
+_DURATION_MAX_MINUTES = 1_000_000_000
 _SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION_HINT = "use 90s, 10m, 2h or 1d"
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -193,7 +196,7 @@ def parse_duration(text: str | int) -> int:
 
     Raise ValueError for anything else, including booleans, floats and negative numbers.
     """
-    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+    if isinstance(text, int) and not isinstance(text, bool) and 0 <= text <= _DURATION_MAX_MINUTES:
         return text * _SECONDS_PER_UNIT["m"]
 
     match = _DURATION.fullmatch(text) if isinstance(text, str) else None
