@@ -7,6 +7,7 @@ shows both what opsctl reports and that it never needed a server to report it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -159,6 +160,16 @@ def test_validate_of_several_files_fails_when_one_of_them_does() -> None:
     assert result.exit_code == 2, result.output
     assert result.stdout.splitlines() == [BAD_DURATION]
     assert "policies/minimal.yaml: ok" in result.stderr
+
+
+def test_validate_refuses_a_fifo_at_once_instead_of_waiting_for_a_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "policy.yaml"
+    os.mkfifo(fifo)
+
+    result = opsctl("validate", str(fifo))
+
+    assert result.exit_code == 2, result.output
+    assert f"{fifo}:1:1: cannot read file: not a regular file" in result.output
 
 
 def test_validate_of_a_missing_file_says_so_and_exits_2() -> None:

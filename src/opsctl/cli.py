@@ -1041,23 +1041,50 @@ def explain_command(
     job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="The job's id.")],
     policy_file: Annotated[
         str | None,
-        typer.Option("--policy", help="Policy whose rule to apply (default: built-in rule)."),
+        _option("--policy", help="Policy whose rule to apply (default: built-in rule)."),
     ] = None,
     redis_url: RedisUrl = None,
     output: FormatOpt = Format.text,
+    key_prefix: Annotated[
+        str | None,
+        _option("--key-prefix", help="RQ key prefix. Default: the policy's, else rq."),
+    ] = None,
     timeout: Timeout = DEFAULT_TIMEOUT_S,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+    log_format: LogFormatOpt = logs.LogFormat.text,
+    redis_username: RedisUsername = None,
+    sentinel: SentinelOpt = None,
+    sentinel_service: SentinelService = None,
+    sentinel_db: SentinelDb = None,
+    tls_ca_cert: TlsCaCert = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_verify: TlsVerifyOpt = None,
 ) -> None:
     """Everything known about one job, and what the policy would do with it and why."""
     from opsctl import explain
 
-    _setup_logging(0, False)
+    _setup_logging(verbose, quiet, log_format)
+    connection = _connection(
+        redis_url,
+        redis_username,
+        sentinel,
+        sentinel_service,
+        sentinel_db,
+        (tls_ca_cert, tls_cert, tls_key, tls_verify),
+    )
     policy = None
     if policy_file is not None:
         path = policy_file
-        policy = _guard(lambda: _load_for_apply(path, redis_url is not None))
-    url = _guard(lambda: _resolve_url(redis_url, policy))
-    keys = Keys(policy.key_prefix if policy else DEFAULT_PREFIX)
-    found = _guard(lambda: explain.explain(connect(url, timeout), keys, job_id, policy), url=url)
+        url_given = _guard(connection.given_url) is not None
+        policy = _guard(lambda: _load_for_apply(path, url_given))
+    url, options = _guard(lambda: connection.resolve(policy))
+    _setup_logging(verbose, quiet, log_format, url)
+    keys = Keys(key_prefix or (policy.key_prefix if policy else DEFAULT_PREFIX))
+    found = _guard(
+        lambda: explain.explain(connect(url, timeout, options), keys, job_id, policy), url=url
+    )
     if output is Format.json:
         report.print_json(explain.to_json(found, mask_url(url)))
     else:
