@@ -855,6 +855,24 @@ def test_text_report_has_the_table_headers_and_a_summary_with_the_run_id(
     )
 
 
+def test_a_dry_runs_summary_counts_the_registrations_it_would_remove(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    register_worker(url, "w-crashed")
+    started_job(conn, "w-crashed")
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+
+    result = opsctl("apply", str(policy), "--redis-url", url, "--dry-run")
+
+    assert result.exit_code == 0, result.output
+    summary = result.stdout.splitlines()[-1]
+    assert summary.endswith(
+        "1 planned, 0 skipped, 0 errors; 0 dead worker registrations removed, 1 planned "
+        "(dry run: nothing was changed)"
+    ), summary
+    assert conn.sismember("rq:workers", "rq:worker:w-crashed")
+
+
 # --- odd input a real deployment produces ----------------------------------------------------
 
 FAIL_ALL = """\

@@ -275,6 +275,9 @@ def _summary_line(run: Run) -> str:
         f"{c['acted']} acted, {c['planned']} planned, {c['skipped']} skipped, "
         f"{c['errors']} errors; {c['workers_removed']} dead worker registrations removed"
     )
+    planned = sum(1 for w in run.workers if w.outcome == PLANNED)
+    if planned:
+        line += f", {planned} planned"
     if run.dry_run:
         line += " (dry run: nothing was changed)"
     return line
