@@ -898,6 +898,30 @@ def test_dry_run_with_a_plan_changes_nothing(conn: redis.Redis, url: str, tmp_pa
     assert status_of(conn, job.id) == "started"
 
 
+def test_a_plan_applied_twice_reports_no_registration_removed_the_second_time(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    register_worker(url, "w-crashed")
+    job = started_job(conn, "w-crashed")
+    policy = write_policy(tmp_path, FAIL_ALL)
+    plan = tmp_path / "plan.json"
+    made = opsctl("plan", str(policy), "--output", str(plan), "--redis-url", url)
+    assert made.exit_code == 0, made.output
+
+    first = opsctl("apply", "--plan", str(plan), "--format", "json", "--redis-url", url)
+    again = opsctl("apply", "--plan", str(plan), "--format", "json", "--redis-url", url)
+
+    assert first.exit_code == again.exit_code == 0, again.output
+    workers = [json.loads(r.stdout)["workers"] for r in (first, again)]
+    assert [[(w["name"], w["outcome"]) for w in ws] for ws in workers] == [
+        [("w-crashed", "done")],
+        [("w-crashed", "skipped")],
+    ]
+    assert json.loads(again.stdout)["summary"]["workers_removed"] == 0
+    assert status_of(conn, job.id) == "failed"
+    assert not conn.sismember("rq:workers", "rq:worker:w-crashed")
+
+
 def test_url_without_a_host_is_refused_rather_than_completed_with_a_default(
     tmp_path: Path,
 ) -> None:

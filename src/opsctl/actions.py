@@ -364,13 +364,17 @@ if exists == 1 then
   if beat ~= ARGV[2] then
     return {0, 'worker heartbeat changed since it was read: it is alive'}
   end
-  if redis.call('HEXISTS', KEYS[1], 'death') == 0 then
-    redis.call('HSET', KEYS[1], 'death', ARGV[4])
-    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
-  end
 end
+local removed = 0
 for i = 2, #KEYS do
-  redis.call('SREM', KEYS[i], ARGV[1])
+  removed = removed + redis.call('SREM', KEYS[i], ARGV[1])
+end
+if removed == 0 then
+  return {0, 'no longer registered (removed since it was read)'}
+end
+if exists == 1 and redis.call('HEXISTS', KEYS[1], 'death') == 0 then
+  redis.call('HSET', KEYS[1], 'death', ARGV[4])
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
 end
 return {1, 'removed'}
 """
