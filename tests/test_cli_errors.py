@@ -332,6 +332,22 @@ def test_malformed_redis_url_exits_2(url: str) -> None:
     assert "s3cret" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("redis://user:s3cret@127.0.0.1:99999/0", "port 99999 is not between 1 and 65535"),
+        ("redis://:s3cret@127.0.0.1:0/0", "port 0 is not between 1 and 65535"),
+    ],
+)
+def test_a_port_out_of_range_is_named_as_the_problem(url: str, reason: str) -> None:
+    result = opsctl("status", "--redis-url", url)
+
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.splitlines()
+    assert reason in line
+    assert "s3cret" not in result.output
+
+
 def test_max_age_in_words_exits_2_with_the_accepted_forms(closed_url: str) -> None:
     result = opsctl(
         "apply", "policies/minimal.yaml", "--redis-url", closed_url, "--max-age", "10 minutes"

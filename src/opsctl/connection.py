@@ -138,10 +138,12 @@ def check_url(url: str) -> None:
         raise UsageError(
             f"Redis URL {shown!r} names no host; opsctl never falls back to a default server"
         )
-    if port and not port.isdigit():
+    if port and not (port.isascii() and port.isdigit()):
         raise UsageError(f"Redis URL {shown!r}: port {port!r} is not a number")
+    if port and not 0 < int(port) < 65536:
+        raise UsageError(f"Redis URL {shown!r}: port {port} is not between 1 and 65535")
     database = tail.split("?", 1)[0].split("#", 1)[0].strip("/")
-    if database and not database.isdigit():
+    if database and not (database.isascii() and database.isdigit()):
         raise UsageError(f"Redis URL {shown!r}: database {database!r} is not a number")
     try:
         parsed = urlsplit(url)
@@ -199,7 +201,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         raise UsageError(
             f"Redis URL {shown!r} names no service: write redis+sentinel://HOST:PORT/SERVICE/DB"
         )
-    if database and not database.isdigit():
+    if database and not (database.isascii() and database.isdigit()):
         raise UsageError(f"Redis URL {shown!r}: database {database!r} is not a number")
     return SentinelUrl(
         tuple(hosts),
