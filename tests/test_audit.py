@@ -7,6 +7,7 @@ import pytest
 
 from opsctl import audit
 from opsctl.audit import AUDIT_STREAM
+from opsctl.errors import OpsctlError
 
 
 @pytest.fixture
@@ -53,3 +54,12 @@ def test_a_limit_keeps_the_newest_matching_entries(conn: fakeredis.FakeRedis) ->
 
     assert [e["job"] for e in found] == ["job-3"]
     assert [e["job"] for e in newest] == [f"job-{i}" for i in range(35, 40)]
+
+
+def test_an_audit_key_of_another_type_is_named_not_shown_as_a_raw_redis_error() -> None:
+    conn = fakeredis.FakeRedis()
+    conn.set(AUDIT_STREAM, "someone else's value")
+
+    with pytest.raises(OpsctlError, match="not opsctl's audit stream; rename or remove it"):
+        audit.history(conn, run_id="any")
+    assert conn.get(AUDIT_STREAM) == b"someone else's value"

@@ -15,6 +15,8 @@ from typing import Any
 
 import redis
 
+from opsctl.errors import OpsctlError
+
 AUDIT_STREAM = "opsctl:audit"
 #: Approximate number of entries kept; older ones are trimmed.
 AUDIT_MAXLEN = 100_000
@@ -77,9 +79,17 @@ def history(
     found = []
     newest = "+"
     while True:
-        page: list[tuple[bytes, dict[bytes, bytes]]] = conn.xrevrange(  # type: ignore[assignment]
-            AUDIT_STREAM, max=newest, count=HISTORY_PAGE
-        )
+        try:
+            page: list[tuple[bytes, dict[bytes, bytes]]] = conn.xrevrange(  # type: ignore[assignment]
+                AUDIT_STREAM, max=newest, count=HISTORY_PAGE
+            )
+        except redis.ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            raise OpsctlError(
+                f"{AUDIT_STREAM} holds another type of value, not opsctl's audit stream; "
+                "rename or remove it (opsctl apply will not run until then either)"
+            ) from None
         for entry_id, fields in page:
             entry = {
                 k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
