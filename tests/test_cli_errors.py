@@ -169,7 +169,7 @@ def test_validate_refuses_a_fifo_at_once_instead_of_waiting_for_a_writer(tmp_pat
     result = opsctl("validate", str(fifo))
 
     assert result.exit_code == 2, result.output
-    assert f"{fifo}:1:1: cannot read file: not a regular file" in result.output
+    assert f"{fifo}:1:1: cannot read file: it is a FIFO, not a file" in result.output
 
 
 def test_validate_of_a_missing_file_says_so_and_exits_2() -> None:

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -252,9 +253,9 @@ def _environment(environ: Mapping[str, str] | None) -> Mapping[str, str]:
 def _read_bytes(file: str) -> bytes:
     """The bytes of `file`; refuses one that cannot be read or is too large to be a policy."""
     try:
-        if os.path.exists(file) and not os.path.isfile(file):
-            # A FIFO or device would block or never end: only regular files are policies.
-            raise _Refused(_file_problem(file, "cannot read file: not a regular file"))
+        if os.path.exists(file) and stat.S_ISFIFO(os.stat(file).st_mode):
+            # Opening a FIFO waits for a writer, perhaps for ever; a policy is a file.
+            raise _Refused(_file_problem(file, "cannot read file: it is a FIFO, not a file"))
         with open(file, "rb") as stream:
             raw = stream.read(MAX_FILE_BYTES + 1)
             size_bytes = os.fstat(stream.fileno()).st_size
