@@ -373,6 +373,9 @@ def test_max_age_in_words_exits_2_with_the_accepted_forms(closed_url: str) -> No
         (("history", "--job", " "), "an empty id names nothing"),
         (("status", "--metrics-file", ""), "give a file path"),
         (("status", "--metrics-file", "."), "is a directory"),
+        (("status", "--key-prefix", "rq:*"), "is not a key prefix"),
+        (("requeue", "--run", "r1", "--key-prefix", ""), "is not a key prefix"),
+        (("explain", "job-1", "--key-prefix", "a b"), "is not a key prefix"),
     ],
 )
 def test_options_no_run_could_use_are_refused_before_anything_happens(

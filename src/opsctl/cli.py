@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -453,6 +454,19 @@ def _metrics_path(value: str | None) -> str | None:
         )
     if os.path.isdir(value):
         raise typer.BadParameter(f"{value!r} is a directory; give a file path inside it")
+    return value
+
+
+#: What a policy's redis.key_prefix may hold (the schema's pattern).
+_KEY_PREFIX = re.compile(r"[A-Za-z0-9_.{}-]+")
+
+
+def _key_prefix(value: str | None) -> str | None:
+    """Refuse a key prefix a policy would refuse (a glob or an empty one finds nothing)."""
+    if value is not None and not _KEY_PREFIX.fullmatch(value):
+        raise typer.BadParameter(
+            f"{value!r} is not a key prefix (letters, digits and _ . {{ }} - only; RQ's is rq)"
+        )
     return value
 
 
@@ -914,7 +928,9 @@ def requeue_command(
         bool, _option("--dry-run", help="Only report what would be requeued.")
     ] = False,
     output: FormatOpt = Format.text,
-    key_prefix: Annotated[str, _option("--key-prefix", help="RQ key prefix.")] = DEFAULT_PREFIX,
+    key_prefix: Annotated[
+        str, _option("--key-prefix", help="RQ key prefix.", callback=_key_prefix)
+    ] = DEFAULT_PREFIX,
     lock_timeout: LockTimeoutOpt = 5.0,
     timeout: Timeout = DEFAULT_TIMEOUT_S,
     verbose: Verbose = 0,
@@ -987,7 +1003,9 @@ class StatusFormat(str, Enum):
 def status_command(
     redis_url: StatusRedisUrl = None,
     output: Annotated[StatusFormat, _option("--format", help="Report format.")] = StatusFormat.text,
-    key_prefix: Annotated[str, _option("--key-prefix", help="RQ key prefix.")] = DEFAULT_PREFIX,
+    key_prefix: Annotated[
+        str, _option("--key-prefix", help="RQ key prefix.", callback=_key_prefix)
+    ] = DEFAULT_PREFIX,
     timeout: Timeout = DEFAULT_TIMEOUT_S,
     metrics_file: MetricsFileOpt = None,
     verbose: Verbose = 0,
@@ -1047,7 +1065,11 @@ def explain_command(
     output: FormatOpt = Format.text,
     key_prefix: Annotated[
         str | None,
-        _option("--key-prefix", help="RQ key prefix. Default: the policy's, else rq."),
+        _option(
+            "--key-prefix",
+            help="RQ key prefix. Default: the policy's, else rq.",
+            callback=_key_prefix,
+        ),
     ] = None,
     timeout: Timeout = DEFAULT_TIMEOUT_S,
     verbose: Verbose = 0,
