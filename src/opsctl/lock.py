@@ -94,11 +94,29 @@ class Lock:
         return bool(self._renew(keys=[self.key], args=[self.token, self.ttl_s]))
 
     def release(self) -> None:
-        try:
-            self._release(keys=[self.key], args=[self.token])
-        except redis.RedisError as exc:
-            # The expiry frees it; nothing else to do.
-            log.warning("lock=%s release_failed error=%s", self.key, exc)
+        """Give the lock back; retried while the connection is down.
+
+        Releasing checks the owner, so repeating it is safe. A lock left behind
+        would turn the next run away until its expiry, which after a brief
+        network fault is the run most likely to follow.
+        """
+        for wait_s in (*RELEASE_BACKOFF_S, None):
+            try:
+                self._release(keys=[self.key], args=[self.token])
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if wait_s is None:
+                    # The expiry frees it; nothing else to do.
+                    log.warning("lock=%s release_failed error=%s", self.key, exc)
+                    return
+                time.sleep(wait_s)
+            except redis.RedisError as exc:
+                log.warning("lock=%s release_failed error=%s", self.key, exc)
+                return
+
+
+#: Waits before each further attempt to release a lock while Redis is unreachable.
+RELEASE_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
 
 
 @contextmanager
