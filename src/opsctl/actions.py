@@ -51,7 +51,20 @@ JOB_ACTIONS: dict[str, str] = {
     "remove-entry": "remove the started-registry entry only; the job is left as it is",
 }
 
-_JOB_SCRIPT = """
+#: Lua that refuses, before the first write, any of ``writes`` (``{command, key
+#: index, args...}``) the Redis user may not run: a script stopped by an ACL
+#: halfway would leave a job half-moved. Shared by every changing script.
+CHECK_WRITES_LUA = """  for _, w in ipairs(writes) do
+    local args = {w[1], KEYS[w[2]]}
+    for i = 3, #w do table.insert(args, w[i]) end
+    if not redis.acl_check_cmd(unpack(args)) then
+      return redis.error_reply('NOPERM the Redis user may not run ' .. w[1] .. ' on ' .. KEYS[w[2]])
+    end
+  end
+"""
+
+_JOB_SCRIPT = (
+    """
 local function field(key, name)
   local v = redis.call('HGET', key, name)
   if v == false then return '' end
@@ -77,14 +90,9 @@ if redis.acl_check_cmd then
   }
   -- Application keys deleted along with the job (policy related_keys).
   for i = 21, #KEYS do table.insert(writes, {'DEL', i}) end
-  for _, w in ipairs(writes) do
-    local args = {w[1], KEYS[w[2]]}
-    for i = 3, #w do table.insert(args, w[i]) end
-    if not redis.acl_check_cmd(unpack(args)) then
-      return redis.error_reply('NOPERM the Redis user may not run ' .. w[1] .. ' on ' .. KEYS[w[2]])
-    end
-  end
-end
+"""
+    + CHECK_WRITES_LUA
+    + """end
 
 -- RQ 3 names a job's concurrency-limit keys in the job itself: check them too.
 if redis.acl_check_cmd and field(KEYS[1], 'rate_limit_key') ~= '' then
@@ -341,6 +349,7 @@ if result[1] == 1 then
 end
 return result
 """
+)
 
 _WORKER_SCRIPT = """
 if redis.acl_check_cmd then

@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 
-from opsctl.keys import Keys
+from opsctl.keys import JOB_FIELDS, Keys
 from opsctl.model import StartedEntry
 from opsctl.records import function_name
 from opsctl.state import HashReader, known_queues, replies_of, text
@@ -35,20 +35,7 @@ SCAN_COUNT = 1000
 LIST_CHUNK = 10_000
 
 #: Fields of a lost candidate's hash that opsctl reads (never data or meta).
-LOST_FIELDS: tuple[str, ...] = (
-    "status",
-    "origin",
-    "created_at",
-    "enqueued_at",
-    "started_at",
-    "last_heartbeat",
-    "timeout",
-    "worker_name",
-    "retries_left",
-    "retry_intervals",
-    "enqueue_at_front_on_retry",
-    "failure_ttl",
-)
+LOST_FIELDS: tuple[str, ...] = (*JOB_FIELDS, "enqueued_at")
 
 # KEYS: the job hashes of one SCAN page. ARGV: the queues the run covers.
 # Returns key, status, origin of each job whose origin is covered and whose

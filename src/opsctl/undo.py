@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from opsctl import audit
+from opsctl.actions import CHECK_WRITES_LUA
 from opsctl.audit import AUDIT_MAXLEN, AUDIT_STREAM, AuditContext
 from opsctl.errors import UsageError
 from opsctl.keys import Keys
@@ -47,7 +48,8 @@ UNDOABLE: dict[str, tuple[str, str, str]] = {
 #: Jobs requeued per pipelined round trip (each is still its own atomic script).
 BATCH = 200
 
-_REQUEUE_SCRIPT = """
+_REQUEUE_SCRIPT = (
+    """
 local job_id, status_was, ended_was, origin = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now_iso, write, maxlen, registry = ARGV[5], ARGV[6] == '1', ARGV[7], ARGV[8]
 
@@ -56,14 +58,9 @@ if write and redis.acl_check_cmd then
     {'ZREM', 2, 'm'}, {'HSET', 1, 'f', 'v'}, {'PERSIST', 1},
     {'EXPIRE', 1, '1'}, {'RPUSH', 3, 'v'}, {'SADD', 4, 'm'}, {'XADD', 5, '*', 'f', 'v'},
   }
-  for _, w in ipairs(writes) do
-    local args = {w[1], KEYS[w[2]]}
-    for i = 3, #w do table.insert(args, w[i]) end
-    if not redis.acl_check_cmd(unpack(args)) then
-      return redis.error_reply('NOPERM the Redis user may not run ' .. w[1] .. ' on ' .. KEYS[w[2]])
-    end
-  end
-end
+"""
+    + CHECK_WRITES_LUA
+    + """end
 
 -- A key of another type would make a write fail halfway: check them all first.
 local kinds = {'hash', 'zset', 'list', 'set', 'stream'}
@@ -125,6 +122,7 @@ for _, v in ipairs({'outcome', 'done', 'detail', 'requeued'}) do table.insert(en
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', maxlen, '*', unpack(entry))
 return {1, 'requeued'}
 """
+)
 
 
 class UnknownRun(UsageError):
