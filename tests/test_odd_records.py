@@ -450,10 +450,14 @@ def test_the_lost_search_filters_on_the_server_and_falls_back_to_plain_reads(
     filtered = find_lost(redis_conn, Keys(), [QUEUE], [])
     filtered_bytes = sent_bytes(redis_conn) - before
 
-    def refused(*_args: object) -> None:
-        raise redis.ResponseError("unknown command 'EVAL_RO'")
+    send = redis_conn.execute_command
 
-    monkeypatch.setattr(redis_conn, "eval_ro", refused)
+    def no_scripts(command: str, *args: object, **options: object) -> object:
+        if command in ("EVAL_RO", "EVAL"):
+            raise redis.ResponseError(f"unknown command '{command}'")
+        return send(command, *args, **options)
+
+    monkeypatch.setattr(redis_conn, "execute_command", no_scripts)
     before = sent_bytes(redis_conn)
     plain = find_lost(redis_conn, Keys(), [QUEUE], [])
     plain_bytes = sent_bytes(redis_conn) - before

@@ -1,4 +1,4 @@
-"""Both ways of reading job and execution hashes give the same answers.
+"""Both ways of reading job and execution hashes, and of surveying the keyspace, agree.
 
 The read script is used where the server and the user allow it; pipelined HMGETs
 otherwise. Whatever the records hold, the two must not tell different stories.
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import fakeredis
 import pytest
+import redis
 
 from opsctl.keys import Keys
-from opsctl.state import _READ_SCRIPTS, HashReader, read_snapshot
+from opsctl.keyspace import SURVEY_COUNT, Survey, survey
+from opsctl.state import _READ_SCRIPTS, HashReader, known_queues, read_snapshot
 
 QUEUE = "paths"
 
@@ -69,3 +71,47 @@ def test_the_read_script_and_plain_reads_agree_on_every_kind_of_record(
     assert by_id["wrongtype"][2] == {}
     assert by_id["bare"][1] is None
     assert any("wrongtype" in row[0] for row in scripted if len(row) == 1)
+
+
+def surveyed(conn: fakeredis.FakeRedis, keys: Keys, scripts: bool) -> Survey:
+    if scripts:
+        return survey(conn, keys)
+    send = conn.execute_command
+
+    def no_scripts(command: str, *args: object, **options: object) -> object:
+        if command in ("EVAL_RO", "EVAL"):
+            raise redis.ResponseError(f"unknown command '{command}'")
+        return send(command, *args, **options)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(conn, "execute_command", no_scripts)
+        return survey(conn, keys)
+
+
+def test_the_survey_script_and_plain_reads_find_the_same_queues_and_candidates() -> None:
+    conn = fakeredis.FakeRedis()
+    keys = Keys("app")
+    # More job hashes than one page holds, so the walk must follow the cursor.
+    with conn.pipeline() as pipe:
+        for i in range(SURVEY_COUNT + 500):
+            pipe.hset(f"app:job:done-{i}", mapping={"status": "finished", "origin": "a"})
+        pipe.execute()
+    conn.hset("app:job:run", mapping={"status": "started", "origin": "a"})
+    conn.hset("app:job:wait", mapping={"status": "queued", "origin": "b"})
+    conn.hset(b"app:job:caf\xe9", mapping={"status": "started", "origin": "a"})
+    conn.hset("app:job:odd:dependents", mapping={"status": "started", "origin": "a"})
+    conn.sadd("app:job:run:dependents", "x")  # not a hash: passed over
+    conn.hset("app:execution:run:e1", mapping={"status": "started"})  # not a job
+    conn.hset("rq:job:other-prefix", mapping={"status": "started", "origin": "a"})
+    conn.zadd("app:wip:a", {"run:e1": 1.0})
+    conn.sadd("app:workers:c", "app:worker:w1")
+
+    found = [surveyed(conn, keys, scripts) for scripts in (True, False)]
+
+    for each in found:
+        assert sorted(each.listed) == ["app:wip:a", "app:workers:c"]
+        assert sorted(each.started["a"]) == ["caf\udce9", "run"]
+        assert each.queued == {"b": ["wait"]}
+        assert each.scanned >= SURVEY_COUNT + 504
+    assert found[0].filtered_server_side and not found[1].filtered_server_side
+    assert known_queues(conn, keys, found[0].listed) == ["a", "c"]

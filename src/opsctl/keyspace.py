@@ -1,13 +1,12 @@
 """Reads beyond the started registries: lost jobs, scheduler references, function names.
 
-Lost jobs are found by scanning the keyspace for job hashes, which is the only
-way to find a job that no registry or list names. The scan stays cheap at scale:
-``SCAN`` with ``MATCH`` and ``TYPE hash`` pages through the job hashes, and a
-read-only Lua script (``EVAL_RO``) keeps only the jobs of covered queues whose
-status is ``queued`` or ``started``, and the client drops the started ones it
-has just read from a registry. Where ``EVAL_RO`` is unknown
-(Redis before 7) or refused (an ACL without it), each page is read with
-pipelined ``HMGET`` instead. Like the rest of opsctl's reads, nothing here
+Lost jobs are found by walking the keyspace for job hashes, which is the only
+way to find a job that no registry or list names. One walk (:func:`survey`)
+serves the whole run: it also finds the started registries and worker sets
+that name queues. A read-only script reads each job's status on the server and
+answers only for started and queued jobs; the client drops the started ones it
+has read from a registry. Where scripts are unknown or refused, each page is
+read with pipelined ``HMGET`` instead. Like the rest of opsctl's reads, nothing here
 reads ``data`` as an object: :func:`function_names` reads its bytes and walks
 the pickle opcodes without unpickling (see :mod:`opsctl.records`).
 """
@@ -16,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,41 +24,149 @@ import redis
 from opsctl.keys import JOB_FIELDS, Keys
 from opsctl.model import StartedEntry
 from opsctl.records import function_name
-from opsctl.state import HashReader, known_queues, replies_of, text
+from opsctl.state import HashReader, glob_escape, known_queues, replies_of, text
 
 log = logging.getLogger(__name__)
 
-#: Keys SCAN is asked to look at per page.
-SCAN_COUNT = 1000
+#: Keys SCAN looks at per call of the survey: a few milliseconds of the
+#: server's time each, so workers are never held up for long.
+SURVEY_COUNT = 2000
 #: Queue list entries read with one LRANGE.
 LIST_CHUNK = 10_000
 
 #: Fields of a lost candidate's hash that opsctl reads (never data or meta).
 LOST_FIELDS: tuple[str, ...] = (*JOB_FIELDS, "enqueued_at")
 
-# KEYS: the job hashes of one SCAN page. ARGV: the queues the run covers.
-# Returns key, status, origin of each job whose origin is covered and whose
-# status is queued or started; the client drops the started ones it already
-# read from a registry (a set lookup there is far cheaper than registry reads
-# here). Read-only: runs under EVAL_RO.
-_CANDIDATES_SCRIPT = """
-local covered = {}
-for i = 1, #ARGV do covered[ARGV[i]] = true end
-local found = {}
-for _, key in ipairs(KEYS) do
-  local f = redis.pcall('HMGET', key, 'status', 'origin')
-  if (type(f) ~= 'table' or f.err == nil) and f[2] and covered[f[2]]
-      and (f[1] == 'queued' or f[1] == 'started') then
-    found[#found + 1] = key
-    found[#found + 1] = f[1]
-    found[#found + 1] = f[2]
+# One page of the keyspace survey; reads only. ARGV: the SCAN cursor, its
+# MATCH pattern, its COUNT, the job key prefix, then the prefixes of keys to
+# list by name (started registries, worker sets). Answers: the next cursor;
+# the keys listed by name; for each job hash whose status is started or
+# queued, its id and then its status's first letter followed by its origin;
+# and the number of keys the page held. Keys under the job prefix that are not
+# hashes (dependency sets) are passed over; a refused permission stops it.
+_SURVEY_SCRIPT_BODY = """
+local page = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
+local job_prefix = ARGV[4]
+local cut = #job_prefix
+local listed, jobs = {}, {}
+for _, key in ipairs(page[2]) do
+  if string.sub(key, 1, cut) == job_prefix then
+    local f = redis.pcall('HMGET', key, 'status', 'origin')
+    if f.err then
+      if string.sub(tostring(f.err), 1, 6) == 'NOPERM' then error(f) end
+    elseif f[1] == 'started' or f[1] == 'queued' then
+      jobs[#jobs + 1] = string.sub(key, cut + 1)
+      jobs[#jobs + 1] = string.sub(f[1], 1, 1) .. (f[2] or '')
+    end
+  else
+    for i = 5, #ARGV do
+      if string.sub(key, 1, #ARGV[i]) == ARGV[i] then
+        listed[#listed + 1] = key
+        break
+      end
+    end
   end
 end
-return found
+return {page[1], listed, jobs, #page[2]}
 """
+# Redis 7 runs the flagged form through EVAL_RO (allowed to read-only users
+# and on replicas); older servers and fakeredis get the plain body.
+_SURVEY_SCRIPTS = (
+    ("EVAL_RO", "#!lua flags=no-writes\n" + _SURVEY_SCRIPT_BODY),
+    ("EVAL", _SURVEY_SCRIPT_BODY),
+)
 
 #: Registries a queued job may legitimately sit in instead of its queue list.
 _QUEUED_PLACES = ("started", "deferred", "scheduled", "failed", "finished", "canceled")
+
+
+@dataclass
+class Survey:
+    """One pass over the keyspace: the keys that name queues, and the jobs
+    whose own hash says they are started or queued, wherever they are held."""
+
+    listed: list[str] = field(default_factory=list)  # started registries, worker sets
+    started: dict[str, list[str]] = field(default_factory=dict)  # origin → job ids
+    queued: dict[str, list[str]] = field(default_factory=dict)  # origin → job ids
+    scanned: int = 0
+    filtered_server_side: bool = True
+    refused: str | None = None  # job hashes could not be read: why
+
+
+def survey(conn: redis.Redis, keys: Keys) -> Survey:
+    """Walk the keyspace once, for the queue names and for lost-job candidates.
+
+    A run needs both, and each costs a walk over every key, which at scale is
+    dearer than everything else it reads. The walk is limited to job hashes,
+    started registries and worker sets: their names start ``<prefix>:j`` or
+    ``<prefix>:w``, while execution records and queue lists, as many as the
+    jobs, do not. A read-only script reads the status of each job on the
+    server and answers only for started and queued ones; where scripts are
+    unknown or refused, the same is read with SCAN and pipelined HMGET.
+    """
+    result = Survey()
+    pattern = f"{glob_escape(keys.prefix)}:[jw]*"
+    listed = (keys.started(""), keys.queue_workers(""))
+    args = (pattern, SURVEY_COUNT, keys.job_prefix, *listed)
+    modes = list(_SURVEY_SCRIPTS)
+    send: Callable[..., Any] = conn.execute_command
+    cursor: Any = 0
+    while True:
+        while modes:
+            command, body = modes[0]
+            try:
+                page = send(command, body, 0, cursor, *args)
+            except redis.ResponseError as exc:
+                if len(modes) == 1:
+                    log.info("survey_script_unavailable error=%s; reading plainly", exc)
+                modes.pop(0)
+                continue
+            cursor = page[0]
+            result.listed += [text(k) for k in page[1]]
+            _add_candidates(result, page[2])
+            result.scanned += int(page[3])
+            break
+        else:
+            result.filtered_server_side = False
+            cursor = _survey_plainly(conn, keys, cursor, listed, result)
+        if int(cursor) == 0:
+            return result
+
+
+def _add_candidates(result: Survey, found: list[Any]) -> None:
+    """Record a survey page's answers: id, then status initial and origin."""
+    for i in range(0, len(found), 2):
+        job_id, tag = text(found[i]), text(found[i + 1])
+        if _is_job_id(job_id):
+            places = result.started if tag[:1] == "s" else result.queued
+            places.setdefault(sys.intern(tag[1:]), []).append(job_id)
+
+
+def _survey_plainly(
+    conn: redis.Redis, keys: Keys, cursor: Any, listed: tuple[str, ...], result: Survey
+) -> Any:
+    """One survey page from plain commands: SCAN, then HMGET of each job hash."""
+    cursor, page = conn.scan(cursor, match=f"{glob_escape(keys.prefix)}:[jw]*", count=SURVEY_COUNT)
+    names = [text(k) for k in page]
+    result.scanned += len(names)
+    result.listed += [n for n in names if n.startswith(listed)]
+    jobs = [n for n in names if n.startswith(keys.job_prefix)]
+    if not jobs or result.refused is not None:
+        return cursor
+    pipe = conn.pipeline(transaction=False)
+    for name in jobs:
+        pipe.hmget(name.encode("utf-8", "surrogateescape"), ["status", "origin"])
+    try:
+        replies = replies_of(pipe)
+    except redis.exceptions.NoPermissionError as exc:
+        result.refused = str(exc)
+        return cursor
+    found: list[str] = []
+    for name, reply in zip(jobs, replies, strict=True):
+        if isinstance(reply, list) and text(reply[0]) in ("started", "queued"):
+            found += [name.removeprefix(keys.job_prefix), text(reply[0])[0] + text(reply[1])]
+    _add_candidates(result, found)
+    return cursor
 
 
 @dataclass
@@ -77,17 +184,22 @@ def find_lost(
     keys: Keys,
     queues: Iterable[str],
     started: Iterable[StartedEntry],
+    found: Survey | None = None,
 ) -> LostScan:
     """Jobs of ``queues`` whose status is started or queued but that nothing holds.
 
     ``started`` are the entries already read from the started registries: a
     started job among them is not lost. A queued job is lost when its origin's
-    queue list, intermediate list and registries all lack it.
+    queue list, intermediate list and registries all lack it. ``found`` is
+    the run's keyspace survey; without one, the keyspace is surveyed here.
     """
-    wanted = set(queues)
     result = LostScan()
     try:
-        _scan(conn, keys, wanted, started, result)
+        found = found or survey(conn, keys)
+        result.scanned, result.filtered_server_side = found.scanned, found.filtered_server_side
+        if found.refused is not None:
+            raise redis.exceptions.NoPermissionError(found.refused)
+        _scan(conn, keys, set(queues), started, found, result)
     except redis.exceptions.NoPermissionError as exc:
         # Not looking is safe: a job not found is a job not acted on.
         result.entries = []
@@ -100,19 +212,21 @@ def _scan(
     keys: Keys,
     wanted: set[str],
     started: Iterable[StartedEntry],
+    found: Survey,
     result: LostScan,
 ) -> None:
     in_registries = {e.job_id for e in started}
-    started_ids: list[str] = []
-    queued: dict[str, list[str]] = {}
-    for job_id, status, origin in _candidates(conn, keys, sorted(wanted), result):
-        if status == "started" and job_id not in in_registries:
-            started_ids.append(job_id)
-        elif status == "queued":
-            queued.setdefault(origin, []).append(job_id)
-    lost = [j for j in started_ids if j not in _in_any_started(conn, keys, started_ids)]
-    for origin, ids in sorted(queued.items()):
-        lost += _not_held(conn, keys, origin, ids)
+    covered = sorted(wanted)
+    started_ids = [
+        job_id
+        for origin in covered
+        for job_id in found.started.get(origin, ())
+        if job_id not in in_registries
+    ]
+    lost = [j for j in started_ids if j not in _in_any_started(conn, keys, started_ids, found)]
+    for origin in covered:
+        if ids := found.queued.get(origin):
+            lost += _not_held(conn, keys, origin, ids)
     for job_id, job in _read_jobs(conn, keys, lost, result).items():
         if job.get("origin") in wanted:
             result.entries.append(_lost_entry(job["origin"], job_id, job))
@@ -123,63 +237,16 @@ def _lost_entry(origin: str, job_id: str, job: dict[str, str]) -> StartedEntry:
     return StartedEntry(origin, job_id, None, float("nan"), job, None, lost=True)
 
 
-def _candidates(
-    conn: redis.Redis, keys: Keys, queues: list[str], result: LostScan
-) -> Iterator[tuple[str, str, str]]:
-    """(job id, status, origin) of each job started or queued on ``queues``."""
-    pattern = _glob_escape(keys.job_prefix) + "*"
-    for page in _pages(conn, pattern):
-        result.scanned += len(page)
-        if result.filtered_server_side:
-            try:
-                found = conn.eval_ro(_CANDIDATES_SCRIPT, len(page), *page, *queues)
-            except redis.ResponseError as exc:
-                # Unknown before Redis 7, or refused by an ACL: read plainly instead.
-                log.info("eval_ro_unavailable error=%s; reading job statuses plainly", exc)
-                result.filtered_server_side = False
-            else:
-                for i in range(0, len(found), 3):
-                    key, status, origin = found[i : i + 3]
-                    if job_id := _job_id(keys, key):
-                        yield job_id, text(status), text(origin)
-                continue
-        yield from _filter_plainly(conn, keys, page, set(queues))
-
-
-def _pages(conn: redis.Redis, pattern: str) -> Iterator[list[bytes]]:
-    cursor: Any = 0
-    while True:
-        cursor, page = conn.scan(cursor, match=pattern, count=SCAN_COUNT, _type="hash")
-        # RQ's dependency sets share the prefix but are not hashes; TYPE drops them.
-        if page:
-            yield [k if isinstance(k, bytes) else k.encode() for k in page]
-        if int(cursor) == 0:
-            return
-
-
-def _filter_plainly(
-    conn: redis.Redis, keys: Keys, page: list[bytes], queues: set[str]
-) -> Iterator[tuple[str, str, str]]:
-    pipe = conn.pipeline(transaction=False)
-    for key in page:
-        pipe.hmget(key, ["status", "origin"])
-    for key, reply in zip(page, replies_of(pipe), strict=True):
-        if isinstance(reply, Exception) or not reply:
-            continue
-        status, origin = text(reply[0]), text(reply[1])
-        if status in ("started", "queued") and origin in queues and (job_id := _job_id(keys, key)):
-            yield job_id, status, origin
-
-
-def _job_id(keys: Keys, key: bytes | str) -> str:
-    name = text(key).removeprefix(keys.job_prefix)
+def _is_job_id(name: str) -> bool:
     # ``<prefix>:job::<id>:dependencies`` and ``...:dependents`` are not jobs.
-    if not name or name.startswith(":") or name.endswith((":dependents", ":dependencies")):
-        return ""
-    return name
+    return (
+        bool(name)
+        and not name.startswith(":")
+        and not name.endswith((":dependents", ":dependencies"))
+    )
 
 
-def _in_any_started(conn: redis.Redis, keys: Keys, ids: list[str]) -> set[str]:
+def _in_any_started(conn: redis.Redis, keys: Keys, ids: list[str], found: Survey) -> set[str]:
     """The ``ids`` that some started registry lists, whichever queue's it is.
 
     The run read only its own queues' registries; a job may sit in another's
@@ -188,7 +255,7 @@ def _in_any_started(conn: redis.Redis, keys: Keys, ids: list[str]) -> set[str]:
     """
     if not ids:
         return set()
-    registries = [keys.started(q) for q in known_queues(conn, keys)]
+    registries = [keys.started(q) for q in known_queues(conn, keys, found.listed)]
     pipe = conn.pipeline(transaction=False)
     for job_id in ids:
         pipe.zrange(keys.executions(job_id), 0, -1)
@@ -370,7 +437,3 @@ def _as_bytes(value: bytes | str | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
     return value.encode("utf-8", "surrogateescape")
-
-
-def _glob_escape(literal: str) -> str:
-    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in literal)

@@ -15,7 +15,14 @@ import redis
 from opsctl import engine
 from opsctl.engine import ACTION_NONE, Verdict
 from opsctl.keys import Keys, rescue_key
-from opsctl.keyspace import find_lost, find_stranded, function_names, scheduler_references
+from opsctl.keyspace import (
+    Survey,
+    find_lost,
+    find_stranded,
+    function_names,
+    scheduler_references,
+    survey,
+)
 from opsctl.model import StartedEntry, WorkerRecord, parse_int
 from opsctl.policy import Limits, Policy, Rule
 from opsctl.state import (
@@ -130,11 +137,16 @@ def effective_rule(rule: Rule, overrides: Overrides) -> Rule:
 
 
 def select_queues(
-    conn: redis.Redis, keys: Keys, policy: Policy, overrides: Overrides
+    conn: redis.Redis,
+    keys: Keys,
+    policy: Policy,
+    overrides: Overrides,
+    listed: list[str] | None = None,
 ) -> tuple[list[QueuePlan], list[str]]:
     """Queues to inspect (matched, enabled, and named by --queue if given), and
-    the --queue names the policy does not match."""
-    names = known_queues(conn, keys)
+    the --queue names the policy does not match. ``listed``: the registry and
+    worker-set keys a keyspace survey found, if one was made."""
+    names = known_queues(conn, keys, listed)
     wanted = set(overrides.queues)
     if wanted:
         names = sorted(wanted)
@@ -192,7 +204,9 @@ def _plan(
     on_progress: Callable[[int, int], None] | None,
     run_id: str | None,
 ) -> Run:
-    queues, unmatched = select_queues(conn, keys, policy, overrides)
+    # One walk over the keyspace finds the queues and the lost-job candidates.
+    found = survey(conn, keys)
+    queues, unmatched = select_queues(conn, keys, policy, overrides, found.listed)
     snapshot = read_snapshot(conn, keys, [q.name for q in queues], on_progress)
     rules = {q.name: q.rule for q in queues}
     dry_run = bool(overrides.dry_run) if overrides.dry_run is not None else policy.defaults.dry_run
@@ -205,7 +219,8 @@ def _plan(
         unmatched=unmatched,
     )
     run.server_version, run.warnings = server_notes(conn)
-    entries = snapshot.entries + _lost_entries(conn, keys, snapshot, run)
+    entries = snapshot.entries + _lost_entries(conn, keys, snapshot, run, found)
+    del found  # its candidate lists are large and no longer needed
     for entry in entries:
         rule = rules[entry.queue]
         verdict = engine.classify(entry, snapshot.workers, rule, snapshot.now)
@@ -222,10 +237,10 @@ def _plan(
 
 
 def _lost_entries(
-    conn: redis.Redis, keys: Keys, snapshot: Snapshot, run: Run
+    conn: redis.Redis, keys: Keys, snapshot: Snapshot, run: Run, found: Survey
 ) -> list[StartedEntry]:
     """Lost and stranded jobs of the snapshot's queues; their workers join the snapshot's."""
-    scan = find_lost(conn, keys, snapshot.queues, snapshot.entries)
+    scan = find_lost(conn, keys, snapshot.queues, snapshot.entries, found)
     stranded = find_stranded(conn, keys, snapshot.queues, snapshot.entries)
     run.problems.extend(scan.problems + stranded.problems)
     names = {e.worker_name for e in scan.entries if e.worker_name} - set(snapshot.workers)

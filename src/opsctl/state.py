@@ -130,16 +130,23 @@ def server_time(conn: redis.Redis) -> float:
     return float(seconds) + float(micros) / 1_000_000
 
 
-def known_queues(conn: redis.Redis, keys: Keys) -> list[str]:
+def known_queues(conn: redis.Redis, keys: Keys, listed: Iterable[str] | None = None) -> list[str]:
     """Queue names RQ knows: its queue set, every queue with a started registry,
-    and every queue with registered workers."""
+    and every queue with registered workers.
+
+    ``listed`` holds the registry and worker-set keys when a pass over the
+    keyspace has already found them (see :func:`opsctl.keyspace.survey`);
+    otherwise they are looked for here.
+    """
     names = set(_queue_names_from_set(conn, keys))
-    # A queue may show only as a started registry, or only through the
-    # workers that serve it. One pass over the key space finds both: their
-    # names share the start "<prefix>:w", which job keys do not.
+    if listed is None:
+        # A queue may show only as a started registry, or only through the
+        # workers that serve it. One pass over the key space finds both: their
+        # names share the start "<prefix>:w", which job keys do not.
+        pattern = f"{glob_escape(keys.prefix)}:w*"
+        listed = (text(k) for k in conn.scan_iter(match=pattern, count=1000))
     prefixes = (keys.started(""), keys.queue_workers(""))
-    for key in conn.scan_iter(match=f"{_glob_escape(keys.prefix)}:w*", count=1000):
-        name = text(key)
+    for name in listed:
         for prefix in prefixes:
             if name.startswith(prefix):
                 names.add(name.removeprefix(prefix))
@@ -701,5 +708,6 @@ def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start : start + size]
 
 
-def _glob_escape(literal: str) -> str:
+def glob_escape(literal: str) -> str:
+    """``literal`` as a SCAN pattern that matches only itself."""
     return "".join(f"\\{c}" if c in "*?[]\\" else c for c in literal)
