@@ -306,6 +306,28 @@ def test_the_function_name_is_read_from_data_without_unpickling(
 # --- 4. registry scores that lie --------------------------------------------------------------
 
 
+def test_every_stuck_job_is_named_whether_read_with_the_job_or_afterwards(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    # The function of a dead worker's job comes with the registry read; that of
+    # a job a live-looking worker does not hold, and of a lost job, is read
+    # once the job is found stuck. A running job is not named.
+    dead = started_job(redis_conn, func="mail.send")
+    not_held = started_job(redis_conn, worker="elsewhere", func="reports.build")
+    running = started_job(redis_conn, worker="elsewhere", func="jobs.quick")
+    held = started_member(redis_conn, running.id).decode()
+    live_worker("elsewhere", {"state": "busy"}, executions=[held])
+    lost = lost_started(redis_conn)
+
+    report = run(policy(tmp_path), redis_url, "--dry-run")
+
+    named = {j["id"]: (j["state"], j["function"]) for j in report["jobs"]}
+    assert named[dead.id] == ("abandoned", "mail.send")
+    assert named[not_held.id] == ("abandoned", "reports.build")
+    assert named[running.id] == ("running", None)
+    assert named[lost.id] == ("lost", "jobs.quick")
+
+
 def test_an_infinite_score_does_not_protect_a_job_whose_worker_is_dead(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

@@ -26,6 +26,9 @@ JOB_FIELDS: tuple[str, ...] = (
     "failure_ttl",
 )
 
+#: Fields of a job hash that tell which function it calls (see :mod:`opsctl.records`).
+FUNCTION_FIELDS: tuple[str, ...] = ("description", "data")
+
 #: Fields of an execution hash (``<prefix>:execution:<job>:<execution>``), RQ 2+.
 EXECUTION_FIELDS: tuple[str, ...] = ("worker_name", "created_at", "last_heartbeat")
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import redis
 
-from opsctl.keys import JOB_FIELDS, Keys
+from opsctl.keys import FUNCTION_FIELDS, JOB_FIELDS, Keys
 from opsctl.model import StartedEntry
 from opsctl.records import function_name
-from opsctl.state import HashReader, glob_escape, known_queues, replies_of, text
+from opsctl.state import HashReader, as_bytes, glob_escape, known_queues, replies_of, text
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ def function_names(conn: redis.Redis, keys: Keys, job_ids: list[str]) -> list[st
     :class:`opsctl.state.HashReader`). ``data`` is scanned, never unpickled;
     see :mod:`opsctl.records`.
     """
-    reader = HashReader(conn, ("description", "data"), ())
+    reader = HashReader(conn, FUNCTION_FIELDS, ())
     names: list[str] = []
     try:
         for start in range(0, len(job_ids), 4000):
@@ -426,14 +426,7 @@ def function_names(conn: redis.Redis, keys: Keys, job_ids: list[str]) -> list[st
             for reply in reader.read(hash_keys, [False] * len(batch)):
                 description, data = reply if isinstance(reply, list) else (None, None)
                 # Many jobs call the same function: keep one copy of each name.
-                names.append(sys.intern(function_name(_as_bytes(data), text(description) or None)))
+                names.append(sys.intern(function_name(as_bytes(data), text(description) or None)))
     finally:
         reader.close()
     return names
-
-
-def _as_bytes(value: bytes | str | None) -> bytes | None:
-    """A field value as the bytes stored (the reader may have decoded it to text)."""
-    if value is None or isinstance(value, bytes):
-        return value
-    return value.encode("utf-8", "surrogateescape")

@@ -123,6 +123,9 @@ class StartedEntry:
     execution: Mapping[str, str] | None
     lost: bool = False
     stranded: bool = False
+    #: The function the job calls, when it was read along with the job (see
+    #: :func:`opsctl.state.read_snapshot`); None when not read yet.
+    function: str | None = None
 
     @property
     def member_text(self) -> str:

@@ -207,7 +207,7 @@ def _plan(
     # One walk over the keyspace finds the queues and the lost-job candidates.
     found = survey(conn, keys)
     queues, unmatched = select_queues(conn, keys, policy, overrides, found.listed)
-    snapshot = read_snapshot(conn, keys, [q.name for q in queues], on_progress)
+    snapshot = read_snapshot(conn, keys, [q.name for q in queues], on_progress, with_functions=True)
     rules = {q.name: q.rule for q in queues}
     dry_run = bool(overrides.dry_run) if overrides.dry_run is not None else policy.defaults.dry_run
     run = Run(
@@ -250,10 +250,20 @@ def _lost_entries(
 
 
 def _read_functions(conn: redis.Redis, keys: Keys, run: Run) -> None:
-    """Name the function of every job that is not simply running (for the report)."""
+    """Name the function of every job that is not simply running (for the report).
+
+    Most were read along with the job; the rest (jobs of workers that looked
+    alive, lost and stranded jobs) are read here.
+    """
     jobs = [j for j in run.jobs if j.verdict.state is not engine.State.RUNNING]
-    names = function_names(conn, keys, [j.entry.job_id for j in jobs])
-    for job, name in zip(jobs, names, strict=True):
+    unread: list[JobOutcome] = []
+    for job in jobs:
+        if job.entry.function is None:
+            unread.append(job)
+        else:
+            job.function = job.entry.function
+    names = function_names(conn, keys, [j.entry.job_id for j in unread])
+    for job, name in zip(unread, names, strict=True):
         job.function = name
 
 

@@ -19,8 +19,9 @@ from typing import Any, TypeVar, cast
 
 import redis
 
-from opsctl.keys import EXECUTION_FIELDS, JOB_FIELDS, WORKER_FIELDS, Keys
+from opsctl.keys import EXECUTION_FIELDS, FUNCTION_FIELDS, JOB_FIELDS, WORKER_FIELDS, Keys
 from opsctl.model import Fields, StartedEntry, WorkerRecord, fields_class
+from opsctl.records import function_name
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +159,18 @@ def read_snapshot(
     keys: Keys,
     queues: Iterable[str],
     on_progress: Callable[[int, int], None] | None = None,
+    with_functions: bool = False,
 ) -> Snapshot:
-    """Read the started registries of ``queues`` and every worker they involve."""
+    """Read the started registries of ``queues`` and every worker they involve.
+
+    With ``with_functions``, each job's function is read along with the job
+    (:attr:`StartedEntry.function`), except for jobs whose worker's hash
+    exists and records no death: those are most likely simply running, and a
+    report names the function only of jobs that are not.
+    """
     queues = list(queues)
     total = _count_started(conn, keys, queues) if on_progress else 0
-    reader = HashReader(conn)
+    reader = HashReader(conn, extra_fields=FUNCTION_FIELDS if with_functions else ())
     try:
         return _read_snapshot(conn, keys, queues, on_progress, total, reader)
     finally:
@@ -186,6 +194,8 @@ def _read_snapshot(
             done = len(entries) + batch
             on_progress(done, max(total, done))
 
+    workers = read_workers(conn, keys, _worker_names(conn, keys, queues))
+    reader.held_by = {name for name, w in workers.items() if w.exists and not w.fields.get("death")}
     for queue in queues:
         try:
             members = list(_registry_members(conn, keys.started(queue)))
@@ -196,7 +206,9 @@ def _read_snapshot(
             problems.append(f"queue {queue}: {keys.started(queue)} cannot be read: {exc}")
             continue
         entries.extend(_read_entries(keys, queue, members, problems, tick, reader))
-    workers = read_workers(conn, keys, _worker_names(conn, keys, queues, entries))
+    # Workers that entries name but no registration lists (most often dead ones).
+    named = {e.worker_name for e in entries if e.worker_name} - set(workers)
+    workers.update(read_workers(conn, keys, named))
     return Snapshot(now=now, queues=queues, entries=entries, workers=workers, problems=problems)
 
 
@@ -256,7 +268,8 @@ def _read_entries(
                 sent = (batch, ids, ahead.submit(reader.read, hash_keys, flags))
             if pending is not None:
                 done_batch, done_ids, replies = pending
-                _decode_entries(queue, done_batch, done_ids, replies.result(), problems, entries)
+                decoded = replies.result()
+                _decode_entries(queue, done_batch, done_ids, decoded, problems, entries, reader)
                 tick(len(entries))
             pending = sent if batch is not None else None
     _resolve_rq1_ids_with_colons(keys, entries, problems, reader)
@@ -283,12 +296,14 @@ def _resolve_rq1_ids_with_colons(
     for i, reply in zip(candidates, replies, strict=True):
         e = entries[i]
         whole = e.member_text
+        function = None
         if reply.__class__ is list:
+            function, reply = _split_extra(reply, reader)
             job: Fields | None = _JobFields(*_decode(_JOB_SHARED, reply))
         else:
             job = _odd_reply(_JobFields, reply, f"job {whole}", problems)
         if job is not None:
-            entries[i] = StartedEntry(e.queue, whole, None, e.score, job, None)
+            entries[i] = StartedEntry(e.queue, whole, None, e.score, job, None, function=function)
 
 
 def _hash_keys(
@@ -313,14 +328,19 @@ def _decode_entries(
     replies: list[Any],
     problems: list[str],
     entries: list[StartedEntry],
+    reader: HashReader,
 ) -> None:
     at = 0
+    function = None
     for (member, score), (job_id, execution_id) in zip(batch, ids, strict=True):
         reply = replies[at]
         at += 1
         if reply.__class__ is list:
+            if reader.extra:
+                function, reply = _split_extra(reply, reader)
             job: Fields | None = _JobFields(*_decode(_JOB_SHARED, reply))
         else:
+            function = None
             job = _odd_reply(_JobFields, reply, f"job {job_id}", problems)
         execution = None
         if execution_id is not None:
@@ -333,7 +353,28 @@ def _decode_entries(
                 execution = _odd_reply(_ExecutionFields, reply, what, problems)
         if math.isnan(score):
             problems.append(f"queue {queue}: entry {text(member)} has an unreadable score")
-        entries.append(StartedEntry(queue, job_id, execution_id, score, job, execution))
+        entries.append(
+            StartedEntry(queue, job_id, execution_id, score, job, execution, function=function)
+        )
+
+
+def _split_extra(reply: list[Any], reader: HashReader) -> tuple[str | None, list[Any]]:
+    """A job reply's function (from the extra fields, when read) and its job fields."""
+    if not reader.extra:
+        return None, reply
+    cut = len(reader.job_fields) - reader.extra
+    description, data = reply[cut:]
+    if description is None and data is None:
+        return None, reply[:cut]
+    # Many jobs call the same function: keep one copy of each name.
+    return sys.intern(function_name(as_bytes(data), text(description) or None)), reply[:cut]
+
+
+def as_bytes(value: bytes | str | None) -> bytes | None:
+    """A field value as the bytes stored (the reader may have decoded it to text)."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return value.encode("utf-8", "surrogateescape")
 
 
 #: Entries read by one call of the read script (each entry: a job hash and,
@@ -348,15 +389,19 @@ SCRIPT_CALLS = 2
 # present; 1 when the key exists but holds none of them; 0 when it does not
 # exist; an error text when the key cannot be read as a hash. A refused
 # permission stops the script, as it would stop a plain read.
-# ARGV: the number of job fields, then of execution fields, then a string of
-# one character per entry ("2": a job and an execution key, "1": a job key
-# only), then the job field names, then the execution field names.
+# ARGV: a string of one character per entry ("2": a job and an execution key,
+# "1": a job key only); the numbers of job fields, of execution fields and of
+# extra job fields (the last job fields, left out for jobs held by a worker
+# named at the end); the place of worker_name among the job fields (0: none);
+# the job field names; the execution field names; then those worker names.
 _READ_SCRIPT_BODY = """
-local nj, ne = tonumber(ARGV[1]), tonumber(ARGV[2])
-local layout = ARGV[3]
-local job_fields, execution_fields = {}, {}
-for i = 1, nj do job_fields[i] = ARGV[3 + i] end
-for i = 1, ne do execution_fields[i] = ARGV[3 + nj + i] end
+local layout = ARGV[1]
+local nj, ne = tonumber(ARGV[2]), tonumber(ARGV[3])
+local extra, at = tonumber(ARGV[4]), tonumber(ARGV[5])
+local job_fields, execution_fields, held = {}, {}, {}
+for i = 1, nj do job_fields[i] = ARGV[5 + i] end
+for i = 1, ne do execution_fields[i] = ARGV[5 + nj + i] end
+for i = 6 + nj + ne, #ARGV do held[ARGV[i]] = true end
 local out, k = {}, 1
 local function read(key, fields)
   local reply = redis.pcall('HMGET', key, unpack(fields))
@@ -371,7 +416,11 @@ local function read(key, fields)
   return redis.call('EXISTS', key)
 end
 for i = 1, #layout do
-  out[k] = read(KEYS[k], job_fields)
+  local job = read(KEYS[k], job_fields)
+  if extra > 0 and at > 0 and type(job) == 'table' and job[at] and held[job[at]] then
+    for j = nj - extra + 1, nj do job[j] = false end
+  end
+  out[k] = job
   k = k + 1
   if string.sub(layout, i, i) == '2' then
     out[k] = read(KEYS[k], execution_fields)
@@ -402,9 +451,15 @@ class HashReader:
         conn: redis.Redis,
         job_fields: tuple[str, ...] = JOB_FIELDS,
         execution_fields: tuple[str, ...] = EXECUTION_FIELDS,
+        extra_fields: tuple[str, ...] = (),
     ) -> None:
-        self.job_fields = tuple(f.encode() for f in job_fields)
+        self.job_fields = tuple(f.encode() for f in (*job_fields, *extra_fields))
         self.execution_fields = tuple(f.encode() for f in execution_fields)
+        self.extra = len(extra_fields)
+        self.worker_at = job_fields.index("worker_name") + 1 if "worker_name" in job_fields else 0
+        #: Workers whose jobs are read without the extra fields (the script
+        #: leaves them out; plain reads bring them anyway).
+        self.held_by: set[str] = set()
         self.own = _text_client(conn)
         self.conn = self.own or conn
         self.mode: int | None = None  # index into _READ_SCRIPTS; len() = pipelined reads
@@ -413,8 +468,17 @@ class HashReader:
         ]
 
     @property
-    def _fields(self) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
-        return self.job_fields, self.execution_fields
+    def _argv(self) -> list[Any]:
+        """The script's arguments after the layout."""
+        return [
+            len(self.job_fields),
+            len(self.execution_fields),
+            self.extra,
+            self.worker_at,
+            *self.job_fields,
+            *self.execution_fields,
+            *(name.encode("utf-8", "surrogateescape") for name in sorted(self.held_by)),
+        ]
 
     def close(self) -> None:
         """Drop the reader's own connection, if it opened one."""
@@ -430,14 +494,15 @@ class HashReader:
             return self._pipelined(hash_keys, has_execution)
         mode = cast(int, self.mode)
         eval_name, evalsha_name, body = _READ_SCRIPTS[mode]
+        argv = self._argv
         pipe = self.conn.pipeline(transaction=False)
         for call in calls:
-            _send_script(pipe, evalsha_name, self.sha[mode], *call, self._fields)
+            _send_script(pipe, evalsha_name, self.sha[mode], *call, argv)
         replies: list[Any] = []
         for call, reply in zip(calls, replies_of(pipe), strict=True):
             if isinstance(reply, redis.exceptions.NoScriptError):
                 # The script cache was emptied since: send the body again.
-                reply = _send_script(self.conn, eval_name, body, *call, self._fields)
+                reply = _send_script(self.conn, eval_name, body, *call, argv)
             if isinstance(reply, Exception):
                 raise reply
             replies.extend(reply)
@@ -458,7 +523,7 @@ class HashReader:
         call_keys, layout = first
         for mode, (eval_name, _, body) in enumerate(_READ_SCRIPTS):
             try:
-                _send_script(self.conn, eval_name, body, call_keys, layout, self._fields)
+                _send_script(self.conn, eval_name, body, call_keys, layout, self._argv)
             except redis.ResponseError as exc:
                 log.debug("read_script_refused command=%s error=%s", eval_name, exc)
                 continue
@@ -516,22 +581,11 @@ def _send_script(
     script: str,
     call_keys: list[bytes],
     layout: bytes,
-    fields: tuple[tuple[bytes, ...], tuple[bytes, ...]],
+    argv: list[Any],
 ) -> Any:
     """Send one read-script call (on a pipeline: queue it)."""
     send: Callable[..., Any] = target.execute_command
-    job_fields, execution_fields = fields
-    return send(
-        command,
-        script,
-        len(call_keys),
-        *call_keys,
-        str(len(job_fields)).encode(),
-        str(len(execution_fields)).encode(),
-        layout,
-        *job_fields,
-        *execution_fields,
-    )
+    return send(command, script, len(call_keys), *call_keys, layout, *argv)
 
 
 def _odd_reply(
@@ -589,27 +643,26 @@ def _decode(shared: tuple[bool, ...], values: list[str | bytes | None]) -> list[
     ]
 
 
-def _worker_names(
-    conn: redis.Redis, keys: Keys, queues: list[str], entries: list[StartedEntry]
-) -> set[str]:
+def _worker_names(conn: redis.Redis, keys: Keys, queues: list[str]) -> set[str]:
+    """Names of the workers registered, globally or on one of ``queues``."""
     pipe = conn.pipeline(transaction=False)
     pipe.smembers(keys.workers)
     for queue in queues:
         pipe.smembers(keys.queue_workers(queue))
-    names = {
+    return {
         keys.worker_name_from_key(text(m))
         for reply in replies_of(pipe)
         if not isinstance(reply, Exception)
         for m in reply
         if text(m).startswith(keys.worker(""))
     }
-    names.update(e.worker_name for e in entries if e.worker_name)
-    return names
 
 
 def read_workers(conn: redis.Redis, keys: Keys, names: Iterable[str]) -> dict[str, WorkerRecord]:
     """Worker hashes, registrations and connection signals for ``names``."""
     names = sorted(set(names))
+    if not names:
+        return {}
     registrations = _registrations(conn, keys)
     subscribers = _subscribers(conn, keys, names)
     connected = _connected_names(conn)
