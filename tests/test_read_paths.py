@@ -6,13 +6,17 @@ otherwise. Whatever the records hold, the two must not tell different stories.
 
 from __future__ import annotations
 
+import pickle
+import zlib
+
 import fakeredis
 import pytest
 import redis
 
-from opsctl.keys import Keys
+from opsctl.keys import FUNCTION_FIELDS, Keys
 from opsctl.keyspace import SURVEY_COUNT, Survey, survey
-from opsctl.state import _READ_SCRIPTS, HashReader, known_queues, read_snapshot
+from opsctl.records import function_name
+from opsctl.state import _READ_SCRIPTS, HashReader, as_bytes, known_queues, read_snapshot
 
 QUEUE = "paths"
 
@@ -115,3 +119,18 @@ def test_the_survey_script_and_plain_reads_find_the_same_queues_and_candidates()
         assert each.scanned >= SURVEY_COUNT + 504
     assert found[0].filtered_server_side and not found[1].filtered_server_side
     assert known_queues(conn, keys, found[0].listed) == ["a", "c"]
+
+
+def test_binary_fields_read_through_a_strictly_decoding_client_come_back_as_stored() -> None:
+    # A client made with redis-py's defaults fails on bytes that are not
+    # UTF-8; the reader's own decoding must not.
+    conn = fakeredis.FakeRedis()
+    data = zlib.compress(pickle.dumps(("billing.charge", None, (), {}), protocol=5))
+    conn.hset("rq:job:j", mapping={"description": "billing.charge()", "data": data})
+    reader = HashReader(conn, FUNCTION_FIELDS, ())
+    try:
+        [reply] = reader.read([b"rq:job:j"], [False])
+    finally:
+        reader.close()
+    assert as_bytes(reply[1]) == data
+    assert function_name(as_bytes(reply[1])) == "billing.charge"

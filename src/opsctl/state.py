@@ -569,7 +569,13 @@ def _text_client(conn: redis.Redis) -> redis.Redis | None:
     pool = conn.connection_pool
     if type(pool) is not redis.ConnectionPool:
         return None
-    kwargs = {**pool.connection_kwargs, "decode_responses": True}
+    # Values that are not UTF-8 (pickled data) become lone surrogates, as
+    # everywhere else in opsctl (see text()), rather than failing the read.
+    kwargs = {
+        **pool.connection_kwargs,
+        "decode_responses": True,
+        "encoding_errors": "surrogateescape",
+    }
     return redis.Redis(
         connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
     )
