@@ -491,6 +491,27 @@ def test_the_lost_search_filters_on_the_server_and_falls_back_to_plain_reads(
     assert plain_bytes - filtered_bytes > 3000 * len(b"finished")
 
 
+def test_a_backlog_in_a_queue_the_policy_leaves_alone_never_crosses_the_wire(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    backlog = Queue("bulk", connection=redis_conn)
+    with redis_conn.pipeline() as pipe:
+        for _ in range(3000):
+            backlog.enqueue("jobs.quick", pipeline=pipe)
+        pipe.execute()
+    stuck = started_job(redis_conn)
+    path = tmp_path / "only-odd.yaml"
+    path.write_text(f"version: 1\ndefaults:\n  action: fail\nqueues:\n  - name: {QUEUE}\n")
+
+    before = sent_bytes(redis_conn)
+    report = run(path, redis_url, "--dry-run")
+    sent = sent_bytes(redis_conn) - before
+
+    assert [j["id"] for j in report["jobs"]] == [stuck.id]
+    # Each waiting job's id is 36 bytes: none of the 3,000 was sent.
+    assert sent < 3000 * 36
+
+
 # --- 7. origin names another queue ----------------------------------------------------------
 
 

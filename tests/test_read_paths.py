@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import zlib
+from collections.abc import Callable
 
 import fakeredis
 import pytest
@@ -77,9 +78,8 @@ def test_the_read_script_and_plain_reads_agree_on_every_kind_of_record(
     assert any("wrongtype" in row[0] for row in scripted if len(row) == 1)
 
 
-def surveyed(conn: fakeredis.FakeRedis, keys: Keys, scripts: bool) -> Survey:
-    if scripts:
-        return survey(conn, keys)
+def _refusing_scripts(conn: fakeredis.FakeRedis) -> Callable[..., object]:
+    """``conn.execute_command`` as on a server that knows no scripts."""
     send = conn.execute_command
 
     def no_scripts(command: str, *args: object, **options: object) -> object:
@@ -87,8 +87,14 @@ def surveyed(conn: fakeredis.FakeRedis, keys: Keys, scripts: bool) -> Survey:
             raise redis.ResponseError(f"unknown command '{command}'")
         return send(command, *args, **options)
 
+    return no_scripts
+
+
+def surveyed(conn: fakeredis.FakeRedis, keys: Keys, scripts: bool) -> Survey:
+    if scripts:
+        return survey(conn, keys)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(conn, "execute_command", no_scripts)
+        patch.setattr(conn, "execute_command", _refusing_scripts(conn))
         return survey(conn, keys)
 
 
@@ -119,6 +125,15 @@ def test_the_survey_script_and_plain_reads_find_the_same_queues_and_candidates()
         assert each.scanned >= SURVEY_COUNT + 504
     assert found[0].filtered_server_side and not found[1].filtered_server_side
     assert known_queues(conn, keys, found[0].listed) == ["a", "c"]
+    # Jobs of queues a run leaves alone are no candidates, on either path.
+    for scripts in (True, False):
+        if scripts:
+            left_alone = survey(conn, keys, skipped=["b"])
+        else:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(conn, "execute_command", _refusing_scripts(conn))
+                left_alone = survey(conn, keys, skipped=["b"])
+        assert left_alone.queued == {} and sorted(left_alone.started["a"]) == ["caf\udce9", "run"]
 
 
 def test_binary_fields_read_through_a_strictly_decoding_client_come_back_as_stored() -> None:

@@ -38,28 +38,32 @@ LIST_CHUNK = 10_000
 LOST_FIELDS: tuple[str, ...] = (*JOB_FIELDS, "enqueued_at")
 
 # One page of the keyspace survey; reads only. ARGV: the SCAN cursor, its
-# MATCH pattern, its COUNT, the job key prefix, then the prefixes of keys to
-# list by name (started registries, worker sets). Answers: the next cursor;
-# the keys listed by name; for each job hash whose status is started or
-# queued, its id and then its status's first letter followed by its origin;
-# and the number of keys the page held. Keys under the job prefix that are not
-# hashes (dependency sets) are passed over; a refused permission stops it.
+# MATCH pattern, its COUNT, the job key prefix, the number of key prefixes
+# that follow, those prefixes (keys starting with one are listed by name:
+# started registries, worker sets), then queues whose jobs are of no interest.
+# Answers: the next cursor; the keys listed by name; for each job hash whose
+# status is started or queued and whose origin is not one of those queues,
+# its id and then its status's first letter followed by its origin; and the
+# number of keys the page held. Keys under the job prefix that are not hashes
+# (dependency sets) are passed over; a refused permission stops it.
 _SURVEY_SCRIPT_BODY = """
 local page = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
-local job_prefix = ARGV[4]
+local job_prefix, prefixes = ARGV[4], tonumber(ARGV[5])
 local cut = #job_prefix
+local skipped = {}
+for i = 6 + prefixes, #ARGV do skipped[ARGV[i]] = true end
 local listed, jobs = {}, {}
 for _, key in ipairs(page[2]) do
   if string.sub(key, 1, cut) == job_prefix then
     local f = redis.pcall('HMGET', key, 'status', 'origin')
     if f.err then
       if string.sub(tostring(f.err), 1, 6) == 'NOPERM' then error(f) end
-    elseif f[1] == 'started' or f[1] == 'queued' then
+    elseif (f[1] == 'started' or f[1] == 'queued') and not skipped[f[2] or ''] then
       jobs[#jobs + 1] = string.sub(key, cut + 1)
       jobs[#jobs + 1] = string.sub(f[1], 1, 1) .. (f[2] or '')
     end
   else
-    for i = 5, #ARGV do
+    for i = 6, 5 + prefixes do
       if string.sub(key, 1, #ARGV[i]) == ARGV[i] then
         listed[#listed + 1] = key
         break
@@ -93,7 +97,7 @@ class Survey:
     refused: str | None = None  # job hashes could not be read: why
 
 
-def survey(conn: redis.Redis, keys: Keys) -> Survey:
+def survey(conn: redis.Redis, keys: Keys, skipped: Iterable[str] = ()) -> Survey:
     """Walk the keyspace once, for the queue names and for lost-job candidates.
 
     A run needs both, and each costs a walk over every key, which at scale is
@@ -101,13 +105,16 @@ def survey(conn: redis.Redis, keys: Keys) -> Survey:
     started registries and worker sets: their names start ``<prefix>:j`` or
     ``<prefix>:w``, while execution records and queue lists, as many as the
     jobs, do not. A read-only script reads the status of each job on the
-    server and answers only for started and queued ones; where scripts are
-    unknown or refused, the same is read with SCAN and pipelined HMGET.
+    server and answers only for started and queued ones whose origin is not
+    ``skipped`` (queues the run leaves alone: a backlog waiting there never
+    crosses the wire); where scripts are unknown or refused, the same is read
+    with SCAN and pipelined HMGET.
     """
     result = Survey()
     pattern = f"{glob_escape(keys.prefix)}:[jw]*"
     listed = (keys.started(""), keys.queue_workers(""))
-    args = (pattern, SURVEY_COUNT, keys.job_prefix, *listed)
+    skipped = sorted(set(skipped))
+    args = (pattern, SURVEY_COUNT, keys.job_prefix, len(listed), *listed, *skipped)
     modes = list(_SURVEY_SCRIPTS)
     send: Callable[..., Any] = conn.execute_command
     cursor: Any = 0
@@ -128,7 +135,7 @@ def survey(conn: redis.Redis, keys: Keys) -> Survey:
             break
         else:
             result.filtered_server_side = False
-            cursor = _survey_plainly(conn, keys, cursor, listed, result)
+            cursor = _survey_plainly(conn, keys, cursor, listed, set(skipped), result)
         if int(cursor) == 0:
             return result
 
@@ -143,7 +150,12 @@ def _add_candidates(result: Survey, found: list[Any]) -> None:
 
 
 def _survey_plainly(
-    conn: redis.Redis, keys: Keys, cursor: Any, listed: tuple[str, ...], result: Survey
+    conn: redis.Redis,
+    keys: Keys,
+    cursor: Any,
+    listed: tuple[str, ...],
+    skipped: set[str],
+    result: Survey,
 ) -> Any:
     """One survey page from plain commands: SCAN, then HMGET of each job hash."""
     cursor, page = conn.scan(cursor, match=f"{glob_escape(keys.prefix)}:[jw]*", count=SURVEY_COUNT)
@@ -163,8 +175,9 @@ def _survey_plainly(
         return cursor
     found: list[str] = []
     for name, reply in zip(jobs, replies, strict=True):
-        if isinstance(reply, list) and text(reply[0]) in ("started", "queued"):
-            found += [name.removeprefix(keys.job_prefix), text(reply[0])[0] + text(reply[1])]
+        status, origin = (text(v) for v in reply) if isinstance(reply, list) else ("", "")
+        if status in ("started", "queued") and origin not in skipped:
+            found += [name.removeprefix(keys.job_prefix), status[0] + origin]
     _add_candidates(result, found)
     return cursor
 

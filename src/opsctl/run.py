@@ -205,7 +205,7 @@ def _plan(
     run_id: str | None,
 ) -> Run:
     # One walk over the keyspace finds the queues and the lost-job candidates.
-    found = survey(conn, keys)
+    found = survey(conn, keys, skipped=_left_alone(conn, keys, policy, overrides))
     queues, unmatched = select_queues(conn, keys, policy, overrides, found.listed)
     snapshot = read_snapshot(conn, keys, [q.name for q in queues], on_progress, with_functions=True)
     rules = {q.name: q.rule for q in queues}
@@ -234,6 +234,17 @@ def _plan(
     _apply_rescue_limits(conn, run)
     run.limits_tripped = _tripped_limits(run, policy, overrides)
     return run
+
+
+def _left_alone(conn: redis.Redis, keys: Keys, policy: Policy, overrides: Overrides) -> list[str]:
+    """Queues in RQ's queue set that this run does not cover.
+
+    Known before the keyspace survey, so the jobs waiting there (a backlog of
+    a million, say) are never sent as lost-job candidates.
+    """
+    plans, _ = select_queues(conn, keys, policy, overrides, listed=[])
+    covered = {q.name for q in plans}
+    return [name for name in known_queues(conn, keys, listed=[]) if name not in covered]
 
 
 def _lost_entries(
