@@ -412,6 +412,31 @@ def test_a_queued_job_in_no_queue_or_registry_is_lost_and_requeued(
     assert waiting.id in Queue(QUEUE, connection=redis_conn).get_job_ids()
 
 
+def test_a_job_in_the_registry_of_a_queue_left_alone_is_not_lost_once_its_executions_expire(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # The job's origin is covered, but it sits in the started registry of a
+    # disabled queue; RQ's list of the job's executions has expired, as it
+    # does minutes after its worker dies.
+    job = started_job(redis_conn)
+    member = started_member(redis_conn, job.id)
+    redis_conn.zrem(f"rq:wip:{QUEUE}", member)
+    redis_conn.zadd(f"rq:wip:{OTHER_QUEUE}", {member: time.time() + 600})
+    redis_conn.sadd("rq:queues", f"rq:queue:{OTHER_QUEUE}")
+    redis_conn.delete(f"rq:executions:{job.id}")
+    redis_conn.hset(job.key, "started_at", iso(ago(HOUR_S)))
+    path = tmp_path / "other-disabled.yaml"
+    path.write_text(
+        "version: 1\ndefaults:\n  action: fail\n  lost_after: 1m\nqueues:\n"
+        f"  - name: {OTHER_QUEUE}\n    enabled: false\n  - name: '*'\n"
+    )
+
+    report = run(path, redis_url)
+
+    assert job.id not in [j["id"] for j in report["jobs"]]
+    assert job_status(redis_conn, job.id) == "started"
+
+
 def test_a_lost_job_within_lost_after_is_reported_and_left_alone(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

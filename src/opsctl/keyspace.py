@@ -24,7 +24,15 @@ import redis
 from opsctl.keys import FUNCTION_FIELDS, JOB_FIELDS, Keys
 from opsctl.model import StartedEntry
 from opsctl.records import function_name
-from opsctl.state import HashReader, as_bytes, glob_escape, known_queues, replies_of, text
+from opsctl.state import (
+    HashReader,
+    as_bytes,
+    glob_escape,
+    known_queues,
+    registry_members,
+    replies_of,
+    text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +152,7 @@ def _add_candidates(result: Survey, found: list[Any]) -> None:
     """Record a survey page's answers: id, then status initial and origin."""
     for i in range(0, len(found), 2):
         job_id, tag = text(found[i]), text(found[i + 1])
-        if _is_job_id(job_id):
+        if job_id:
             places = result.started if tag[:1] == "s" else result.queued
             places.setdefault(sys.intern(tag[1:]), []).append(job_id)
 
@@ -236,7 +244,8 @@ def _scan(
         for job_id in found.started.get(origin, ())
         if job_id not in in_registries
     ]
-    lost = [j for j in started_ids if j not in _in_any_started(conn, keys, started_ids, found)]
+    elsewhere = _in_other_registries(conn, keys, started_ids, wanted, found)
+    lost = [j for j in started_ids if j not in elsewhere]
     for origin in covered:
         if ids := found.queued.get(origin):
             lost += _not_held(conn, keys, origin, ids)
@@ -250,44 +259,37 @@ def _lost_entry(origin: str, job_id: str, job: dict[str, str]) -> StartedEntry:
     return StartedEntry(origin, job_id, None, float("nan"), job, None, lost=True)
 
 
-def _is_job_id(name: str) -> bool:
-    # ``<prefix>:job::<id>:dependencies`` and ``...:dependents`` are not jobs.
-    return (
-        bool(name)
-        and not name.startswith(":")
-        and not name.endswith((":dependents", ":dependencies"))
-    )
-
-
-def _in_any_started(conn: redis.Redis, keys: Keys, ids: list[str], found: Survey) -> set[str]:
-    """The ``ids`` that some started registry lists, whichever queue's it is.
+def _in_other_registries(
+    conn: redis.Redis, keys: Keys, ids: list[str], read: set[str], found: Survey
+) -> set[str]:
+    """The ``ids`` that the started registry of a queue other than ``read`` lists.
 
     The run read only its own queues' registries; a job may sit in another's
-    (its origin names another queue). Members are the bare id (RQ 1) or
-    ``id:execution`` for an execution the job lists.
+    (its origin names another queue, or the policy leaves that queue alone).
+    Those registries are read whole, members only, and only when some started
+    job is in none of the run's own. A member is matched by the job id it
+    starts with, not by the job's list of executions, which RQ lets expire
+    minutes after a worker dies.
     """
     if not ids:
         return set()
-    registries = [keys.started(q) for q in known_queues(conn, keys, found.listed)]
-    pipe = conn.pipeline(transaction=False)
-    for job_id in ids:
-        pipe.zrange(keys.executions(job_id), 0, -1)
-    executions = replies_of(pipe)
-    pipe = conn.pipeline(transaction=False)
-    asked: list[str] = []
-    for job_id, ids_of_job in zip(ids, executions, strict=True):
-        members = [job_id]
-        if not isinstance(ids_of_job, Exception):
-            members += [f"{job_id}:{text(e)}" for e in ids_of_job]
-        for registry in registries:
-            for member in members:
-                pipe.zscore(registry, member)
-                asked.append(job_id)
-    return {
-        job_id
-        for job_id, score in zip(asked, replies_of(pipe), strict=True)
-        if score is not None and not isinstance(score, Exception)
-    }
+    wanted = set(ids)
+    held: set[str] = set()
+    for queue in known_queues(conn, keys, found.listed):
+        if queue in read:
+            continue
+        try:
+            members = registry_members(conn, keys.started(queue))
+            for member, _score in members:
+                whole = text(member)  # RQ 1: the bare id, which may hold colons
+                for job_id in (whole, whole.rpartition(":")[0]):
+                    if job_id in wanted:
+                        held.add(job_id)
+        except redis.exceptions.NoPermissionError:
+            raise
+        except redis.ResponseError:
+            continue  # not a sorted set: holds no job
+    return held
 
 
 def _read_jobs(

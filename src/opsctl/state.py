@@ -198,7 +198,7 @@ def _read_snapshot(
     reader.held_by = {name for name, w in workers.items() if w.exists and not w.fields.get("death")}
     for queue in queues:
         try:
-            members = list(_registry_members(conn, keys.started(queue)))
+            members = list(registry_members(conn, keys.started(queue)))
         except redis.exceptions.NoPermissionError:
             raise
         except redis.ResponseError as exc:
@@ -219,7 +219,8 @@ def _count_started(conn: redis.Redis, keys: Keys, queues: list[str]) -> int:
     return sum(n for n in replies_of(pipe) if isinstance(n, int))
 
 
-def _registry_members(conn: redis.Redis, key: str) -> Iterator[tuple[bytes, float]]:
+def registry_members(conn: redis.Redis, key: str) -> Iterator[tuple[bytes, float]]:
+    """Members and scores of a sorted set, read in chunks."""
     start = 0
     while True:
         chunk = cast(
