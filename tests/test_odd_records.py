@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import random
 import time
 import traceback
 import zlib
@@ -266,6 +267,8 @@ def _uninstalled_pickle() -> bytes:
     return data.replace(__name__.encode(), b"nomodule_install")
 
 
+LARGE = random.Random(3).randbytes(200_000)
+
 DATA_CASES = {
     "uninstalled-module": (zlib.compress(_uninstalled_pickle()), None, "billing.charge"),
     "protocol-0": (
@@ -275,6 +278,17 @@ DATA_CASES = {
     ),
     "uncompressed-protocol-2": (pickle.dumps(("mail.send", None, (), {}), 2), None, "mail.send"),
     "json-serializer": (zlib.compress(b'["reports.build", null, [1], {}]'), None, "reports.build"),
+    # Arguments that do not compress: only the start of data is read.
+    "large-pickle": (
+        zlib.compress(pickle.dumps(("mail.send", None, (LARGE,), {}), 5)),
+        None,
+        "mail.send",
+    ),
+    "large-json": (
+        zlib.compress(b'["reports.build", null, ["' + LARGE.hex().encode() + b'"], {}]'),
+        None,
+        "reports.build",
+    ),
     "corrupt-with-description": (b"\x78\x9c\x00garbage", "legacy.task(3)", "legacy.task"),
     "corrupt": (zlib.compress(b"\x80\x05\x95garbage"), None, "unknown"),
     "empty": (b"", None, "unknown"),

@@ -7,17 +7,26 @@ otherwise. Whatever the records hold, the two must not tell different stories.
 from __future__ import annotations
 
 import pickle
+import random
 import zlib
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import fakeredis
 import pytest
 import redis
 
-from opsctl.keys import FUNCTION_FIELDS, Keys
-from opsctl.keyspace import SURVEY_COUNT, Survey, survey
+from opsctl.keys import Keys
+from opsctl.keyspace import SURVEY_COUNT, Survey, function_names, survey
 from opsctl.records import function_name
-from opsctl.state import _READ_SCRIPTS, HashReader, as_bytes, known_queues, read_snapshot
+from opsctl.state import (
+    _READ_SCRIPTS,
+    EXTRA_BYTES,
+    HashReader,
+    as_bytes,
+    known_queues,
+    read_snapshot,
+)
 
 QUEUE = "paths"
 
@@ -78,23 +87,25 @@ def test_the_read_script_and_plain_reads_agree_on_every_kind_of_record(
     assert any("wrongtype" in row[0] for row in scripted if len(row) == 1)
 
 
-def _refusing_scripts(conn: fakeredis.FakeRedis) -> Callable[..., object]:
-    """``conn.execute_command`` as on a server that knows no scripts."""
-    send = conn.execute_command
+@contextmanager
+def scripts_refused() -> Iterator[None]:
+    """Every client (the readers' own included) as on a server that knows no scripts."""
+    send = redis.Redis.execute_command
 
-    def no_scripts(command: str, *args: object, **options: object) -> object:
+    def no_scripts(self: redis.Redis, command: str, *args: object, **options: object) -> object:
         if command in ("EVAL_RO", "EVAL"):
             raise redis.ResponseError(f"unknown command '{command}'")
-        return send(command, *args, **options)
+        return send(self, command, *args, **options)
 
-    return no_scripts
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(redis.Redis, "execute_command", no_scripts)
+        yield
 
 
 def surveyed(conn: fakeredis.FakeRedis, keys: Keys, scripts: bool) -> Survey:
     if scripts:
         return survey(conn, keys)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(conn, "execute_command", _refusing_scripts(conn))
+    with scripts_refused():
         return survey(conn, keys)
 
 
@@ -109,8 +120,10 @@ def test_the_survey_script_and_plain_reads_find_the_same_queues_and_candidates()
     conn.hset("app:job:run", mapping={"status": "started", "origin": "a"})
     conn.hset("app:job:wait", mapping={"status": "queued", "origin": "b"})
     conn.hset(b"app:job:caf\xe9", mapping={"status": "started", "origin": "a"})
+    # RQ 1 job ids may hold colons: a hash is a job whatever its id ends with,
+    # while RQ's dependents set under the job prefix is passed over.
     conn.hset("app:job:odd:dependents", mapping={"status": "started", "origin": "a"})
-    conn.sadd("app:job:run:dependents", "x")  # not a hash: passed over
+    conn.sadd("app:job:run:dependents", "x")
     conn.hset("app:execution:run:e1", mapping={"status": "started"})  # not a job
     conn.hset("rq:job:other-prefix", mapping={"status": "started", "origin": "a"})
     conn.zadd("app:wip:a", {"run:e1": 1.0})
@@ -120,7 +133,7 @@ def test_the_survey_script_and_plain_reads_find_the_same_queues_and_candidates()
 
     for each in found:
         assert sorted(each.listed) == ["app:wip:a", "app:workers:c"]
-        assert sorted(each.started["a"]) == ["caf\udce9", "run"]
+        assert sorted(each.started["a"]) == ["caf\udce9", "odd:dependents", "run"]
         assert each.queued == {"b": ["wait"]}
         assert each.scanned >= SURVEY_COUNT + 504
     assert found[0].filtered_server_side and not found[1].filtered_server_side
@@ -130,10 +143,9 @@ def test_the_survey_script_and_plain_reads_find_the_same_queues_and_candidates()
         if scripts:
             left_alone = survey(conn, keys, skipped=["b"])
         else:
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(conn, "execute_command", _refusing_scripts(conn))
+            with scripts_refused():
                 left_alone = survey(conn, keys, skipped=["b"])
-        assert left_alone.queued == {} and sorted(left_alone.started["a"]) == ["caf\udce9", "run"]
+        assert left_alone.queued == {} and len(left_alone.started["a"]) == 3
 
 
 def test_binary_fields_read_through_a_strictly_decoding_client_come_back_as_stored() -> None:
@@ -142,10 +154,28 @@ def test_binary_fields_read_through_a_strictly_decoding_client_come_back_as_stor
     conn = fakeredis.FakeRedis()
     data = zlib.compress(pickle.dumps(("billing.charge", None, (), {}), protocol=5))
     conn.hset("rq:job:j", mapping={"description": "billing.charge()", "data": data})
-    reader = HashReader(conn, FUNCTION_FIELDS, ())
+    reader = HashReader(conn, (), (), with_function=True)
     try:
         [reply] = reader.read([b"rq:job:j"], [False])
     finally:
         reader.close()
     assert as_bytes(reply[1]) == data
     assert function_name(as_bytes(reply[1])) == "billing.charge"
+
+
+def test_only_the_start_of_a_large_pickled_call_is_read_to_name_its_function() -> None:
+    conn = fakeredis.FakeRedis()
+    arguments = random.Random(5).randbytes(1_000_000)  # does not compress
+    data = zlib.compress(pickle.dumps(("billing.charge", None, (arguments,), {}), protocol=5))
+    conn.hset("rq:job:big", mapping={"description": "nightly run", "data": data})
+    reader = HashReader(conn, (), (), with_function=True)
+    try:
+        [reply] = reader.read([b"rq:job:big"], [False])
+    finally:
+        reader.close()
+
+    assert len(as_bytes(reply[1]) or b"") == EXTRA_BYTES
+    assert function_names(conn, Keys(), ["big"]) == ["billing.charge"]
+    # Without scripts Redis cannot send part of a field: the description names it.
+    with scripts_refused():
+        assert function_names(conn, Keys(), ["big"]) == ["nightly run"]

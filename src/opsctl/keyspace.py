@@ -21,16 +21,16 @@ from typing import Any
 
 import redis
 
-from opsctl.keys import FUNCTION_FIELDS, JOB_FIELDS, Keys
+from opsctl.keys import JOB_FIELDS, Keys
 from opsctl.model import StartedEntry
 from opsctl.records import function_name
 from opsctl.state import (
     HashReader,
-    as_bytes,
     glob_escape,
     known_queues,
     registry_members,
     replies_of,
+    split_extra,
     text,
 )
 
@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 #: Keys SCAN looks at per call of the survey: a few milliseconds of the
 #: server's time each, so workers are never held up for long.
 SURVEY_COUNT = 2000
+#: Most queues the survey script is told to pass over. Every call receives the
+#: names again; beyond this many (one queue per tenant, say) sending them costs
+#: more than the candidates they spare, and opsctl drops those itself.
+SKIPPED_MAX = 1000
 #: Queue list entries read with one LRANGE.
 LIST_CHUNK = 10_000
 
@@ -122,6 +126,8 @@ def survey(conn: redis.Redis, keys: Keys, skipped: Iterable[str] = ()) -> Survey
     pattern = f"{glob_escape(keys.prefix)}:[jw]*"
     listed = (keys.started(""), keys.queue_workers(""))
     skipped = sorted(set(skipped))
+    if len(skipped) > SKIPPED_MAX:
+        skipped = []
     args = (pattern, SURVEY_COUNT, keys.job_prefix, len(listed), *listed, *skipped)
     modes = list(_SURVEY_SCRIPTS)
     send: Callable[..., Any] = conn.execute_command
@@ -428,20 +434,19 @@ def scheduler_references(conn: redis.Redis, keys: Keys, jobs: list[tuple[str, st
 def function_names(conn: redis.Redis, keys: Keys, job_ids: list[str]) -> list[str]:
     """The function each job calls, from its ``data`` bytes or else its ``description``.
 
-    Both fields are read for many jobs at once with the read script (see
-    :class:`opsctl.state.HashReader`). ``data`` is scanned, never unpickled;
-    see :mod:`opsctl.records`.
+    Both fields are read for many jobs at once with the read script, only
+    their first bytes (see :class:`opsctl.state.HashReader`). ``data`` is
+    scanned, never unpickled; see :mod:`opsctl.records`.
     """
-    reader = HashReader(conn, FUNCTION_FIELDS, ())
+    reader = HashReader(conn, (), (), with_function=True)
     names: list[str] = []
     try:
         for start in range(0, len(job_ids), 4000):
             batch = job_ids[start : start + 4000]
             hash_keys = [keys.job(j).encode("utf-8", "surrogateescape") for j in batch]
             for reply in reader.read(hash_keys, [False] * len(batch)):
-                description, data = reply if isinstance(reply, list) else (None, None)
-                # Many jobs call the same function: keep one copy of each name.
-                names.append(sys.intern(function_name(as_bytes(data), text(description) or None)))
+                function = split_extra(reply, reader)[0] if isinstance(reply, list) else None
+                names.append(function or function_name(None))
     finally:
         reader.close()
     return names

@@ -113,10 +113,14 @@ def _from_pickle(raw: bytes) -> str | None:
 
 
 def _from_json(raw: bytes) -> str | None:
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    """The first item of a JSON list, if a string; the rest is never parsed
+    (only the start of a large ``data`` is read, so it may be cut off)."""
+    text = raw.decode("utf-8", "replace").lstrip()
+    if not text.startswith("["):
         return None
-    if isinstance(value, list) and value and isinstance(value[0], str):
-        return value[0]
-    return None
+    first = len(text) - len(text[1:].lstrip())
+    try:
+        value, _end = json.JSONDecoder().raw_decode(text, first)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None

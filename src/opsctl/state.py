@@ -170,7 +170,7 @@ def read_snapshot(
     """
     queues = list(queues)
     total = _count_started(conn, keys, queues) if on_progress else 0
-    reader = HashReader(conn, extra_fields=FUNCTION_FIELDS if with_functions else ())
+    reader = HashReader(conn, with_function=with_functions)
     try:
         return _read_snapshot(conn, keys, queues, on_progress, total, reader)
     finally:
@@ -299,7 +299,7 @@ def _resolve_rq1_ids_with_colons(
         whole = e.member_text
         function = None
         if reply.__class__ is list:
-            function, reply = _split_extra(reply, reader)
+            function, reply = split_extra(reply, reader)
             job: Fields | None = _JobFields(*_decode(_JOB_SHARED, reply))
         else:
             job = _odd_reply(_JobFields, reply, f"job {whole}", problems)
@@ -338,7 +338,7 @@ def _decode_entries(
         at += 1
         if reply.__class__ is list:
             if reader.extra:
-                function, reply = _split_extra(reply, reader)
+                function, reply = split_extra(reply, reader)
             job: Fields | None = _JobFields(*_decode(_JOB_SHARED, reply))
         else:
             function = None
@@ -359,12 +359,12 @@ def _decode_entries(
         )
 
 
-def _split_extra(reply: list[Any], reader: HashReader) -> tuple[str | None, list[Any]]:
-    """A job reply's function (from the extra fields, when read) and its job fields."""
+def split_extra(reply: list[Any], reader: HashReader) -> tuple[str | None, list[Any]]:
+    """A job reply's function (None when its fields were not read) and its job fields."""
     if not reader.extra:
         return None, reply
     cut = len(reader.job_fields) - reader.extra
-    description, data = reply[cut:]
+    description, data = reply[cut:]  # FUNCTION_FIELDS
     if description is None and data is None:
         return None, reply[:cut]
     # Many jobs call the same function: keep one copy of each name.
@@ -377,6 +377,14 @@ def as_bytes(value: bytes | str | None) -> bytes | None:
         return value
     return value.encode("utf-8", "surrogateescape")
 
+
+#: First bytes of an extra field (a job's description and pickled call) the
+#: read script sends: the function's name is at the start, and the whole
+#: value may be megabytes.
+EXTRA_BYTES = 4096
+#: Extra fields that plain reads (without the script) leave out, since
+#: Redis has no command that reads the start of a hash field.
+UNBOUNDED_FIELDS = frozenset({b"data"})
 
 #: Entries read by one call of the read script (each entry: a job hash and,
 #: from RQ 2 on, an execution hash).
@@ -392,17 +400,18 @@ SCRIPT_CALLS = 2
 # permission stops the script, as it would stop a plain read.
 # ARGV: a string of one character per entry ("2": a job and an execution key,
 # "1": a job key only); the numbers of job fields, of execution fields and of
-# extra job fields (the last job fields, left out for jobs held by a worker
-# named at the end); the place of worker_name among the job fields (0: none);
-# the job field names; the execution field names; then those worker names.
+# extra job fields (the last job fields: only their first bytes are sent, and
+# none for jobs held by a worker named at the end); the place of worker_name
+# among the job fields (0: none); how many first bytes of an extra field are
+# sent; the job field names; the execution field names; then those workers.
 _READ_SCRIPT_BODY = """
 local layout = ARGV[1]
 local nj, ne = tonumber(ARGV[2]), tonumber(ARGV[3])
-local extra, at = tonumber(ARGV[4]), tonumber(ARGV[5])
+local extra, at, cap = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local job_fields, execution_fields, held = {}, {}, {}
-for i = 1, nj do job_fields[i] = ARGV[5 + i] end
-for i = 1, ne do execution_fields[i] = ARGV[5 + nj + i] end
-for i = 6 + nj + ne, #ARGV do held[ARGV[i]] = true end
+for i = 1, nj do job_fields[i] = ARGV[6 + i] end
+for i = 1, ne do execution_fields[i] = ARGV[6 + nj + i] end
+for i = 7 + nj + ne, #ARGV do held[ARGV[i]] = true end
 local out, k = {}, 1
 local function read(key, fields)
   local reply = redis.pcall('HMGET', key, unpack(fields))
@@ -418,8 +427,11 @@ local function read(key, fields)
 end
 for i = 1, #layout do
   local job = read(KEYS[k], job_fields)
-  if extra > 0 and at > 0 and type(job) == 'table' and job[at] and held[job[at]] then
-    for j = nj - extra + 1, nj do job[j] = false end
+  if extra > 0 and type(job) == 'table' then
+    local drop = at > 0 and job[at] and held[job[at]]
+    for j = nj - extra + 1, nj do
+      if drop then job[j] = false elseif job[j] then job[j] = string.sub(job[j], 1, cap) end
+    end
   end
   out[k] = job
   k = k + 1
@@ -452,10 +464,12 @@ class HashReader:
         conn: redis.Redis,
         job_fields: tuple[str, ...] = JOB_FIELDS,
         execution_fields: tuple[str, ...] = EXECUTION_FIELDS,
-        extra_fields: tuple[str, ...] = (),
+        with_function: bool = False,
     ) -> None:
+        extra_fields = FUNCTION_FIELDS if with_function else ()
         self.job_fields = tuple(f.encode() for f in (*job_fields, *extra_fields))
         self.execution_fields = tuple(f.encode() for f in execution_fields)
+        #: How many of the job fields are extra: the function's, read last.
         self.extra = len(extra_fields)
         self.worker_at = job_fields.index("worker_name") + 1 if "worker_name" in job_fields else 0
         #: Workers whose jobs are read without the extra fields (the script
@@ -476,6 +490,7 @@ class HashReader:
             len(self.execution_fields),
             self.extra,
             self.worker_at,
+            EXTRA_BYTES,
             *self.job_fields,
             *self.execution_fields,
             *(name.encode("utf-8", "surrogateescape") for name in sorted(self.held_by)),
@@ -534,10 +549,19 @@ class HashReader:
         self.mode = len(_READ_SCRIPTS)
 
     def _pipelined(self, hash_keys: list[bytes], has_execution: list[bool]) -> list[Any]:
-        """The script's answers from plain commands: HMGET, then EXISTS where nothing was found."""
+        """The script's answers from plain commands: HMGET, then EXISTS where nothing was found.
+
+        Unbounded extra fields are not read (they answer as missing), and the
+        other extra fields are cut as the script cuts them.
+        """
+        job_fields = tuple(
+            f
+            for i, f in enumerate(self.job_fields)
+            if i < len(self.job_fields) - self.extra or f not in UNBOUNDED_FIELDS
+        )
         fields: list[tuple[bytes, ...]] = []
         for flag in has_execution:
-            fields.append(self.job_fields)
+            fields.append(job_fields)
             if flag:
                 fields.append(self.execution_fields)
         replies: list[Any] = []
@@ -557,7 +581,19 @@ class HashReader:
                 pipe.exists(hash_keys[i])
             for i, exists in zip(empty[start : start + BATCH], replies_of(pipe), strict=True):
                 replies[i] = exists
+        if job_fields != self.job_fields:
+            for i, names in enumerate(fields):
+                if names is job_fields and isinstance(replies[i], list):
+                    replies[i] = self._as_script_sends(dict(zip(names, replies[i], strict=True)))
         return replies
+
+    def _as_script_sends(self, values: dict[bytes, Any]) -> list[Any]:
+        """One job's plain HMGET reply widened to every job field, extras cut."""
+        first_extra = len(self.job_fields) - self.extra
+        return [
+            value[:EXTRA_BYTES] if value is not None and i >= first_extra else value
+            for i, value in enumerate(values.get(f) for f in self.job_fields)
+        ]
 
 
 def _text_client(conn: redis.Redis) -> redis.Redis | None:
