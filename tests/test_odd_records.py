@@ -799,20 +799,23 @@ def test_requeueing_a_stuck_job_keeps_its_concurrency_slot(
 # --- 11. a custom key prefix ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("prefix", ["tenant", "app:rq.{7}"])
 def test_a_custom_key_prefix_is_used_by_every_read_and_write(
-    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, prefix: str
 ) -> None:
     old = iso(ago(HOUR_S))
     common = {"origin": QUEUE, "worker_name": DEAD, "started_at": old, "created_at": old}
-    redis_conn.sadd("tenant:queues", f"tenant:queue:{QUEUE}")
-    redis_conn.hset("tenant:job:stuck", mapping={"status": "started", **common})
-    redis_conn.zadd(f"tenant:wip:{QUEUE}", {"stuck:e1": time.time() - 10})
-    redis_conn.hset("tenant:job:lost", mapping={"status": "started", **common})
-    redis_conn.hset("tenant:job:gone", mapping={"status": "queued", **common, "enqueued_at": old})
+    redis_conn.sadd(f"{prefix}:queues", f"{prefix}:queue:{QUEUE}")
+    redis_conn.hset(f"{prefix}:job:stuck", mapping={"status": "started", **common})
+    redis_conn.zadd(f"{prefix}:wip:{QUEUE}", {"stuck:e1": time.time() - 10})
+    redis_conn.hset(f"{prefix}:job:lost", mapping={"status": "started", **common})
+    redis_conn.hset(
+        f"{prefix}:job:gone", mapping={"status": "queued", **common, "enqueued_at": old}
+    )
     redis_conn.set("progress:gone", "1")
     path = tmp_path / "tenant.yaml"
     path.write_text(
-        "version: 1\nredis:\n  key_prefix: tenant\ndefaults:\n  action: delete\n"
+        f"version: 1\nredis:\n  key_prefix: '{prefix}'\ndefaults:\n  action: delete\n"
         '  related_keys: ["progress:{job_id}"]\nqueues:\n  - name: "*"\n'
     )
 
@@ -824,7 +827,7 @@ def test_a_custom_key_prefix_is_used_by_every_read_and_write(
         "lost": ("lost", "done"),
         "gone": ("lost", "done"),
     }
-    assert not redis_conn.exists("tenant:job:stuck", "tenant:job:lost", "tenant:job:gone")
+    assert not redis_conn.exists(f"{prefix}:job:stuck", f"{prefix}:job:lost", f"{prefix}:job:gone")
     assert not redis_conn.exists("progress:gone")
     assert not [k for k in redis_conn.scan_iter("rq:*")], "nothing was written under rq:"
 

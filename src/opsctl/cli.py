@@ -458,14 +458,14 @@ def _metrics_path(value: str | None) -> str | None:
 
 
 #: What a policy's redis.key_prefix may hold (the schema's pattern).
-_KEY_PREFIX = re.compile(r"[A-Za-z0-9_.{}-]+")
+_KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:{}-]+")
 
 
 def _key_prefix(value: str | None) -> str | None:
     """Refuse a key prefix a policy would refuse (a glob or an empty one finds nothing)."""
     if value is not None and not _KEY_PREFIX.fullmatch(value):
         raise typer.BadParameter(
-            f"{value!r} is not a key prefix (letters, digits and _ . {{ }} - only; RQ's is rq)"
+            f"{value!r} is not a key prefix (letters, digits and _ . : {{ }} - only; RQ's is rq)"
         )
     return value
 

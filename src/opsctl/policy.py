@@ -732,7 +732,7 @@ _VALUE_MESSAGES = {
         "{value} is not a queue name "
         "(use a non-empty string; quote a name that looks like a number)"
     ),
-    "key_prefix": "{value} is not a key prefix (use letters, digits and _ . - { })",
+    "key_prefix": "{value} is not a key prefix (use letters, digits and _ . : - { })",
     "url": "is not a valid Redis URL (expected redis://, rediss://, unix:// or redis+sentinel://)",
     "redis": "{value} is not a mapping (put url: and key_prefix: beneath it)",
     "username": "{value} is not a user name (use a non-empty string)",
