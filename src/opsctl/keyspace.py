@@ -149,7 +149,7 @@ def survey(conn: redis.Redis, keys: Keys, skipped: Iterable[str] = ()) -> Survey
             break
         else:
             result.filtered_server_side = False
-            cursor = _survey_plainly(conn, keys, cursor, listed, set(skipped), result)
+            cursor = _survey_plainly(conn, keys, cursor, pattern, listed, set(skipped), result)
         if int(cursor) == 0:
             return result
 
@@ -167,12 +167,13 @@ def _survey_plainly(
     conn: redis.Redis,
     keys: Keys,
     cursor: Any,
+    pattern: str,
     listed: tuple[str, ...],
     skipped: set[str],
     result: Survey,
 ) -> Any:
     """One survey page from plain commands: SCAN, then HMGET of each job hash."""
-    cursor, page = conn.scan(cursor, match=f"{glob_escape(keys.prefix)}:[jw]*", count=SURVEY_COUNT)
+    cursor, page = conn.scan(cursor, match=pattern, count=SURVEY_COUNT)
     names = [text(k) for k in page]
     result.scanned += len(names)
     result.listed += [n for n in names if n.startswith(listed)]
