@@ -23,6 +23,7 @@ import redis
 
 from opsctl.keys import JOB_FIELDS, Keys
 from opsctl.model import StartedEntry
+from opsctl.progress import WALKING, OnProgress
 from opsctl.records import function_name
 from opsctl.state import (
     HashReader,
@@ -109,7 +110,12 @@ class Survey:
     refused: str | None = None  # job hashes could not be read: why
 
 
-def survey(conn: redis.Redis, keys: Keys, skipped: Iterable[str] = ()) -> Survey:
+def survey(
+    conn: redis.Redis,
+    keys: Keys,
+    skipped: Iterable[str] = (),
+    on_progress: OnProgress | None = None,
+) -> Survey:
     """Walk the keyspace once, for the queue names and for lost-job candidates.
 
     A run needs both, and each costs a walk over every key, which at scale is
@@ -150,6 +156,8 @@ def survey(conn: redis.Redis, keys: Keys, skipped: Iterable[str] = ()) -> Survey
         else:
             result.filtered_server_side = False
             cursor = _survey_plainly(conn, keys, cursor, pattern, listed, set(skipped), result)
+        if on_progress:
+            on_progress(result.scanned, None, WALKING)
         if int(cursor) == 0:
             return result
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 from rich.progress import (
@@ -20,9 +21,21 @@ from opsctl.terminal import console
 #: Seconds a scan runs before a bar appears; quick runs never show one.
 SHOW_AFTER_S = 1.0
 
+#: What a run is doing, as the bar names it.
+WALKING = "walking the keyspace"
+SCANNING = "scanning started jobs"
+
+#: Called with how many were done, out of how many (None: not known
+#: beforehand), and what is being done.
+OnProgress = Callable[[int, int | None, str], None]
+
 
 class ScanProgress:
     """Counts scanned entries; draws a bar once a scan has taken over a second.
+
+    A run walks the keyspace (how many keys there are is not known, so the bar
+    counts up) and then scans the started registries (counted against their
+    total); the bar names the stage.
 
     Never drawn when stderr is not a terminal or the report is JSON, so logs,
     pipes and programs never see it.
@@ -34,14 +47,14 @@ class ScanProgress:
         self._bar: Progress | None = None
         self._task = TaskID(0)
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int | None, what: str = SCANNING) -> None:
         if not self.enabled:
             return
         if self._bar is None:
             if time.monotonic() - self._started < SHOW_AFTER_S:
                 return
             self._bar = Progress(
-                TextColumn("scanning started jobs"),
+                TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
@@ -49,8 +62,8 @@ class ScanProgress:
                 transient=True,
             )
             self._bar.start()
-            self._task = self._bar.add_task("scan", total=total)
-        self._bar.update(self._task, completed=done, total=total)
+            self._task = self._bar.add_task(what, total=total)
+        self._bar.update(self._task, completed=done, total=total, description=what)
 
     def __enter__(self) -> ScanProgress:
         return self

@@ -6,7 +6,7 @@ import gc
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -25,6 +25,7 @@ from opsctl.keyspace import (
 )
 from opsctl.model import StartedEntry, WorkerRecord, parse_int
 from opsctl.policy import Limits, Policy, Rule
+from opsctl.progress import OnProgress
 from opsctl.state import (
     Snapshot,
     known_queues,
@@ -172,7 +173,7 @@ def plan(
     keys: Keys,
     policy: Policy,
     overrides: Overrides,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: OnProgress | None = None,
     run_id: str | None = None,
 ) -> Run:
     """Read Redis and decide every entry's state and action; changes nothing."""
@@ -201,11 +202,11 @@ def _plan(
     keys: Keys,
     policy: Policy,
     overrides: Overrides,
-    on_progress: Callable[[int, int], None] | None,
+    on_progress: OnProgress | None,
     run_id: str | None,
 ) -> Run:
     # One walk over the keyspace finds the queues and the lost-job candidates.
-    found = survey(conn, keys, skipped=_left_alone(conn, keys, policy, overrides))
+    found = survey(conn, keys, _left_alone(conn, keys, policy, overrides), on_progress)
     queues, unmatched = select_queues(conn, keys, policy, overrides, found.listed)
     snapshot = read_snapshot(conn, keys, [q.name for q in queues], on_progress, with_functions=True)
     rules = {q.name: q.rule for q in queues}

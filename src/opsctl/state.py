@@ -21,6 +21,7 @@ import redis
 
 from opsctl.keys import EXECUTION_FIELDS, FUNCTION_FIELDS, JOB_FIELDS, WORKER_FIELDS, Keys
 from opsctl.model import Fields, StartedEntry, WorkerRecord, fields_class
+from opsctl.progress import SCANNING, OnProgress
 from opsctl.records import function_name
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def read_snapshot(
     conn: redis.Redis,
     keys: Keys,
     queues: Iterable[str],
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: OnProgress | None = None,
     with_functions: bool = False,
 ) -> Snapshot:
     """Read the started registries of ``queues`` and every worker they involve.
@@ -181,7 +182,7 @@ def _read_snapshot(
     conn: redis.Redis,
     keys: Keys,
     queues: list[str],
-    on_progress: Callable[[int, int], None] | None,
+    on_progress: OnProgress | None,
     total: int,
     reader: HashReader,
 ) -> Snapshot:
@@ -192,7 +193,7 @@ def _read_snapshot(
     def tick(batch: int) -> None:
         if on_progress:
             done = len(entries) + batch
-            on_progress(done, max(total, done))
+            on_progress(done, max(total, done), SCANNING)
 
     workers = read_workers(conn, keys, _worker_names(conn, keys, queues))
     reader.held_by = {name for name, w in workers.items() if w.exists and not w.fields.get("death")}

@@ -1,0 +1,84 @@
+"""The progress bar: on a terminal's stderr only, naming each stage of a long scan.
+
+The bar appears once a scan has run for a second; these runs lower that
+threshold to zero (in the child process) so a small database shows it.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+from rq import Queue
+
+from conftest import clean_env, opsctl_env
+
+pytestmark = pytest.mark.redis_server
+
+#: Runs opsctl's CLI with the bar shown at once.
+AT_ONCE = (
+    "import sys, opsctl.progress as p; p.SHOW_AFTER_S = 0.0; "
+    "from opsctl.cli import main; sys.argv[0] = 'opsctl'; main()"
+)
+
+
+def run_with_stderr_on_a_terminal(*args: str) -> tuple[int, str, str]:
+    """Exit code, stdout, and what a terminal on stderr received."""
+    leader, follower = pty.openpty()
+    env = opsctl_env({**clean_env(), "TERM": "xterm", "COLUMNS": "100"})
+    env.pop("NO_COLOR", None)
+    process = subprocess.Popen(
+        [sys.executable, "-c", AT_ONCE, *args],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        env=env,
+        text=True,
+    )
+    os.close(follower)
+    received = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child closed its end
+            break
+        if not chunk:
+            break
+        received += chunk
+    stdout, _ = process.communicate(timeout=120)
+    os.close(leader)
+    return process.returncode, stdout, received.decode("utf-8", "replace")
+
+
+@pytest.fixture
+def policy(tmp_path: Path, redis_conn: redis.Redis) -> Path:
+    queue = Queue("progress", connection=redis_conn)
+    for _ in range(50):
+        queue.enqueue("jobs.quick")
+    path = tmp_path / "policy.yaml"
+    path.write_text('version: 1\nqueues:\n  - name: "*"\n')
+    return path
+
+
+def test_a_text_run_on_a_terminal_names_each_stage_on_stderr(policy: Path, redis_url: str) -> None:
+    code, stdout, terminal = run_with_stderr_on_a_terminal(
+        "apply", str(policy), "--dry-run", "--redis-url", redis_url
+    )
+
+    assert code == 0, terminal
+    assert "walking the keyspace" in terminal
+    assert "walking the keyspace" not in stdout and "dry run" in stdout
+
+
+def test_a_json_run_draws_no_bar_even_on_a_terminal(policy: Path, redis_url: str) -> None:
+    code, stdout, terminal = run_with_stderr_on_a_terminal(
+        "apply", str(policy), "--dry-run", "--format", "json", "--redis-url", redis_url
+    )
+
+    assert code == 0, terminal
+    assert "walking the keyspace" not in terminal and "scanning" not in terminal
+    assert stdout.lstrip().startswith("{")
