@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import redis
 from rq import Queue
+from rq.executions import Execution
+from rq.job import Job, JobStatus
 
 from conftest import clean_env, opsctl_env
 
@@ -82,3 +84,27 @@ def test_a_json_run_draws_no_bar_even_on_a_terminal(policy: Path, redis_url: str
     assert code == 0, terminal
     assert "walking the keyspace" not in terminal and "scanning" not in terminal
     assert stdout.lstrip().startswith("{")
+
+
+def test_an_apply_on_a_terminal_shows_its_acting_stage_and_acts(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    queue = Queue("progress", connection=redis_conn)
+    jobs = [queue.enqueue("jobs.quick") for _ in range(30)]
+    with redis_conn.pipeline() as pipe:  # started by a worker that is gone
+        for job in jobs:
+            Execution.create(job, 600, pipe, worker_name="gone-worker")
+            job.prepare_for_execution("gone-worker", pipe)
+            pipe.lrem(queue.key, 0, job.id)
+        pipe.execute()
+    path = tmp_path / "fail.yaml"
+    path.write_text('version: 1\ndefaults:\n  action: fail\nqueues:\n  - name: "*"\n')
+
+    code, _stdout, terminal = run_with_stderr_on_a_terminal(
+        "apply", str(path), "--redis-url", redis_url
+    )
+
+    assert code == 0, terminal
+    assert "acting on stuck jobs" in terminal
+    statuses = {Job.fetch(j.id, connection=redis_conn).get_status() for j in jobs}
+    assert statuses == {JobStatus.FAILED}

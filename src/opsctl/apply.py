@@ -32,6 +32,7 @@ from opsctl.errors import OpsctlError
 from opsctl.keys import DEFAULT_FAILURE_TTL_S, Keys
 from opsctl.lock import Lock, maintenance_lock
 from opsctl.model import format_timestamp, parse_int
+from opsctl.progress import APPLYING, OnProgress
 from opsctl.run import DONE, ERROR, PLANNED, SKIPPED, JobOutcome, Run, WorkerOutcome
 from opsctl.state import server_time, text
 
@@ -69,10 +70,13 @@ class Executor:
     #: Polled between queues and between batches of changes (never inside one
     #: change): True makes the run stop there and leave the rest for later.
     should_stop: Callable[[], bool] | None = None
+    #: Told how many of the jobs to act on are dealt with, after each batch.
+    on_progress: OnProgress | None = None
 
     def __post_init__(self) -> None:
         self.actor = Actor(self.conn, self.keys)
         self._held: list[Lock] = []
+        self._dealt_with, self._to_deal_with = 0, 0
 
     def execute(self) -> None:
         """Act on every planned job and worker; nothing at all if a limit tripped."""
@@ -84,8 +88,10 @@ class Executor:
                 f"{audit.AUDIT_STREAM} holds a {kind}, not opsctl's audit stream; "
                 "rename or remove it, then run again (nothing was changed)"
             )
+        work = self._work_by_queue()
+        self._to_deal_with = sum(len(outcomes) for outcomes in work.values())
         try:
-            for queue, outcomes in self._work_by_queue().items():
+            for queue, outcomes in work.items():
                 if self.run.redis_lost:
                     break
                 self._checkpoint()
@@ -131,6 +137,7 @@ class Executor:
             why = f"RQ is cleaning this queue's registries (lock held by {lock.holder()})"
             for outcome in outcomes:
                 _set(outcome, SKIPPED, why)
+            self._dealt(len(outcomes))
             return
         self._held.append(lock)
         try:
@@ -138,10 +145,16 @@ class Executor:
             stops = [o for o in outcomes if o.action == ACTION_STOP]
             changes = [o for o in outcomes if o.action != ACTION_STOP]
             self._stop_jobs(stops)
+            self._dealt(len(stops))
             self._change_jobs(changes)
         finally:
             self._held.remove(lock)
             lock.release()
+
+    def _dealt(self, count: int) -> None:
+        self._dealt_with += count
+        if self.on_progress is not None:
+            self.on_progress(self._dealt_with, self._to_deal_with, APPLYING)
 
     def renew_locks(self) -> None:
         """Keep the run lock and the maintenance locks held while work goes on."""
@@ -160,7 +173,9 @@ class Executor:
         for start in range(0, len(outcomes), STOP_CHECK_EVERY):
             if start:
                 self._checkpoint()
-            self._change_batch(outcomes[start : start + STOP_CHECK_EVERY])
+            batch = outcomes[start : start + STOP_CHECK_EVERY]
+            self._change_batch(batch)
+            self._dealt(len(batch))
 
     def _change_batch(self, outcomes: list[JobOutcome]) -> None:
         if not outcomes:

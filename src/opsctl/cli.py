@@ -693,16 +693,18 @@ class Job:
 
     def _execute(self, conn: redis.Redis, keys: Keys, run: Run, digest: str, lock: Lock) -> None:
         context = AuditContext(run.run_id, digest)
-        Executor(
-            conn,
-            keys,
-            run,
-            context,
-            stop_timeout_s=self.overrides.stop_timeout_s,
-            lock_timeout_s=self.lock_timeout_s,
-            run_lock=lock,
-            should_stop=self.should_stop,
-        ).execute()
+        with ScanProgress(self.progress) as progress:
+            Executor(
+                conn,
+                keys,
+                run,
+                context,
+                stop_timeout_s=self.overrides.stop_timeout_s,
+                lock_timeout_s=self.lock_timeout_s,
+                run_lock=lock,
+                should_stop=self.should_stop,
+                on_progress=progress,
+            ).execute()
 
 
 def _print_run(run: Run, output: Format, url: str, where: tuple[str, str]) -> None:

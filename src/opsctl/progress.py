@@ -24,6 +24,7 @@ SHOW_AFTER_S = 1.0
 #: What a run is doing, as the bar names it.
 WALKING = "walking the keyspace"
 SCANNING = "scanning started jobs"
+APPLYING = "acting on stuck jobs"
 
 #: Called with how many were done, out of how many (None: not known
 #: beforehand), and what is being done.
@@ -35,7 +36,7 @@ class ScanProgress:
 
     A run walks the keyspace (how many keys there are is not known, so the bar
     counts up) and then scans the started registries (counted against their
-    total); the bar names the stage.
+    total); an apply then acts on the stuck jobs. The bar names the stage.
 
     Never drawn when stderr is not a terminal or the report is JSON, so logs,
     pipes and programs never see it.
