@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,8 +25,10 @@ from pathlib import Path
 
 import pytest
 import redis
+from click.testing import Result
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
+from typer.testing import CliRunner
 
 TESTS_DIR = Path(__file__).resolve().parent
 SRC_DIR = TESTS_DIR.parent / "src"
@@ -457,6 +460,16 @@ def run_opsctl(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
         timeout=120,
         check=False,
     )
+
+
+def invoke_opsctl(*args: str) -> Result:
+    """Run the CLI in-process; a crash (anything but an exit) fails the test with its traceback."""
+    from opsctl.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    crashed = result.exception is not None and not isinstance(result.exception, SystemExit)
+    assert not crashed, "".join(traceback.format_exception(*result.exc_info))
+    return result
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rq import Queue
 from rq.executions import Execution
-from typer.testing import CliRunner
 
-from conftest import SHARED_REDIS_PORT, RedisServer, job_status, run_opsctl
-from opsctl.cli import app
+from conftest import SHARED_REDIS_PORT, RedisServer, invoke_opsctl, job_status, run_opsctl
 
 pytestmark = pytest.mark.redis_server
 
@@ -497,22 +494,12 @@ def started_members(conn: redis.Redis) -> set[tuple[bytes, bytes]]:
 
 # --- running opsctl ------------------------------------------------------------------------
 
-runner = CliRunner()
-
 
 def policy_file(tmp_dir: Path, action: str = "fail") -> Path:
     path = tmp_dir / f"policy-{action}.yaml"
     if not path.exists():
         path.write_text(f'version: 1\ndefaults:\n  action: {action}\nqueues:\n  - name: "*"\n')
     return path
-
-
-def opsctl(*args: str) -> Result:
-    """Run the CLI in-process; fail the test on anything but a clean exit."""
-    result = runner.invoke(app, list(args))
-    crashed = result.exception is not None and not isinstance(result.exception, SystemExit)
-    assert not crashed, "".join(traceback.format_exception(*result.exc_info))
-    return result
 
 
 def shown(result: Result) -> str:
@@ -554,7 +541,7 @@ def test_dry_run_over_damaged_records_reports_json_and_changes_no_key(
     normal = build_state(conn, writes)
     before = every_key(conn)
 
-    result = opsctl(
+    result = invoke_opsctl(
         "apply", str(policy_file(policies, action)), "--dry-run", "--format", "json",
         "--redis-url", redis_server.url,
     )  # fmt: skip
@@ -574,7 +561,7 @@ def test_status_over_damaged_records_exits_0_with_a_json_count_of_each_queue(
 ) -> None:
     build_state(conn, writes)
 
-    result = opsctl("status", "--format", "json", "--redis-url", redis_server.url)
+    result = invoke_opsctl("status", "--format", "json", "--redis-url", redis_server.url)
 
     assert result.exit_code == 0, shown(result)
     document = json.loads(result.stdout)
@@ -591,7 +578,7 @@ def test_apply_over_damaged_records_still_fails_the_abandoned_jobs_and_reports_t
     normal = build_state(conn, writes)
     entries_before = started_members(conn)
 
-    result = opsctl(
+    result = invoke_opsctl(
         "apply", str(policy_file(policies)), "--format", "json", "--redis-url", redis_server.url
     )
 

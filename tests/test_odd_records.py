@@ -13,7 +13,6 @@ import json
 import pickle
 import random
 import time
-import traceback
 import zlib
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -23,16 +22,13 @@ from typing import Any
 import jsonschema
 import pytest
 import redis
-from click.testing import Result
 from rq import Queue
 from rq.executions import Execution
 from rq.job import Job
 from rq.rate_limit import RateLimit, RateLimitRegistry
 from rq.registry import FailedJobRegistry
-from typer.testing import CliRunner
 
-from conftest import WorkerFactory, job_status, run_opsctl, wait_for_status
-from opsctl.cli import app
+from conftest import WorkerFactory, invoke_opsctl, job_status, run_opsctl, wait_for_status
 from opsctl.errors import ExitCode
 from opsctl.keys import Keys
 from opsctl.keyspace import find_lost
@@ -46,7 +42,6 @@ OTHER_QUEUE = "odd-other"
 DEAD = "dead-worker"
 HOUR_S = 3600
 
-runner = CliRunner()
 REPORT_SCHEMA = json.loads((Path(__file__).parents[1] / "schemas/report.schema.json").read_text())
 
 
@@ -113,16 +108,9 @@ def policy(tmp_path: Path, action: str = "fail", extra: str = "") -> Path:
     return path
 
 
-def opsctl(*args: str) -> Result:
-    result = runner.invoke(app, list(args))
-    crashed = result.exception is not None and not isinstance(result.exception, SystemExit)
-    assert not crashed, "".join(traceback.format_exception(*result.exc_info))
-    return result
-
-
 def run(path: Path, url: str, *extra: str) -> dict[str, Any]:
     """`opsctl apply` with a JSON report; the report, after checking it exited 0."""
-    result = opsctl("apply", str(path), "--redis-url", url, "--format", "json", *extra)
+    result = invoke_opsctl("apply", str(path), "--redis-url", url, "--format", "json", *extra)
     assert result.exit_code == 0, f"{result.stdout}\n{result.stderr}"
     assert "Traceback" not in result.stderr
     report: dict[str, Any] = json.loads(result.stdout)
@@ -136,7 +124,7 @@ def job_in(report: dict[str, Any], job_id: str) -> dict[str, Any]:
 
 
 def explain(job_id: str, url: str, *extra: str) -> tuple[int, dict[str, Any] | str]:
-    result = opsctl("explain", job_id, "--redis-url", url, "--format", "json", *extra)
+    result = invoke_opsctl("explain", job_id, "--redis-url", url, "--format", "json", *extra)
     if result.exit_code != 0:
         return result.exit_code, result.stderr
     return 0, json.loads(result.stdout)
@@ -480,7 +468,7 @@ def test_a_lost_job_that_reappears_in_its_queue_before_the_change_is_skipped(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
     job = lost_queued(redis_conn)
-    result = opsctl(
+    result = invoke_opsctl(
         "plan", str(policy(tmp_path)), "--redis-url", redis_url, "-o", str(tmp_path / "p.json")
     )
     assert result.exit_code == 0, result.stderr
@@ -639,7 +627,9 @@ def test_the_delete_script_itself_refuses_a_job_a_scheduler_took_after_the_plan(
     job = started_job(redis_conn)
     plan = tmp_path / "plan.json"
     path = policy(tmp_path, "delete")
-    assert opsctl("plan", str(path), "--redis-url", redis_url, "-o", str(plan)).exit_code == 0
+    assert (
+        invoke_opsctl("plan", str(path), "--redis-url", redis_url, "-o", str(plan)).exit_code == 0
+    )
     redis_conn.zadd("rq:scheduler:scheduled_jobs", {job.id: time.time() + HOUR_S})
 
     item = job_in(run(path, redis_url, "--plan", str(plan)), job.id)
@@ -710,7 +700,7 @@ def test_explain_of_a_lost_job_says_it_is_lost(
 ) -> None:
     job = lost_queued(redis_conn)
 
-    result = opsctl("explain", job.id, "--redis-url", redis_url)
+    result = invoke_opsctl("explain", job.id, "--redis-url", redis_url)
 
     assert result.exit_code == 0, result.stderr
     assert "lost (in no registry or list): lost -> fail" in result.stdout
@@ -718,7 +708,7 @@ def test_explain_of_a_lost_job_says_it_is_lost(
 
 
 def test_explain_of_an_unknown_job_exits_6_with_one_line(redis_url: str) -> None:
-    result = opsctl("explain", "no-such-job", "--redis-url", redis_url)
+    result = invoke_opsctl("explain", "no-such-job", "--redis-url", redis_url)
 
     assert result.exit_code == ExitCode.INVALID
     assert result.stderr.strip() == (
@@ -750,6 +740,20 @@ def test_a_simpleworkers_job_is_never_abandoned_while_the_worker_lives(
     assert job_status(redis_conn, job.id) == "failed"
 
 
+def stuck_holding_a_slot(rq_workers: WorkerFactory, conn: redis.Redis) -> tuple[Job, Job]:
+    """A job whose worker was killed while it held the one slot of its rate limit,
+    and a job waiting for that slot."""
+    limit = RateLimit(key="api", concurrency=1)
+    queue = Queue(QUEUE, connection=conn)
+    first = rq_workers.start([QUEUE])
+    stuck = queue.enqueue("jobs.sleep_for", 60, rate_limit=limit)
+    assert wait_for_status(conn, stuck.id, "started", timeout=20) == "started"
+    waiting = queue.enqueue("jobs.quick", rate_limit=limit)
+    assert job_status(conn, waiting.id) == "rate_limited"
+    first.kill()
+    return stuck, waiting
+
+
 @pytest.mark.parametrize("action", ["fail", "cancel", "delete"])
 def test_ending_a_stuck_job_that_holds_a_concurrency_slot_lets_a_waiting_job_run(
     rq_workers: WorkerFactory,
@@ -758,14 +762,7 @@ def test_ending_a_stuck_job_that_holds_a_concurrency_slot_lets_a_waiting_job_run
     tmp_path: Path,
     action: str,
 ) -> None:
-    limit = RateLimit(key="api", concurrency=1)
-    queue = Queue(QUEUE, connection=redis_conn)
-    first = rq_workers.start([QUEUE])
-    stuck = queue.enqueue("jobs.sleep_for", 60, rate_limit=limit)
-    assert wait_for_status(redis_conn, stuck.id, "started", timeout=20) == "started"
-    waiting = queue.enqueue("jobs.quick", rate_limit=limit)
-    assert job_status(redis_conn, waiting.id) == "rate_limited"
-    first.kill()
+    stuck, waiting = stuck_holding_a_slot(rq_workers, redis_conn)
     rq_workers.start([QUEUE])
 
     item = job_in(run(policy(tmp_path, action), redis_url), stuck.id)
@@ -779,13 +776,7 @@ def test_ending_a_stuck_job_that_holds_a_concurrency_slot_lets_a_waiting_job_run
 def test_requeueing_a_stuck_job_keeps_its_concurrency_slot(
     rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
-    limit = RateLimit(key="api", concurrency=1)
-    queue = Queue(QUEUE, connection=redis_conn)
-    first = rq_workers.start([QUEUE])
-    stuck = queue.enqueue("jobs.sleep_for", 60, rate_limit=limit)
-    assert wait_for_status(redis_conn, stuck.id, "started", timeout=20) == "started"
-    waiting = queue.enqueue("jobs.quick", rate_limit=limit)
-    first.kill()
+    stuck, waiting = stuck_holding_a_slot(rq_workers, redis_conn)
 
     item = job_in(run(policy(tmp_path, "requeue"), redis_url), stuck.id)
 
@@ -1044,7 +1035,7 @@ def test_a_related_keys_template_that_could_name_other_keys_is_refused(
     path = tmp_path / "bad.yaml"
     path.write_text(f'version: 1\nqueues:\n  - name: a\n    related_keys: ["{template}"]\n')
 
-    result = opsctl("validate", str(path))
+    result = invoke_opsctl("validate", str(path))
 
     assert result.exit_code == 2
     assert f"4:20: queues[0].related_keys[0]: '{template}' {message}" in result.stdout
@@ -1057,7 +1048,7 @@ def test_lost_after_takes_a_duration_and_is_inherited_per_queue(tmp_path: Path) 
         "  - name: b\n    lost_after: 90s\n  - name: c\n    lost_after: soon\n"
     )
 
-    result = opsctl("validate", str(path))
+    result = invoke_opsctl("validate", str(path))
 
     assert result.exit_code == 2
     assert result.stdout.strip().endswith(
@@ -1080,7 +1071,9 @@ def test_a_reviewed_plan_fails_a_stranded_job_and_deletes_related_keys(
         '    related_keys: ["job_progress:{job_id}"]\n'
     )
     plan = tmp_path / "plan.json"
-    assert opsctl("plan", str(path), "--redis-url", redis_url, "-o", str(plan)).exit_code == 0
+    assert (
+        invoke_opsctl("plan", str(path), "--redis-url", redis_url, "-o", str(plan)).exit_code == 0
+    )
 
     report = run(path, redis_url, "--plan", str(plan))
 

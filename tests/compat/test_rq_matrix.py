@@ -113,27 +113,38 @@ def start_worker(
     return rq_workers.start(queues, rq_command=release.rq_command, extra=list(extra))
 
 
+#: The job a test starts unless it names another: ``jobs.sleep_for(60)``.
+SLEEP = ("sleep_for", 60)
+
+
 def started_job(
     rq_workers: WorkerFactory,
     release: RQEnv,
     url: str,
     queue: str,
-    seconds: float = 60,
     *extra: str,
+    call: tuple[Any, ...] = SLEEP,
+    **opts: Any,
 ) -> tuple[WorkerProcess, str]:
-    """A worker of ``release`` running ``sleep_for(seconds)`` on ``queue``."""
+    """A worker of ``release`` (started with ``extra``) running ``jobs.<call>`` on ``queue``;
+    ``opts`` are enqueue options."""
     worker = start_worker(rq_workers, release, [queue], *extra)
-    job_id = enqueue(release, url, queue, "sleep_for", seconds)
+    job_id = enqueue(release, url, queue, *call, **opts)
     seen = wait_status(release, url, job_id, "started")
     assert seen["status"] == "started", seen
     return worker, job_id
 
 
 def abandoned_job(
-    rq_workers: WorkerFactory, release: RQEnv, url: str, queue: str, seconds: float = 60
+    rq_workers: WorkerFactory,
+    release: RQEnv,
+    url: str,
+    queue: str,
+    call: tuple[Any, ...] = SLEEP,
+    **opts: Any,
 ) -> str:
     """A job whose worker and work horse of ``release`` were SIGKILLed while it ran."""
-    worker, job_id = started_job(rq_workers, release, url, queue, seconds)
+    worker, job_id = started_job(rq_workers, release, url, queue, call=call, **opts)
     assert worker.kill(), "the worker had a work horse running the job"
     return job_id
 
@@ -177,11 +188,8 @@ def test_failed_abandoned_job_reads_as_failed_with_opsctls_reason_and_releases_d
     release: RQEnv, rq_workers: WorkerFactory, redis_url: str, tmp_path: Path
 ) -> None:
     queue = "compat-fail"
-    worker = start_worker(rq_workers, release, [queue])
-    marker = str(tmp_path / "ran-once")
-    job_id = enqueue(release, redis_url, queue, "sleep_first_time", marker, 60)
-    assert wait_status(release, redis_url, job_id, "started")["status"] == "started"
-    assert worker.kill()
+    first_time = ("sleep_first_time", str(tmp_path / "ran-once"), 60)
+    job_id = abandoned_job(rq_workers, release, redis_url, queue, first_time)
     tolerant = enqueue(release, redis_url, queue, "quick", depends_on=job_id, allow_failure=True)
     strict = enqueue(release, redis_url, queue, "quick", depends_on=job_id)
     # A second parent that no worker has run yet keeps this one deferred.
@@ -226,7 +234,7 @@ def test_requeued_abandoned_job_is_run_to_the_end_by_a_worker_of_the_same_releas
     release: RQEnv, rq_workers: WorkerFactory, redis_url: str, tmp_path: Path
 ) -> None:
     queue = "compat-requeue"
-    job_id = abandoned_job(rq_workers, release, redis_url, queue, seconds=1.5)
+    job_id = abandoned_job(rq_workers, release, redis_url, queue, ("sleep_for", 1.5))
 
     report = apply(write_policy(tmp_path, {queue: "requeue"}), redis_url)
 
@@ -330,7 +338,7 @@ def test_overdue_job_is_stopped_by_its_live_worker_of_any_release(
     queue = f"compat-overdue-{action}"
     # After a requeue the worker would take the job again; one job and it exits instead.
     extra = ["--max-jobs", "1"] if action == "requeue" else []
-    worker, job_id = started_job(rq_workers, release, redis_url, queue, 60, *extra)
+    worker, job_id = started_job(rq_workers, release, redis_url, queue, *extra)
     time.sleep(1.5)  # past max_age 1s
 
     report = apply(write_policy(tmp_path, {queue: action}, max_age="1s"), redis_url)
@@ -359,11 +367,8 @@ def test_failed_abandoned_job_with_retries_left_is_retried_by_a_worker_of_its_re
     release: RQEnv, rq_workers: WorkerFactory, redis_url: str, tmp_path: Path
 ) -> None:
     queue = "compat-retry"
-    worker = start_worker(rq_workers, release, [queue])
-    marker = str(tmp_path / "ran-once")
-    job_id = enqueue(release, redis_url, queue, "sleep_first_time", marker, 60, retry=2)
-    assert wait_status(release, redis_url, job_id, "started")["status"] == "started"
-    assert worker.kill()
+    first_time = ("sleep_first_time", str(tmp_path / "ran-once"), 60)
+    job_id = abandoned_job(rq_workers, release, redis_url, queue, first_time, retry=2)
 
     report = apply(write_policy(tmp_path, {queue: "fail"}), redis_url)
 
@@ -386,11 +391,8 @@ def test_rq1_job_id_with_colons_is_one_id_not_an_execution(
     # refuses such ids, and its members are job_id:execution_id.
     release = rq_env(VERSIONS[0])
     queue = "compat-colon"
-    worker = start_worker(rq_workers, release, [queue])
     job_id = f"report:{uuid.uuid4().hex[:8]}:42"
-    enqueue(release, redis_url, queue, "sleep_for", 60, job_id=job_id)
-    assert wait_status(release, redis_url, job_id, "started")["status"] == "started"
-    assert worker.kill()
+    assert abandoned_job(rq_workers, release, redis_url, queue, job_id=job_id) == job_id
     tolerant = enqueue(release, redis_url, queue, "quick", depends_on=job_id, allow_failure=True)
 
     report = apply(write_policy(tmp_path, {queue: "fail"}), redis_url)
