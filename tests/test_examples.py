@@ -254,14 +254,18 @@ def test_dockerfile_copies_only_what_exists_and_what_its_ignore_file_lets_throug
     assert {"README.md", "schemas", "src"} <= set(sources)
 
 
-def test_dockerfile_passes_hadolint() -> None:
-    hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint is not installed (make venv installs it)")
-
-    result = subprocess.run(
-        [hadolint, str(EXAMPLES / "Dockerfile")], capture_output=True, text=True, timeout=60
+def checked_by(linter: str, example: str) -> subprocess.CompletedProcess[str]:
+    """``linter`` (installed by ``make venv``) run over one example; skipped without it."""
+    found = shutil.which(linter, path=str(BIN)) or shutil.which(linter)
+    if found is None:
+        pytest.skip(f"{linter} is not installed (make venv installs it)")
+    return subprocess.run(
+        [found, str(EXAMPLES / example)], capture_output=True, text=True, timeout=60
     )
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = checked_by("hadolint", "Dockerfile")
 
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -319,13 +323,7 @@ def test_deploy_recipes_decide_on_every_documented_exit_code(name: str, cases: A
 
 
 def test_deploy_hook_passes_shellcheck() -> None:
-    shellcheck = shutil.which("shellcheck", path=str(BIN)) or shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck is not installed (make venv installs it)")
-
-    result = subprocess.run(
-        [shellcheck, str(EXAMPLES / "deploy-hook.sh")], capture_output=True, text=True, timeout=60
-    )
+    result = checked_by("shellcheck", "deploy-hook.sh")
 
     assert result.returncode == 0, result.stdout
 
