@@ -147,7 +147,12 @@ def select_queues(
     """Queues to inspect (matched, enabled, and named by --queue if given), and
     the --queue names the policy does not match. ``listed``: the registry and
     worker-set keys a keyspace survey found, if one was made."""
-    names = known_queues(conn, keys, listed)
+    return _choose_queues(known_queues(conn, keys, listed), policy, overrides)
+
+
+def _choose_queues(
+    names: list[str], policy: Policy, overrides: Overrides
+) -> tuple[list[QueuePlan], list[str]]:
     wanted = set(overrides.queues)
     if wanted:
         names = sorted(wanted)
@@ -243,9 +248,9 @@ def _left_alone(conn: redis.Redis, keys: Keys, policy: Policy, overrides: Overri
     Known before the keyspace survey, so the jobs waiting there (a backlog of
     a million, say) are never sent as lost-job candidates.
     """
-    plans, _ = select_queues(conn, keys, policy, overrides, listed=[])
-    covered = {q.name for q in plans}
-    return [name for name in known_queues(conn, keys, listed=[]) if name not in covered]
+    names = known_queues(conn, keys, listed=[])
+    covered = {q.name for q in _choose_queues(names, policy, overrides)[0]}
+    return [name for name in names if name not in covered]
 
 
 def _lost_entries(
