@@ -187,16 +187,33 @@ def _lost(entry: StartedEntry, rule: Rule, holds: bool, signals: Signals, now: f
     if holds:
         reason = f"{found}; {signals.worker} is executing it"
         return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
-    since = lost_since(job)
+    over = (rule.action, f", over lost_after {rule.lost_after_seconds}s")
+    return _after_grace(
+        State.LOST, found, lost_since(job), "when it was lost", over, rule, signals, now
+    )
+
+
+def _after_grace(
+    state: State,
+    found: str,
+    since: float | None,
+    unknown: str,
+    over: tuple[str, str],
+    rule: Rule,
+    signals: Signals,
+    now: float,
+) -> Verdict:
+    """A job found out of place (``found``) since ``since``: left alone while that
+    time is unknown or within lost_after; then ``over``'s action, and its words."""
     if since is None:
-        reason = f"{found}; when it was lost is unknown, so it is never acted on by age"
-        return Verdict(State.LOST, ACTION_NONE, reason, signals)
-    lost_s = max(0.0, now - since)
-    if lost_s <= rule.lost_after_seconds:
-        reason = f"{found} for {lost_s:.0f}s, within lost_after {rule.lost_after_seconds}s"
-        return Verdict(State.LOST, ACTION_NONE, reason, signals)
-    reason = f"{found} for {lost_s:.0f}s, over lost_after {rule.lost_after_seconds}s"
-    return Verdict(State.LOST, rule.action, reason, signals)
+        reason = f"{found}; {unknown} is unknown, so it is never acted on by age"
+        return Verdict(state, ACTION_NONE, reason, signals)
+    out_s = max(0.0, now - since)
+    if out_s <= rule.lost_after_seconds:
+        reason = f"{found} for {out_s:.0f}s, within lost_after {rule.lost_after_seconds}s"
+        return Verdict(state, ACTION_NONE, reason, signals)
+    action, words = over
+    return Verdict(state, action, f"{found} for {out_s:.0f}s{words}", signals)
 
 
 #: Statuses of a stranded job that RQ's own cleanup fails; others only leave the id behind.
@@ -217,15 +234,8 @@ def _stranded(entry: StartedEntry, rule: Rule, signals: Signals, now: float) -> 
     since = parse_timestamp(entry.job.get("first_seen")) or parse_timestamp(
         entry.job.get("enqueued_at")
     )
-    if since is None:
-        reason = f"{found}; for how long is unknown, so it is never acted on by age"
-        return Verdict(State.STRANDED, ACTION_NONE, reason, signals)
-    stranded_s = max(0.0, now - since)
-    if stranded_s <= rule.lost_after_seconds:
-        reason = f"{found} for {stranded_s:.0f}s, within lost_after {rule.lost_after_seconds}s"
-        return Verdict(State.STRANDED, ACTION_NONE, reason, signals)
-    reason = f"{found} for {stranded_s:.0f}s; failed as RQ's own cleanup would"
-    return Verdict(State.STRANDED, "fail", reason, signals)
+    over = ("fail", "; failed as RQ's own cleanup would")
+    return _after_grace(State.STRANDED, found, since, "for how long", over, rule, signals, now)
 
 
 def _orphaned(job: Mapping[str, str] | None, holds: bool, signals: Signals) -> Verdict:
