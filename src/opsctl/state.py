@@ -340,7 +340,7 @@ def _decode_entries(
         if reply.__class__ is list:
             if reader.extra:
                 function, reply = split_extra(reply, reader)
-            job: Fields | None = _JobFields(*_decode(_JOB_SHARED, reply))
+            job: Fields | None = _JobFields(*_decode(_JOB_SHARED, reply, reader.as_text))
         else:
             function = None
             job = _odd_reply(_JobFields, reply, f"job {job_id}", problems)
@@ -349,7 +349,7 @@ def _decode_entries(
             reply = replies[at]
             at += 1
             if reply.__class__ is list:
-                execution = _ExecutionFields(*_decode(_EXECUTION_SHARED, reply))
+                execution = _ExecutionFields(*_decode(_EXECUTION_SHARED, reply, reader.as_text))
             else:
                 what = f"execution {job_id}:{execution_id}"
                 execution = _odd_reply(_ExecutionFields, reply, what, problems)
@@ -478,6 +478,8 @@ class HashReader:
         self.held_by: set[str] = set()
         self.own = _text_client(conn)
         self.conn = self.own or conn
+        #: Whether replies hold only text (hiredis decoded them) rather than bytes.
+        self.as_text = self.own is not None
         self.mode: int | None = None  # index into _READ_SCRIPTS; len() = pipelined reads
         self.sha: list[str] = [
             hashlib.sha1(body.encode()).hexdigest() for _, _, body in _READ_SCRIPTS
@@ -670,21 +672,27 @@ _REPEATING = frozenset(
         "failure_ttl",
     }
 )
-_JOB_SHARED = tuple(name in _REPEATING for name in JOB_FIELDS)
-_EXECUTION_SHARED = tuple(name in _REPEATING for name in EXECUTION_FIELDS)
+_JOB_SHARED = tuple(i for i, name in enumerate(JOB_FIELDS) if name in _REPEATING)
+_EXECUTION_SHARED = tuple(i for i, name in enumerate(EXECUTION_FIELDS) if name in _REPEATING)
 
 
-def _decode(shared: tuple[bool, ...], values: list[str | bytes | None]) -> list[str | None]:
-    """Field values as text, repeating ones shared (hiredis has usually decoded them)."""
+def _decode(shared: tuple[int, ...], values: list[Any], as_text: bool = False) -> list[str | None]:
+    """Field values as text, those at the ``shared`` places kept as one shared copy.
+
+    ``values`` is a reply list the caller owns, changed in place. With
+    ``as_text`` the reply is known to hold only text and None (hiredis decoded
+    it), so only the shared values are touched: this runs for every entry.
+    """
+    if not as_text:
+        for i, v in enumerate(values):
+            if v is not None and v.__class__ is not str:
+                values[i] = v.decode("utf-8", "surrogateescape")
     intern = sys.intern
-    return [
-        None
-        if v is None
-        else (intern if share else str)(
-            v if v.__class__ is str else v.decode("utf-8", "surrogateescape")  # type: ignore[union-attr]
-        )
-        for v, share in zip(values, shared, strict=True)
-    ]
+    for i in shared:
+        v = values[i]
+        if v is not None:
+            values[i] = intern(v)
+    return values
 
 
 def _worker_names(conn: redis.Redis, keys: Keys, queues: list[str]) -> set[str]:
