@@ -439,6 +439,41 @@ def test_a_job_in_the_registry_of_a_queue_left_alone_is_not_lost_once_its_execut
     assert job_status(redis_conn, job.id) == "started"
 
 
+@pytest.mark.parametrize("release", ["rq2+", "rq1"])
+def test_a_job_that_entered_its_registry_after_the_registry_was_read_is_not_lost(
+    redis_conn: redis.Redis, release: str
+) -> None:
+    # The keyspace is walked while the registries are read: a job that starts
+    # in between is in its registry, yet not among the entries read before.
+    job = started_job(redis_conn)
+    if release == "rq1":  # RQ 1 keeps the bare id as the member
+        redis_conn.zrem(f"rq:wip:{QUEUE}", started_member(redis_conn, job.id))
+        redis_conn.zadd(f"rq:wip:{QUEUE}", {job.id: time.time() + 600})
+        redis_conn.delete(f"rq:executions:{job.id}")
+    lost = lost_started(redis_conn)
+
+    found = find_lost(redis_conn, Keys(), [QUEUE], started=[])
+
+    assert [e.job_id for e in found.entries] == [lost.id]
+
+
+def test_a_queue_known_only_by_its_registry_is_read_after_the_walk_and_reported_in_order(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # RQ's queue set names only the other queue; this one is found by the walk.
+    unlisted, listed = started_job(redis_conn), started_job(redis_conn, queue=OTHER_QUEUE)
+    redis_conn.srem("rq:queues", f"rq:queue:{QUEUE}")
+
+    report = run(policy(tmp_path), redis_url)
+
+    assert [(j["queue"], j["id"]) for j in report["jobs"]] == [
+        (QUEUE, unlisted.id),
+        (OTHER_QUEUE, listed.id),
+    ]
+    assert [q["name"] for q in report["queues"]] == [QUEUE, OTHER_QUEUE]
+    assert job_status(redis_conn, unlisted.id) == job_status(redis_conn, listed.id) == "failed"
+
+
 def test_a_lost_job_within_lost_after_is_reported_and_left_alone(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

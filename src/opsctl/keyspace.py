@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,6 +116,7 @@ def survey(
     keys: Keys,
     skipped: Iterable[str] = (),
     on_progress: OnProgress | None = None,
+    stop: threading.Event | None = None,
 ) -> Survey:
     """Walk the keyspace once, for the queue names and for lost-job candidates.
 
@@ -126,7 +128,8 @@ def survey(
     server and answers only for started and queued ones whose origin is not
     ``skipped`` (queues the run leaves alone: a backlog waiting there never
     crosses the wire); where scripts are unknown or refused, the same is read
-    with SCAN and pipelined HMGET.
+    with SCAN and pipelined HMGET. A set ``stop`` ends the walk after the
+    current page (its result is then incomplete).
     """
     result = Survey()
     pattern = f"{glob_escape(keys.prefix)}:[jw]*"
@@ -158,7 +161,7 @@ def survey(
             cursor = _survey_plainly(conn, keys, cursor, pattern, listed, set(skipped), result)
         if on_progress:
             on_progress(result.scanned, None, WALKING)
-        if int(cursor) == 0:
+        if int(cursor) == 0 or (stop is not None and stop.is_set()):
             return result
 
 
@@ -260,7 +263,10 @@ def _scan(
         if job_id not in in_registries
     ]
     elsewhere = _in_other_registries(conn, keys, started_ids, wanted, found)
-    lost = [j for j in started_ids if j not in elsewhere]
+    origins = {j: o for o in covered for j in found.started.get(o, ())}
+    unheld = [(j, origins[j]) for j in started_ids if j not in elsewhere]
+    since = _entered_since(conn, keys, unheld)
+    lost = [j for j, _origin in unheld if j not in since]
     for origin in covered:
         if ids := found.queued.get(origin):
             lost += _not_held(conn, keys, origin, ids)
@@ -304,6 +310,41 @@ def _in_other_registries(
             raise
         except redis.ResponseError:
             continue  # not a sorted set: holds no job
+    return held
+
+
+def _entered_since(conn: redis.Redis, keys: Keys, jobs: list[tuple[str, str]]) -> set[str]:
+    """The ``jobs`` (id, origin) that their origin's started registry lists now.
+
+    The keyspace is walked while the registries are read, so a job that
+    started meanwhile is in its registry but not among the entries read.
+    Its member is the bare id (RQ 1) or ``id:execution`` for an execution the
+    job's list of executions names; that list lives on while the job runs.
+    """
+    held: set[str] = set()
+    for start in range(0, len(jobs), 500):
+        batch = jobs[start : start + 500]
+        pipe = conn.pipeline(transaction=False)
+        for job_id, origin in batch:
+            pipe.zscore(keys.started(origin), job_id)
+            pipe.zrange(keys.executions(job_id), 0, -1)
+        replies = replies_of(pipe)
+        origin_of = dict(batch)
+        members: list[tuple[str, str]] = []
+        for i, (job_id, _origin) in enumerate(batch):
+            score, executions = replies[2 * i], replies[2 * i + 1]
+            if isinstance(score, float):
+                held.add(job_id)
+            elif isinstance(executions, list):
+                members += [(job_id, f"{job_id}:{text(e)}") for e in executions]
+        if not members:
+            continue
+        pipe = conn.pipeline(transaction=False)
+        for job_id, member in members:
+            pipe.zscore(keys.started(origin_of[job_id]), member)
+        for (job_id, _member), score in zip(members, replies_of(pipe), strict=True):
+            if isinstance(score, float):
+                held.add(job_id)
     return held
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -39,7 +40,8 @@ class ScanProgress:
     total); an apply then acts on the stuck jobs. The bar names the stage.
 
     Never drawn when stderr is not a terminal or the report is JSON, so logs,
-    pipes and programs never see it.
+    pipes and programs never see it. The walk and the scan run on threads of
+    their own and may both report at once.
     """
 
     def __init__(self, enabled: bool) -> None:
@@ -47,10 +49,15 @@ class ScanProgress:
         self._started = time.monotonic()
         self._bar: Progress | None = None
         self._task = TaskID(0)
+        self._lock = threading.Lock()
 
     def __call__(self, done: int, total: int | None, what: str = SCANNING) -> None:
         if not self.enabled:
             return
+        with self._lock:
+            self._draw(done, total, what)
+
+    def _draw(self, done: int, total: int | None, what: str) -> None:
         if self._bar is None:
             if time.monotonic() - self._started < SHOW_AFTER_S:
                 return

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -25,7 +27,7 @@ from opsctl.keyspace import (
 )
 from opsctl.model import StartedEntry, WorkerRecord, parse_int
 from opsctl.policy import Limits, Policy, Rule
-from opsctl.progress import OnProgress
+from opsctl.progress import WALKING, OnProgress
 from opsctl.state import (
     Snapshot,
     known_queues,
@@ -137,22 +139,11 @@ def effective_rule(rule: Rule, overrides: Overrides) -> Rule:
     return replace(rule, **changes)  # type: ignore[arg-type]
 
 
-def select_queues(
-    conn: redis.Redis,
-    keys: Keys,
-    policy: Policy,
-    overrides: Overrides,
-    listed: list[str] | None = None,
-) -> tuple[list[QueuePlan], list[str]]:
-    """Queues to inspect (matched, enabled, and named by --queue if given), and
-    the --queue names the policy does not match. ``listed``: the registry and
-    worker-set keys a keyspace survey found, if one was made."""
-    return _choose_queues(known_queues(conn, keys, listed), policy, overrides)
-
-
 def _choose_queues(
     names: list[str], policy: Policy, overrides: Overrides
 ) -> tuple[list[QueuePlan], list[str]]:
+    """Queues to inspect among ``names`` (matched, enabled, and named by --queue
+    if given), and the --queue names the policy does not match."""
     wanted = set(overrides.queues)
     if wanted:
         names = sorted(wanted)
@@ -210,10 +201,7 @@ def _plan(
     on_progress: OnProgress | None,
     run_id: str | None,
 ) -> Run:
-    # One walk over the keyspace finds the queues and the lost-job candidates.
-    found = survey(conn, keys, _left_alone(conn, keys, policy, overrides), on_progress)
-    queues, unmatched = select_queues(conn, keys, policy, overrides, found.listed)
-    snapshot = read_snapshot(conn, keys, [q.name for q in queues], on_progress, with_functions=True)
+    queues, unmatched, snapshot, found = _read_state(conn, keys, policy, overrides, on_progress)
     rules = {q.name: q.rule for q in queues}
     dry_run = bool(overrides.dry_run) if overrides.dry_run is not None else policy.defaults.dry_run
     run = Run(
@@ -242,15 +230,77 @@ def _plan(
     return run
 
 
-def _left_alone(conn: redis.Redis, keys: Keys, policy: Policy, overrides: Overrides) -> list[str]:
-    """Queues in RQ's queue set that this run does not cover.
+def _read_state(
+    conn: redis.Redis,
+    keys: Keys,
+    policy: Policy,
+    overrides: Overrides,
+    on_progress: OnProgress | None,
+) -> tuple[list[QueuePlan], list[str], Snapshot, Survey]:
+    """The queues to inspect, the --queue names no rule matches, what their
+    registries and workers hold, and the keyspace survey.
 
-    Known before the keyspace survey, so the jobs waiting there (a backlog of
-    a million, say) are never sent as lost-job candidates.
+    The survey (a walk over every key, for lost jobs and for queues known
+    only by their keys) runs on a helper thread while the registries of the
+    queues in RQ's queue set are read: Redis works on one while opsctl
+    decodes the other. Queues the survey alone finds are read after it.
     """
     names = known_queues(conn, keys, listed=[])
-    covered = {q.name for q in _choose_queues(names, policy, overrides)[0]}
-    return [name for name in names if name not in covered]
+    first, _ = _choose_queues(names, policy, overrides)
+    covered = {q.name for q in first}
+    # Jobs waiting in queues the run leaves alone (a backlog of a million,
+    # say) are never sent as lost-job candidates.
+    left_alone = [name for name in names if name not in covered]
+    walk_progress, scan_progress = _shared_progress(on_progress)
+    stop = threading.Event()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="opsctl-walk") as walker:
+        walking = walker.submit(survey, conn, keys, left_alone, walk_progress, stop)
+        try:
+            snapshot = read_snapshot(
+                conn, keys, [q.name for q in first], scan_progress, with_functions=True
+            )
+        except BaseException:
+            stop.set()  # the run is over: no need to finish the walk
+            raise
+        found = walking.result()
+    listed = known_queues(conn, keys, found.listed)
+    queues, unmatched = _choose_queues(sorted({*listed, *covered}), policy, overrides)
+    later = [q.name for q in queues if q.name not in covered]
+    if later:
+        more = read_snapshot(conn, keys, later, on_progress, with_functions=True)
+        snapshot.workers.update(
+            {n: w for n, w in more.workers.items() if n not in snapshot.workers}
+        )
+        snapshot.problems += more.problems
+        snapshot.entries += more.entries
+        place = {q.name: i for i, q in enumerate(queues)}
+        snapshot.entries.sort(key=lambda e: place[e.queue])  # stable: registry order kept
+    snapshot.queues = [q.name for q in queues]
+    return queues, unmatched, snapshot, found
+
+
+def _shared_progress(on_progress: OnProgress | None) -> tuple[OnProgress | None, OnProgress | None]:
+    """Progress callbacks for the walk and the registry scan, which run at once.
+
+    The bar starts on the walk and follows the scan while there is one; the
+    walk's counts show again once the scan is done and the walk is not.
+    """
+    if on_progress is None:
+        return None, None
+    report = on_progress
+    scanning = False
+    report(0, None, WALKING)
+
+    def walk(done: int, total: int | None, what: str) -> None:
+        if not scanning:
+            report(done, total, what)
+
+    def scan(done: int, total: int | None, what: str) -> None:
+        nonlocal scanning
+        scanning = done < (total or 0)
+        report(done, total, what)
+
+    return walk, scan
 
 
 def _lost_entries(
