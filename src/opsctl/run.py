@@ -201,9 +201,12 @@ def _plan(
     on_progress: OnProgress | None,
     run_id: str | None,
 ) -> Run:
-    queues, unmatched, snapshot, found = _read_state(conn, keys, policy, overrides, on_progress)
-    rules = {q.name: q.rule for q in queues}
     dry_run = bool(overrides.dry_run) if overrides.dry_run is not None else policy.defaults.dry_run
+    decide = _Classifier(dry_run)
+    queues, unmatched, snapshot, found = _read_state(
+        conn, keys, policy, overrides, on_progress, decide
+    )
+    rules = decide.rules = {q.name: q.rule for q in queues}
     run = Run(
         run_id=run_id or new_run_id(),
         dry_run=dry_run,
@@ -215,10 +218,7 @@ def _plan(
     run.server_version, run.warnings = server_notes(conn)
     entries = snapshot.entries + _lost_entries(conn, keys, snapshot, run, found)
     del found  # its candidate lists are large and no longer needed
-    for entry in entries:
-        rule = rules[entry.queue]
-        verdict = engine.classify(entry, snapshot.workers, rule, snapshot.now)
-        run.jobs.append(_initial_outcome(entry, verdict, rule, dry_run))
+    run.jobs = decide.outcomes(entries, snapshot.workers, snapshot.now)
     inspected = Counter(j.entry.queue for j in run.jobs)
     for queue in queues:
         queue.inspected = inspected[queue.name]
@@ -236,6 +236,7 @@ def _read_state(
     policy: Policy,
     overrides: Overrides,
     on_progress: OnProgress | None,
+    decide: _Classifier,
 ) -> tuple[list[QueuePlan], list[str], Snapshot, Survey]:
     """The queues to inspect, the --queue names no rule matches, what their
     registries and workers hold, and the keyspace survey.
@@ -243,11 +244,13 @@ def _read_state(
     The survey (a walk over every key, for lost jobs and for queues known
     only by their keys) runs on a helper thread while the registries of the
     queues in RQ's queue set are read: Redis works on one while opsctl
-    decodes the other. Queues the survey alone finds are read after it.
+    decodes the other, and ``decide`` classifies each batch of entries as it
+    comes. Queues the survey alone finds are read after it.
     """
     names = known_queues(conn, keys, listed=[])
     first, _ = _choose_queues(names, policy, overrides)
     covered = {q.name for q in first}
+    decide.rules = {q.name: q.rule for q in first}
     # Jobs waiting in queues the run leaves alone (a backlog of a million,
     # say) are never sent as lost-job candidates.
     left_alone = [name for name in names if name not in covered]
@@ -257,7 +260,12 @@ def _read_state(
         walking = walker.submit(survey, conn, keys, left_alone, walk_progress, stop)
         try:
             snapshot = read_snapshot(
-                conn, keys, [q.name for q in first], scan_progress, with_functions=True
+                conn,
+                keys,
+                [q.name for q in first],
+                scan_progress,
+                with_functions=True,
+                on_entries=decide.batch,
             )
         except BaseException:
             stop.set()  # the run is over: no need to finish the walk
@@ -277,6 +285,53 @@ def _read_state(
         snapshot.entries.sort(key=lambda e: place[e.queue])  # stable: registry order kept
     snapshot.queues = [q.name for q in queues]
     return queues, unmatched, snapshot, found
+
+
+class _Classifier:
+    """Decides entries as they are read, so deciding overlaps reading.
+
+    ``batch`` decides the entries it can while the snapshot is still being
+    read; ``outcomes`` returns every entry's outcome, deciding the rest.
+    """
+
+    def __init__(self, dry_run: bool) -> None:
+        self.dry_run = dry_run
+        self.rules: dict[str, Rule] = {}
+        self._early: list[JobOutcome] = []
+
+    def batch(
+        self, entries: list[StartedEntry], workers: dict[str, WorkerRecord], now: float
+    ) -> None:
+        for entry in entries:
+            name = entry.worker_name
+            if (name and name not in workers) or (entry.job is None and entry.execution_id):
+                # Its worker is read at the end, or it may be read again whole
+                # (an RQ 1 id holding a colon): decided with the full snapshot.
+                continue
+            self._early.append(self._outcome(entry, workers, now))
+
+    def outcomes(
+        self, entries: list[StartedEntry], workers: dict[str, WorkerRecord], now: float
+    ) -> list[JobOutcome]:
+        """Every entry's outcome, in order: those decided early, the rest now."""
+        early = iter(self._early)
+        ahead = next(early, None)
+        found = []
+        for entry in entries:
+            if ahead is not None and ahead.entry is entry:
+                found.append(ahead)
+                ahead = next(early, None)
+            else:
+                found.append(self._outcome(entry, workers, now))
+        self._early = []
+        return found
+
+    def _outcome(
+        self, entry: StartedEntry, workers: dict[str, WorkerRecord], now: float
+    ) -> JobOutcome:
+        rule = self.rules[entry.queue]
+        verdict = engine.classify(entry, workers, rule, now)
+        return _initial_outcome(entry, verdict, rule, self.dry_run)
 
 
 def _shared_progress(on_progress: OnProgress | None) -> tuple[OnProgress | None, OnProgress | None]:

@@ -155,12 +155,18 @@ def known_queues(conn: redis.Redis, keys: Keys, listed: Iterable[str] | None = N
     return sorted(n for n in names if n)
 
 
+#: Called with each batch of entries as soon as it is read, with the workers
+#: read before them and the server time of the snapshot.
+OnEntries = Callable[[list[StartedEntry], dict[str, WorkerRecord], float], None]
+
+
 def read_snapshot(
     conn: redis.Redis,
     keys: Keys,
     queues: Iterable[str],
     on_progress: OnProgress | None = None,
     with_functions: bool = False,
+    on_entries: OnEntries | None = None,
 ) -> Snapshot:
     """Read the started registries of ``queues`` and every worker they involve.
 
@@ -168,12 +174,17 @@ def read_snapshot(
     (:attr:`StartedEntry.function`), except for jobs whose worker's hash
     exists and records no death: those are most likely simply running, and a
     report names the function only of jobs that are not.
+
+    ``on_entries`` sees each batch of entries while the next one is read. A
+    batch may hold entries that change before the snapshot is complete (an
+    RQ 1 id with a colon, read again whole) and entries naming workers not
+    yet read (read at the end); the snapshot has the final ones.
     """
     queues = list(queues)
     total = _count_started(conn, keys, queues) if on_progress else 0
     reader = HashReader(conn, with_function=with_functions)
     try:
-        return _read_snapshot(conn, keys, queues, on_progress, total, reader)
+        return _read_snapshot(conn, keys, queues, on_progress, total, reader, on_entries)
     finally:
         reader.close()
 
@@ -185,15 +196,20 @@ def _read_snapshot(
     on_progress: OnProgress | None,
     total: int,
     reader: HashReader,
+    on_entries: OnEntries | None,
 ) -> Snapshot:
     now = server_time(conn)
     problems: list[str] = []
     entries: list[StartedEntry] = []
+    done = 0
 
-    def tick(batch: int) -> None:
+    def decoded(batch: list[StartedEntry]) -> None:
+        nonlocal done
+        done += len(batch)
         if on_progress:
-            done = len(entries) + batch
             on_progress(done, max(total, done), SCANNING)
+        if on_entries:
+            on_entries(batch, workers, now)
 
     workers = read_workers(conn, keys, _worker_names(conn, keys, queues))
     reader.held_by = {name for name, w in workers.items() if w.exists and not w.fields.get("death")}
@@ -206,7 +222,7 @@ def _read_snapshot(
             # One unreadable registry (the wrong type, say) never stops the run.
             problems.append(f"queue {queue}: {keys.started(queue)} cannot be read: {exc}")
             continue
-        entries.extend(_read_entries(keys, queue, members, problems, tick, reader))
+        entries.extend(_read_entries(keys, queue, members, problems, decoded, reader))
     # Workers that entries name but no registration lists (most often dead ones).
     named = {e.worker_name for e in entries if e.worker_name} - set(workers)
     workers.update(read_workers(conn, keys, named))
@@ -252,14 +268,14 @@ def _read_entries(
     queue: str,
     members: list[tuple[bytes, float]],
     problems: list[str],
-    tick: Callable[[int], None],
+    on_decoded: Callable[[list[StartedEntry]], None],
     reader: HashReader,
 ) -> list[StartedEntry]:
     """The entries of one registry, read a batch ahead of the one being decoded.
 
     The next batch's read runs on a helper thread while this one decodes its
-    replies, so Redis runs the read script while Python turns the previous
-    replies into records.
+    replies (and ``on_decoded`` sees them), so Redis runs the read script
+    while Python works on the previous replies.
     """
     entries: list[StartedEntry] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="opsctl-read") as ahead:
@@ -271,8 +287,9 @@ def _read_entries(
             if pending is not None:
                 done_batch, done_ids, replies = pending
                 decoded = replies.result()
+                start = len(entries)
                 _decode_entries(queue, done_batch, done_ids, decoded, problems, entries, reader)
-                tick(len(entries))
+                on_decoded(entries[start:])
             pending = sent if batch is not None else None
     _resolve_rq1_ids_with_colons(keys, entries, problems, reader)
     return entries
