@@ -489,7 +489,20 @@ def test_parse_timestamp_reads_every_form_rq_writes(text: str, expected: float) 
 
 
 @pytest.mark.parametrize(
-    "text", [None, "", "   ", "yesterday", "2024-13-01T00:00:00Z", "nan", "inf", "-5", "0"]
+    "text",
+    [
+        None,
+        "",
+        "   ",
+        "yesterday",
+        "2024-13-01T00:00:00Z",
+        "2024-01-01T00:00:00.000000+",
+        "2024-01-01T00:00:00.1-0100Z",  # RQ's length and Z, with an offset inside
+        "nan",
+        "inf",
+        "-5",
+        "0",
+    ],
 )
 def test_parse_timestamp_returns_none_for_what_is_not_a_moment(text: str | None) -> None:
     assert parse_timestamp(text) is None

@@ -161,6 +161,14 @@ def parse_timestamp(text: str | None) -> float | None:
     """
     if not text:
         return None
+    if len(text) == 27 and text[26] == "Z" and text[10] == "T":
+        # The form RQ writes (UTC, microseconds, Z), read without a zone.
+        try:
+            naive = datetime.fromisoformat(text[:26])
+        except ValueError:
+            naive = None
+        if naive is not None and naive.tzinfo is None:
+            return (naive - _EPOCH).total_seconds()
     text = text.strip()
     if "-" in text[1:] or "T" in text:
         return _parse_iso(text)
@@ -169,6 +177,9 @@ def parse_timestamp(text: str | None) -> float | None:
     except ValueError:
         return None
     return value if math.isfinite(value) and value > 0 else None
+
+
+_EPOCH = datetime(1970, 1, 1)
 
 
 def _parse_iso(text: str) -> float | None:

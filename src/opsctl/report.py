@@ -152,10 +152,13 @@ def _head(run: Run, redis_url: str, policy_path: str, policy_digest: str) -> dic
 
 def _job_json(j: JobOutcome) -> dict[str, Any]:
     s = j.verdict.signals
+    entry = j.entry.member_text
+    if not entry.isascii():  # stored bytes that are not UTF-8 are shown escaped
+        entry = j.entry.member.decode("utf-8", "backslashreplace")
     return {
         "id": j.entry.job_id,
         "queue": j.entry.queue,
-        "entry": j.entry.member.decode("utf-8", "backslashreplace"),
+        "entry": entry,
         "execution_id": j.entry.execution_id,
         "state": j.verdict.state.value,
         "status": s.status,
