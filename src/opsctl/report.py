@@ -92,20 +92,25 @@ def write_run_json(
     binary: BinaryIO | None = getattr(out, "buffer", None)
     if binary is not None:
         out.flush()
-    for start in range(0, len(run.jobs), JSON_CHUNK_LINES):
-        lines = [_dumps(_job_json(j)) for j in run.jobs[start : start + JSON_CHUNK_LINES]]
-        chunk = (b",\n    " if start else b"\n    ") + b",\n    ".join(lines)
-        if binary is not None:
-            binary.write(chunk)
-        else:
-            out.write(chunk.decode())
+    chunk = bytearray()
+    for i, job in enumerate(run.jobs):
+        # Copied into the chunk at once: each encoded line holds a few
+        # kilobytes of spare room until it is freed.
+        chunk += b",\n    " if i else b"\n    "
+        chunk += _dumps(_job_json(job))
+        if len(chunk) >= JSON_CHUNK_BYTES or i == len(run.jobs) - 1:
+            if binary is not None:
+                binary.write(chunk)
+            else:
+                out.write(chunk.decode())
+            chunk.clear()
     if binary is not None:
         binary.flush()
     out.write("\n  ]\n}\n")
 
 
-#: Job lines written to the report stream at once.
-JSON_CHUNK_LINES = 2000
+#: Bytes of job lines written to the report stream at once.
+JSON_CHUNK_BYTES = 1 << 20
 
 
 def _dumps(value: dict[str, Any]) -> bytes:
