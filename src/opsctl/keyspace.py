@@ -166,9 +166,13 @@ def survey(
 
 
 def _add_candidates(result: Survey, found: list[Any]) -> None:
-    """Record a survey page's answers: id, then status initial and origin."""
+    """Record a survey page's answers: id, then status initial and origin.
+
+    Ids are interned, as the ids of registry entries are (see
+    :func:`opsctl.state.split_member`): a job found both ways is kept once.
+    """
     for i in range(0, len(found), 2):
-        job_id, tag = text(found[i]), text(found[i + 1])
+        job_id, tag = sys.intern(text(found[i])), text(found[i + 1])
         if job_id:
             places = result.started if tag[:1] == "s" else result.queued
             places.setdefault(sys.intern(tag[1:]), []).append(job_id)
@@ -256,15 +260,15 @@ def _scan(
 ) -> None:
     in_registries = {e.job_id for e in started}
     covered = sorted(wanted)
-    started_ids = [
-        job_id
+    unread = [
+        (job_id, origin)
         for origin in covered
         for job_id in found.started.get(origin, ())
         if job_id not in in_registries
     ]
-    elsewhere = _in_other_registries(conn, keys, started_ids, wanted, found)
-    origins = {j: o for o in covered for j in found.started.get(o, ())}
-    unheld = [(j, origins[j]) for j in started_ids if j not in elsewhere]
+    del in_registries
+    elsewhere = _in_other_registries(conn, keys, [j for j, _ in unread], wanted, found)
+    unheld = [(j, origin) for j, origin in unread if j not in elsewhere]
     since = _entered_since(conn, keys, unheld)
     lost = [j for j, _origin in unheld if j not in since]
     for origin in covered:

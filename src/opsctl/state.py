@@ -255,12 +255,14 @@ def split_member(member: bytes) -> tuple[str, str | None]:
 
     RQ 1.x stores the bare job id; RQ 2 and later store ``job_id:execution_id``.
     Job ids cannot contain a colon in RQ 2+, so the last colon splits them.
+    The job id is interned: the keyspace survey meets most jobs again, and
+    both then share one copy of the id.
     """
     decoded = text(member)
     job_id, sep, execution_id = decoded.rpartition(":")
     if not sep or not job_id or not execution_id:
-        return decoded, None
-    return job_id, execution_id
+        return sys.intern(decoded), None
+    return sys.intern(job_id), execution_id
 
 
 def _read_entries(
