@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -28,7 +30,15 @@ from rq.job import Job
 from rq.rate_limit import RateLimit, RateLimitRegistry
 from rq.registry import FailedJobRegistry
 
-from conftest import WorkerFactory, invoke_opsctl, job_status, run_opsctl, wait_for_status
+from conftest import (
+    WorkerFactory,
+    clean_env,
+    invoke_opsctl,
+    job_status,
+    opsctl_env,
+    run_opsctl,
+    wait_for_status,
+)
 from opsctl.errors import ExitCode
 from opsctl.keys import Keys
 from opsctl.keyspace import find_lost
@@ -1150,3 +1160,32 @@ def test_running_jobs_among_many_are_never_taken_for_lost(
     assert found.filtered_server_side
     assert [e.job_id for e in found.entries] == [lost.id]
     assert len(running) + 2 <= found.scanned
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_a_json_report_is_written_in_the_encoding_of_its_stream(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, encoding: str
+) -> None:
+    job = started_job(redis_conn, worker="wörker-1")
+    env = opsctl_env({**clean_env(), "PYTHONIOENCODING": encoding})
+    argv = [sys.executable, "-m", "opsctl", "apply", str(policy(tmp_path)), "--dry-run"]
+    argv += ["--format", "json", "--redis-url", redis_url]
+
+    done = subprocess.run(argv, capture_output=True, env=env, timeout=120, check=False)
+
+    assert done.returncode == 0, done.stderr
+    item = job_in(json.loads(done.stdout.decode(encoding)), job.id)
+    assert item["worker"] == "wörker-1"
+    assert "wörker-1 is dead" in item["reason"]
+
+
+def test_a_connection_pool_of_one_is_enough_for_a_run(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # The keyspace walk runs on a thread of its own, beside the registry reads.
+    job = started_job(redis_conn)
+
+    report = run(policy(tmp_path), f"{redis_url}?max_connections=1")
+
+    assert job_in(report, job.id)["outcome"] == "done"
+    assert job_status(redis_conn, job.id) == "failed"

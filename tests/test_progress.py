@@ -18,9 +18,13 @@ from rq import Queue
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 
+import opsctl.progress as progress_module
 from conftest import clean_env, opsctl_env
+from opsctl.progress import SCANNING, WALKING, ScanProgress
+from opsctl.run import _WalkAndScan
 
 pytestmark = pytest.mark.redis_server
+
 
 #: Runs opsctl's CLI with the bar shown at once.
 AT_ONCE = (
@@ -108,3 +112,36 @@ def test_an_apply_on_a_terminal_shows_its_acting_stage_and_acts(
     assert "acting on stuck jobs" in terminal
     statuses = {Job.fetch(j.id, connection=redis_conn).get_status() for j in jobs}
     assert statuses == {JobStatus.FAILED}
+
+
+def test_the_bar_follows_the_scan_while_it_runs_and_the_walk_once_it_is_done() -> None:
+    shown: list[tuple[int, int | None, str]] = []
+    progress = _WalkAndScan(lambda done, total, what: shown.append((done, total, what)))
+
+    progress.walk(2000, None, WALKING)
+    progress.scan(500, 1000, SCANNING)
+    progress.walk(4000, None, WALKING)  # the scan is still running: not shown
+    progress.scan(990, 1000, SCANNING)  # the registry shrank meanwhile: 990 is all
+    progress.scan_done()
+    progress.walk(6000, None, WALKING)
+
+    assert shown == [
+        (0, None, WALKING),
+        (2000, None, WALKING),
+        (500, 1000, SCANNING),
+        (990, 1000, SCANNING),
+        (6000, None, WALKING),
+    ]
+
+
+def test_a_new_stage_never_shows_the_last_stages_total(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(progress_module, "SHOW_AFTER_S", 0.0)
+    bar = ScanProgress(enabled=True)
+    bar.enabled = True  # stderr is not a terminal under pytest
+    with bar:
+        bar(10, 100, SCANNING)
+        bar(5000, None, WALKING)
+        assert bar._bar is not None
+        assert [(t.description, t.total, t.completed) for t in bar._bar.tasks] == [
+            (WALKING, None, 5000)
+        ]

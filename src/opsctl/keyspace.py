@@ -117,6 +117,7 @@ def survey(
     skipped: Iterable[str] = (),
     on_progress: OnProgress | None = None,
     stop: threading.Event | None = None,
+    ids: dict[str, str] | None = None,
 ) -> Survey:
     """Walk the keyspace once, for the queue names and for lost-job candidates.
 
@@ -129,7 +130,8 @@ def survey(
     ``skipped`` (queues the run leaves alone: a backlog waiting there never
     crosses the wire); where scripts are unknown or refused, the same is read
     with SCAN and pipelined HMGET. A set ``stop`` ends the walk after the
-    current page (its result is then incomplete).
+    current page (its result is then incomplete). ``ids`` keeps one copy of
+    each job id for the whole run (see :func:`opsctl.state.split_member`).
     """
     result = Survey()
     pattern = f"{glob_escape(keys.prefix)}:[jw]*"
@@ -153,26 +155,26 @@ def survey(
                 continue
             cursor = page[0]
             result.listed += [text(k) for k in page[1]]
-            _add_candidates(result, page[2])
+            _add_candidates(result, page[2], ids)
             result.scanned += int(page[3])
             break
         else:
             result.filtered_server_side = False
-            cursor = _survey_plainly(conn, keys, cursor, pattern, listed, set(skipped), result)
+            cursor = _survey_plainly(
+                conn, keys, cursor, (pattern, listed, set(skipped)), result, ids
+            )
         if on_progress:
             on_progress(result.scanned, None, WALKING)
         if int(cursor) == 0 or (stop is not None and stop.is_set()):
             return result
 
 
-def _add_candidates(result: Survey, found: list[Any]) -> None:
-    """Record a survey page's answers: id, then status initial and origin.
-
-    Ids are interned, as the ids of registry entries are (see
-    :func:`opsctl.state.split_member`): a job found both ways is kept once.
-    """
+def _add_candidates(result: Survey, found: list[Any], ids: dict[str, str] | None = None) -> None:
+    """Record a survey page's answers: id, then status initial and origin."""
     for i in range(0, len(found), 2):
-        job_id, tag = sys.intern(text(found[i])), text(found[i + 1])
+        job_id, tag = text(found[i]), text(found[i + 1])
+        if ids is not None:
+            job_id = ids.setdefault(job_id, job_id)
         if job_id:
             places = result.started if tag[:1] == "s" else result.queued
             places.setdefault(sys.intern(tag[1:]), []).append(job_id)
@@ -182,12 +184,16 @@ def _survey_plainly(
     conn: redis.Redis,
     keys: Keys,
     cursor: Any,
-    pattern: str,
-    listed: tuple[str, ...],
-    skipped: set[str],
+    walk: tuple[str, tuple[str, ...], set[str]],
     result: Survey,
+    ids: dict[str, str] | None,
 ) -> Any:
-    """One survey page from plain commands: SCAN, then HMGET of each job hash."""
+    """One survey page from plain commands: SCAN, then HMGET of each job hash.
+
+    ``walk`` is the SCAN pattern, the key prefixes listed by name and the
+    queues whose jobs are of no interest.
+    """
+    pattern, listed, skipped = walk
     cursor, page = conn.scan(cursor, match=pattern, count=SURVEY_COUNT)
     names = [text(k) for k in page]
     result.scanned += len(names)
@@ -208,7 +214,7 @@ def _survey_plainly(
         status, origin = (text(v) for v in reply) if isinstance(reply, list) else ("", "")
         if status in ("started", "queued") and origin not in skipped:
             found += [name.removeprefix(keys.job_prefix), status[0] + origin]
-    _add_candidates(result, found)
+    _add_candidates(result, found, ids)
     return cursor
 
 

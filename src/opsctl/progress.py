@@ -49,6 +49,7 @@ class ScanProgress:
         self._started = time.monotonic()
         self._bar: Progress | None = None
         self._task = TaskID(0)
+        self._stage = ""
         self._lock = threading.Lock()
 
     def __call__(self, done: int, total: int | None, what: str = SCANNING) -> None:
@@ -71,6 +72,13 @@ class ScanProgress:
             )
             self._bar.start()
             self._task = self._bar.add_task(what, total=total)
+            self._stage = what
+        elif what != self._stage:
+            # A new stage gets a task of its own: one whose total is not known
+            # never shows the last stage's total.
+            self._bar.remove_task(self._task)
+            self._task = self._bar.add_task(what, total=total)
+            self._stage = what
         self._bar.update(self._task, completed=done, total=total, description=what)
 
     def __enter__(self) -> ScanProgress:

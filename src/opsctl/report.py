@@ -6,7 +6,9 @@ escaped so that it can never be taken for markup or a terminal control sequence.
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
 from collections import Counter
 from typing import Any, BinaryIO, TextIO
 
@@ -89,7 +91,7 @@ def write_run_json(
     for key, value in head.items():
         out.write(f"  {json.dumps(key)}: {json.dumps(value)},\n")
     out.write('  "jobs": [')
-    binary: BinaryIO | None = getattr(out, "buffer", None)
+    binary = _utf8_buffer(out)
     if binary is not None:
         out.flush()
     chunk = bytearray()
@@ -107,6 +109,20 @@ def write_run_json(
     if binary is not None:
         binary.flush()
     out.write("\n  ]\n}\n")
+
+
+def _utf8_buffer(out: TextIO) -> BinaryIO | None:
+    """The stream's binary buffer, when writing UTF-8 there is what its text
+    layer would do (it encodes UTF-8 and does not translate newlines)."""
+    buffer: BinaryIO | None = getattr(out, "buffer", None)
+    encoding = getattr(out, "encoding", None)
+    if buffer is None or not encoding or os.linesep != "\n":
+        return None
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        return None
+    return buffer if name == "utf-8" else None
 
 
 #: Bytes of job lines written to the report stream at once.

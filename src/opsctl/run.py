@@ -35,6 +35,7 @@ from opsctl.state import (
     read_workers,
     replies_of,
     server_notes,
+    twin_client,
 )
 
 log = logging.getLogger(__name__)
@@ -254,28 +255,40 @@ def _read_state(
     # Jobs waiting in queues the run leaves alone (a backlog of a million,
     # say) are never sent as lost-job candidates.
     left_alone = [name for name in names if name not in covered]
-    walk_progress, scan_progress = _shared_progress(on_progress)
+    progress = _WalkAndScan(on_progress)
+    ids: dict[str, str] = {}  # one copy of each job id, met in a registry and on the walk
     stop = threading.Event()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="opsctl-walk") as walker:
-        walking = walker.submit(survey, conn, keys, left_alone, walk_progress, stop)
-        try:
-            snapshot = read_snapshot(
-                conn,
-                keys,
-                [q.name for q in first],
-                scan_progress,
-                with_functions=True,
-                on_entries=decide.batch,
+    # The walk has a connection of its own: the registry reads hold the
+    # caller's while it runs.
+    twin = twin_client(conn)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="opsctl-walk") as walker:
+            walking = walker.submit(
+                survey, twin or conn, keys, left_alone, progress.walk, stop, ids
             )
-        except BaseException:
-            stop.set()  # the run is over: no need to finish the walk
-            raise
-        found = walking.result()
+            try:
+                snapshot = read_snapshot(
+                    conn,
+                    keys,
+                    [q.name for q in first],
+                    progress.scan,
+                    with_functions=True,
+                    on_entries=decide.batch,
+                    ids=ids,
+                )
+                progress.scan_done()
+                found = walking.result()
+            except BaseException:
+                stop.set()  # the run is over (or interrupted): no need to finish the walk
+                raise
+    finally:
+        if twin is not None:
+            twin.connection_pool.disconnect()
     listed = known_queues(conn, keys, found.listed)
     queues, unmatched = _choose_queues(sorted({*listed, *covered}), policy, overrides)
     later = [q.name for q in queues if q.name not in covered]
     if later:
-        more = read_snapshot(conn, keys, later, on_progress, with_functions=True)
+        more = read_snapshot(conn, keys, later, on_progress, with_functions=True, ids=ids)
         snapshot.workers.update(
             {n: w for n, w in more.workers.items() if n not in snapshot.workers}
         )
@@ -334,28 +347,30 @@ class _Classifier:
         return _initial_outcome(entry, verdict, rule, self.dry_run)
 
 
-def _shared_progress(on_progress: OnProgress | None) -> tuple[OnProgress | None, OnProgress | None]:
-    """Progress callbacks for the walk and the registry scan, which run at once.
+class _WalkAndScan:
+    """Progress of the walk and of the registry scan, which run at once.
 
-    The bar starts on the walk and follows the scan while there is one; the
-    walk's counts show again once the scan is done and the walk is not.
+    The bar starts on the walk, follows the scan while it runs, and shows
+    the walk again if it outlasts the scan.
     """
-    if on_progress is None:
-        return None, None
-    report = on_progress
-    scanning = False
-    report(0, None, WALKING)
 
-    def walk(done: int, total: int | None, what: str) -> None:
-        if not scanning:
-            report(done, total, what)
+    def __init__(self, on_progress: OnProgress | None) -> None:
+        self.report = on_progress
+        self.scanning = False
+        if on_progress is not None:
+            on_progress(0, None, WALKING)
 
-    def scan(done: int, total: int | None, what: str) -> None:
-        nonlocal scanning
-        scanning = done < (total or 0)
-        report(done, total, what)
+    def walk(self, done: int, total: int | None, what: str) -> None:
+        if self.report is not None and not self.scanning:
+            self.report(done, total, what)
 
-    return walk, scan
+    def scan(self, done: int, total: int | None, what: str) -> None:
+        if self.report is not None:
+            self.scanning = True
+            self.report(done, total, what)
+
+    def scan_done(self) -> None:
+        self.scanning = False
 
 
 def _lost_entries(

@@ -167,6 +167,7 @@ def read_snapshot(
     on_progress: OnProgress | None = None,
     with_functions: bool = False,
     on_entries: OnEntries | None = None,
+    ids: dict[str, str] | None = None,
 ) -> Snapshot:
     """Read the started registries of ``queues`` and every worker they involve.
 
@@ -178,13 +179,14 @@ def read_snapshot(
     ``on_entries`` sees each batch of entries while the next one is read. A
     batch may hold entries that change before the snapshot is complete (an
     RQ 1 id with a colon, read again whole) and entries naming workers not
-    yet read (read at the end); the snapshot has the final ones.
+    yet read (read at the end); the snapshot has the final ones. ``ids``
+    keeps one copy of each job id for the whole run (see :func:`split_member`).
     """
     queues = list(queues)
     total = _count_started(conn, keys, queues) if on_progress else 0
     reader = HashReader(conn, with_function=with_functions)
     try:
-        return _read_snapshot(conn, keys, queues, on_progress, total, reader, on_entries)
+        return _read_snapshot(conn, keys, queues, on_progress, total, reader, on_entries, ids)
     finally:
         reader.close()
 
@@ -197,6 +199,7 @@ def _read_snapshot(
     total: int,
     reader: HashReader,
     on_entries: OnEntries | None,
+    ids: dict[str, str] | None,
 ) -> Snapshot:
     now = server_time(conn)
     problems: list[str] = []
@@ -222,7 +225,7 @@ def _read_snapshot(
             # One unreadable registry (the wrong type, say) never stops the run.
             problems.append(f"queue {queue}: {keys.started(queue)} cannot be read: {exc}")
             continue
-        entries.extend(_read_entries(keys, queue, members, problems, decoded, reader))
+        entries.extend(_read_entries(keys, queue, members, problems, decoded, reader, ids))
     # Workers that entries name but no registration lists (most often dead ones).
     named = {e.worker_name for e in entries if e.worker_name} - set(workers)
     workers.update(read_workers(conn, keys, named))
@@ -250,19 +253,22 @@ def registry_members(conn: redis.Redis, key: str) -> Iterator[tuple[bytes, float
         start += RANGE_CHUNK
 
 
-def split_member(member: bytes) -> tuple[str, str | None]:
+def split_member(member: bytes, ids: dict[str, str] | None = None) -> tuple[str, str | None]:
     """Job id and execution id of a started-registry member.
 
     RQ 1.x stores the bare job id; RQ 2 and later store ``job_id:execution_id``.
     Job ids cannot contain a colon in RQ 2+, so the last colon splits them.
-    The job id is interned: the keyspace survey meets most jobs again, and
-    both then share one copy of the id.
+    With ``ids``, the job id is the copy kept there: a run meets most jobs
+    twice (in a registry and in the keyspace survey) and keeps one copy.
     """
     decoded = text(member)
-    job_id, sep, execution_id = decoded.rpartition(":")
-    if not sep or not job_id or not execution_id:
-        return sys.intern(decoded), None
-    return sys.intern(job_id), execution_id
+    job_id, sep, execution = decoded.rpartition(":")
+    execution_id: str | None = execution
+    if not sep or not job_id or not execution:
+        job_id, execution_id = decoded, None
+    if ids is not None:
+        job_id = ids.setdefault(job_id, job_id)
+    return job_id, execution_id
 
 
 def _read_entries(
@@ -272,6 +278,7 @@ def _read_entries(
     problems: list[str],
     on_decoded: Callable[[list[StartedEntry]], None],
     reader: HashReader,
+    ids: dict[str, str] | None = None,
 ) -> list[StartedEntry]:
     """The entries of one registry, read a batch ahead of the one being decoded.
 
@@ -284,8 +291,8 @@ def _read_entries(
         pending: tuple[list[tuple[bytes, float]], list[tuple[str, str | None]], Any] | None = None
         for batch in [*_batches(members, SCRIPT_BATCH * SCRIPT_CALLS), None]:
             if batch is not None:
-                ids, hash_keys, flags = _hash_keys(keys, batch)
-                sent = (batch, ids, ahead.submit(reader.read, hash_keys, flags))
+                split, hash_keys, flags = _hash_keys(keys, batch, ids)
+                sent = (batch, split, ahead.submit(reader.read, hash_keys, flags))
             if pending is not None:
                 done_batch, done_ids, replies = pending
                 decoded = replies.result()
@@ -328,18 +335,18 @@ def _resolve_rq1_ids_with_colons(
 
 
 def _hash_keys(
-    keys: Keys, batch: list[tuple[bytes, float]]
+    keys: Keys, batch: list[tuple[bytes, float]], ids: dict[str, str] | None = None
 ) -> tuple[list[tuple[str, str | None]], list[bytes], list[bool]]:
     """Job and execution ids of a batch of members, and the hash keys to read for them."""
-    ids = [split_member(member) for member, _score in batch]
+    split = [split_member(member, ids) for member, _score in batch]
     hash_keys: list[bytes] = []
-    for job_id, execution_id in ids:
+    for job_id, execution_id in split:
         hash_keys.append(keys.job(job_id).encode("utf-8", "surrogateescape"))
         if execution_id is not None:
             hash_keys.append(
                 keys.execution(job_id, execution_id).encode("utf-8", "surrogateescape")
             )
-    return ids, hash_keys, [execution_id is not None for _, execution_id in ids]
+    return split, hash_keys, [execution_id is not None for _, execution_id in split]
 
 
 def _decode_entries(
@@ -495,7 +502,7 @@ class HashReader:
         #: Workers whose jobs are read without the extra fields (the script
         #: leaves them out; plain reads bring them anyway).
         self.held_by: set[str] = set()
-        self.own = _text_client(conn)
+        self.own = twin_client(conn)
         self.conn = self.own or conn
         #: Whether replies hold only text (hiredis decoded them) rather than bytes.
         self.as_text = self.own is not None
@@ -618,12 +625,14 @@ class HashReader:
         ]
 
 
-def _text_client(conn: redis.Redis) -> redis.Redis | None:
-    """A client for the same server whose replies hiredis decodes to text.
+def twin_client(conn: redis.Redis) -> redis.Redis | None:
+    """A client on a pool of its own for the same server, whose replies
+    hiredis decodes to text; None when the connection cannot be copied.
 
     Decoding hundreds of thousands of field values in C rather than one by one
-    in Python is most of what a large read costs on the client. Only a plain
-    connection pool is copied; for others (Sentinel) the caller decodes itself.
+    in Python is most of what a large read costs on the client, and a thread
+    reading on its own leaves the caller's pool to the caller. Only a plain
+    connection pool is copied; for others (Sentinel) the caller's is used.
     """
     pool = conn.connection_pool
     if type(pool) is not redis.ConnectionPool:
