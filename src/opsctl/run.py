@@ -288,6 +288,8 @@ def _read_state(
     queues, unmatched = _choose_queues(sorted({*listed, *covered}), policy, overrides)
     later = [q.name for q in queues if q.name not in covered]
     if later:
+        # Their ages count from the first snapshot's clock, a moment before
+        # they were read: a job is never taken for older than it is.
         more = read_snapshot(conn, keys, later, on_progress, with_functions=True, ids=ids)
         snapshot.workers.update(
             {n: w for n, w in more.workers.items() if n not in snapshot.workers}
