@@ -31,6 +31,7 @@ from opsctl.progress import WALKING, OnProgress
 from opsctl.state import (
     Snapshot,
     known_queues,
+    may_be_read_again,
     read_snapshot,
     read_workers,
     replies_of,
@@ -319,7 +320,7 @@ class _Classifier:
     ) -> None:
         for entry in entries:
             name = entry.worker_name
-            if (name and name not in workers) or (entry.job is None and entry.execution_id):
+            if (name and name not in workers) or may_be_read_again(entry):
                 # Its worker is read at the end, or it may be read again whole
                 # (an RQ 1 id holding a colon): decided with the full snapshot.
                 continue

@@ -304,6 +304,12 @@ def _read_entries(
     return entries
 
 
+def may_be_read_again(entry: StartedEntry) -> bool:
+    """Whether the snapshot may still replace ``entry``: its split names no job,
+    so the whole member may be an RQ 1 id holding a colon (see below)."""
+    return entry.job is None and entry.execution_id is not None
+
+
 def _resolve_rq1_ids_with_colons(
     keys: Keys, entries: list[StartedEntry], problems: list[str], reader: HashReader
 ) -> None:
@@ -314,7 +320,7 @@ def _resolve_rq1_ids_with_colons(
     kept when its job hash exists; otherwise, when a job hash is named by the
     whole member, that is the job. Such members are rare.
     """
-    candidates = [i for i, e in enumerate(entries) if e.job is None and e.execution_id is not None]
+    candidates = [i for i, e in enumerate(entries) if may_be_read_again(e)]
     if not candidates:
         return
     hash_keys = [
