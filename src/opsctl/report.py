@@ -94,18 +94,23 @@ def write_run_json(
     binary = _utf8_buffer(out)
     if binary is not None:
         out.flush()
+
+    def write(chunk: bytearray) -> None:
+        if binary is not None:
+            binary.write(chunk)
+        else:
+            out.write(chunk.decode())
+        chunk.clear()
+
     chunk = bytearray()
     for i, job in enumerate(run.jobs):
         # Copied into the chunk at once: each encoded line holds a few
         # kilobytes of spare room until it is freed.
         chunk += b",\n    " if i else b"\n    "
         chunk += _dumps(_job_json(job))
-        if len(chunk) >= JSON_CHUNK_BYTES or i == len(run.jobs) - 1:
-            if binary is not None:
-                binary.write(chunk)
-            else:
-                out.write(chunk.decode())
-            chunk.clear()
+        if len(chunk) >= JSON_CHUNK_BYTES:
+            write(chunk)
+    write(chunk)
     if binary is not None:
         binary.flush()
     out.write("\n  ]\n}\n")
