@@ -11,6 +11,7 @@ import random
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import fakeredis
 import pytest
@@ -148,17 +149,23 @@ def test_the_survey_script_and_plain_reads_find_the_same_queues_and_candidates()
         assert left_alone.queued == {} and len(left_alone.started["a"]) == 3
 
 
+def function_fields(conn: fakeredis.FakeRedis, key: bytes) -> list[Any]:
+    """A job's description and data, as the reader sends them to name its function."""
+    reader = HashReader(conn, (), (), with_function=True)
+    try:
+        [reply] = reader.read([key], [False])
+    finally:
+        reader.close()
+    return reply
+
+
 def test_binary_fields_read_through_a_strictly_decoding_client_come_back_as_stored() -> None:
     # A client made with redis-py's defaults fails on bytes that are not
     # UTF-8; the reader's own decoding must not.
     conn = fakeredis.FakeRedis()
     data = zlib.compress(pickle.dumps(("billing.charge", None, (), {}), protocol=5))
     conn.hset("rq:job:j", mapping={"description": "billing.charge()", "data": data})
-    reader = HashReader(conn, (), (), with_function=True)
-    try:
-        [reply] = reader.read([b"rq:job:j"], [False])
-    finally:
-        reader.close()
+    reply = function_fields(conn, b"rq:job:j")
     assert as_bytes(reply[1]) == data
     assert function_name(as_bytes(reply[1])) == "billing.charge"
 
@@ -168,11 +175,8 @@ def test_only_the_start_of_a_large_pickled_call_is_read_to_name_its_function() -
     arguments = random.Random(5).randbytes(1_000_000)  # does not compress
     data = zlib.compress(pickle.dumps(("billing.charge", None, (arguments,), {}), protocol=5))
     conn.hset("rq:job:big", mapping={"description": "nightly run", "data": data})
-    reader = HashReader(conn, (), (), with_function=True)
-    try:
-        [reply] = reader.read([b"rq:job:big"], [False])
-    finally:
-        reader.close()
+
+    reply = function_fields(conn, b"rq:job:big")
 
     assert len(as_bytes(reply[1]) or b"") == EXTRA_BYTES
     assert function_names(conn, Keys(), ["big"]) == ["billing.charge"]
