@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from opsctl import model
 from opsctl.engine import (
     ACTION_NONE,
     ACTION_REMOVE_ENTRY,
@@ -506,6 +507,21 @@ def test_parse_timestamp_reads_every_form_rq_writes(text: str, expected: float) 
 )
 def test_parse_timestamp_returns_none_for_what_is_not_a_moment(text: str | None) -> None:
     assert parse_timestamp(text) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2024-01-01T00:00:00.250000Z", EPOCH_2024 + 0.25),
+        ("2024-01-01T00:00:00.1-0100Z", None),
+    ],
+)
+def test_parse_timestamp_reads_rqs_form_where_fromisoformat_knows_no_z(
+    monkeypatch: pytest.MonkeyPatch, text: str, expected: float | None
+) -> None:
+    # Python 3.10's fromisoformat refuses a trailing Z: the zone is cut off first.
+    monkeypatch.setattr(model, "_READS_Z", False)
+    assert parse_timestamp(text) == (None if expected is None else pytest.approx(expected))
 
 
 def test_format_timestamp_round_trips_through_parse_timestamp() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, make_dataclass
 from datetime import datetime, timezone
@@ -162,13 +163,13 @@ def parse_timestamp(text: str | None) -> float | None:
     if not text:
         return None
     if len(text) == 27 and text[26] == "Z" and text[10] == "T":
-        # The form RQ writes (UTC, microseconds, Z), read without a zone.
+        # The form RQ writes (UTC, microseconds, Z): read with the fewest steps.
         try:
-            naive = datetime.fromisoformat(text[:26])
+            if _READS_Z:
+                return datetime.fromisoformat(text).timestamp()
+            return _naive_utc(text[:26])
         except ValueError:
-            naive = None
-        if naive is not None and naive.tzinfo is None:
-            return (naive - _EPOCH).total_seconds()
+            pass  # something else of the same length: the general rules decide
     text = text.strip()
     if "-" in text[1:] or "T" in text:
         return _parse_iso(text)
@@ -180,6 +181,18 @@ def parse_timestamp(text: str | None) -> float | None:
 
 
 _EPOCH = datetime(1970, 1, 1)
+
+
+#: Whether datetime.fromisoformat reads a trailing Z (Python 3.11 on).
+_READS_Z = sys.version_info >= (3, 11)
+
+
+def _naive_utc(text: str) -> float:
+    """Epoch seconds of an ISO moment without a zone, taken as UTC; ValueError otherwise."""
+    naive = datetime.fromisoformat(text)
+    if naive.tzinfo is not None:
+        raise ValueError(text)
+    return (naive - _EPOCH).total_seconds()
 
 
 def _parse_iso(text: str) -> float | None:
