@@ -262,12 +262,12 @@ def _not_started(entry: StartedEntry, status: str, holds: bool, signals: Signals
 def _abandoned(entry: StartedEntry, rule: Rule, liveness: Liveness, signals: Signals) -> Verdict:
     # Reasons name the worker and the rule, not the job: many jobs share each
     # one, so a large run keeps a single copy of it.
-    if not entry.worker_name:
+    if not signals.worker:
         why = "no worker is named for it"
     elif liveness.alive:
-        why = sys.intern(f"{entry.worker_name} is live but not executing it")
+        why = sys.intern(f"{signals.worker} is live but not executing it")
     else:
-        why = sys.intern(f"{entry.worker_name} is dead: {liveness.evidence}")
+        why = sys.intern(f"{signals.worker} is dead: {liveness.evidence}")
     return Verdict(State.ABANDONED, rule.action, why, signals)
 
 

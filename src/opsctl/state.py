@@ -227,7 +227,7 @@ def _read_snapshot(
             continue
         entries.extend(_read_entries(keys, queue, members, problems, decoded, reader, ids))
     # Workers that entries name but no registration lists (most often dead ones).
-    named = {e.worker_name for e in entries if e.worker_name} - set(workers)
+    named = {name for e in entries if (name := e.worker_name)} - set(workers)
     workers.update(read_workers(conn, keys, named))
     return Snapshot(now=now, queues=queues, entries=entries, workers=workers, problems=problems)
 
