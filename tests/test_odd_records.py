@@ -718,6 +718,26 @@ def test_other_actions_keep_the_related_keys(
     assert redis_conn.get(f"job_progress:{job.id}") == b"42%"
 
 
+def test_a_related_key_that_an_odd_id_places_among_rqs_keys_is_kept(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # The template passes its check; the id (RQ 1 allowed colons) makes it name a queue.
+    waiting = Queue("victim", connection=redis_conn).enqueue("jobs.quick")
+    odd_id = "q:queue:victim"
+    started = iso(ago(HOUR_S))
+    fields = {"status": "started", "origin": QUEUE, "worker_name": DEAD, "started_at": started}
+    redis_conn.hset(f"rq:job:{odd_id}", mapping={**fields, "created_at": started})
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {odd_id: time.time() - HOUR_S})
+
+    item = job_in(
+        run(policy(tmp_path, "delete", '  related_keys: ["r{job_id}"]\n'), redis_url), odd_id
+    )
+
+    assert item["outcome"] == "done" and not redis_conn.exists(f"rq:job:{odd_id}")
+    assert "kept related keys that belong to RQ or opsctl: 'rq:queue:victim'" in item["reason"]
+    assert Queue("victim", connection=redis_conn).job_ids == [waiting.id]
+
+
 # --- explain ---------------------------------------------------------------------------------
 
 

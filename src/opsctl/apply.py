@@ -272,7 +272,7 @@ class Executor:
             retry_interval_s=_retry_interval(job, retries) if outcome.action == "fail" else None,
             retry_at_front=job.get("enqueue_at_front_on_retry") == "1",
             audit=self._audit_fields(outcome, outcome.action, outcome.reason),
-            related_keys=outcome.rule.related_keys_of(entry.job_id),
+            related_keys=outcome.rule.related_keys_of(entry.job_id, self.keys.prefix),
         )
 
     def _audit_fields(

@@ -100,8 +100,26 @@ class Rule:
     lost_after_seconds: int = 600  # grace before a lost job is acted on
     related_keys: tuple[str, ...] = ()  # key templates deleted along with a job
 
-    def related_keys_of(self, job_id: str) -> tuple[str, ...]:
-        """The application keys that belong to ``job_id``, from ``related_keys``."""
+    def related_keys_of(self, job_id: str, key_prefix: str) -> tuple[str, ...]:
+        """The application keys that belong to ``job_id``, from ``related_keys``.
+
+        A key that an odd job id (one holding colons) would place under RQ's
+        prefix or opsctl's is left out: see :meth:`refused_related_keys`.
+        """
+        return tuple(
+            k for k in self._filled(job_id) if not k.startswith(reserved_prefixes(key_prefix))
+        )
+
+    def refused_related_keys(self, job_id: str, key_prefix: str) -> tuple[str, ...]:
+        """The keys ``related_keys`` would name for ``job_id`` that belong to RQ or opsctl.
+
+        Templates are checked when the policy loads, but the id is only known
+        later: a template ``r{job_id}`` and an id ``q:queue:default`` name
+        RQ's queue. Such keys are never deleted.
+        """
+        return tuple(k for k in self._filled(job_id) if k.startswith(reserved_prefixes(key_prefix)))
+
+    def _filled(self, job_id: str) -> tuple[str, ...]:
         return tuple(t.replace(JOB_ID_PLACEHOLDER, job_id) for t in self.related_keys)
 
 
@@ -904,6 +922,11 @@ def _check_related_keys(document: _Document) -> None:
                 document.report(path, f"{document.describe(path, template)} {why}")
 
 
+def reserved_prefixes(key_prefix: str) -> tuple[str, str]:
+    """Starts of the key names that belong to RQ (under ``key_prefix``) and to opsctl."""
+    return (f"{key_prefix}:", "opsctl:")
+
+
 def related_key_error(template: str, key_prefix: str) -> str | None:
     """Why ``template`` is refused as a related key, or None when it is fine.
 
@@ -918,7 +941,7 @@ def related_key_error(template: str, key_prefix: str) -> str | None:
         return "holds a placeholder other than {job_id}"
     if template.startswith(JOB_ID_PLACEHOLDER):
         return "must start with a fixed part before {job_id}, such as 'progress:'"
-    for reserved in (f"{key_prefix}:", "opsctl:"):
+    for reserved in reserved_prefixes(key_prefix):
         if template.startswith(reserved):
             return f"would name a key under {reserved!r}, which belongs to RQ or opsctl"
     if not template.isprintable():

@@ -232,6 +232,7 @@ def _plan(
     run.workers = _dead_registrations(snapshot, keys, rules)
     _read_functions(conn, keys, run)
     _hold_back_scheduled_deletes(conn, keys, run)
+    _keep_reserved_related_keys(keys, run)
     _apply_rescue_limits(conn, run)
     run.limits_tripped = _tripped_limits(run, policy, overrides)
     return run
@@ -419,13 +420,28 @@ def _hold_back_scheduled_deletes(conn: redis.Redis, keys: Keys, run: Run) -> Non
     then drops the entry silently, rq-scheduler loses a repeating job), so the
     job is left as it is and the report says why.
     """
-    deletes = [j for j in run.jobs if "delete" in (j.action, j.verdict.follow_up) and j.acts]
+    deletes = _deletes(run)
     origins = [(j.entry.job or {}).get("origin") or j.entry.queue for j in deletes]
     pairs = [(j.entry.job_id, o) for j, o in zip(deletes, origins, strict=True)]
     for job, why in zip(deletes, scheduler_references(conn, keys, pairs), strict=True):
         if why:
             job.outcome = SKIPPED
             job.reason = f"{job.reason}; not deleted: a scheduler still refers to it ({why})"
+
+
+def _keep_reserved_related_keys(keys: Keys, run: Run) -> None:
+    """Say which related keys a delete keeps because the job's id places them
+    among RQ's or opsctl's keys (the delete itself leaves them out)."""
+    for job in _deletes(run):
+        refused = job.rule.refused_related_keys(job.entry.job_id, keys.prefix)
+        if refused:
+            shown = ", ".join(repr(k) for k in refused)
+            job.reason = f"{job.reason}; kept related keys that belong to RQ or opsctl: {shown}"
+
+
+def _deletes(run: Run) -> list[JobOutcome]:
+    """The jobs the run plans to delete, now or once their worker has stopped them."""
+    return [j for j in run.jobs if "delete" in (j.action, j.verdict.follow_up) and j.acts]
 
 
 def _apply_rescue_limits(conn: redis.Redis, run: Run) -> None:
