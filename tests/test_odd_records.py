@@ -26,7 +26,7 @@ import pytest
 import redis
 from rq import Queue
 from rq.executions import Execution
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.rate_limit import RateLimit, RateLimitRegistry
 from rq.registry import FailedJobRegistry
 
@@ -604,6 +604,26 @@ def test_a_job_whose_origin_names_another_queue_is_failed_into_its_origins_regis
         cleanup=False
     )
     assert redis_conn.zcard(f"rq:wip:{QUEUE}") == 0
+
+
+def test_a_job_whose_origin_is_a_disabled_queue_is_left_alone(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = started_job(redis_conn, queue=OTHER_QUEUE)
+    member = started_member(redis_conn, job.id, OTHER_QUEUE)
+    redis_conn.zrem(f"rq:wip:{OTHER_QUEUE}", member)
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {member: time.time() - HOUR_S})
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        f"version: 1\nqueues:\n  - name: {OTHER_QUEUE}\n    enabled: false\n  - name: {QUEUE}\n"
+    )
+
+    item = job_in(run(path, redis_url), job.id)
+
+    assert (item["state"], item["action"], item["outcome"]) == ("abandoned", "none", "kept")
+    assert f"left alone: queues[0] ({OTHER_QUEUE}) disables queue '{OTHER_QUEUE}'" in item["reason"]
+    assert Job.fetch(job.id, connection=redis_conn).get_status() == JobStatus.STARTED
+    assert FailedJobRegistry(OTHER_QUEUE, connection=redis_conn).get_job_ids(cleanup=False) == []
 
 
 # --- 8. worker hashes -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import redis
 
 from opsctl import engine
-from opsctl.engine import ACTION_NONE, Verdict
+from opsctl.engine import ACTION_NONE, ACTION_REMOVE_ENTRY, Verdict
 from opsctl.keys import Keys, rescue_key
 from opsctl.keyspace import (
     Survey,
@@ -226,6 +226,7 @@ def _plan(
     entries = snapshot.entries + _lost_entries(conn, keys, snapshot, run, found)
     del found  # its candidate lists are large and no longer needed
     run.jobs = decide.outcomes(entries, snapshot.workers, snapshot.now)
+    _leave_disabled_origins(policy, run)
     inspected = Counter(j.entry.queue for j in run.jobs)
     for queue in queues:
         queue.inspected = inspected[queue.name]
@@ -393,6 +394,29 @@ def _lost_entries(
     if names:
         snapshot.workers.update(read_workers(conn, keys, names))
     return scan.entries + stranded.entries
+
+
+def _leave_disabled_origins(policy: Policy, run: Run) -> None:
+    """Leave alone a job whose origin is a queue the policy disables.
+
+    Actions write to the origin's registries and queue (a stop too: RQ files
+    the stopped job there), and a disabled queue is never changed. Removing
+    an entry only touches the registry it sits in, so that goes ahead.
+    """
+    disabled: dict[str, Rule | None] = {}
+    for job in run.jobs:
+        if not job.acts or job.action == ACTION_REMOVE_ENTRY or job.entry.job is None:
+            continue
+        origin = job.entry.job.get("origin")
+        if not origin or origin == job.entry.queue:
+            continue
+        if origin not in disabled:
+            rule = policy.rule_for(origin)
+            disabled[origin] = rule if rule is not None and not rule.enabled else None
+        rule = disabled[origin]
+        if rule is not None:
+            job.action, job.outcome = ACTION_NONE, KEPT
+            job.reason = f"{job.reason}; left alone: {rule.source} disables queue {origin!r}"
 
 
 def _read_functions(conn: redis.Redis, keys: Keys, run: Run) -> None:
