@@ -28,7 +28,7 @@ from rq import Queue
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.rate_limit import RateLimit, RateLimitRegistry
-from rq.registry import FailedJobRegistry
+from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from conftest import (
     WorkerFactory,
@@ -171,6 +171,22 @@ def test_a_hash_that_holds_no_job_is_orphaned_and_only_its_entry_is_removed(
     assert redis_conn.zscore(f"rq:wip:{QUEUE}", "husk:e1") is None
     assert redis_conn.exists("rq:job:husk"), "the husk itself is left as it is"
     assert job_status(redis_conn, normal.id) == "failed"
+
+
+def test_an_entry_whose_job_key_holds_no_hash_is_removed_and_the_key_kept(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    redis_conn.set("rq:job:not-a-hash", "written by something else")
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {"not-a-hash": time.time() - 10})
+
+    report = run(policy(tmp_path), redis_url)
+
+    item = job_in(report, "not-a-hash")
+    assert (item["state"], item["action"], item["outcome"]) == ("orphaned", "remove-entry", "done")
+    assert any("job not-a-hash: could not be read" in p for p in report["problems"])
+    registry = StartedJobRegistry(QUEUE, connection=redis_conn)
+    assert "not-a-hash" not in registry.get_job_ids(cleanup=False)
+    assert redis_conn.get("rq:job:not-a-hash") == b"written by something else"
 
 
 def test_a_started_job_with_a_timeout_that_is_not_a_number_is_still_failed(

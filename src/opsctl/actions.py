@@ -65,7 +65,11 @@ CHECK_WRITES_LUA = """  for _, w in ipairs(writes) do
 
 _JOB_SCRIPT = (
     """
+-- Set when a remove-entry's job key holds something other than a hash
+-- (not written by RQ): the entry goes, and that key is never read or written.
+local opaque = false
 local function field(key, name)
+  if opaque and key == KEYS[1] then return '' end
   local v = redis.call('HGET', key, name)
   if v == false then return '' end
   return v
@@ -76,6 +80,11 @@ local now_iso, now = ARGV[9], tonumber(ARGV[10])
 local known = {fail=1, requeue=1, cancel=1, delete=1, ['remove-entry']=1}
 if not known[action] then
   return redis.error_reply('unknown action ' .. action)
+end
+if action == 'remove-entry' then
+  local found = redis.call('TYPE', KEYS[1])
+  if type(found) == 'table' then found = found['ok'] end
+  opaque = found ~= 'hash' and found ~= 'none'
 end
 
 -- Likewise a command the Redis user may not run (ACL): check them all first.
@@ -116,6 +125,7 @@ end
 -- A stranded job's source is its queue's intermediate list (KEYS[19]), not a registry.
 local stranded = KEYS[2] == KEYS[19]
 local kinds = {[1] = 'hash', [2] = 'zset', [18] = 'stream'}
+if opaque then kinds[1] = nil end
 if stranded then kinds[2], kinds[16] = 'list', 'zset' end
 if exec_id ~= '' then kinds[3], kinds[4], kinds[5] = 'hash', 'zset', 'set' end
 if retrying and interval > 0 then
