@@ -280,12 +280,19 @@ def test_overdue_job_is_stopped_by_its_live_worker_then_gets_the_policy_action(
     worker, job = start_job(rq_workers, redis_conn, QUEUE, 60, extra=extra)
     time.sleep(1.5)  # past max_age 1s
 
-    report = apply(write_policy(tmp_path, action=action, max_age="1s"), redis_url)
+    policy = write_policy(tmp_path, action=action, max_age="1s")
+    logged = "-v", "--log-format", "json"
+    result = run_opsctl("apply", str(policy), "--redis-url", redis_url, "--format", "json", *logged)
 
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
     line = job_line(report, job.id)
     assert line["state"] == "overdue"
     assert line["action"] in ({"stop"} if action == "fail" else {"stop", action})
     assert line["outcome"] == "done", show(line)
+    logs = [json.loads(entry) for entry in result.stderr.splitlines()]
+    [log] = [entry for entry in logs if entry.get("job_id") == job.id]
+    assert (log["action"], log["outcome"]) == (line["action"], "done")
     assert line["worker"] == worker.name
     assert line["stop_confirmed"] is True, "the report says the worker confirmed the stop"
     assert job.id not in started_ids(redis_conn)

@@ -316,6 +316,7 @@ class Executor:
                 follow_ups.append(outcome)
             else:
                 outcome.outcome = DONE
+                _log_outcome(outcome)
         self._follow_up(follow_ups)
 
     def _wait_until_ended(self, outcomes: list[JobOutcome]) -> dict[str, str]:
@@ -472,6 +473,7 @@ def _failure_ttl(job: Mapping[str, str]) -> int:
 def _set(outcome: JobOutcome, result: str, why: str, append: bool = False) -> None:
     outcome.outcome = result
     outcome.reason = f"{outcome.reason}; {why}" if append else why
+    _log_outcome(outcome)
 
 
 def _record(outcome: JobOutcome, result: ChangeResult) -> None:
@@ -481,10 +483,15 @@ def _record(outcome: JobOutcome, result: ChangeResult) -> None:
             outcome.reason = f"{outcome.reason}; {result.detail}"
         if result.rescues:
             outcome.reason += f"; requeued by opsctl {result.rescues} time(s) so far"
+        _log_outcome(outcome)
     elif result.error:
         _set(outcome, ERROR, result.detail)
     else:
         _set(outcome, SKIPPED, f"changed since it was read: {result.detail}")
+
+
+def _log_outcome(outcome: JobOutcome) -> None:
+    """The one log line (-v) of a job whose outcome is settled."""
     log.info(
         "queue=%s job=%s state=%s action=%s outcome=%s",
         outcome.entry.queue,
