@@ -831,6 +831,22 @@ def test_policy_wide_dry_run_changes_nothing_until_no_dry_run_is_given(
 # --- the text report ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("prefix", "hinted"), [("rq:", True), ("app", False)])
+def test_a_key_prefix_under_which_nothing_lives_is_warned_about(
+    conn: redis.Redis, url: str, tmp_path: Path, prefix: str, hinted: bool
+) -> None:
+    started_job(conn, "w-crashed")
+    text = f"version: 1\nredis:\n  key_prefix: '{prefix}'\nqueues:\n  - name: default\n"
+    wrong = apply(write_policy(tmp_path, text), url, "--dry-run")
+    right = apply(write_policy(tmp_path, DEFAULT_POLICY, action="fail"), url, "--dry-run")
+
+    [warning] = [w for w in wrong["warnings"] if "under the prefix" in w]
+    assert f"no RQ job, registry or worker key under the prefix {prefix!r}" in warning
+    assert ("puts the ':' after the prefix itself" in warning) is hinted
+    assert wrong["jobs"] == [] and len(right["jobs"]) == 1
+    assert not any("under the prefix" in w for w in right["warnings"])
+
+
 def test_text_report_has_the_table_headers_and_a_summary_with_the_run_id(
     conn: redis.Redis, url: str, tmp_path: Path
 ) -> None:

@@ -27,6 +27,7 @@ from opsctl.state import (
     as_bytes,
     known_queues,
     read_snapshot,
+    server_notes,
 )
 
 QUEUE = "paths"
@@ -183,3 +184,36 @@ def test_only_the_start_of_a_large_pickled_call_is_read_to_name_its_function() -
     # Without scripts Redis cannot send part of a field: the description names it.
     with scripts_refused():
         assert function_names(conn, Keys(), ["big"]) == ["nightly run"]
+
+
+# --- notes on the server --------------------------------------------------------------------
+
+
+class _Reporting:
+    """A server as INFO describes it (all that server_notes reads)."""
+
+    def __init__(self, **info: Any) -> None:
+        self.fields = {"redis_version": "7.0.15", "uptime_in_seconds": 30, **info}
+
+    def info(self) -> dict[str, Any]:
+        return self.fields
+
+
+@pytest.mark.parametrize(
+    ("info", "warned"),
+    [
+        ({"rdb_last_load_keys_loaded": 0, "aof_enabled": 0}, False),
+        ({"rdb_last_load_keys_loaded": 1200, "aof_enabled": 0}, True),
+        ({"rdb_last_load_keys_loaded": 0, "aof_enabled": 1}, True),
+        ({}, True),  # before Redis 7: INFO does not say what was loaded
+        ({"rdb_last_load_keys_loaded": 1200, "uptime_in_seconds": 3600}, False),
+    ],
+    ids=["nothing-loaded", "snapshot-loaded", "append-only", "not-said", "long-up"],
+)
+def test_a_recent_restart_is_warned_about_only_when_data_may_have_been_restored(
+    info: dict[str, Any], warned: bool
+) -> None:
+    version, warnings = server_notes(_Reporting(**info))  # type: ignore[arg-type]
+
+    assert version == "7.0.15"
+    assert any("may have been restored" in w for w in warnings) is warned

@@ -90,7 +90,10 @@ def server_notes(conn: redis.Redis) -> tuple[str | None, list[str]]:
             "show up as orphaned entries"
         )
     uptime = info.get("uptime_in_seconds")
-    if isinstance(uptime, int) and uptime < RECENT_RESTART_S:
+    # A server that loaded nothing at start (no snapshot, no append-only file)
+    # restored nothing; servers before Redis 7 do not say, so they are warned about.
+    restored = info.get("rdb_last_load_keys_loaded", 1) != 0 or info.get("aof_enabled", 0) != 0
+    if isinstance(uptime, int) and uptime < RECENT_RESTART_S and restored:
         warnings.append(
             f"Redis started {uptime}s ago: its registries may have been restored from an "
             "older snapshot"
