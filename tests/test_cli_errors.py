@@ -348,6 +348,27 @@ def test_a_port_out_of_range_is_named_as_the_problem(url: str, reason: str) -> N
     assert "s3cret" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        (
+            "ssl_cert_reqs=none",
+            "its option 'ssl_cert_reqs' is not one a redis:// connection takes "
+            "(TLS options need a rediss:// URL)",
+        ),
+        ("colour=blue", "its option 'colour' is not one a redis:// connection takes"),
+    ],
+)
+def test_a_url_option_the_connection_does_not_take_is_named(
+    closed_url: str, query: str, reason: str
+) -> None:
+    result = opsctl("status", "--redis-url", f"{closed_url}?{query}")
+
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.splitlines()
+    assert line.endswith(f"is not valid: {reason}")
+
+
 def test_max_age_in_words_exits_2_with_the_accepted_forms(closed_url: str) -> None:
     result = opsctl(
         "apply", "policies/minimal.yaml", "--redis-url", closed_url, "--max-age", "10 minutes"
@@ -376,6 +397,8 @@ def test_max_age_in_words_exits_2_with_the_accepted_forms(closed_url: str) -> No
         (("status", "--key-prefix", "rq:*"), "is not a key prefix"),
         (("requeue", "--run", "r1", "--key-prefix", ""), "is not a key prefix"),
         (("explain", "job-1", "--key-prefix", "a b"), "is not a key prefix"),
+        (("status", "--timeout", "-1"), "-1.0 is not a number of seconds above 0"),
+        (("status", "--timeout", "0"), "0.0 is not a number of seconds above 0"),
     ],
 )
 def test_options_no_run_could_use_are_refused_before_anything_happens(

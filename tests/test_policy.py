@@ -13,6 +13,7 @@ import pytest
 from opsctl.errors import ExitCode, PolicyError
 from opsctl.policy import (
     ACTIONS,
+    Limits,
     Policy,
     Rule,
     load_policy,
@@ -389,3 +390,11 @@ def test_schema_is_valid_draft_2020_12_and_lists_every_action() -> None:
 
     jsonschema.Draft202012Validator.check_schema(schema)
     assert tuple(schema["$defs"]["action"]["enum"]) == ACTIONS
+
+
+@pytest.mark.parametrize(
+    ("actions", "said"),
+    [(1, "1 action exceeds max_actions 0"), (2, "2 actions exceed max_actions 0")],
+)
+def test_a_tripped_max_actions_counts_the_actions_in_words(actions: int, said: str) -> None:
+    assert Limits(max_actions=0).tripped(actions, 10) == said

@@ -414,8 +414,9 @@ def _seconds(value: float) -> float:
 
 
 def _positive_seconds(value: float) -> float:
-    if _seconds(value) == 0:
-        raise typer.BadParameter("0 seconds would never let Redis answer; use more than 0")
+    """Accept a finite number of seconds above 0 (the time Redis has to answer)."""
+    if not math.isfinite(value) or value <= 0:
+        raise typer.BadParameter(f"{value!r} is not a number of seconds above 0")
     return value
 
 

@@ -111,6 +111,21 @@ def redact(message: str, url: str | None) -> str:
     return message
 
 
+_UNKNOWN_OPTION = re.compile(r"unexpected keyword argument '([^']+)'")
+
+
+def _why_not_valid(exc: Exception, url: str) -> str:
+    """Why redis-py refused ``url``, in words about the URL rather than its code."""
+    unknown = _UNKNOWN_OPTION.search(str(exc))
+    if unknown is None:
+        return redact(str(exc), url)
+    scheme = url.split("://", 1)[0].lower()
+    why = f"its option {unknown[1]!r} is not one a {scheme}:// connection takes"
+    if unknown[1].startswith("ssl") and scheme != "rediss":
+        why += " (TLS options need a rediss:// URL)"
+    return why
+
+
 def check_url(url: str) -> None:
     """Refuse a URL that redis-py would read differently, or complete with defaults.
 
@@ -255,7 +270,7 @@ def connect(
         ) from None
     except (ValueError, TypeError) as exc:
         raise UsageError(
-            f"Redis URL {mask_url(url)!r} is not valid: {redact(str(exc), url)}"
+            f"Redis URL {mask_url(url)!r} is not valid: {_why_not_valid(exc, url)}"
         ) from None
     except redis.AuthenticationError as exc:
         raise RedisUnavailable(

@@ -133,7 +133,8 @@ class Limits:
     def tripped(self, actions: int, inspected: int) -> str | None:
         """Which cap ``actions`` out of ``inspected`` jobs exceeds, in words; None if none."""
         if self.max_actions is not None and actions > self.max_actions:
-            return f"{actions} actions exceed max_actions {self.max_actions}"
+            planned = "1 action exceeds" if actions == 1 else f"{actions} actions exceed"
+            return f"{planned} max_actions {self.max_actions}"
         if self.max_percent is not None and inspected:
             percent = 100.0 * actions / inspected
             if percent > self.max_percent:
