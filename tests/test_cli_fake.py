@@ -847,6 +847,24 @@ def test_a_key_prefix_under_which_nothing_lives_is_warned_about(
     assert not any("under the prefix" in w for w in right["warnings"])
 
 
+def test_a_run_lock_key_of_another_type_is_named_and_nothing_is_done(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    job = started_job(conn, "w-crashed")
+    conn.hset("opsctl:lock", "set by", "someone else")
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+
+    result = opsctl("apply", str(policy), "--redis-url", url, "--lock-timeout", "5")
+
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines() == [
+        "opsctl: error: opsctl:lock holds a hash, not opsctl's run lock; rename or remove it "
+        "(no opsctl apply runs until then)"
+    ]
+    assert status_of(conn, job.id) == "started"
+    assert conn.hgetall("opsctl:lock") == {b"set by": b"someone else"}
+
+
 def test_text_report_has_the_table_headers_and_a_summary_with_the_run_id(
     conn: redis.Redis, url: str, tmp_path: Path
 ) -> None:
