@@ -451,6 +451,21 @@ def test_sentinel_that_knows_no_such_service_exits_3(sentinel: SentinelSetup) ->
     assert "no sentinel" in result.stderr and "named a master" in result.stderr
 
 
+def test_a_sentinel_url_aimed_at_a_plain_redis_says_what_that_server_answered(
+    redis_server: RedisServer,
+) -> None:
+    url = f"redis+sentinel://127.0.0.1:{redis_server.port}/mymaster"
+
+    result = _opsctl("status", "--redis-url", url)
+
+    assert result.returncode == 3, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.endswith(
+        "named a master: ResponseError: unknown command 'SENTINEL', "
+        "with args beginning with: 'MASTERS'"
+    ), line
+
+
 def test_sentinel_and_redis_url_together_are_refused_with_exit_2(sentinel: SentinelSetup) -> None:
     result = _opsctl(
         "status",

@@ -111,6 +111,20 @@ def redact(message: str, url: str | None) -> str:
     return message
 
 
+#: What one sentinel answered, in redis-py's "no master" message (which also
+#: holds each sentinel client's long description, left out).
+_SENTINEL_ANSWER = re.compile(r" - [^:\s]+:(\w+: [^<]*?)\s*(?= - |$)")
+
+
+def _sentinel_answers(exc: Exception, url: str) -> str:
+    """What the sentinels said when none named a master, without client descriptions."""
+    answers = [a.rstrip() for a in _SENTINEL_ANSWER.findall(str(exc))]
+    if not answers:
+        return "none of them knows the service"
+    # A server that is not a Sentinel refuses the SENTINEL command.
+    return redact("; ".join(answers), url)
+
+
 _UNKNOWN_OPTION = re.compile(r"unexpected keyword argument '([^']+)'")
 
 
@@ -266,7 +280,7 @@ def connect(
         conn.ping()
     except MasterNotFoundError as exc:
         raise RedisUnavailable(
-            f"no sentinel of {mask_url(url)} named a master: {redact(str(exc), url)}"
+            f"no sentinel of {mask_url(url)} named a master: {_sentinel_answers(exc, url)}"
         ) from None
     except (ValueError, TypeError) as exc:
         raise UsageError(
