@@ -9,6 +9,7 @@ checked through RQ's API, as a user of RQ would see it.
 
 from __future__ import annotations
 
+import gc
 import json
 import textwrap
 from collections.abc import Iterator
@@ -38,7 +39,8 @@ from conftest import serve_fake_redis
 from opsctl import run
 from opsctl.cli import app
 from opsctl.engine import ACTION_NONE, ACTION_REMOVE_ENTRY, ACTION_STOP, State
-from opsctl.policy import ACTIONS
+from opsctl.keys import Keys
+from opsctl.policy import ACTIONS, load_policy
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 REPORT_SCHEMA = json.loads((REPOSITORY / "schemas" / "report.schema.json").read_text())
@@ -863,6 +865,25 @@ def test_a_run_lock_key_of_another_type_is_named_and_nothing_is_done(
     ]
     assert status_of(conn, job.id) == "started"
     assert conn.hgetall("opsctl:lock") == {b"set by": b"someone else"}
+
+
+def test_plans_made_one_after_another_leave_no_garbage_behind(
+    conn: redis.Redis, tmp_path: Path
+) -> None:
+    # `opsctl watch` plans every round for as long as it runs: each plan's
+    # cyclic garbage must be collected as it goes, not pile up.
+    started_job(conn, "w-crashed")
+    policy = load_policy(write_policy(tmp_path, DEFAULT_POLICY, action="fail"))
+
+    def plan_rounds(rounds: int) -> None:
+        for _ in range(rounds):
+            run.plan(conn, Keys("rq"), policy, run.Overrides(dry_run=True))
+
+    plan_rounds(5)
+    before = len(gc.get_objects())
+    plan_rounds(30)
+
+    assert len(gc.get_objects()) - before < 3_000
 
 
 def test_text_report_has_the_table_headers_and_a_summary_with_the_run_id(

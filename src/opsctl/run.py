@@ -191,13 +191,8 @@ def _collector_paused() -> Iterator[None]:
     try:
         yield
     finally:
-        # The records made meanwhile still count as new: enabled as they are,
-        # the collector's next pass would walk every one of them. Frozen and
-        # thawed, they join the oldest generation, which it walks rarely.
-        gc.freeze()
         if was_enabled:
             gc.enable()
-        gc.unfreeze()
 
 
 def _plan(
