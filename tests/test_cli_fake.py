@@ -575,6 +575,24 @@ def test_follow_up_after_a_confirmed_stop_is_reported_done_once(
     assert outcomes == [b"done"]
 
 
+def test_a_job_deleted_after_its_worker_stopped_it_takes_its_related_keys_along(
+    conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    live_worker("w-live", obeys_stop=True)
+    job = started_job(conn, "w-live", started_ago_s=5)
+    conn.set(f"job_progress:{job.id}", "42%")
+    conn.set("job_progress:unrelated", "7%")
+    related = 'action: delete\n      related_keys: ["job_progress:{job_id}"]'
+    policy = write_policy(tmp_path, DEFAULT_POLICY.replace("action: {action}", related))
+
+    report = apply(policy, url, "--force", "--stop-timeout", "10")
+
+    assert jobs_by_id(report)[job.id]["outcome"] == "done"
+    assert status_of(conn, job.id) is None
+    assert not conn.exists(f"job_progress:{job.id}")
+    assert conn.get("job_progress:unrelated") == b"7%"
+
+
 def test_overdue_job_whose_worker_ignores_the_stop_is_an_error_and_exits_1(
     conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
 ) -> None:

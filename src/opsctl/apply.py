@@ -361,6 +361,7 @@ class Executor:
                     expect_execution_heartbeat="",
                     worker=o.entry.worker_name,
                     audit=self._audit_fields(o, o.action, o.reason),
+                    related_keys=o.rule.related_keys_of(o.entry.job_id, self.keys.prefix),
                 )
             )
         for o, result in zip(outcomes, self._apply_reconciled(outcomes, changes), strict=True):
