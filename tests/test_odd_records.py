@@ -622,8 +622,25 @@ def test_a_job_whose_origin_names_another_queue_is_failed_into_its_origins_regis
     assert redis_conn.zcard(f"rq:wip:{QUEUE}") == 0
 
 
-def test_a_job_whose_origin_is_a_disabled_queue_is_left_alone(
-    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+@pytest.mark.parametrize(
+    ("setting", "expected", "said"),
+    [
+        ("enabled: false", ("none", "kept"), "left alone: queues[0] ({q}) disables queue '{q}'"),
+        (
+            "dry_run: true",
+            ("fail", "planned"),
+            "only planned: queues[0] ({q}) sets dry_run for '{q}'",
+        ),
+    ],
+    ids=["disabled", "dry-run"],
+)
+def test_a_job_whose_origin_queue_is_disabled_or_in_dry_run_is_not_changed(
+    redis_conn: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    setting: str,
+    expected: tuple[str, str],
+    said: str,
 ) -> None:
     job = started_job(redis_conn, queue=OTHER_QUEUE)
     member = started_member(redis_conn, job.id, OTHER_QUEUE)
@@ -631,13 +648,13 @@ def test_a_job_whose_origin_is_a_disabled_queue_is_left_alone(
     redis_conn.zadd(f"rq:wip:{QUEUE}", {member: time.time() - HOUR_S})
     path = tmp_path / "policy.yaml"
     path.write_text(
-        f"version: 1\nqueues:\n  - name: {OTHER_QUEUE}\n    enabled: false\n  - name: {QUEUE}\n"
+        f"version: 1\nqueues:\n  - name: {OTHER_QUEUE}\n    {setting}\n  - name: {QUEUE}\n"
     )
 
     item = job_in(run(path, redis_url), job.id)
 
-    assert (item["state"], item["action"], item["outcome"]) == ("abandoned", "none", "kept")
-    assert f"left alone: queues[0] ({OTHER_QUEUE}) disables queue '{OTHER_QUEUE}'" in item["reason"]
+    assert (item["state"], item["action"], item["outcome"]) == ("abandoned", *expected)
+    assert said.format(q=OTHER_QUEUE) in item["reason"]
     assert Job.fetch(job.id, connection=redis_conn).get_status() == JobStatus.STARTED
     assert FailedJobRegistry(OTHER_QUEUE, connection=redis_conn).get_job_ids(cleanup=False) == []
 

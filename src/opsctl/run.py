@@ -223,7 +223,7 @@ def _plan(
     entries = snapshot.entries + _lost_entries(conn, keys, snapshot, run, found)
     del found  # its candidate lists are large and no longer needed
     run.jobs = decide.outcomes(entries, snapshot.workers, snapshot.now)
-    _leave_disabled_origins(policy, run)
+    _respect_origins(policy, overrides, run)
     inspected = Counter(j.entry.queue for j in run.jobs)
     for queue in queues:
         queue.inspected = inspected[queue.name]
@@ -402,27 +402,34 @@ def _lost_entries(
     return scan.entries + stranded.entries
 
 
-def _leave_disabled_origins(policy: Policy, run: Run) -> None:
-    """Leave alone a job whose origin is a queue the policy disables.
+def _respect_origins(policy: Policy, overrides: Overrides, run: Run) -> None:
+    """Hold a job that sits in another queue's registry to its origin queue's rule too.
 
     Actions write to the origin's registries and queue (a stop too: RQ files
-    the stopped job there), and a disabled queue is never changed. Removing
-    an entry only touches the registry it sits in, so that goes ahead.
+    the stopped job there). A queue the policy disables is never changed, so
+    the job is left alone; one in dry-run mode is only planned for, so the job
+    is only planned. Removing an entry touches only the registry it sits in,
+    so that goes ahead.
     """
-    disabled: dict[str, Rule | None] = {}
+    origins: dict[str, Rule | None] = {}
     for job in run.jobs:
         if not job.acts or job.action == ACTION_REMOVE_ENTRY or job.entry.job is None:
             continue
         origin = job.entry.job.get("origin")
         if not origin or origin == job.entry.queue:
             continue
-        if origin not in disabled:
-            rule = policy.rule_for(origin)
-            disabled[origin] = rule if rule is not None and not rule.enabled else None
-        rule = disabled[origin]
-        if rule is not None:
+        if origin not in origins:
+            found = policy.rule_for(origin)
+            origins[origin] = effective_rule(found, overrides) if found is not None else None
+        rule = origins[origin]
+        if rule is None:
+            continue
+        if not rule.enabled:
             job.action, job.outcome = ACTION_NONE, KEPT
             job.reason = f"{job.reason}; left alone: {rule.source} disables queue {origin!r}"
+        elif rule.dry_run and not job.rule.dry_run:
+            job.rule = replace(job.rule, dry_run=True)
+            job.reason = f"{job.reason}; only planned: {rule.source} sets dry_run for {origin!r}"
 
 
 def _read_functions(conn: redis.Redis, keys: Keys, run: Run) -> None:
