@@ -782,12 +782,15 @@ def test_a_related_key_that_an_odd_id_places_among_rqs_keys_is_kept(
     redis_conn.hset(f"rq:job:{odd_id}", mapping={**fields, "created_at": started})
     redis_conn.zadd(f"rq:wip:{QUEUE}", {odd_id: time.time() - HOUR_S})
 
-    item = job_in(
-        run(policy(tmp_path, "delete", '  related_keys: ["r{job_id}"]\n'), redis_url), odd_id
-    )
+    path = policy(tmp_path, "delete", '  related_keys: ["r{job_id}"]\n')
+    code, explained = explain(odd_id, redis_url, "--policy", str(path))
+    item = job_in(run(path, redis_url), odd_id)
 
+    kept = "kept related keys that belong to RQ or opsctl: 'rq:queue:victim'"
+    assert code == 0 and isinstance(explained, dict)
+    assert [kept in v["reason"] for v in explained["verdicts"]] == [True]
     assert item["outcome"] == "done" and not redis_conn.exists(f"rq:job:{odd_id}")
-    assert "kept related keys that belong to RQ or opsctl: 'rq:queue:victim'" in item["reason"]
+    assert kept in item["reason"]
     assert Queue("victim", connection=redis_conn).job_ids == [waiting.id]
 
 

@@ -248,6 +248,9 @@ def _verdict(
         [why] = scheduler_references(conn, keys, [(entry.job_id, origin)])
         if why:
             reason += f"; not deleted: a scheduler still refers to it ({why})"
+        note = rule.kept_related_keys_note(entry.job_id, keys.prefix)
+        if note:
+            reason += f"; {note}"
     return {
         "entry": where,
         "state": verdict.state.value,

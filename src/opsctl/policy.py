@@ -119,6 +119,14 @@ class Rule:
         """
         return tuple(k for k in self._filled(job_id) if k.startswith(reserved_prefixes(key_prefix)))
 
+    def kept_related_keys_note(self, job_id: str, key_prefix: str) -> str | None:
+        """What a delete of ``job_id`` says about the related keys it keeps; None if none."""
+        refused = self.refused_related_keys(job_id, key_prefix)
+        if not refused:
+            return None
+        shown = ", ".join(repr(k) for k in refused)
+        return f"kept related keys that belong to RQ or opsctl: {shown}"
+
     def _filled(self, job_id: str) -> tuple[str, ...]:
         return tuple(t.replace(JOB_ID_PLACEHOLDER, job_id) for t in self.related_keys)
 

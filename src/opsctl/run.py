@@ -470,10 +470,9 @@ def _keep_reserved_related_keys(keys: Keys, run: Run) -> None:
     """Say which related keys a delete keeps because the job's id places them
     among RQ's or opsctl's keys (the delete itself leaves them out)."""
     for job in _deletes(run):
-        refused = job.rule.refused_related_keys(job.entry.job_id, keys.prefix)
-        if refused:
-            shown = ", ".join(repr(k) for k in refused)
-            job.reason = f"{job.reason}; kept related keys that belong to RQ or opsctl: {shown}"
+        note = job.rule.kept_related_keys_note(job.entry.job_id, keys.prefix)
+        if note:
+            job.reason = f"{job.reason}; {note}"
 
 
 def _deletes(run: Run) -> list[JobOutcome]:
