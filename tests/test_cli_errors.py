@@ -237,6 +237,24 @@ def test_validate_only_notes_an_unset_variable_and_exits_0() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("redis://:s3cret@127.0.0.1:6380/0/extra", "database '0/extra' is not a number"),
+        ("redis://:s3cret@/0", "names no host; opsctl never falls back to a default server"),
+        ("redis+sentinel://:s3cret@h:\u00b2/mymaster", "port '\u00b2' is not a number"),
+    ],
+)
+def test_validate_refuses_an_environment_url_that_apply_would_refuse(url: str, reason: str) -> None:
+    result = opsctl("validate", "policies/example.yaml", env={"REDIS_URL": url})
+
+    assert result.exit_code == 2, result.output
+    assert result.stdout.splitlines()[-1].endswith(
+        f"redis.url: the value from ${{REDIS_URL}}: {reason}"
+    )
+    assert "s3cret" not in result.output
+
+
 def test_validate_strict_env_makes_an_unset_variable_an_error() -> None:
     result = opsctl("validate", "--strict-env", "policies/example.yaml")
 

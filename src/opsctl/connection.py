@@ -188,6 +188,16 @@ def check_url(url: str) -> None:
         )
 
 
+def url_problem(url: str) -> str | None:
+    """Why :func:`check_url` refuses ``url``, in words that do not quote it; None if it accepts."""
+    try:
+        check_url(url)
+    except UsageError as exc:
+        lead = f"Redis URL {mask_url(url)!r}"
+        return str(exc).removeprefix(lead).removeprefix(":").strip()
+    return None
+
+
 def _host_and_port(address: str) -> tuple[str, str]:
     if address.startswith("["):  # an IPv6 address: [::1]:6379
         host, _, after = address.partition("]")
@@ -222,7 +232,7 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         host, port = _host_and_port(address)
         if not host:
             raise UsageError(f"Redis URL {shown!r}: every sentinel needs a host (HOST[:PORT])")
-        if port and not port.isdigit():
+        if port and not (port.isascii() and port.isdigit()):
             raise UsageError(f"Redis URL {shown!r}: port {port!r} is not a number")
         hosts.append((host.strip("[]"), int(port) if port else DEFAULT_SENTINEL_PORT))
     service, _, database = path.strip("/").partition("/")

@@ -35,7 +35,14 @@ import yaml
 from jsonschema.exceptions import ValidationError
 from jsonschema.protocols import Validator
 
-from opsctl.connection import ConnectionOptions, Tls, mask_url, register_secret, sentinel_url
+from opsctl.connection import (
+    ConnectionOptions,
+    Tls,
+    mask_url,
+    register_secret,
+    sentinel_url,
+    url_problem,
+)
 from opsctl.errors import PolicyError, Problem
 
 ACTIONS = ("fail", "requeue", "cancel", "delete")
@@ -877,6 +884,12 @@ def _check_redis_url(document: _Document) -> None:
         return
     if not url.startswith(REDIS_URL_SCHEMES):
         document.report(path, _VALUE_MESSAGES["url"])
+        return
+    # What a connection would refuse (no host, a port or database that is not
+    # a number, ...) is an error here too, so that validate agrees with apply.
+    why = url_problem(url)
+    if why:
+        document.report(path, f"{document.describe(path, url)}: {why}")
 
 
 def _check_tls(document: _Document) -> None:
