@@ -28,6 +28,7 @@ from opsctl.progress import WALKING, OnProgress
 from opsctl.records import function_name
 from opsctl.state import (
     HashReader,
+    batches,
     glob_escape,
     known_queues,
     registry_members,
@@ -37,6 +38,9 @@ from opsctl.state import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Commands per pipeline round trip in the lost-job checks.
+PIPELINE_BATCH = 500
 
 #: Keys SCAN looks at per call of the survey: a few milliseconds of the
 #: server's time each, so workers are never held up for long.
@@ -332,8 +336,7 @@ def _entered_since(conn: redis.Redis, keys: Keys, jobs: list[tuple[str, str]]) -
     job's list of executions names; that list lives on while the job runs.
     """
     held: set[str] = set()
-    for start in range(0, len(jobs), 500):
-        batch = jobs[start : start + 500]
+    for batch in batches(jobs, PIPELINE_BATCH):
         pipe = conn.pipeline(transaction=False)
         for job_id, origin in batch:
             pipe.zscore(keys.started(origin), job_id)
@@ -362,8 +365,7 @@ def _read_jobs(
     conn: redis.Redis, keys: Keys, ids: list[str], result: LostScan
 ) -> dict[str, dict[str, str]]:
     jobs: dict[str, dict[str, str]] = {}
-    for start in range(0, len(ids), 500):
-        batch = ids[start : start + 500]
+    for batch in batches(ids, PIPELINE_BATCH):
         pipe = conn.pipeline(transaction=False)
         for job_id in batch:
             pipe.hmget(keys.job(job_id), LOST_FIELDS)
@@ -445,8 +447,7 @@ def _stranded_entries(
     conn: redis.Redis, keys: Keys, queue: str, ids: list[str], result: LostScan
 ) -> list[StartedEntry]:
     entries = []
-    for start in range(0, len(ids), 500):
-        batch = ids[start : start + 500]
+    for batch in batches(ids, PIPELINE_BATCH):
         pipe = conn.pipeline(transaction=False)
         for job_id in batch:
             pipe.hmget(keys.job(job_id), LOST_FIELDS)

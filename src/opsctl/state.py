@@ -292,7 +292,7 @@ def _read_entries(
     entries: list[StartedEntry] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="opsctl-read") as ahead:
         pending: tuple[list[tuple[bytes, float]], list[tuple[str, str | None]], Any] | None = None
-        for batch in [*_batches(members, SCRIPT_BATCH * SCRIPT_CALLS), None]:
+        for batch in [*batches(members, SCRIPT_BATCH * SCRIPT_CALLS), None]:
             if batch is not None:
                 split, hash_keys, flags = _hash_keys(keys, batch, ids)
                 sent = (batch, split, ahead.submit(reader.read, hash_keys, flags))
@@ -756,7 +756,7 @@ def read_workers(conn: redis.Redis, keys: Keys, names: Iterable[str]) -> dict[st
     subscribers = _subscribers(conn, keys, names)
     connected = _connected_names(conn)
     workers: dict[str, WorkerRecord] = {}
-    for batch in _batches(names, BATCH // 4):
+    for batch in batches(names, BATCH // 4):
         pipe = conn.pipeline(transaction=False)
         for name in batch:
             pipe.exists(keys.worker(name))
@@ -818,7 +818,7 @@ def _subscribers(conn: redis.Redis, keys: Keys, names: list[str]) -> dict[str, i
     """Subscriber count of each worker's command channel; None if not permitted."""
     counts: dict[str, int] = {}
     try:
-        for batch in _batches(names, 500):
+        for batch in batches(names, 500):
             channels = [keys.worker_channel(n) for n in batch]
             for channel, count in conn.pubsub_numsub(*channels):
                 counts[text(channel).removeprefix(keys.worker_channel(""))] = int(count)
@@ -845,7 +845,8 @@ def _is_connected(keys: Keys, name: str, connected: set[str] | None) -> bool | N
     return name in connected or keys.worker(name) in connected
 
 
-def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+def batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    """``items`` in consecutive slices of ``size`` (the last may be shorter)."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
