@@ -28,13 +28,12 @@ from opsctl import audit, compat
 from opsctl.actions import Actor, ChangeResult, JobChange
 from opsctl.audit import AuditContext
 from opsctl.engine import ACTION_STOP
-from opsctl.errors import OpsctlError
 from opsctl.keys import DEFAULT_FAILURE_TTL_S, Keys
 from opsctl.lock import Lock, maintenance_lock
 from opsctl.model import format_timestamp, parse_int
 from opsctl.progress import APPLYING, OnProgress
 from opsctl.run import DONE, ERROR, PLANNED, SKIPPED, JobOutcome, Run, WorkerOutcome
-from opsctl.state import server_time, text
+from opsctl.state import refuse_foreign_key, server_time, text
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +81,8 @@ class Executor:
         """Act on every planned job and worker; nothing at all if a limit tripped."""
         if self.run.limits_tripped:
             return
-        kind = text(self.conn.type(audit.AUDIT_STREAM))
-        if kind not in ("none", "stream"):
-            raise OpsctlError(
-                f"{audit.AUDIT_STREAM} holds a {kind}, not opsctl's audit stream; "
-                "rename or remove it, then run again (nothing was changed)"
-            )
+        then = ", then run again (nothing was changed)"
+        refuse_foreign_key(self.conn, audit.AUDIT_STREAM, "stream", "opsctl's audit stream", then)
         work = self._work_by_queue()
         self._to_deal_with = sum(len(outcomes) for outcomes in work.values())
         try:

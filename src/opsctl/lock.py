@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import redis
 
 from opsctl.errors import ExitCode, OpsctlError
+from opsctl.state import refuse_foreign_key
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,10 @@ def run_lock(conn: redis.Redis, run_id: str, timeout_s: float) -> Iterator[Lock]
     """Hold the run lock for the body, waiting up to ``timeout_s`` for it."""
     lock = Lock(conn, RUN_LOCK_KEY, owner_token(run_id), RUN_LOCK_TTL_S)
     if not lock.try_acquire():
-        _refuse_foreign_value(conn)
+        # A key no run ever wrote: no lock could ever be taken, and waiting
+        # would end as if a run held it.
+        then = " (no opsctl apply runs until then)"
+        refuse_foreign_key(conn, RUN_LOCK_KEY, "string", "opsctl's run lock", then)
         if not lock.acquire(timeout_s):
             raise LockTimeout(
                 f"another opsctl run holds the lock ({lock.holder()}); waited {timeout_s:g}s. "
@@ -134,18 +138,6 @@ def run_lock(conn: redis.Redis, run_id: str, timeout_s: float) -> Iterator[Lock]
         yield lock
     finally:
         lock.release()
-
-
-def _refuse_foreign_value(conn: redis.Redis) -> None:
-    """Stop at once when the run lock's key holds what no run ever writes there:
-    no lock could ever be taken, and waiting would end as if a run held it."""
-    kind = conn.type(RUN_LOCK_KEY)
-    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
-    if kind not in ("none", "string"):
-        raise OpsctlError(
-            f"{RUN_LOCK_KEY} holds a {kind}, not opsctl's run lock; rename or remove it "
-            "(no opsctl apply runs until then)"
-        )
 
 
 def maintenance_lock(conn: redis.Redis, prefix: str, queue: str, run_id: str) -> Lock:

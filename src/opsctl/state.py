@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 
 import redis
 
+from opsctl.errors import OpsctlError
 from opsctl.keys import EXECUTION_FIELDS, FUNCTION_FIELDS, JOB_FIELDS, WORKER_FIELDS, Keys
 from opsctl.model import Fields, StartedEntry, WorkerRecord, fields_class
 from opsctl.progress import SCANNING, OnProgress
@@ -127,6 +128,14 @@ def text(value: bytes | str | None) -> str:
     # keys and re-checks built from the text match what is stored. Reports
     # escape them for display.
     return value.decode("utf-8", "surrogateescape")
+
+
+def refuse_foreign_key(conn: redis.Redis, key: str, kind: str, what: str, then: str) -> None:
+    """Stop with a message when ``key`` holds another type than ``kind`` (or nothing):
+    something other than opsctl wrote it, and opsctl never overwrites it."""
+    found = text(conn.type(key))
+    if found not in ("none", kind):
+        raise OpsctlError(f"{key} holds a {found}, not {what}; rename or remove it{then}")
 
 
 def server_time(conn: redis.Redis) -> float:
