@@ -111,24 +111,21 @@ class Rule:
         """The application keys that belong to ``job_id``, from ``related_keys``.
 
         A key that an odd job id (one holding colons) would place under RQ's
-        prefix or opsctl's is left out: see :meth:`refused_related_keys`.
+        prefix or opsctl's is left out: see :meth:`kept_related_keys_note`.
         """
         return tuple(
             k for k in self._filled(job_id) if not k.startswith(reserved_prefixes(key_prefix))
         )
 
-    def refused_related_keys(self, job_id: str, key_prefix: str) -> tuple[str, ...]:
-        """The keys ``related_keys`` would name for ``job_id`` that belong to RQ or opsctl.
+    def kept_related_keys_note(self, job_id: str, key_prefix: str) -> str | None:
+        """What a delete of ``job_id`` says about the related keys it keeps; None if none.
 
         Templates are checked when the policy loads, but the id is only known
         later: a template ``r{job_id}`` and an id ``q:queue:default`` name
-        RQ's queue. Such keys are never deleted.
+        RQ's queue. Keys under RQ's prefix or opsctl's are never deleted.
         """
-        return tuple(k for k in self._filled(job_id) if k.startswith(reserved_prefixes(key_prefix)))
-
-    def kept_related_keys_note(self, job_id: str, key_prefix: str) -> str | None:
-        """What a delete of ``job_id`` says about the related keys it keeps; None if none."""
-        refused = self.refused_related_keys(job_id, key_prefix)
+        reserved = reserved_prefixes(key_prefix)
+        refused = [k for k in self._filled(job_id) if k.startswith(reserved)]
         if not refused:
             return None
         shown = ", ".join(repr(k) for k in refused)

@@ -457,7 +457,7 @@ def _hold_back_scheduled_deletes(conn: redis.Redis, keys: Keys, run: Run) -> Non
     then drops the entry silently, rq-scheduler loses a repeating job), so the
     job is left as it is and the report says why.
     """
-    deletes = _deletes(run)
+    deletes = _planned_to("delete", run)
     origins = [(j.entry.job or {}).get("origin") or j.entry.queue for j in deletes]
     pairs = [(j.entry.job_id, o) for j, o in zip(deletes, origins, strict=True)]
     for job, why in zip(deletes, scheduler_references(conn, keys, pairs), strict=True):
@@ -469,20 +469,20 @@ def _hold_back_scheduled_deletes(conn: redis.Redis, keys: Keys, run: Run) -> Non
 def _keep_reserved_related_keys(keys: Keys, run: Run) -> None:
     """Say which related keys a delete keeps because the job's id places them
     among RQ's or opsctl's keys (the delete itself leaves them out)."""
-    for job in _deletes(run):
+    for job in _planned_to("delete", run):
         note = job.rule.kept_related_keys_note(job.entry.job_id, keys.prefix)
         if note:
             job.reason = f"{job.reason}; {note}"
 
 
-def _deletes(run: Run) -> list[JobOutcome]:
-    """The jobs the run plans to delete, now or once their worker has stopped them."""
-    return [j for j in run.jobs if "delete" in (j.action, j.verdict.follow_up) and j.acts]
+def _planned_to(action: str, run: Run) -> list[JobOutcome]:
+    """The jobs the run plans ``action`` for, now or once their worker has stopped them."""
+    return [j for j in run.jobs if action in (j.action, j.verdict.follow_up) and j.acts]
 
 
 def _apply_rescue_limits(conn: redis.Redis, run: Run) -> None:
     """Turn a requeue into a fail for jobs opsctl already requeued max_requeues times."""
-    requeues = [j for j in run.jobs if "requeue" in (j.action, j.verdict.follow_up) and j.acts]
+    requeues = _planned_to("requeue", run)
     if not requeues:
         return
     pipe = conn.pipeline(transaction=False)
