@@ -474,3 +474,14 @@ def test_python_m_opsctl_maps_errors_to_exit_codes_in_a_real_process() -> None:
     assert len(unreachable.stderr.splitlines()) == 1, unreachable.stderr
     assert unset.returncode == 2, unset.stderr
     assert "'REDIS_URL' is not set" in unset.stderr
+
+
+@pytest.mark.parametrize("zero", ["0", "0s", "00h"])
+def test_a_zero_max_age_option_is_refused_before_redis_is_contacted(zero: str) -> None:
+    result = opsctl(
+        "apply", "policies/minimal.yaml", "--max-age", zero, "--redis-url", "redis://127.0.0.1:1/0"
+    )
+
+    assert result.exit_code == 2, result.output
+    assert f"--max-age: {zero!r} is zero: every job a live worker runs" in result.output
+    assert "(or --force to act on every started job)" in result.output

@@ -1177,3 +1177,35 @@ def test_plan_output_replaces_only_a_regular_file(
     result = opsctl("plan", str(policy), "--output", str(regular), "--redis-url", url)
     assert result.exit_code == 0, result.output
     assert json.loads(regular.read_text())["format"] == "opsctl-plan"
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        pytest.param(lambda p: p["jobs"][0].update(job=None, rule=None), "wrong kind", id="nulls"),
+        pytest.param(lambda p: p["jobs"][0].pop("rule"), "no 'rule' field", id="missing"),
+        pytest.param(lambda p: p["jobs"][0].update(state="asleep"), "'asleep'", id="value"),
+    ],
+)
+def test_a_damaged_plan_is_named_in_words_and_nothing_changes(
+    conn: redis.Redis, url: str, tmp_path: Path, damage: Any, words: str
+) -> None:
+    job = started_job(conn, "w-dead")
+    plan = tmp_path / "plan.json"
+    made = opsctl(
+        "plan", str(write_policy(tmp_path, FAIL_ALL)), "--output", str(plan), "--redis-url", url
+    )
+    assert made.exit_code == 0, made.output
+    document = json.loads(plan.read_text())
+    damage(document)
+    plan.write_text(json.dumps(document))
+    before = everything(conn)
+
+    result = opsctl("apply", "--plan", str(plan), "--redis-url", url)
+
+    assert result.exit_code == 2, result.output
+    assert f"plan {str(plan)!r} is damaged" in result.output
+    assert words in result.output and "make a new one" in result.output
+    assert "Error" not in result.output and "Traceback" not in result.output
+    assert everything(conn) == before
+    assert status_of(conn, job.id) == "started"

@@ -249,7 +249,7 @@ def test_a_job_whose_age_cannot_be_known_is_never_acted_on_by_age(
     redis_conn.hset(job.key, "started_at", started_at)
     redis_conn.hset(f"rq:execution:{started_member(redis_conn, job.id).decode()}", "created_at", "")
 
-    item = job_in(run(policy(tmp_path), redis_url, "--max-age", "0s"), job.id)
+    item = job_in(run(policy(tmp_path), redis_url, "--max-age", "1s"), job.id)
 
     assert (item["state"], item["action"], item["age_seconds"]) == ("running", "none", None)
     assert "never acted on by age" in item["reason"]

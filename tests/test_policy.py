@@ -398,3 +398,28 @@ def test_schema_is_valid_draft_2020_12_and_lists_every_action() -> None:
 )
 def test_a_tripped_max_actions_counts_the_actions_in_words(actions: int, said: str) -> None:
     assert Limits(max_actions=0).tripped(actions, 10) == said
+
+
+def test_a_zero_max_age_is_refused_wherever_it_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "zero.yaml"
+    path.write_text(
+        "version: 1\ndefaults:\n  max_age: 0\nqueues:\n  - name: a\n    max_age: 00m\n"
+        "  - name: b\n    max_age: ${MAX_AGE}\n  - name: c\n    max_age: 1s\n"
+    )
+
+    lines = problem_lines(str(path), environ={"MAX_AGE": "0h"})
+
+    zero = "is zero: every job a live worker runs would be overdue at once, and stopped"
+    assert [line.split(": ", 1)[0] for line in lines] == [
+        f"{path}:3:12",
+        f"{path}:6:14",
+        f"{path}:8:14",
+    ]
+    assert lines[0].endswith(
+        f"defaults.max_age: 0 {zero}; give a positive duration "
+        "(or force: true to act on every started job)"
+    )
+    assert f"queues[0].max_age: '00m' {zero}" in lines[1]
+    assert f"queues[1].max_age: the value from ${{MAX_AGE}} {zero}" in lines[2]
+    with pytest.raises(PolicyError):
+        load_policy(str(path), environ={"MAX_AGE": "0h"})

@@ -57,6 +57,7 @@ from opsctl.keys import DEFAULT_PREFIX, Keys
 from opsctl.lock import Lock, run_lock
 from opsctl.policy import (
     UNCHECKED_SUFFIX,
+    ZERO_MAX_AGE,
     Policy,
     Rule,
     load_policy,
@@ -307,7 +308,12 @@ def _overrides(
 
 
 def _parse_max_age(value: str | None) -> int | None:
-    return None if value is None else _parse_duration_option("--max-age", value)
+    if value is None:
+        return None
+    seconds = _parse_duration_option("--max-age", value)
+    if seconds == 0:
+        raise UsageError(f"--max-age: {value!r} {ZERO_MAX_AGE.replace('force: true', '--force')}")
+    return seconds
 
 
 def _console() -> Console:

@@ -118,7 +118,16 @@ def read(path: str, identity: str, now: float, max_age_s: int, digest: str | Non
             raise TypeError("key_prefix is not a string")
         return Plan(run, str(document["policy"]["sha256"]), prefix)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise PlanError(f"plan {path!r} is damaged: {exc.__class__.__name__}: {exc}") from None
+        raise PlanError(f"plan {path!r} is damaged: {_damage(exc)}; make a new one") from None
+
+
+def _damage(exc: Exception) -> str:
+    """What is wrong with a plan file, in words rather than in Python's."""
+    if isinstance(exc, KeyError):
+        return f"it has no {exc.args[0]!r} field where one belongs"
+    if isinstance(exc, ValueError):
+        return f"a value it holds is not one opsctl writes ({exc})"
+    return "a field is missing or holds the wrong kind of value"
 
 
 def _checked_run(

@@ -803,6 +803,7 @@ def _validate(document: _Document) -> None:
     _check_tls(document)
     _check_queue_names(document)
     _check_related_keys(document)
+    _check_zero_max_age(document)
 
 
 def _leaf_errors(error: ValidationError) -> Iterator[ValidationError]:
@@ -903,6 +904,33 @@ def _check_tls(document: _Document) -> None:
     elif plain and not document.is_settled(("redis", "url")):
         message = "TLS settings need a rediss:// url (this one does not use TLS)"
         document.report(tls_path, message, at=at)
+
+
+#: Why a max_age of zero is refused: many tools read 0 as "no limit", and here
+#: it would stop every job a live worker runs.
+ZERO_MAX_AGE = (
+    "is zero: every job a live worker runs would be overdue at once, and stopped; "
+    "give a positive duration (or force: true to act on every started job)"
+)
+
+
+def _check_zero_max_age(document: _Document) -> None:
+    """Report a max_age of zero, in the defaults or in any queue entry."""
+    queues = document.value(("queues",))
+    places: list[_Path] = [("defaults", "max_age")]
+    places += [
+        ("queues", i, "max_age") for i in range(len(queues if isinstance(queues, list) else []))
+    ]
+    for path in places:
+        value = document.value(path)
+        if value is None or document.is_settled(path):
+            continue
+        try:
+            zero = parse_duration(value) == 0
+        except ValueError:
+            continue  # reported by the schema
+        if zero:
+            document.report(path, f"{document.describe(path, value)} {ZERO_MAX_AGE}")
 
 
 def _check_queue_names(document: _Document) -> None:
@@ -1153,6 +1181,7 @@ def _describe(value: Any) -> str:
 
 __all__ = [
     "ACTIONS",
+    "ZERO_MAX_AGE",
     "Limits",
     "Policy",
     "PolicyError",
