@@ -470,6 +470,27 @@ def test_apply_gives_up_when_every_batch_is_cut_though_ping_answers(
     assert Counter(outcomes(report).values()) == Counter({"done": 200, "error": 200})
 
 
+def test_jobs_of_queues_not_reached_after_a_lost_connection_are_reported_as_not_acted_on(
+    redis_conn: redis.Redis, redis_server: Any, tmp_path: Path
+) -> None:
+    first = abandon(redis_conn, 400)
+    later = abandon(redis_conn, 5, OTHER_QUEUE)
+    policy = tmp_path / "both.yaml"
+    policy.write_text(f"version: 1\nqueues:\n  - name: {QUEUE}\n  - name: {OTHER_QUEUE}\n")
+
+    with proxy_cutting_batches_after_the_first(redis_server.port) as proxy:
+        result = run_opsctl(*apply_args(policy, proxy.url, "--timeout", "2", "-v"))
+
+    report = report_of(result, EXIT_REDIS_UNAVAILABLE)
+    assert statuses(redis_conn, first) == Counter({"failed": 200, "started": 200})
+    assert statuses(redis_conn, later) == Counter({"started": 5})
+    for job_id in later:
+        line = line_of(report, job_id)
+        assert line["outcome"] == "error", line
+        assert line["reason"] == "not acted on: lost the connection to Redis"
+        assert f"job={job_id} state=abandoned action=fail outcome=error" in result.stderr
+
+
 # --- 3. reviewed plans --------------------------------------------------------------------
 
 

@@ -91,6 +91,10 @@ class Executor:
                     break
                 self._checkpoint()
                 self._execute_queue(queue, outcomes)
+            if self.run.redis_lost:
+                # A batch could not be confirmed and Redis stayed away: the
+                # queues not reached yet wait for the next run.
+                self._give_up("not acted on: lost the connection to Redis")
             self._checkpoint()
             for worker in self.run.workers:
                 if not worker.dry_run and not self.run.redis_lost:
