@@ -1265,3 +1265,21 @@ def test_a_connection_pool_of_one_is_enough_for_a_run(
 
     assert job_in(report, job.id)["outcome"] == "done"
     assert job_status(redis_conn, job.id) == "failed"
+
+
+def test_a_worker_key_holding_a_string_is_named_and_its_job_still_judged(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = started_job(redis_conn, worker="strange")
+    redis_conn.set("rq:worker:strange", "written by something else")
+
+    report = run(policy(tmp_path), redis_url)
+
+    assert "worker strange: rq:worker:strange could not be read (WRONGTYPE" in "".join(
+        report["problems"]
+    )
+    item = job_in(report, job.id)
+    assert (item["state"], item["outcome"]) == ("abandoned", "done"), item
+    assert item["worker_evidence"] == "worker holds no connection to Redis"
+    assert job_status(redis_conn, job.id) == "failed"
+    assert redis_conn.get("rq:worker:strange") == b"written by something else"

@@ -398,7 +398,7 @@ def _lost_entries(
     run.problems.extend(scan.problems + stranded.problems)
     names = {e.worker_name for e in scan.entries if e.worker_name} - set(snapshot.workers)
     if names:
-        snapshot.workers.update(read_workers(conn, keys, names))
+        snapshot.workers.update(read_workers(conn, keys, names, run.problems))
     return scan.entries + stranded.entries
 
 

@@ -226,7 +226,7 @@ def _read_snapshot(
         if on_entries:
             on_entries(batch, workers, now)
 
-    workers = read_workers(conn, keys, _worker_names(conn, keys, queues))
+    workers = read_workers(conn, keys, _worker_names(conn, keys, queues), problems)
     reader.held_by = {name for name, w in workers.items() if w.exists and not w.fields.get("death")}
     for queue in queues:
         try:
@@ -240,7 +240,7 @@ def _read_snapshot(
         entries.extend(_read_entries(keys, queue, members, problems, decoded, reader, ids))
     # Workers that entries name but no registration lists (most often dead ones).
     named = {name for e in entries if (name := e.worker_name)} - set(workers)
-    workers.update(read_workers(conn, keys, named))
+    workers.update(read_workers(conn, keys, named, problems))
     return Snapshot(now=now, queues=queues, entries=entries, workers=workers, problems=problems)
 
 
@@ -756,8 +756,14 @@ def _worker_names(conn: redis.Redis, keys: Keys, queues: list[str]) -> set[str]:
     }
 
 
-def read_workers(conn: redis.Redis, keys: Keys, names: Iterable[str]) -> dict[str, WorkerRecord]:
-    """Worker hashes, registrations and connection signals for ``names``."""
+def read_workers(
+    conn: redis.Redis, keys: Keys, names: Iterable[str], problems: list[str] | None = None
+) -> dict[str, WorkerRecord]:
+    """Worker hashes, registrations and connection signals for ``names``.
+
+    A worker key that cannot be read as a hash (another type) counts as a hash
+    without fields, judged by its connection signals, and is named in ``problems``.
+    """
     names = sorted(set(names))
     if not names:
         return {}
@@ -774,6 +780,10 @@ def read_workers(conn: redis.Redis, keys: Keys, names: Iterable[str]) -> dict[st
             pipe.smembers(keys.worker_executions(name))
         replies = replies_of(pipe)
         for i, name in enumerate(batch):
+            unreadable = replies[4 * i + 1]
+            if isinstance(unreadable, Exception) and problems is not None:
+                what = f"worker {name}: {keys.worker(name)} could not be read ({unreadable})"
+                problems.append(what)
             exists, fields, ttl, executions = (
                 ([] if isinstance(r, Exception) else r) for r in replies[4 * i : 4 * i + 4]
             )
