@@ -24,7 +24,7 @@ from typing import Any
 import jsonschema
 import pytest
 import redis
-from rq import Queue
+from rq import Queue, Worker
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.rate_limit import RateLimit, RateLimitRegistry
@@ -1267,11 +1267,13 @@ def test_a_connection_pool_of_one_is_enough_for_a_run(
     assert job_status(redis_conn, job.id) == "failed"
 
 
-def test_a_worker_key_holding_a_string_is_named_and_its_job_still_judged(
+def test_a_worker_key_holding_a_string_is_named_its_job_judged_and_registration_removed(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
     job = started_job(redis_conn, worker="strange")
     redis_conn.set("rq:worker:strange", "written by something else")
+    for registration in ("rq:workers", f"rq:workers:{QUEUE}"):
+        redis_conn.sadd(registration, "rq:worker:strange")
 
     report = run(policy(tmp_path), redis_url)
 
@@ -1283,3 +1285,8 @@ def test_a_worker_key_holding_a_string_is_named_and_its_job_still_judged(
     assert item["worker_evidence"] == "worker holds no connection to Redis"
     assert job_status(redis_conn, job.id) == "failed"
     assert redis_conn.get("rq:worker:strange") == b"written by something else"
+    [worker] = [w for w in report["workers"] if w["name"] == "strange"]
+    assert worker["outcome"] == "done", worker
+    assert "rq:worker:strange" not in Worker.all_keys(connection=redis_conn)
+    queue = Queue(QUEUE, connection=redis_conn)
+    assert "rq:worker:strange" not in Worker.all_keys(connection=redis_conn, queue=queue)

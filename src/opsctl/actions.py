@@ -377,11 +377,18 @@ local exists = redis.call('EXISTS', KEYS[1])
 if tostring(exists) ~= ARGV[3] then
   return {0, 'worker hash changed since it was read'}
 end
+-- A worker key of another type (something else wrote it) is never read or written.
+local hash = false
 if exists == 1 then
-  local beat = redis.call('HGET', KEYS[1], 'last_heartbeat')
-  if beat == false then beat = '' end
-  if beat ~= ARGV[2] then
-    return {0, 'worker heartbeat changed since it was read: it is alive'}
+  local beat = redis.pcall('HGET', KEYS[1], 'last_heartbeat')
+  if type(beat) == 'table' and beat.err then
+    if string.sub(tostring(beat.err), 1, 9) ~= 'WRONGTYPE' then return beat end
+  else
+    hash = true
+    if beat == false then beat = '' end
+    if beat ~= ARGV[2] then
+      return {0, 'worker heartbeat changed since it was read: it is alive'}
+    end
   end
 end
 local removed = 0
@@ -391,7 +398,7 @@ end
 if removed == 0 then
   return {0, 'no longer registered (removed since it was read)'}
 end
-if exists == 1 and redis.call('HEXISTS', KEYS[1], 'death') == 0 then
+if hash and redis.call('HEXISTS', KEYS[1], 'death') == 0 then
   redis.call('HSET', KEYS[1], 'death', ARGV[4])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
 end
