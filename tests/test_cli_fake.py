@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -1208,4 +1208,128 @@ def test_a_damaged_plan_is_named_in_words_and_nothing_changes(
     assert words in result.output and "make a new one" in result.output
     assert "Error" not in result.output and "Traceback" not in result.output
     assert everything(conn) == before
+    assert status_of(conn, job.id) == "started"
+
+
+def made_plan(url: str, tmp_path: Path, text: str = FAIL_ALL) -> tuple[Path, Path]:
+    """A policy and the plan `opsctl plan` made from it."""
+    policy, plan = write_policy(tmp_path, text), tmp_path / "plan.json"
+    made = opsctl("plan", str(policy), "--output", str(plan), "--redis-url", url)
+    assert made.exit_code == 0, made.output
+    return policy, plan
+
+
+def edit_plan(plan: Path, change: Callable[[dict[str, Any]], object]) -> None:
+    document = json.loads(plan.read_text())
+    change(document)
+    plan.write_text(json.dumps(document))
+
+
+def test_a_plan_of_a_policy_whose_defaults_say_dry_run_changes_nothing(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    register_worker(url, "w-crashed")
+    job = started_job(conn, "w-crashed")
+    _, plan = made_plan(
+        url,
+        tmp_path,
+        "version: 1\ndefaults:\n  dry_run: true\nqueues:\n  - name: default\n    dry_run: false\n",
+    )
+    before = everything(conn)
+
+    result = opsctl("apply", "--plan", str(plan), "--format", "json", "--redis-url", url)
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["dry_run"] is True
+    assert report["summary"]["acted"] == 0 and report["summary"]["workers_removed"] == 0
+    assert everything(conn) == before
+    assert status_of(conn, job.id) == "started"
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (("--queue", "default"), "--queue"),
+        (("--max-actions", "1"), "--max-actions"),
+        (("--max-age", "1h", "--force"), "--force and --max-age"),
+    ],
+)
+def test_options_a_plan_cannot_honour_are_refused_with_it(
+    conn: redis.Redis, url: str, tmp_path: Path, options: tuple[str, ...], named: str
+) -> None:
+    job = started_job(conn, "w-dead")
+    _, plan = made_plan(url, tmp_path)
+
+    result = opsctl("apply", "--plan", str(plan), *options, "--redis-url", url)
+
+    assert result.exit_code == 2, result.output
+    assert f"{named} cannot be used with --plan" in result.output
+    assert status_of(conn, job.id) == "started"
+
+
+@pytest.mark.parametrize(
+    "when",
+    [float("nan"), float("inf"), 1e11, "1000"],
+    ids=["nan", "infinity", "far-future", "text"],
+)
+def test_a_plan_whose_making_time_is_not_in_the_past_is_refused(
+    conn: redis.Redis, url: str, tmp_path: Path, when: object
+) -> None:
+    job = started_job(conn, "w-dead")
+    _, plan = made_plan(url, tmp_path)
+    edit_plan(plan, lambda d: d.update(created_at_epoch=when, created_at="2001-01-01T00:00:00Z"))
+
+    result = opsctl("apply", "--plan", str(plan), "--redis-url", url)
+
+    assert result.exit_code == 2, result.output
+    assert "make a new one" in result.output
+    assert status_of(conn, job.id) == "started"
+
+
+def test_a_plan_made_for_one_database_is_refused_on_another_of_the_same_server(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    job = started_job(conn, "w-dead")
+    _, plan = made_plan(url, tmp_path)
+    other = url.rsplit("/", 1)[0] + "/1"
+
+    result = opsctl("apply", "--plan", str(plan), "--redis-url", other)
+
+    assert result.exit_code == 2, result.output
+    assert "was made for another Redis" in result.output
+    assert redis.Redis.from_url(other).dbsize() == 0, "nothing was written to database 1"
+    assert status_of(conn, job.id) == "started"
+
+
+def test_a_plan_edited_to_an_action_no_rule_chooses_is_refused_before_any_job_is_touched(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    jobs = [started_job(conn, "w-dead") for _ in range(3)]
+    _, plan = made_plan(url, tmp_path)
+    edit_plan(plan, lambda d: d["jobs"][0].update(action="explode"))
+
+    result = opsctl("apply", "--plan", str(plan), "--redis-url", url)
+
+    assert result.exit_code == 2, result.output
+    assert "has the action 'explode'" in result.output
+    assert [status_of(conn, job.id) for job in jobs] == ["started"] * 3
+
+
+def test_a_plan_edited_against_its_policy_is_refused_when_the_policy_is_given(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    job = started_job(conn, "w-dead")
+    policy, plan = made_plan(url, tmp_path)
+
+    def to_delete(document: dict[str, Any]) -> None:
+        document["jobs"][0]["action"] = "delete"
+        document["jobs"][0]["rule"]["action"] = "delete"
+
+    edit_plan(plan, to_delete)
+
+    result = opsctl("apply", str(policy), "--plan", str(plan), "--redis-url", url)
+
+    assert result.exit_code == 2, result.output
+    assert "the plan's rule for queue 'default' differs from the policy's (action)" in result.output
     assert status_of(conn, job.id) == "started"

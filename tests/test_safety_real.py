@@ -593,6 +593,22 @@ def test_plan_made_for_another_redis_is_refused_and_changes_nothing(
     assert_still_started(redis_conn, job_ids)
 
 
+def test_plan_made_for_another_database_of_the_same_server_is_refused(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job_ids = abandon(redis_conn, 2)
+    plan_path = tmp_path / "plan.json"
+    make_plan(redis_url, plan_path)
+    other = redis_url.rsplit("/", 1)[0] + "/1"
+
+    result = run_opsctl("apply", "--plan", str(plan_path), "--redis-url", other)
+
+    assert result.returncode == EXIT_INVALID, shown(result)
+    assert "another Redis" in result.stderr
+    assert redis.Redis.from_url(other).dbsize() == 0, "nothing was written to database 1"
+    assert_still_started(redis_conn, job_ids)
+
+
 # --- 4. blast-radius caps -----------------------------------------------------------------
 
 

@@ -582,9 +582,9 @@ def apply(
     )
     began = time.monotonic()
     if plan_file is not None:
+        _refuse_with_plan(force=force, max_age=max_age, queue=queue, max_actions=max_actions)
         plan_age = _guard(lambda: _parse_duration_option("--max-plan-age", max_plan_age))
-        digest = policy.digest if policy else None
-        done, error = _attempt(lambda: job.apply_plan(plan_file, plan_age, digest), url)
+        done, error = _attempt(lambda: job.apply_plan(plan_file, plan_age, policy), url)
         run, where = None, None
         if done is not None:
             run, plan_digest = done
@@ -597,6 +597,19 @@ def apply(
         _print_run(run, output, url, where)
         error = _run_error(run)
     _finish(error, best_effort, url, metrics_file, run, began)
+
+
+def _refuse_with_plan(**given: object) -> None:
+    """Options that choose what a run does cannot change a plan, which holds exactly
+    the actions it lists: refuse them rather than ignore them."""
+    names = [f"--{name.replace('_', '-')}" for name, value in given.items() if value]
+    if names:
+        _fail(
+            UsageError(
+                f"{' and '.join(names)} cannot be used with --plan: a plan acts on exactly "
+                "the jobs it lists; give them to opsctl plan instead"
+            )
+        )
 
 
 def _finish(
@@ -669,15 +682,24 @@ class Job:
             self._execute(conn, keys, run, policy.digest, lock)
         return run
 
-    def apply_plan(self, path: str, max_age_s: int, digest: str | None) -> tuple[Run, str]:
+    def apply_plan(self, path: str, max_age_s: int, policy: Policy | None) -> tuple[Run, str]:
         conn = self.connect()
         identity = planfile.server_identity(conn, self.url)
-        if self.overrides.dry_run:
-            plan_read = planfile.read(path, identity, server_time(conn), max_age_s, digest)
+
+        def read() -> planfile.Plan:
+            if policy is None:
+                return planfile.read(path, identity, server_time(conn), max_age_s, None)
+            return planfile.read(
+                path, identity, server_time(conn), max_age_s, policy.digest, policy.rule_for
+            )
+
+        plan_read = read()
+        if self.overrides.dry_run or plan_read.run.dry_run:
+            # A plan made from a policy whose defaults say dry_run changes nothing either.
             plan_read.run.dry_run = True
             return plan_read.run, plan_read.policy_digest
         with run_lock(conn, new_run_id(), self.lock_timeout_s) as lock:
-            plan_read = planfile.read(path, identity, server_time(conn), max_age_s, digest)
+            plan_read = read()  # again, now that no other run can act meanwhile
             run = plan_read.run
             logs.current_run_id.set(run.run_id)
             keys = Keys(plan_read.key_prefix)
@@ -689,7 +711,15 @@ class Job:
         run = self._plan(conn, Keys(policy.key_prefix), policy, None)
         identity = planfile.server_identity(conn, self.url)
         where = (policy.path, policy.digest)
-        count = planfile.write(path, run, identity, mask_url(self.url), where, policy.key_prefix)
+        count = planfile.write(
+            path,
+            run,
+            identity,
+            mask_url(self.url),
+            where,
+            policy.key_prefix,
+            dry_run=policy.defaults.dry_run,
+        )
         return run, count
 
     def _plan(self, conn: redis.Redis, keys: Keys, policy: Policy, run_id: str | None) -> Run:

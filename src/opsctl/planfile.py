@@ -11,8 +11,10 @@ elsewhere or once it is older than the allowed age.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,11 @@ from urllib.parse import urlsplit
 
 import redis
 
-from opsctl.engine import Signals, State, Verdict
+from opsctl.engine import ACTION_REMOVE_ENTRY, ACTION_STOP, Signals, State, Verdict
 from opsctl.errors import ExitCode, OpsctlError, UsageError
 from opsctl.keys import DEFAULT_PREFIX
 from opsctl.model import StartedEntry, WorkerRecord, format_timestamp
-from opsctl.policy import Limits, Rule
+from opsctl.policy import ACTIONS, Limits, Rule
 from opsctl.run import PLANNED, JobOutcome, QueuePlan, Run, WorkerOutcome, new_run_id
 
 FORMAT = "opsctl-plan"
@@ -40,19 +42,30 @@ class PlanError(OpsctlError):
 
 
 def server_identity(conn: redis.Redis, url: str) -> str:
-    """What tells this Redis server from another: its run id, else its address."""
+    """What tells this Redis database from another: the server's run id (else its
+    address) and the database number."""
+    db = conn.connection_pool.connection_kwargs.get("db", 0)
     try:
         info = conn.info("server")
-        return f"run_id={info['run_id']}"
+        return f"run_id={info['run_id']} db={db}"
     except (redis.ResponseError, KeyError):
         parts = urlsplit(url)
-        return f"address={parts.hostname or parts.path}:{parts.port or ''}{parts.path}"
+        return f"address={parts.hostname or parts.path}:{parts.port or ''}{parts.path} db={db}"
 
 
 def write(
-    path: str, run: Run, identity: str, redis_url: str, policy: tuple[str, str], key_prefix: str
+    path: str,
+    run: Run,
+    identity: str,
+    redis_url: str,
+    policy: tuple[str, str],
+    key_prefix: str,
+    dry_run: bool = False,
 ) -> int:
-    """Write the planned actions of ``run`` to ``path`` atomically; how many jobs it holds."""
+    """Write the planned actions of ``run`` to ``path`` atomically; how many jobs it holds.
+
+    ``dry_run``: the policy makes every run a dry run, so applying the plan changes nothing.
+    """
     jobs = [_job(j) for j in run.jobs if j.outcome == PLANNED]
     document = {
         "format": FORMAT,
@@ -60,6 +73,7 @@ def write(
         "run_id": run.run_id,
         "created_at": format_timestamp(run.now),
         "created_at_epoch": run.now,
+        "dry_run": dry_run,
         "redis": {"url": redis_url, "identity": identity},
         "key_prefix": key_prefix,
         "policy": {"path": policy[0], "sha256": policy[1]},
@@ -108,11 +122,28 @@ class Plan:
     key_prefix: str
 
 
-def read(path: str, identity: str, now: float, max_age_s: int, digest: str | None) -> Plan:
-    """The run a plan file describes, checked against this Redis and this moment."""
+#: Seconds a plan may seem to come from the future (clocks of two hosts differ).
+FUTURE_SKEW_S = 60
+
+
+def read(
+    path: str,
+    identity: str,
+    now: float,
+    max_age_s: int,
+    digest: str | None,
+    rule_for: Callable[[str], Rule | None] | None = None,
+) -> Plan:
+    """The run a plan file describes, checked against this Redis and this moment.
+
+    With ``rule_for`` (the policy the plan was made from), each job's rule must
+    be that policy's rule for its queue, in every setting no option overrides.
+    """
     document = _load(path)
     try:
         run = _checked_run(path, document, identity, now, max_age_s, digest)
+        for job in run.jobs:
+            _check_action(job, rule_for)
         prefix = document.get("key_prefix") or DEFAULT_PREFIX
         if not isinstance(prefix, str):
             raise TypeError("key_prefix is not a string")
@@ -143,7 +174,15 @@ def _checked_run(
         raise PlanError(
             f"plan {path!r} was made for another Redis ({recorded}); this one is {identity}"
         )
-    age = now - float(document["created_at_epoch"])
+    created = document["created_at_epoch"]
+    if not isinstance(created, int | float) or isinstance(created, bool):
+        raise TypeError("created_at_epoch is not a number")
+    age = now - float(created)
+    if not math.isfinite(age) or age < -FUTURE_SKEW_S:
+        raise PlanError(
+            f"plan {path!r} says it was made at {document.get('created_at')!r}, which is not "
+            "a moment in the past of this Redis; make a new one"
+        )
     if age > max_age_s:
         raise PlanError(
             f"plan {path!r} is {age:.0f}s old, over --max-plan-age {max_age_s}s; make a new one"
@@ -152,7 +191,10 @@ def _checked_run(
         raise PlanError(f"plan {path!r} was made from another version of the policy file")
     queues = [QueuePlan(q["name"], _unrule(q["rule"]), q["inspected"]) for q in document["queues"]]
     # Each application of a plan is a run of its own, with its own id.
-    run = Run(run_id=new_run_id(), dry_run=False, now=now, queues=queues)
+    dry_run = document.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise TypeError("dry_run is not true or false")
+    run = Run(run_id=new_run_id(), dry_run=dry_run, now=now, queues=queues)
     run.jobs = [_unjob(j) for j in document["jobs"]]
     run.workers = [_unworker(w) for w in document["workers"]]
     run.limits_tripped = list(document.get("limits_tripped", []))
@@ -175,6 +217,38 @@ def _load(path: str) -> dict[str, Any]:
             f"plan {path!r} has version {document.get('version')!r}; this opsctl reads {VERSION}"
         )
     return document
+
+
+#: Rule settings that no command-line option changes (--force, --max-age and
+#: --no-dry-run change the others): a plan's must match its policy's.
+_POLICY_ONLY = (
+    "action",
+    "enabled",
+    "max_requeues",
+    "lost_after_seconds",
+    "related_keys",
+)
+
+
+def _check_action(job: JobOutcome, rule_for: Callable[[str], Rule | None] | None) -> None:
+    """Refuse a job whose planned action its rule could not have chosen (the plan
+    was edited), or whose rule is not the policy's."""
+    rule, queue = job.rule, job.entry.queue
+    if rule.action not in ACTIONS:
+        raise ValueError(f"queue {queue!r} has the action {rule.action!r}")
+    allowed = {rule.action, "fail", ACTION_STOP, ACTION_REMOVE_ENTRY}
+    if job.action not in allowed or job.verdict.follow_up not in (None, *ACTIONS):
+        raise ValueError(f"job {job.entry.job_id!r} has the action {job.action!r}")
+    if rule_for is None:
+        return
+    policy_rule = rule_for(queue)
+    differs = [n for n in _POLICY_ONLY if getattr(policy_rule, n, None) != getattr(rule, n)]
+    if policy_rule is None or differs:
+        what = ", ".join(differs) if policy_rule is not None else "its rule"
+        raise PlanError(
+            f"the plan's rule for queue {queue!r} differs from the policy's ({what}); "
+            "make a new plan from the policy"
+        )
 
 
 def _rule(rule: Rule) -> dict[str, Any]:
