@@ -1290,3 +1290,39 @@ def test_a_worker_key_holding_a_string_is_named_its_job_judged_and_registration_
     assert "rq:worker:strange" not in Worker.all_keys(connection=redis_conn)
     queue = Queue(QUEUE, connection=redis_conn)
     assert "rq:worker:strange" not in Worker.all_keys(connection=redis_conn, queue=queue)
+
+
+def test_a_plan_acts_on_neither_a_worker_live_again_nor_the_job_it_executes(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    job = started_job(redis_conn, worker="back")
+    redis_conn.hset("rq:worker:back", mapping={"state": "busy", "last_heartbeat": "x"})
+    for registration in ("rq:workers", f"rq:workers:{QUEUE}"):
+        redis_conn.sadd(registration, "rq:worker:back")
+    plan = tmp_path / "plan.json"
+    made = invoke_opsctl("plan", str(policy(tmp_path)), "-o", str(plan), "--redis-url", redis_url)
+    assert made.exit_code == 0, made.output
+    planned = json.loads(plan.read_text())
+    assert [j["job_id"] for j in planned["jobs"]] == [job.id]
+    assert [w["name"] for w in planned["workers"]] == ["back"]
+    # The worker was only cut off for a while: it answers again and still runs the job.
+    live_worker("back", {}, [started_member(redis_conn, job.id).decode()])
+
+    result = invoke_opsctl(
+        "apply", "--plan", str(plan), "--redis-url", redis_url, "--format", "json"
+    )
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    [line] = report["jobs"]
+    assert (line["outcome"], line["reason"]) == (
+        "skipped",
+        "not acted on: back is live now and executing it",
+    )
+    [worker] = report["workers"]
+    assert worker["outcome"] == "skipped", worker
+    assert worker["reason"].startswith("not removed: the worker is live now")
+    assert job_status(redis_conn, job.id) == "started"
+    queue = Queue(QUEUE, connection=redis_conn)
+    assert "rq:worker:back" in Worker.all_keys(connection=redis_conn, queue=queue)
+    assert "rq:worker:back" in Worker.all_keys(connection=redis_conn)

@@ -27,13 +27,13 @@ import redis
 from opsctl import audit, compat
 from opsctl.actions import Actor, ChangeResult, JobChange
 from opsctl.audit import AuditContext
-from opsctl.engine import ACTION_STOP
+from opsctl.engine import ACTION_STOP, is_executing, worker_liveness
 from opsctl.keys import DEFAULT_FAILURE_TTL_S, Keys
 from opsctl.lock import Lock, maintenance_lock
 from opsctl.model import format_timestamp, parse_int
 from opsctl.progress import APPLYING, OnProgress
 from opsctl.run import DONE, ERROR, PLANNED, SKIPPED, JobOutcome, Run, WorkerOutcome
-from opsctl.state import refuse_foreign_key, server_time, text
+from opsctl.state import read_workers, refuse_foreign_key, server_time, text
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Executor:
                 self._give_up("not acted on: lost the connection to Redis")
             self._checkpoint()
             for worker in self.run.workers:
-                if not worker.dry_run and not self.run.redis_lost:
+                if worker.outcome == PLANNED and not worker.dry_run and not self.run.redis_lost:
                     self._deregister(worker)
             self._audit_the_rest()
         except Interrupted:
@@ -426,6 +426,28 @@ class Executor:
                 worker.outcome, worker.reason = ERROR, why
 
 
+def hold_back_live_workers(conn: redis.Redis, keys: Keys, run: Run) -> None:
+    """Read a plan's workers again: one that is live now is not removed, and a job
+    it is executing now is not acted on (a stop, which asks the worker itself, still is).
+
+    A plan may be old, or edited; what a worker's connection says now decides.
+    """
+    names = {w.worker.name for w in run.workers}
+    names |= {name for j in run.jobs if (name := j.entry.worker_name)}
+    fresh = read_workers(conn, keys, names)
+    for w in run.workers:
+        live = worker_liveness(fresh.get(w.worker.name))
+        if w.outcome == PLANNED and not w.dry_run and live.alive:
+            w.outcome, w.reason = SKIPPED, f"not removed: the worker is live now ({live.evidence})"
+    for job in run.jobs:
+        name = job.entry.worker_name
+        worker = fresh.get(name) if name else None
+        if job.outcome != PLANNED or job.action == ACTION_STOP or worker is None:
+            continue
+        if worker_liveness(worker).alive and is_executing(worker, job.entry):
+            _set(job, SKIPPED, f"not acted on: {name} is live now and executing it")
+
+
 def failure_reason(run: Run, outcome: JobOutcome) -> str:
     """The failure text RQ will show for a job opsctl failed."""
     s = outcome.verdict.signals
@@ -540,4 +562,4 @@ def _enqueue_dependents(conn: redis.Redis, keys: Keys, outcome: JobOutcome) -> N
         outcome.reason += f"; dependents not enqueued: {exc}"
 
 
-__all__ = ["Executor", "failure_reason"]
+__all__ = ["Executor", "failure_reason", "hold_back_live_workers"]
