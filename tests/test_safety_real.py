@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -489,6 +490,49 @@ def test_jobs_of_queues_not_reached_after_a_lost_connection_are_reported_as_not_
         assert line["outcome"] == "error", line
         assert line["reason"] == "not acted on: lost the connection to Redis"
         assert f"job={job_id} state=abandoned action=fail outcome=error" in result.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_apply_stops_it_between_changes_with_its_report_and_no_lock_left(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, signum: int
+) -> None:
+    # A worker that is live (subscribed, executing the job) but never obeys a stop.
+    job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 1)
+    with redis_conn.pipeline() as pipe:
+        execution = Execution.create(job, LEASE_S, pipe, worker_name="stubborn")
+        job.prepare_for_execution("stubborn", pipe)
+        pipe.lrem(Queue(QUEUE, connection=redis_conn).key, 0, job.id)
+        pipe.execute()
+    redis_conn.hset(job.key, "started_at", "2020-01-01T00:00:00.000000Z")
+    redis_conn.hset("rq:worker:stubborn", mapping={"state": "busy", "current_job": job.id})
+    redis_conn.sadd("rq:worker:stubborn:executions", f"{job.id}:{execution.id}")
+    channel = redis_conn.pubsub()
+    channel.subscribe("rq:pubsub:stubborn")
+    channel.get_message(timeout=1)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"version: 1\ndefaults:\n  max_age: 1m\nqueues:\n  - name: {QUEUE}\n")
+
+    run = start_opsctl(*apply_args(policy, redis_url, "--stop-timeout", "60"))
+    try:
+        asked = channel.get_message(timeout=20)
+        while asked is not None and asked["type"] != "message":
+            asked = channel.get_message(timeout=20)
+        assert asked is not None and b"stop-job" in asked["data"], "opsctl asked for a stop"
+        run.send_signal(signum)
+        stdout, stderr = run.communicate(timeout=30)
+    finally:
+        channel.close()
+        if run.poll() is None:
+            run.kill()
+
+    assert run.returncode == 128 + signum, stderr
+    assert f"stopped by signal {int(signum)}" in stderr
+    [line] = json.loads(stdout)["jobs"]
+    assert (line["id"], line["outcome"]) == (job.id, "skipped"), line
+    assert "asked to stop" in line["reason"]
+    assert redis_conn.exists("opsctl:lock", f"rq:clean_registries:{QUEUE}") == 0
+    assert [e[1][b"job"] for e in redis_conn.xrange("opsctl:audit")] == [job.id.encode()]
+    assert job_status(redis_conn, job.id) == "started"
 
 
 # --- 3. reviewed plans --------------------------------------------------------------------

@@ -300,10 +300,16 @@ class Executor:
             else:
                 waiting.append(outcome)
         statuses = self._wait_until_ended(waiting)
+        asked_to_stop = self.should_stop is not None and self.should_stop()
         follow_ups = []
         for outcome in waiting:
             status = statuses.get(outcome.entry.job_id, "started")
             worker = outcome.entry.worker_name
+            if status == "started" and asked_to_stop:
+                outcome.stop_confirmed = False
+                why = "stop sent, but not waited for: opsctl was asked to stop"
+                _set(outcome, SKIPPED, why, append=True)
+                continue
             if status == "started":
                 outcome.stop_confirmed = False
                 why = f"{worker} did not stop it within {self.stop_timeout_s:g}s"
@@ -316,6 +322,7 @@ class Executor:
             else:
                 outcome.outcome = DONE
                 _log_outcome(outcome)
+        self._checkpoint()
         self._follow_up(follow_ups)
 
     def _wait_until_ended(self, outcomes: list[JobOutcome]) -> dict[str, str]:
@@ -331,6 +338,8 @@ class Executor:
             pending = [j for j in pending if statuses[j] == "started"]
             if not pending or time.monotonic() >= deadline:
                 break
+            if self.should_stop is not None and self.should_stop():
+                break  # asked to stop: what has not ended is reported as not waited for
             time.sleep(STOP_POLL_S)
             self.renew_locks()
         return statuses

@@ -7,9 +7,11 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -581,6 +583,35 @@ def apply(
         url, timeout, lock_timeout, overrides, progress=output is Format.text, options=options
     )
     began = time.monotonic()
+    with _stop_on_signals(job) as received:
+        run, error = _apply(
+            job, policy, plan_file, max_plan_age, force, max_age, queue, max_actions, url, output
+        )
+    if received:
+        # The report is printed; a run cut short never passes for a finished one.
+        print(
+            f"opsctl: stopped by signal {received[0]}: what was done is in the report; "
+            "run again to finish",
+            file=sys.stderr,
+        )
+        raise typer.Exit(128 + received[0])
+    _finish(error, best_effort, url, metrics_file, run, began)
+
+
+def _apply(
+    job: Job,
+    policy: Policy | None,
+    plan_file: str | None,
+    max_plan_age: str,
+    force: bool | None,
+    max_age: str | None,
+    queue: list[str] | None,
+    max_actions: int | None,
+    url: str,
+    output: Format,
+) -> tuple[Run | None, OpsctlError | None]:
+    """Run `apply` (from a policy or a plan) and print its report; the run and its error."""
+    run: Run | None
     if plan_file is not None:
         _refuse_with_plan(force=force, max_age=max_age, queue=queue, max_actions=max_actions)
         plan_age = _guard(lambda: _parse_duration_option("--max-plan-age", max_plan_age))
@@ -596,7 +627,32 @@ def apply(
     if run is not None and where is not None:
         _print_run(run, output, url, where)
         error = _run_error(run)
-    _finish(error, best_effort, url, metrics_file, run, began)
+    return run, error
+
+
+#: Signals that ask apply to stop between changes (a second one stops it at once).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextmanager
+def _stop_on_signals(job: Job) -> Iterator[list[int]]:
+    """Make SIGTERM and SIGINT stop ``job`` between two changes, so its locks are
+    released and its report printed; the signals received are yielded."""
+    received: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        if received:
+            raise KeyboardInterrupt  # asked twice: stop at once
+        received.append(signum)
+        log.warning("signal=%s stopping after the change in progress (again: at once)", signum)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    job.should_stop = lambda: bool(received)
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _refuse_with_plan(**given: object) -> None:
