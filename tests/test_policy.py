@@ -423,3 +423,21 @@ def test_a_zero_max_age_is_refused_wherever_it_is_written(tmp_path: Path) -> Non
     assert f"queues[1].max_age: the value from ${{MAX_AGE}} {zero}" in lines[2]
     with pytest.raises(PolicyError):
         load_policy(str(path), environ={"MAX_AGE": "0h"})
+
+
+def test_a_user_named_both_in_the_url_and_beside_it_must_be_the_same(tmp_path: Path) -> None:
+    path = tmp_path / "users.yaml"
+    path.write_text(
+        "version: 1\nredis:\n  url: redis://alice:pw1@127.0.0.1:1/0\n  username: bob\n"
+        "queues:\n  - name: a\n"
+    )
+
+    lines = problem_lines(str(path))
+
+    assert lines == [
+        f"{path}:4:13: redis.username: 'bob' names another user than the URL does; "
+        "give the user in one place"
+    ]
+    assert "alice" not in lines[0] and "pw1" not in lines[0]
+    path.write_text(path.read_text().replace("bob", "alice"))
+    assert problem_lines(str(path)) == []

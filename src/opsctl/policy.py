@@ -29,6 +29,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import jsonschema
 import yaml
@@ -888,6 +889,19 @@ def _check_redis_url(document: _Document) -> None:
     why = url_problem(url)
     if why:
         document.report(path, f"{document.describe(path, url)}: {why}")
+        return
+    user_path: _Path = ("redis", "username")
+    username = document.value(user_path)
+    url_user = unquote(urlsplit(url).username or "")
+    if (
+        isinstance(username, str)
+        and url_user
+        and username != url_user
+        and not document.is_settled(user_path)
+    ):
+        # The URL's user is never quoted: the URL may come from a secret.
+        message = "names another user than the URL does; give the user in one place"
+        document.report(user_path, f"{document.describe(user_path, username)} {message}")
 
 
 def _check_tls(document: _Document) -> None:
