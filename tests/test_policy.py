@@ -441,3 +441,18 @@ def test_a_user_named_both_in_the_url_and_beside_it_must_be_the_same(tmp_path: P
     assert "alice" not in lines[0] and "pw1" not in lines[0]
     path.write_text(path.read_text().replace("bob", "alice"))
     assert problem_lines(str(path)) == []
+
+
+def test_values_past_a_limit_name_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / "limits.yaml"
+    keys = "".join(f'      - "k{i}:{{job_id}}"\n' for i in range(21))
+    path.write_text(
+        "version: 1\nqueues:\n  - name: a\n    max_requeues: 100000000000\n"
+        f"    related_keys:\n{keys}"
+    )
+
+    assert problem_lines(str(path)) == [
+        f"{path}:4:19: queues[0].max_requeues: 100000000000 is more than the most allowed, "
+        "1,000,000",
+        f"{path}:6:7: queues[0].related_keys: holds 21 items; at most 20 are allowed",
+    ]

@@ -841,6 +841,12 @@ def _report_schema_error(document: _Document, error: ValidationError) -> None:
         _report_missing_keys(document, path, error)
     elif error.validator == "minItems" and path == ("queues",):
         document.report(path, _EMPTY_QUEUES)
+    elif error.validator == "maxItems" and isinstance(error.instance, list):
+        most = error.validator_value
+        document.report(path, f"holds {len(error.instance)} items; at most {most} are allowed")
+    elif error.validator == "maximum":
+        what = document.describe(path, error.instance)
+        document.report(path, f"{what} is more than the most allowed, {error.validator_value:,}")
     else:
         template = _VALUE_MESSAGES.get(_kind(path), "{value} is not allowed here")
         what = document.describe(path, error.instance)
