@@ -1326,3 +1326,41 @@ def test_a_plan_acts_on_neither_a_worker_live_again_nor_the_job_it_executes(
     queue = Queue(QUEUE, connection=redis_conn)
     assert "rq:worker:back" in Worker.all_keys(connection=redis_conn, queue=queue)
     assert "rq:worker:back" in Worker.all_keys(connection=redis_conn)
+
+
+def test_explain_finds_a_job_where_a_run_does_and_agrees_with_its_verdict(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # An RQ 1 id holding colons, stored bare; and a job whose origin is another queue.
+    started = iso(ago(3600))
+    for job_id, origin in (("report:2024:42", QUEUE), ("stray", "elsewhere")):
+        redis_conn.hset(
+            f"rq:job:{job_id}",
+            mapping={
+                "status": "started",
+                "origin": origin,
+                "created_at": started,
+                "started_at": started,
+                "worker_name": "ghost",
+            },
+        )
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {"report:2024:42": time.time() + 100})
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {"stray:e1": time.time() + 100})
+    path = policy(tmp_path)
+    ran = run(path, redis_url, "--dry-run")
+
+    for job_id in ("report:2024:42", "stray"):
+        code, explained = explain(job_id, redis_url, "--policy", str(path))
+        assert code == 0, explained
+        assert isinstance(explained, dict)
+        [verdict] = explained["verdicts"]
+        item = job_in(ran, job_id)
+        assert (
+            (verdict["state"], verdict["action"])
+            == (item["state"], item["action"])
+            == (
+                "abandoned",
+                "fail",
+            )
+        ), (verdict, item)
+        assert any(place.startswith(f"rq:wip:{QUEUE} member") for place in explained["places"])

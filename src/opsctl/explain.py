@@ -2,7 +2,8 @@
 
 ``opsctl explain JOB_ID`` reads the job's hash (showing only the size of the
 pickled ``data`` and ``meta``, and the function name read from ``data``
-without unpickling), every list and registry of its queue that holds it, its
+without unpickling), every list and registry of its queue that holds it (and
+the started registry of any other queue that holds it, where a run meets it too), its
 executions, the workers named for it with each liveness signal, and the
 verdict of :func:`opsctl.engine.classify` for each place the engine would look
 at it. The decision is the engine's own; nothing here decides anything.
@@ -69,6 +70,10 @@ def explain(conn: redis.Redis, keys: Keys, job_id: str, policy: Policy | None) -
     origin = fields.get("origin", "")
     queues = [origin] if origin else known_queues(conn, keys)
     members = _places(conn, keys, job_id, queues, found)
+    if origin:
+        # A run meets a job in any queue's started registry, whatever its origin says.
+        others = [q for q in known_queues(conn, keys) if q != origin]
+        members += _started_elsewhere(conn, keys, job_id, others, found)
     if not raw and not found.places:
         raise JobNotFound(f"job {job_id!r} does not exist: no hash, list or registry names it")
 
@@ -83,7 +88,9 @@ def explain(conn: redis.Redis, keys: Keys, job_id: str, policy: Policy | None) -
         job["first_seen"] = text(first_seen)
     entries = _entries(job_id, job if raw else None, members, executions, found.places)
     for entry in entries:
-        found.verdicts.append(_verdict(conn, keys, entry, workers, rule, now))
+        # An entry in a registry is judged by that queue's rule, as a run judges it.
+        judged_by = rule if entry.lost or entry.stranded else _rule(policy, entry.queue)[0]
+        found.verdicts.append(_verdict(conn, keys, entry, workers, judged_by, now))
     return found
 
 
@@ -115,6 +122,19 @@ def _places(
     return members
 
 
+def _started_elsewhere(
+    conn: redis.Redis, keys: Keys, job_id: str, queues: list[str], found: Explanation
+) -> list[tuple[str, bytes, float]]:
+    """The job's members in the started registries of ``queues`` (not its origin)."""
+    members: list[tuple[str, bytes, float]] = []
+    for queue in queues:
+        key = keys.started(queue)
+        for member, score in _registry_hits(conn, key, job_id):
+            members.append((queue, member, score))
+            found.places.append(f"{key} member {text(member)!r} score {_score(score)}")
+    return members
+
+
 def _position(conn: redis.Redis, key: str, job_id: str) -> int | None:
     try:
         position = conn.lpos(key, job_id)
@@ -133,7 +153,8 @@ def _registry_hits(conn: redis.Redis, key: str, job_id: str) -> list[tuple[bytes
         raise
     except redis.ResponseError:
         return []
-    return [(m, s) for m, s in members if split_member(m)[0] == job_id]
+    # An RQ 1 id may hold colons itself: the whole member is then the id.
+    return [(m, s) for m, s in members if job_id in (split_member(m)[0], text(m))]
 
 
 def _score(score: float) -> str:
@@ -146,7 +167,7 @@ def _executions(
     conn: redis.Redis, keys: Keys, job_id: str, members: list[tuple[str, bytes, float]]
 ) -> list[dict[str, Any]]:
     ids = {text(e) for e in _zrange(conn, keys.executions(job_id))}
-    ids |= {e for _q, m, _s in members if (e := split_member(m)[1])}
+    ids |= {e for _q, m, _s in members if text(m) != job_id and (e := split_member(m)[1])}
     found = []
     for execution_id in sorted(ids):
         key = keys.execution(job_id, execution_id)
@@ -212,7 +233,7 @@ def _entries(
     entries = [
         StartedEntry(queue, job_id, execution, score, job, records.get(execution or ""))
         for queue, member, score in members
-        for execution in [split_member(member)[1]]
+        for execution in [None if text(member) == job_id else split_member(member)[1]]
     ]
     intermediate = [p for p in places if p.endswith(":intermediate (list)")]
     if not entries and intermediate:
