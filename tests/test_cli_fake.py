@@ -874,9 +874,11 @@ def test_a_run_lock_key_of_another_type_is_named_and_nothing_is_done(
     conn.hset("opsctl:lock", "set by", "someone else")
     policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
 
-    result = opsctl("apply", str(policy), "--redis-url", url, "--lock-timeout", "5")
+    result = opsctl(
+        "apply", str(policy), "--redis-url", url, "--lock-timeout", "5", "--best-effort"
+    )
 
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     assert result.stderr.splitlines() == [
         "opsctl: error: opsctl:lock holds a hash, not opsctl's run lock; rename or remove it "
         "(no opsctl apply runs until then)"
@@ -1118,9 +1120,10 @@ def test_audit_key_of_the_wrong_type_stops_the_run_before_any_change(
     job = started_job(conn, "w-dead")
     policy = write_policy(tmp_path, FAIL_ALL)
 
-    result = opsctl("apply", str(policy), "--redis-url", url)
+    result = opsctl("apply", str(policy), "--redis-url", url, "--best-effort")
 
-    assert result.exit_code == 1, result.output
+    # A setup mistake, never hidden by --best-effort: a deploy would pass while nothing is cleaned.
+    assert result.exit_code == 2, result.output
     assert "opsctl:audit" in result.output
     assert started_ids(conn) == [job.id]
     assert job.id not in FailedJobRegistry("default", connection=conn).get_job_ids(cleanup=False)

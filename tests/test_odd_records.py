@@ -1364,3 +1364,19 @@ def test_explain_finds_a_job_where_a_run_does_and_agrees_with_its_verdict(
             )
         ), (verdict, item)
         assert any(place.startswith(f"rq:wip:{QUEUE} member") for place in explained["places"])
+
+
+def test_explain_of_a_job_key_that_holds_no_hash_says_so_and_judges_its_entry(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    redis_conn.set("rq:job:not-a-hash", "written by something else")
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {"not-a-hash": time.time() - 10})
+
+    code, explained = explain("not-a-hash", redis_url)
+
+    assert code == 0, explained
+    assert isinstance(explained, dict)
+    assert "rq:job:not-a-hash (holds a string)" in explained["places"]
+    [verdict] = explained["verdicts"]
+    assert (verdict["state"], verdict["action"]) == ("orphaned", "remove-entry")
+    assert redis_conn.get("rq:job:not-a-hash") == b"written by something else"

@@ -11,7 +11,7 @@ class ExitCode(IntEnum):
 
     OK = 0  # success, nothing to do, or any dry run
     ACTION_FAILED = 1  # at least one action on a job or worker failed
-    INVALID = 2  # invalid policy file or command-line usage
+    INVALID = 2  # invalid policy file or command-line usage, or a key of opsctl's in the way
     REDIS_UNAVAILABLE = 3  # Redis unreachable, refused the login, or timed out
     LIMIT_TRIPPED = 4  # a blast-radius limit tripped: nothing was done
     LOCKED = 5  # another opsctl run held the lock past --lock-timeout
@@ -50,6 +50,13 @@ class PolicyError(OpsctlError):
     def __init__(self, problems: list[Problem]) -> None:
         super().__init__("\n".join(str(p) for p in problems))
         self.problems = problems
+
+
+class ForeignKey(OpsctlError):
+    """Raised when a key opsctl owns holds a value something else wrote: a setup
+    mistake to mend by hand, not a transient failure."""
+
+    exit_code = ExitCode.INVALID
 
 
 class UsageError(OpsctlError):

@@ -60,12 +60,21 @@ class Explanation:
 def explain(conn: redis.Redis, keys: Keys, job_id: str, policy: Policy | None) -> Explanation:
     """Read everything about ``job_id`` and ask the engine what it would do."""
     now = server_time(conn)
-    raw = cast("dict[bytes, bytes]", conn.hgetall(keys.job(job_id)))
+    foreign = None
+    try:
+        raw = cast("dict[bytes, bytes]", conn.hgetall(keys.job(job_id)))
+    except redis.exceptions.NoPermissionError:
+        raise
+    except redis.ResponseError:
+        # Not a hash: something else wrote the key; a run never reads or writes it.
+        raw, foreign = {}, f"{keys.job(job_id)} (holds a {text(conn.type(keys.job(job_id)))})"
     fields = _shown_fields(raw)
     description = fields.get("description")
     found = Explanation(
         job_id, now, bool(raw), fields, function_name(raw.get(b"data"), description)
     )
+    if foreign:
+        found.places.append(foreign)
 
     origin = fields.get("origin", "")
     queues = [origin] if origin else known_queues(conn, keys)

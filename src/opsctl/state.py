@@ -19,7 +19,7 @@ from typing import Any, TypeVar, cast
 
 import redis
 
-from opsctl.errors import OpsctlError
+from opsctl.errors import ForeignKey
 from opsctl.keys import EXECUTION_FIELDS, FUNCTION_FIELDS, JOB_FIELDS, WORKER_FIELDS, Keys
 from opsctl.model import Fields, StartedEntry, WorkerRecord, fields_class
 from opsctl.progress import SCANNING, OnProgress
@@ -135,7 +135,7 @@ def refuse_foreign_key(conn: redis.Redis, key: str, kind: str, what: str, then: 
     something other than opsctl wrote it, and opsctl never overwrites it."""
     found = text(conn.type(key))
     if found not in ("none", kind):
-        raise OpsctlError(f"{key} holds a {found}, not {what}; rename or remove it{then}")
+        raise ForeignKey(f"{key} holds a {found}, not {what}; rename or remove it{then}")
 
 
 def server_time(conn: redis.Redis) -> float:
