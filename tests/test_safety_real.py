@@ -621,35 +621,25 @@ def test_plan_older_than_max_plan_age_is_refused_and_changes_nothing(
     assert_still_started(redis_conn, job_ids)
 
 
+@pytest.mark.parametrize("elsewhere", ["another server", "another database"])
 def test_plan_made_for_another_redis_is_refused_and_changes_nothing(
-    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, elsewhere: str
 ) -> None:
     job_ids = abandon(redis_conn, 2)
     plan_path = tmp_path / "plan.json"
     plan = make_plan(redis_url, plan_path)
-    plan["redis"]["identity"] = "run_id=0123456789abcdef0123456789abcdef01234567"
-    plan_path.write_text(json.dumps(plan))
+    target = redis_url
+    if elsewhere == "another server":
+        plan["redis"]["identity"] = "run_id=0123456789abcdef0123456789abcdef01234567 db=0"
+        plan_path.write_text(json.dumps(plan))
+    else:
+        target = redis_url.rsplit("/", 1)[0] + "/1"  # the same server's database 1
 
-    result = run_opsctl("apply", "--plan", str(plan_path), "--redis-url", redis_url)
-
-    assert result.returncode == EXIT_INVALID, shown(result)
-    assert "another Redis" in result.stderr
-    assert_still_started(redis_conn, job_ids)
-
-
-def test_plan_made_for_another_database_of_the_same_server_is_refused(
-    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
-) -> None:
-    job_ids = abandon(redis_conn, 2)
-    plan_path = tmp_path / "plan.json"
-    make_plan(redis_url, plan_path)
-    other = redis_url.rsplit("/", 1)[0] + "/1"
-
-    result = run_opsctl("apply", "--plan", str(plan_path), "--redis-url", other)
+    result = run_opsctl("apply", "--plan", str(plan_path), "--redis-url", target)
 
     assert result.returncode == EXIT_INVALID, shown(result)
     assert "another Redis" in result.stderr
-    assert redis.Redis.from_url(other).dbsize() == 0, "nothing was written to database 1"
+    assert redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/1").dbsize() == 0
     assert_still_started(redis_conn, job_ids)
 
 
