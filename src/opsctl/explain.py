@@ -121,10 +121,8 @@ def _places(
             if _position(conn, key, job_id) is not None:
                 found.places.append(f"{key} (list)")
         for registry in _REGISTRIES:
-            key = getattr(keys, registry)(queue)
-            for member, score in _registry_hits(conn, key, job_id):
-                members += [(queue, member, score)] if registry == "started" else []
-                found.places.append(f"{key} member {text(member)!r} score {_score(score)}")
+            hits = _found_in(conn, getattr(keys, registry)(queue), job_id, found)
+            members += [(queue, m, s) for m, s in hits] if registry == "started" else []
     why = scheduler_references(conn, keys, [(job_id, queues[0] if queues else "")])
     if why and why[0] and "rq-scheduler" in why[0]:
         found.places.append(f"{keys.scheduler_jobs} (rq-scheduler)")
@@ -135,13 +133,21 @@ def _started_elsewhere(
     conn: redis.Redis, keys: Keys, job_id: str, queues: list[str], found: Explanation
 ) -> list[tuple[str, bytes, float]]:
     """The job's members in the started registries of ``queues`` (not its origin)."""
-    members: list[tuple[str, bytes, float]] = []
-    for queue in queues:
-        key = keys.started(queue)
-        for member, score in _registry_hits(conn, key, job_id):
-            members.append((queue, member, score))
-            found.places.append(f"{key} member {text(member)!r} score {_score(score)}")
-    return members
+    return [
+        (queue, member, score)
+        for queue in queues
+        for member, score in _found_in(conn, keys.started(queue), job_id, found)
+    ]
+
+
+def _found_in(
+    conn: redis.Redis, key: str, job_id: str, found: Explanation
+) -> list[tuple[bytes, float]]:
+    """The members of registry ``key`` that name ``job_id``, each noted in ``found.places``."""
+    hits = _registry_hits(conn, key, job_id)
+    for member, score in hits:
+        found.places.append(f"{key} member {text(member)!r} score {_score(score)}")
+    return hits
 
 
 def _position(conn: redis.Redis, key: str, job_id: str) -> int | None:
@@ -166,6 +172,11 @@ def _registry_hits(conn: redis.Redis, key: str, job_id: str) -> list[tuple[bytes
     return [(m, s) for m, s in members if job_id in (split_member(m)[0], text(m))]
 
 
+def _execution_of(member: bytes, job_id: str) -> str | None:
+    """The execution id a registry member of ``job_id`` names; None for a bare (RQ 1) id."""
+    return None if text(member) == job_id else split_member(member)[1]
+
+
 def _score(score: float) -> str:
     if math.isinf(score):
         return "+inf" if score > 0 else "-inf"
@@ -176,7 +187,7 @@ def _executions(
     conn: redis.Redis, keys: Keys, job_id: str, members: list[tuple[str, bytes, float]]
 ) -> list[dict[str, Any]]:
     ids = {text(e) for e in _zrange(conn, keys.executions(job_id))}
-    ids |= {e for _q, m, _s in members if text(m) != job_id and (e := split_member(m)[1])}
+    ids |= {e for _q, m, _s in members if (e := _execution_of(m, job_id))}
     found = []
     for execution_id in sorted(ids):
         key = keys.execution(job_id, execution_id)
@@ -242,7 +253,7 @@ def _entries(
     entries = [
         StartedEntry(queue, job_id, execution, score, job, records.get(execution or ""))
         for queue, member, score in members
-        for execution in [None if text(member) == job_id else split_member(member)[1]]
+        for execution in [_execution_of(member, job_id)]
     ]
     intermediate = [p for p in places if p.endswith(":intermediate (list)")]
     if not entries and intermediate:
