@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import re
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -630,14 +629,11 @@ def _apply(
     return run, error
 
 
-#: Signals that ask apply to stop between changes (a second one stops it at once).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
 @contextmanager
 def _stop_on_signals(job: Job) -> Iterator[list[int]]:
     """Make SIGTERM and SIGINT stop ``job`` between two changes, so its locks are
-    released and its report printed; the signals received are yielded."""
+    released and its report printed (a second one stops it at once); the signals
+    received are yielded."""
     received: list[int] = []
 
     def stop(signum: int, _frame: object) -> None:
@@ -646,13 +642,9 @@ def _stop_on_signals(job: Job) -> Iterator[list[int]]:
         received.append(signum)
         log.warning("signal=%s stopping after the change in progress (again: at once)", signum)
 
-    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     job.should_stop = lambda: bool(received)
-    try:
+    with watch.stop_signals_handled(stop):
         yield received
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def _refuse_with_plan(**given: object) -> None:

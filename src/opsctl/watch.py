@@ -30,8 +30,19 @@ from opsctl.run import Run
 
 log = logging.getLogger(__name__)
 
-#: Signals that stop the loop cleanly.
+#: Signals that stop the loop (and an apply) cleanly.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextmanager
+def stop_signals_handled(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    """Let ``handler`` take SIGTERM and SIGINT for the body; the previous handlers after."""
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 @dataclass
@@ -77,7 +88,7 @@ class Watch:
 
     def run(self) -> ExitCode:
         """Loop until a stop signal; the exit code of a clean stop (0)."""
-        with self._signals_handled():
+        with stop_signals_handled(self.request_stop):
             while not self._stop.is_set():
                 self._reload()
                 began = time.monotonic()
@@ -87,15 +98,6 @@ class Watch:
                 self._stop.wait(self.every_s)
         log.warning("stopped after %d round(s)", self.rounds)
         return ExitCode.OK
-
-    @contextmanager
-    def _signals_handled(self) -> Iterator[None]:
-        previous = {s: signal.signal(s, self.request_stop) for s in STOP_SIGNALS}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
 
     def _reload(self) -> None:
         """Take up a changed policy file; keep the last good policy if it is invalid."""
