@@ -313,7 +313,7 @@ def _parse_max_age(value: str | None) -> int | None:
         return None
     seconds = _parse_duration_option("--max-age", value)
     if seconds == 0:
-        raise UsageError(f"--max-age: {value!r} {ZERO_MAX_AGE.replace('force: true', '--force')}")
+        raise UsageError(f"--max-age: {value!r} {ZERO_MAX_AGE.format(force='--force')}")
     return seconds
 
 

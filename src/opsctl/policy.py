@@ -926,22 +926,24 @@ def _check_tls(document: _Document) -> None:
         document.report(tls_path, message, at=at)
 
 
+def _setting_paths(document: _Document, name: str) -> list[_Path]:
+    """Where setting ``name`` may stand: in the defaults and in each queue entry."""
+    queues = document.value(("queues",))
+    count = len(queues) if isinstance(queues, list) else 0
+    return [("defaults", name), *(("queues", i, name) for i in range(count))]
+
+
 #: Why a max_age of zero is refused: many tools read 0 as "no limit", and here
 #: it would stop every job a live worker runs.
 ZERO_MAX_AGE = (
     "is zero: every job a live worker runs would be overdue at once, and stopped; "
-    "give a positive duration (or force: true to act on every started job)"
+    "give a positive duration (or {force} to act on every started job)"
 )
 
 
 def _check_zero_max_age(document: _Document) -> None:
     """Report a max_age of zero, in the defaults or in any queue entry."""
-    queues = document.value(("queues",))
-    places: list[_Path] = [("defaults", "max_age")]
-    places += [
-        ("queues", i, "max_age") for i in range(len(queues if isinstance(queues, list) else []))
-    ]
-    for path in places:
+    for path in _setting_paths(document, "max_age"):
         value = document.value(path)
         if value is None or document.is_settled(path):
             continue
@@ -950,7 +952,8 @@ def _check_zero_max_age(document: _Document) -> None:
         except ValueError:
             continue  # reported by the schema
         if zero:
-            document.report(path, f"{document.describe(path, value)} {ZERO_MAX_AGE}")
+            why = ZERO_MAX_AGE.format(force="force: true")
+            document.report(path, f"{document.describe(path, value)} {why}")
 
 
 def _check_queue_names(document: _Document) -> None:
@@ -975,10 +978,7 @@ def _check_related_keys(document: _Document) -> None:
     """Report related_keys templates that could name anything but one job's own keys."""
     prefix = document.value(("redis", "key_prefix"))
     prefix = prefix if isinstance(prefix, str) else DEFAULT_KEY_PREFIX
-    places: list[_Path] = [("defaults", "related_keys")]
-    queues = document.value(("queues",))
-    places += [("queues", i, "related_keys") for i in range(len(queues or []))]
-    for place in places:
+    for place in _setting_paths(document, "related_keys"):
         templates = document.value(place)
         for index, template in enumerate(templates if isinstance(templates, list) else []):
             path = (*place, index)
