@@ -163,9 +163,12 @@ class Executor:
 
     # Job changes ---------------------------------------------------------------------------
 
+    def _asked_to_stop(self) -> bool:
+        return self.should_stop is not None and self.should_stop()
+
     def _checkpoint(self) -> None:
         """Stop here, between two changes, if opsctl was asked to stop."""
-        if self.should_stop is not None and self.should_stop():
+        if self._asked_to_stop():
             raise Interrupted
 
     def _change_jobs(self, outcomes: list[JobOutcome]) -> None:
@@ -300,7 +303,7 @@ class Executor:
             else:
                 waiting.append(outcome)
         statuses = self._wait_until_ended(waiting)
-        asked_to_stop = self.should_stop is not None and self.should_stop()
+        asked_to_stop = self._asked_to_stop()
         follow_ups = []
         for outcome in waiting:
             status = statuses.get(outcome.entry.job_id, "started")
@@ -338,7 +341,7 @@ class Executor:
             pending = [j for j in pending if statuses[j] == "started"]
             if not pending or time.monotonic() >= deadline:
                 break
-            if self.should_stop is not None and self.should_stop():
+            if self._asked_to_stop():
                 break  # asked to stop: what has not ended is reported as not waited for
             time.sleep(STOP_POLL_S)
             self.renew_locks()

@@ -735,11 +735,8 @@ class Job:
         identity = planfile.server_identity(conn, self.url)
 
         def read() -> planfile.Plan:
-            if policy is None:
-                return planfile.read(path, identity, server_time(conn), max_age_s, None)
-            return planfile.read(
-                path, identity, server_time(conn), max_age_s, policy.digest, policy.rule_for
-            )
+            digest, rule_for = (policy.digest, policy.rule_for) if policy else (None, None)
+            return planfile.read(path, identity, server_time(conn), max_age_s, digest, rule_for)
 
         plan_read = read()
         if self.overrides.dry_run or plan_read.run.dry_run:

@@ -242,9 +242,11 @@ def _check_action(job: JobOutcome, rule_for: Callable[[str], Rule | None] | None
     if rule_for is None:
         return
     policy_rule = rule_for(queue)
-    differs = [n for n in _POLICY_ONLY if getattr(policy_rule, n, None) != getattr(rule, n)]
-    if policy_rule is None or differs:
-        what = ", ".join(differs) if policy_rule is not None else "its rule"
+    if policy_rule is None:
+        what = "its rule"
+    else:
+        what = ", ".join(n for n in _POLICY_ONLY if getattr(policy_rule, n) != getattr(rule, n))
+    if what:
         raise PlanError(
             f"the plan's rule for queue {queue!r} differs from the policy's ({what}); "
             "make a new plan from the policy"
