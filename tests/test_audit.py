@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import fakeredis
 import pytest
+import redis
 
+from conftest import invoke_opsctl
 from opsctl import audit
 from opsctl.audit import AUDIT_STREAM
-from opsctl.errors import OpsctlError
+from opsctl.errors import ForeignKey
 
 
 @pytest.fixture
@@ -60,6 +62,19 @@ def test_an_audit_key_of_another_type_is_named_not_shown_as_a_raw_redis_error() 
     conn = fakeredis.FakeRedis()
     conn.set(AUDIT_STREAM, "someone else's value")
 
-    with pytest.raises(OpsctlError, match="not opsctl's audit stream; rename or remove it"):
+    with pytest.raises(ForeignKey, match="not opsctl's audit stream; rename or remove it"):
         audit.history(conn, run_id="any")
     assert conn.get(AUDIT_STREAM) == b"someone else's value"
+
+
+@pytest.mark.parametrize("command", [["history"], ["requeue", "--run", "0123456789ab"]])
+def test_history_and_requeue_exit_2_on_an_audit_key_of_another_type(
+    fake_redis_url: str, command: list[str]
+) -> None:
+    # A setup mistake, as for apply: --best-effort must not hide it, so not 1.
+    redis.Redis.from_url(fake_redis_url).set(AUDIT_STREAM, "someone else's value")
+
+    result = invoke_opsctl(*command, "--redis-url", fake_redis_url)
+
+    assert result.exit_code == 2, result.output
+    assert "not opsctl's audit stream" in result.output

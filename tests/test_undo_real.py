@@ -216,3 +216,31 @@ def test_job_taken_out_of_its_registry_since_is_left_as_it_is(
     assert (outcome, reason.endswith("no longer in FailedJobRegistry")) == ("skipped", True)
     assert job_status(redis_conn, job.id) == "failed"
     assert queued_ids(redis_conn, FAIL_QUEUE) == []
+
+
+def test_a_job_id_that_is_not_utf8_is_followed_by_history_and_requeue(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    # RQ 1 accepted any job id; move a real job under one holding bytes that are not UTF-8.
+    raw_id = b"legacy-\xff\xfe-7"
+    job_id = raw_id.decode("utf-8", "surrogateescape")
+    job = Queue(FAIL_QUEUE, connection=redis_conn).enqueue("jobs.quick")
+    started_again(redis_conn, job)
+    redis_conn.rename(job.key, b"rq:job:" + raw_id)
+    wip = f"rq:wip:{FAIL_QUEUE}"
+    (member, score), *_ = redis_conn.zrange(wip, 0, -1, withscores=True)
+    redis_conn.zrem(wip, member)
+    redis_conn.zadd(wip, {raw_id: score})  # the bare id, as RQ 1 stored it
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    run = opsctl_json("apply", str(policy), "--redis-url", redis_url)
+    # RQ 3's API refuses such an id, so the job's hash is read directly.
+    assert redis_conn.hget(b"rq:job:" + raw_id, "status") == b"failed"
+
+    history = opsctl_json("history", "--job", job_id, "--redis-url", redis_url)
+    undo = opsctl_json("requeue", "--run", run["run_id"], "--redis-url", redis_url)
+
+    assert [(e["job"], e["outcome"]) for e in history["entries"]] == [(job_id, "done")]
+    assert outcomes(undo)[job_id] == ("done", "back on its queue")
+    assert redis_conn.hget(b"rq:job:" + raw_id, "status") == b"queued"
+    assert redis_conn.lrange(f"rq:queue:{FAIL_QUEUE}", 0, -1) == [raw_id]

@@ -15,7 +15,8 @@ from typing import Any
 
 import redis
 
-from opsctl.errors import OpsctlError
+from opsctl.errors import ForeignKey
+from opsctl.state import text
 
 AUDIT_STREAM = "opsctl:audit"
 #: Approximate number of entries kept; older ones are trimmed.
@@ -86,15 +87,15 @@ def history(
         except redis.ResponseError as exc:
             if "WRONGTYPE" not in str(exc):
                 raise
-            raise OpsctlError(
+            raise ForeignKey(
                 f"{AUDIT_STREAM} holds another type of value, not opsctl's audit stream; "
                 "rename or remove it (opsctl apply will not run until then either)"
             ) from None
         for entry_id, fields in page:
-            entry = {
-                k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
-                for k, v in fields.items()
-            }
+            # Job ids that are not UTF-8 (RQ 1 allowed any bytes) come back as
+            # the text the rest of opsctl uses for them, so --job and requeue
+            # can follow them; reports escape them for display.
+            entry = {text(k): text(v) for k, v in fields.items()}
             if run_id and entry.get("run_id") != run_id:
                 continue
             if job_id and entry.get("job") != job_id:
