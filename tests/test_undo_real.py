@@ -244,3 +244,37 @@ def test_a_job_id_that_is_not_utf8_is_followed_by_history_and_requeue(
     assert outcomes(undo)[job_id] == ("done", "back on its queue")
     assert redis_conn.hget(b"rq:job:" + raw_id, "status") == b"queued"
     assert redis_conn.lrange(f"rq:queue:{FAIL_QUEUE}", 0, -1) == [raw_id]
+
+
+@pytest.mark.parametrize("where", ["queue", "job"])
+def test_a_key_of_another_type_is_an_error_of_its_job_and_a_dry_run_still_exits_0(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path, where: str
+) -> None:
+    jobs = [Queue(FAIL_QUEUE, connection=redis_conn).enqueue("jobs.quick") for _ in range(2)]
+    for job in jobs:
+        started_again(redis_conn, job)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    run = opsctl_json("apply", str(policy), "--redis-url", redis_url)
+    broken, other = jobs
+    foreign = f"rq:queue:{FAIL_QUEUE}" if where == "queue" else broken.key
+    redis_conn.delete(foreign)
+    redis_conn.set(foreign, "someone else's value")
+
+    dry = opsctl_json("requeue", "--run", run["run_id"], "--redis-url", redis_url, "--dry-run")
+    undo = opsctl_json("requeue", "--run", run["run_id"], "--redis-url", redis_url, exit_code=1)
+
+    # Both jobs go back on the one queue key; only the one hash is foreign.
+    hit = jobs if where == "queue" else [broken]
+    for report in (dry, undo):
+        for job in hit:
+            outcome, reason = outcomes(report)[job.id]
+            assert outcome == "error" and f"{foreign} holds a string, not a" in reason, reason
+    assert outcomes(dry)[broken.id][1].startswith("would fail: ")
+    assert redis_conn.get(foreign) == b"someone else's value"
+    if where == "job":  # the other job is not held back by one broken record
+        assert outcomes(dry)[other.id][0] == "planned"
+        assert outcomes(undo)[other.id][0] == "done"
+        assert queued_ids(redis_conn, FAIL_QUEUE) == [other.id]
+    else:
+        assert job_status(redis_conn, other.id) == "failed"

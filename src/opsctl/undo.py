@@ -34,7 +34,7 @@ from opsctl.lock import run_lock
 from opsctl.model import format_timestamp
 from opsctl.report import safe
 from opsctl.run import DONE, ERROR, PLANNED, SKIPPED, new_run_id
-from opsctl.state import server_time, text
+from opsctl.state import replies_of, server_time, text
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,9 @@ def _requeue(conn: redis.Redis, keys: Keys, undo: UndoRun) -> None:
         pipe = conn.pipeline(transaction=False)
         sent = []
         for job, origin in zip(batch, origins, strict=True):
+            if isinstance(origin, Exception):
+                _record(undo, job, origin)
+                continue
             if origin is None:
                 job.outcome, job.reason = SKIPPED, "the job no longer exists (deleted)"
                 continue
@@ -238,11 +241,18 @@ def _requeue(conn: redis.Redis, keys: Keys, undo: UndoRun) -> None:
             _record(undo, job, reply)
 
 
-def _origins(conn: redis.Redis, keys: Keys, jobs: list[Undo]) -> list[str | None]:
+def _origins(conn: redis.Redis, keys: Keys, jobs: list[Undo]) -> list[str | Exception | None]:
+    """Each job's queue; None when its hash is gone, the error when it is not a hash."""
     pipe = conn.pipeline(transaction=False)
     for job in jobs:
         pipe.hget(keys.job(job.job_id), "origin")
-    return [text(v) if isinstance(v, bytes) else None for v in pipe.execute()]
+    found: list[str | Exception | None] = []
+    for job, reply in zip(jobs, replies_of(pipe), strict=True):
+        if isinstance(reply, redis.ResponseError) and "WRONGTYPE" in str(reply):
+            key = keys.job(job.job_id)
+            reply = redis.ResponseError(f"{key} holds a {text(conn.type(key))}, not a hash")
+        found.append(text(reply) if isinstance(reply, bytes) else reply)
+    return found
 
 
 def _can_check(job: Undo) -> bool:
@@ -275,7 +285,9 @@ def _call(
 
 def _record(undo: UndoRun, job: Undo, reply: Any) -> None:
     if isinstance(reply, Exception):
-        job.outcome, job.reason = ERROR, f"Redis error: {reply}"
+        # A dry run sends the same checks, so it can tell what the real run would meet.
+        job.outcome = ERROR
+        job.reason = f"{'would fail: ' if undo.dry_run else ''}Redis error: {reply}"
     elif int(reply[0]) != 1:
         detail = text(reply[1])
         job.outcome, job.reason = SKIPPED, f"changed since run {undo.undo_of}: {detail}"
