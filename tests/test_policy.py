@@ -321,8 +321,8 @@ def test_password_in_an_environment_variable_never_appears_in_a_message() -> Non
     lines = problem_lines("policies/env_secrets.yaml", environ)
 
     assert lines == [
-        "policies/env_secrets.yaml:3:8: redis.url: is not a valid Redis URL"
-        " (expected redis://, rediss://, unix:// or redis+sentinel://)",
+        "policies/env_secrets.yaml:3:8: redis.url: the value from ${REDIS_URL} is not a valid"
+        " Redis URL (expected redis://, rediss://, unix:// or redis+sentinel://)",
         f"policies/env_secrets.yaml:5:12: defaults.max_age: the value from ${{MAX_AGE}}"
         f" is not a duration {DURATION_HINT}",
     ]

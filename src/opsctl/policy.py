@@ -888,7 +888,9 @@ def _check_redis_url(document: _Document) -> None:
     if document.is_settled(path) or not isinstance(url, str):
         return
     if not url.startswith(REDIS_URL_SCHEMES):
-        document.report(path, _VALUE_MESSAGES["url"])
+        # A URL from the environment is named by its variable, never quoted.
+        source = f"{document.describe(path, url)} " if path in document.env_names else ""
+        document.report(path, source + _VALUE_MESSAGES["url"])
         return
     # What a connection would refuse (no host, a port or database that is not
     # a number, ...) is an error here too, so that validate agrees with apply.
