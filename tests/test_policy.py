@@ -147,6 +147,22 @@ def test_parse_duration_rejects_anything_else(text: object) -> None:
         parse_duration(text)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("text", [1_000_000_001, "1234567890s", "99999999999999999999d"])
+def test_a_duration_past_the_longest_allowed_is_called_too_long_not_malformed(
+    text: str | int, tmp_path: Path
+) -> None:
+    too_long = (
+        "is longer than the most allowed, 1,000,000,000 minutes or nine digits before the unit"
+    )
+    path = tmp_path / "long.yaml"
+    path.write_text(f"version: 1\nqueues:\n  - name: a\n    lost_after: {text}\n")
+
+    with pytest.raises(ValueError, match=too_long):
+        parse_duration(text)
+    shown = repr(text) if isinstance(text, str) else str(text)
+    assert problem_lines(str(path)) == [f"{path}:4:17: queues[0].lost_after: {shown} {too_long}"]
+
+
 def test_digest_is_the_sha256_of_the_file_bytes() -> None:
     policy = load("example")
 

@@ -283,10 +283,8 @@ def _parse_duration_option(option: str, value: str) -> int:
     try:
         # isdigit() alone accepts other scripts' digits (full-width...); a policy does not.
         return parse_duration(int(value) if value.isascii() and value.isdigit() else value)
-    except ValueError:
-        raise UsageError(
-            f"{option}: {value!r} is not a duration (use 90s, 10m, 2h or 1d)"
-        ) from None
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
 
 
 def _overrides(

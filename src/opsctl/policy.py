@@ -69,6 +69,7 @@ _DURATION = re.compile(r"([0-9]{1,9})([smhd])")
 _DURATION_MAX_MINUTES = 1_000_000_000
 _SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION_HINT = "use 90s, 10m, 2h or 1d"
+_DURATION_MAX_TEXT = f"{_DURATION_MAX_MINUTES:,} minutes or nine digits before the unit"
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _REFERENCE_HINT = "write ${NAME} or ${NAME:-default}"
 _GLOB_CHARACTERS = "*?["
@@ -234,6 +235,10 @@ def parse_duration(text: str | int) -> int:
 
     match = _DURATION.fullmatch(text) if isinstance(text, str) else None
     if match is None:
+        if _too_long(text):
+            raise ValueError(
+                f"{_describe(text)} is longer than the most allowed, {_DURATION_MAX_TEXT}"
+            )
         raise ValueError(f"{_describe(text)} is not a duration ({_DURATION_HINT})")
     return int(match[1]) * _SECONDS_PER_UNIT[match[2]]
 
@@ -847,10 +852,20 @@ def _report_schema_error(document: _Document, error: ValidationError) -> None:
     elif error.validator == "maximum":
         what = document.describe(path, error.instance)
         document.report(path, f"{what} is more than the most allowed, {error.validator_value:,}")
+    elif _kind(path) in ("max_age", "lost_after") and _too_long(error.instance):
+        what = document.describe(path, error.instance)
+        document.report(path, f"{what} is longer than the most allowed, {_DURATION_MAX_TEXT}")
     else:
         template = _VALUE_MESSAGES.get(_kind(path), "{value} is not allowed here")
         what = document.describe(path, error.instance)
         document.report(path, template.replace("{value}", what))
+
+
+def _too_long(value: Any) -> bool:
+    """Whether ``value`` is written as a duration but is past the longest one allowed."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value > _DURATION_MAX_MINUTES
+    return isinstance(value, str) and re.fullmatch(r"[0-9]+[smhd]", value) is not None
 
 
 def _report_unknown_keys(document: _Document, path: _Path, error: ValidationError) -> None:
