@@ -363,6 +363,17 @@ def test_alias_bomb_is_refused_quickly() -> None:
     assert "file expands to more than 100,000 YAML values" in lines[0]
 
 
+def test_a_huge_file_without_aliases_is_refused_without_blaming_aliases(tmp_path: Path) -> None:
+    path = tmp_path / "huge.yaml"
+    path.write_text("version: 1\nqueues:\n" + "".join(f"  - name: q{i}\n" for i in range(34_000)))
+
+    lines = problem_lines(str(path))
+
+    assert len(lines) == 1
+    assert "file holds more than 100,000 YAML values; a policy needs a few dozen" in lines[0]
+    assert "alias" not in lines[0].partition("huge.yaml:")[2]
+
+
 def test_anchor_that_contains_itself_is_refused() -> None:
     lines = problem_lines("policies/self_reference.yaml")
 

@@ -513,6 +513,8 @@ class _Builder:
         self.environ = environ
         self.strict_env = strict_env
         self.nodes_built = 0
+        self.met: set[int] = set()  # the nodes built so far, by identity
+        self.repeated = False  # whether one was built twice
 
     def build(self, node: yaml.Node, path: _Path, depth: int) -> Any:
         """The plain value of `node`, which sits at `path`."""
@@ -530,11 +532,20 @@ class _Builder:
     def _count(self, node: yaml.Node, depth: int) -> None:
         """Count one more value; refuse the file past MAX_NODES or MAX_DEPTH."""
         self.nodes_built += 1
+        # A node met again was reached through an alias.
+        self.repeated = self.repeated or id(node) in self.met
+        self.met.add(id(node))
         if self.nodes_built > MAX_NODES:
-            message = (
-                f"file expands to more than {MAX_NODES:,} YAML values (aliases repeat what "
-                "they point to); a policy needs a few dozen"
-            )
+            if self.repeated:
+                message = (
+                    f"file expands to more than {MAX_NODES:,} YAML values (aliases repeat what "
+                    "they point to); a policy needs a few dozen"
+                )
+            else:
+                message = (
+                    f"file holds more than {MAX_NODES:,} YAML values; a policy needs a few "
+                    "dozen (one entry can cover many queues with a glob such as 'reports-*')"
+                )
             raise _Refused(_file_problem(self.document.file, message, *_position(node)))
         if depth > MAX_DEPTH:
             message = f"values are nested more than {MAX_DEPTH} levels deep; flatten the file"
