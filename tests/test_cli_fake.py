@@ -1174,6 +1174,11 @@ def test_plan_output_replaces_only_a_regular_file(
         assert result.exit_code == 2, (path, result.output)
         assert "not a regular file" in result.output
     assert target.read_text() == "keep me"
+    result = opsctl("plan", str(policy), "--output", "", "--redis-url", url)
+    assert (result.exit_code, result.output.strip()) == (
+        2,
+        "opsctl: error: --output is empty; give the path of the plan file to write",
+    )
 
     regular = tmp_path / "plan.json"
     regular.write_text("old plan")

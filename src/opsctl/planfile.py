@@ -89,6 +89,8 @@ def write(
 
 
 def _write_atomically(path: str, text: str) -> None:
+    if not path:
+        raise UsageError("--output is empty; give the path of the plan file to write")
     target = Path(path)
     # Only a regular file is replaced: never a directory, device, pipe or a
     # symbolic link (which could point anywhere).
