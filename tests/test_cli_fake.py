@@ -815,6 +815,23 @@ def test_queue_with_dry_run_is_held_back_while_other_queues_are_acted_on(
     assert jobs_by_id(report)[live.id]["outcome"] == "done"
 
 
+def test_every_queue_of_a_dry_run_is_reported_dry_whatever_its_own_setting(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    job = started_job(conn, "w-crashed", "live")
+    started_job(conn, "w-crashed", "held")
+    dry_defaults = HELD_POLICY.replace("action: fail", "action: fail\n      dry_run: true")
+    dry_defaults = dry_defaults.replace("- name: live", "- name: live\n        dry_run: false")
+
+    by_defaults = apply(write_policy(tmp_path, dry_defaults), url)
+    by_option = apply(write_policy(tmp_path, HELD_POLICY), url, "--dry-run")
+
+    for report in (by_defaults, by_option):
+        assert report["dry_run"] is True
+        assert {q["name"]: q["dry_run"] for q in report["queues"]} == {"held": True, "live": True}
+    assert status_of(conn, job.id) == "started"
+
+
 def test_jobs_held_back_by_a_dry_run_queue_do_not_count_against_the_run_cap(
     conn: redis.Redis, url: str, tmp_path: Path
 ) -> None:

@@ -160,7 +160,8 @@ def _head(run: Run, redis_url: str, policy_path: str, policy_digest: str) -> dic
                 "max_age_seconds": q.rule.max_age_seconds,
                 "action": q.rule.action,
                 "force": q.rule.force,
-                "dry_run": q.rule.dry_run,
+                # A dry run holds back every queue, whatever the queue's own setting.
+                "dry_run": run.dry_run or q.rule.dry_run,
                 "inspected": q.inspected,
             }
             for q in run.queues
