@@ -1221,9 +1221,32 @@ def edit_plan(plan: Path, change: Callable[[dict[str, Any]], object]) -> None:
 @pytest.mark.parametrize(
     ("damage", "words"),
     [
-        pytest.param(lambda p: p["jobs"][0].update(job=None, rule=None), "wrong kind", id="nulls"),
+        pytest.param(
+            lambda p: p["jobs"][0].update(job=None, rule=None),
+            "a rule is not a mapping",
+            id="nulls",
+        ),
         pytest.param(lambda p: p["jobs"][0].pop("rule"), "no 'rule' field", id="missing"),
         pytest.param(lambda p: p["jobs"][0].update(state="asleep"), "'asleep'", id="value"),
+        pytest.param(lambda p: p.update(queues={}), "'queues' is not a list", id="queues"),
+        pytest.param(lambda p: p["jobs"][0].update(job_id=7), "'job_id' is not text", id="id"),
+        pytest.param(
+            lambda p: p["jobs"][0]["signals"].update(age_s="old"),
+            "'age_s' is not a number",
+            id="signal",
+        ),
+        pytest.param(
+            lambda p: p["jobs"][0]["rule"].update(dry_run="no"),
+            "'dry_run' is not true or false",
+            id="rule",
+        ),
+        pytest.param(
+            lambda p: p["workers"].append(
+                {"name": "w", "exists": 1, "fields": {}, "registered_in": [], "evidence": ""}
+            ),
+            "'exists' is not true or false",
+            id="worker",
+        ),
     ],
 )
 def test_a_damaged_plan_is_named_in_words_and_nothing_changes(

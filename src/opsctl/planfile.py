@@ -17,7 +17,8 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from types import NoneType, UnionType
+from typing import Any, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 import redis
@@ -154,8 +155,14 @@ def read(
         raise PlanError(f"plan {path!r} is damaged: {_damage(exc)}; make a new one") from None
 
 
+class _Damaged(ValueError):
+    """A plan value of the wrong kind; its message names the field."""
+
+
 def _damage(exc: Exception) -> str:
     """What is wrong with a plan file, in words rather than in Python's."""
+    if isinstance(exc, _Damaged):
+        return str(exc)
     if isinstance(exc, KeyError):
         return f"it has no {exc.args[0]!r} field where one belongs"
     if isinstance(exc, ValueError):
@@ -191,7 +198,12 @@ def _checked_run(
         )
     if digest is not None and digest != document["policy"]["sha256"]:
         raise PlanError(f"plan {path!r} was made from another version of the policy file")
-    queues = [QueuePlan(q["name"], _unrule(q["rule"]), q["inspected"]) for q in document["queues"]]
+    for name in ("queues", "jobs", "workers", "limits_tripped"):
+        _expect(document, name, list if name != "limits_tripped" else list[str], "the plan")
+    queues = [
+        QueuePlan(_expect(q, "name", str, "a queue"), _unrule(q["rule"]), q["inspected"])
+        for q in document["queues"]
+    ]
     # Each application of a plan is a run of its own, with its own id.
     dry_run = document.get("dry_run", False)
     if not isinstance(dry_run, bool):
@@ -199,7 +211,7 @@ def _checked_run(
     run = Run(run_id=new_run_id(), dry_run=dry_run, now=now, queues=queues)
     run.jobs = [_unjob(j) for j in document["jobs"]]
     run.workers = [_unworker(w) for w in document["workers"]]
-    run.limits_tripped = list(document.get("limits_tripped", []))
+    run.limits_tripped = list(document["limits_tripped"])
     return run
 
 
@@ -259,10 +271,70 @@ def _rule(rule: Rule) -> dict[str, Any]:
     return asdict(rule)
 
 
-def _unrule(data: dict[str, Any]) -> Rule:
+#: What a kind of value is called in a message about a damaged plan.
+_KIND_WORDS = {
+    str: "text",
+    bool: "true or false",
+    int: "a whole number",
+    float: "a number",
+    dict: "a mapping",
+    list: "a list",
+    NoneType: "null",
+}
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    """Whether a JSON ``value`` can stand for a field annotated ``kind``."""
+    if get_origin(kind) is UnionType:
+        return any(_fits(value, k) for k in get_args(kind))
+    if get_origin(kind) in (tuple, list):  # tuple[str, ...], list[str]: a JSON list of them
+        return isinstance(value, list) and all(_fits(v, get_args(kind)[0]) for v in value)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind in (Limits, dict):
+        return isinstance(value, dict)
+    return isinstance(value, kind)
+
+
+def _words(kind: Any) -> str:
+    if get_origin(kind) is UnionType:
+        return " or ".join(_words(k) for k in get_args(kind))
+    if get_origin(kind) in (tuple, list):
+        return f"a list of {_words(get_args(kind)[0])}"
+    return _KIND_WORDS.get(kind, "a mapping")
+
+
+def _expect(data: Any, name: str, kind: Any, where: str) -> Any:
+    """``data[name]``, refused unless it is of ``kind``."""
+    if not isinstance(data, dict):
+        raise _Damaged(f"{where} is not a mapping")
+    value = data[name]
+    if not _fits(value, kind):
+        raise _Damaged(f"in {where}, {name!r} is not {_words(kind)}")
+    return value
+
+
+def _record(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """``data`` checked field by field against the dataclass ``cls`` it describes."""
+    if not isinstance(data, dict):
+        raise _Damaged(f"{where} is not a mapping")
+    hints = get_type_hints(cls)
+    for name in data:
+        if name not in hints:
+            raise _Damaged(f"{where} has a field opsctl does not write, {name!r}")
+        _expect(data, name, hints[name], where)
+    return data
+
+
+def _unrule(data: Any) -> Rule:
+    data = dict(_record(Rule, data, "a rule"))
     limits = data.pop("limits", None)
     related = tuple(data.pop("related_keys", ()))
-    return Rule(**data, related_keys=related, limits=Limits(**limits) if limits else None)
+    if limits:
+        limits = Limits(**_record(Limits, limits, "a rule's limits"))
+    return Rule(**data, related_keys=related, limits=limits or None)
 
 
 def _member_text(member: bytes) -> str:
@@ -299,11 +371,11 @@ def _unjob(data: dict[str, Any]) -> JobOutcome:
             isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
         ):
             raise TypeError(f"a job's {name} is not a mapping of text fields")
-    score = data["score"]
+    score = _expect(data, "score", float | str, "a job")
     entry = StartedEntry(
-        queue=data["queue"],
-        job_id=data["job_id"],
-        execution_id=data["execution_id"],
+        queue=_expect(data, "queue", str, "a job"),
+        job_id=_expect(data, "job_id", str, "a job"),
+        execution_id=_expect(data, "execution_id", str | None, "a job"),
         score=float(score),
         job=data["job"],
         execution=data["execution"],
@@ -314,10 +386,10 @@ def _unjob(data: dict[str, Any]) -> JobOutcome:
         raise TypeError("a job's member does not match its job and execution ids")
     verdict = Verdict(
         state=State(data["state"]),
-        action=data["action"],
-        reason=data["reason"],
-        signals=Signals(**data["signals"]),
-        follow_up=data["follow_up"],
+        action=_expect(data, "action", str, "a job"),
+        reason=_expect(data, "reason", str, "a job"),
+        signals=Signals(**_record(Signals, data["signals"], "a job's signals")),
+        follow_up=_expect(data, "follow_up", str | None, "a job"),
     )
     function = data.get("function")
     return JobOutcome(
@@ -343,10 +415,14 @@ def _worker(w: WorkerOutcome) -> dict[str, Any]:
 
 
 def _unworker(data: dict[str, Any]) -> WorkerOutcome:
+    fields = _expect(data, "fields", dict, "a worker")
+    if not all(isinstance(v, str) for v in fields.values()):
+        raise _Damaged("in a worker, 'fields' is not a mapping of text fields")
     record = WorkerRecord(
-        name=data["name"],
-        exists=data["exists"],
-        fields=data["fields"],
-        registered_in=frozenset(data["registered_in"]),
+        name=_expect(data, "name", str, "a worker"),
+        exists=_expect(data, "exists", bool, "a worker"),
+        fields=fields,
+        registered_in=frozenset(_expect(data, "registered_in", list[str], "a worker")),
     )
-    return WorkerOutcome(record, data["evidence"], PLANNED, data["evidence"])
+    evidence = _expect(data, "evidence", str, "a worker")
+    return WorkerOutcome(record, evidence, PLANNED, evidence)
