@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import NoneType, UnionType
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, cast, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 import redis
@@ -364,21 +364,25 @@ def _job(j: JobOutcome) -> dict[str, Any]:
     }
 
 
+def _text_fields(data: Any, name: str, where: str) -> dict[str, str] | None:
+    """``data[name]``: a hash's fields as recorded (None: the hash was gone)."""
+    value = _expect(data, name, dict | None, where)
+    if value is not None and not all(isinstance(v, str) for v in value.values()):
+        raise _Damaged(f"in {where}, {name!r} is not a mapping of text fields")
+    return cast("dict[str, str] | None", value)
+
+
 def _unjob(data: dict[str, Any]) -> JobOutcome:
-    for name in ("job", "execution"):
-        value = data[name]
-        if value is not None and not (
-            isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
-        ):
-            raise TypeError(f"a job's {name} is not a mapping of text fields")
+    job = _text_fields(data, "job", "a job")
+    execution = _text_fields(data, "execution", "a job")
     score = _expect(data, "score", float | str, "a job")
     entry = StartedEntry(
         queue=_expect(data, "queue", str, "a job"),
         job_id=_expect(data, "job_id", str, "a job"),
         execution_id=_expect(data, "execution_id", str | None, "a job"),
         score=float(score),
-        job=data["job"],
-        execution=data["execution"],
+        job=job,
+        execution=execution,
         lost=data.get("lost") is True,
         stranded=data.get("stranded") is True,
     )
@@ -415,9 +419,9 @@ def _worker(w: WorkerOutcome) -> dict[str, Any]:
 
 
 def _unworker(data: dict[str, Any]) -> WorkerOutcome:
-    fields = _expect(data, "fields", dict, "a worker")
-    if not all(isinstance(v, str) for v in fields.values()):
-        raise _Damaged("in a worker, 'fields' is not a mapping of text fields")
+    fields = _text_fields(data, "fields", "a worker")
+    if fields is None:
+        raise _Damaged("in a worker, 'fields' is null")
     record = WorkerRecord(
         name=_expect(data, "name", str, "a worker"),
         exists=_expect(data, "exists", bool, "a worker"),
