@@ -9,6 +9,8 @@ reads always pass `cleanup=False`: RQ's cleanup would itself change what is chec
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -320,6 +322,34 @@ def test_job_within_max_age_is_left_running_and_finishes_normally(
     assert wait_for_status(redis_conn, job.id, "finished", 12 + STATUS_TIMEOUT_S) == "finished"
     result = Job.fetch(job.id, connection=redis_conn).latest_result()
     assert result is not None and result.return_value == "slept 12s"
+
+
+def test_job_of_a_stopped_worker_whose_hash_expired_is_left_to_its_work_horse(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # SIGSTOP freezes the worker (not its horse): its heartbeats stop and its hash
+    # expires, deleted here at once, while the horse runs on and the frozen worker
+    # still holds its connection.
+    worker, job = start_job(rq_workers, redis_conn, QUEUE, 8)
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        redis_conn.delete(f"rq:worker:{worker.name}")
+
+        report = apply(write_policy(tmp_path, action="requeue"), redis_url)
+
+        line = job_line(report, job.id)
+        assert (line["state"], line["outcome"], line["worker_alive"]) == (
+            "running",
+            "kept",
+            True,
+        ), show(line)
+        assert "still holds its connection" in line["worker_evidence"]
+        assert worker.name not in {w["name"] for w in report["workers"]}
+        assert Queue(QUEUE, connection=redis_conn).get_job_ids() == []
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    assert wait_for_status(redis_conn, job.id, "finished", 8 + STATUS_TIMEOUT_S) == "finished"
+    assert Job.fetch(job.id, connection=redis_conn).return_value() == "slept 8s"
 
 
 # --- entries without a started job ---------------------------------------------------------

@@ -6,7 +6,9 @@ Nothing here touches Redis or the clock; every input is a record from
 A worker is *live* when all of these hold:
 
 1. its hash ``<prefix>:worker:<name>`` exists (RQ lets it expire when the worker
-   stops heartbeating: up to 8 minutes after a hard kill);
+   stops heartbeating: up to 8 minutes after a hard kill), or the worker still
+   holds its connection (3. below): a stopped or starved worker's hash expires
+   while its work horse may still run a job;
 2. the hash carries no ``death`` field (RQ writes one on a clean shutdown);
 3. the worker still holds its connection to Redis: at least one subscriber on
    its command channel ``<prefix>:pubsub:<name>``, or a client connection
@@ -20,7 +22,7 @@ A live worker is *executing* a job when its records say so: RQ 3 lists
 name the job in the hash's ``current_job`` field. A busy worker that has not
 yet written either (the few milliseconds between taking a job and starting it)
 counts as executing whatever names it, so a job is never taken from a worker
-that is about to run it.
+that is about to run it; so does a live worker whose hash has expired.
 """
 
 from __future__ import annotations
@@ -94,7 +96,14 @@ class Verdict:
 
 def worker_liveness(worker: WorkerRecord | None) -> Liveness:
     """Decide whether ``worker`` is live; see the module docstring for the rule."""
-    if worker is None or not worker.exists:
+    if worker is None:
+        return Liveness(False, "worker hash is gone")
+    if not worker.exists:
+        if worker.subscribers or worker.connected:
+            # Stopped (SIGSTOP, a debugger) or starved long enough for its
+            # hash to expire, yet still connected: its work horse may be
+            # running the job.
+            return Liveness(True, "worker hash expired, but the worker still holds its connection")
         return Liveness(False, "worker hash is gone")
     if worker.fields.get("death"):
         return Liveness(False, f"worker recorded its death at {worker.fields['death']}")
@@ -109,6 +118,9 @@ def worker_liveness(worker: WorkerRecord | None) -> Liveness:
 
 def is_executing(worker: WorkerRecord, entry: StartedEntry) -> bool:
     """Whether a live ``worker``'s own records say it runs ``entry``."""
+    if not worker.exists:
+        # Its records expired with its hash: it may be executing any job that names it.
+        return True
     if worker.executions:
         if entry.lost:  # no registry member to match: any execution of the job
             return any(e.startswith(f"{entry.job_id}:") for e in worker.executions)
