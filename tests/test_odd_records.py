@@ -483,6 +483,47 @@ def test_a_job_that_entered_its_registry_after_the_registry_was_read_is_not_lost
     assert [e.job_id for e in found.entries] == [lost.id]
 
 
+def taken_by_a_worker(conn: redis.Redis, job: Job, worker: str) -> None:
+    """What a worker writes first once it has popped ``job``: an execution, entered
+    in the started registry, while the job's own status still says queued."""
+    with conn.pipeline() as pipe:
+        Execution.create(job, 600, pipe, worker_name=worker)
+        pipe.execute()
+
+
+def test_a_queued_job_a_worker_has_just_taken_is_not_lost(redis_conn: redis.Redis) -> None:
+    job = lost_queued(redis_conn)  # waited an hour, far past lost_after
+    taken_by_a_worker(redis_conn, job, "taker")
+    lost = lost_queued(redis_conn)
+
+    found = find_lost(redis_conn, Keys(), [QUEUE], started=[])
+
+    assert [e.job_id for e in found.entries] == [lost.id]
+
+
+def test_a_lost_job_a_worker_takes_before_the_change_is_skipped(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = lost_queued(redis_conn)
+    plan = tmp_path / "p.json"
+    made = invoke_opsctl(
+        "plan", str(policy(tmp_path, "requeue")), "--redis-url", redis_url, "-o", str(plan)
+    )
+    assert made.exit_code == 0, made.stderr
+    taken_by_a_worker(redis_conn, job, "taker")
+
+    report = run(policy(tmp_path, "requeue"), redis_url, "--plan", str(plan))
+
+    item = job_in(report, job.id)
+    assert (item["outcome"], item["reason"]) == (
+        "skipped",
+        "changed since it was read: the job is in its started registry now",
+    )
+    assert Queue(QUEUE, connection=redis_conn).get_job_ids() == []
+    registry = StartedJobRegistry(QUEUE, connection=redis_conn)
+    assert registry.get_job_ids(cleanup=False) == [job.id]
+
+
 def test_a_queue_known_only_by_its_registry_is_read_after_the_walk_and_reported_in_order(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

@@ -184,6 +184,9 @@ local function lost_job_is_held(status)
       return 'the job is in ' .. KEYS[i] .. ' again'
     end
   end
+  -- A worker that has just taken the job enters it as job:execution in the
+  -- started registry before it marks the job started.
+  if in_started(KEYS[16]) then return 'the job is in its started registry now' end
   return false
 end
 

@@ -283,7 +283,11 @@ def _scan(
     lost = [j for j, _origin in unheld if j not in since]
     for origin in covered:
         if ids := found.queued.get(origin):
-            lost += _not_held(conn, keys, origin, ids)
+            queued = _not_held(conn, keys, origin, ids)
+            # A worker that has just taken a job enters it in the started
+            # registry (as job:execution) before it marks the job started.
+            taken = _entered_since(conn, keys, [(j, origin) for j in queued])
+            lost += [j for j in queued if j not in taken]
     for job_id, job in _read_jobs(conn, keys, lost, result).items():
         if job.get("origin") in wanted:
             result.entries.append(_lost_entry(job["origin"], job_id, job))
