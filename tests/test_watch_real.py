@@ -7,6 +7,7 @@ operator or an orchestrator would. End states are read through RQ's API.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -127,6 +128,28 @@ def test_watch_cleans_jobs_stuck_between_rounds_and_follows_policy_edits(
     assert stop(process) == 0, logs(tmp_path)
     assert redis_conn.exists("opsctl:lock") == 0
     assert FailedJobRegistry(QUEUE, connection=redis_conn).get_job_ids(cleanup=False) == [failed.id]
+
+
+def test_a_policy_file_replaced_by_a_fifo_is_refused_and_watch_still_stops_on_sigterm(
+    redis_url: str, redis_conn: redis.Redis, rq_workers: WorkerFactory, tmp_path: Path, watch: Any
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    write_policy(policy, "fail")
+    metrics = tmp_path / "opsctl.prom"
+    process = watch(
+        str(policy), "--every", "1s", "--redis-url", redis_url, "--metrics-file", str(metrics)
+    )
+    assert wait_until(lambda: read_metrics(metrics), timeout=ROUND_TIMEOUT_S), logs(tmp_path)
+
+    policy.unlink()
+    os.mkfifo(policy)  # opening it would wait for a writer that never comes
+    assert wait_until(
+        lambda: "it is a FIFO, not a file" in logs(tmp_path), timeout=ROUND_TIMEOUT_S
+    ), logs(tmp_path)
+    failed = abandon(rq_workers, redis_conn)  # rounds go on with the last good policy
+    assert wait_for_status(redis_conn, failed.id, "failed", ROUND_TIMEOUT_S) == "failed"
+
+    assert stop(process) == 0, logs(tmp_path)
 
 
 def seed_abandoned(conn: redis.Redis, count: int) -> list[str]:

@@ -287,17 +287,32 @@ def _environment(environ: Mapping[str, str] | None) -> Mapping[str, str]:
     return os.environ if environ is None else environ
 
 
+def read_policy_bytes(file: str) -> bytes:
+    """The bytes of the policy file `file`, read as `validate` and `apply` read them.
+
+    Raises PolicyError when it cannot be read or is too large to be a policy.
+    """
+    try:
+        return _read_bytes(file)
+    except _Refused as refused:
+        raise PolicyError([refused.problem]) from None
+
+
 def _read_bytes(file: str) -> bytes:
     """The bytes of `file`; refuses one that cannot be read or is too large to be a policy."""
     try:
-        if os.path.exists(file) and stat.S_ISFIFO(os.stat(file).st_mode):
-            # Opening a FIFO waits for a writer, perhaps for ever; a policy is a file.
-            raise _Refused(_file_problem(file, "cannot read file: it is a FIFO, not a file"))
-        with open(file, "rb") as stream:
+        # Opened without blocking: opening a FIFO would wait for a writer, and
+        # reading some special files for data, perhaps for ever.
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as stream:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                raise _Refused(_file_problem(file, "cannot read file: it is a FIFO, not a file"))
             raw = stream.read(MAX_FILE_BYTES + 1)
-            size_bytes = os.fstat(stream.fileno()).st_size
+            size_bytes = os.fstat(fd).st_size
     except OSError as error:
         raise _Refused(_file_problem(file, f"cannot read file: {_os_reason(error)}")) from None
+    if raw is None:  # nothing to read yet from a special file
+        raise _Refused(_file_problem(file, "cannot read file: it is not a file"))
 
     if len(raw) > MAX_FILE_BYTES:
         size = _mebibytes(max(size_bytes, len(raw)))

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from types import FrameType
 
 from opsctl import metrics
-from opsctl.errors import ExitCode, OpsctlError
-from opsctl.policy import Policy
+from opsctl.errors import ExitCode, OpsctlError, PolicyError
+from opsctl.policy import Policy, read_policy_bytes
 from opsctl.run import Run
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,10 @@ class Watch:
         """Take up a changed policy file; keep the last good policy if it is invalid."""
         path = self.policy.path
         try:
-            with open(path, "rb") as handle:
-                digest = hashlib.sha256(handle.read()).hexdigest()
-        except OSError as exc:
+            digest = hashlib.sha256(read_policy_bytes(path)).hexdigest()
+        except PolicyError as exc:
             if self._seen_digest != "unreadable":
-                log.error("policy=%s unreadable: %s; keeping the last good policy", path, exc)
+                log.error("policy unreadable, keeping the last good policy: %s", exc)
             self._seen_digest = "unreadable"
             return
         if digest == self._seen_digest:
