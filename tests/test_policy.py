@@ -163,6 +163,22 @@ def test_a_duration_past_the_longest_allowed_is_called_too_long_not_malformed(
     assert problem_lines(str(path)) == [f"{path}:4:17: queues[0].lost_after: {shown} {too_long}"]
 
 
+def test_an_integer_with_a_leading_zero_is_decimal_and_other_yaml_number_forms_are_refused(
+    tmp_path: Path,
+) -> None:
+    # YAML 1.1 reads 010 as octal 8, and 0x10, 1_000 and 1:30 as 16, 1000 and 90.
+    path = tmp_path / "numbers.yaml"
+    path.write_text("version: 1\nqueues:\n  - name: a\n    max_age: 010\n")
+    assert load_policy(str(path), environ={}).rule_for("a").max_age_seconds == 600
+
+    for written in ("0x10", "1_000", "1:30"):
+        path.write_text(f"version: 1\nqueues:\n  - name: a\n    max_requeues: {written}\n")
+        assert problem_lines(str(path)) == [
+            f"{path}:4:19: queues[0].max_requeues: {written!r} is not a plain decimal number"
+            " (write digits only, such as 10)"
+        ]
+
+
 def test_digest_is_the_sha256_of_the_file_bytes() -> None:
     policy = load("example")
 

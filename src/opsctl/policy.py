@@ -430,10 +430,28 @@ _MERGE_TAG = _TAG + "merge"
 _CONSTRUCTOR = yaml.constructor.SafeConstructor()
 _RESOLVER = yaml.resolver.Resolver()
 
+
+class _NotDecimal(ValueError):
+    """An integer written in one of YAML 1.1's other notations."""
+
+
+_DECIMAL = re.compile(r"[-+]?[0-9]+")
+
+
+def _decimal_int(node: yaml.ScalarNode) -> int:
+    """An integer written in decimal digits. YAML 1.1 also reads 010 as octal 8,
+    0x10, 1_000 and 1:30 (sexagesimal); in a policy those are mistakes waiting to
+    happen (a max_age of 010 would be 8 minutes), so they are refused."""
+    text = str(node.value)
+    if not _DECIMAL.fullmatch(text):
+        raise _NotDecimal(text)
+    return int(text, 10)
+
+
 _SCALARS: dict[str, Callable[[yaml.ScalarNode], Any]] = {
     _TAG + "null": _CONSTRUCTOR.construct_yaml_null,
     _TAG + "bool": _CONSTRUCTOR.construct_yaml_bool,
-    _TAG + "int": _CONSTRUCTOR.construct_yaml_int,
+    _TAG + "int": _decimal_int,
     _TAG + "float": _CONSTRUCTOR.construct_yaml_float,
     # Dates are kept as written; no policy value is a date, so the schema rejects them.
     _TAG + "timestamp": lambda node: str(node.value),
@@ -627,6 +645,12 @@ class _Builder:
             return str(node.value)
         try:
             return self._sane(construct(node), path)
+        except _NotDecimal:
+            what = self.document.describe(path, str(node.value))
+            message = f"{what} is not a plain decimal number (write digits only, such as 10)"
+            self.document.report(path, message)
+            self.document.settled.add(path)
+            return str(node.value)
         except _CONSTRUCTION_ERRORS:
             what = self.document.describe(path, str(node.value))
             tag = _short_tag(node.tag)
