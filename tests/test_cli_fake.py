@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import subprocess
+import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -35,7 +38,7 @@ from rq.utils import utcformat
 from rq.worker_registration import get_keys
 from typer.testing import CliRunner
 
-from conftest import serve_fake_redis
+from conftest import opsctl_env, serve_fake_redis
 from opsctl import run
 from opsctl.cli import app
 from opsctl.engine import ACTION_NONE, ACTION_REMOVE_ENTRY, ACTION_STOP, State
@@ -1202,6 +1205,44 @@ def test_plan_output_replaces_only_a_regular_file(
     result = opsctl("plan", str(policy), "--output", str(regular), "--redis-url", url)
     assert result.exit_code == 0, result.output
     assert json.loads(regular.read_text())["format"] == "opsctl-plan"
+
+
+@pytest.mark.parametrize("output", ["text", "json"])
+def test_a_reader_that_goes_away_cuts_the_report_short_but_not_the_exit_code(
+    conn: redis.Redis, url: str, tmp_path: Path, output: str
+) -> None:
+    # `opsctl apply ... | head -1`: the pipe's reader is gone before the report is written.
+    jobs = [started_job(conn, "w-dead") for _ in range(3)]
+    policy = write_policy(tmp_path, FAIL_ALL)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "opsctl",
+                "apply",
+                str(policy),
+                "--redis-url",
+                url,
+                "--format",
+                output,
+            ],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=opsctl_env(),
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+    assert done.returncode == 0, done.stderr
+    assert "the output was cut short" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert {status_of(conn, job.id) for job in jobs} == {"failed"}
 
 
 def made_plan(url: str, tmp_path: Path, text: str = FAIL_ALL) -> tuple[Path, Path]:

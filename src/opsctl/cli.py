@@ -791,10 +791,28 @@ class Job:
 
 def _print_run(run: Run, output: Format, url: str, where: tuple[str, str]) -> None:
     shown = mask_url(url)
-    if output is Format.json:
-        report.write_run_json(run, shown, where[0], where[1], sys.stdout)
-    else:
-        report.print_text(run, _console(), shown)
+    with _reader_may_leave():
+        if output is Format.json:
+            report.write_run_json(run, shown, where[0], where[1], sys.stdout)
+        else:
+            report.print_text(run, _console(), shown)
+
+
+@contextmanager
+def _reader_may_leave() -> Iterator[None]:
+    """Let the reader of the output go early (``| head``): the output is cut short,
+    and the command's exit code stays that of what it did."""
+    try:
+        yield
+    except BrokenPipeError:
+        # What is still buffered, and later writes, go nowhere instead of failing again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+        print("opsctl: the output's reader went away; the output was cut short", file=sys.stderr)
 
 
 def _exit_for(run: Run, best_effort: bool, url: str) -> None:
@@ -993,10 +1011,11 @@ def history(
     url, options = _guard(lambda: connection.resolve(None))
     _setup_logging(verbose, quiet, log_format, url)
     entries = _guard(lambda: audit.history(connect(url, timeout, options), run_id, job_id), url=url)
-    if output is Format.json:
-        report.print_json({"redis": mask_url(url), "entries": entries})
-    else:
-        report.print_history(entries, _console())
+    with _reader_may_leave():
+        if output is Format.json:
+            report.print_json({"redis": mask_url(url), "entries": entries})
+        else:
+            report.print_history(entries, _console())
 
 
 @app.command("requeue")
@@ -1047,10 +1066,11 @@ def requeue_command(
         ),
         url=url,
     )
-    if output is Format.json:
-        report.print_json(done.to_json(mask_url(url)))
-    else:
-        undo.print_text(done, _console())
+    with _reader_may_leave():
+        if output is Format.json:
+            report.print_json(done.to_json(mask_url(url)))
+        else:
+            undo.print_text(done, _console())
     if done.failed and not dry_run:  # a dry run changes nothing, so nothing can fail
         errors = done.summary()["errors"]
         _fail(OpsctlError(f"{errors} requeue(s) failed; see the report"), url=url)
@@ -1127,14 +1147,15 @@ def status_command(
         if output is StatusFormat.prometheus or metrics_file is not None:
             # status takes no policy: states are judged by the built-in rule (max_age 10m).
             seen = metrics.observe_snapshot(snapshot, Rule())
-        if output is StatusFormat.json:
-            report.print_json(status.to_json(now, mask_url(url), statuses))
-        elif output is StatusFormat.text:
-            status.print_text(statuses, _console())
-        else:
-            code = ExitCode.OK
-            facts = metrics.RunFacts(time.time(), time.monotonic() - began, code, time.time())
-            sys.stdout.write(metrics.render(metrics.build(seen, facts)))
+        with _reader_may_leave():
+            if output is StatusFormat.json:
+                report.print_json(status.to_json(now, mask_url(url), statuses))
+            elif output is StatusFormat.text:
+                status.print_text(statuses, _console())
+            else:
+                code = ExitCode.OK
+                facts = metrics.RunFacts(time.time(), time.monotonic() - began, code, time.time())
+                sys.stdout.write(metrics.render(metrics.build(seen, facts)))
     _finish(error, False, url, metrics_file, None, began, seen)
 
 
@@ -1191,10 +1212,11 @@ def explain_command(
     found = _guard(
         lambda: explain.explain(connect(url, timeout, options), keys, job_id, policy), url=url
     )
-    if output is Format.json:
-        report.print_json(explain.to_json(found, mask_url(url)))
-    else:
-        explain.print_text(found, _console())
+    with _reader_may_leave():
+        if output is Format.json:
+            report.print_json(explain.to_json(found, mask_url(url)))
+        else:
+            explain.print_text(found, _console())
 
 
 @app.command()

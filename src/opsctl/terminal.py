@@ -21,6 +21,17 @@ def colour_wanted(stream: TextIO) -> bool:
     return bool(os.environ.get("FORCE_COLOR")) or stream.isatty()
 
 
+class _Console(Console):
+    """A Console that leaves a reader who went away (``| head``) to its caller.
+
+    rich would exit with 1 at once, as if the command had failed.
+    """
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def console(stderr: bool = False, live: bool = False) -> Console:
     """A Console on stdout (or stderr) that colours only when colour_wanted() says so.
 
@@ -31,7 +42,7 @@ def console(stderr: bool = False, live: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     terminal = stream.isatty()
     colour = colour_wanted(stream)
-    return Console(
+    return _Console(
         file=stream,
         width=shutil.get_terminal_size().columns if terminal else 200,
         no_color=not colour,
