@@ -243,6 +243,7 @@ def test_validate_only_notes_an_unset_variable_and_exits_0() -> None:
         ("redis://:s3cret@127.0.0.1:6380/0/extra", "database '0/extra' is not a number"),
         ("redis://:s3cret@/0", "names no host; opsctl never falls back to a default server"),
         ("redis+sentinel://:s3cret@h:\u00b2/mymaster", "port '\u00b2' is not a number"),
+        ("redis://:s3cret@127.0.0.1:6380/0?protocol=9", "protocol '9' is not 2 or 3"),
     ],
 )
 def test_validate_refuses_an_environment_url_that_apply_would_refuse(url: str, reason: str) -> None:
@@ -253,6 +254,15 @@ def test_validate_refuses_an_environment_url_that_apply_would_refuse(url: str, r
         f"redis.url: the value from ${{REDIS_URL}}: {reason}"
     )
     assert "s3cret" not in result.output
+
+
+def test_a_protocol_redis_py_would_refuse_is_a_bad_option_not_an_unreachable_server(
+    closed_url: str,
+) -> None:
+    result = opsctl("status", "--redis-url", f"{closed_url}?protocol=9")
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.endswith(": protocol '9' is not 2 or 3\n")
 
 
 def test_validate_strict_env_makes_an_unset_variable_an_error() -> None:

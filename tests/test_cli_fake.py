@@ -1308,6 +1308,16 @@ def test_a_damaged_plan_is_named_in_words_and_nothing_changes(
     assert status_of(conn, job.id) == "started"
 
 
+def test_a_plan_nested_past_any_json_parser_is_refused_as_damaged(url: str, tmp_path: Path) -> None:
+    plan = tmp_path / "deep.json"
+    plan.write_text("[" * 100_000)
+
+    result = opsctl("apply", "--plan", str(plan), "--redis-url", url)
+
+    assert result.exit_code == 2, result.output
+    assert "nests values deeper than any plan opsctl writes" in result.output
+
+
 def test_a_plan_of_a_policy_whose_defaults_say_dry_run_changes_nothing(
     conn: redis.Redis, url: str, tmp_path: Path
 ) -> None:

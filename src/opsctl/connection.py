@@ -7,7 +7,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 from redis.sentinel import MasterNotFoundError, Sentinel
@@ -153,6 +153,12 @@ def check_url(url: str) -> None:
             "rediss://, unix:// or redis+sentinel://"
         )
     shown = mask_url(url)
+    # redis-py reads the protocol from the URL and refuses other values only
+    # when it connects, as if the server could not be reached.
+    query = url.partition("?")[2].partition("#")[0]
+    for value in parse_qs(query).get("protocol", []):
+        if value not in ("2", "3"):
+            raise UsageError(f"Redis URL {shown!r}: protocol {value!r} is not 2 or 3")
     rest = match["rest"].rsplit("@", 1)[-1]
     if scheme == "unix":
         if not rest.split("?", 1)[0]:

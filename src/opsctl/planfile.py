@@ -224,6 +224,8 @@ def _load(path: str) -> dict[str, Any]:
         raise PlanError(f"cannot read plan {path!r}: {exc.strerror}") from None
     except ValueError as exc:
         raise PlanError(f"plan {path!r} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise PlanError(f"plan {path!r} nests values deeper than any plan opsctl writes") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise PlanError(f"{path!r} is not an opsctl plan file")
     if document.get("version") != VERSION:
