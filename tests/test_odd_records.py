@@ -985,6 +985,33 @@ def test_a_custom_key_prefix_is_used_by_every_read_and_write(
     assert not [k for k in redis_conn.scan_iter("rq:*")], "nothing was written under rq:"
 
 
+def test_requeue_of_a_run_under_a_custom_key_prefix_finds_its_jobs_without_being_told(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    old = iso(ago(HOUR_S))
+    redis_conn.sadd("tenant:queues", f"tenant:queue:{QUEUE}")
+    redis_conn.hset(
+        "tenant:job:stuck",
+        mapping={"status": "started", "origin": QUEUE, "worker_name": DEAD, "started_at": old},
+    )
+    redis_conn.zadd(f"tenant:wip:{QUEUE}", {"stuck:e1": time.time() - 10})
+    path = tmp_path / "tenant.yaml"
+    path.write_text('version: 1\nredis:\n  key_prefix: tenant\nqueues:\n  - name: "*"\n')
+    failed = run(path, redis_url)
+    assert redis_conn.hget("tenant:job:stuck", "status") == b"failed"
+
+    result = invoke_opsctl(
+        "requeue", "--run", failed["run_id"], "--redis-url", redis_url, "--format", "json"
+    )
+
+    assert result.exit_code == 0, result.output
+    [job] = json.loads(result.stdout)["jobs"]
+    assert (job["id"], job["outcome"]) == ("stuck", "done")
+    assert redis_conn.hget("tenant:job:stuck", "status") == b"queued"
+    assert redis_conn.lrange(f"tenant:queue:{QUEUE}", 0, -1) == [b"stuck"]
+    assert not [k for k in redis_conn.scan_iter("rq:*")], "nothing was written under rq:"
+
+
 # --- 6. RQ's intermediate list ---------------------------------------------------------------
 
 

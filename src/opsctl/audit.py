@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from opsctl.errors import ForeignKey
+from opsctl.keys import DEFAULT_PREFIX
 from opsctl.state import text
 
 AUDIT_STREAM = "opsctl:audit"
@@ -29,6 +30,8 @@ class AuditContext:
 
     run_id: str
     policy_digest: str
+    #: RQ's key prefix of the run, so that an undo finds its jobs.
+    key_prefix: str = DEFAULT_PREFIX
     host: str = socket.gethostname()
 
 
@@ -41,6 +44,7 @@ def entry_fields(
         ("time", time_iso),
         ("host", context.host),
         ("policy", context.policy_digest),
+        ("key_prefix", context.key_prefix),
         ("job", job),
         ("queue", queue),
         ("state", state),

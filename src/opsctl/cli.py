@@ -774,7 +774,7 @@ class Job:
             )
 
     def _execute(self, conn: redis.Redis, keys: Keys, run: Run, digest: str, lock: Lock) -> None:
-        context = AuditContext(run.run_id, digest)
+        context = AuditContext(run.run_id, digest, keys.prefix)
         with ScanProgress(self.progress) as progress:
             Executor(
                 conn,
@@ -1032,8 +1032,13 @@ def requeue_command(
     ] = False,
     output: FormatOpt = Format.text,
     key_prefix: Annotated[
-        str, _option("--key-prefix", help="RQ key prefix.", callback=_key_prefix)
-    ] = DEFAULT_PREFIX,
+        str | None,
+        _option(
+            "--key-prefix",
+            help="RQ key prefix. Default: the one the run used, as its audit entries record.",
+            callback=_key_prefix,
+        ),
+    ] = None,
     lock_timeout: LockTimeoutOpt = 5.0,
     timeout: Timeout = DEFAULT_TIMEOUT_S,
     verbose: Verbose = 0,
@@ -1062,7 +1067,7 @@ def requeue_command(
     _setup_logging(verbose, quiet, log_format, url)
     done = _guard(
         lambda: undo.requeue_run(
-            connect(url, timeout, options), Keys(key_prefix), run_id, dry_run, lock_timeout
+            connect(url, timeout, options), key_prefix, run_id, dry_run, lock_timeout
         ),
         url=url,
     )

@@ -29,7 +29,7 @@ from opsctl import audit
 from opsctl.actions import CHECK_WRITES_LUA
 from opsctl.audit import AUDIT_MAXLEN, AUDIT_STREAM, AuditContext
 from opsctl.errors import UsageError
-from opsctl.keys import Keys
+from opsctl.keys import DEFAULT_PREFIX, Keys
 from opsctl.lock import run_lock
 from opsctl.model import format_timestamp
 from opsctl.report import safe
@@ -181,14 +181,17 @@ class UndoRun:
         }
 
 
-def jobs_of_run(conn: redis.Redis, run_id: str) -> list[Undo]:
-    """The jobs ``run_id`` failed or canceled, from the audit trail, in the order it did."""
+def jobs_of_run(conn: redis.Redis, run_id: str) -> tuple[list[Undo], str]:
+    """The jobs ``run_id`` failed or canceled, from the audit trail, in the order it
+    did, and RQ's key prefix the run used (entries written before opsctl recorded it:
+    RQ's own, ``rq``)."""
     entries = audit.history(conn, run_id=run_id, limit=None)
     if not entries:
         raise UnknownRun(
             f"--run: no audit entries for run {run_id!r} (see `opsctl history` for run ids; "
             f"the trail keeps about {AUDIT_MAXLEN:,} entries)"
         )
+    prefix = entries[-1].get("key_prefix") or DEFAULT_PREFIX
     found: dict[str, Undo] = {}
     for entry in entries:
         action = entry.get("action", "")
@@ -200,14 +203,17 @@ def jobs_of_run(conn: redis.Redis, run_id: str) -> list[Undo]:
         job_id = entry.get("job", "")
         found.pop(job_id, None)
         found[job_id] = Undo(job_id, entry.get("queue", ""), action, entry.get("ended_at", ""))
-    return list(found.values())
+    return list(found.values()), prefix
 
 
 def requeue_run(
-    conn: redis.Redis, keys: Keys, run_id: str, dry_run: bool, lock_timeout_s: float
+    conn: redis.Redis, key_prefix: str | None, run_id: str, dry_run: bool, lock_timeout_s: float
 ) -> UndoRun:
-    """Requeue (or, dry, check) every job ``run_id`` failed or canceled."""
-    undo = UndoRun(new_run_id(), run_id, dry_run, jobs_of_run(conn, run_id))
+    """Requeue (or, dry, check) every job ``run_id`` failed or canceled, under
+    ``key_prefix``, or else the prefix the run itself used."""
+    jobs, used = jobs_of_run(conn, run_id)
+    keys = Keys(key_prefix or used)
+    undo = UndoRun(new_run_id(), run_id, dry_run, jobs)
     if dry_run:
         _requeue(conn, keys, undo)
         return undo
@@ -218,7 +224,7 @@ def requeue_run(
 
 def _requeue(conn: redis.Redis, keys: Keys, undo: UndoRun) -> None:
     script = conn.register_script(_REQUEUE_SCRIPT)
-    context = AuditContext(undo.run_id, "")
+    context = AuditContext(undo.run_id, "", keys.prefix)
     for start in range(0, len(undo.jobs), BATCH):
         batch = undo.jobs[start : start + BATCH]
         origins = _origins(conn, keys, batch)
