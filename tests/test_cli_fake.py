@@ -1308,6 +1308,37 @@ def test_a_damaged_plan_is_named_in_words_and_nothing_changes(
     assert status_of(conn, job.id) == "started"
 
 
+def test_a_planned_stop_goes_ahead_only_for_a_job_overdue_when_read_again(
+    conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    worker = live_worker("w-live", obeys_stop=True)
+    job = started_job(conn, "w-live", started_ago_s=5)
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")  # max_age 10m
+    plan = tmp_path / "plan.json"
+    made = opsctl("plan", str(policy), "--max-age", "1s", "-o", str(plan), "--redis-url", url)
+    assert made.exit_code == 0, made.output
+
+    def forge(document: dict[str, Any]) -> None:
+        # Edited: the job's rule says 10m, as the policy does, and it claims a great age.
+        [planned] = document["jobs"]
+        planned["rule"]["max_age_seconds"] = 600
+        planned["signals"]["age_s"] = 99_999
+
+    edit_plan(plan, forge)
+
+    result = opsctl(
+        "apply", "--plan", str(plan), str(policy), "--format", "json", "--redis-url", url
+    )
+
+    assert result.exit_code == 0, result.output
+    [line] = json.loads(result.stdout)["jobs"]
+    assert line["outcome"] == "skipped", line
+    assert line["reason"].startswith("not stopped: running for ")
+    assert line["reason"].endswith("s now, within max_age 600s")
+    assert worker.commands == []
+    assert status_of(conn, job.id) == "started"
+
+
 def test_a_plan_nested_past_any_json_parser_is_refused_as_damaged(url: str, tmp_path: Path) -> None:
     plan = tmp_path / "deep.json"
     plan.write_text("[" * 100_000)

@@ -30,7 +30,7 @@ from opsctl.audit import AuditContext
 from opsctl.engine import ACTION_STOP, is_executing, worker_liveness
 from opsctl.keys import DEFAULT_FAILURE_TTL_S, Keys
 from opsctl.lock import Lock, maintenance_lock
-from opsctl.model import format_timestamp, parse_int
+from opsctl.model import format_timestamp, parse_int, parse_timestamp
 from opsctl.progress import APPLYING, OnProgress
 from opsctl.run import DONE, ERROR, PLANNED, SKIPPED, JobOutcome, Run, WorkerOutcome
 from opsctl.state import read_workers, refuse_foreign_key, server_time, text
@@ -438,12 +438,18 @@ class Executor:
                 worker.outcome, worker.reason = ERROR, why
 
 
-def hold_back_live_workers(conn: redis.Redis, keys: Keys, run: Run) -> None:
-    """Read a plan's workers again: one that is live now is not removed, and a job
-    it is executing now is not acted on (a stop, which asks the worker itself, still is).
+def recheck_plan(conn: redis.Redis, keys: Keys, run: Run) -> None:
+    """Read again what a plan's actions rest on; a plan may be old, or edited.
 
-    A plan may be old, or edited; what a worker's connection says now decides.
+    A worker that is live now is not removed, and a job it is executing now is
+    not acted on (a stop, which asks the worker itself, still is). A planned stop
+    goes ahead only if the job, its start read again, is overdue by its rule now.
     """
+    _hold_back_live_workers(conn, keys, run)
+    _hold_back_stops_not_due(conn, keys, run)
+
+
+def _hold_back_live_workers(conn: redis.Redis, keys: Keys, run: Run) -> None:
     names = {w.worker.name for w in run.workers}
     names |= {name for j in run.jobs if (name := j.entry.worker_name)}
     fresh = read_workers(conn, keys, names)
@@ -458,6 +464,34 @@ def hold_back_live_workers(conn: redis.Redis, keys: Keys, run: Run) -> None:
             continue
         if worker_liveness(worker).alive and is_executing(worker, job.entry):
             _set(job, SKIPPED, f"not acted on: {name} is live now and executing it")
+
+
+def _hold_back_stops_not_due(conn: redis.Redis, keys: Keys, run: Run) -> None:
+    stops = [j for j in run.jobs if j.outcome == PLANNED and j.action == ACTION_STOP]
+    if not stops:
+        return
+    pipe = conn.pipeline(transaction=False)
+    for job in stops:
+        entry = job.entry
+        pipe.hget(keys.job(entry.job_id), "started_at")
+        pipe.hget(keys.execution(entry.job_id, entry.execution_id or "-"), "created_at")
+    # A key of another type answers with an error: no start read, so no stop.
+    replies = [r if isinstance(r, bytes) else None for r in pipe.execute(raise_on_error=False)]
+    now = server_time(conn)
+    for i, job in enumerate(stops):
+        if job.rule.force:
+            continue
+        started_at, created_at = replies[2 * i : 2 * i + 2]
+        started = parse_timestamp(text(started_at)) or parse_timestamp(text(created_at))
+        if started is None:
+            _set(job, SKIPPED, "not stopped: its start cannot be read now, so its age is unknown")
+        elif now - started <= job.rule.max_age_seconds:
+            _set(
+                job,
+                SKIPPED,
+                f"not stopped: running for {now - started:.0f}s now, within max_age "
+                f"{job.rule.max_age_seconds}s",
+            )
 
 
 def failure_reason(run: Run, outcome: JobOutcome) -> str:
@@ -574,4 +608,4 @@ def _enqueue_dependents(conn: redis.Redis, keys: Keys, outcome: JobOutcome) -> N
         outcome.reason += f"; dependents not enqueued: {exc}"
 
 
-__all__ = ["Executor", "failure_reason", "hold_back_live_workers"]
+__all__ = ["Executor", "failure_reason", "recheck_plan"]

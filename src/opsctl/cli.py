@@ -33,7 +33,7 @@ from opsctl import (
     undo,
     watch,
 )
-from opsctl.apply import Executor, hold_back_live_workers
+from opsctl.apply import Executor, recheck_plan
 from opsctl.audit import AuditContext
 from opsctl.connection import (
     DEFAULT_TIMEOUT_S,
@@ -738,7 +738,7 @@ class Job:
 
         plan_read = read()
         if self.overrides.dry_run or plan_read.run.dry_run:
-            hold_back_live_workers(conn, Keys(plan_read.key_prefix), plan_read.run)
+            recheck_plan(conn, Keys(plan_read.key_prefix), plan_read.run)
             # A plan made from a policy whose defaults say dry_run changes nothing either.
             plan_read.run.dry_run = True
             return plan_read.run, plan_read.policy_digest
@@ -747,7 +747,7 @@ class Job:
             run = plan_read.run
             logs.current_run_id.set(run.run_id)
             keys = Keys(plan_read.key_prefix)
-            hold_back_live_workers(conn, keys, run)
+            recheck_plan(conn, keys, run)
             self._execute(conn, keys, run, plan_read.policy_digest, lock)
         return run, plan_read.policy_digest
 
