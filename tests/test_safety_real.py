@@ -32,6 +32,7 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry, clean_registries
 
 from conftest import clean_env, job_status
+from opsctl.apply import RECONCILE_ROUNDS
 
 pytestmark = pytest.mark.redis_server
 
@@ -369,13 +370,14 @@ class DroppingProxy:
     """A TCP proxy to the private server that cuts a client's connection whenever
     `drop(chunk)` says so for a chunk the client sends (the chunk is not forwarded)."""
 
-    def __init__(self, port: int, drop: Callable[[bytes], bool]) -> None:
+    def __init__(self, port: int, drop: Callable[[bytes], bool | str]) -> None:
         self.target = ("127.0.0.1", port)
         self.drop = drop
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
         self.drops = 0
         self.sockets: list[socket.socket] = []
+        self.muted: set[socket.socket] = set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -392,7 +394,12 @@ class DroppingProxy:
     def _pump(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
         try:
             while chunk := source.recv(65536):
-                if upstream and self.drop(chunk):
+                if not upstream and sink in self.muted:
+                    continue  # the answers to a cut request are lost
+                verdict = self.drop(chunk) if upstream else False
+                if verdict == "after":
+                    self._forward_then_cut(chunk, source, sink)
+                if verdict:
                     self.drops += 1
                     break
                 sink.sendall(chunk)
@@ -402,6 +409,16 @@ class DroppingProxy:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+    def _forward_then_cut(self, chunk: bytes, client: socket.socket, server: socket.socket) -> None:
+        """Send the server this request, all of it, and lose its answers."""
+        self.muted.add(client)
+        server.sendall(chunk)
+        client.settimeout(0.3)
+        with contextlib.suppress(OSError):  # a timeout: the request has all been sent
+            while more := client.recv(65536):
+                server.sendall(more)
+        time.sleep(0.3)  # the server runs it all before the connection is cut
 
     def close(self) -> None:
         self.listener.close()
@@ -448,6 +465,35 @@ def test_report_after_a_lost_connection_names_the_jobs_that_were_failed(
     errors = {j for j, outcome in outcomes(report).items() if outcome == "error"}
     assert done == set(failed_ids(redis_conn))
     assert errors == set(started_ids(redis_conn))
+
+
+def test_changes_whose_replies_were_lost_are_confirmed_from_the_audit_trail_at_last(
+    redis_conn: redis.Redis, redis_server: Any
+) -> None:
+    # The second batch reaches Redis but its replies are lost, and the audit
+    # trail cannot be read in any of the reconcile rounds, only after them.
+    job_ids = abandon(redis_conn, 400)
+    seen = {b"EVALSHA": 0, b"XREVRANGE": 0}
+
+    def drop(chunk: bytes) -> bool | str:
+        if chunk.count(b"EVALSHA") > 1:
+            seen[b"EVALSHA"] += 1
+            return "after" if seen[b"EVALSHA"] == 2 else False
+        if b"XREVRANGE" in chunk:
+            seen[b"XREVRANGE"] += 1
+            return seen[b"XREVRANGE"] < RECONCILE_ROUNDS
+        return False
+
+    proxy = DroppingProxy(redis_server.port, drop)
+    try:
+        result = run_opsctl(*apply_args(POLICIES / "safety_fail.yaml", proxy.url, "--timeout", "2"))
+    finally:
+        proxy.close()
+
+    report = report_of(result, 0)
+    assert statuses(redis_conn, job_ids) == Counter({"failed": 400})
+    assert Counter(outcomes(report).values()) == Counter({"done": 400})
+    assert report["redis_lost"] is False
 
 
 def test_apply_gives_up_when_every_batch_is_cut_though_ping_answers(

@@ -218,6 +218,12 @@ class Executor:
                 log.warning("connection_lost during=reconcile error=%s", exc)
             if all(r is not None for r in results) or not self._reconnect():
                 break
+        else:
+            # The rounds ran out with Redis back: what the trail shows done is done.
+            try:
+                self._settle_from_audit(changes, results)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("connection_lost during=reconcile error=%s", exc)
         if any(r is None for r in results):
             self.run.redis_lost = True
             for outcome, result in zip(outcomes, results, strict=True):
