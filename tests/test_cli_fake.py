@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -833,6 +834,23 @@ def test_every_queue_of_a_dry_run_is_reported_dry_whatever_its_own_setting(
         assert report["dry_run"] is True
         assert {q["name"]: q["dry_run"] for q in report["queues"]} == {"held": True, "live": True}
     assert status_of(conn, job.id) == "started"
+
+
+def test_entries_of_jobs_whose_hash_is_gone_do_not_count_against_the_caps(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    conn.zadd("rq:wip:default", {f"gone-{i}:exec{i}": 1 for i in range(5)})
+    job = started_job(conn, "w-crashed")
+    capped = FAIL_ALL.replace(
+        "version: 1", "version: 1\n    defaults:\n      limits: {max_actions: 1}"
+    )
+
+    report = apply(write_policy(tmp_path, capped), url)
+
+    assert report["limits_tripped"] == []
+    assert status_of(conn, job.id) == "failed"
+    assert conn.zcard("rq:wip:default") == 0
+    assert Counter(j["state"] for j in report["jobs"]) == Counter({"orphaned": 5, "abandoned": 1})
 
 
 def test_jobs_held_back_by_a_dry_run_queue_do_not_count_against_the_run_cap(

@@ -509,7 +509,11 @@ def _apply_rescue_limits(conn: redis.Redis, run: Run) -> None:
 def _tripped_limits(run: Run, policy: Policy, overrides: Overrides) -> list[str]:
     """Every blast-radius cap this run's planned actions exceed, in words."""
     tripped = []
-    acting = [j for j in run.jobs if j.acts and not j.rule.dry_run and j.outcome != SKIPPED]
+    acting = [
+        j
+        for j in run.jobs
+        if j.acts and not j.rule.dry_run and j.outcome != SKIPPED and not _touches_no_job(j)
+    ]
     for queue in run.queues:
         limits = queue.rule.limits
         if limits is None:
@@ -526,6 +530,12 @@ def _tripped_limits(run: Run, policy: Policy, overrides: Overrides) -> list[str]
         source = "--max-actions" if overrides.max_actions is not None else "defaults.limits"
         tripped.append(f"whole run ({source}): {why}")
     return tripped
+
+
+def _touches_no_job(job: JobOutcome) -> bool:
+    """Whether acting removes only the entry of a job whose hash is gone: caps
+    guard jobs, and counting such entries would let old debris block every run."""
+    return job.action == ACTION_REMOVE_ENTRY and job.entry.job is None
 
 
 def _initial_outcome(
