@@ -419,6 +419,9 @@ def test_max_age_in_words_exits_2_with_the_accepted_forms(closed_url: str) -> No
             "is longer than the most allowed",
         ),
         (("watch", "policies/minimal.yaml", "--every", "999999999d"), "at most 7d"),
+        # An empty queue name matches nothing: the run would quietly do nothing.
+        (("apply", "policies/minimal.yaml", "--queue", ""), "an empty name matches no queue"),
+        (("plan", "policies/minimal.yaml", "-o", "p.json", "--queue", " "), "an empty name"),
         # An empty id would filter nothing out: requeue would undo every run.
         (("requeue", "--run", ""), "an empty id names nothing"),
         (("history", "--run", ""), "an empty id names nothing"),

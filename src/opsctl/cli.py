@@ -443,7 +443,20 @@ MaxAgeOpt = Annotated[
     str | None,
     _option("--max-age", help="Override max_age for every queue (90s, 10m, 2h, 1d)."),
 ]
-QueueOpt = Annotated[list[str] | None, _option("--queue", help="Only this queue (repeatable).")]
+
+
+def _queue_names(values: list[str] | None) -> list[str] | None:
+    """Refuse an empty queue name: it matches no queue, so the run would quietly do
+    nothing (in a deploy script, most often a variable that is not set)."""
+    if values and any(not v.strip() for v in values):
+        raise typer.BadParameter("an empty name matches no queue (is a variable unset?)")
+    return values
+
+
+QueueOpt = Annotated[
+    list[str] | None,
+    _option("--queue", help="Only this queue (repeatable).", callback=_queue_names),
+]
 MaxActionsOpt = Annotated[
     int | None,
     _option("--max-actions", min=0, help="Cap on the jobs one run may act on."),
