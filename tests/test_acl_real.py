@@ -61,7 +61,7 @@ ACL_LINES = {
     ),
     "opsctl-dryrun": (
         "ACL SETUSER opsctl-dryrun reset on >CHANGE_ME resetchannels "
-        "%R~rq:* %R~opsctl:rescues:* "
+        "%R~rq:* %R~opsctl:rescues:* %R~opsctl:lost:* "
         "+ping +client|setname +time +scan +smembers +zrange +zcard +hmget +exists +ttl "
         "+llen +pubsub|numsub +client|list +eval_ro +evalsha_ro +get +info "
         "+lrange +lpos +zscore +hgetall"
@@ -683,7 +683,7 @@ def test_dryrun_user_finds_lost_jobs_and_explains_them_without_a_refused_command
     succeeded(result, admin)
     assert outcomes(json_report(result)) == {
         started.id: ("lost", "fail", "planned"),
-        queued.id: ("lost", "fail", "planned"),
+        queued.id: ("lost", "none", "kept"),  # found lost now: its grace starts
     }
     succeeded(explained, admin)
     assert [v["state"] for v in json_report(explained)["verdicts"]] == ["lost"]

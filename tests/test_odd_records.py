@@ -10,6 +10,7 @@ check looks for; a *dead worker* is a name with no hash and no connection.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import random
 import subprocess
@@ -41,7 +42,8 @@ from conftest import (
 )
 from opsctl.errors import ExitCode
 from opsctl.keys import Keys
-from opsctl.keyspace import find_lost
+from opsctl.keyspace import find_lost, note_lost
+from opsctl.model import StartedEntry
 from opsctl.policy import load_policy
 from opsctl.state import read_snapshot
 
@@ -399,12 +401,39 @@ def lost_started(conn: redis.Redis, worker: str = DEAD, since_s: float = HOUR_S)
     return job
 
 
-def lost_queued(conn: redis.Redis, since_s: float = HOUR_S) -> Job:
-    """Status queued, but taken off its queue by a worker that died at once."""
+def lost_queued(conn: redis.Redis, since_s: float = HOUR_S, noted_s: float | None = HOUR_S) -> Job:
+    """Status queued, but taken off its queue by a worker that died at once; with
+    `noted_s`, an earlier opsctl run found it lost that many seconds ago."""
     job = Queue(QUEUE, connection=conn).enqueue("jobs.quick")
     conn.lrem(f"rq:queue:{QUEUE}", 0, job.id)
-    conn.hset(job.key, "enqueued_at", iso(ago(since_s)))
+    enqueued_at = iso(ago(since_s))
+    conn.hset(job.key, "enqueued_at", enqueued_at)
+    if noted_s is not None:
+        job_fields = {"status": "queued", "enqueued_at": enqueued_at}
+        entry = StartedEntry(QUEUE, job.id, None, math.nan, job_fields, None, lost=True)
+        note_lost(conn, [entry], time.time() - noted_s)
     return job
+
+
+def test_a_queued_job_found_lost_is_acted_on_only_once_lost_after_has_passed_since(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # It waited an hour in its queue; that says nothing of when a worker took it.
+    job = lost_queued(redis_conn, noted_s=None)
+    path = policy(tmp_path, "requeue", extra="  lost_after: 1s\n")
+
+    dry = job_in(run(path, redis_url, "--dry-run"), job.id)
+    first = job_in(run(path, redis_url), job.id)
+    still = job_in(run(path, redis_url), job.id)
+    time.sleep(1.5)
+    later = job_in(run(path, redis_url), job.id)
+
+    for seen in (dry, first):
+        assert (seen["state"], seen["action"], seen["outcome"]) == ("lost", "none", "kept")
+        assert "found lost now (a worker may have just taken it)" in seen["reason"]
+    assert "within lost_after 1s" in still["reason"], "the second run counts from the first"
+    assert (later["state"], later["action"], later["outcome"]) == ("lost", "requeue", "done")
+    assert job.id in Queue(QUEUE, connection=redis_conn).get_job_ids()
 
 
 def test_a_started_job_in_no_started_registry_is_lost_and_failed_after_lost_after(
@@ -962,9 +991,10 @@ def test_a_custom_key_prefix_is_used_by_every_read_and_write(
     redis_conn.hset(f"{prefix}:job:stuck", mapping={"status": "started", **common})
     redis_conn.zadd(f"{prefix}:wip:{QUEUE}", {"stuck:e1": time.time() - 10})
     redis_conn.hset(f"{prefix}:job:lost", mapping={"status": "started", **common})
-    redis_conn.hset(
-        f"{prefix}:job:gone", mapping={"status": "queued", **common, "enqueued_at": old}
-    )
+    gone = {"status": "queued", **common, "enqueued_at": old}
+    redis_conn.hset(f"{prefix}:job:gone", mapping=gone)
+    entry = StartedEntry(QUEUE, "gone", None, math.nan, gone, None, lost=True)
+    note_lost(redis_conn, [entry], time.time() - HOUR_S)  # an earlier run found it lost
     redis_conn.set("progress:gone", "1")
     path = tmp_path / "tenant.yaml"
     path.write_text(

@@ -29,6 +29,7 @@ from opsctl.actions import Actor, ChangeResult, JobChange
 from opsctl.audit import AuditContext
 from opsctl.engine import ACTION_STOP, is_executing, worker_liveness
 from opsctl.keys import DEFAULT_FAILURE_TTL_S, Keys
+from opsctl.keyspace import note_lost
 from opsctl.lock import Lock, maintenance_lock
 from opsctl.model import format_timestamp, parse_int, parse_timestamp
 from opsctl.progress import APPLYING, OnProgress
@@ -86,6 +87,7 @@ class Executor:
         work = self._work_by_queue()
         self._to_deal_with = sum(len(outcomes) for outcomes in work.values())
         try:
+            self._note_lost()
             for queue, outcomes in work.items():
                 if self.run.redis_lost:
                     break
@@ -160,6 +162,13 @@ class Executor:
         for lock in [*self._held, *([self.run_lock] if self.run_lock else [])]:
             if not lock.renew():
                 log.warning("lock=%s lost while working", lock.key)
+
+    def _note_lost(self) -> None:
+        """Start the grace of lost queued jobs found for the first time (see
+        :func:`opsctl.keys.lost_note_key`); queues in dry-run mode are left alone."""
+        found = [j.entry for j in self.run.jobs if j.entry.lost and not j.rule.dry_run]
+        if note_lost(self.conn, found, self.run.now):
+            log.info("noted lost queued jobs, to be acted on after lost_after")
 
     # Job changes ---------------------------------------------------------------------------
 

@@ -177,18 +177,20 @@ def _decide(
 _NO_WORKER = Liveness(False, "no worker named")
 
 
-def lost_since(job: Mapping[str, str]) -> float | None:
-    """When a lost job was last seen in its place: its latest recorded moment.
+def lost_since(entry: StartedEntry) -> float | None:
+    """Since when a lost job is known to be out of place.
 
-    A started job counts from its start or latest heartbeat, a queued one from
-    when it was enqueued. None when no such time can be read.
+    A started job counts from its start or latest heartbeat. A queued one
+    counts from when a run first found it lost (RQ records no moment at which a
+    worker takes a job off its queue, and ``enqueued_at`` says only how long it
+    waited there). None when no such time is known.
     """
+    job = entry.job if entry.job is not None else _NO_FIELDS
     if job.get("status") == "started":
         moments = [parse_timestamp(job.get(n)) for n in ("started_at", "last_heartbeat")]
         known = [t for t in moments if t is not None]
         return max(known) if known else None
-    # A job enqueued again keeps its first created_at: enqueued_at is the latest.
-    return parse_timestamp(job.get("enqueued_at")) or parse_timestamp(job.get("created_at"))
+    return entry.first_lost
 
 
 def _lost(entry: StartedEntry, rule: Rule, holds: bool, signals: Signals, now: float) -> Verdict:
@@ -199,9 +201,15 @@ def _lost(entry: StartedEntry, rule: Rule, holds: bool, signals: Signals, now: f
     if holds:
         reason = f"{found}; {signals.worker} is executing it"
         return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
+    if status != "started" and entry.first_lost is None:
+        reason = (
+            f"{found}; found lost now (a worker may have just taken it): acted on once "
+            f"it has been lost for longer than lost_after {rule.lost_after_seconds}s"
+        )
+        return Verdict(State.LOST, ACTION_NONE, reason, signals)
     over = (rule.action, f", over lost_after {rule.lost_after_seconds}s")
     return _after_grace(
-        State.LOST, found, lost_since(job), "when it was lost", over, rule, signals, now
+        State.LOST, found, lost_since(entry), "when it was lost", over, rule, signals, now
     )
 
 

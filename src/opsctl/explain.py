@@ -22,7 +22,7 @@ from rich.text import Text
 from opsctl import engine
 from opsctl.errors import ExitCode, OpsctlError
 from opsctl.keys import EXECUTION_FIELDS, JOB_FIELDS, Keys
-from opsctl.keyspace import LOST_FIELDS, scheduler_references
+from opsctl.keyspace import LOST_FIELDS, lost_notes, scheduler_references
 from opsctl.model import StartedEntry, WorkerRecord, format_timestamp
 from opsctl.policy import Policy, Rule
 from opsctl.records import function_name
@@ -95,7 +95,8 @@ def explain(conn: redis.Redis, keys: Keys, job_id: str, policy: Policy | None) -
     first_seen = conn.get(keys.intermediate_first_seen(origin, job_id)) if origin else None
     if first_seen:
         job["first_seen"] = text(first_seen)
-    entries = _entries(job_id, job if raw else None, members, executions, found.places)
+    first_lost = lost_notes(conn, {job_id: job}).get(job_id) if raw else None
+    entries = _entries(job_id, job if raw else None, members, executions, found.places, first_lost)
     for entry in entries:
         # An entry in a registry is judged by that queue's rule, as a run judges it.
         judged_by = rule if entry.lost or entry.stranded else _rule(policy, entry.queue)[0]
@@ -247,6 +248,7 @@ def _entries(
     members: list[tuple[str, bytes, float]],
     executions: list[dict[str, Any]],
     places: list[str],
+    first_lost: float | None = None,
 ) -> list[StartedEntry]:
     """What the engine would look at: each started entry, or the job as a lost one."""
     records = {e["id"]: e["fields"] or None for e in executions if e["exists"]}
@@ -264,7 +266,11 @@ def _entries(
         lost = job.get("status") == "started" or not places
         if lost:
             origin = job.get("origin", "")
-            entries.append(StartedEntry(origin, job_id, None, math.nan, job, None, lost=True))
+            entries.append(
+                StartedEntry(
+                    origin, job_id, None, math.nan, job, None, lost=True, first_lost=first_lost
+                )
+            )
     return entries
 
 

@@ -62,6 +62,21 @@ def rescue_key(job_id: str) -> str:
     return f"opsctl:rescues:{job_id}"
 
 
+#: Seconds opsctl remembers when it first found a queued job lost (a week).
+LOST_NOTE_TTL_S = 7 * 86400
+
+
+def lost_note_key(job_id: str) -> str:
+    """opsctl's own note of when it first found the queued job ``job_id`` lost.
+
+    RQ records no moment at which a worker takes a job off its queue, so the
+    grace of a lost queued job counts from this note. Its value is the job's
+    ``enqueued_at``, a space, and the server time of the finding: a job
+    enqueued again since has another ``enqueued_at``, which voids the note.
+    """
+    return f"opsctl:lost:{job_id}"
+
+
 @dataclass(frozen=True)
 class Keys:
     """Key names under one RQ prefix."""

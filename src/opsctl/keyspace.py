@@ -14,6 +14,7 @@ the pickle opcodes without unpickling (see :mod:`opsctl.records`).
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -22,7 +23,7 @@ from typing import Any
 
 import redis
 
-from opsctl.keys import JOB_FIELDS, Keys
+from opsctl.keys import JOB_FIELDS, LOST_NOTE_TTL_S, Keys, lost_note_key
 from opsctl.model import StartedEntry
 from opsctl.progress import WALKING, OnProgress
 from opsctl.records import function_name
@@ -288,14 +289,64 @@ def _scan(
             # registry (as job:execution) before it marks the job started.
             taken = _entered_since(conn, keys, [(j, origin) for j in queued])
             lost += [j for j in queued if j not in taken]
-    for job_id, job in _read_jobs(conn, keys, lost, result).items():
-        if job.get("origin") in wanted:
-            result.entries.append(_lost_entry(job["origin"], job_id, job))
+    jobs = {
+        job_id: job
+        for job_id, job in _read_jobs(conn, keys, lost, result).items()
+        if job.get("origin") in wanted
+    }
+    noted = lost_notes(conn, jobs)
+    for job_id, job in jobs.items():
+        result.entries.append(_lost_entry(job["origin"], job_id, job, noted.get(job_id)))
     result.entries.sort(key=lambda e: (e.queue, e.job_id))
 
 
-def _lost_entry(origin: str, job_id: str, job: dict[str, str]) -> StartedEntry:
-    return StartedEntry(origin, job_id, None, float("nan"), job, None, lost=True)
+def _lost_entry(
+    origin: str, job_id: str, job: dict[str, str], first_lost: float | None
+) -> StartedEntry:
+    return StartedEntry(
+        origin, job_id, None, float("nan"), job, None, lost=True, first_lost=first_lost
+    )
+
+
+def lost_notes(conn: redis.Redis, jobs: dict[str, dict[str, str]]) -> dict[str, float]:
+    """When an earlier run first found each of the queued ``jobs`` lost (server time),
+    for those with a note that still fits (see :func:`opsctl.keys.lost_note_key`)."""
+    queued = [j for j, job in jobs.items() if job.get("status") == "queued"]
+    found: dict[str, float] = {}
+    for batch in batches(queued, PIPELINE_BATCH):
+        pipe = conn.pipeline(transaction=False)
+        for job_id in batch:
+            pipe.get(lost_note_key(job_id))
+        for job_id, note in zip(batch, replies_of(pipe), strict=True):
+            if not isinstance(note, bytes):
+                continue  # none, or a key of another type: not noted
+            enqueued_at, _, when = text(note).rpartition(" ")
+            try:
+                moment = float(when)
+            except ValueError:
+                continue
+            if enqueued_at == jobs[job_id].get("enqueued_at", "") and math.isfinite(moment):
+                found[job_id] = moment
+    return found
+
+
+def note_lost(conn: redis.Redis, entries: Iterable[StartedEntry], now: float) -> int:
+    """Note the moment of finding each lost queued job that has no note that fits;
+    how many were noted. A note that no longer fits (the job was enqueued again
+    since) is replaced. Runs that write hold the run lock, so none races this."""
+    new = [e for e in entries if e.lost and e.first_lost is None and _is_queued(e)]
+    for batch in batches(new, PIPELINE_BATCH):
+        pipe = conn.pipeline(transaction=False)
+        for entry in batch:
+            enqueued_at = (entry.job or {}).get("enqueued_at", "")
+            value = f"{enqueued_at} {now!r}"
+            pipe.set(lost_note_key(entry.job_id), value, ex=LOST_NOTE_TTL_S)
+        replies_of(pipe)
+    return len(new)
+
+
+def _is_queued(entry: StartedEntry) -> bool:
+    return entry.job is not None and entry.job.get("status") == "queued"
 
 
 def _in_other_registries(

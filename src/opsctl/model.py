@@ -127,6 +127,9 @@ class StartedEntry:
     #: The function the job calls, when it was read along with the job (see
     #: :func:`opsctl.state.read_snapshot`); None when not read yet.
     function: str | None = None
+    #: For a lost queued job: when an earlier run first found it lost (server
+    #: time), from opsctl's note; None when no run has noted it yet.
+    first_lost: float | None = None
 
     @property
     def member_text(self) -> str:

@@ -362,6 +362,7 @@ def _job(j: JobOutcome) -> dict[str, Any]:
         # Where a job found outside the started registries sits (absent in older plans).
         "lost": e.lost,
         "stranded": e.stranded,
+        "first_lost": e.first_lost,
         "function": j.function,
     }
 
@@ -387,6 +388,9 @@ def _unjob(data: dict[str, Any]) -> JobOutcome:
         execution=execution,
         lost=data.get("lost") is True,
         stranded=data.get("stranded") is True,
+        first_lost=_expect(data, "first_lost", float | None, "a job")
+        if "first_lost" in data
+        else None,
     )
     if entry.member_text != data["member"]:
         raise TypeError("a job's member does not match its job and execution ids")
