@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import yaml
 
 from opsctl.errors import ExitCode, PolicyError
 from opsctl.policy import (
@@ -432,7 +433,35 @@ def test_schema_is_valid_draft_2020_12_and_lists_every_action() -> None:
     schema = load_policy_schema()
 
     jsonschema.Draft202012Validator.check_schema(schema)
-    assert tuple(schema["$defs"]["action"]["enum"]) == ACTIONS
+    choices = schema["$defs"]["action"]["anyOf"]
+    assert tuple(choices[0]["enum"]) == ACTIONS
+    assert choices[1] == {"$ref": "#/$defs/reference"}  # or ${VAR}, as it stands in a file
+
+
+@pytest.mark.parametrize(
+    ("text", "valid"),
+    [
+        ("version: 1\nredis:\n  key_prefix: ${RQ_PREFIX:-rq}\nqueues:\n  - name: a\n", True),
+        ("version: 1\nqueues:\n  - name: a\n    force: ${FORCE}\n", True),
+        ("version: 1\nqueues:\n  - name: a\n    max_age: ${MAX_AGE:-10m}\n", True),
+        ("version: 1\nqueues:\n  - name: a\n    force: yes-please\n", False),
+        ("version: 1\nqueues:\n  - name: a\n    max_age: $MAX_AGE\n", False),
+    ],
+)
+def test_the_published_schema_takes_a_policy_as_it_stands_in_its_file(
+    text: str, valid: bool, tmp_path: Path
+) -> None:
+    # What an editor or a CI schema check sees: the file before ${VAR} is read.
+    errors = list(
+        jsonschema.Draft202012Validator(load_policy_schema()).iter_errors(yaml.safe_load(text))
+    )
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+
+    assert (errors == []) is valid, errors
+    if valid:  # and opsctl agrees once the variables are set
+        environ = {"RQ_PREFIX": "tenant", "FORCE": "true", "MAX_AGE": "5m"}
+        assert load_policy(str(path), environ=environ).rule_for("a") is not None
 
 
 @pytest.mark.parametrize(

@@ -1141,8 +1141,30 @@ def _validator() -> Validator:
         validators={"pattern": _pattern_to_end},
         type_checker=checker,
     )
-    validator: Validator = cls(load_policy_schema())
+    validator: Validator = cls(_as_read(load_policy_schema()))
     return validator
+
+
+_REFERENCE = {"$ref": "#/$defs/reference"}
+
+
+def _as_read(node: Any) -> Any:
+    """The schema a policy is checked against once its ${VAR} references are read.
+
+    The published schema also allows a reference wherever a value may come from
+    the environment, as it stands in the file (for editors and CI tools that
+    check files); opsctl checks the value the reference stands for, so here
+    each such choice keeps only its other alternative.
+    """
+    if isinstance(node, list):
+        return [_as_read(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    choices = node.get("anyOf")
+    if isinstance(choices, list) and _REFERENCE in choices:
+        [kept] = [c for c in choices if c != _REFERENCE]
+        node = {**{k: v for k, v in node.items() if k != "anyOf"}, **kept}
+    return {key: _as_read(value) for key, value in node.items()}
 
 
 def _pattern_to_end(
