@@ -599,10 +599,10 @@ def apply(
         )
     if received:
         # The report is printed; a run cut short never passes for a finished one.
-        print(
-            f"opsctl: stopped by signal {received[0]}: what was done is in the report; "
+        _say(
+            f"stopped by signal {received[0]}: what was done is in the report; "
             "run again to finish",
-            file=sys.stderr,
+            logging.WARNING,
         )
         raise typer.Exit(128 + received[0])
     _finish(error, best_effort, url, metrics_file, run, began)
@@ -693,7 +693,7 @@ def _finish(
         if write_error is not None and error is None:
             error = write_error
         elif write_error is not None:
-            print(f"opsctl: error: {redact(str(write_error), url)}", file=sys.stderr)
+            _say(f"error: {redact(str(write_error), url)}", logging.ERROR)
     if error is not None:
         _fail(error, best_effort, url)
 
@@ -825,7 +825,7 @@ def _reader_may_leave() -> Iterator[None]:
             os.close(devnull)
         except (OSError, ValueError):
             pass
-        print("opsctl: the output's reader went away; the output was cut short", file=sys.stderr)
+        _say("the output's reader went away; the output was cut short", logging.WARNING)
 
 
 def _exit_for(run: Run, best_effort: bool, url: str) -> None:
