@@ -284,6 +284,22 @@ def test_apply_gives_up_with_exit_5_and_changes_nothing_while_another_run_holds_
     assert_still_started(redis_conn, job_ids)
 
 
+def test_a_run_lock_that_never_expires_is_named_as_set_by_hand_and_how_to_lift_it(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job_ids = abandon(redis_conn, 1)
+    redis_conn.set("opsctl:lock", "paused for the migration")  # no expiry: not a run's
+
+    args = apply_args(POLICIES / "safety_fail.yaml", redis_url, "--lock-timeout", "0.01")
+    result = run_opsctl(*args)
+
+    assert result.returncode == EXIT_LOCKED, shown(result)
+    assert "opsctl:lock is held (paused for the migration) and never expires" in result.stderr
+    assert "runs resume once it is removed (DEL opsctl:lock)" in result.stderr
+    assert redis_conn.get("opsctl:lock") == b"paused for the migration"
+    assert_still_started(redis_conn, job_ids)
+
+
 # --- 2. connections killed while it works -------------------------------------------------
 
 

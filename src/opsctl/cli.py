@@ -600,8 +600,7 @@ def apply(
     if received:
         # The report is printed; a run cut short never passes for a finished one.
         _say(
-            f"stopped by signal {received[0]}: what was done is in the report; "
-            "run again to finish",
+            f"stopped by signal {received[0]}: what was done is in the report; run again to finish",
             logging.WARNING,
         )
         raise typer.Exit(128 + received[0])

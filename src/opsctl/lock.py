@@ -130,6 +130,13 @@ def run_lock(conn: redis.Redis, run_id: str, timeout_s: float) -> Iterator[Lock]
         then = " (no opsctl apply runs until then)"
         refuse_foreign_key(conn, RUN_LOCK_KEY, "string", "opsctl's run lock", then)
         if not lock.acquire(timeout_s):
+            if conn.ttl(RUN_LOCK_KEY) == -1:
+                # No run leaves it so: each sets an expiry and renews it.
+                raise LockTimeout(
+                    f"{RUN_LOCK_KEY} is held ({lock.holder()}) and never expires, so it was "
+                    f"not left by a run; waited {timeout_s:g}s. If it was set to pause "
+                    f"opsctl, runs resume once it is removed (DEL {RUN_LOCK_KEY})."
+                )
             raise LockTimeout(
                 f"another opsctl run holds the lock ({lock.holder()}); waited {timeout_s:g}s. "
                 "Try again when it has finished, or raise --lock-timeout."
