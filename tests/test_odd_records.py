@@ -886,6 +886,24 @@ def test_explain_shows_places_executions_worker_signals_and_the_policys_verdict(
     assert job_status(redis_conn, job.id) == "started", "explain changes nothing"
 
 
+def test_explain_shows_a_worker_with_thousands_of_executions_on_one_short_line(
+    redis_conn: redis.Redis, redis_url: str, live_worker: Any
+) -> None:
+    job = started_job(redis_conn, worker="busy")
+    member = started_member(redis_conn, job.id).decode()
+    others = [f"old-{i}:e{i}" for i in range(4000)]
+    live_worker("busy", {"state": "busy"}, executions=[member, *others])
+
+    text = invoke_opsctl("explain", job.id, "--redis-url", redis_url)
+    code, explained = explain(job.id, redis_url)
+
+    assert text.exit_code == 0, text.stderr
+    [line] = [line for line in text.stdout.splitlines() if "executions: " in line]
+    assert line.endswith("… (4,001 in all)") and len(line) < 400, line
+    assert code == 0 and isinstance(explained, dict)
+    assert len(explained["workers"][0]["executions"]) == 4001
+
+
 def test_explain_of_a_lost_job_says_it_is_lost(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

@@ -309,6 +309,18 @@ def _verdict(
     }
 
 
+#: Items of a long list the text shows; JSON has them all.
+SHOWN_ITEMS = 5
+
+
+def _some(items: list[str]) -> str:
+    """A list for one line of text: its first few items, and how many there are."""
+    if not items:
+        return "-"
+    shown = ", ".join(items[:SHOWN_ITEMS])
+    return shown if len(items) <= SHOWN_ITEMS else f"{shown}, … ({len(items):,} in all)"
+
+
 def to_json(found: Explanation, redis_url: str) -> dict[str, Any]:
     """The JSON document ``opsctl explain --format json`` prints."""
     return {
@@ -350,7 +362,7 @@ def print_text(found: Explanation, console: Console) -> None:
             f"    hash exists: {w['hash_exists']}, ttl: {w['ttl_seconds']}, subscribers: "
             f"{w['subscribers']}, connected: {w['connected']}, "
             f"current_job: {w['fields'].get('current_job', '-') or '-'}, "
-            f"executions: {', '.join(w['executions']) or '-'}"
+            f"executions: {_some(w['executions'])}"
         )
     if not found.workers:
         out.append("  none named")
