@@ -167,7 +167,7 @@ def test_requeue_waits_for_a_running_apply_and_gives_up_with_exit_5(
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     run = opsctl_json("apply", str(policy), "--redis-url", redis_url)
-    redis_conn.set("opsctl:lock", "opsctl run=other host=elsewhere pid=1")
+    redis_conn.set("opsctl:lock", "opsctl run=other host=elsewhere pid=1", ex=60)
 
     result = run_opsctl(
         "requeue", "--run", run["run_id"], "--redis-url", redis_url, "--lock-timeout", "0"

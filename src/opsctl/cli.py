@@ -816,6 +816,9 @@ def _reader_may_leave() -> Iterator[None]:
     and the command's exit code stays that of what it did."""
     try:
         yield
+        # Now, while a reader that has gone can still be told apart: what is
+        # left in the buffer would otherwise fail at exit, and exit 120.
+        sys.stdout.flush()
     except BrokenPipeError:
         # What is still buffered, and later writes, go nowhere instead of failing again.
         try:
