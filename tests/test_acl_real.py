@@ -370,6 +370,33 @@ def test_a_user_without_script_rights_gets_the_same_dry_run_from_plain_reads(
     assert redis_state(admin) == before
 
 
+def test_a_user_set_up_before_the_lost_job_notes_still_finds_lost_jobs(
+    acl_server: AclServer, admin: redis.Redis, tmp_path: Path
+) -> None:
+    # The dry-run user's line as it was before opsctl kept notes of lost queued jobs.
+    older = "opsctl-older"
+    line = ACL_LINES[DRYRUN_USER].replace(DRYRUN_USER, older)
+    acl_server.add_user(older, line.replace(" %R~opsctl:lost:*", ""))
+    [started, queued] = abandoned_jobs(admin, count=2)
+    for member in admin.zrange(f"rq:wip:{QUEUE}", 0, -1):
+        admin.zrem(f"rq:wip:{QUEUE}", member)  # both drop out of every registry
+    old = {"started_at": "2020-01-01T00:00:00Z", "last_heartbeat": "2020-01-01T00:00:00Z"}
+    admin.hset(started.key, mapping=old)
+    admin.hset(queued.key, mapping={"status": "queued", "enqueued_at": "2020-01-01T00:00:00Z"})
+
+    result = acl_server.opsctl(
+        older, "apply", str(write_policy(tmp_path)), "--dry-run", "--format", "json"
+    )
+
+    assert result.returncode == ExitCode.OK, shown(result)
+    report = json_report(result)
+    assert outcomes(report) == {
+        started.id: ("lost", "fail", "planned"),
+        queued.id: ("lost", "none", "kept"),
+    }
+    assert any("opsctl:lost:*" in p and "not acted on" in p for p in report["problems"])
+
+
 def test_dryrun_user_writes_a_plan_that_the_apply_user_carries_out(
     acl_server: AclServer, admin: redis.Redis, tmp_path: Path
 ) -> None:

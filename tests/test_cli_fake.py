@@ -1323,8 +1323,9 @@ def test_a_damaged_plan_is_named_in_words_and_nothing_changes(
 def test_a_planned_stop_goes_ahead_only_for_a_job_overdue_when_read_again(
     conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
 ) -> None:
-    worker = live_worker("w-live", obeys_stop=True)
+    worker, other = live_worker("w-live", obeys_stop=True), live_worker("w-other", obeys_stop=True)
     job = started_job(conn, "w-live", started_ago_s=5)
+    overdue = started_job(conn, "w-other", started_ago_s=5)
     policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")  # max_age 10m
     plan = tmp_path / "plan.json"
     made = opsctl("plan", str(policy), "--max-age", "1s", "-o", str(plan), "--redis-url", url)
@@ -1332,7 +1333,7 @@ def test_a_planned_stop_goes_ahead_only_for_a_job_overdue_when_read_again(
 
     def forge(document: dict[str, Any]) -> None:
         # Edited: the job's rule says 10m, as the policy does, and it claims a great age.
-        [planned] = document["jobs"]
+        [planned] = [j for j in document["jobs"] if j["job_id"] == job.id]
         planned["rule"]["max_age_seconds"] = 600
         planned["signals"]["age_s"] = 99_999
 
@@ -1343,12 +1344,16 @@ def test_a_planned_stop_goes_ahead_only_for_a_job_overdue_when_read_again(
     )
 
     assert result.exit_code == 0, result.output
-    [line] = json.loads(result.stdout)["jobs"]
-    assert line["outcome"] == "skipped", line
-    assert line["reason"].startswith("not stopped: running for ")
-    assert line["reason"].endswith("s now, within max_age 600s")
+    lines = {line["id"]: line for line in json.loads(result.stdout)["jobs"]}
+    assert lines[job.id]["outcome"] == "skipped", lines[job.id]
+    assert lines[job.id]["reason"].startswith("not stopped: running for ")
+    assert lines[job.id]["reason"].endswith("s now, within max_age 600s")
     assert worker.commands == []
     assert status_of(conn, job.id) == "started"
+    # The other is overdue by its own planned rule (1s): its stop goes ahead.
+    assert (lines[overdue.id]["action"], lines[overdue.id]["outcome"]) == ("stop", "done")
+    assert [c["job_id"] for c in other.commands] == [overdue.id]
+    assert status_of(conn, overdue.id) == "stopped"
 
 
 def test_a_plan_nested_past_any_json_parser_is_refused_as_damaged(url: str, tmp_path: Path) -> None:

@@ -411,7 +411,7 @@ def lost_queued(conn: redis.Redis, since_s: float = HOUR_S, noted_s: float | Non
     if noted_s is not None:
         job_fields = {"status": "queued", "enqueued_at": enqueued_at}
         entry = StartedEntry(QUEUE, job.id, None, math.nan, job_fields, None, lost=True)
-        note_lost(conn, [entry], time.time() - noted_s)
+        note_lost(conn, Keys(), [entry], time.time() - noted_s)
     return job
 
 
@@ -420,18 +420,18 @@ def test_a_queued_job_found_lost_is_acted_on_only_once_lost_after_has_passed_sin
 ) -> None:
     # It waited an hour in its queue; that says nothing of when a worker took it.
     job = lost_queued(redis_conn, noted_s=None)
-    path = policy(tmp_path, "requeue", extra="  lost_after: 1s\n")
+    path = policy(tmp_path, "requeue", extra="  lost_after: 4s\n")
 
     dry = job_in(run(path, redis_url, "--dry-run"), job.id)
     first = job_in(run(path, redis_url), job.id)
     still = job_in(run(path, redis_url), job.id)
-    time.sleep(1.5)
+    time.sleep(4.5)
     later = job_in(run(path, redis_url), job.id)
 
     for seen in (dry, first):
         assert (seen["state"], seen["action"], seen["outcome"]) == ("lost", "none", "kept")
         assert "found lost now (a worker may have just taken it)" in seen["reason"]
-    assert "within lost_after 1s" in still["reason"], "the second run counts from the first"
+    assert "within lost_after 4s" in still["reason"], "the second run counts from the first"
     assert (later["state"], later["action"], later["outcome"]) == ("lost", "requeue", "done")
     assert job.id in Queue(QUEUE, connection=redis_conn).get_job_ids()
 
@@ -610,6 +610,26 @@ def test_a_lost_job_that_reappears_in_its_queue_before_the_change_is_skipped(
     item = job_in(report, job.id)
     assert item["outcome"] == "skipped" and "on its queue again" in item["reason"]
     assert job_status(redis_conn, job.id) == "queued"
+
+
+def test_a_planned_lost_job_enqueued_and_taken_again_since_is_skipped(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = lost_queued(redis_conn)  # found lost an hour ago
+    plan = tmp_path / "p.json"
+    made = invoke_opsctl(
+        "plan", str(policy(tmp_path, "requeue")), "--redis-url", redis_url, "-o", str(plan)
+    )
+    assert made.exit_code == 0, made.stderr
+    # Meanwhile RQ enqueued it again and a worker took it at once: a new episode.
+    redis_conn.hset(job.key, "enqueued_at", iso(ago(1)))
+
+    report = run(policy(tmp_path, "requeue"), redis_url, "--plan", str(plan))
+
+    item = job_in(report, job.id)
+    assert item["outcome"] == "skipped", item
+    assert item["reason"].startswith("not acted on: not known now to be out of place")
+    assert Queue(QUEUE, connection=redis_conn).get_job_ids() == []
 
 
 def sent_bytes(conn: redis.Redis) -> int:
@@ -1012,7 +1032,7 @@ def test_a_custom_key_prefix_is_used_by_every_read_and_write(
     gone = {"status": "queued", **common, "enqueued_at": old}
     redis_conn.hset(f"{prefix}:job:gone", mapping=gone)
     entry = StartedEntry(QUEUE, "gone", None, math.nan, gone, None, lost=True)
-    note_lost(redis_conn, [entry], time.time() - HOUR_S)  # an earlier run found it lost
+    note_lost(redis_conn, Keys(prefix), [entry], time.time() - HOUR_S)  # an earlier run
     redis_conn.set("progress:gone", "1")
     path = tmp_path / "tenant.yaml"
     path.write_text(
@@ -1117,6 +1137,24 @@ def test_a_recently_stranded_id_is_left_for_its_worker(
 
     assert (item["state"], item["action"], item["outcome"]) == ("stranded", "none", "kept")
     assert redis_conn.lrange(f"rq:queue:{QUEUE}:intermediate", 0, -1) == [job.id.encode()]
+
+
+def test_a_stranded_id_without_rqs_mark_is_failed_only_once_lost_after_has_passed_since_found(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # It waited an hour in its queue; a worker may have moved it to the list just now.
+    job = stranded(redis_conn, first_seen_s=None)
+    redis_conn.hset(job.key, "enqueued_at", iso(ago(HOUR_S)))
+    path = policy(tmp_path, extra="  lost_after: 4s\n")
+
+    first = job_in(run(path, redis_url), job.id)
+    time.sleep(4.5)
+    later = job_in(run(path, redis_url), job.id)
+
+    assert (first["state"], first["action"], first["outcome"]) == ("stranded", "none", "kept")
+    assert "found there now (a worker may have just taken it)" in first["reason"]
+    assert (later["state"], later["action"], later["outcome"]) == ("stranded", "fail", "done")
+    assert job_status(redis_conn, job.id) == "failed"
 
 
 def test_a_stranded_id_whose_job_is_gone_is_removed_from_the_list(

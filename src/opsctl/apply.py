@@ -27,9 +27,9 @@ import redis
 from opsctl import audit, compat
 from opsctl.actions import Actor, ChangeResult, JobChange
 from opsctl.audit import AuditContext
-from opsctl.engine import ACTION_STOP, is_executing, worker_liveness
+from opsctl.engine import ACTION_STOP, is_executing, started_moment, worker_liveness
 from opsctl.keys import DEFAULT_FAILURE_TTL_S, Keys
-from opsctl.keyspace import note_lost
+from opsctl.keyspace import lost_notes, note_lost
 from opsctl.lock import Lock, maintenance_lock
 from opsctl.model import format_timestamp, parse_int, parse_timestamp
 from opsctl.progress import APPLYING, OnProgress
@@ -81,6 +81,7 @@ class Executor:
     def execute(self) -> None:
         """Act on every planned job and worker; nothing at all if a limit tripped."""
         if self.run.limits_tripped:
+            self._note_lost()  # bookkeeping, not an action: the grace starts all the same
             return
         then = ", then run again (nothing was changed)"
         refuse_foreign_key(self.conn, audit.AUDIT_STREAM, "stream", "opsctl's audit stream", then)
@@ -164,11 +165,11 @@ class Executor:
                 log.warning("lock=%s lost while working", lock.key)
 
     def _note_lost(self) -> None:
-        """Start the grace of lost queued jobs found for the first time (see
+        """Start the grace of queued jobs found out of place for the first time (see
         :func:`opsctl.keys.lost_note_key`); queues in dry-run mode are left alone."""
-        found = [j.entry for j in self.run.jobs if j.entry.lost and not j.rule.dry_run]
-        if note_lost(self.conn, found, self.run.now):
-            log.info("noted lost queued jobs, to be acted on after lost_after")
+        found = [j.entry for j in self.run.jobs if not j.rule.dry_run]
+        if note_lost(self.conn, self.keys, found, self.run.now):
+            log.info("noted queued jobs found out of place, to be acted on after lost_after")
 
     # Job changes ---------------------------------------------------------------------------
 
@@ -462,6 +463,7 @@ def recheck_plan(conn: redis.Redis, keys: Keys, run: Run) -> None:
     """
     _hold_back_live_workers(conn, keys, run)
     _hold_back_stops_not_due(conn, keys, run)
+    _hold_back_out_of_place_within_grace(conn, keys, run)
 
 
 def _hold_back_live_workers(conn: redis.Redis, keys: Keys, run: Run) -> None:
@@ -497,7 +499,7 @@ def _hold_back_stops_not_due(conn: redis.Redis, keys: Keys, run: Run) -> None:
         if job.rule.force:
             continue
         started_at, created_at = replies[2 * i : 2 * i + 2]
-        started = parse_timestamp(text(started_at)) or parse_timestamp(text(created_at))
+        started = started_moment({"started_at": text(started_at)}, {"created_at": text(created_at)})
         if started is None:
             _set(job, SKIPPED, "not stopped: its start cannot be read now, so its age is unknown")
         elif now - started <= job.rule.max_age_seconds:
@@ -506,6 +508,43 @@ def _hold_back_stops_not_due(conn: redis.Redis, keys: Keys, run: Run) -> None:
                 SKIPPED,
                 f"not stopped: running for {now - started:.0f}s now, within max_age "
                 f"{job.rule.max_age_seconds}s",
+            )
+
+
+def _hold_back_out_of_place_within_grace(conn: redis.Redis, keys: Keys, run: Run) -> None:
+    """Act on a queued job found lost or stranded only if, read again, it has been out
+    of place for longer than lost_after: a plan's own moments may be old, or edited."""
+    planned = [
+        j
+        for j in run.jobs
+        if j.outcome == PLANNED
+        and (j.entry.lost or j.entry.stranded)
+        and (j.entry.job or {}).get("status") == "queued"
+    ]
+    if not planned:
+        return
+    pipe = conn.pipeline(transaction=False)
+    for j in planned:
+        pipe.hget(keys.job(j.entry.job_id), "enqueued_at")
+        pipe.get(keys.intermediate_first_seen(j.entry.queue, j.entry.job_id))
+    replies = [r if isinstance(r, bytes) else None for r in pipe.execute(raise_on_error=False)]
+    # A note fits the job as it is now, not as the plan recorded it.
+    as_now = {
+        j.entry.job_id: {"status": "queued", "enqueued_at": text(replies[2 * i])}
+        for i, j in enumerate(planned)
+    }
+    noted = lost_notes(conn, keys, as_now, run.problems)
+    now = server_time(conn)
+    for i, j in enumerate(planned):
+        mark = replies[2 * i + 1]
+        rq_mark = parse_timestamp(text(mark)) if j.entry.stranded and mark else None
+        since = rq_mark or noted.get(j.entry.job_id)
+        if since is None or now - since <= j.rule.lost_after_seconds:
+            _set(
+                j,
+                SKIPPED,
+                "not acted on: not known now to be out of place for longer than lost_after "
+                f"{j.rule.lost_after_seconds}s",
             )
 
 

@@ -251,9 +251,15 @@ def _stranded(entry: StartedEntry, rule: Rule, signals: Signals, now: float) -> 
         reason = f"status is '{status}'; only its id is left in the intermediate list"
         return Verdict(State.LEFTOVER, ACTION_REMOVE_ENTRY, reason, signals)
     found = "taken from its queue but never started (left in the intermediate list)"
-    since = parse_timestamp(entry.job.get("first_seen")) or parse_timestamp(
-        entry.job.get("enqueued_at")
-    )
+    # From RQ's own mark of when its cleanup first saw the id there, else from
+    # opsctl's note; enqueued_at says only how long the job waited in its queue.
+    since = parse_timestamp(entry.job.get("first_seen")) or entry.first_lost
+    if since is None:
+        reason = (
+            f"{found}; found there now (a worker may have just taken it): acted on once it "
+            f"has been there for longer than lost_after {rule.lost_after_seconds}s"
+        )
+        return Verdict(State.STRANDED, ACTION_NONE, reason, signals)
     over = ("fail", "; failed as RQ's own cleanup would")
     return _after_grace(State.STRANDED, found, since, "for how long", over, rule, signals, now)
 
@@ -306,12 +312,19 @@ def _held(rule: Rule, signals: Signals) -> Verdict:
     return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
 
 
-def _signals(entry: StartedEntry, worker: str, liveness: Liveness, now: float) -> Signals:
-    job = entry.job if entry.job is not None else _NO_FIELDS
-    execution = entry.execution if entry.execution is not None else _NO_FIELDS
+def started_moment(job: Mapping[str, str], execution: Mapping[str, str]) -> float | None:
+    """When a job started, the moment its age counts from: its ``started_at``, else
+    its execution's ``created_at``; None when neither can be read."""
     started = parse_timestamp(job.get("started_at"))
     if started is None:
         started = parse_timestamp(execution.get("created_at"))
+    return started
+
+
+def _signals(entry: StartedEntry, worker: str, liveness: Liveness, now: float) -> Signals:
+    job = entry.job if entry.job is not None else _NO_FIELDS
+    execution = entry.execution if entry.execution is not None else _NO_FIELDS
+    started = started_moment(job, execution)
     job_beat = parse_timestamp(job.get("last_heartbeat"))
     execution_beat = parse_timestamp(execution.get("last_heartbeat"))
     if job_beat is None or (execution_beat is not None and execution_beat > job_beat):

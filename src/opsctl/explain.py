@@ -12,7 +12,7 @@ at it. The decision is the engine's own; nothing here decides anything.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import redis
@@ -22,7 +22,7 @@ from rich.text import Text
 from opsctl import engine
 from opsctl.errors import ExitCode, OpsctlError
 from opsctl.keys import EXECUTION_FIELDS, JOB_FIELDS, Keys
-from opsctl.keyspace import LOST_FIELDS, lost_notes, scheduler_references
+from opsctl.keyspace import LOST_FIELDS, lost_entry, lost_notes, scheduler_references
 from opsctl.model import StartedEntry, WorkerRecord, format_timestamp
 from opsctl.policy import Policy, Rule
 from opsctl.records import function_name
@@ -95,7 +95,9 @@ def explain(conn: redis.Redis, keys: Keys, job_id: str, policy: Policy | None) -
     first_seen = conn.get(keys.intermediate_first_seen(origin, job_id)) if origin else None
     if first_seen:
         job["first_seen"] = text(first_seen)
-    first_lost = lost_notes(conn, {job_id: job}).get(job_id) if raw else None
+    # A user who may not read the notes sees the job as a run of theirs would.
+    noted = lost_notes(conn, keys, {job_id: job}, []) if raw else {}
+    first_lost = noted.get(job_id)
     entries = _entries(job_id, job if raw else None, members, executions, found.places, first_lost)
     for entry in entries:
         # An entry in a registry is judged by that queue's rule, as a run judges it.
@@ -261,16 +263,15 @@ def _entries(
     if not entries and intermediate:
         queue = (job or {}).get("origin", "")
         record = dict(job or {})
-        return [StartedEntry(queue, job_id, None, math.nan, record or None, None, stranded=True)]
+        stranded = StartedEntry(queue, job_id, None, math.nan, record or None, None, stranded=True)
+        if "first_seen" not in record:
+            stranded = replace(stranded, first_lost=first_lost)
+        return [stranded]
     if not entries and job and job.get("status") in ("started", "queued"):
         lost = job.get("status") == "started" or not places
         if lost:
             origin = job.get("origin", "")
-            entries.append(
-                StartedEntry(
-                    origin, job_id, None, math.nan, job, None, lost=True, first_lost=first_lost
-                )
-            )
+            entries.append(lost_entry(origin, job_id, job, first_lost))
     return entries
 
 

@@ -66,15 +66,16 @@ def rescue_key(job_id: str) -> str:
 LOST_NOTE_TTL_S = 7 * 86400
 
 
-def lost_note_key(job_id: str) -> str:
-    """opsctl's own note of when it first found the queued job ``job_id`` lost.
+def lost_note_key(prefix: str, job_id: str) -> str:
+    """opsctl's own note of when it first found the queued job ``job_id`` (of RQ's
+    key prefix ``prefix``) out of place: lost, or stranded with no mark of RQ's.
 
     RQ records no moment at which a worker takes a job off its queue, so the
-    grace of a lost queued job counts from this note. Its value is the job's
+    grace of such a job counts from this note. Its value is the job's
     ``enqueued_at``, a space, and the server time of the finding: a job
     enqueued again since has another ``enqueued_at``, which voids the note.
     """
-    return f"opsctl:lost:{job_id}"
+    return f"opsctl:lost:{prefix}:{job_id}"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import math
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -294,55 +294,82 @@ def _scan(
         for job_id, job in _read_jobs(conn, keys, lost, result).items()
         if job.get("origin") in wanted
     }
-    noted = lost_notes(conn, jobs)
+    noted = lost_notes(conn, keys, jobs, result.problems)
     for job_id, job in jobs.items():
-        result.entries.append(_lost_entry(job["origin"], job_id, job, noted.get(job_id)))
+        result.entries.append(lost_entry(job["origin"], job_id, job, noted.get(job_id)))
     result.entries.sort(key=lambda e: (e.queue, e.job_id))
 
 
-def _lost_entry(
+def lost_entry(
     origin: str, job_id: str, job: dict[str, str], first_lost: float | None
 ) -> StartedEntry:
+    """A job found by the keyspace scan that no registry or list holds."""
     return StartedEntry(
         origin, job_id, None, float("nan"), job, None, lost=True, first_lost=first_lost
     )
 
 
-def lost_notes(conn: redis.Redis, jobs: dict[str, dict[str, str]]) -> dict[str, float]:
-    """When an earlier run first found each of the queued ``jobs`` lost (server time),
-    for those with a note that still fits (see :func:`opsctl.keys.lost_note_key`)."""
+def lost_notes(
+    conn: redis.Redis, keys: Keys, jobs: dict[str, dict[str, str]], problems: list[str]
+) -> dict[str, float]:
+    """When an earlier run first found each of the queued ``jobs`` out of place
+    (server time), for those with a note that still fits (see
+    :func:`opsctl.keys.lost_note_key`). A user who may not read the notes gets
+    none, and a problem line: such jobs are then never acted on."""
     queued = [j for j, job in jobs.items() if job.get("status") == "queued"]
     found: dict[str, float] = {}
-    for batch in batches(queued, PIPELINE_BATCH):
-        pipe = conn.pipeline(transaction=False)
-        for job_id in batch:
-            pipe.get(lost_note_key(job_id))
-        for job_id, note in zip(batch, replies_of(pipe), strict=True):
-            if not isinstance(note, bytes):
-                continue  # none, or a key of another type: not noted
-            enqueued_at, _, when = text(note).rpartition(" ")
-            try:
-                moment = float(when)
-            except ValueError:
-                continue
-            if enqueued_at == jobs[job_id].get("enqueued_at", "") and math.isfinite(moment):
-                found[job_id] = moment
+    try:
+        for batch in batches(queued, PIPELINE_BATCH):
+            pipe = conn.pipeline(transaction=False)
+            for job_id in batch:
+                pipe.get(lost_note_key(keys.prefix, job_id))
+            for job_id, note in zip(batch, replies_of(pipe), strict=True):
+                moment = _noted_moment(note, jobs[job_id])
+                if moment is not None:
+                    found[job_id] = moment
+    except redis.exceptions.NoPermissionError as exc:
+        problems.append(
+            f"opsctl's notes of lost jobs (opsctl:lost:*) cannot be read ({exc}): "
+            "lost queued jobs are not acted on"
+        )
+        return {}
     return found
 
 
-def note_lost(conn: redis.Redis, entries: Iterable[StartedEntry], now: float) -> int:
-    """Note the moment of finding each lost queued job that has no note that fits;
-    how many were noted. A note that no longer fits (the job was enqueued again
-    since) is replaced. Runs that write hold the run lock, so none races this."""
-    new = [e for e in entries if e.lost and e.first_lost is None and _is_queued(e)]
+def _noted_moment(note: Any, job: dict[str, str]) -> float | None:
+    """The moment a note holds, if it is a note of this very job's enqueueing."""
+    if not isinstance(note, bytes):
+        return None  # none, or a key of another type: not noted
+    enqueued_at, _, when = text(note).rpartition(" ")
+    try:
+        moment = float(when)
+    except ValueError:
+        return None
+    fits = enqueued_at == job.get("enqueued_at", "") and math.isfinite(moment)
+    return moment if fits else None
+
+
+def note_lost(conn: redis.Redis, keys: Keys, entries: Iterable[StartedEntry], now: float) -> int:
+    """Note the moment of finding each queued job out of place that has no note that
+    fits; how many were noted. A note that no longer fits (the job was enqueued
+    again since) is replaced. Runs that write hold the run lock, so none races this."""
+    new = [e for e in entries if needs_note(e)]
     for batch in batches(new, PIPELINE_BATCH):
         pipe = conn.pipeline(transaction=False)
         for entry in batch:
             enqueued_at = (entry.job or {}).get("enqueued_at", "")
             value = f"{enqueued_at} {now!r}"
-            pipe.set(lost_note_key(entry.job_id), value, ex=LOST_NOTE_TTL_S)
+            pipe.set(lost_note_key(keys.prefix, entry.job_id), value, ex=LOST_NOTE_TTL_S)
         replies_of(pipe)
     return len(new)
+
+
+def needs_note(entry: StartedEntry) -> bool:
+    """Whether ``entry`` is a queued job out of place whose grace has no start yet:
+    lost, or stranded without RQ's own first-seen mark, and not noted."""
+    if entry.first_lost is not None or not _is_queued(entry):
+        return False
+    return entry.lost or (entry.stranded and "first_seen" not in (entry.job or {}))
 
 
 def _is_queued(entry: StartedEntry) -> bool:
@@ -519,7 +546,9 @@ def _stranded_entries(
             entries.append(
                 StartedEntry(queue, job_id, None, float("nan"), job or None, None, stranded=True)
             )
-    return entries
+    unmarked = {e.job_id: dict(e.job) for e in entries if e.job and "first_seen" not in e.job}
+    noted = lost_notes(conn, keys, unmarked, result.problems)
+    return [replace(e, first_lost=noted.get(e.job_id)) if e.job_id in noted else e for e in entries]
 
 
 def scheduler_references(conn: redis.Redis, keys: Keys, jobs: list[tuple[str, str]]) -> list[str]:

@@ -1162,8 +1162,9 @@ def _as_read(node: Any) -> Any:
         return node
     choices = node.get("anyOf")
     if isinstance(choices, list) and _REFERENCE in choices:
-        [kept] = [c for c in choices if c != _REFERENCE]
-        node = {**{k: v for k, v in node.items() if k != "anyOf"}, **kept}
+        kept = [c for c in choices if c != _REFERENCE]
+        rest = {k: v for k, v in node.items() if k != "anyOf"}
+        node = {**rest, **kept[0]} if len(kept) == 1 else {**rest, "anyOf": kept}
     return {key: _as_read(value) for key, value in node.items()}
 
 
