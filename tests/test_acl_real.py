@@ -353,9 +353,7 @@ def test_a_user_without_script_rights_gets_the_same_dry_run_from_plain_reads(
     acl_server: AclServer, admin: redis.Redis, tmp_path: Path
 ) -> None:
     # Older ACL setups grant no EVAL_RO: opsctl falls back to one HMGET per hash.
-    no_scripts = "opsctl-noscript"
-    line = ACL_LINES[DRYRUN_USER].replace(DRYRUN_USER, no_scripts)
-    acl_server.add_user(no_scripts, line.replace(" +eval_ro +evalsha_ro", ""))
+    no_scripts = dryrun_user_without(acl_server, "opsctl-noscript", " +eval_ro +evalsha_ro")
     jobs = abandoned_jobs(admin, count=3)
     policy = str(write_policy(tmp_path))
     before = redis_state(admin)
@@ -374,15 +372,8 @@ def test_a_user_set_up_before_the_lost_job_notes_still_finds_lost_jobs(
     acl_server: AclServer, admin: redis.Redis, tmp_path: Path
 ) -> None:
     # The dry-run user's line as it was before opsctl kept notes of lost queued jobs.
-    older = "opsctl-older"
-    line = ACL_LINES[DRYRUN_USER].replace(DRYRUN_USER, older)
-    acl_server.add_user(older, line.replace(" %R~opsctl:lost:*", ""))
-    [started, queued] = abandoned_jobs(admin, count=2)
-    for member in admin.zrange(f"rq:wip:{QUEUE}", 0, -1):
-        admin.zrem(f"rq:wip:{QUEUE}", member)  # both drop out of every registry
-    old = {"started_at": "2020-01-01T00:00:00Z", "last_heartbeat": "2020-01-01T00:00:00Z"}
-    admin.hset(started.key, mapping=old)
-    admin.hset(queued.key, mapping={"status": "queued", "enqueued_at": "2020-01-01T00:00:00Z"})
+    older = dryrun_user_without(acl_server, "opsctl-older", " %R~opsctl:lost:*")
+    started, queued = lost_jobs(admin)
 
     result = acl_server.opsctl(
         older, "apply", str(write_policy(tmp_path)), "--dry-run", "--format", "json"
@@ -692,15 +683,29 @@ def test_a_permission_refused_mid_run_still_reports_what_was_done(
     assert (lines[abandoned.id][2], lines[overdue.id][2]) == ("done", "error"), shown(result)
 
 
-def test_dryrun_user_finds_lost_jobs_and_explains_them_without_a_refused_command(
-    acl_server: AclServer, admin: redis.Redis, tmp_path: Path
-) -> None:
+def lost_jobs(admin: redis.Redis) -> tuple[Job, Job]:
+    """A job started and one queued, long ago, that have both dropped out of every registry."""
     [started, queued] = abandoned_jobs(admin, count=2)
     for member in admin.zrange(f"rq:wip:{QUEUE}", 0, -1):
-        admin.zrem(f"rq:wip:{QUEUE}", member)  # both drop out of every registry
+        admin.zrem(f"rq:wip:{QUEUE}", member)
     old = {"started_at": "2020-01-01T00:00:00Z", "last_heartbeat": "2020-01-01T00:00:00Z"}
     admin.hset(started.key, mapping=old)
     admin.hset(queued.key, mapping={"status": "queued", "enqueued_at": "2020-01-01T00:00:00Z"})
+    return started, queued
+
+
+def dryrun_user_without(acl_server: AclServer, user: str, rules: str) -> str:
+    """A user made from the documented dry-run line, less ``rules``: an older setup."""
+    line = ACL_LINES[DRYRUN_USER].replace(DRYRUN_USER, user)
+    assert rules in line
+    acl_server.add_user(user, line.replace(rules, ""))
+    return user
+
+
+def test_dryrun_user_finds_lost_jobs_and_explains_them_without_a_refused_command(
+    acl_server: AclServer, admin: redis.Redis, tmp_path: Path
+) -> None:
+    started, queued = lost_jobs(admin)
     policy = str(write_policy(tmp_path))
     before = redis_state(admin)
 

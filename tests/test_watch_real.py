@@ -97,9 +97,11 @@ def watch(tmp_path: Path) -> Any:
         stop(process, signal.SIGKILL)
 
 
-def test_watch_cleans_jobs_stuck_between_rounds_and_follows_policy_edits(
-    redis_url: str, redis_conn: redis.Redis, rq_workers: WorkerFactory, tmp_path: Path, watch: Any
-) -> None:
+def watching(
+    tmp_path: Path, redis_url: str, watch: Any
+) -> tuple[Path, Path, subprocess.Popen[str]]:
+    """`opsctl watch` of a fail policy every second, once its first round is done: the
+    policy file, the metrics file and the process."""
     policy = tmp_path / "policy.yaml"
     write_policy(policy, "fail")
     metrics = tmp_path / "opsctl.prom"
@@ -107,6 +109,13 @@ def test_watch_cleans_jobs_stuck_between_rounds_and_follows_policy_edits(
         str(policy), "--every", "1s", "--redis-url", redis_url, "--metrics-file", str(metrics)
     )
     assert wait_until(lambda: read_metrics(metrics), timeout=ROUND_TIMEOUT_S), logs(tmp_path)
+    return policy, metrics, process
+
+
+def test_watch_cleans_jobs_stuck_between_rounds_and_follows_policy_edits(
+    redis_url: str, redis_conn: redis.Redis, rq_workers: WorkerFactory, tmp_path: Path, watch: Any
+) -> None:
+    policy, metrics, process = watching(tmp_path, redis_url, watch)
 
     failed = abandon(rq_workers, redis_conn)
     assert wait_for_status(redis_conn, failed.id, "failed", ROUND_TIMEOUT_S) == "failed"
@@ -133,13 +142,7 @@ def test_watch_cleans_jobs_stuck_between_rounds_and_follows_policy_edits(
 def test_a_policy_file_replaced_by_a_fifo_is_refused_and_watch_still_stops_on_sigterm(
     redis_url: str, redis_conn: redis.Redis, rq_workers: WorkerFactory, tmp_path: Path, watch: Any
 ) -> None:
-    policy = tmp_path / "policy.yaml"
-    write_policy(policy, "fail")
-    metrics = tmp_path / "opsctl.prom"
-    process = watch(
-        str(policy), "--every", "1s", "--redis-url", redis_url, "--metrics-file", str(metrics)
-    )
-    assert wait_until(lambda: read_metrics(metrics), timeout=ROUND_TIMEOUT_S), logs(tmp_path)
+    policy, _, process = watching(tmp_path, redis_url, watch)
 
     policy.unlink()
     os.mkfifo(policy)  # opening it would wait for a writer that never comes
