@@ -20,18 +20,24 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
 
 from opsctl import audit, compat
 from opsctl.actions import Actor, ChangeResult, JobChange
 from opsctl.audit import AuditContext
-from opsctl.engine import ACTION_STOP, is_executing, started_moment, worker_liveness
+from opsctl.engine import (
+    ACTION_STOP,
+    is_executing,
+    out_of_place_since,
+    started_moment,
+    worker_liveness,
+)
 from opsctl.keys import DEFAULT_FAILURE_TTL_S, Keys
 from opsctl.keyspace import lost_notes, note_lost
 from opsctl.lock import Lock, maintenance_lock
-from opsctl.model import format_timestamp, parse_int, parse_timestamp
+from opsctl.model import format_timestamp, parse_int
 from opsctl.progress import APPLYING, OnProgress
 from opsctl.run import DONE, ERROR, PLANNED, SKIPPED, JobOutcome, Run, WorkerOutcome
 from opsctl.state import read_workers, refuse_foreign_key, server_time, text
@@ -536,9 +542,11 @@ def _hold_back_out_of_place_within_grace(conn: redis.Redis, keys: Keys, run: Run
     noted = lost_notes(conn, keys, as_now, run.problems)
     now = server_time(conn)
     for i, j in enumerate(planned):
-        mark = replies[2 * i + 1]
-        rq_mark = parse_timestamp(text(mark)) if j.entry.stranded and mark else None
-        since = rq_mark or noted.get(j.entry.job_id)
+        job = {**as_now[j.entry.job_id]}
+        if mark := replies[2 * i + 1]:
+            job["first_seen"] = text(mark)
+        again = replace(j.entry, job=job, first_lost=noted.get(j.entry.job_id))
+        since = out_of_place_since(again)
         if since is None or now - since <= j.rule.lost_after_seconds:
             _set(
                 j,

@@ -177,15 +177,18 @@ def _decide(
 _NO_WORKER = Liveness(False, "no worker named")
 
 
-def lost_since(entry: StartedEntry) -> float | None:
-    """Since when a lost job is known to be out of place.
+def out_of_place_since(entry: StartedEntry) -> float | None:
+    """Since when a lost or stranded job is known to be out of place.
 
-    A started job counts from its start or latest heartbeat. A queued one
-    counts from when a run first found it lost (RQ records no moment at which a
-    worker takes a job off its queue, and ``enqueued_at`` says only how long it
-    waited there). None when no such time is known.
+    A lost started job counts from its start or latest heartbeat. A stranded
+    one counts from RQ's own mark of when its cleanup first saw it there. Any
+    other counts from when a run first found it out of place (RQ records no
+    moment at which a worker takes a job off its queue, and ``enqueued_at``
+    says only how long it waited there). None when no such time is known.
     """
     job = entry.job if entry.job is not None else _NO_FIELDS
+    if entry.stranded:
+        return parse_timestamp(job.get("first_seen")) or entry.first_lost
     if job.get("status") == "started":
         moments = [parse_timestamp(job.get(n)) for n in ("started_at", "last_heartbeat")]
         known = [t for t in moments if t is not None]
@@ -209,7 +212,7 @@ def _lost(entry: StartedEntry, rule: Rule, holds: bool, signals: Signals, now: f
         return Verdict(State.LOST, ACTION_NONE, reason, signals)
     over = (rule.action, f", over lost_after {rule.lost_after_seconds}s")
     return _after_grace(
-        State.LOST, found, lost_since(entry), "when it was lost", over, rule, signals, now
+        State.LOST, found, out_of_place_since(entry), "when it was lost", over, rule, signals, now
     )
 
 
@@ -251,9 +254,7 @@ def _stranded(entry: StartedEntry, rule: Rule, signals: Signals, now: float) -> 
         reason = f"status is '{status}'; only its id is left in the intermediate list"
         return Verdict(State.LEFTOVER, ACTION_REMOVE_ENTRY, reason, signals)
     found = "taken from its queue but never started (left in the intermediate list)"
-    # From RQ's own mark of when its cleanup first saw the id there, else from
-    # opsctl's note; enqueued_at says only how long the job waited in its queue.
-    since = parse_timestamp(entry.job.get("first_seen")) or entry.first_lost
+    since = out_of_place_since(entry)
     if since is None:
         reason = (
             f"{found}; found there now (a worker may have just taken it): acted on once it "

@@ -12,7 +12,7 @@ at it. The decision is the engine's own; nothing here decides anything.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
@@ -263,10 +263,18 @@ def _entries(
     if not entries and intermediate:
         queue = (job or {}).get("origin", "")
         record = dict(job or {})
-        stranded = StartedEntry(queue, job_id, None, math.nan, record or None, None, stranded=True)
-        if "first_seen" not in record:
-            stranded = replace(stranded, first_lost=first_lost)
-        return [stranded]
+        return [
+            StartedEntry(
+                queue,
+                job_id,
+                None,
+                math.nan,
+                record or None,
+                None,
+                stranded=True,
+                first_lost=first_lost,
+            )
+        ]
     if not entries and job and job.get("status") in ("started", "queued"):
         lost = job.get("status") == "started" or not places
         if lost:

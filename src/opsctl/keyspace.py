@@ -353,7 +353,7 @@ def note_lost(conn: redis.Redis, keys: Keys, entries: Iterable[StartedEntry], no
     """Note the moment of finding each queued job out of place that has no note that
     fits; how many were noted. A note that no longer fits (the job was enqueued
     again since) is replaced. Runs that write hold the run lock, so none races this."""
-    new = [e for e in entries if needs_note(e)]
+    new = [e for e in entries if _needs_note(e)]
     for batch in batches(new, PIPELINE_BATCH):
         pipe = conn.pipeline(transaction=False)
         for entry in batch:
@@ -364,7 +364,7 @@ def note_lost(conn: redis.Redis, keys: Keys, entries: Iterable[StartedEntry], no
     return len(new)
 
 
-def needs_note(entry: StartedEntry) -> bool:
+def _needs_note(entry: StartedEntry) -> bool:
     """Whether ``entry`` is a queued job out of place whose grace has no start yet:
     lost, or stranded without RQ's own first-seen mark, and not noted."""
     if entry.first_lost is not None or not _is_queued(entry):
