@@ -573,7 +573,10 @@ def test_status_user_writes_metrics_with_opsctl_status(
     result = acl_server.opsctl(STATUS_USER, "status", "--metrics-file", str(target))
 
     succeeded(result, admin)
-    assert f'opsctl_started_jobs{{queue="{QUEUE}",state="abandoned"}} 2.0' in target.read_text()
+    assert (
+        f'opsctl_started_jobs{{command="status",queue="{QUEUE}",state="abandoned"}} 2.0'
+        in target.read_text()
+    )
 
 
 # --- a user too weak for `opsctl apply` ---------------------------------------------------

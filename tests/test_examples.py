@@ -184,7 +184,7 @@ def test_watch_deployment_command_runs_rounds_writes_metrics_and_stops_on_sigter
         rounds = wait_until(
             lambda: (
                 metrics_file.exists()
-                and "opsctl_last_run_exit_code 0.0" in metrics_file.read_text()
+                and 'opsctl_last_run_exit_code{command="watch"} 0.0' in metrics_file.read_text()
             ),
             timeout=60,
         )

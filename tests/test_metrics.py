@@ -48,13 +48,16 @@ def live(fake_redis_url: str) -> Any:
     worker.close()
 
 
-def gauges(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a Prometheus text exposition: (name, sorted labels) -> value."""
+def gauges(text: str, command: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of ``command`` in a Prometheus text exposition: (name, sorted
+    labels but ``command``) -> value. Every sample must name its command."""
     found = {}
     for family in text_string_to_metric_families(text):
         assert family.type == "gauge", family
         for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+            labels = dict(sample.labels)
+            if labels.pop("command") == command:
+                found[(sample.name, tuple(sorted(labels.items())))] = sample.value
     return found
 
 
@@ -94,7 +97,7 @@ def test_status_prints_started_jobs_by_queue_and_state_and_the_oldest_age(
     result = run_opsctl("status", "--redis-url", fake_redis_url, "--format", "prometheus")
 
     assert result.returncode == 0, result.stderr
-    values = gauges(result.stdout)
+    values = gauges(result.stdout, "status")
     expected = {"orphaned": 1, "leftover": 1, "abandoned": 2, "overdue": 0, "running": 1}
     assert {s: started(values, "default", s) for s in STATES} == expected
     assert {s: started(values, "spare", s) for s in STATES} == dict.fromkeys(STATES, 0)
@@ -124,7 +127,7 @@ def test_apply_metrics_file_counts_what_rq_shows_afterwards(
     )
 
     assert result.returncode == 0, result.stderr
-    values = gauges(target.read_text())
+    values = gauges(target.read_text(), "apply")
     failed = FailedJobRegistry("default", connection=conn).get_job_ids(cleanup=False)
     still_started = StartedJobRegistry("default", connection=conn).get_job_ids(cleanup=False)
     assert action(values, "default", "fail", "done") == len(failed) == 2
@@ -151,7 +154,7 @@ def test_dry_run_metrics_show_planned_actions_and_nothing_changes(
     )  # fmt: skip
 
     assert result.returncode == 0, result.stderr
-    values = gauges(target.read_text())
+    values = gauges(target.read_text(), "apply")
     assert action(values, "default", "fail", "planned") == 2
     assert action(values, "default", "fail", "done") is None
     assert FailedJobRegistry("default", connection=conn).get_job_ids(cleanup=False) == []
@@ -167,16 +170,60 @@ def test_failed_run_keeps_the_last_success_time_of_the_previous_run(
     args = ("apply", str(policy), "--redis-url", fake_redis_url, "--metrics-file", str(target))
     first = run_opsctl(*args)
     assert first.returncode == 0, first.stderr
-    success = single(gauges(target.read_text()), "opsctl_last_success_timestamp_seconds")
+    success = single(gauges(target.read_text(), "apply"), "opsctl_last_success_timestamp_seconds")
     conn.set("opsctl:lock", "another opsctl run")  # the next run cannot take the run lock
 
     second = run_opsctl(*args, "--lock-timeout", "0")
 
     assert second.returncode == 5, second.stderr
-    values = gauges(target.read_text())
+    values = gauges(target.read_text(), "apply")
     assert single(values, "opsctl_last_run_exit_code") == 5
     assert single(values, "opsctl_last_success_timestamp_seconds") == success
     assert single(values, "opsctl_last_run_timestamp_seconds") >= success
+
+
+def test_status_sharing_the_file_of_apply_keeps_apply_failures_visible(
+    conn: redis.Redis, fake_redis_url: str, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    target = tmp_path / "opsctl.prom"
+    apply = ("apply", str(policy), "--redis-url", fake_redis_url, "--metrics-file", str(target))
+    assert run_opsctl(*apply).returncode == 0
+    success = single(gauges(target.read_text(), "apply"), "opsctl_last_success_timestamp_seconds")
+    conn.set("opsctl:lock", "another opsctl run")  # apply fails from now on
+    status = ("status", "--redis-url", fake_redis_url, "--metrics-file", str(target))
+
+    assert run_opsctl(*status).returncode == 0  # a status succeeds meanwhile: no apply success
+    assert run_opsctl(*apply, "--lock-timeout", "0").returncode == 5
+
+    values = gauges(target.read_text(), "apply")
+    assert single(values, "opsctl_last_run_exit_code") == 5
+    assert single(values, "opsctl_last_success_timestamp_seconds") == success
+    assert single(gauges(target.read_text(), "status"), "opsctl_last_run_exit_code") == 0
+
+
+def test_apply_and_status_files_in_one_collector_directory_hold_no_series_twice(
+    conn: redis.Redis, fake_redis_url: str, live: LiveWorker, tmp_path: Path
+) -> None:
+    seed(conn, fake_redis_url)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    files = {"apply": tmp_path / "apply.prom", "status": tmp_path / "status.prom"}
+    apply = ("apply", str(policy), "--dry-run", "--metrics-file", str(files["apply"]))
+    assert run_opsctl(*apply, "--redis-url", fake_redis_url).returncode == 0
+    status = ("status", "--metrics-file", str(files["status"]))
+    assert run_opsctl(*status, "--redis-url", fake_redis_url).returncode == 0
+
+    series = [
+        (sample.name, tuple(sorted(sample.labels.items())))
+        for path in files.values()
+        for family in text_string_to_metric_families(path.read_text())
+        for sample in family.samples
+    ]
+    assert len(series) == len(set(series))  # node_exporter refuses a series two files repeat
+    for command, path in files.items():
+        assert started(gauges(path.read_text(), command), "default", "abandoned") == 2
 
 
 def test_metrics_file_that_cannot_be_written_exits_6_after_the_full_report(
@@ -218,7 +265,7 @@ def test_action_failure_keeps_its_own_exit_code_when_metrics_are_written(
     )
 
     assert result.returncode == 1, result.stderr
-    values = gauges(target.read_text())
+    values = gauges(target.read_text(), "apply")
     assert action(values, "spare", "cancel", "error") == 1
     assert single(values, "opsctl_last_run_exit_code") == 1
     assert single(values, "opsctl_last_success_timestamp_seconds") == 0
@@ -237,7 +284,7 @@ def test_status_metrics_file_holds_the_gauges_it_prints(
     )  # fmt: skip
 
     assert result.returncode == 0, result.stderr
-    printed, written = gauges(result.stdout), gauges(target.read_text())
+    printed, written = gauges(result.stdout, "status"), gauges(target.read_text(), "status")
     timing = {"opsctl_run_duration_seconds", "opsctl_last_run_timestamp_seconds"}
     timing.add("opsctl_last_success_timestamp_seconds")
     assert {k: v for k, v in printed.items() if k[0] not in timing} == {

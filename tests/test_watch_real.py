@@ -53,13 +53,14 @@ def abandon(rq_workers: WorkerFactory, conn: redis.Redis, seconds: float = 60) -
 
 
 def read_metrics(path: Path) -> dict[str, float]:
-    """Unlabelled gauges of a metrics file ({} while it does not exist yet)."""
+    """The run-level gauges of a metrics file, labelled only by the watch command
+    ({} while it does not exist yet)."""
     if not path.exists():
         return {}
     found = {}
     for family in text_string_to_metric_families(path.read_text()):
         for sample in family.samples:
-            if not sample.labels:
+            if sample.labels == {"command": "watch"}:
                 found[sample.name] = sample.value
     return found
 

@@ -604,7 +604,7 @@ def apply(
             logging.WARNING,
         )
         raise typer.Exit(128 + received[0])
-    _finish(error, best_effort, url, metrics_file, run, began)
+    _finish(error, best_effort, url, ("apply", metrics_file), run, began)
 
 
 def _apply(
@@ -674,21 +674,26 @@ def _finish(
     error: OpsctlError | None,
     best_effort: bool,
     url: str,
-    metrics_file: str | None,
+    metrics_to: tuple[str, str | None],
     run: Run | None,
     began: float,
     seen: metrics.Observation | None = None,
 ) -> None:
     """Write the metrics file (when asked), then exit as the run's outcome calls for.
 
-    The run's own error decides the exit code; a metrics file that cannot be
-    written exits 6 only when the run itself succeeded.
+    ``metrics_to`` is the command's name (the metrics' ``command`` label) and
+    the metrics file, None when none is asked for. The run's own error decides
+    the exit code; a metrics file that cannot be written exits 6 only when the
+    run itself succeeded.
     """
+    command, metrics_file = metrics_to
     if metrics_file is not None:
         if run is not None:
             seen = metrics.observe_run(run)
         code = error.exit_code if error is not None else ExitCode.OK
-        _, write_error = _attempt(lambda: _write_metrics(metrics_file, seen, code, began), url)
+        _, write_error = _attempt(
+            lambda: _write_metrics(metrics_file, command, seen, code, began), url
+        )
         if write_error is not None and error is None:
             error = write_error
         elif write_error is not None:
@@ -697,15 +702,18 @@ def _finish(
         _fail(error, best_effort, url)
 
 
-def _write_metrics(path: str, seen: metrics.Observation | None, code: int, began: float) -> None:
+def _write_metrics(
+    path: str, command: str, seen: metrics.Observation | None, code: int, began: float
+) -> None:
     now_s = time.time()
     facts = metrics.RunFacts(
+        command=command,
         timestamp_s=now_s,
         duration_s=time.monotonic() - began,
         exit_code=code,
-        last_success_s=metrics.last_success(path, code, now_s),
+        last_success_s=metrics.last_success(path, command, code, now_s),
     )
-    metrics.write(path, metrics.build(seen, facts))
+    metrics.write(path, metrics.build(seen, facts), command)
 
 
 @dataclass
@@ -1174,9 +1182,10 @@ def status_command(
                 status.print_text(statuses, _console())
             else:
                 code = ExitCode.OK
-                facts = metrics.RunFacts(time.time(), time.monotonic() - began, code, time.time())
+                moment = time.time()
+                facts = metrics.RunFacts("status", moment, time.monotonic() - began, code, moment)
                 sys.stdout.write(metrics.render(metrics.build(seen, facts)))
-    _finish(error, False, url, metrics_file, None, began, seen)
+    _finish(error, False, url, ("status", metrics_file), None, began, seen)
 
 
 @app.command("explain")

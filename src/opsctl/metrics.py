@@ -15,6 +15,13 @@ status`` or one round of ``opsctl watch``):
 - ``opsctl_last_success_timestamp_seconds``: the last run that exited 0. A
   failed run keeps the previous value, read back from the metrics file it
   replaces, so one-shot runs behave like a long-lived exporter.
+
+Every series carries a ``command`` label (``apply``, ``status`` or
+``watch``). Files of different commands in one collector directory then never
+hold the same series (node_exporter refuses a series two files repeat), and a
+``status`` that writes the file of an ``apply`` can neither hide the
+``apply``'s failures nor erase its last success: the success read back is the
+one recorded under the same command.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,6 +41,8 @@ from opsctl.state import Snapshot
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.samples import Sample
 
 # prometheus_client is imported where it is used: it costs about 14 MB of
 # memory, which a run that writes no metrics should not pay.
@@ -86,8 +96,10 @@ def observe_snapshot(snapshot: Snapshot, rule: Rule) -> Observation:
 
 @dataclass
 class RunFacts:
-    """The run-level numbers: when, how long, how it ended, when it last succeeded."""
+    """The run-level numbers: which command ran, when, how long, how it ended, and
+    when it last succeeded."""
 
+    command: str
     timestamp_s: float
     duration_s: float
     exit_code: int
@@ -99,53 +111,51 @@ def build(seen: Observation | None, facts: RunFacts) -> CollectorRegistry:
     from prometheus_client import CollectorRegistry, Gauge
 
     registry = CollectorRegistry(auto_describe=True)
+    command = facts.command
     started = Gauge(
         "opsctl_started_jobs",
         "Started-registry entries by queue and opsctl state.",
-        ["queue", "state"],
+        ["command", "queue", "state"],
         registry=registry,
     )
     oldest = Gauge(
         "opsctl_oldest_started_job_age_seconds",
         "Age since started_at of the oldest started job of the queue.",
-        ["queue"],
+        ["command", "queue"],
         registry=registry,
     )
     actions = Gauge(
         "opsctl_actions",
         "Actions the run took, by queue, action and outcome.",
-        ["queue", "action", "outcome"],
+        ["command", "queue", "action", "outcome"],
         registry=registry,
     )
     if seen is not None:
         for queue in sorted(seen.queues):
             for state in State:
-                started.labels(queue, state.value).set(seen.started[(queue, state.value)])
+                count = seen.started[(queue, state.value)]
+                started.labels(command, queue, state.value).set(count)
         for queue, age_s in sorted(seen.oldest_age_s.items()):
-            oldest.labels(queue).set(age_s)
+            oldest.labels(command, queue).set(age_s)
         for (queue, action, outcome), count in sorted(seen.actions.items()):
-            actions.labels(queue, action, outcome).set(count)
-    _gauge(registry, "opsctl_run_duration_seconds", "Seconds the run took.", facts.duration_s)
-    _gauge(
-        registry,
-        "opsctl_last_run_timestamp_seconds",
-        "Unix time at which the run ended.",
-        facts.timestamp_s,
+            actions.labels(command, queue, action, outcome).set(count)
+    run_level = (
+        ("opsctl_run_duration_seconds", "Seconds the run took.", facts.duration_s),
+        (
+            "opsctl_last_run_timestamp_seconds",
+            "Unix time at which the run ended.",
+            facts.timestamp_s,
+        ),
+        ("opsctl_last_run_exit_code", "Exit code of the run.", facts.exit_code),
+        (
+            LAST_SUCCESS,
+            "Unix time of the last run that exited 0 (0: none yet).",
+            facts.last_success_s or 0.0,
+        ),
     )
-    _gauge(registry, "opsctl_last_run_exit_code", "Exit code of the run.", facts.exit_code)
-    _gauge(
-        registry,
-        LAST_SUCCESS,
-        "Unix time of the last run that exited 0 (0: none yet).",
-        facts.last_success_s or 0.0,
-    )
+    for name, help_text, value in run_level:
+        Gauge(name, help_text, ["command"], registry=registry).labels(command).set(value)
     return registry
-
-
-def _gauge(registry: CollectorRegistry, name: str, help_text: str, value: float) -> None:
-    from prometheus_client import Gauge
-
-    Gauge(name, help_text, registry=registry).set(value)
 
 
 def render(registry: CollectorRegistry) -> str:
@@ -155,45 +165,83 @@ def render(registry: CollectorRegistry) -> str:
     return generate_latest(registry).decode("utf-8")
 
 
-def previous_success(path: str) -> float | None:
-    """The last success time a metrics file records; None if it has none.
+def _recorded(path: str) -> list[Sample]:
+    """Every sample of the metrics file ``path`` that carries a ``command`` label
+    (samples of an older opsctl, without one, are left behind).
 
-    A missing, unreadable or malformed file is not an error: it only means no
-    earlier success is known.
+    A missing, unreadable or malformed file is not an error: it only means
+    nothing is known from earlier runs.
     """
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except (OSError, UnicodeDecodeError):
-        return None
+        return []
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == LAST_SUCCESS and sample.value > 0:
-                    return float(sample.value)
+        return [
+            sample
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if "command" in sample.labels
+        ]
     except ValueError as exc:
         log.warning("metrics_file=%s unreadable error=%s", path, exc)
+        return []
+
+
+def previous_success(path: str, command: str) -> float | None:
+    """The last success time a metrics file records for ``command``; None if it has none."""
+    for sample in _recorded(path):
+        if sample.name == LAST_SUCCESS and sample.labels["command"] == command:
+            return float(sample.value) if sample.value > 0 else None
     return None
 
 
-def last_success(path: str | None, facts_exit_code: int, now_s: float) -> float | None:
-    """This run's time when it succeeded, else the success ``path`` records."""
+def last_success(
+    path: str | None, command: str, facts_exit_code: int, now_s: float
+) -> float | None:
+    """This run's time when it succeeded, else the success of ``command`` that
+    ``path`` records."""
     if facts_exit_code == ExitCode.OK:
         return now_s
-    return previous_success(path) if path else None
+    return previous_success(path, command) if path else None
 
 
-def write(path: str, registry: CollectorRegistry) -> None:
-    """Write the file atomically: a temporary file beside it, then a rename."""
-    from prometheus_client import write_to_textfile
+def write(path: str, registry: CollectorRegistry, command: str) -> None:
+    """Write the file atomically: a temporary file beside it, then a rename.
 
+    The series of ``command`` in ``registry`` replace those the file holds for
+    it; the series other commands wrote there are kept, so one file can serve
+    ``apply`` and ``status`` without either erasing what the other recorded.
+    """
+    from prometheus_client import CollectorRegistry, write_to_textfile
+
+    others: dict[str, list[Sample]] = {}
+    for sample in _recorded(path):
+        if sample.labels["command"] != command:
+            others.setdefault(sample.name, []).append(sample)
+    families = list(registry.collect())
+    for family in families:
+        family.samples += others.get(family.name, [])
+    merged = CollectorRegistry(auto_describe=False)
+    merged.register(_Families(families))
     try:
-        write_to_textfile(path, registry)
+        write_to_textfile(path, merged)
     except OSError as exc:
         where = os.path.dirname(os.path.abspath(path))
         raise MetricsWriteError(
             f"cannot write the metrics file {path!r}: {exc.strerror or exc} "
             f"(check that {where!r} exists and is writable; the report above is complete)"
         ) from None
+
+
+class _Families:
+    """A collector of families already built (for :func:`write`)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)

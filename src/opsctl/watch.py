@@ -75,7 +75,9 @@ class Watch:
         self.metrics_file = metrics_file
         self._stop = threading.Event()
         self._seen_digest = policy.digest
-        self._last_success_s = metrics.previous_success(metrics_file) if metrics_file else None
+        self._last_success_s = (
+            metrics.previous_success(metrics_file, "watch") if metrics_file else None
+        )
         self.rounds = 0
 
     def stop_requested(self) -> bool:
@@ -127,6 +129,7 @@ class Watch:
         if not self.metrics_file:
             return
         facts = metrics.RunFacts(
+            command="watch",
             timestamp_s=now_s,
             duration_s=time.monotonic() - began,
             exit_code=result.exit_code,
@@ -134,6 +137,6 @@ class Watch:
         )
         seen = metrics.observe_run(result.run) if result.run is not None else None
         try:
-            metrics.write(self.metrics_file, metrics.build(seen, facts))
+            metrics.write(self.metrics_file, metrics.build(seen, facts), "watch")
         except metrics.MetricsWriteError as exc:
             log.error("%s", exc)
