@@ -1409,6 +1409,19 @@ def test_options_a_plan_cannot_honour_are_refused_with_it(
     assert status_of(conn, job.id) == "started"
 
 
+def test_max_plan_age_without_a_plan_is_refused_rather_than_acting_on_the_policy(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    job = started_job(conn, "w-dead")
+    policy, _plan = made_plan(url, tmp_path)
+
+    result = opsctl("apply", str(policy), "--max-plan-age", "5m", "--redis-url", url)
+
+    assert result.exit_code == 2, result.output
+    assert "--max-plan-age applies only with --plan" in result.output
+    assert status_of(conn, job.id) == "started"
+
+
 @pytest.mark.parametrize(
     "when",
     [float("nan"), float("inf"), 1e11, "1000"],

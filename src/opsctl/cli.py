@@ -537,8 +537,9 @@ def apply(
         _option("--plan", help="Act on exactly the jobs of this plan file (opsctl plan)."),
     ] = None,
     max_plan_age: Annotated[
-        str, _option("--max-plan-age", help="Refuse plans older than this.")
-    ] = "15m",
+        str | None,
+        _option("--max-plan-age", help="With --plan: refuse plans older than this [default: 15m]."),
+    ] = None,
     redis_url: RedisUrl = None,
     output: FormatOpt = Format.text,
     best_effort: Annotated[
@@ -611,7 +612,7 @@ def _apply(
     job: Job,
     policy: Policy | None,
     plan_file: str | None,
-    max_plan_age: str,
+    max_plan_age: str | None,
     force: bool | None,
     max_age: str | None,
     queue: list[str] | None,
@@ -623,7 +624,9 @@ def _apply(
     run: Run | None
     if plan_file is not None:
         _refuse_with_plan(force=force, max_age=max_age, queue=queue, max_actions=max_actions)
-        plan_age = _guard(lambda: _parse_duration_option("--max-plan-age", max_plan_age))
+        plan_age = _guard(
+            lambda: _parse_duration_option("--max-plan-age", max_plan_age or DEFAULT_MAX_PLAN_AGE)
+        )
         done, error = _attempt(lambda: job.apply_plan(plan_file, plan_age, policy), url)
         run, where = None, None
         if done is not None:
@@ -631,6 +634,9 @@ def _apply(
             where = (policy.path if policy else plan_file, plan_digest)
     else:
         assert policy is not None
+        if max_plan_age is not None:
+            # Most likely --plan was meant, and forgetting it would act on the policy.
+            _fail(UsageError("--max-plan-age applies only with --plan, which was not given"))
         run, error = _attempt(lambda: job.apply_policy(policy), url)
         where = (policy.path, policy.digest)
     if run is not None and where is not None:
@@ -655,6 +661,10 @@ def _stop_on_signals(job: Job) -> Iterator[list[int]]:
     job.should_stop = lambda: bool(received)
     with watch.stop_signals_handled(stop):
         yield received
+
+
+#: How old a plan ``apply --plan`` accepts when --max-plan-age is not given.
+DEFAULT_MAX_PLAN_AGE = "15m"
 
 
 def _refuse_with_plan(**given: object) -> None:
