@@ -1473,6 +1473,8 @@ def test_a_plan_acts_on_neither_a_worker_live_again_nor_the_job_it_executes(
         "skipped",
         "not acted on: back is live now and executing it",
     )
+    assert line["worker_alive"] is True  # as it is now; the plan had it dead
+    assert line["worker_evidence"] == "worker is subscribed to its command channel"
     [worker] = report["workers"]
     assert worker["outcome"] == "skipped", worker
     assert worker["reason"].startswith("not removed: the worker is live now")

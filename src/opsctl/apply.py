@@ -483,9 +483,15 @@ def _hold_back_live_workers(conn: redis.Redis, keys: Keys, run: Run) -> None:
     for job in run.jobs:
         name = job.entry.worker_name
         worker = fresh.get(name) if name else None
-        if job.outcome != PLANNED or job.action == ACTION_STOP or worker is None:
+        if worker is None:
             continue
-        if worker_liveness(worker).alive and is_executing(worker, job.entry):
+        live = worker_liveness(worker)
+        # The report shows the worker as it is now, not as the plan saw it.
+        signals = job.verdict.signals
+        signals.worker_alive, signals.worker_evidence = live.alive, live.evidence
+        if job.outcome != PLANNED or job.action == ACTION_STOP:
+            continue
+        if live.alive and is_executing(worker, job.entry):
             _set(job, SKIPPED, f"not acted on: {name} is live now and executing it")
 
 
