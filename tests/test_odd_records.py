@@ -191,6 +191,22 @@ def test_an_entry_whose_job_key_holds_no_hash_is_removed_and_the_key_kept(
     assert redis_conn.get("rq:job:not-a-hash") == b"written by something else"
 
 
+def test_an_empty_registry_member_is_removed_as_an_orphaned_entry(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    normal = started_job(redis_conn)
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {"": time.time() - 10})
+
+    report = run(policy(tmp_path), redis_url)
+
+    [item] = [j for j in report["jobs"] if j["entry"] == ""]
+    assert (item["state"], item["action"], item["outcome"]) == ("orphaned", "remove-entry", "done")
+    registry = StartedJobRegistry(QUEUE, connection=redis_conn)
+    assert registry.get_job_and_execution_ids(cleanup=False) == []
+    assert job_status(redis_conn, normal.id) == "failed"
+    assert run(policy(tmp_path), redis_url)["jobs"] == []  # nothing is left for the next run
+
+
 def test_a_started_job_with_a_timeout_that_is_not_a_number_is_still_failed(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

@@ -76,6 +76,8 @@ local function field(key, name)
 end
 
 local action, member, job_id, exec_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+-- A lost job (found by the keyspace scan) has no registry entry to match.
+local lost = ARGV[19] == '1'
 local now_iso, now = ARGV[9], tonumber(ARGV[10])
 local known = {fail=1, requeue=1, cancel=1, delete=1, ['remove-entry']=1}
 if not known[action] then
@@ -146,7 +148,7 @@ local function kind_of(key)
   if type(found) == 'table' then found = found['ok'] end
   return found
 end
-if member == '' then
+if lost then
   kinds[4], kinds[6], kinds[19] = 'zset', 'list', 'list'
   for _, i in ipairs({8, 9, 10, 14, 15, 16}) do kinds[i] = 'zset' end
 end
@@ -195,14 +197,13 @@ if status ~= ARGV[5] then
   if status == '' then status = 'missing' end
   return {0, 'status is now ' .. status}
 end
--- A lost job (found by the keyspace scan) has no entry: ``member`` is empty,
--- and the re-check is that nothing holds it still.
+-- A lost job's re-check is that nothing holds it still.
 if stranded then
   if redis.call('LPOS', KEYS[2], job_id) == false then
     return {0, 'no longer in the intermediate list'}
   end
   if in_started(KEYS[16]) then return {0, 'the job is in its started registry now'} end
-elseif member == '' then
+elseif lost then
   local held = lost_job_is_held(status)
   if held then return {0, held} end
 elseif redis.call('ZSCORE', KEYS[2], member) == false then
@@ -347,7 +348,7 @@ if result[1] == 1 and rl_key ~= '' then
 end
 if result[1] == 1 then
   local entry = {}
-  for i = 19, #ARGV do table.insert(entry, ARGV[i]) end
+  for i = 20, #ARGV do table.insert(entry, ARGV[i]) end
   if result[2] == 'failed' or result[2] == 'canceled' then
     -- What the job's ended_at now holds: opsctl requeue --run compares it to
     -- tell a job still as this run left it from one that ran again since.
@@ -435,6 +436,9 @@ class JobChange:
     # Application keys a delete removes with the job (policy related_keys); other
     # actions never touch them. Kept apart from the rest as keys 21 and on.
     related_keys: tuple[str, ...] = ()
+    #: A job the keyspace scan found in no registry: ``member`` is empty, and
+    #: the re-check is that nothing holds the job still.
+    lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -548,6 +552,7 @@ class Actor:
             self.keys.prefix,
             RESCUE_TTL_S,
             AUDIT_MAXLEN,
+            "1" if change.lost else "0",
         ]
         for name, value in change.audit:
             args += [name, value]

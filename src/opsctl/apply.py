@@ -297,6 +297,7 @@ class Executor:
             retry_at_front=job.get("enqueue_at_front_on_retry") == "1",
             audit=self._audit_fields(outcome, outcome.action, outcome.reason),
             related_keys=outcome.rule.related_keys_of(entry.job_id, self.keys.prefix),
+            lost=entry.lost,
         )
 
     def _audit_fields(
