@@ -258,6 +258,44 @@ def test_every_timestamp_form_rq_wrote_gives_the_same_age(
     assert 2 * HOUR_S - 120 < item["age_seconds"] < 2 * HOUR_S + 120
 
 
+@pytest.mark.parametrize("started_at", [None, "", "yesterday", "2026-13-45T99:00:00Z"])
+def test_the_execution_gives_the_age_of_a_job_whose_started_at_cannot_be_read(
+    redis_conn: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    live_worker: Any,
+    started_at: str | None,
+) -> None:
+    job = started_job(redis_conn, worker="busy")
+    live_worker("busy", {"state": "busy", "current_job": job.id})
+    if started_at is None:
+        redis_conn.hdel(job.key, "started_at")
+    else:
+        redis_conn.hset(job.key, "started_at", started_at)
+    execution = f"rq:execution:{started_member(redis_conn, job.id).decode()}"
+    redis_conn.hset(execution, "created_at", str(ago(2 * HOUR_S).timestamp()))
+
+    item = job_in(run(policy(tmp_path), redis_url, "--dry-run"), job.id)
+
+    assert item["state"] == "overdue", item
+    assert 2 * HOUR_S - 120 < item["age_seconds"] < 2 * HOUR_S + 120
+
+
+def test_a_hash_with_an_empty_status_but_a_creation_time_is_a_job_that_ended(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    redis_conn.hset("rq:job:blank", mapping={"status": "", "created_at": iso(ago(60))})
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {"blank:e1": time.time() - 10})
+
+    item = job_in(run(policy(tmp_path), redis_url, "--dry-run"), "blank")
+
+    assert (item["state"], item["action"], item["reason"]) == (
+        "leftover",
+        "remove-entry",
+        "status is missing",
+    )
+
+
 @pytest.mark.parametrize("started_at", ["", "yesterday", "nan", "-1", "2026-13-45T99:00:00Z"])
 def test_a_job_whose_age_cannot_be_known_is_never_acted_on_by_age(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path, live_worker: Any, started_at: str

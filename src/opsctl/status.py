@@ -12,7 +12,7 @@ from rich.text import Text
 
 from opsctl import engine
 from opsctl.keys import Keys
-from opsctl.model import format_timestamp, parse_timestamp
+from opsctl.model import format_timestamp
 from opsctl.report import duration, safe
 from opsctl.state import Snapshot, known_queues, read_snapshot, replies_of, text
 
@@ -90,9 +90,7 @@ def _count(reply: Any) -> int | None:
 def _oldest_started(entries: list[Any], now: float, statuses: list[QueueStatus]) -> None:
     by_name = {s.name: s for s in statuses}
     for entry in entries:
-        started = parse_timestamp((entry.job or {}).get("started_at"))
-        if started is None:
-            started = parse_timestamp((entry.execution or {}).get("created_at"))
+        started = engine.started_moment(entry.job or {}, entry.execution or {})
         if started is None:
             continue
         status = by_name[entry.queue]
