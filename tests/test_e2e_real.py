@@ -183,6 +183,36 @@ def test_job_of_killed_worker_is_requeued_and_a_new_worker_runs_it_to_the_end(
     assert result is not None and result.return_value == "slept 1.5s"
 
 
+def test_a_job_enqueued_again_under_its_id_runs_to_the_end_past_its_dead_entry(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # A scheduler enqueues a job under a fixed id; one run's worker died mid-job,
+    # and the next run of the same id is now on a live worker.
+    first = abandon_job(rq_workers, redis_conn)
+    [(_, dead_execution)] = StartedJobRegistry(
+        QUEUE, connection=redis_conn
+    ).get_job_and_execution_ids(cleanup=False)
+    rq_workers.start([QUEUE], job_monitoring_interval=30)
+    job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 3, job_id=first.id)
+    assert wait_for_status(redis_conn, job.id, "started", STATUS_TIMEOUT_S) == "started"
+
+    report = apply(write_policy(tmp_path, action="fail"), redis_url)
+
+    lines = {line["execution_id"]: line for line in report["jobs"] if line["id"] == job.id}
+    dead = lines.pop(dead_execution)
+    assert (dead["state"], dead["action"], dead["outcome"]) == (
+        "leftover",
+        "remove-entry",
+        "done",
+    ), show(dead)
+    [running] = lines.values()
+    assert (running["state"], running["action"]) == ("running", "none"), show(running)
+    assert wait_for_status(redis_conn, job.id, "finished", STATUS_TIMEOUT_S) == "finished"
+    results = Job.fetch(job.id, connection=redis_conn).results()
+    assert [r.return_value for r in results] == ["slept 3s"]  # no failure was recorded
+    assert started_ids(redis_conn) == []
+
+
 def test_job_of_killed_worker_is_canceled(
     rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

@@ -1590,3 +1590,48 @@ def test_explain_of_a_job_key_that_holds_no_hash_says_so_and_judges_its_entry(
     [verdict] = explained["verdicts"]
     assert (verdict["state"], verdict["action"]) == ("orphaned", "remove-entry")
     assert redis_conn.get("rq:job:not-a-hash") == b"written by something else"
+
+
+def test_a_stale_entry_of_a_job_a_live_worker_runs_again_leaves_the_job_alone(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    # The job ran as execution e1 on a worker that died, and was enqueued again by hand;
+    # a live worker now runs it as a new execution while e1's entry lingers.
+    job = started_job(redis_conn, worker="again")
+    running = started_member(redis_conn, job.id).decode()
+    live_worker("again", {"state": "busy", "birth": iso(ago(600))}, [running])
+    stale = f"{job.id}:e1"
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {stale: time.time() - 3600})
+
+    report = run(policy(tmp_path), redis_url)
+
+    lines = {j["entry"]: j for j in report["jobs"]}
+    assert lines[running]["state"] == "running", lines[running]
+    assert lines[stale]["action"] == "remove-entry", lines[stale]
+    assert job_status(redis_conn, job.id) == "started"
+    registry = StartedJobRegistry(QUEUE, connection=redis_conn)
+    assert registry.get_job_and_execution_ids(cleanup=False) == [(job.id, running.split(":")[1])]
+
+
+def test_a_plan_leaves_alone_a_job_a_live_worker_took_again_since(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    job = started_job(redis_conn, worker=DEAD)
+    plan = tmp_path / "plan.json"
+    made = invoke_opsctl("plan", str(policy(tmp_path)), "-o", str(plan), "--redis-url", redis_url)
+    assert made.exit_code == 0, made.output
+    assert [j["action"] for j in json.loads(plan.read_text())["jobs"]] == ["fail"]
+    # Another worker runs the job now, under an execution of its own.
+    live_worker("taker", {"state": "busy", "birth": iso(ago(60))}, [f"{job.id}:e2"])
+
+    result = invoke_opsctl(
+        "apply", "--plan", str(plan), "--redis-url", redis_url, "--format", "json"
+    )
+
+    assert result.exit_code == 0, result.output
+    [line] = json.loads(result.stdout)["jobs"]
+    assert (line["outcome"], line["reason"]) == (
+        "skipped",
+        "not acted on: taker is live now and executing this job",
+    )
+    assert job_status(redis_conn, job.id) == "started"

@@ -28,8 +28,10 @@ from opsctl import audit, compat
 from opsctl.actions import Actor, ChangeResult, JobChange
 from opsctl.audit import AuditContext
 from opsctl.engine import (
+    ACTION_REMOVE_ENTRY,
     ACTION_STOP,
     is_executing,
+    jobs_in_hand,
     out_of_place_since,
     started_moment,
     worker_liveness,
@@ -40,7 +42,13 @@ from opsctl.lock import Lock, maintenance_lock
 from opsctl.model import format_timestamp, parse_int
 from opsctl.progress import APPLYING, OnProgress
 from opsctl.run import DONE, ERROR, PLANNED, SKIPPED, JobOutcome, Run, WorkerOutcome
-from opsctl.state import read_workers, refuse_foreign_key, server_time, text
+from opsctl.state import (
+    read_workers,
+    refuse_foreign_key,
+    registered_workers,
+    server_time,
+    text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -476,6 +484,8 @@ def recheck_plan(conn: redis.Redis, keys: Keys, run: Run) -> None:
 def _hold_back_live_workers(conn: redis.Redis, keys: Keys, run: Run) -> None:
     names = {w.worker.name for w in run.workers}
     names |= {name for j in run.jobs if (name := j.entry.worker_name)}
+    # A worker that took one of the jobs again since the plan was made.
+    names |= registered_workers(conn, keys, [q.name for q in run.queues])
     fresh = read_workers(conn, keys, names)
     for w in run.workers:
         live = worker_liveness(fresh.get(w.worker.name))
@@ -494,6 +504,12 @@ def _hold_back_live_workers(conn: redis.Redis, keys: Keys, run: Run) -> None:
             continue
         if live.alive and is_executing(worker, job.entry):
             _set(job, SKIPPED, f"not acted on: {name} is live now and executing it")
+    in_hand = jobs_in_hand(fresh)
+    for job in run.jobs:
+        holder = in_hand.get(job.entry.job_id)
+        acts_on_job = job.action not in (ACTION_STOP, ACTION_REMOVE_ENTRY)
+        if job.outcome == PLANNED and acts_on_job and holder is not None:
+            _set(job, SKIPPED, f"not acted on: {holder} is live now and executing this job")
 
 
 def _hold_back_stops_not_due(conn: redis.Redis, keys: Keys, run: Run) -> None:

@@ -23,6 +23,11 @@ name the job in the hash's ``current_job`` field. A busy worker that has not
 yet written either (the few milliseconds between taking a job and starting it)
 counts as executing whatever names it, so a job is never taken from a worker
 that is about to run it; so does a live worker whose hash has expired.
+
+A job a live worker is executing is never acted on through another of its
+entries: an entry left by an earlier execution (its worker died, and the job
+was enqueued and taken again, often under the same id by a scheduler) is only
+removed.
 """
 
 from __future__ import annotations
@@ -130,19 +135,44 @@ def is_executing(worker: WorkerRecord, entry: StartedEntry) -> bool:
     return worker.fields.get("state") == "busy"
 
 
+def jobs_in_hand(workers: Mapping[str, WorkerRecord]) -> dict[str, str]:
+    """Each job a live worker's own records say it is executing, with that worker's
+    name: the jobs of its executions set (RQ 3) and its ``current_job`` (RQ 1, 2)."""
+    found: dict[str, str] = {}
+    for name, worker in workers.items():
+        if not (worker.executions or worker.current_job) or not worker_liveness(worker).alive:
+            continue
+        for execution in worker.executions:
+            found.setdefault(execution.rpartition(":")[0] or execution, name)
+        if worker.current_job:
+            found.setdefault(worker.current_job, name)
+    return found
+
+
 def classify(
     entry: StartedEntry,
     workers: dict[str, WorkerRecord],
     rule: Rule,
     now: float,
+    in_hand: Mapping[str, str] | None = None,
 ) -> Verdict:
-    """The state of one started entry (or lost job) under ``rule`` at server time ``now``."""
+    """The state of one started entry (or lost job) under ``rule`` at server time ``now``.
+
+    ``in_hand`` is :func:`jobs_in_hand` of ``workers``, computed here when not
+    given (callers that classify many entries compute it once).
+    """
     name = entry.worker_name
     worker = workers.get(name) if name else None
     liveness = worker_liveness(worker) if name else _NO_WORKER
     holds = liveness.alive and worker is not None and is_executing(worker, entry)
     signals = _signals(entry, name, liveness, now)
-    verdict = _decide(entry, rule, liveness, holds, signals, now)
+    if in_hand is None:
+        in_hand = jobs_in_hand(workers)
+    holder = None if holds else in_hand.get(entry.job_id)
+    if holder is not None and not (entry.lost or entry.stranded):
+        verdict = _held_elsewhere(entry, holder, workers[holder], rule, signals)
+    else:
+        verdict = _decide(entry, rule, liveness, holds, signals, now)
     origin = entry.job.get("origin", "") if entry.job is not None else ""
     if origin and origin != entry.queue:
         # Actions use the origin's registries and queue, as RQ does.
@@ -175,6 +205,28 @@ def _decide(
 
 
 _NO_WORKER = Liveness(False, "no worker named")
+
+
+def _held_elsewhere(
+    entry: StartedEntry, holder: str, worker: WorkerRecord, rule: Rule, signals: Signals
+) -> Verdict:
+    """An entry of a job that a live worker other than the one the entry names is
+    executing: the job ran before (its worker died) and was enqueued and taken
+    again, often under the same id by a scheduler. The job is that worker's; at
+    most this entry is left over."""
+    signals = replace(
+        signals,
+        worker=holder,
+        worker_alive=True,
+        worker_evidence=worker_liveness(worker).evidence,
+    )
+    if entry.execution_id is None:
+        # RQ 1 keeps one bare-id entry per job: this one is the holder's own. A stop
+        # goes to the worker the job names, not to the holder, so none is sent.
+        reason = f"{holder} is executing it, though the job names {entry.worker_name or 'none'}"
+        return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
+    reason = sys.intern(f"{holder} is executing this job as another execution; this entry is left")
+    return Verdict(State.LEFTOVER, ACTION_REMOVE_ENTRY, reason, signals)
 
 
 def out_of_place_since(entry: StartedEntry) -> float | None:

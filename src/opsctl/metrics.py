@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from opsctl.engine import State, classify
+from opsctl.engine import State, classify, jobs_in_hand
 from opsctl.errors import ExitCode, OpsctlError
 from opsctl.policy import Rule
 from opsctl.run import Run
@@ -88,8 +88,9 @@ def observe_run(run: Run) -> Observation:
 def observe_snapshot(snapshot: Snapshot, rule: Rule) -> Observation:
     """The gauges' view of ``opsctl status``: every entry classified under ``rule``."""
     seen = Observation(queues=set(snapshot.queues))
+    in_hand = jobs_in_hand(snapshot.workers)
     for entry in snapshot.entries:
-        verdict = classify(entry, snapshot.workers, rule, snapshot.now)
+        verdict = classify(entry, snapshot.workers, rule, snapshot.now, in_hand)
         seen.add_entry(entry.queue, verdict.state.value, verdict.signals.age_s)
     return seen
 

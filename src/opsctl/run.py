@@ -318,6 +318,9 @@ class _Classifier:
         self.dry_run = dry_run
         self.rules: dict[str, Rule] = {}
         self._early: list[JobOutcome] = []
+        # engine.jobs_in_hand of the workers, and how many workers it was made of:
+        # the snapshot's workers only grow while it is read.
+        self._in_hand: tuple[int, dict[str, str]] = (-1, {})
 
     def batch(
         self, entries: list[StartedEntry], workers: dict[str, WorkerRecord], now: float
@@ -350,7 +353,9 @@ class _Classifier:
         self, entry: StartedEntry, workers: dict[str, WorkerRecord], now: float
     ) -> JobOutcome:
         rule = self.rules[entry.queue]
-        verdict = engine.classify(entry, workers, rule, now)
+        if self._in_hand[0] != len(workers):
+            self._in_hand = (len(workers), engine.jobs_in_hand(workers))
+        verdict = engine.classify(entry, workers, rule, now, self._in_hand[1])
         return _initial_outcome(entry, verdict, rule, self.dry_run)
 
 

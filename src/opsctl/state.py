@@ -226,7 +226,7 @@ def _read_snapshot(
         if on_entries:
             on_entries(batch, workers, now)
 
-    workers = read_workers(conn, keys, _worker_names(conn, keys, queues), problems)
+    workers = read_workers(conn, keys, registered_workers(conn, keys, queues), problems)
     reader.held_by = {name for name, w in workers.items() if w.exists and not w.fields.get("death")}
     for queue in queues:
         try:
@@ -764,7 +764,7 @@ def _decode(shared: tuple[int, ...], values: list[Any], as_text: bool = False) -
     return values
 
 
-def _worker_names(conn: redis.Redis, keys: Keys, queues: list[str]) -> set[str]:
+def registered_workers(conn: redis.Redis, keys: Keys, queues: list[str]) -> set[str]:
     """Names of the workers registered, globally or on one of ``queues``."""
     pipe = conn.pipeline(transaction=False)
     pipe.smembers(keys.workers)
