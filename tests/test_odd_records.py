@@ -1602,6 +1602,11 @@ def test_a_stale_entry_of_a_job_a_live_worker_runs_again_leaves_the_job_alone(
     live_worker("again", {"state": "busy", "birth": iso(ago(600))}, [running])
     stale = f"{job.id}:e1"
     redis_conn.zadd(f"rq:wip:{QUEUE}", {stale: time.time() - 3600})
+    code, explained = explain(job.id, redis_url)
+    assert code == 0, explained
+    assert isinstance(explained, dict)
+    verdicts = {v["entry"]: v["state"] for v in explained["verdicts"]}
+    assert verdicts == {running: "running", stale: "leftover"}
 
     report = run(policy(tmp_path), redis_url)
 
