@@ -235,11 +235,36 @@ def test_job_of_a_live_worker_executing_another_job_is_abandoned() -> None:
 def test_job_that_names_no_worker_is_abandoned() -> None:
     started = entry(job=job_hash(worker=""), execution=execution_hash(worker=""))
 
-    verdict = decide(started, worker())
+    verdict = decide(started, worker(executing=()))
 
     assert verdict.state is State.ABANDONED
     assert verdict.reason == "no worker is named for it"
     assert verdict.signals.worker_alive is None
+
+
+def test_entry_naming_no_worker_that_a_live_worker_executes_is_left_running() -> None:
+    started = entry(job=job_hash(worker=""), execution=execution_hash(worker=""))
+
+    verdict = decide(started, worker(), rule=Rule(action="requeue", max_age_seconds=1))
+
+    assert (verdict.state, verdict.action) == (State.RUNNING, ACTION_NONE)
+    assert verdict.reason == f"{WORKER} is executing it, though its records name no worker"
+    assert verdict.signals.worker == WORKER
+
+
+def test_entry_of_an_earlier_execution_of_a_job_a_live_worker_runs_is_only_removed() -> None:
+    dead = worker("w-dead", exists=False, subscribers=0, connected=False, executing=())
+    earlier = entry(
+        execution=execution_hash(worker="w-dead"), member=MEMBER.rpartition(":")[0] + ":old"
+    )
+
+    verdict = decide(earlier, dead, worker())
+
+    assert (verdict.state, verdict.action) == (State.LEFTOVER, ACTION_REMOVE_ENTRY)
+    assert (
+        verdict.reason == f"{WORKER} is executing this job as another execution; this entry is left"
+    )
+    assert (verdict.signals.worker, verdict.signals.worker_alive) == (WORKER, True)
 
 
 def test_worker_named_by_the_execution_wins_over_the_stale_one_in_the_job() -> None:

@@ -220,10 +220,12 @@ def _held_elsewhere(
         worker_alive=True,
         worker_evidence=worker_liveness(worker).evidence,
     )
-    if entry.execution_id is None:
-        # RQ 1 keeps one bare-id entry per job: this one is the holder's own. A stop
-        # goes to the worker the job names, not to the holder, so none is sent.
-        reason = f"{holder} is executing it, though the job names {entry.worker_name or 'none'}"
+    if entry.execution_id is None or entry.member_text in worker.executions:
+        # The holder's own entry (RQ 1 keeps one bare-id entry per job), though the
+        # records name another worker or none. A stop would go to the worker they
+        # name, not to the holder, so none is sent.
+        named = entry.worker_name or "no worker"
+        reason = f"{holder} is executing it, though its records name {named}"
         return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
     reason = sys.intern(f"{holder} is executing this job as another execution; this entry is left")
     return Verdict(State.LEFTOVER, ACTION_REMOVE_ENTRY, reason, signals)
