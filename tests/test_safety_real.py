@@ -533,6 +533,37 @@ def test_apply_gives_up_when_every_batch_is_cut_though_ping_answers(
     assert Counter(outcomes(report).values()) == Counter({"done": 200, "error": 200})
 
 
+def test_once_redis_stays_away_the_later_batches_are_not_tried_but_reported_not_acted_on(
+    redis_conn: redis.Redis, redis_server: Any
+) -> None:
+    job_ids = abandon(redis_conn, 1000)
+    sent = [0]
+
+    def drop(chunk: bytes) -> bool:
+        # After the first batch of 200 changes, the server is gone: every later
+        # command, on every connection, is cut.
+        if sent[0] >= 200:
+            return True
+        sent[0] += chunk.count(b"EVALSHA")
+        return False
+
+    proxy = DroppingProxy(redis_server.port, drop)
+    try:
+        result = run_opsctl(*apply_args(POLICIES / "safety_fail.yaml", proxy.url, "--timeout", "2"))
+    finally:
+        proxy.close()
+
+    report = report_of(result, EXIT_REDIS_UNAVAILABLE)
+    assert statuses(redis_conn, job_ids) == Counter({"failed": 200, "started": 800})
+    reasons = Counter(line["reason"] for line in report["jobs"] if line["outcome"] == "error")
+    assert reasons == {
+        "not known to be done: lost the connection to Redis; rerun to finish": 200,
+        "not acted on: lost the connection to Redis": 600,
+    }
+    assert result.stderr.count("reconnected to Redis") == 0
+    assert result.stderr.count("connection_lost during=reconcile") == 1
+
+
 def test_jobs_of_queues_not_reached_after_a_lost_connection_are_reported_as_not_acted_on(
     redis_conn: redis.Redis, redis_server: Any, tmp_path: Path
 ) -> None:

@@ -197,6 +197,11 @@ class Executor:
 
     def _change_jobs(self, outcomes: list[JobOutcome]) -> None:
         for start in range(0, len(outcomes), STOP_CHECK_EVERY):
+            if self.run.redis_lost:
+                # A batch could not be confirmed and Redis stayed away: trying each
+                # later batch again would hold a deploy for minutes. The rest
+                # stays planned, and is reported as not acted on.
+                return
             if start:
                 self._checkpoint()
             batch = outcomes[start : start + STOP_CHECK_EVERY]
