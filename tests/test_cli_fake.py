@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -1364,6 +1365,25 @@ def test_a_plan_nested_past_any_json_parser_is_refused_as_damaged(url: str, tmp_
 
     assert result.exit_code == 2, result.output
     assert "nests values deeper than any plan opsctl writes" in result.output
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "missing"])
+def test_a_plan_path_that_is_no_file_is_refused_at_once(
+    conn: redis.Redis, url: str, tmp_path: Path, kind: str
+) -> None:
+    job = started_job(conn, "w-dead")
+    plan = tmp_path / "plan.json"
+    if kind == "fifo":
+        os.mkfifo(plan)  # opening it would wait for a writer that never comes
+    elif kind == "directory":
+        plan.mkdir()
+    why = {"fifo": "it is a FIFO, not a file", "directory": "it is a directory"}
+
+    result = opsctl("apply", "--plan", str(plan), "--redis-url", url)
+
+    assert result.exit_code == 2, result.output
+    assert f"cannot read plan {str(plan)!r}: {why.get(kind, 'no such file')}" in result.output
+    assert status_of(conn, job.id) == "started"
 
 
 def test_a_plan_of_a_policy_whose_defaults_say_dry_run_changes_nothing(

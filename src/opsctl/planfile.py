@@ -25,6 +25,7 @@ import redis
 
 from opsctl.engine import ACTION_REMOVE_ENTRY, ACTION_STOP, Signals, State, Verdict
 from opsctl.errors import ExitCode, OpsctlError, UsageError
+from opsctl.files import NotReadable, TooLarge, read_file
 from opsctl.keys import DEFAULT_PREFIX
 from opsctl.model import StartedEntry, WorkerRecord, format_timestamp
 from opsctl.policy import ACTIONS, Limits, Rule
@@ -217,11 +218,11 @@ def _checked_run(
 
 def _load(path: str) -> dict[str, Any]:
     try:
-        if Path(path).stat().st_size > MAX_PLAN_BYTES:
-            raise PlanError(f"plan {path!r} is larger than any plan opsctl writes")
-        document = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise PlanError(f"cannot read plan {path!r}: {exc.strerror}") from None
+        document = json.loads(read_file(path, MAX_PLAN_BYTES))
+    except NotReadable as exc:
+        raise PlanError(f"cannot read plan {path!r}: {exc.reason}") from None
+    except TooLarge:
+        raise PlanError(f"plan {path!r} is larger than any plan opsctl writes") from None
     except ValueError as exc:
         raise PlanError(f"plan {path!r} is not valid JSON: {exc}") from None
     except RecursionError:

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -45,6 +44,7 @@ from opsctl.connection import (
     url_problem,
 )
 from opsctl.errors import PolicyError, Problem
+from opsctl.files import NotReadable, TooLarge, read_file
 
 ACTIONS = ("fail", "requeue", "cancel", "delete")
 
@@ -301,35 +301,12 @@ def read_policy_bytes(file: str) -> bytes:
 def _read_bytes(file: str) -> bytes:
     """The bytes of `file`; refuses one that cannot be read or is too large to be a policy."""
     try:
-        # Opened without blocking: opening a FIFO would wait for a writer, and
-        # reading some special files for data, perhaps for ever.
-        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        with open(fd, "rb") as stream:
-            if stat.S_ISFIFO(os.fstat(fd).st_mode):
-                raise _Refused(_file_problem(file, "cannot read file: it is a FIFO, not a file"))
-            raw = stream.read(MAX_FILE_BYTES + 1)
-            size_bytes = os.fstat(fd).st_size
-    except OSError as error:
-        raise _Refused(_file_problem(file, f"cannot read file: {_os_reason(error)}")) from None
-    if raw is None:  # nothing to read yet from a special file
-        raise _Refused(_file_problem(file, "cannot read file: it is not a file"))
-
-    if len(raw) > MAX_FILE_BYTES:
-        size = _mebibytes(max(size_bytes, len(raw)))
-        message = f"file is {size} MiB; policy files are limited to 1 MiB"
-        raise _Refused(_file_problem(file, message))
-    return raw
-
-
-def _os_reason(error: OSError) -> str:
-    """Why a file could not be read, in a few words."""
-    if isinstance(error, FileNotFoundError):
-        return "no such file"
-    if isinstance(error, IsADirectoryError):
-        return "it is a directory"
-    if isinstance(error, PermissionError):
-        return "permission denied"
-    return (error.strerror or type(error).__name__).lower()
+        return read_file(file, MAX_FILE_BYTES)
+    except NotReadable as refused:
+        raise _Refused(_file_problem(file, f"cannot read file: {refused.reason}")) from None
+    except TooLarge as large:
+        message = f"file is {_mebibytes(large.size_bytes)} MiB; policy files are limited to 1 MiB"
+        raise _Refused(_file_problem(file, message)) from None
 
 
 def _mebibytes(size_bytes: int) -> str:

@@ -1,0 +1,61 @@
+"""Reading the files opsctl is given (policies, plans) without ever waiting on one.
+
+A path may name a FIFO, a device or a directory as well as a file; opening a
+FIFO waits for a writer, and reading some special files waits for data, both
+perhaps for ever and deaf to a polite signal. opsctl opens every such file
+without blocking and refuses anything but a regular file's bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+
+class NotReadable(Exception):
+    """The file cannot be read; ``reason`` says why in a few words."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TooLarge(Exception):
+    """The file holds more than the reader's limit; ``size_bytes`` is its size."""
+
+    def __init__(self, size_bytes: int) -> None:
+        super().__init__(f"{size_bytes} bytes")
+        self.size_bytes = size_bytes
+
+
+def read_file(path: str, limit_bytes: int) -> bytes:
+    """The bytes of ``path``, at most ``limit_bytes`` of them.
+
+    Raises :class:`NotReadable` (missing, a directory, no permission, a FIFO or
+    another special file) or :class:`TooLarge`.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as stream:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                raise NotReadable("it is a FIFO, not a file")
+            raw = stream.read(limit_bytes + 1)
+            size_bytes = os.fstat(fd).st_size
+    except OSError as error:
+        raise NotReadable(_reason(error)) from None
+    if raw is None:  # nothing to read yet from a special file
+        raise NotReadable("it is not a file")
+    if len(raw) > limit_bytes:
+        raise TooLarge(max(size_bytes, len(raw)))
+    return raw
+
+
+def _reason(error: OSError) -> str:
+    """Why a file could not be read, in a few words."""
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, IsADirectoryError):
+        return "it is a directory"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    return (error.strerror or type(error).__name__).lower()
