@@ -1070,6 +1070,57 @@ def test_requeueing_a_stuck_job_keeps_its_concurrency_slot(
     assert registry.get_allowed_job_ids() == [stuck.id]
 
 
+def limited_job(conn: redis.Redis, key: str) -> Job:
+    """An abandoned job holding the one slot of the concurrency limit ``key``."""
+    job = started_job(conn)
+    conn.hset(job.key, mapping={"rate_limit_key": key, "rate_limit_concurrency": "1"})
+    conn.zadd(f"rq:rl:{key}:allowed", {job.id: time.time()})
+    return job
+
+
+@pytest.mark.parametrize(
+    ("damage", "action"),
+    [("rescue-count", "requeue"), ("limit-allowed", "fail"), ("limit-config", "cancel")],
+)
+def test_a_damaged_key_a_change_reaches_leaves_the_job_untouched_and_names_the_key(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, damage: str, action: str
+) -> None:
+    job = limited_job(redis_conn, "api")
+    key = {
+        "rescue-count": f"opsctl:rescues:{job.id}",
+        "limit-allowed": "rq:rl:api:allowed",
+        "limit-config": "rq:rl:api",
+    }[damage]
+    redis_conn.delete(key)
+    redis_conn.set(key, "not a count")
+    member = started_member(redis_conn, job.id)
+
+    result = invoke_opsctl("apply", str(policy(tmp_path, action)), "--redis-url", redis_url)
+
+    assert result.exit_code == 1, result.output
+    assert key in result.output, result.output
+    assert job_status(redis_conn, job.id) == "started"
+    assert redis_conn.zscore(f"rq:wip:{QUEUE}", member) is not None
+    assert Queue(QUEUE, connection=redis_conn).get_job_ids() == []
+    assert redis_conn.get(key) == b"not a count"
+
+
+def test_a_waiting_id_that_names_no_job_leaves_the_line_and_the_change_is_made(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = limited_job(redis_conn, "api")
+    redis_conn.zadd("rq:rl:api:rate_limited", {"waiter": time.time()})
+    redis_conn.set("rq:job:waiter", "written by something else")
+
+    item = job_in(run(policy(tmp_path, "fail"), redis_url), job.id)
+
+    assert (item["state"], item["outcome"]) == ("abandoned", "done")
+    assert job_status(redis_conn, job.id) == "failed"
+    registry = RateLimitRegistry("api", connection=redis_conn)
+    assert registry.get_allowed_job_ids() == registry.get_rate_limited_job_ids() == []
+    assert redis_conn.get("rq:job:waiter") == b"written by something else"
+
+
 # --- 11. a custom key prefix ------------------------------------------------------------------
 
 

@@ -159,6 +159,25 @@ for i, kind in pairs(kinds) do
     return redis.error_reply(KEYS[i] .. ' holds a ' .. found .. ', not a ' .. kind)
   end
 end
+-- opsctl's count of requeues, which INCR must be able to read.
+if kinds[17] then
+  local count = redis.call('GET', KEYS[17])
+  if count and not (string.match(count, '^%d+$') and #count < 16) then
+    return redis.error_reply(KEYS[17] .. ' holds something other than a count of requeues')
+  end
+end
+-- The keys of an RQ 3 concurrency limit, which the job names in its own hash.
+if not opaque and field(KEYS[1], 'rate_limit_key') ~= '' then
+  local base = ARGV[16] .. ':rl:' .. field(KEYS[1], 'rate_limit_key')
+  local limit_kinds = {[base] = 'hash', [base .. ':allowed'] = 'zset'}
+  limit_kinds[base .. ':rate_limited'] = 'zset'
+  for key, kind in pairs(limit_kinds) do
+    local found = kind_of(key)
+    if found ~= 'none' and found ~= kind then
+      return redis.error_reply(key .. ' holds a ' .. found .. ', not a ' .. kind)
+    end
+  end
+end
 
 -- Lost jobs: whether a registry or list holds the job after all (then a
 -- worker or RQ took it back), in words; false when nothing does.
@@ -318,19 +337,29 @@ local function release_slot(rl_key, rl_concurrency)
   if redis.call('ZREM', allowed, job_id) == 0 then return end
   local concurrency = tonumber(redis.call('HGET', base, 'concurrency') or '')
   concurrency = concurrency or tonumber(rl_concurrency) or 0
+  -- Nothing here may fail (the change is made): a waiting id whose job is no
+  -- waiting job leaves the line; one whose queue is not a list stops it.
   while redis.call('ZCARD', allowed) < concurrency do
     local oldest = redis.call('ZRANGE', waiting, 0, 0)
     if #oldest == 0 then break end
     local id = oldest[1]
-    redis.call('ZREM', waiting, id)
     local key = ARGV[16] .. ':job:' .. id
-    local f = redis.call('HMGET', key, 'origin', 'status', 'enqueue_at_front')
-    if f[1] and f[2] == 'rate_limited' then
+    local f = {false, false, false}
+    if kind_of(key) == 'hash' then
+      f = redis.call('HMGET', key, 'origin', 'status', 'enqueue_at_front')
+    end
+    local queue = f[1] and ARGV[16] .. ':queue:' .. f[1]
+    if queue and f[2] == 'rate_limited' then
+      local found = kind_of(queue)
+      if found ~= 'none' and found ~= 'list' then break end
+    end
+    redis.call('ZREM', waiting, id)
+    if queue and f[2] == 'rate_limited' then
       redis.call('ZADD', allowed, math.floor(now), id)
       if f[3] == '1' then
-        redis.call('LPUSH', ARGV[16] .. ':queue:' .. f[1], id)
+        redis.call('LPUSH', queue, id)
       else
-        redis.call('RPUSH', ARGV[16] .. ':queue:' .. f[1], id)
+        redis.call('RPUSH', queue, id)
       end
       redis.call('HSET', key, 'status', 'queued', 'enqueued_at', now_iso)
     end
