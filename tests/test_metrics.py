@@ -291,3 +291,26 @@ def test_status_metrics_file_holds_the_gauges_it_prints(
         k: v for k, v in written.items() if k[0] not in timing
     }
     assert started(written, "default", "abandoned") == 2
+
+
+def test_a_queue_name_that_is_not_utf8_is_written_escaped(
+    conn: redis.Redis, fake_redis_url: str, tmp_path: Path
+) -> None:
+    conn.sadd("rq:queues", b"rq:queue:\xfe")
+    register_worker(fake_redis_url, "w-dead")
+    started_job(conn, "w-dead")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text('version: 1\nqueues:\n  - name: "*"\n')
+    target = tmp_path / "opsctl.prom"
+
+    printed = run_opsctl("status", "--redis-url", fake_redis_url, "--format", "prometheus")
+    applied = run_opsctl(
+        "apply", str(policy), "--redis-url", fake_redis_url, "--metrics-file", str(target)
+    )
+
+    assert printed.returncode == 0, printed.stderr
+    assert started(gauges(printed.stdout, "status"), "\\xfe", "abandoned") == 0
+    assert applied.returncode == 0, applied.stderr
+    values = gauges(target.read_text(), "apply")
+    assert started(values, "\\xfe", "running") == 0
+    assert action(values, "default", "fail", "done") == 1

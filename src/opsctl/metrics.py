@@ -135,11 +135,11 @@ def build(seen: Observation | None, facts: RunFacts) -> CollectorRegistry:
         for queue in sorted(seen.queues):
             for state in State:
                 count = seen.started[(queue, state.value)]
-                started.labels(command, queue, state.value).set(count)
+                started.labels(command, _shown(queue), state.value).set(count)
         for queue, age_s in sorted(seen.oldest_age_s.items()):
-            oldest.labels(command, queue).set(age_s)
+            oldest.labels(command, _shown(queue)).set(age_s)
         for (queue, action, outcome), count in sorted(seen.actions.items()):
-            actions.labels(command, queue, action, outcome).set(count)
+            actions.labels(command, _shown(queue), action, outcome).set(count)
     run_level = (
         ("opsctl_run_duration_seconds", "Seconds the run took.", facts.duration_s),
         (
@@ -157,6 +157,15 @@ def build(seen: Observation | None, facts: RunFacts) -> CollectorRegistry:
     for name, help_text, value in run_level:
         Gauge(name, help_text, ["command"], registry=registry).labels(command).set(value)
     return registry
+
+
+def _shown(name: str) -> str:
+    """A queue name as a label value: bytes that are not UTF-8 (kept as lone
+    surrogates, see :func:`opsctl.state.text`) are written as ``\\xNN`` escapes,
+    since the exposition format is UTF-8."""
+    if name.isascii():
+        return name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def render(registry: CollectorRegistry) -> str:
