@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -507,3 +509,48 @@ def test_a_refused_command_names_the_user_given_apart_from_the_url(
     assert result.returncode == 3, result.stderr
     assert "Redis user 'no-writes' lacks a permission" in result.stderr
     assert "pw-no-writes" not in result.stderr + result.stdout
+
+
+@pytest.fixture
+def not_redis() -> Iterator[str]:
+    """A URL on 127.0.0.1 where a server that is not Redis (it answers as a web server
+    does) listens."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            with client:
+                client.recv(65536)
+                client.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    listener.close()
+
+
+@pytest.mark.parametrize("command", [("status",), ("history",), ("apply", "--dry-run")])
+def test_a_server_that_is_not_redis_is_unreachable_redis_exit_3(
+    not_redis: str, tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nqueues:\n  - name: default\n")
+    args = [command[0], *([str(policy)] if command[0] == "apply" else []), *command[1:]]
+
+    result = run_opsctl(*args, "--redis-url", not_redis)
+
+    assert result.returncode == 3, result.stderr
+    assert f"{not_redis} does not answer as Redis does" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_database_the_server_does_not_have_is_a_setting_to_mend_exit_2(redis_url: str) -> None:
+    missing_db = redis_url.rpartition("/")[0] + "/99"  # a server has 16 unless told otherwise
+
+    result = run_opsctl("status", "--redis-url", missing_db)
+
+    assert result.returncode == 2, result.stderr
+    assert f"Redis at {missing_db} has no such database" in result.stderr

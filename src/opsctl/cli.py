@@ -191,6 +191,8 @@ def _as_error(exc: Exception, url: str | None) -> OpsctlError:
         return exc
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
         return RedisUnavailable(f"lost the connection to Redis: {exc}")
+    if isinstance(exc, redis.exceptions.InvalidResponse):
+        return RedisUnavailable(f"the server stopped answering as Redis does: {exc}")
     if isinstance(exc, redis.exceptions.NoPermissionError):
         user = _redis_user(url)
         message = (

@@ -310,7 +310,20 @@ def connect(
         raise RedisUnavailable(
             f"cannot reach Redis at {mask_url(url)}: {redact(str(exc), url)}"
         ) from None
+    except redis.exceptions.InvalidResponse as exc:
+        # Something listens there, but not Redis (a web server, say).
+        raise RedisUnavailable(
+            f"{mask_url(url)} does not answer as Redis does ({redact(str(exc), url)}): "
+            "check the host and port"
+        ) from None
     except redis.ResponseError as exc:
+        if "out of range" in str(exc):
+            # SELECT of a database this server does not have: a setting to mend,
+            # not a server that may come back.
+            raise UsageError(
+                f"Redis at {mask_url(url)} has no such database: {redact(str(exc), url)}; "
+                "check the database number it names"
+            ) from None
         raise RedisUnavailable(
             f"Redis at {mask_url(url)} refused the connection: {redact(str(exc), url)}"
         ) from None
