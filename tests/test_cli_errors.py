@@ -433,6 +433,9 @@ def test_max_age_in_words_exits_2_with_the_accepted_forms(closed_url: str) -> No
         (("explain", "job-1", "--key-prefix", "a b"), "is not a key prefix"),
         (("status", "--timeout", "-1"), "-1.0 is not a number of seconds above 0"),
         (("status", "--timeout", "0"), "0.0 is not a number of seconds above 0"),
+        (("status", "--timeout", "1e10"), "1e+10 seconds is longer than the most allowed, 86400"),
+        (("apply", "policies/minimal.yaml", "--stop-timeout", "1e10"), "the most allowed, 86400"),
+        (("apply", "policies/minimal.yaml", "--lock-timeout", "1e300"), "the most allowed"),
     ],
 )
 def test_options_no_run_could_use_are_refused_before_anything_happens(

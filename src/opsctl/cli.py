@@ -413,17 +413,28 @@ def _connection(
     return Connection(url, username, tuple(sentinels or ()), service, db, settings)
 
 
+#: The longest any option makes opsctl wait, in seconds (a day). Far longer
+#: waits are typing mistakes, and the platform's clocks cannot hold some of them.
+MAX_WAIT_S = 86_400
+
+
 def _seconds(value: float) -> float:
     """Accept a finite, non-negative number of seconds (the options that wait)."""
     if not math.isfinite(value) or value < 0:
         raise typer.BadParameter(f"{value!r} is not a number of seconds (use 0 or more)")
-    return value
+    return _at_most_a_day(value)
 
 
 def _positive_seconds(value: float) -> float:
     """Accept a finite number of seconds above 0 (the time Redis has to answer)."""
     if not math.isfinite(value) or value <= 0:
         raise typer.BadParameter(f"{value!r} is not a number of seconds above 0")
+    return _at_most_a_day(value)
+
+
+def _at_most_a_day(value: float) -> float:
+    if value > MAX_WAIT_S:
+        raise typer.BadParameter(f"{value:g} seconds is longer than the most allowed, {MAX_WAIT_S}")
     return value
 
 
