@@ -245,6 +245,12 @@ QUEUE_KEYS = (
         ),
         ("syntax_error", "5:1: invalid YAML: expected ',' or ']', but got '<stream end>'"),
         ("not_utf8", "4:14: byte 0xe9 is not UTF-8 text; save the file as UTF-8"),
+        (
+            "boolean_name",
+            "3:11: queues[0].name: false is not a queue name (use a non-empty string; quote a"
+            " name that YAML reads as something else: a number, or yes, no, on, off, true or"
+            " false)",
+        ),
     ],
 )
 def test_each_mistake_is_reported_on_its_own_exact_line(name: str, expected: str) -> None:

@@ -55,6 +55,12 @@ def test_url_and_sentinel_together_are_refused_at_the_sentinel_key() -> None:
     ]
 
 
+def test_an_empty_redis_section_is_one_problem_not_also_a_url_and_sentinel_clash() -> None:
+    assert problems("redis_empty") == [
+        "2:7: redis: an empty value is not a mapping (put url: and key_prefix: beneath it)"
+    ]
+
+
 def test_tls_mistakes_are_each_reported_and_a_literal_password_is_never_quoted() -> None:
     assert problems("redis_tls_mistakes") == [
         "4:3: redis.tls: TLS settings need a rediss:// url (this one does not use TLS)",

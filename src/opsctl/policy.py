@@ -793,8 +793,8 @@ _VALUE_MESSAGES = {
     "max_percent": "{value} is not a percentage (use a number from 0 to 100)",
     "limits": "{value} is not a mapping (put max_actions: and max_percent: beneath it)",
     "name": (
-        "{value} is not a queue name "
-        "(use a non-empty string; quote a name that looks like a number)"
+        "{value} is not a queue name (use a non-empty string; quote a name that YAML reads "
+        "as something else: a number, or yes, no, on, off, true or false)"
     ),
     "key_prefix": "{value} is not a key prefix (use letters, digits and _ . : - { })",
     "url": "is not a valid Redis URL (expected redis://, rediss://, unix:// or redis+sentinel://)",
@@ -864,8 +864,10 @@ def _report_schema_error(document: _Document, error: ValidationError) -> None:
     if error.validator == "additionalProperties":
         _report_unknown_keys(document, path, error)
     elif error.validator == "not" and path == ("redis",):
-        message = "give url or sentinel, not both (both say where Redis is)"
-        document.report(path, message, at=document.key_marks.get(("redis", "sentinel")))
+        # Only a mapping can hold both; another value has its own error.
+        if isinstance(error.instance, dict):
+            message = "give url or sentinel, not both (both say where Redis is)"
+            document.report(path, message, at=document.key_marks.get(("redis", "sentinel")))
     elif path[:2] == ("redis", "sentinel") and len(path) == 4 and path[2] == "hosts":
         what = document.describe(path, error.instance)
         document.report(path, f"{what} is not a sentinel address (use HOST or HOST:PORT)")
