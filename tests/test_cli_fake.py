@@ -25,7 +25,7 @@ import jsonschema
 import pytest
 import redis
 from click.testing import Result
-from rq import Queue, Retry, SimpleWorker
+from rq import Queue, Retry, SimpleWorker, Worker
 from rq.exceptions import NoSuchJobError
 from rq.executions import Execution
 from rq.job import Dependency, Job, JobStatus
@@ -1136,6 +1136,34 @@ def test_dead_worker_of_a_queue_the_run_does_not_cover_keeps_its_registration(
     apply(policy, url)
 
     assert conn.sismember("rq:workers:billing", "rq:worker:w-billing")
+
+
+def test_dead_worker_is_removed_from_covered_queues_known_only_by_their_worker_sets(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    # Its queues hold no job and are missing from RQ's queue set: only the
+    # worker sets name them.
+    conn.sadd("rq:workers", "rq:worker:w-gone")
+    for queue in ("mq-a", "mq-b", "billing"):
+        conn.sadd(f"rq:workers:{queue}", "rq:worker:w-gone")
+    policy = write_policy(
+        tmp_path,
+        """\
+        version: 1
+        queues:
+          - name: "mq-*"
+          - name: billing
+            enabled: false
+        """,
+    )
+
+    apply(policy, url)
+
+    for queue in ("mq-a", "mq-b"):
+        assert Worker.all_keys(connection=conn, queue=Queue(queue, connection=conn)) == []
+    billing = Worker.all_keys(connection=conn, queue=Queue("billing", connection=conn))
+    assert billing == ["rq:worker:w-gone"]
+    assert Worker.all_keys(connection=conn) == []
 
 
 def test_registration_set_member_that_is_no_worker_key_is_left_alone(

@@ -490,8 +490,9 @@ def _hold_back_live_workers(conn: redis.Redis, keys: Keys, run: Run) -> None:
     names = {w.worker.name for w in run.workers}
     names |= {name for j in run.jobs if (name := j.entry.worker_name)}
     # A worker that took one of the jobs again since the plan was made.
-    names |= registered_workers(conn, keys, [q.name for q in run.queues])
-    fresh = read_workers(conn, keys, names)
+    queues = [q.name for q in run.queues]
+    names |= registered_workers(conn, keys, queues)
+    fresh = read_workers(conn, keys, names, queues=queues)
     for w in run.workers:
         live = worker_liveness(fresh.get(w.worker.name))
         if w.outcome == PLANNED and not w.dry_run and live.alive:

@@ -296,9 +296,15 @@ def _read_state(
         # Their ages count from the first snapshot's clock, a moment before
         # they were read: a job is never taken for older than it is.
         more = read_snapshot(conn, keys, later, on_progress, with_functions=True, ids=ids)
-        snapshot.workers.update(
-            {n: w for n, w in more.workers.items() if n not in snapshot.workers}
-        )
+        for name, again in more.workers.items():
+            known = snapshot.workers.get(name)
+            if known is None:
+                snapshot.workers[name] = again
+            else:
+                # The first read stands; the later one adds the worker sets of the
+                # queues found since, which it looked in.
+                seen_in = known.registered_in | again.registered_in
+                snapshot.workers[name] = replace(known, registered_in=seen_in)
         snapshot.problems += more.problems
         snapshot.entries += more.entries
         place = {q.name: i for i, q in enumerate(queues)}
@@ -403,7 +409,7 @@ def _lost_entries(
     run.problems.extend(scan.problems + stranded.problems)
     names = {e.worker_name for e in scan.entries if e.worker_name} - set(snapshot.workers)
     if names:
-        snapshot.workers.update(read_workers(conn, keys, names, run.problems))
+        snapshot.workers.update(read_workers(conn, keys, names, run.problems, snapshot.queues))
     return scan.entries + stranded.entries
 
 

@@ -226,7 +226,7 @@ def _read_snapshot(
         if on_entries:
             on_entries(batch, workers, now)
 
-    workers = read_workers(conn, keys, registered_workers(conn, keys, queues), problems)
+    workers = read_workers(conn, keys, registered_workers(conn, keys, queues), problems, queues)
     reader.held_by = {name for name, w in workers.items() if w.exists and not w.fields.get("death")}
     for queue in queues:
         try:
@@ -240,7 +240,7 @@ def _read_snapshot(
         entries.extend(_read_entries(keys, queue, members, problems, decoded, reader, ids))
     # Workers that entries name but no registration lists (most often dead ones).
     named = {name for e in entries if (name := e.worker_name)} - set(workers)
-    workers.update(read_workers(conn, keys, named, problems))
+    workers.update(read_workers(conn, keys, named, problems, queues))
     return Snapshot(now=now, queues=queues, entries=entries, workers=workers, problems=problems)
 
 
@@ -780,17 +780,24 @@ def registered_workers(conn: redis.Redis, keys: Keys, queues: list[str]) -> set[
 
 
 def read_workers(
-    conn: redis.Redis, keys: Keys, names: Iterable[str], problems: list[str] | None = None
+    conn: redis.Redis,
+    keys: Keys,
+    names: Iterable[str],
+    problems: list[str] | None = None,
+    queues: Iterable[str] = (),
 ) -> dict[str, WorkerRecord]:
     """Worker hashes, registrations and connection signals for ``names``.
 
-    A worker key that cannot be read as a hash (another type) counts as a hash
-    without fields, judged by its connection signals, and is named in ``problems``.
+    Registrations are looked for in the global set and in the worker sets of
+    the queues in RQ's queue set and of ``queues`` (a queue may be known only
+    by its worker set). A worker key that cannot be read as a hash (another
+    type) counts as a hash without fields, judged by its connection signals,
+    and is named in ``problems``.
     """
     names = sorted(set(names))
     if not names:
         return {}
-    registrations = _registrations(conn, keys)
+    registrations = _registrations(conn, keys, queues)
     subscribers = _subscribers(conn, keys, names)
     connected = _connected_names(conn)
     workers: dict[str, WorkerRecord] = {}
@@ -827,10 +834,11 @@ def read_workers(
     return workers
 
 
-def _registrations(conn: redis.Redis, keys: Keys) -> dict[str, set[str]]:
+def _registrations(conn: redis.Redis, keys: Keys, queues: Iterable[str]) -> dict[str, set[str]]:
     """Worker name → the registration sets (global and per queue) that list it."""
     sets = [keys.workers]
-    sets += [keys.queue_workers(q) for q in _queue_names_from_set(conn, keys)]
+    known = sorted({*_queue_names_from_set(conn, keys), *queues})
+    sets += [keys.queue_workers(q) for q in known]
     pipe = conn.pipeline(transaction=False)
     for key in sets:
         pipe.smembers(key)
