@@ -452,6 +452,9 @@ def test_schema_is_valid_draft_2020_12_and_lists_every_action() -> None:
         ("version: 1\nqueues:\n  - name: a\n    max_age: ${MAX_AGE:-10m}\n", True),
         ("version: 1\nqueues:\n  - name: a\n    force: yes-please\n", False),
         ("version: 1\nqueues:\n  - name: a\n    max_age: $MAX_AGE\n", False),
+        # opsctl refuses a zero max_age (see below): so does the schema.
+        ("version: 1\ndefaults:\n  max_age: 0\nqueues:\n  - name: a\n", False),
+        ("version: 1\nqueues:\n  - name: a\n    max_age: 00m\n", False),
     ],
 )
 def test_the_published_schema_takes_a_policy_as_it_stands_in_its_file(

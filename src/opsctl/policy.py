@@ -863,6 +863,8 @@ def _report_schema_error(document: _Document, error: ValidationError) -> None:
 
     if error.validator == "additionalProperties":
         _report_unknown_keys(document, path, error)
+    elif error.validator == "not" and path[-1:] == ("max_age",):
+        return  # a zero: reported in words by _check_zero_max_age
     elif error.validator == "not" and path == ("redis",):
         # Only a mapping can hold both; another value has its own error.
         if isinstance(error.instance, dict):
