@@ -468,6 +468,30 @@ def test_a_sentinel_url_aimed_at_a_plain_redis_says_what_that_server_answered(
     ), line
 
 
+def test_a_sentinel_that_refuses_the_login_is_named_with_where_its_password_goes(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--requirepass", "sentinel-secret"]
+    guarded = _launch(
+        args + _plain_args(tmp_path),
+        tmp_path / "redis.log",
+        lambda: redis.Redis(port=port, password="sentinel-secret"),
+    )
+    try:
+        result = _opsctl("status", "--redis-url", f"redis+sentinel://127.0.0.1:{port}/mymaster")
+    finally:
+        guarded.stop()
+
+    assert result.returncode == 3, result.stderr
+    [line] = result.stderr.splitlines()
+    assert "named a master: AuthenticationError: " in line, line
+    assert line.endswith(
+        "(a sentinel refused the login: give the sentinels' own password as the policy's "
+        "redis.sentinel.password)"
+    ), line
+
+
 def test_sentinel_and_redis_url_together_are_refused_with_exit_2(sentinel: SentinelSetup) -> None:
     result = _opsctl(
         "status",

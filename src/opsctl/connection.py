@@ -113,7 +113,10 @@ def redact(message: str, url: str | None) -> str:
 
 #: What one sentinel answered, in redis-py's "no master" message (which also
 #: holds each sentinel client's long description, left out).
-_SENTINEL_ANSWER = re.compile(r" - [^:\s]+:(\w+: [^<]*?)\s*(?= - |$)")
+# redis-py lists each sentinel that failed as its client's description (which
+# starts "<redis.") followed by " - NAME:ErrorClass: text"; the text may hold "<".
+_SENTINEL_ANSWER = re.compile(r" - [^:\s]+:(\w+: .*?)\s*(?=, <redis\.|$)", re.S)
+_REFUSED_LOGIN = ("AuthenticationError", "NOAUTH", "WRONGPASS")
 
 
 def _sentinel_answers(exc: Exception, url: str) -> str:
@@ -122,7 +125,13 @@ def _sentinel_answers(exc: Exception, url: str) -> str:
     if not answers:
         return "none of them knows the service"
     # A server that is not a Sentinel refuses the SENTINEL command.
-    return redact("; ".join(answers), url)
+    said = redact("; ".join(answers), url)
+    if any(word in said for word in _REFUSED_LOGIN):
+        said += (
+            " (a sentinel refused the login: give the sentinels' own password as "
+            "the policy's redis.sentinel.password)"
+        )
+    return said
 
 
 _UNKNOWN_OPTION = re.compile(r"unexpected keyword argument '([^']+)'")
