@@ -1408,9 +1408,11 @@ def test_a_plan_path_that_is_no_file_is_refused_at_once(
     why = {"fifo": "it is a FIFO, not a file", "directory": "it is a directory"}
 
     result = opsctl("apply", "--plan", str(plan), "--redis-url", url)
+    without_url = opsctl("apply", "--plan", str(plan))  # the plan is named first
 
-    assert result.exit_code == 2, result.output
-    assert f"cannot read plan {str(plan)!r}: {why.get(kind, 'no such file')}" in result.output
+    said = f"cannot read plan {str(plan)!r}: {why.get(kind, 'no such file')}"
+    assert (result.exit_code, without_url.exit_code) == (2, 2), result.output
+    assert said in result.output and said in without_url.output, without_url.output
     assert status_of(conn, job.id) == "started"
 
 

@@ -600,6 +600,8 @@ def apply(
     if policy_file is not None:
         url_given = _guard(connection.given_url) is not None
         policy = _guard(lambda: _load_for_apply(policy_file, url_given))
+    if plan_file is not None:
+        _guard(lambda: planfile.check_plan_file(plan_file))
     url, options = _guard(lambda: connection.resolve(policy))
     _setup_logging(verbose, quiet, log_format, url)
     overrides = _overrides(dry_run, force, max_age, queue, max_actions, stop_timeout)

@@ -50,6 +50,25 @@ def read_file(path: str, limit_bytes: int) -> bytes:
     return raw
 
 
+def check_file(path: str) -> None:
+    """Raise :class:`NotReadable` unless ``path`` is a regular file opsctl may
+    open; nothing is read (the bytes are read later, once needed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as error:
+        raise NotReadable(_reason(error)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+    if stat.S_ISFIFO(mode):
+        raise NotReadable("it is a FIFO, not a file")
+    if stat.S_ISDIR(mode):
+        raise NotReadable("it is a directory")
+    if not stat.S_ISREG(mode):
+        raise NotReadable("it is not a file")
+
+
 def _reason(error: OSError) -> str:
     """Why a file could not be read, in a few words."""
     if isinstance(error, FileNotFoundError):

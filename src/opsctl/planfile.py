@@ -25,7 +25,7 @@ import redis
 
 from opsctl.engine import ACTION_REMOVE_ENTRY, ACTION_STOP, Signals, State, Verdict
 from opsctl.errors import ExitCode, OpsctlError, UsageError
-from opsctl.files import NotReadable, TooLarge, read_file
+from opsctl.files import NotReadable, TooLarge, check_file, read_file
 from opsctl.keys import DEFAULT_PREFIX
 from opsctl.model import StartedEntry, WorkerRecord, format_timestamp
 from opsctl.policy import ACTIONS, Limits, Rule
@@ -214,6 +214,15 @@ def _checked_run(
     run.workers = [_unworker(w) for w in document["workers"]]
     run.limits_tripped = list(document["limits_tripped"])
     return run
+
+
+def check_plan_file(path: str) -> None:
+    """Refuse at once a plan path that names no readable file (before Redis is
+    looked for); its content is read and checked when the plan is applied."""
+    try:
+        check_file(path)
+    except NotReadable as exc:
+        raise PlanError(f"cannot read plan {path!r}: {exc.reason}") from None
 
 
 def _load(path: str) -> dict[str, Any]:
