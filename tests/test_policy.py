@@ -313,6 +313,16 @@ def test_both_reference_forms_are_interpolated() -> None:
     assert policy.key_prefix == "rq"  # ${RQ_PREFIX:-rq}, RQ_PREFIX unset
 
 
+def test_a_default_holding_another_reference_is_refused_in_words(tmp_path: Path) -> None:
+    path = tmp_path / "nested.yaml"
+    path.write_text("version: 1\ndefaults:\n  action: ${ACT:-${X}}\nqueues:\n  - name: a\n")
+
+    assert problem_lines(str(path), environ={"X": "fail"}) == [
+        f"{path}:3:11: defaults.action: a default cannot hold another ${{...}}: "
+        "write it as plain text"
+    ]
+
+
 def test_empty_variable_takes_the_default_as_in_a_shell() -> None:
     policy = load("env_forms", {"REDIS_URL": "redis://cache", "RQ_PREFIX": ""})
 

@@ -739,7 +739,8 @@ def _interpolate(text: str, environ: Mapping[str, str]) -> _Interpolation:
     """`text` with every ${VAR} and ${VAR:-default} replaced from `environ`.
 
     As in POSIX shells, ${VAR:-default} takes the default when VAR is unset or empty. A `$`
-    not followed by `{` is kept as written. A default cannot contain `}`.
+    not followed by `{` is kept as written. A default cannot contain `}`, nor
+    another reference.
     """
     parts: list[str] = []
     names: list[str] = []
@@ -754,6 +755,9 @@ def _interpolate(text: str, environ: Mapping[str, str]) -> _Interpolation:
         name, has_default, default = text[start + 2 : end].partition(":-")
         if not _VARIABLE_NAME.fullmatch(name):
             message = f"'${{' is not followed by a variable name ({_REFERENCE_HINT})"
+            return _Interpolation(text, error=(start, message))
+        if "${" in default:
+            message = "a default cannot hold another ${...}: write it as plain text"
             return _Interpolation(text, error=(start, message))
 
         value = environ.get(name)
