@@ -7,6 +7,7 @@ action a user would see in the report.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -265,6 +266,31 @@ def test_entry_of_an_earlier_execution_of_a_job_a_live_worker_runs_is_only_remov
         verdict.reason == f"{WORKER} is executing this job as another execution; this entry is left"
     )
     assert (verdict.signals.worker, verdict.signals.worker_alive) == (WORKER, True)
+
+
+def test_entry_of_a_job_a_live_rq2_worker_names_as_its_current_job_is_left_running() -> None:
+    # An RQ 2 worker names only the job it runs, not the execution: any entry of
+    # the job may be its own.
+    dead = worker("w-dead", exists=False, subscribers=0, connected=False, executing=())
+    job_id = MEMBER.rpartition(":")[0]
+    rq2 = worker("w-rq2", executing=(), current_job=job_id)
+    named_dead = entry(execution=execution_hash(worker="w-dead"))
+
+    verdict = decide(named_dead, dead, rq2)
+
+    assert (verdict.state, verdict.action) == (State.RUNNING, ACTION_NONE)
+    assert verdict.reason == "w-rq2 is executing it, though its records name w-dead"
+
+
+def test_lost_job_a_live_worker_executes_without_being_named_is_left_running() -> None:
+    dead = worker("w-dead", exists=False, subscribers=0, connected=False, executing=())
+    lost = replace(entry(), execution_id=None, execution=None, lost=True, first_lost=NOW - 3600)
+    lost = replace(lost, job=job_hash(worker="w-dead"))
+
+    verdict = decide(lost, dead, worker("w-other"))
+
+    assert (verdict.state, verdict.action) == (State.RUNNING, ACTION_NONE)
+    assert verdict.signals.worker == "w-other"
 
 
 def test_worker_named_by_the_execution_wins_over_the_stale_one_in_the_job() -> None:

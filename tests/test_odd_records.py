@@ -1691,3 +1691,24 @@ def test_a_plan_leaves_alone_a_job_a_live_worker_took_again_since(
         "not acted on: taker is live now and executing this job",
     )
     assert job_status(redis_conn, job.id) == "started"
+
+
+def test_explain_and_apply_find_a_live_worker_running_the_job_that_no_record_names(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    job = started_job(redis_conn, worker=DEAD)
+    earlier = started_member(redis_conn, job.id).decode()
+    now_running = f"{job.id}:e2"
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {now_running: time.time() + 60})
+    live_worker("taker", {"state": "busy", "birth": iso(ago(60))}, [now_running])
+
+    code, explained = explain(job.id, redis_url)
+    report = run(policy(tmp_path), redis_url)
+
+    assert code == 0 and isinstance(explained, dict), explained
+    verdicts = {v["entry"]: (v["state"], v["action"]) for v in explained["verdicts"]}
+    assert verdicts == {earlier: ("leftover", "remove-entry"), now_running: ("running", "none")}
+    assert {w["name"] for w in explained["workers"]} == {DEAD, "taker"}
+    lines = {j["entry"]: (j["state"], j["outcome"]) for j in report["jobs"]}
+    assert lines == {earlier: ("leftover", "done"), now_running: ("running", "kept")}
+    assert job_status(redis_conn, job.id) == "started"

@@ -169,7 +169,7 @@ def classify(
     if in_hand is None:
         in_hand = jobs_in_hand(workers)
     holder = None if holds else in_hand.get(entry.job_id)
-    if holder is not None and not (entry.lost or entry.stranded):
+    if holder is not None:
         verdict = _held_elsewhere(entry, holder, workers[holder], rule, signals)
     else:
         verdict = _decide(entry, rule, liveness, holds, signals, now)
@@ -210,20 +210,23 @@ _NO_WORKER = Liveness(False, "no worker named")
 def _held_elsewhere(
     entry: StartedEntry, holder: str, worker: WorkerRecord, rule: Rule, signals: Signals
 ) -> Verdict:
-    """An entry of a job that a live worker other than the one the entry names is
-    executing: the job ran before (its worker died) and was enqueued and taken
-    again, often under the same id by a scheduler. The job is that worker's; at
-    most this entry is left over."""
+    """An entry (or a lost or stranded job) whose job a live worker says it is
+    executing, though the entry's records name another worker, or none, or the
+    worker they name does not hold this entry. Most often the job ran before (its
+    worker died) and was enqueued and taken again, under the same id by a
+    scheduler, say. The job is the holder's: at most this entry is left over."""
     signals = replace(
         signals,
         worker=holder,
         worker_alive=True,
         worker_evidence=worker_liveness(worker).evidence,
     )
-    if entry.execution_id is None or entry.member_text in worker.executions:
-        # The holder's own entry (RQ 1 keeps one bare-id entry per job), though the
-        # records name another worker or none. A stop would go to the worker they
-        # name, not to the holder, so none is sent.
+    own = entry.member_text in worker.executions
+    if entry.execution_id is None or own or not worker.executions:
+        # The holder's own entry, or one it may own: RQ 1 keeps one bare-id entry
+        # per job, and a worker that names its job only in current_job (RQ 1, 2)
+        # does not say which execution is its own. A stop would go to the worker
+        # the records name, not to the holder, so none is sent.
         named = entry.worker_name or "no worker"
         reason = f"{holder} is executing it, though its records name {named}"
         return Verdict(State.RUNNING, ACTION_NONE, reason, signals)

@@ -27,7 +27,14 @@ from opsctl.model import StartedEntry, WorkerRecord, format_timestamp
 from opsctl.policy import Policy, Rule
 from opsctl.records import function_name
 from opsctl.report import safe
-from opsctl.state import known_queues, read_workers, server_time, split_member, text
+from opsctl.state import (
+    known_queues,
+    read_workers,
+    registered_workers,
+    server_time,
+    split_member,
+    text,
+)
 
 #: Hash fields that hold serialized user objects: only their size is shown.
 OPAQUE_FIELDS = ("data", "meta", "result", "exc_info")
@@ -88,7 +95,7 @@ def explain(conn: redis.Redis, keys: Keys, job_id: str, policy: Policy | None) -
 
     executions = _executions(conn, keys, job_id, members)
     found.executions = executions
-    workers = _workers(conn, keys, fields, executions)
+    workers = _workers(conn, keys, job_id, (fields, executions), queues)
     found.workers = [_worker_view(w) for w in workers.values()]
     rule, found.rule = _rule(policy, origin or (members[0][0] if members else ""))
     job = {k: v for k, v in fields.items() if k in JOB_FIELDS or k in LOST_FIELDS}
@@ -210,11 +217,21 @@ def _zrange(conn: redis.Redis, key: str) -> list[bytes]:
 
 
 def _workers(
-    conn: redis.Redis, keys: Keys, fields: dict[str, str], executions: list[dict[str, Any]]
+    conn: redis.Redis,
+    keys: Keys,
+    job_id: str,
+    records: tuple[dict[str, str], list[dict[str, Any]]],
+    queues: list[str],
 ) -> dict[str, WorkerRecord]:
+    """The workers the job's records name, and any live worker that says it is
+    executing the job (a run looks at every registered worker, and so does this)."""
+    fields, executions = records
     names = {fields.get("worker_name", "")}
     names |= {e["fields"].get("worker_name", "") for e in executions}
-    return read_workers(conn, keys, {n for n in names if n})
+    named = {n for n in names if n}
+    found = read_workers(conn, keys, named | registered_workers(conn, keys, queues), queues=queues)
+    holder = engine.jobs_in_hand(found).get(job_id)
+    return {n: w for n, w in found.items() if n in named or n == holder}
 
 
 def _worker_view(worker: WorkerRecord) -> dict[str, Any]:
