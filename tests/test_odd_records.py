@@ -1079,11 +1079,16 @@ def limited_job(conn: redis.Redis, key: str) -> Job:
 
 
 @pytest.mark.parametrize(
-    ("damage", "action"),
-    [("rescue-count", "requeue"), ("limit-allowed", "fail"), ("limit-config", "cancel")],
+    ("damage", "value", "action"),
+    [
+        ("rescue-count", "not a count", "requeue"),
+        ("rescue-count", "01", "requeue"),  # Redis's INCR reads no leading zero
+        ("limit-allowed", "not a set", "fail"),
+        ("limit-config", "not a hash", "cancel"),
+    ],
 )
 def test_a_damaged_key_a_change_reaches_leaves_the_job_untouched_and_names_the_key(
-    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, damage: str, action: str
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, damage: str, value: str, action: str
 ) -> None:
     job = limited_job(redis_conn, "api")
     key = {
@@ -1092,7 +1097,7 @@ def test_a_damaged_key_a_change_reaches_leaves_the_job_untouched_and_names_the_k
         "limit-config": "rq:rl:api",
     }[damage]
     redis_conn.delete(key)
-    redis_conn.set(key, "not a count")
+    redis_conn.set(key, value)
     member = started_member(redis_conn, job.id)
 
     result = invoke_opsctl("apply", str(policy(tmp_path, action)), "--redis-url", redis_url)
@@ -1102,7 +1107,20 @@ def test_a_damaged_key_a_change_reaches_leaves_the_job_untouched_and_names_the_k
     assert job_status(redis_conn, job.id) == "started"
     assert redis_conn.zscore(f"rq:wip:{QUEUE}", member) is not None
     assert Queue(QUEUE, connection=redis_conn).get_job_ids() == []
-    assert redis_conn.get(key) == b"not a count"
+    assert redis_conn.get(key) == value.encode()
+
+
+def test_a_damaged_concurrency_limit_does_not_stop_a_requeue_which_keeps_its_slot(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = limited_job(redis_conn, "api")
+    redis_conn.set("rq:rl:api:rate_limited", "not a set")
+
+    item = job_in(run(policy(tmp_path, "requeue"), redis_url), job.id)
+
+    assert (item["action"], item["outcome"]) == ("requeue", "done")
+    assert job_status(redis_conn, job.id) == "queued"
+    assert Queue(QUEUE, connection=redis_conn).get_job_ids() == [job.id]
 
 
 def test_a_waiting_id_that_names_no_job_leaves_the_line_and_the_change_is_made(

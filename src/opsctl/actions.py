@@ -105,17 +105,6 @@ if redis.acl_check_cmd then
     + CHECK_WRITES_LUA
     + """end
 
--- RQ 3 names a job's concurrency-limit keys in the job itself: check them too.
-if redis.acl_check_cmd and field(KEYS[1], 'rate_limit_key') ~= '' then
-  local base = ARGV[16] .. ':rl:' .. field(KEYS[1], 'rate_limit_key')
-  for _, key in ipairs({base .. ':allowed', base .. ':rate_limited'}) do
-    if not (redis.acl_check_cmd('ZREM', key, 'm')
-        and redis.acl_check_cmd('ZADD', key, '1', 'm')) then
-      return redis.error_reply('NOPERM the Redis user may not write ' .. key)
-    end
-  end
-end
-
 -- Anything that could make a command fail halfway through the script, after
 -- earlier writes, is checked before the first write, so a job is never
 -- half-moved: numbers that must parse, and the type of every key written.
@@ -159,23 +148,45 @@ for i, kind in pairs(kinds) do
     return redis.error_reply(KEYS[i] .. ' holds a ' .. found .. ', not a ' .. kind)
   end
 end
--- opsctl's count of requeues, which INCR must be able to read.
+-- opsctl's count of requeues, which INCR must be able to read (Redis reads
+-- no sign, no leading zero and no more than 19 digits).
 if kinds[17] then
   local count = redis.call('GET', KEYS[17])
-  if count and not (string.match(count, '^%d+$') and #count < 16) then
+  local readable = count == '0' or (string.match(count or '', '^[1-9]%d*$') and #count < 16)
+  if count and not readable then
     return redis.error_reply(KEYS[17] .. ' holds something other than a count of requeues')
   end
 end
--- The keys of an RQ 3 concurrency limit, which the job names in its own hash.
+
+-- RQ 3 names a job's concurrency limit in the job itself: <prefix>:rl:<name>,
+-- with :allowed (the jobs holding a slot) and :rate_limited (those waiting).
+-- A job that ends here gives its slot back (see release_slot below): every
+-- key that touches is checked now, as the keys above are.
+local limit = nil
 if not opaque and field(KEYS[1], 'rate_limit_key') ~= '' then
-  local base = ARGV[16] .. ':rl:' .. field(KEYS[1], 'rate_limit_key')
-  local limit_kinds = {[base] = 'hash', [base .. ':allowed'] = 'zset'}
-  limit_kinds[base .. ':rate_limited'] = 'zset'
+  limit = ARGV[16] .. ':rl:' .. field(KEYS[1], 'rate_limit_key')
+end
+local function may(...)
+  return not redis.acl_check_cmd or redis.acl_check_cmd(...)
+end
+local releases = action == 'cancel' or action == 'delete' or (action == 'fail' and not retrying)
+if limit and releases then
+  local allowed, waiting = limit .. ':allowed', limit .. ':rate_limited'
+  local limit_kinds = {[limit] = 'hash', [allowed] = 'zset', [waiting] = 'zset'}
   for key, kind in pairs(limit_kinds) do
     local found = kind_of(key)
     if found ~= 'none' and found ~= kind then
       return redis.error_reply(key .. ' holds a ' .. found .. ', not a ' .. kind)
     end
+  end
+  for _, key in ipairs({allowed, waiting}) do
+    if not (may('ZREM', key, 'm') and may('ZADD', key, '1', 'm') and may('ZCARD', key)
+        and may('ZRANGE', key, '0', '0')) then
+      return redis.error_reply('NOPERM the Redis user may not write ' .. key)
+    end
+  end
+  if not may('HGET', limit, 'concurrency') then
+    return redis.error_reply('NOPERM the Redis user may not read ' .. limit)
   end
 end
 
@@ -330,26 +341,31 @@ end
 -- gives back its slot in <prefix>:rl:<key>:allowed, and waiting jobs take the
 -- free slots oldest first, as RQ does when a job ends: added to allowed,
 -- pushed onto their queue, marked queued. A job queued again keeps its slot.
-local function release_slot(rl_key, rl_concurrency)
-  local base = ARGV[16] .. ':rl:' .. rl_key
-  local allowed, waiting = base .. ':allowed', base .. ':rate_limited'
+local function release_slot(rl_concurrency)
+  local allowed, waiting = limit .. ':allowed', limit .. ':rate_limited'
   redis.call('ZREM', waiting, job_id)
   if redis.call('ZREM', allowed, job_id) == 0 then return end
-  local concurrency = tonumber(redis.call('HGET', base, 'concurrency') or '')
+  local concurrency = tonumber(redis.call('HGET', limit, 'concurrency') or '')
   concurrency = concurrency or tonumber(rl_concurrency) or 0
   -- Nothing here may fail (the change is made): a waiting id whose job is no
-  -- waiting job leaves the line; one whose queue is not a list stops it.
+  -- waiting job leaves the line; one whose job or queue cannot be written (its
+  -- queue is no list, or the user may not) stops it, where it is.
   while redis.call('ZCARD', allowed) < concurrency do
     local oldest = redis.call('ZRANGE', waiting, 0, 0)
     if #oldest == 0 then break end
     local id = oldest[1]
     local key = ARGV[16] .. ':job:' .. id
+    if not (may('TYPE', key) and may('HMGET', key, 'origin')) then break end
     local f = {false, false, false}
     if kind_of(key) == 'hash' then
       f = redis.call('HMGET', key, 'origin', 'status', 'enqueue_at_front')
     end
     local queue = f[1] and ARGV[16] .. ':queue:' .. f[1]
     if queue and f[2] == 'rate_limited' then
+      if not (may('TYPE', queue) and may('LPUSH', queue, id) and may('RPUSH', queue, id)
+          and may('HSET', key, 'status', 'queued')) then
+        break
+      end
       local found = kind_of(queue)
       if found ~= 'none' and found ~= 'list' then break end
     end
@@ -365,14 +381,13 @@ local function release_slot(rl_key, rl_concurrency)
     end
   end
 end
-local rl_key = field(KEYS[1], 'rate_limit_key')
 local rl_concurrency = field(KEYS[1], 'rate_limit_concurrency')
 
 local result = act()
-if result[1] == 1 and rl_key ~= '' then
+if result[1] == 1 and limit then
   local detail = result[2]
   if detail == 'failed' or detail == 'canceled' or detail == 'deleted' then
-    release_slot(rl_key, rl_concurrency)
+    release_slot(rl_concurrency)
   end
 end
 if result[1] == 1 then
