@@ -8,6 +8,7 @@ what RQ's API shows.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -314,3 +315,46 @@ def test_a_queue_name_that_is_not_utf8_is_written_escaped(
     values = gauges(target.read_text(), "apply")
     assert started(values, "\\xfe", "running") == 0
     assert action(values, "default", "fail", "done") == 1
+
+
+def test_a_failed_run_keeps_the_success_time_an_older_opsctl_wrote_without_labels(
+    conn: redis.Redis, fake_redis_url: str, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    target = tmp_path / "opsctl.prom"
+    target.write_text(
+        "# HELP opsctl_last_success_timestamp_seconds Unix time of the last run that exited 0.\n"
+        "# TYPE opsctl_last_success_timestamp_seconds gauge\n"
+        "opsctl_last_success_timestamp_seconds 1.7e+09\n"
+        "# HELP opsctl_last_run_exit_code Exit code of the run.\n"
+        "# TYPE opsctl_last_run_exit_code gauge\n"
+        "opsctl_last_run_exit_code 0.0\n"
+    )
+    conn.set("opsctl:lock", "another opsctl run")
+
+    result = run_opsctl(
+        "apply", str(policy), "--redis-url", fake_redis_url, "--metrics-file", str(target),
+        "--lock-timeout", "0",
+    )  # fmt: skip
+
+    assert result.returncode == 5, result.stderr
+    values = gauges(target.read_text(), "apply")  # every sample is labelled now
+    assert single(values, "opsctl_last_success_timestamp_seconds") == 1.7e9
+    assert single(values, "opsctl_last_run_exit_code") == 5
+
+
+def test_a_metrics_file_path_that_is_a_fifo_is_never_waited_on(
+    conn: redis.Redis, fake_redis_url: str, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    target = tmp_path / "opsctl.prom"
+    os.mkfifo(target)  # reading it back would wait for a writer that never comes
+
+    result = run_opsctl(
+        "apply", str(policy), "--redis-url", fake_redis_url, "--metrics-file", str(target)
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert single(gauges(target.read_text(), "apply"), "opsctl_last_run_exit_code") == 0

@@ -488,7 +488,8 @@ def recheck_plan(conn: redis.Redis, keys: Keys, run: Run) -> None:
 
 def _hold_back_live_workers(conn: redis.Redis, keys: Keys, run: Run) -> None:
     names = {w.worker.name for w in run.workers}
-    names |= {name for j in run.jobs if (name := j.entry.worker_name)}
+    names |= {name for j in run.jobs for name in (j.entry.worker_name, j.verdict.signals.worker)}
+    names.discard("")
     # A worker that took one of the jobs again since the plan was made.
     queues = [q.name for q in run.queues]
     names |= registered_workers(conn, keys, queues)
@@ -498,17 +499,17 @@ def _hold_back_live_workers(conn: redis.Redis, keys: Keys, run: Run) -> None:
         if w.outcome == PLANNED and not w.dry_run and live.alive:
             w.outcome, w.reason = SKIPPED, f"not removed: the worker is live now ({live.evidence})"
     for job in run.jobs:
+        signals = job.verdict.signals
+        if (shown := fresh.get(signals.worker)) is not None:
+            # The report shows the worker it names as it is now, not as the plan
+            # saw it (the worker that runs the job, which the records may not name).
+            live = worker_liveness(shown)
+            signals.worker_alive, signals.worker_evidence = live.alive, live.evidence
         name = job.entry.worker_name
         worker = fresh.get(name) if name else None
-        if worker is None:
+        if worker is None or job.outcome != PLANNED or job.action == ACTION_STOP:
             continue
-        live = worker_liveness(worker)
-        # The report shows the worker as it is now, not as the plan saw it.
-        signals = job.verdict.signals
-        signals.worker_alive, signals.worker_evidence = live.alive, live.evidence
-        if job.outcome != PLANNED or job.action == ACTION_STOP:
-            continue
-        if live.alive and is_executing(worker, job.entry):
+        if worker_liveness(worker).alive and is_executing(worker, job.entry):
             _set(job, SKIPPED, f"not acted on: {name} is live now and executing it")
     in_hand = jobs_in_hand(fresh)
     for job in run.jobs:

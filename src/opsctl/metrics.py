@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from opsctl.engine import State, classify, jobs_in_hand
 from opsctl.errors import ExitCode, OpsctlError
+from opsctl.files import NotReadable, TooLarge, read_file
 from opsctl.policy import Rule
 from opsctl.run import Run
 from opsctl.state import Snapshot
@@ -175,38 +176,41 @@ def render(registry: CollectorRegistry) -> str:
     return generate_latest(registry).decode("utf-8")
 
 
-def _recorded(path: str) -> list[Sample]:
-    """Every sample of the metrics file ``path`` that carries a ``command`` label
-    (samples of an older opsctl, without one, are left behind).
+#: Most bytes of an existing metrics file opsctl reads back (its own are a few kilobytes).
+MAX_METRICS_FILE_BYTES = 16 * 1024 * 1024
 
-    A missing, unreadable or malformed file is not an error: it only means
-    nothing is known from earlier runs.
+
+def _recorded(path: str) -> list[Sample]:
+    """Every sample of the metrics file ``path``.
+
+    A missing, unreadable, oversized or malformed file (or one that is no
+    regular file: it is never waited on) is not an error: it only means nothing
+    is known from earlier runs.
     """
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError):
+        text = read_file(path, MAX_METRICS_FILE_BYTES).decode("utf-8")
+    except (NotReadable, TooLarge, UnicodeDecodeError):
         return []
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        return [
-            sample
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if "command" in sample.labels
-        ]
+        return [s for family in text_string_to_metric_families(text) for s in family.samples]
     except ValueError as exc:
         log.warning("metrics_file=%s unreadable error=%s", path, exc)
         return []
 
 
 def previous_success(path: str, command: str) -> float | None:
-    """The last success time a metrics file records for ``command``; None if it has none."""
-    for sample in _recorded(path):
-        if sample.name == LAST_SUCCESS and sample.labels["command"] == command:
-            return float(sample.value) if sample.value > 0 else None
-    return None
+    """The last success time a metrics file records for ``command``; None if it has none.
+
+    A file an older opsctl wrote has no ``command`` label: its one success time
+    is taken as this command's, so an upgrade does not lose it.
+    """
+    samples = [s for s in _recorded(path) if s.name == LAST_SUCCESS and s.value > 0]
+    ours = [s for s in samples if s.labels.get("command") == command]
+    older = [s for s in samples if not s.labels]
+    found = ours or older
+    return float(found[0].value) if found else None
 
 
 def last_success(
@@ -230,7 +234,8 @@ def write(path: str, registry: CollectorRegistry, command: str) -> None:
 
     others: dict[str, list[Sample]] = {}
     for sample in _recorded(path):
-        if sample.labels["command"] != command:
+        # Samples of an older opsctl, without the label, are left behind.
+        if sample.labels.get("command", command) != command:
             others.setdefault(sample.name, []).append(sample)
     families = list(registry.collect())
     for family in families:
