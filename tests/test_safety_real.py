@@ -386,7 +386,9 @@ def assert_each_job_in_one_place(conn: redis.Redis, job_ids: list[str]) -> None:
 
 class DroppingProxy:
     """A TCP proxy to the private server that cuts a client's connection whenever
-    `drop(chunk)` says so for a chunk the client sends (the chunk is not forwarded)."""
+    `drop(chunk)` says so for a chunk the client sends (the chunk is not forwarded).
+    `drop` may also say "after" (forward the chunk, lose its answers, then cut) or
+    "garbage" (answer something that is not Redis's protocol, then cut)."""
 
     def __init__(self, port: int, drop: Callable[[bytes], bool | str]) -> None:
         self.target = ("127.0.0.1", port)
@@ -417,6 +419,8 @@ class DroppingProxy:
                 verdict = self.drop(chunk) if upstream else False
                 if verdict == "after":
                     self._forward_then_cut(chunk, source, sink)
+                if verdict == "garbage":  # answer as a web server would, then cut
+                    source.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
                 if verdict:
                     self.drops += 1
                     break
@@ -565,6 +569,31 @@ def test_once_redis_stays_away_the_later_batches_are_not_tried_but_reported_not_
     }
     assert result.stderr.count("reconnected to Redis") == 0
     assert result.stderr.count("connection_lost during=reconcile") == 1
+
+
+def test_a_server_that_stops_answering_as_redis_mid_run_still_gets_a_report_and_exit_3(
+    redis_conn: redis.Redis, redis_server: Any
+) -> None:
+    job_ids = abandon(redis_conn, 400)
+    change_script = hashlib.sha1(_JOB_SCRIPT.encode()).hexdigest().encode()
+    sent = [0]
+
+    def drop(chunk: bytes) -> bool | str:
+        if sent[0] >= 200:
+            return "garbage"
+        sent[0] += chunk.count(change_script)
+        return False
+
+    proxy = DroppingProxy(redis_server.port, drop)
+    try:
+        result = run_opsctl(*apply_args(POLICIES / "safety_fail.yaml", proxy.url, "--timeout", "2"))
+    finally:
+        proxy.close()
+
+    report = report_of(result, EXIT_REDIS_UNAVAILABLE)
+    assert statuses(redis_conn, job_ids) == Counter({"failed": 200, "started": 200})
+    assert Counter(outcomes(report).values()) == Counter({"done": 200, "error": 200})
+    assert report["redis_lost"] is True
 
 
 def test_jobs_of_queues_not_reached_after_a_lost_connection_are_reported_as_not_acted_on(

@@ -39,6 +39,7 @@ import redis
 from opsctl.audit import AUDIT_MAXLEN, AUDIT_STREAM
 from opsctl.keys import DEAD_WORKER_TTL_S, DEFAULT_FAILURE_TTL_S, RESCUE_TTL_S, Keys, rescue_key
 from opsctl.model import WorkerRecord, format_timestamp
+from opsctl.state import CONNECTION_LOST
 
 log = logging.getLogger(__name__)
 
@@ -530,7 +531,7 @@ class Actor:
             if between_batches and start:
                 try:
                     between_batches()
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                except CONNECTION_LOST as exc:
                     log.warning("connection_lost during=actions error=%s", exc)
                     return results + [None] * (len(changes) - len(results))
             chunk = changes[start : start + batch]
@@ -540,7 +541,7 @@ class Actor:
                 self._job_script(keys=keys, args=args, client=pipe)
             try:
                 replies = pipe.execute(raise_on_error=False)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except CONNECTION_LOST as exc:
                 log.warning("connection_lost during=actions error=%s", exc)
                 results.extend([None] * (len(changes) - len(results)))
                 return results

@@ -43,6 +43,7 @@ from opsctl.model import format_timestamp, parse_int
 from opsctl.progress import APPLYING, OnProgress
 from opsctl.run import DONE, ERROR, PLANNED, SKIPPED, JobOutcome, Run, WorkerOutcome
 from opsctl.state import (
+    CONNECTION_LOST,
     read_workers,
     refuse_foreign_key,
     registered_workers,
@@ -130,7 +131,7 @@ class Executor:
                         "not acted on: opsctl was asked to stop",
                     )
             self._audit_the_rest()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except CONNECTION_LOST as exc:
             log.error("connection_lost error=%s", exc)
             self.run.redis_lost = True
             self._give_up("not acted on: lost the connection to Redis")
@@ -198,9 +199,10 @@ class Executor:
     def _change_jobs(self, outcomes: list[JobOutcome]) -> None:
         for start in range(0, len(outcomes), STOP_CHECK_EVERY):
             if self.run.redis_lost:
-                # A batch could not be confirmed and Redis stayed away: trying each
-                # later batch again would hold a deploy for minutes. The rest
-                # stays planned, and is reported as not acted on.
+                # A batch could not be confirmed (Redis stayed away, or the
+                # reconcile rounds ran out): trying each later batch again would
+                # hold a deploy for minutes. The rest stays planned, and is
+                # reported as not acted on.
                 return
             if start:
                 self._checkpoint()
@@ -243,7 +245,7 @@ class Executor:
                 )
                 for i, result in zip(todo, applied, strict=True):
                     results[i] = result
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except CONNECTION_LOST as exc:
                 log.warning("connection_lost during=reconcile error=%s", exc)
             if all(r is not None for r in results) or not self._reconnect():
                 break
@@ -251,7 +253,7 @@ class Executor:
             # The rounds ran out with Redis back: what the trail shows done is done.
             try:
                 self._settle_from_audit(changes, results)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except CONNECTION_LOST as exc:
                 log.warning("connection_lost during=reconcile error=%s", exc)
         if any(r is None for r in results):
             self.run.redis_lost = True
@@ -279,7 +281,7 @@ class Executor:
             time.sleep(wait_s)
             try:
                 self.conn.ping()
-            except (redis.ConnectionError, redis.TimeoutError):
+            except CONNECTION_LOST:
                 continue
             log.warning("reconnected to Redis; reconciling the interrupted batch")
             return True

@@ -189,10 +189,10 @@ def _as_error(exc: Exception, url: str | None) -> OpsctlError:
     """The user-facing error for ``exc``: opsctl's own, Redis's, or anything else."""
     if isinstance(exc, OpsctlError):
         return exc
-    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-        return RedisUnavailable(f"lost the connection to Redis: {exc}")
     if isinstance(exc, redis.exceptions.InvalidResponse):
         return RedisUnavailable(f"the server stopped answering as Redis does: {exc}")
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return RedisUnavailable(f"lost the connection to Redis: {exc}")
     if isinstance(exc, redis.exceptions.NoPermissionError):
         user = _redis_user(url)
         message = (
@@ -640,7 +640,9 @@ def _apply(
     if plan_file is not None:
         _refuse_with_plan(force=force, max_age=max_age, queue=queue, max_actions=max_actions)
         plan_age = _guard(
-            lambda: _parse_duration_option("--max-plan-age", max_plan_age or DEFAULT_MAX_PLAN_AGE)
+            lambda: _parse_duration_option(
+                "--max-plan-age", DEFAULT_MAX_PLAN_AGE if max_plan_age is None else max_plan_age
+            )
         )
         done, error = _attempt(lambda: job.apply_plan(plan_file, plan_age, policy), url)
         run, where = None, None

@@ -35,7 +35,7 @@ def read_file(path: str, limit_bytes: int) -> bytes:
     another special file) or :class:`TooLarge`.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = _open(path)
         with open(fd, "rb") as stream:
             if stat.S_ISFIFO(os.fstat(fd).st_mode):
                 raise NotReadable("it is a FIFO, not a file")
@@ -54,7 +54,7 @@ def check_file(path: str) -> None:
     """Raise :class:`NotReadable` unless ``path`` is a regular file opsctl may
     open; nothing is read (the bytes are read later, once needed)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = _open(path)
     except OSError as error:
         raise NotReadable(_reason(error)) from None
     try:
@@ -67,6 +67,12 @@ def check_file(path: str) -> None:
         raise NotReadable("it is a directory")
     if not stat.S_ISREG(mode):
         raise NotReadable("it is not a file")
+
+
+def _open(path: str) -> int:
+    """A descriptor of ``path`` opened for reading without waiting (a FIFO's
+    open waits for a writer otherwise)."""
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
 
 
 def _reason(error: OSError) -> str:

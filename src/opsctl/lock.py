@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import redis
 
 from opsctl.errors import ExitCode, OpsctlError
-from opsctl.state import refuse_foreign_key
+from opsctl.state import CONNECTION_LOST, refuse_foreign_key
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class Lock:
             try:
                 self._release(keys=[self.key], args=[self.token])
                 return
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except CONNECTION_LOST as exc:
                 if wait_s is None:
                     # The expiry frees it; nothing else to do.
                     log.warning("lock=%s release_failed error=%s", self.key, exc)

@@ -47,6 +47,15 @@ class Snapshot:
     problems: list[str] = field(default_factory=list)
 
 
+#: Errors that mean the connection to Redis is gone: it dropped, timed out, or
+#: the server answered something that is not Redis's protocol (redis-py then
+#: drops the connection too).
+CONNECTION_LOST = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.InvalidResponse,
+)
+
 #: Waits before each further attempt of a read that failed on the connection.
 READ_BACKOFF_S = (0.2, 0.5, 1.0)
 
@@ -62,7 +71,7 @@ def with_retries(read: Callable[[], T]) -> T:
     for wait_s in READ_BACKOFF_S:
         try:
             return read()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except CONNECTION_LOST as exc:
             log.warning("read_failed retry_in=%ss error=%s", wait_s, exc)
             time.sleep(wait_s)
     return read()
