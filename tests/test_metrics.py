@@ -162,17 +162,40 @@ def test_dry_run_metrics_show_planned_actions_and_nothing_changes(
     assert seeded["abandoned"][0].get_status(refresh=True) == JobStatus.STARTED
 
 
-def test_failed_run_keeps_the_last_success_time_of_the_previous_run(
-    conn: redis.Redis, fake_redis_url: str, tmp_path: Path
-) -> None:
+def written_policy(tmp_path: Path, text: str = POLICY) -> Path:
+    """A policy (POLICY unless told), in a file."""
     policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
+    policy.write_text(text)
+    return policy
+
+
+def apply_with_metrics(
+    url: str, tmp_path: Path, text: str = POLICY
+) -> tuple[tuple[str, ...], Path]:
+    """The arguments of an apply of a policy (POLICY unless told) that writes its
+    metrics to a file, and that file (not written yet)."""
     target = tmp_path / "opsctl.prom"
-    args = ("apply", str(policy), "--redis-url", fake_redis_url, "--metrics-file", str(target))
+    policy = written_policy(tmp_path, text)
+    return ("apply", str(policy), "--redis-url", url, "--metrics-file", str(target)), target
+
+
+def succeeded_then_locked_out(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> tuple[tuple[str, ...], Path, float]:
+    """An apply that wrote its metrics file and succeeded, after which the run lock
+    is held, so the next apply fails: its arguments, the file and its success time."""
+    args, target = apply_with_metrics(url, tmp_path)
     first = run_opsctl(*args)
     assert first.returncode == 0, first.stderr
     success = single(gauges(target.read_text(), "apply"), "opsctl_last_success_timestamp_seconds")
-    conn.set("opsctl:lock", "another opsctl run")  # the next run cannot take the run lock
+    conn.set("opsctl:lock", "another opsctl run")
+    return args, target, success
+
+
+def test_failed_run_keeps_the_last_success_time_of_the_previous_run(
+    conn: redis.Redis, fake_redis_url: str, tmp_path: Path
+) -> None:
+    args, target, success = succeeded_then_locked_out(conn, fake_redis_url, tmp_path)
 
     second = run_opsctl(*args, "--lock-timeout", "0")
 
@@ -186,13 +209,7 @@ def test_failed_run_keeps_the_last_success_time_of_the_previous_run(
 def test_status_sharing_the_file_of_apply_keeps_apply_failures_visible(
     conn: redis.Redis, fake_redis_url: str, tmp_path: Path
 ) -> None:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    target = tmp_path / "opsctl.prom"
-    apply = ("apply", str(policy), "--redis-url", fake_redis_url, "--metrics-file", str(target))
-    assert run_opsctl(*apply).returncode == 0
-    success = single(gauges(target.read_text(), "apply"), "opsctl_last_success_timestamp_seconds")
-    conn.set("opsctl:lock", "another opsctl run")  # apply fails from now on
+    apply, target, success = succeeded_then_locked_out(conn, fake_redis_url, tmp_path)
     status = ("status", "--redis-url", fake_redis_url, "--metrics-file", str(target))
 
     assert run_opsctl(*status).returncode == 0  # a status succeeds meanwhile: no apply success
@@ -208,10 +225,9 @@ def test_apply_and_status_files_in_one_collector_directory_hold_no_series_twice(
     conn: redis.Redis, fake_redis_url: str, live: LiveWorker, tmp_path: Path
 ) -> None:
     seed(conn, fake_redis_url)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
     files = {"apply": tmp_path / "apply.prom", "status": tmp_path / "status.prom"}
-    apply = ("apply", str(policy), "--dry-run", "--metrics-file", str(files["apply"]))
+    apply = ("apply", str(written_policy(tmp_path)), "--dry-run", "--metrics-file")
+    apply += (str(files["apply"]),)
     assert run_opsctl(*apply, "--redis-url", fake_redis_url).returncode == 0
     status = ("status", "--metrics-file", str(files["status"]))
     assert run_opsctl(*status, "--redis-url", fake_redis_url).returncode == 0
@@ -300,14 +316,12 @@ def test_a_queue_name_that_is_not_utf8_is_written_escaped(
     conn.sadd("rq:queues", b"rq:queue:\xfe")
     register_worker(fake_redis_url, "w-dead")
     started_job(conn, "w-dead")
-    policy = tmp_path / "policy.yaml"
-    policy.write_text('version: 1\nqueues:\n  - name: "*"\n')
-    target = tmp_path / "opsctl.prom"
+    args, target = apply_with_metrics(
+        fake_redis_url, tmp_path, 'version: 1\nqueues:\n  - name: "*"\n'
+    )
 
     printed = run_opsctl("status", "--redis-url", fake_redis_url, "--format", "prometheus")
-    applied = run_opsctl(
-        "apply", str(policy), "--redis-url", fake_redis_url, "--metrics-file", str(target)
-    )
+    applied = run_opsctl(*args)
 
     assert printed.returncode == 0, printed.stderr
     assert started(gauges(printed.stdout, "status"), "\\xfe", "abandoned") == 0
@@ -320,9 +334,7 @@ def test_a_queue_name_that_is_not_utf8_is_written_escaped(
 def test_a_failed_run_keeps_the_success_time_an_older_opsctl_wrote_without_labels(
     conn: redis.Redis, fake_redis_url: str, tmp_path: Path
 ) -> None:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    target = tmp_path / "opsctl.prom"
+    args, target = apply_with_metrics(fake_redis_url, tmp_path)
     target.write_text(
         "# HELP opsctl_last_success_timestamp_seconds Unix time of the last run that exited 0.\n"
         "# TYPE opsctl_last_success_timestamp_seconds gauge\n"
@@ -333,10 +345,7 @@ def test_a_failed_run_keeps_the_success_time_an_older_opsctl_wrote_without_label
     )
     conn.set("opsctl:lock", "another opsctl run")
 
-    result = run_opsctl(
-        "apply", str(policy), "--redis-url", fake_redis_url, "--metrics-file", str(target),
-        "--lock-timeout", "0",
-    )  # fmt: skip
+    result = run_opsctl(*args, "--lock-timeout", "0")
 
     assert result.returncode == 5, result.stderr
     values = gauges(target.read_text(), "apply")  # every sample is labelled now
@@ -347,14 +356,10 @@ def test_a_failed_run_keeps_the_success_time_an_older_opsctl_wrote_without_label
 def test_a_metrics_file_path_that_is_a_fifo_is_never_waited_on(
     conn: redis.Redis, fake_redis_url: str, tmp_path: Path
 ) -> None:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    target = tmp_path / "opsctl.prom"
+    args, target = apply_with_metrics(fake_redis_url, tmp_path)
     os.mkfifo(target)  # reading it back would wait for a writer that never comes
 
-    result = run_opsctl(
-        "apply", str(policy), "--redis-url", fake_redis_url, "--metrics-file", str(target)
-    )
+    result = run_opsctl(*args)
 
     assert result.returncode == 0, result.stderr
     assert single(gauges(target.read_text(), "apply"), "opsctl_last_run_exit_code") == 0

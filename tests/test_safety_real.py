@@ -472,6 +472,28 @@ def proxy_cutting_batches_after_the_first(
         proxy.close()
 
 
+def apply_with_redis_gone_after_one_batch(
+    port: int, then: bool | str
+) -> subprocess.CompletedProcess[str]:
+    """`opsctl apply` (fail) through a proxy that, once the first batch of 200 job
+    changes has passed, gives every later command `then` (see DroppingProxy): the
+    server is gone, on every connection."""
+    change_script = hashlib.sha1(_JOB_SCRIPT.encode()).hexdigest().encode()
+    sent = [0]
+
+    def drop(chunk: bytes) -> bool | str:
+        if sent[0] >= 200:
+            return then
+        sent[0] += chunk.count(change_script)
+        return False
+
+    proxy = DroppingProxy(port, drop)
+    try:
+        return run_opsctl(*apply_args(POLICIES / "safety_fail.yaml", proxy.url, "--timeout", "2"))
+    finally:
+        proxy.close()
+
+
 def test_report_after_a_lost_connection_names_the_jobs_that_were_failed(
     redis_conn: redis.Redis, redis_server: Any
 ) -> None:
@@ -543,22 +565,8 @@ def test_once_redis_stays_away_the_later_batches_are_not_tried_but_reported_not_
     redis_conn: redis.Redis, redis_server: Any
 ) -> None:
     job_ids = abandon(redis_conn, 1000)
-    change_script = hashlib.sha1(_JOB_SCRIPT.encode()).hexdigest().encode()
-    sent = [0]
 
-    def drop(chunk: bytes) -> bool:
-        # After the first batch of 200 job changes, the server is gone: every
-        # later command, on every connection, is cut.
-        if sent[0] >= 200:
-            return True
-        sent[0] += chunk.count(change_script)
-        return False
-
-    proxy = DroppingProxy(redis_server.port, drop)
-    try:
-        result = run_opsctl(*apply_args(POLICIES / "safety_fail.yaml", proxy.url, "--timeout", "2"))
-    finally:
-        proxy.close()
+    result = apply_with_redis_gone_after_one_batch(redis_server.port, then=True)
 
     report = report_of(result, EXIT_REDIS_UNAVAILABLE)
     assert statuses(redis_conn, job_ids) == Counter({"failed": 200, "started": 800})
@@ -575,20 +583,8 @@ def test_a_server_that_stops_answering_as_redis_mid_run_still_gets_a_report_and_
     redis_conn: redis.Redis, redis_server: Any
 ) -> None:
     job_ids = abandon(redis_conn, 400)
-    change_script = hashlib.sha1(_JOB_SCRIPT.encode()).hexdigest().encode()
-    sent = [0]
 
-    def drop(chunk: bytes) -> bool | str:
-        if sent[0] >= 200:
-            return "garbage"
-        sent[0] += chunk.count(change_script)
-        return False
-
-    proxy = DroppingProxy(redis_server.port, drop)
-    try:
-        result = run_opsctl(*apply_args(POLICIES / "safety_fail.yaml", proxy.url, "--timeout", "2"))
-    finally:
-        proxy.close()
+    result = apply_with_redis_gone_after_one_batch(redis_server.port, then="garbage")
 
     report = report_of(result, EXIT_REDIS_UNAVAILABLE)
     assert statuses(redis_conn, job_ids) == Counter({"failed": 200, "started": 200})
