@@ -535,11 +535,23 @@ def test_a_refused_command_names_the_user_given_apart_from_the_url(
     assert "pw-no-writes" not in result.stderr + result.stdout
 
 
-@pytest.fixture
-def not_redis() -> Iterator[str]:
-    """A URL on 127.0.0.1 where a server that is not Redis (it answers as a web server
-    does) listens."""
+#: How servers that are not Redis answer: once, as a web server does, and then
+#: hang up; or "+OK" to every command, for as long as the client talks.
+NOT_REDIS = {"web": (b"HTTP/1.0 400 Bad Request\r\n\r\n", False), "ok": (b"+OK\r\n", True)}
+
+
+@pytest.fixture(params=sorted(NOT_REDIS))
+def not_redis(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A URL on 127.0.0.1 where a server that is not Redis listens."""
+    answer, keeps_answering = NOT_REDIS[request.param]
     listener = socket.create_server(("127.0.0.1", 0))
+
+    def talk(client: socket.socket) -> None:
+        with client:
+            while client.recv(65536):
+                client.sendall(answer)
+                if not keeps_answering:
+                    return
 
     def serve() -> None:
         while True:
@@ -547,9 +559,7 @@ def not_redis() -> Iterator[str]:
                 client, _ = listener.accept()
             except OSError:
                 return
-            with client:
-                client.recv(65536)
-                client.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+            threading.Thread(target=talk, args=(client,), daemon=True).start()
 
     threading.Thread(target=serve, daemon=True).start()
     yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
@@ -564,7 +574,7 @@ def test_a_server_that_is_not_redis_is_unreachable_redis_exit_3(
     policy.write_text("version: 1\nqueues:\n  - name: default\n")
     args = [command[0], *([str(policy)] if command[0] == "apply" else []), *command[1:]]
 
-    result = run_opsctl(*args, "--redis-url", not_redis)
+    result = run_opsctl(*args, "--redis-url", not_redis, "--timeout", "2")
 
     assert result.returncode == 3, result.stderr
     assert f"{not_redis} does not answer as Redis does" in result.stderr

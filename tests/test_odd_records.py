@@ -1123,6 +1123,26 @@ def test_a_damaged_concurrency_limit_does_not_stop_a_requeue_which_keeps_its_slo
     assert Queue(QUEUE, connection=redis_conn).get_job_ids() == [job.id]
 
 
+@pytest.mark.parametrize("setting", ["inf", "1e3", "0x10", "-5", "many"])
+def test_a_limit_setting_rq_cannot_read_never_lets_more_jobs_through_than_the_job_says(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, setting: str
+) -> None:
+    job = limited_job(redis_conn, "api")  # its own rate_limit_concurrency: 1
+    redis_conn.hset("rq:rl:api", "concurrency", setting)
+    waiting = [f"waiting-{i}" for i in range(3)]
+    for i, waiter in enumerate(waiting):
+        redis_conn.hset(f"rq:job:{waiter}", mapping={"status": "rate_limited", "origin": QUEUE})
+        redis_conn.zadd("rq:rl:api:rate_limited", {waiter: time.time() + i})
+
+    item = job_in(run(policy(tmp_path, "fail"), redis_url), job.id)
+
+    assert (item["state"], item["outcome"]) == ("abandoned", "done")
+    registry = RateLimitRegistry("api", connection=redis_conn)
+    assert registry.get_allowed_job_ids() == waiting[:1]
+    assert registry.get_rate_limited_job_ids() == waiting[1:]
+    assert Queue(QUEUE, connection=redis_conn).get_job_ids() == waiting[:1]
+
+
 def test_a_waiting_id_that_names_no_job_leaves_the_line_and_the_change_is_made(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

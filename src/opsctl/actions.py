@@ -346,8 +346,14 @@ local function release_slot(rl_concurrency)
   local allowed, waiting = limit .. ':allowed', limit .. ':rate_limited'
   redis.call('ZREM', waiting, job_id)
   if redis.call('ZREM', allowed, job_id) == 0 then return end
-  local concurrency = tonumber(redis.call('HGET', limit, 'concurrency') or '')
-  concurrency = concurrency or tonumber(rl_concurrency) or 0
+  -- Read as RQ reads it: a plain whole number (never inf, 1e3 or 0x10, which
+  -- would let every waiting job in); otherwise the job's own, else no slot.
+  local function count(text)
+    if text and string.match(text, '^%d+$') and #text < 10 then return tonumber(text) end
+    return nil
+  end
+  local concurrency = count(redis.call('HGET', limit, 'concurrency'))
+  concurrency = concurrency or count(rl_concurrency) or 0
   -- Nothing here may fail (the change is made): a waiting id whose job is no
   -- waiting job leaves the line; one whose job or queue cannot be written (its
   -- queue is no list, or the user may not) stops it, where it is.

@@ -302,7 +302,7 @@ def connect(
             conn = _master(url, settings, options)
         else:
             conn = redis.Redis.from_url(url, **settings)
-        conn.ping()
+        _ping(conn)
     except MasterNotFoundError as exc:
         raise RedisUnavailable(
             f"no sentinel of {mask_url(url)} named a master: {_sentinel_answers(exc, url)}"
@@ -337,6 +337,18 @@ def connect(
             f"Redis at {mask_url(url)} refused the connection: {redact(str(exc), url)}"
         ) from None
     return conn
+
+
+def _ping(conn: redis.Redis) -> None:
+    """PING through ``conn``, connecting first. A server whose answers redis-py
+    cannot even take apart (one that says +OK to anything, say) makes it fail
+    with errors of its own code; that is a server that does not speak Redis."""
+    try:
+        conn.ping()
+    except (AttributeError, IndexError, KeyError) as exc:
+        # Not ValueError or TypeError: redis-py raises those for settings of the
+        # URL it meets only when it connects, which the caller reports as such.
+        raise redis.exceptions.InvalidResponse(f"unexpected answer ({exc})") from None
 
 
 def _credentials(url: str, options: ConnectionOptions) -> dict[str, Any]:
