@@ -331,6 +331,20 @@ def test_a_queue_name_that_is_not_utf8_is_written_escaped(
     assert action(values, "default", "fail", "done") == 1
 
 
+def test_a_success_time_that_is_no_moment_is_not_carried_forward(
+    conn: redis.Redis, fake_redis_url: str, tmp_path: Path
+) -> None:
+    args, target = apply_with_metrics(fake_redis_url, tmp_path)
+    target.write_text('opsctl_last_success_timestamp_seconds{command="apply"} +Inf\n')
+    conn.set("opsctl:lock", "another opsctl run")
+
+    result = run_opsctl(*args, "--lock-timeout", "0")
+
+    assert result.returncode == 5, result.stderr
+    values = gauges(target.read_text(), "apply")
+    assert single(values, "opsctl_last_success_timestamp_seconds") == 0  # none known
+
+
 def test_a_failed_run_keeps_the_success_time_an_older_opsctl_wrote_without_labels(
     conn: redis.Redis, fake_redis_url: str, tmp_path: Path
 ) -> None:

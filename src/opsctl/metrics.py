@@ -27,6 +27,7 @@ one recorded under the same command.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -206,7 +207,11 @@ def previous_success(path: str, command: str) -> float | None:
     A file an older opsctl wrote has no ``command`` label: its one success time
     is taken as this command's, so an upgrade does not lose it.
     """
-    samples = [s for s in _recorded(path) if s.name == LAST_SUCCESS and s.value > 0]
+    samples = [
+        s
+        for s in _recorded(path)
+        if s.name == LAST_SUCCESS and math.isfinite(s.value) and s.value > 0
+    ]
     ours = [s for s in samples if s.labels.get("command") == command]
     older = [s for s in samples if not s.labels]
     found = ours or older
