@@ -733,14 +733,15 @@ def _write_metrics(
     path: str, command: str, seen: metrics.Observation | None, code: int, began: float
 ) -> None:
     now_s = time.time()
+    samples = metrics.recorded(path)
     facts = metrics.RunFacts(
         command=command,
         timestamp_s=now_s,
         duration_s=time.monotonic() - began,
         exit_code=code,
-        last_success_s=metrics.last_success(path, command, code, now_s),
+        last_success_s=metrics.last_success(samples, command, code, now_s),
     )
-    metrics.write(path, metrics.build(seen, facts), command)
+    metrics.write(path, seen, facts, samples)
 
 
 @dataclass

@@ -181,8 +181,9 @@ def render(registry: CollectorRegistry) -> str:
 MAX_METRICS_FILE_BYTES = 16 * 1024 * 1024
 
 
-def _recorded(path: str) -> list[Sample]:
-    """Every sample of the metrics file ``path``.
+def recorded(path: str) -> list[Sample]:
+    """Every sample of the metrics file ``path`` (read once per write: see
+    :func:`previous_success` and :func:`write`).
 
     A missing, unreadable, oversized or malformed file (or one that is no
     regular file: it is never waited on) is not an error: it only means nothing
@@ -201,16 +202,15 @@ def _recorded(path: str) -> list[Sample]:
         return []
 
 
-def previous_success(path: str, command: str) -> float | None:
-    """The last success time a metrics file records for ``command``; None if it has none.
+def previous_success(samples: list[Sample], command: str) -> float | None:
+    """The last success time of ``command`` among the ``samples`` of a metrics
+    file (see :func:`recorded`); None if they hold none.
 
     A file an older opsctl wrote has no ``command`` label: its one success time
     is taken as this command's, so an upgrade does not lose it.
     """
     samples = [
-        s
-        for s in _recorded(path)
-        if s.name == LAST_SUCCESS and math.isfinite(s.value) and s.value > 0
+        s for s in samples if s.name == LAST_SUCCESS and math.isfinite(s.value) and s.value > 0
     ]
     ours = [s for s in samples if s.labels.get("command") == command]
     older = [s for s in samples if not s.labels]
@@ -219,30 +219,33 @@ def previous_success(path: str, command: str) -> float | None:
 
 
 def last_success(
-    path: str | None, command: str, facts_exit_code: int, now_s: float
+    samples: list[Sample], command: str, facts_exit_code: int, now_s: float
 ) -> float | None:
-    """This run's time when it succeeded, else the success of ``command`` that
-    ``path`` records."""
+    """This run's time when it succeeded, else the success of ``command`` that the
+    ``samples`` of its metrics file record."""
     if facts_exit_code == ExitCode.OK:
         return now_s
-    return previous_success(path, command) if path else None
+    return previous_success(samples, command)
 
 
-def write(path: str, registry: CollectorRegistry, command: str) -> None:
-    """Write the file atomically: a temporary file beside it, then a rename.
+def write(path: str, seen: Observation | None, facts: RunFacts, samples: list[Sample]) -> None:
+    """Write the gauges of ``seen`` and ``facts`` to ``path`` atomically: a
+    temporary file beside it, then a rename.
 
-    The series of ``command`` in ``registry`` replace those the file holds for
-    it; the series other commands wrote there are kept, so one file can serve
-    ``apply`` and ``status`` without either erasing what the other recorded.
+    They replace the series the file holds for ``facts.command``; the series
+    other commands wrote there (among its ``samples``, see :func:`recorded`)
+    are kept, so one file can serve ``apply`` and ``status`` without either
+    erasing what the other recorded.
     """
     from prometheus_client import CollectorRegistry, write_to_textfile
 
+    command = facts.command
     others: dict[str, list[Sample]] = {}
-    for sample in _recorded(path):
+    for sample in samples:
         # Samples of an older opsctl, without the label, are left behind.
         if sample.labels.get("command", command) != command:
             others.setdefault(sample.name, []).append(sample)
-    families = list(registry.collect())
+    families = list(build(seen, facts).collect())
     for family in families:
         family.samples += others.get(family.name, [])
     merged = CollectorRegistry(auto_describe=False)

@@ -76,7 +76,9 @@ class Watch:
         self._stop = threading.Event()
         self._seen_digest = policy.digest
         self._last_success_s = (
-            metrics.previous_success(metrics_file, "watch") if metrics_file else None
+            metrics.previous_success(metrics.recorded(metrics_file), "watch")
+            if metrics_file
+            else None
         )
         self.rounds = 0
 
@@ -137,6 +139,8 @@ class Watch:
         )
         seen = metrics.observe_run(result.run) if result.run is not None else None
         try:
-            metrics.write(self.metrics_file, metrics.build(seen, facts), "watch")
+            # Read again each round: another command may share the file.
+            samples = metrics.recorded(self.metrics_file)
+            metrics.write(self.metrics_file, seen, facts, samples)
         except metrics.MetricsWriteError as exc:
             log.error("%s", exc)
