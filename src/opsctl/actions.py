@@ -164,9 +164,8 @@ end
 -- A job that ends here gives its slot back (see release_slot below): every
 -- key that touches is checked now, as the keys above are.
 local limit = nil
-if not opaque and field(KEYS[1], 'rate_limit_key') ~= '' then
-  limit = ARGV[16] .. ':rl:' .. field(KEYS[1], 'rate_limit_key')
-end
+local limit_name = field(KEYS[1], 'rate_limit_key')  -- '' for an opaque key, never read
+if limit_name ~= '' then limit = ARGV[16] .. ':rl:' .. limit_name end
 local function may(...)
   return not redis.acl_check_cmd or redis.acl_check_cmd(...)
 end

@@ -500,6 +500,7 @@ def _hold_back_live_workers(conn: redis.Redis, keys: Keys, run: Run) -> None:
         live = worker_liveness(fresh.get(w.worker.name))
         if w.outcome == PLANNED and not w.dry_run and live.alive:
             w.outcome, w.reason = SKIPPED, f"not removed: the worker is live now ({live.evidence})"
+    in_hand = jobs_in_hand(fresh)
     for job in run.jobs:
         signals = job.verdict.signals
         if (shown := fresh.get(signals.worker)) is not None:
@@ -507,17 +508,14 @@ def _hold_back_live_workers(conn: redis.Redis, keys: Keys, run: Run) -> None:
             # saw it (the worker that runs the job, which the records may not name).
             live = worker_liveness(shown)
             signals.worker_alive, signals.worker_evidence = live.alive, live.evidence
+        if job.outcome != PLANNED or job.action == ACTION_STOP:
+            continue
         name = job.entry.worker_name
         worker = fresh.get(name) if name else None
-        if worker is None or job.outcome != PLANNED or job.action == ACTION_STOP:
-            continue
-        if worker_liveness(worker).alive and is_executing(worker, job.entry):
-            _set(job, SKIPPED, f"not acted on: {name} is live now and executing it")
-    in_hand = jobs_in_hand(fresh)
-    for job in run.jobs:
         holder = in_hand.get(job.entry.job_id)
-        acts_on_job = job.action not in (ACTION_STOP, ACTION_REMOVE_ENTRY)
-        if job.outcome == PLANNED and acts_on_job and holder is not None:
+        if worker is not None and worker_liveness(worker).alive and is_executing(worker, job.entry):
+            _set(job, SKIPPED, f"not acted on: {name} is live now and executing it")
+        elif holder is not None and job.action != ACTION_REMOVE_ENTRY:
             _set(job, SKIPPED, f"not acted on: {holder} is live now and executing this job")
 
 
