@@ -569,12 +569,18 @@ def test_once_redis_stays_away_the_later_batches_are_not_tried_but_reported_not_
     result = apply_with_redis_gone_after_one_batch(redis_server.port, then=True)
 
     report = report_of(result, EXIT_REDIS_UNAVAILABLE)
-    assert statuses(redis_conn, job_ids) == Counter({"failed": 200, "started": 800})
+    # One batch of 200 is cut: the second, or, under load, the first before Redis
+    # has run all of it. The report says which jobs were done, and RQ agrees.
+    done = {j for j, outcome in outcomes(report).items() if outcome == "done"}
+    assert set(failed_ids(redis_conn)) == done
+    assert statuses(redis_conn, job_ids) == Counter(
+        {"failed": len(done), "started": 1000 - len(done)}
+    )
     reasons = Counter(line["reason"] for line in report["jobs"] if line["outcome"] == "error")
-    assert reasons == {
-        "not known to be done: lost the connection to Redis; rerun to finish": 200,
-        "not acted on: lost the connection to Redis": 600,
-    }
+    unknown = reasons.pop("not known to be done: lost the connection to Redis; rerun to finish")
+    tried = len(done) + unknown
+    assert 0 < unknown <= 200 and tried in (200, 400)  # only the cut batch is unknown
+    assert reasons == {"not acted on: lost the connection to Redis": 1000 - tried}
     assert result.stderr.count("reconnected to Redis") == 0
     assert result.stderr.count("connection_lost during=reconcile") == 1
 
