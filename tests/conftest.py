@@ -8,6 +8,7 @@ falls back to it: workers always get an explicit `--url`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -478,6 +479,14 @@ def _no_opsctl_settings_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("OPSCTL_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _collector_free_after_each_test() -> Iterator[None]:
+    """An in-process CLI run keeps its records from the cycle collector as if its
+    process ended with it; the suite's process goes on, so give them back."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture

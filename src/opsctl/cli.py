@@ -67,7 +67,7 @@ from opsctl.policy import (
     validate_files,
 )
 from opsctl.progress import ScanProgress
-from opsctl.run import Overrides, Run, new_run_id, plan
+from opsctl.run import Overrides, Run, collector_paused, new_run_id, plan
 from opsctl.state import server_time, with_retries
 
 log = logging.getLogger("opsctl")
@@ -755,6 +755,9 @@ class Job:
     progress: bool = False  # a progress bar on a terminal's stderr for long scans
     should_stop: Callable[[], bool] | None = None  # polled between changes (opsctl watch)
     options: ConnectionOptions = field(default_factory=ConnectionOptions)
+    #: Whether this is the process's only run, its records kept until it exits
+    #: (not so for opsctl watch: see run.collector_paused).
+    once: bool = True
 
     def connect(self) -> redis.Redis:
         """A checked connection to this job's Redis."""
@@ -816,7 +819,7 @@ class Job:
         return run, count
 
     def _plan(self, conn: redis.Redis, keys: Keys, policy: Policy, run_id: str | None) -> Run:
-        with ScanProgress(self.progress) as progress:
+        with ScanProgress(self.progress) as progress, collector_paused(keep=self.once):
             return with_retries(
                 lambda: plan(conn, keys, policy, self.overrides, progress, run_id=run_id)
             )
@@ -952,7 +955,15 @@ def watch_command(
             log.error("round not run: %s", error)
             return watch.RoundResult(None, error.exit_code if error else ExitCode.INVALID)
         url, options = resolved
-        job = Job(url, timeout, lock_timeout, overrides, should_stop=should_stop, options=options)
+        job = Job(
+            url,
+            timeout,
+            lock_timeout,
+            overrides,
+            should_stop=should_stop,
+            options=options,
+            once=False,
+        )
         run, error = _attempt(lambda: job.apply_policy(current), url)
         if run is not None:
             _print_round(run, output, url, current)

@@ -175,16 +175,21 @@ def plan(
     run_id: str | None = None,
 ) -> Run:
     """Read Redis and decide every entry's state and action; changes nothing."""
-    with _collector_paused():
+    with collector_paused():
         return _plan(conn, keys, policy, overrides, on_progress, run_id)
 
 
 @contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused(keep: bool = False) -> Iterator[None]:
     """Pause Python's cycle collector while records pile up.
 
     A large run builds hundreds of thousands of small records that never form
     cycles; the collector would walk all of them again and again for nothing.
+    With ``keep``, what was built meanwhile is left out of the collector's
+    walks from then on (:func:`gc.freeze`): for a process that keeps the
+    records until it exits, so that its first collection afterwards does not
+    walk them all once more. A process that runs again and again (``opsctl
+    watch``) must not keep: cycles left over from each run would never be freed.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -192,6 +197,8 @@ def _collector_paused() -> Iterator[None]:
         yield
     finally:
         if was_enabled:
+            if keep:
+                gc.freeze()
             gc.enable()
 
 
