@@ -217,3 +217,25 @@ def test_a_recent_restart_is_warned_about_only_when_data_may_have_been_restored(
 
     assert version == "7.0.15"
     assert any("may have been restored" in w for w in warnings) is warned
+
+
+def test_registries_read_ahead_of_one_another_keep_each_entry_with_its_own_queue() -> None:
+    # More batches than are read at once, and registries that end mid-batch, so
+    # reads of one registry are in flight while the one before is decoded; one
+    # registry in the middle cannot be read at all.
+    server = fakeredis.FakeRedis()
+    sizes = {"alpha": 2500, "beta": 1, "broken": 0, "gamma": 4100}
+    for queue, size in sizes.items():
+        for n in range(size):
+            job_id = f"{queue}-{n}"
+            server.hset(f"rq:job:{job_id}", mapping={"status": "started", "origin": queue})
+            server.zadd(f"rq:wip:{queue}", {f"{job_id}:e{n}": float(n)})
+    server.set("rq:wip:broken", "not a sorted set")
+
+    snapshot = read_snapshot(server, Keys(), list(sizes))
+
+    read = [(e.queue, e.job_id) for e in snapshot.entries]
+    expected = [(q, f"{q}-{n}") for q, size in sizes.items() for n in range(size)]
+    assert read == expected  # each registry whole, in order, with its own queue's name
+    assert all(e.job is not None and e.job["origin"] == e.queue for e in snapshot.entries)
+    assert [p for p in snapshot.problems if "rq:wip:broken" in p]

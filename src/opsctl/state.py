@@ -11,10 +11,13 @@ import hashlib
 import logging
 import math
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, TypeVar, cast
 
 import redis
@@ -224,7 +227,6 @@ def _read_snapshot(
 ) -> Snapshot:
     now = server_time(conn)
     problems: list[str] = []
-    entries: list[StartedEntry] = []
     done = 0
 
     def decoded(batch: list[StartedEntry]) -> None:
@@ -237,16 +239,7 @@ def _read_snapshot(
 
     workers = read_workers(conn, keys, registered_workers(conn, keys, queues), problems, queues)
     reader.held_by = {name for name, w in workers.items() if w.exists and not w.fields.get("death")}
-    for queue in queues:
-        try:
-            members = list(registry_members(conn, keys.started(queue)))
-        except redis.exceptions.NoPermissionError:
-            raise
-        except redis.ResponseError as exc:
-            # One unreadable registry (the wrong type, say) never stops the run.
-            problems.append(f"queue {queue}: {keys.started(queue)} cannot be read: {exc}")
-            continue
-        entries.extend(_read_entries(keys, queue, members, problems, decoded, reader, ids))
+    entries = _read_entries(conn, keys, queues, problems, decoded, reader, ids)
     # Workers that entries name but no registration lists (most often dead ones).
     named = {name for e in entries if (name := e.worker_name)} - set(workers)
     workers.update(read_workers(conn, keys, named, problems, queues))
@@ -293,36 +286,66 @@ def split_member(member: bytes, ids: dict[str, str] | None = None) -> tuple[str,
 
 
 def _read_entries(
+    conn: redis.Redis,
     keys: Keys,
-    queue: str,
-    members: list[tuple[bytes, float]],
+    queues: list[str],
     problems: list[str],
     on_decoded: Callable[[list[StartedEntry]], None],
     reader: HashReader,
     ids: dict[str, str] | None = None,
 ) -> list[StartedEntry]:
-    """The entries of one registry, read a batch ahead of the one being decoded.
+    """The entries of the started registries of ``queues``, in turn.
 
-    The next batch's read runs on a helper thread while this one decodes its
-    replies (and ``on_decoded`` sees them), so Redis runs the read script
-    while Python works on the previous replies.
+    Helper threads read the next batches (``READS_AHEAD`` of them, from this
+    registry or the next ones) while this one is decoded and ``on_decoded``
+    sees it, so Redis runs the read script while Python works on the replies.
     """
     entries: list[StartedEntry] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="opsctl-read") as ahead:
-        pending: tuple[list[tuple[bytes, float]], list[tuple[str, str | None]], Any] | None = None
-        for batch in [*batches(members, SCRIPT_BATCH * SCRIPT_CALLS), None]:
-            if batch is not None:
+    pending: deque[tuple[str, list[tuple[bytes, float]], list[Any], Any]] = deque()
+    with ThreadPoolExecutor(max_workers=READS_AHEAD, thread_name_prefix="opsctl-read") as ahead:
+        for item in chain(_registry_batches(conn, keys, queues, problems, ahead), [None]):
+            if item is not None:
+                queue, batch = item
                 split, hash_keys, flags = _hash_keys(keys, batch, ids)
-                sent = (batch, split, ahead.submit(reader.read, hash_keys, flags))
-            if pending is not None:
-                done_batch, done_ids, replies = pending
+                pending.append((queue, batch, split, ahead.submit(reader.read, hash_keys, flags)))
+                if len(pending) <= READS_AHEAD:
+                    continue
+            while pending and (item is None or len(pending) > READS_AHEAD):
+                queue, done_batch, done_ids, replies = pending.popleft()
                 decoded = replies.result()
                 start = len(entries)
                 _decode_entries(queue, done_batch, done_ids, decoded, problems, entries, reader)
                 on_decoded(entries[start:])
-            pending = sent if batch is not None else None
     _resolve_rq1_ids_with_colons(keys, entries, problems, reader)
     return entries
+
+
+def _registry_batches(
+    conn: redis.Redis, keys: Keys, queues: list[str], problems: list[str], ahead: Executor
+) -> Iterator[tuple[str, list[tuple[bytes, float]]]]:
+    """Batches of the members of each queue's started registry, with their queue.
+
+    The next registry's members are read on a helper thread while this one's
+    batches are read. One unreadable registry (the wrong type, say) is a
+    problem, and never stops the run.
+    """
+
+    def members(queue: str) -> list[tuple[bytes, float]]:
+        return list(registry_members(conn, keys.started(queue)))
+
+    upcoming = ahead.submit(members, queues[0]) if queues else None
+    for at, queue in enumerate(queues):
+        listed = cast("Future[list[tuple[bytes, float]]]", upcoming)
+        upcoming = ahead.submit(members, queues[at + 1]) if at + 1 < len(queues) else None
+        try:
+            found = listed.result()
+        except redis.exceptions.NoPermissionError:
+            raise
+        except redis.ResponseError as exc:
+            problems.append(f"queue {queue}: {keys.started(queue)} cannot be read: {exc}")
+            continue
+        for batch in batches(found, SCRIPT_BATCH * SCRIPT_CALLS):
+            yield queue, batch
 
 
 def may_be_read_again(entry: StartedEntry) -> bool:
@@ -445,6 +468,8 @@ UNBOUNDED_FIELDS = frozenset({b"data"})
 SCRIPT_BATCH = 500
 #: Script calls sent in one pipeline round trip.
 SCRIPT_CALLS = 2
+#: Batches being read (each on a connection of its own) while one is decoded.
+READS_AHEAD = 2
 
 # A read-only script that reads the fields opsctl needs from many hashes in
 # one call, so a large registry costs a few hundred commands, not two per
@@ -557,6 +582,7 @@ class HashReader:
         #: Whether replies hold only text (hiredis decoded them) rather than bytes.
         self.as_text = self.own is not None
         self.mode: int | None = None  # index into _READ_SCRIPTS; len() = pipelined reads
+        self._choosing = threading.Lock()
         self.sha: list[str] = [
             hashlib.sha1(body.encode()).hexdigest() for _, _, body in _READ_SCRIPTS
         ]
@@ -584,7 +610,9 @@ class HashReader:
         """Replies for ``hash_keys`` (a job key, then its execution key where it has one)."""
         calls = list(self._calls(hash_keys, has_execution))
         if self.mode is None:
-            self._choose(calls[0])
+            with self._choosing:  # reads may run at once: the first one chooses
+                if self.mode is None:
+                    self._choose(calls[0])
         if self.mode == len(_READ_SCRIPTS):
             return self._pipelined(hash_keys, has_execution)
         mode = cast(int, self.mode)
