@@ -383,8 +383,11 @@ def _signals(entry: StartedEntry, worker: str, liveness: Liveness, now: float) -
     job = entry.job if entry.job is not None else _NO_FIELDS
     execution = entry.execution if entry.execution is not None else _NO_FIELDS
     started = started_moment(job, execution)
-    job_beat = parse_timestamp(job.get("last_heartbeat"))
-    execution_beat = parse_timestamp(execution.get("last_heartbeat"))
+    job_beat_text, execution_beat_text = job.get("last_heartbeat"), execution.get("last_heartbeat")
+    job_beat = parse_timestamp(job_beat_text)
+    # RQ writes the same moment to both: read it once.
+    same = execution_beat_text == job_beat_text
+    execution_beat = job_beat if same else parse_timestamp(execution_beat_text)
     if job_beat is None or (execution_beat is not None and execution_beat > job_beat):
         job_beat = execution_beat
     return Signals(

@@ -389,13 +389,18 @@ def _hash_keys(
 ) -> tuple[list[tuple[str, str | None]], list[bytes], list[bool]]:
     """Job and execution ids of a batch of members, and the hash keys to read for them."""
     split = [split_member(member, ids) for member, _score in batch]
+    # The keys are the member's own bytes behind a prefix: the job's, the member
+    # up to its last colon (or whole: RQ 1); the execution's, the whole member.
+    job_prefix = keys.job("").encode("utf-8", "surrogateescape")
+    execution_prefix = keys.execution("", "")[:-1].encode("utf-8", "surrogateescape")
     hash_keys: list[bytes] = []
-    for job_id, execution_id in split:
-        hash_keys.append(keys.job(job_id).encode("utf-8", "surrogateescape"))
-        if execution_id is not None:
-            hash_keys.append(
-                keys.execution(job_id, execution_id).encode("utf-8", "surrogateescape")
-            )
+    for (stored, _score), (_job_id, execution_id) in zip(batch, split, strict=True):
+        member = stored if stored.__class__ is bytes else cast(bytes, as_bytes(stored))
+        if execution_id is None:
+            hash_keys.append(job_prefix + member)
+        else:
+            hash_keys.append(job_prefix + member[: member.rindex(b":")])
+            hash_keys.append(execution_prefix + member)
     return split, hash_keys, [execution_id is not None for _, execution_id in split]
 
 
