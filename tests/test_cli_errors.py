@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import Result
@@ -20,7 +23,7 @@ from typer.testing import CliRunner
 
 from conftest import clean_env, free_port
 from opsctl import __version__
-from opsctl.cli import app
+from opsctl.cli import _stop_on_signals, app
 
 TESTS = Path(__file__).resolve().parent
 REPOSITORY = TESTS.parent
@@ -504,3 +507,17 @@ def test_a_zero_max_age_option_is_refused_before_redis_is_contacted(zero: str) -
     assert result.exit_code == 2, result.output
     assert f"--max-age: {zero!r} is zero: every job a live worker runs" in result.output
     assert "(or --force to act on every started job)" in result.output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_stop_signal_ends_apply_at_once_with_that_signals_exit_code(
+    signum: signal.Signals,
+) -> None:
+    job = SimpleNamespace(should_stop=None)
+    with pytest.raises(SystemExit) as stopped, _stop_on_signals(job) as received:  # type: ignore[arg-type]
+        os.kill(os.getpid(), signum)  # the first asks for a stop between changes
+        assert job.should_stop()
+        os.kill(os.getpid(), signum)  # the second stops it at once
+        time.sleep(5)
+    assert stopped.value.code == 128 + signum
+    assert received == [signum]

@@ -32,7 +32,7 @@ from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry, clean_registries
 
-from conftest import clean_env, job_status
+from conftest import WorkerFactory, clean_env, job_status, wait_for_status
 from opsctl.actions import _JOB_SCRIPT
 from opsctl.apply import RECONCILE_ROUNDS
 
@@ -675,6 +675,37 @@ def test_a_signal_to_apply_stops_it_between_changes_with_its_report_and_no_lock_
     assert job_status(redis_conn, job.id) == "started"
 
 
+def polling_for_the_lock(conn: redis.Redis) -> bool:
+    """Whether a client other than `conn`'s is trying to take a lock (SET NX, again and again)."""
+    return any(c.get("cmd") == "set" for c in conn.client_list())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_apply_waits_for_the_run_lock_stops_it_at_once_with_nothing_done(
+    redis_conn: redis.Redis, redis_url: str, signum: int
+) -> None:
+    job_ids = abandon(redis_conn, 3)
+    redis_conn.set("opsctl:lock", "another run", ex=120)
+    policy = POLICIES / "safety_fail.yaml"
+
+    run = start_opsctl(*apply_args(policy, redis_url, "--lock-timeout", "60"))
+    try:
+        assert wait_while_running(run, lambda: polling_for_the_lock(redis_conn))
+        asked = time.monotonic()
+        run.send_signal(signum)
+        _stdout, stderr = run.communicate(timeout=50)
+        took = time.monotonic() - asked
+    finally:
+        if run.poll() is None:
+            run.kill()
+
+    assert run.returncode == 128 + signum, stderr
+    assert took < 30, f"waited {took:.0f}s of the 60s lock timeout after the signal"
+    assert f"stopped by signal {int(signum)}: nothing was done" in stderr
+    assert redis_conn.get("opsctl:lock") == b"another run"  # never opsctl's to release
+    assert statuses(redis_conn, job_ids) == Counter({"started": 3})
+
+
 # --- 3. reviewed plans --------------------------------------------------------------------
 
 
@@ -1043,3 +1074,39 @@ def test_dry_run_adds_nothing_to_the_audit_trail(redis_conn: redis.Redis, redis_
     assert before == 1
     assert redis_conn.xlen("opsctl:audit") == before
     assert history(redis_url, "--run", report["run_id"]) == []
+
+
+def test_a_live_worker_of_the_same_name_on_another_database_does_not_keep_this_ones_job(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # Staging on database 1 and production on database 0 run a worker named "dup"
+    # and a job under the same fixed id. Database 0's worker was SIGKILLed: its
+    # hash is still there, and the channel rq:pubsub:dup (shared by every database
+    # of a server) is heard only by database 1's live worker.
+    other_url = redis_url.rsplit("/", 1)[0] + "/1"
+    other = redis.Redis.from_url(other_url, decode_responses=False)
+    staging = Queue(QUEUE, connection=other).enqueue("jobs.sleep_for", 6, job_id="nightly")
+    workers = WorkerFactory(redis_url=other_url, log_dir=tmp_path)
+    try:
+        workers.start([QUEUE], name="dup")
+        assert wait_for_status(other, staging.id, "started") == "started"
+        job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 6, job_id="nightly")
+        with redis_conn.pipeline() as pipe:
+            Execution.create(job, LEASE_S, pipe, worker_name="dup")
+            job.prepare_for_execution("dup", pipe)
+            pipe.lrem(Queue(QUEUE, connection=redis_conn).key, 0, job.id)
+            pipe.execute()
+        redis_conn.hset("rq:worker:dup", mapping={"state": "busy", "birth": "2026-01-01"})
+        redis_conn.expire("rq:worker:dup", 600)
+
+        result = run_opsctl(*apply_args(POLICIES / "safety_fail.yaml", redis_url))
+
+        report = report_of(result)
+        line = line_of(report, "nightly")
+        assert (line["state"], line["outcome"]) == ("abandoned", "done"), line
+        assert job_status(redis_conn, "nightly") == "failed"
+        # Staging's job was never stopped: it runs on and finishes.
+        assert wait_for_status(other, staging.id, "finished", timeout=30) == "finished"
+    finally:
+        workers.close()
+        other.close()

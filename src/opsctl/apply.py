@@ -150,7 +150,8 @@ class Executor:
 
     def _execute_queue(self, queue: str, outcomes: list[JobOutcome]) -> None:
         lock = maintenance_lock(self.conn, self.keys.prefix, queue, self.run.run_id)
-        if not lock.acquire(self.lock_timeout_s):
+        if not lock.acquire(self.lock_timeout_s, self._asked_to_stop):
+            self._checkpoint()  # asked to stop while waiting: the rest is left
             why = f"RQ is cleaning this queue's registries (lock held by {lock.holder()})"
             for outcome in outcomes:
                 _set(outcome, SKIPPED, why)

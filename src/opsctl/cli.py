@@ -615,10 +615,12 @@ def apply(
         )
     if received:
         # The report is printed; a run cut short never passes for a finished one.
-        _say(
-            f"stopped by signal {received[0]}: what was done is in the report; run again to finish",
-            logging.WARNING,
+        said = (
+            "what was done is in the report; run again to finish"
+            if run is not None
+            else "nothing was done"
         )
+        _say(f"stopped by signal {received[0]}: {said}", logging.WARNING)
         raise typer.Exit(128 + received[0])
     _finish(error, best_effort, url, ("apply", metrics_file), run, began)
 
@@ -671,7 +673,9 @@ def _stop_on_signals(job: Job) -> Iterator[list[int]]:
 
     def stop(signum: int, _frame: object) -> None:
         if received:
-            raise KeyboardInterrupt  # asked twice: stop at once
+            # Asked twice: stop at once (locks are still given back on the way out).
+            log.warning("signal=%s stopping at once", signum)
+            raise SystemExit(128 + signum)
         received.append(signum)
         log.warning("signal=%s stopping after the change in progress (again: at once)", signum)
 
@@ -774,7 +778,7 @@ class Job:
         dry = self.overrides.dry_run
         if dry if dry is not None else policy.defaults.dry_run:
             return self._plan(conn, keys, policy, run_id)
-        with run_lock(conn, run_id, self.lock_timeout_s) as lock:
+        with run_lock(conn, run_id, self.lock_timeout_s, self.should_stop) as lock:
             run = self._plan(conn, keys, policy, run_id)
             self._execute(conn, keys, run, policy.digest, lock)
         return run
@@ -793,7 +797,7 @@ class Job:
             # A plan made from a policy whose defaults say dry_run changes nothing either.
             plan_read.run.dry_run = True
             return plan_read.run, plan_read.policy_digest
-        with run_lock(conn, new_run_id(), self.lock_timeout_s) as lock:
+        with run_lock(conn, new_run_id(), self.lock_timeout_s, self.should_stop) as lock:
             plan_read = read()  # again, now that no other run can act meanwhile
             run = plan_read.run
             logs.current_run_id.set(run.run_id)

@@ -19,7 +19,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import redis
@@ -57,6 +57,14 @@ class LockTimeout(OpsctlError):
     exit_code = ExitCode.LOCKED
 
 
+class StoppedWaiting(OpsctlError):
+    """Raised when opsctl is asked to stop while it waits for the run lock:
+    nothing was read or done. (Callers that were sent a signal exit as the
+    signal says; the exit code here is for those that were not.)"""
+
+    exit_code = ExitCode.LOCKED
+
+
 def owner_token(run_id: str) -> str:
     """A token naming this process, so a held lock says who holds it."""
     return (
@@ -75,11 +83,12 @@ class Lock:
     def try_acquire(self) -> bool:
         return bool(self.conn.set(self.key, self.token, nx=True, ex=self.ttl_s))
 
-    def acquire(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` for the lock; whether it was taken."""
+    def acquire(self, timeout_s: float, should_stop: Callable[[], bool] | None = None) -> bool:
+        """Wait up to ``timeout_s`` for the lock, or until ``should_stop`` says to
+        stop waiting; whether it was taken."""
         deadline = time.monotonic() + timeout_s
         while not self.try_acquire():
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or (should_stop is not None and should_stop()):
                 return False
             time.sleep(POLL_S)
         return True
@@ -121,15 +130,26 @@ RELEASE_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
 
 
 @contextmanager
-def run_lock(conn: redis.Redis, run_id: str, timeout_s: float) -> Iterator[Lock]:
-    """Hold the run lock for the body, waiting up to ``timeout_s`` for it."""
+def run_lock(
+    conn: redis.Redis,
+    run_id: str,
+    timeout_s: float,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[Lock]:
+    """Hold the run lock for the body, waiting up to ``timeout_s`` for it (and no
+    longer once ``should_stop`` says so: a signal to stop never waits out the lock)."""
     lock = Lock(conn, RUN_LOCK_KEY, owner_token(run_id), RUN_LOCK_TTL_S)
     if not lock.try_acquire():
         # A key no run ever wrote: no lock could ever be taken, and waiting
         # would end as if a run held it.
         then = " (no opsctl apply runs until then)"
         refuse_foreign_key(conn, RUN_LOCK_KEY, "string", "opsctl's run lock", then)
-        if not lock.acquire(timeout_s):
+        if not lock.acquire(timeout_s, should_stop):
+            if should_stop is not None and should_stop():
+                raise StoppedWaiting(
+                    f"asked to stop while waiting for the run lock ({lock.holder()}): "
+                    "nothing was done"
+                )
             if conn.ttl(RUN_LOCK_KEY) == -1:
                 # No run leaves it so: each sets an expiry and renews it.
                 raise LockTimeout(

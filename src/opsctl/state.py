@@ -841,7 +841,13 @@ def read_workers(
         return {}
     registrations = _registrations(conn, keys, queues)
     subscribers = _subscribers(conn, keys, names)
-    connected = _connected_names(conn)
+    clients = _clients(conn)
+    connected = clients.names if clients is not None else None
+    if subscribers is not None and clients is not None and not clients.subscribed_here:
+        # Every database of a server shares its channels: when no connection of
+        # this database listens on one, those counted are another database's
+        # workers of the same names, not these.
+        subscribers = dict.fromkeys(subscribers, 0)
     workers: dict[str, WorkerRecord] = {}
     for batch in batches(names, BATCH // 4):
         pipe = conn.pipeline(transaction=False)
@@ -920,14 +926,33 @@ def _subscribers(conn: redis.Redis, keys: Keys, names: list[str]) -> dict[str, i
     return counts
 
 
-def _connected_names(conn: redis.Redis) -> set[str] | None:
-    """Names of the open client connections; None if not permitted."""
+@dataclass(frozen=True)
+class _Clients:
+    """The connections open on the run's database, as CLIENT LIST shows them."""
+
+    names: set[str]  # the names they were given
+    subscribed_here: bool  # whether any of them listens on a channel
+
+
+def _clients(conn: redis.Redis) -> _Clients | None:
+    """The connections of the run's database; None if not permitted.
+
+    CLIENT LIST shows every database's connections: a worker of the same name
+    on another database (staging beside production, say) is not this one's.
+    A listing without a database or subscription field counts as this one's,
+    listening: the side on which no worker is taken for dead.
+    """
     try:
         clients = conn.client_list()
     except redis.ResponseError as exc:
         log.warning("client_list_unavailable error=%s", exc)
         return None
-    return {text(c.get("name")) for c in clients if c.get("name")}
+    db = str(conn.connection_pool.connection_kwargs.get("db") or 0)
+    here = [c for c in clients if str(c.get("db", db)) == db]
+    return _Clients(
+        names={text(c.get("name")) for c in here if c.get("name")},
+        subscribed_here=any(str(c.get("sub", "1")) != "0" for c in here),
+    )
 
 
 def _is_connected(keys: Keys, name: str, connected: set[str] | None) -> bool | None:
