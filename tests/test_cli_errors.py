@@ -451,6 +451,23 @@ def test_options_no_run_could_use_are_refused_before_anything_happens(
     assert "cannot reach Redis" not in result.output  # refused before connecting
 
 
+@pytest.mark.parametrize("blank", ["", " ", "\t"])
+@pytest.mark.parametrize(
+    "command",
+    [("apply", "policies/minimal.yaml"), ("plan", "policies/minimal.yaml", "-o", "p.json")],
+)
+def test_a_blank_queue_variable_is_refused_rather_than_read_as_every_queue(
+    closed_url: str, blank: str, command: tuple[str, ...]
+) -> None:
+    # A deploy script's OPSCTL_QUEUE="$QUEUES" with QUEUES unset must not widen the
+    # run to every queue the policy covers.
+    result = opsctl(*command, "--redis-url", closed_url, env={"OPSCTL_QUEUE": blank})
+
+    assert result.exit_code == 2, result.output
+    assert "OPSCTL_QUEUE is set but names no queue" in result.output
+    assert "cannot reach Redis" not in result.output  # refused before connecting
+
+
 def test_unknown_option_is_a_usage_error_not_a_crash() -> None:
     result = opsctl("apply", "policies/minimal.yaml", "--max-agee", "10m")
 

@@ -458,11 +458,19 @@ MaxAgeOpt = Annotated[
 ]
 
 
-def _queue_names(values: list[str] | None) -> list[str] | None:
+def _queue_names(param: typer.CallbackParam, values: list[str] | None) -> list[str] | None:
     """Refuse an empty queue name: it matches no queue, so the run would quietly do
-    nothing (in a deploy script, most often a variable that is not set)."""
+    nothing (in a deploy script, most often a variable that is not set). A blank
+    OPSCTL_QUEUE is refused too: read as "no --queue", it would widen the run to
+    every queue the policy covers."""
     if values and any(not v.strip() for v in values):
         raise typer.BadParameter("an empty name matches no queue (is a variable unset?)")
+    envvar = param.envvar if isinstance(param.envvar, str) else None
+    if not values and envvar and envvar in os.environ:  # set, and blank: no name in it
+        raise typer.BadParameter(
+            f"{envvar} is set but names no queue (is a variable unset?); "
+            "unset it to cover every queue of the policy"
+        )
     return values
 
 
