@@ -588,3 +588,30 @@ def test_a_database_the_server_does_not_have_is_a_setting_to_mend_exit_2(redis_u
 
     assert result.returncode == 2, result.stderr
     assert f"Redis at {missing_db} has no such database" in result.stderr
+
+
+def test_apply_against_a_read_only_replica_exits_3_and_names_it_while_a_dry_run_reads_there(
+    redis_server: RedisServer, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    job = started_job(redis_conn, "w-dead")
+    port = free_port()
+    follows = ["--replicaof", "127.0.0.1", str(redis_server.port)]
+    replica = _launch(
+        ["--bind", "127.0.0.1", "--port", str(port), *_plain_args(tmp_path), *follows],
+        tmp_path / "replica.log",
+        lambda: redis.Redis(host="127.0.0.1", port=port),
+    )
+    try:
+        assert wait_until(lambda: replica.client.exists(f"rq:job:{job.id}") == 1, timeout=20)
+        policy = _policy(tmp_path)
+        url = f"redis://127.0.0.1:{port}/0"
+
+        refused = _opsctl("apply", str(policy), "--redis-url", url)
+        preview = _apply_json(policy, "--redis-url", url, "--dry-run")
+    finally:
+        replica.stop()
+
+    assert refused.returncode == 3, refused.stderr
+    assert "read-only replica" in refused.stderr and "primary" in refused.stderr
+    assert status_of(redis_conn, job.id) == "started"  # nothing was changed
+    assert [(j["id"], j["outcome"]) for j in preview["jobs"]] == [(job.id, "planned")]  # type: ignore[index, union-attr]

@@ -200,6 +200,11 @@ def _as_error(exc: Exception, url: str | None) -> OpsctlError:
             "changed by the refused command. Grant the rights listed in the README's ACL table"
         )
         return RedisUnavailable(message)
+    if isinstance(exc, redis.exceptions.ReadOnlyError):
+        return RedisUnavailable(
+            f"Redis refused a write: the server is a read-only replica ({exc}); nothing was "
+            "changed. Give opsctl the primary's URL (a --dry-run reads from a replica)"
+        )
     if isinstance(exc, redis.RedisError):
         return OpsctlError(f"Redis error: {exc}")
     # The last line of defence: a message, never a traceback.
