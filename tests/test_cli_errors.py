@@ -247,6 +247,10 @@ def test_validate_only_notes_an_unset_variable_and_exits_0() -> None:
         ("redis://:s3cret@/0", "names no host; opsctl never falls back to a default server"),
         ("redis+sentinel://:s3cret@h:\u00b2/mymaster", "port '\u00b2' is not a number"),
         ("redis://:s3cret@127.0.0.1:6380/0?protocol=9", "protocol '9' is not 2 or 3"),
+        (
+            "redis://:s3cret@127.0.0.1:6380/0?socket_timeout=abc",
+            "is not valid: Invalid value for 'socket_timeout' in connection URL.",
+        ),
     ],
 )
 def test_validate_refuses_an_environment_url_that_apply_would_refuse(url: str, reason: str) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
+from redis.connection import parse_url
 from redis.sentinel import MasterNotFoundError, Sentinel
 
 from opsctl.errors import RedisUnavailable, UsageError
@@ -172,6 +173,7 @@ def check_url(url: str) -> None:
     if scheme == "unix":
         if not rest.split("?", 1)[0]:
             raise UsageError(f"Redis URL {shown!r} names no socket path")
+        _check_options(url)
         return
     if scheme == SENTINEL_SCHEME:
         parse_sentinel_url(url)
@@ -201,6 +203,17 @@ def check_url(url: str) -> None:
             f"Redis URL {shown!r} is ambiguous: percent-encode any '#', '?', '/' or '@' in "
             "the user name or password (for example '#' as %23)"
         )
+    _check_options(url)
+
+
+def _check_options(url: str) -> None:
+    """Refuse the option values redis-py cannot read from the query (socket_timeout=abc,
+    say), as it would on connecting."""
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        shown = mask_url(url)
+        raise UsageError(f"Redis URL {shown!r} is not valid: {_why_not_valid(exc, url)}") from None
 
 
 def url_problem(url: str) -> str | None:
