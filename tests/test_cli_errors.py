@@ -251,6 +251,10 @@ def test_validate_only_notes_an_unset_variable_and_exits_0() -> None:
             "redis://:s3cret@127.0.0.1:6380/0?socket_timeout=abc",
             "is not valid: Invalid value for 'socket_timeout' in connection URL.",
         ),
+        (
+            "redis://:s3cret@127.0.0.1:6380/0?db=3",
+            "names database 0 in its path and 3 as ?db=: give one",
+        ),
     ],
 )
 def test_validate_refuses_an_environment_url_that_apply_would_refuse(url: str, reason: str) -> None:

@@ -191,6 +191,13 @@ def check_url(url: str) -> None:
     database = tail.split("?", 1)[0].split("#", 1)[0].strip("/")
     if database and not (database.isascii() and database.isdigit()):
         raise UsageError(f"Redis URL {shown!r}: database {database!r} is not a number")
+    for value in parse_qs(query).get("db", []):
+        if database and value != database:
+            # redis-py would use the query's, while every message shows the path's.
+            raise UsageError(
+                f"Redis URL {shown!r} names database {database} in its path and {value} "
+                "as ?db=: give one"
+            )
     try:
         parsed = urlsplit(url)
         same = (parsed.hostname or "") == host.strip("[]").lower() and parsed.port == (
