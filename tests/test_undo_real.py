@@ -8,6 +8,10 @@ read through RQ's API.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ from rq.executions import Execution
 from rq.job import Job
 from rq.registry import CanceledJobRegistry, FailedJobRegistry
 
-from conftest import WorkerFactory, job_status, run_opsctl, wait_for_status
+from conftest import WorkerFactory, job_status, opsctl_env, run_opsctl, wait_for_status, wait_until
 
 pytestmark = pytest.mark.redis_server
 
@@ -175,6 +179,39 @@ def test_requeue_waits_for_a_running_apply_and_gives_up_with_exit_5(
 
     assert result.returncode == 5, result.stderr
     assert "another opsctl run holds the lock" in result.stderr
+    assert job_status(redis_conn, job.id) == "failed"
+
+
+def test_a_signal_while_requeue_waits_for_the_lock_stops_it_at_once_with_nothing_done(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    job = Queue(FAIL_QUEUE, connection=redis_conn).enqueue("jobs.quick")
+    started_again(redis_conn, job)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    run = opsctl_json("apply", str(policy), "--redis-url", redis_url)
+    redis_conn.set("opsctl:lock", "opsctl run=other host=elsewhere pid=1", ex=120)
+    argv = ["requeue", "--run", run["run_id"], "--redis-url", redis_url, "--lock-timeout", "60"]
+
+    requeue = subprocess.Popen(
+        [sys.executable, "-m", "opsctl", *argv], stderr=subprocess.PIPE, text=True, env=opsctl_env()
+    )
+    try:
+        polling = wait_until(
+            lambda: any(c.get("cmd") == "set" for c in redis_conn.client_list()), timeout=20
+        )
+        assert polling, "requeue never tried to take the lock"
+        asked = time.monotonic()
+        requeue.send_signal(signal.SIGTERM)
+        _, stderr = requeue.communicate(timeout=50)
+        took = time.monotonic() - asked
+    finally:
+        if requeue.poll() is None:
+            requeue.kill()
+
+    assert requeue.returncode == 143, stderr
+    assert took < 30, f"waited {took:.0f}s of the 60s lock timeout after the signal"
+    assert "stopped by signal 15: nothing was done" in stderr
     assert job_status(redis_conn, job.id) == "failed"
 
 

@@ -622,7 +622,8 @@ def apply(
         url, timeout, lock_timeout, overrides, progress=output is Format.text, options=options
     )
     began = time.monotonic()
-    with _stop_on_signals(job) as received:
+    with _stop_on_signals() as received:
+        job.should_stop = lambda: bool(received)
         run, error = _apply(
             job, policy, plan_file, max_plan_age, force, max_age, queue, max_actions, url, output
         )
@@ -678,10 +679,10 @@ def _apply(
 
 
 @contextmanager
-def _stop_on_signals(job: Job) -> Iterator[list[int]]:
-    """Make SIGTERM and SIGINT stop ``job`` between two changes, so its locks are
-    released and its report printed (a second one stops it at once); the signals
-    received are yielded."""
+def _stop_on_signals() -> Iterator[list[int]]:
+    """Take SIGTERM and SIGINT as a request to stop between two changes, so locks
+    are released and the report printed (a second one stops at once); the signals
+    received are yielded, for the run to poll."""
     received: list[int] = []
 
     def stop(signum: int, _frame: object) -> None:
@@ -692,7 +693,6 @@ def _stop_on_signals(job: Job) -> Iterator[list[int]]:
         received.append(signum)
         log.warning("signal=%s stopping after the change in progress (again: at once)", signum)
 
-    job.should_stop = lambda: bool(received)
     with watch.stop_signals_handled(stop):
         yield received
 
@@ -1144,17 +1144,30 @@ def requeue_command(
     )
     url, options = _guard(lambda: connection.resolve(None))
     _setup_logging(verbose, quiet, log_format, url)
-    done = _guard(
-        lambda: undo.requeue_run(
-            connect(url, timeout, options), key_prefix, run_id, dry_run, lock_timeout
-        ),
-        url=url,
-    )
-    with _reader_may_leave():
-        if output is Format.json:
-            report.print_json(done.to_json(mask_url(url)))
-        else:
-            undo.print_text(done, _console())
+    with _stop_on_signals() as received:
+        done, error = _attempt(
+            lambda: undo.requeue_run(
+                connect(url, timeout, options),
+                key_prefix,
+                run_id,
+                dry_run,
+                lock_timeout,
+                lambda: bool(received),
+            ),
+            url=url,
+        )
+        if done is not None:
+            with _reader_may_leave():
+                if output is Format.json:
+                    report.print_json(done.to_json(mask_url(url)))
+                else:
+                    undo.print_text(done, _console())
+    if received:
+        said = "what was done is in the report; run again to finish" if done else "nothing was done"
+        _say(f"stopped by signal {received[0]}: {said}", logging.WARNING)
+        raise typer.Exit(128 + received[0])
+    if done is None:
+        _fail(error or OpsctlError("requeue did not run"), url=url)
     if done.failed and not dry_run:  # a dry run changes nothing, so nothing can fail
         errors = done.summary()["errors"]
         _fail(OpsctlError(f"{errors} requeue(s) failed; see the report"), url=url)

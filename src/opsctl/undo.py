@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,26 +208,38 @@ def jobs_of_run(conn: redis.Redis, run_id: str) -> tuple[list[Undo], str]:
 
 
 def requeue_run(
-    conn: redis.Redis, key_prefix: str | None, run_id: str, dry_run: bool, lock_timeout_s: float
+    conn: redis.Redis,
+    key_prefix: str | None,
+    run_id: str,
+    dry_run: bool,
+    lock_timeout_s: float,
+    should_stop: Callable[[], bool] | None = None,
 ) -> UndoRun:
     """Requeue (or, dry, check) every job ``run_id`` failed or canceled, under
-    ``key_prefix``, or else the prefix the run itself used."""
+    ``key_prefix``, or else the prefix the run itself used. Once ``should_stop``
+    says so, the jobs not reached yet are skipped (and the lock is not waited for)."""
     jobs, used = jobs_of_run(conn, run_id)
     keys = Keys(key_prefix or used)
     undo = UndoRun(new_run_id(), run_id, dry_run, jobs)
     if dry_run:
-        _requeue(conn, keys, undo)
+        _requeue(conn, keys, undo, should_stop)
         return undo
-    with run_lock(conn, undo.run_id, lock_timeout_s):
-        _requeue(conn, keys, undo)
+    with run_lock(conn, undo.run_id, lock_timeout_s, should_stop):
+        _requeue(conn, keys, undo, should_stop)
     return undo
 
 
-def _requeue(conn: redis.Redis, keys: Keys, undo: UndoRun) -> None:
+def _requeue(
+    conn: redis.Redis, keys: Keys, undo: UndoRun, should_stop: Callable[[], bool] | None
+) -> None:
     script = conn.register_script(_REQUEUE_SCRIPT)
     context = AuditContext(undo.run_id, "", keys.prefix)
     for start in range(0, len(undo.jobs), BATCH):
         batch = undo.jobs[start : start + BATCH]
+        if should_stop is not None and should_stop():
+            for job in undo.jobs[start:]:
+                job.outcome, job.reason = SKIPPED, "not acted on: opsctl was asked to stop"
+            return
         origins = _origins(conn, keys, batch)
         now_iso = format_timestamp(server_time(conn))
         pipe = conn.pipeline(transaction=False)
