@@ -163,19 +163,23 @@ def test_unknown_run_id_exits_2_and_writes_nothing(redis_url: str, redis_conn: r
     assert redis_conn.keys("*") == []
 
 
-def test_requeue_waits_for_a_running_apply_and_gives_up_with_exit_5(
-    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
-) -> None:
-    job = Queue(FAIL_QUEUE, connection=redis_conn).enqueue("jobs.quick")
-    started_again(redis_conn, job)
+def failed_by_a_run(redis_url: str, conn: redis.Redis, tmp_path: Path) -> tuple[Job, str]:
+    """A job an `opsctl apply` failed, and that run's id."""
+    job = Queue(FAIL_QUEUE, connection=conn).enqueue("jobs.quick")
+    started_again(conn, job)
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     run = opsctl_json("apply", str(policy), "--redis-url", redis_url)
+    return job, str(run["run_id"])
+
+
+def test_requeue_waits_for_a_running_apply_and_gives_up_with_exit_5(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    job, run_id = failed_by_a_run(redis_url, redis_conn, tmp_path)
     redis_conn.set("opsctl:lock", "opsctl run=other host=elsewhere pid=1", ex=60)
 
-    result = run_opsctl(
-        "requeue", "--run", run["run_id"], "--redis-url", redis_url, "--lock-timeout", "0"
-    )
+    result = run_opsctl("requeue", "--run", run_id, "--redis-url", redis_url, "--lock-timeout", "0")
 
     assert result.returncode == 5, result.stderr
     assert "another opsctl run holds the lock" in result.stderr
@@ -185,13 +189,9 @@ def test_requeue_waits_for_a_running_apply_and_gives_up_with_exit_5(
 def test_a_signal_while_requeue_waits_for_the_lock_stops_it_at_once_with_nothing_done(
     redis_url: str, redis_conn: redis.Redis, tmp_path: Path
 ) -> None:
-    job = Queue(FAIL_QUEUE, connection=redis_conn).enqueue("jobs.quick")
-    started_again(redis_conn, job)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    run = opsctl_json("apply", str(policy), "--redis-url", redis_url)
+    job, run_id = failed_by_a_run(redis_url, redis_conn, tmp_path)
     redis_conn.set("opsctl:lock", "opsctl run=other host=elsewhere pid=1", ex=120)
-    argv = ["requeue", "--run", run["run_id"], "--redis-url", redis_url, "--lock-timeout", "60"]
+    argv = ["requeue", "--run", run_id, "--redis-url", redis_url, "--lock-timeout", "60"]
 
     requeue = subprocess.Popen(
         [sys.executable, "-m", "opsctl", *argv], stderr=subprocess.PIPE, text=True, env=opsctl_env()
@@ -218,11 +218,7 @@ def test_a_signal_while_requeue_waits_for_the_lock_stops_it_at_once_with_nothing
 def test_entry_written_before_ended_at_was_recorded_is_skipped_not_guessed(
     redis_url: str, redis_conn: redis.Redis, tmp_path: Path
 ) -> None:
-    job = Queue(FAIL_QUEUE, connection=redis_conn).enqueue("jobs.quick")
-    started_again(redis_conn, job)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    run = opsctl_json("apply", str(policy), "--redis-url", redis_url)
+    job, run_id = failed_by_a_run(redis_url, redis_conn, tmp_path)
     # An entry as an earlier opsctl wrote it: the same fields, without ended_at.
     (_, entry), *_ = redis_conn.xrange("opsctl:audit")
     older = {k: v for k, v in entry.items() if k != b"ended_at"}
@@ -234,20 +230,16 @@ def test_entry_written_before_ended_at_was_recorded_is_skipped_not_guessed(
     outcome, reason = outcomes(undo)[job.id]
     assert outcome == "skipped" and "predates" in reason, reason
     assert job_status(redis_conn, job.id) == "failed"
-    assert run["run_id"] != "0ld0ld0ld0ld"
+    assert run_id != "0ld0ld0ld0ld"
 
 
 def test_job_taken_out_of_its_registry_since_is_left_as_it_is(
     redis_url: str, redis_conn: redis.Redis, tmp_path: Path
 ) -> None:
-    job = Queue(FAIL_QUEUE, connection=redis_conn).enqueue("jobs.quick")
-    started_again(redis_conn, job)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    run = opsctl_json("apply", str(policy), "--redis-url", redis_url)
+    job, run_id = failed_by_a_run(redis_url, redis_conn, tmp_path)
     FailedJobRegistry(FAIL_QUEUE, connection=redis_conn).remove(job.id)
 
-    undo = opsctl_json("requeue", "--run", run["run_id"], "--redis-url", redis_url)
+    undo = opsctl_json("requeue", "--run", run_id, "--redis-url", redis_url)
 
     outcome, reason = outcomes(undo)[job.id]
     assert (outcome, reason.endswith("no longer in FailedJobRegistry")) == ("skipped", True)
