@@ -889,6 +889,23 @@ def test_policy_wide_dry_run_changes_nothing_until_no_dry_run_is_given(
 # --- the text report ------------------------------------------------------------------------
 
 
+def test_status_under_a_prefix_where_nothing_lives_says_what_to_check(
+    conn: redis.Redis, url: str
+) -> None:
+    started_job(conn, "w-crashed")
+
+    wrong = opsctl("status", "--redis-url", url, "--key-prefix", "rq:")
+    right = opsctl("status", "--redis-url", url)
+
+    assert wrong.exit_code == 0, wrong.output
+    said = " ".join(wrong.stdout.split())
+    assert "no RQ queues found; no RQ job, registry or worker key under the prefix 'rq:'" in said
+    assert (
+        "(opsctl puts the ':' after the prefix itself): if RQ has jobs, check --key-prefix" in said
+    )
+    assert "default" in right.stdout and "no RQ queues found" not in right.stdout
+
+
 @pytest.mark.parametrize(("prefix", "hinted"), [("rq:", True), ("app", False)])
 def test_a_key_prefix_under_which_nothing_lives_is_warned_about(
     conn: redis.Redis, url: str, tmp_path: Path, prefix: str, hinted: bool

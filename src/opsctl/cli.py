@@ -1248,7 +1248,7 @@ def status_command(
             if output is StatusFormat.json:
                 report.print_json(status.to_json(now, mask_url(url), statuses))
             elif output is StatusFormat.text:
-                status.print_text(statuses, _console())
+                status.print_text(statuses, _console(), key_prefix)
             else:
                 code = ExitCode.OK
                 moment = time.time()

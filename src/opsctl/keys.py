@@ -177,3 +177,14 @@ class Keys:
 
     def worker_name_from_key(self, key: str) -> str:
         return key.removeprefix(f"{self.prefix}:worker:")
+
+
+def nothing_under(prefix: str, setting: str) -> str:
+    """Why a database may show nothing of RQ's under ``prefix``: the words for a
+    run that found no job, registry or worker there; ``setting`` names where the
+    prefix was given."""
+    hint = " (opsctl puts the ':' after the prefix itself)" if prefix.endswith(":") else ""
+    return (
+        f"no RQ job, registry or worker key under the prefix {prefix!r}{hint}: "
+        f"if RQ has jobs, check {setting} and the database number"
+    )

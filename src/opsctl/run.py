@@ -16,7 +16,7 @@ import redis
 
 from opsctl import engine
 from opsctl.engine import ACTION_NONE, ACTION_REMOVE_ENTRY, Verdict
-from opsctl.keys import Keys, rescue_key
+from opsctl.keys import Keys, nothing_under, rescue_key
 from opsctl.keyspace import (
     Survey,
     find_lost,
@@ -226,7 +226,7 @@ def _plan(
     )
     run.server_version, run.warnings = server_notes(conn)
     if found.scanned == 0 and found.refused is None:
-        run.warnings.append(_nothing_under(keys.prefix))
+        run.warnings.append(nothing_under(keys.prefix, "redis.key_prefix"))
     entries = snapshot.entries + _lost_entries(conn, keys, snapshot, run, found)
     del found  # its candidate lists are large and no longer needed
     run.jobs = decide.outcomes(entries, snapshot.workers, snapshot.now)
@@ -396,15 +396,6 @@ class _WalkAndScan:
 
     def scan_done(self) -> None:
         self.scanning = False
-
-
-def _nothing_under(prefix: str) -> str:
-    """The warning for a database that holds no job, registry or worker under ``prefix``."""
-    hint = " (opsctl puts the ':' after the prefix itself)" if prefix.endswith(":") else ""
-    return (
-        f"no RQ job, registry or worker key under the prefix {prefix!r}{hint}: "
-        "if RQ has jobs, check redis.key_prefix and the database number"
-    )
 
 
 def _lost_entries(

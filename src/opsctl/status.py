@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from opsctl import engine
-from opsctl.keys import Keys
+from opsctl.keys import DEFAULT_PREFIX, Keys, nothing_under
 from opsctl.model import format_timestamp
 from opsctl.report import duration, safe
 from opsctl.state import Snapshot, known_queues, read_snapshot, replies_of, text
@@ -111,9 +111,9 @@ def _shown(count: int | None) -> str:
     return "?" if count is None else str(count)
 
 
-def print_text(statuses: list[QueueStatus], console: Console) -> None:
+def print_text(statuses: list[QueueStatus], console: Console, prefix: str = DEFAULT_PREFIX) -> None:
     if not statuses:
-        console.print("no RQ queues found")
+        console.print(Text(f"no RQ queues found; {nothing_under(prefix, '--key-prefix')}"))
         return
     table = Table(title="queues", title_justify="left")
     columns = ["queue", "queued", *[c for c, _ in REGISTRIES], "oldest started", "workers"]
