@@ -302,8 +302,21 @@ def test_apply_without_any_redis_url_exits_2_and_says_where_to_give_one() -> Non
 
     assert result.exit_code == 2, result.output
     assert result.stderr.splitlines() == [
-        "opsctl: error: no Redis URL: pass --redis-url or --sentinel, set redis.url or "
-        "redis.sentinel in the policy, or set REDIS_URL"
+        "opsctl: error: no Redis URL: pass --redis-url (or set OPSCTL_REDIS_URL) or --sentinel, "
+        "set redis.url or redis.sentinel in the policy, or set REDIS_URL"
+    ]
+
+
+@pytest.mark.parametrize("command", [("status",), ("history",), ("explain", "job-1")])
+def test_a_command_without_a_policy_and_without_a_redis_url_names_only_what_it_takes(
+    command: tuple[str, ...],
+) -> None:
+    result = opsctl(*command)
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        "opsctl: error: no Redis URL: pass --redis-url (or set OPSCTL_REDIS_URL) or --sentinel, "
+        "or set REDIS_URL"
     ]
 
 

@@ -233,9 +233,11 @@ def _names_server(path: str) -> bool:
 def _resolve_url(flag: str | None, policy: Policy | None) -> str:
     url = flag or (policy.redis_url if policy else None) or os.environ.get("REDIS_URL")
     if not url:
+        # A command that reads no policy (status, history, ...) cannot take it from one.
+        in_policy = "set redis.url or redis.sentinel in the policy, " if policy else ""
         raise UsageError(
-            "no Redis URL: pass --redis-url or --sentinel, set redis.url or redis.sentinel in "
-            "the policy, or set REDIS_URL"
+            "no Redis URL: pass --redis-url (or set OPSCTL_REDIS_URL) or --sentinel, "
+            f"{in_policy}or set REDIS_URL"
         )
     return url
 
