@@ -250,9 +250,15 @@ def test_validate_only_notes_an_unset_variable_and_exits_0() -> None:
             "redis://:s3cret@127.0.0.1:6380/0?socket_timeout=abc",
             "is not valid: Invalid value for 'socket_timeout' in connection URL.",
         ),
+        ("redis://:s3cret@127.0.0.1:6380/0?db=3", "names more than one database (0, 3): give one"),
         (
-            "redis://:s3cret@127.0.0.1:6380/0?db=3",
-            "names database 0 in its path and 3 as ?db=: give one",
+            "redis://:s3cret@127.0.0.1:6380?db=1&db=0",
+            "names more than one database (1, 0): give one",
+        ),
+        (
+            "redis+sentinel://:s3cret@127.0.0.1:26379/mymaster?db=9",
+            "a redis+sentinel:// URL takes no ?options; write the database as /SERVICE/DB "
+            "and connection settings as options of their own",
         ),
     ],
 )

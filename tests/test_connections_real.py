@@ -20,15 +20,18 @@ from urllib.parse import quote
 import pytest
 import redis
 import trustme
+from rq import Queue
 
 from conftest import (
     STARTUP_TIMEOUT_S,
     RedisServer,
+    WorkerFactory,
     _redis_server_binary,
     clean_env,
     free_port,
     run_opsctl,
     terminate,
+    wait_for_status,
     wait_until,
 )
 from test_cli_fake import started_job, status_of
@@ -591,9 +594,13 @@ def test_a_database_the_server_does_not_have_is_a_setting_to_mend_exit_2(redis_u
 
 
 def test_apply_against_a_read_only_replica_exits_3_and_names_it_while_a_dry_run_reads_there(
-    redis_server: RedisServer, redis_conn: redis.Redis, tmp_path: Path
+    redis_server: RedisServer, redis_conn: redis.Redis, rq_workers: WorkerFactory, tmp_path: Path
 ) -> None:
     job = started_job(redis_conn, "w-dead")
+    # A live worker holds its connections on the primary: the replica sees none of them.
+    rq_workers.start(["default"], name="w-live")
+    running = Queue("default", connection=redis_conn).enqueue("jobs.sleep_for", 30)
+    assert wait_for_status(redis_conn, running.id, "started") == "started"
     port = free_port()
     follows = ["--replicaof", "127.0.0.1", str(redis_server.port)]
     replica = _launch(
@@ -602,7 +609,8 @@ def test_apply_against_a_read_only_replica_exits_3_and_names_it_while_a_dry_run_
         lambda: redis.Redis(host="127.0.0.1", port=port),
     )
     try:
-        assert wait_until(lambda: replica.client.exists(f"rq:job:{job.id}") == 1, timeout=20)
+        synced = lambda: replica.client.hget(f"rq:job:{running.id}", "status") == b"started"  # noqa: E731
+        assert wait_until(synced, timeout=20)
         policy = _policy(tmp_path)
         url = f"redis://127.0.0.1:{port}/0"
 
@@ -613,5 +621,10 @@ def test_apply_against_a_read_only_replica_exits_3_and_names_it_while_a_dry_run_
 
     assert refused.returncode == 3, refused.stderr
     assert "read-only replica" in refused.stderr and "primary" in refused.stderr
+    assert f"127.0.0.1:{port}" in refused.stderr
     assert status_of(redis_conn, job.id) == "started"  # nothing was changed
-    assert [(j["id"], j["outcome"]) for j in preview["jobs"]] == [(job.id, "planned")]  # type: ignore[index, union-attr]
+    states = {j["id"]: (j["state"], j["outcome"]) for j in preview["jobs"]}  # type: ignore[index, union-attr]
+    # Its hash says the dead worker is alive, as RQ itself would read it; the live one
+    # is never taken for dead for want of connections the replica cannot see.
+    assert states[running.id] == ("running", "kept")
+    assert preview["workers"] == []  # no registration of the live worker would be removed

@@ -292,10 +292,12 @@ def test_a_run_lock_that_never_expires_is_named_as_set_by_hand_and_how_to_lift_i
     job_ids = abandon(redis_conn, 1)
     redis_conn.set("opsctl:lock", "paused for the migration")  # no expiry: not a run's
 
-    args = apply_args(POLICIES / "safety_fail.yaml", redis_url, "--lock-timeout", "0.01")
+    args = apply_args(POLICIES / "safety_fail.yaml", redis_url, "--lock-timeout", "600")
+    began = time.monotonic()
     result = run_opsctl(*args)
 
     assert result.returncode == EXIT_LOCKED, shown(result)
+    assert time.monotonic() - began < 60, "no run will release it: it is not waited for"
     assert "opsctl:lock is held (paused for the migration) and never expires" in result.stderr
     assert "runs resume once it is removed (DEL opsctl:lock)" in result.stderr
     assert redis_conn.get("opsctl:lock") == b"paused for the migration"
@@ -706,6 +708,28 @@ def test_a_signal_while_apply_waits_for_the_run_lock_stops_it_at_once_with_nothi
     assert statuses(redis_conn, job_ids) == Counter({"started": 3})
 
 
+def test_a_signal_before_apply_reaches_the_run_lock_stops_it_there_with_nothing_done(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job_ids = abandon(redis_conn, 3)
+    redis_conn.execute_command("CLIENT", "PAUSE", "6000", "ALL")  # Redis answers nobody for 6 s
+
+    run = start_opsctl(*apply_args(POLICIES / "safety_fail.yaml", redis_url, "--timeout", "30"))
+    try:
+        time.sleep(3)  # opsctl has started and waits for Redis's first answer
+        run.send_signal(signal.SIGTERM)
+        stdout, stderr = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+
+    assert run.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by signal 15: nothing was done" in stderr
+    assert stdout == ""  # no run, so no report
+    assert statuses(redis_conn, job_ids) == Counter({"started": 3})
+    assert redis_conn.exists("opsctl:lock") == 0
+
+
 # --- 3. reviewed plans --------------------------------------------------------------------
 
 
@@ -1076,20 +1100,22 @@ def test_dry_run_adds_nothing_to_the_audit_trail(redis_conn: redis.Redis, redis_
     assert history(redis_url, "--run", report["run_id"]) == []
 
 
+@pytest.mark.parametrize("others_here", [False, True])
 def test_a_live_worker_of_the_same_name_on_another_database_does_not_keep_this_ones_job(
-    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+    redis_conn: redis.Redis,
+    redis_url: str,
+    rq_workers: WorkerFactory,
+    tmp_path: Path,
+    others_here: bool,
 ) -> None:
     # Staging on database 1 and production on database 0 run a worker named "dup"
     # and a job under the same fixed id. Database 0's worker was SIGKILLed: its
     # hash is still there, and the channel rq:pubsub:dup (shared by every database
-    # of a server) is heard only by database 1's live worker.
-    other_url = redis_url.rsplit("/", 1)[0] + "/1"
-    other = redis.Redis.from_url(other_url, decode_responses=False)
-    staging = Queue(QUEUE, connection=other).enqueue("jobs.sleep_for", 6, job_id="nightly")
-    workers = WorkerFactory(redis_url=other_url, log_dir=tmp_path)
-    try:
-        workers.start([QUEUE], name="dup")
-        assert wait_for_status(other, staging.id, "started") == "started"
+    # of a server) is heard only by database 1's live worker. With others_here,
+    # database 0 has live workers of its own, listening on their own channels.
+    if others_here:
+        rq_workers.start(["elsewhere"], name="prod-other")
+    with staging_beside(redis_url, tmp_path, "dup", 6) as (other, staging):
         job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 6, job_id="nightly")
         with redis_conn.pipeline() as pipe:
             Execution.create(job, LEASE_S, pipe, worker_name="dup")
@@ -1107,6 +1133,43 @@ def test_a_live_worker_of_the_same_name_on_another_database_does_not_keep_this_o
         assert job_status(redis_conn, "nightly") == "failed"
         # Staging's job was never stopped: it runs on and finishes.
         assert wait_for_status(other, staging.id, "finished", timeout=30) == "finished"
+
+
+def test_an_overdue_job_is_not_stopped_through_a_channel_a_namesake_on_another_database_hears(
+    redis_conn: redis.Redis, redis_url: str, rq_workers: WorkerFactory, tmp_path: Path
+) -> None:
+    # Both databases run a live worker named "dup" on a job of the same id: a stop
+    # published for database 0's would reach database 1's as well, and stop it.
+    with staging_beside(redis_url, tmp_path, "dup", 8) as (other, staging):
+        rq_workers.start([QUEUE], name="dup")
+        job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 8, job_id="nightly")
+        assert wait_for_status(redis_conn, job.id, "started") == "started"
+
+        result = run_opsctl(*apply_args(POLICIES / "safety_fail.yaml", redis_url, "--force"))
+
+        report = report_of(result, EXIT_ACTION_FAILED)
+        line = line_of(report, "nightly")
+        assert (line["state"], line["outcome"]) == ("overdue", "error"), line
+        assert "also listens on another database" in line["reason"]
+        assert wait_for_status(other, staging.id, "finished", timeout=30) == "finished"
+        assert wait_for_status(redis_conn, job.id, "finished", timeout=30) == "finished"
+
+
+@contextmanager
+def staging_beside(
+    redis_url: str, tmp_path: Path, worker: str, job_s: int
+) -> Iterator[tuple[redis.Redis, Job]]:
+    """Database 1 of the same server, with a live worker named `worker` running a job of
+    id "nightly" for `job_s` seconds: the database and the job."""
+    other_url = redis_url.rsplit("/", 1)[0] + "/1"
+    other = redis.Redis.from_url(other_url, decode_responses=False)
+    workers = WorkerFactory(redis_url=other_url, log_dir=tmp_path / "staging")
+    (tmp_path / "staging").mkdir()
+    try:
+        staging = Queue(QUEUE, connection=other).enqueue("jobs.sleep_for", job_s, job_id="nightly")
+        workers.start([QUEUE], name=worker)
+        assert wait_for_status(other, staging.id, "started") == "started"
+        yield other, staging
     finally:
         workers.close()
         other.close()

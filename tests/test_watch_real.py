@@ -260,3 +260,28 @@ def test_watch_with_an_invalid_policy_or_interval_exits_2_at_once(
         process = watch(*args, "--redis-url", redis_url)
         assert process.wait(timeout=EXIT_TIMEOUT_S) == 2, logs(tmp_path)
         assert "Traceback" not in logs(tmp_path)
+
+
+def test_a_round_stopped_while_it_waits_for_the_run_lock_is_no_failure_in_the_metrics(
+    tmp_path: Path, redis_url: str, watch: Any
+) -> None:
+    conn = redis.Redis.from_url(redis_url)
+    conn.set("opsctl:lock", "another run", ex=300)
+    policy = tmp_path / "policy.yaml"
+    write_policy(policy, "fail")
+    metrics = tmp_path / "opsctl.prom"
+    process = watch(
+        str(policy), "--every", "1h", "--redis-url", redis_url, "--lock-timeout", "600",
+        "--metrics-file", str(metrics),
+    )  # fmt: skip
+    polling = wait_until(
+        lambda: any(c.get("cmd") == "set" for c in conn.client_list()), timeout=ROUND_TIMEOUT_S
+    )
+    assert polling, logs(tmp_path)
+
+    assert stop(process) == 0, logs(tmp_path)
+    # A shutdown is not a lock held too long: the round is recorded as stopped, not failed.
+    assert read_metrics(metrics).get("opsctl_last_run_exit_code") == 0, logs(tmp_path)
+    assert "round stopped: asked to stop while waiting for the run lock" in logs(tmp_path)
+    assert conn.get("opsctl:lock") == b"another run"
+    conn.close()

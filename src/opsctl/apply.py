@@ -44,6 +44,7 @@ from opsctl.progress import APPLYING, OnProgress
 from opsctl.run import DONE, ERROR, PLANNED, SKIPPED, JobOutcome, Run, WorkerOutcome
 from opsctl.state import (
     CONNECTION_LOST,
+    read_clients,
     read_workers,
     refuse_foreign_key,
     registered_workers,
@@ -334,8 +335,20 @@ class Executor:
     def _stop_jobs(self, outcomes: list[JobOutcome]) -> None:
         """Ask each live worker to stop its overdue job, wait, then apply the follow-up."""
         waiting = []
+        clients = read_clients(self.conn) if outcomes else None
         for outcome in outcomes:
             worker, job_id = outcome.entry.worker_name, outcome.entry.job_id
+            if clients is not None and clients.namesake_elsewhere(self.keys, worker):
+                # The channel is the server's, not the database's: the namesake would
+                # stop a job of the same id there.
+                outcome.stop_confirmed = False
+                why = (
+                    f"not stopped: a worker named {worker} also listens on another database "
+                    "of this server, and would receive the stop too (give workers names of "
+                    "their own per database)"
+                )
+                _set(outcome, ERROR, why, append=True)
+                continue
             if self.actor.send_stop(worker, job_id) == 0:
                 outcome.stop_confirmed = False
                 _set(outcome, ERROR, f"{worker} did not receive the stop command", append=True)

@@ -55,7 +55,7 @@ from opsctl.errors import (
     UsageError,
 )
 from opsctl.keys import DEFAULT_PREFIX, Keys
-from opsctl.lock import Lock, run_lock
+from opsctl.lock import Lock, StoppedWaiting, run_lock
 from opsctl.policy import (
     UNCHECKED_SUFFIX,
     ZERO_MAX_AGE,
@@ -201,9 +201,11 @@ def _as_error(exc: Exception, url: str | None) -> OpsctlError:
         )
         return RedisUnavailable(message)
     if isinstance(exc, redis.exceptions.ReadOnlyError):
+        where = f" at {mask_url(url)}" if url else ""
         return RedisUnavailable(
-            f"Redis refused a write: the server is a read-only replica ({exc}); nothing was "
-            "changed. Give opsctl the primary's URL (a --dry-run reads from a replica)"
+            f"Redis{where} refused a write: the server is a read-only replica ({exc}); "
+            "nothing was changed by the refused command. Give opsctl the primary's URL (a "
+            "--dry-run reads from a replica, judging workers by their hashes alone)"
         )
     if isinstance(exc, redis.RedisError):
         return OpsctlError(f"Redis error: {exc}")
@@ -984,6 +986,11 @@ def watch_command(
             once=False,
         )
         run, error = _attempt(lambda: job.apply_policy(current), url)
+        if isinstance(error, StoppedWaiting):
+            # Stopped before it could act, as a round stopped between changes is:
+            # not a failure (a shutdown must not pass for a lock held too long).
+            log.warning("round stopped: %s", redact(str(error), url))
+            return watch.RoundResult(None, ExitCode.OK)
         if run is not None:
             _print_round(run, output, url, current)
             error = _run_error(run)

@@ -177,6 +177,12 @@ def check_url(url: str) -> None:
         return
     if scheme == SENTINEL_SCHEME:
         parse_sentinel_url(url)
+        if query:
+            # Nothing reads it: ?db=9 would be ignored, and database 0 used.
+            raise UsageError(
+                f"Redis URL {shown!r}: a redis+sentinel:// URL takes no ?options; write the "
+                "database as /SERVICE/DB and connection settings as options of their own"
+            )
         return
     address, _, tail = rest.partition("/")
     host, port = _host_and_port(address.split("?", 1)[0].split("#", 1)[0])
@@ -191,13 +197,12 @@ def check_url(url: str) -> None:
     database = tail.split("?", 1)[0].split("#", 1)[0].strip("/")
     if database and not (database.isascii() and database.isdigit()):
         raise UsageError(f"Redis URL {shown!r}: database {database!r} is not a number")
-    for value in parse_qs(query).get("db", []):
-        if database and value != database:
-            # redis-py would use the query's, while every message shows the path's.
-            raise UsageError(
-                f"Redis URL {shown!r} names database {database} in its path and {value} "
-                "as ?db=: give one"
-            )
+    named = [*([database] if database else []), *parse_qs(query).get("db", [])]
+    if len({int(n) if n.isascii() and n.isdigit() else n for n in named}) > 1:
+        # redis-py would use one of them, while every message shows the URL as written.
+        raise UsageError(
+            f"Redis URL {shown!r} names more than one database ({', '.join(named)}): give one"
+        )
     try:
         parsed = urlsplit(url)
         same = (parsed.hostname or "") == host.strip("[]").lower() and parsed.port == (

@@ -139,23 +139,26 @@ def run_lock(
     """Hold the run lock for the body, waiting up to ``timeout_s`` for it (and no
     longer once ``should_stop`` says so: a signal to stop never waits out the lock)."""
     lock = Lock(conn, RUN_LOCK_KEY, owner_token(run_id), RUN_LOCK_TTL_S)
+    if should_stop is not None and should_stop():
+        raise StoppedWaiting("asked to stop before taking the run lock: nothing was done")
     if not lock.try_acquire():
         # A key no run ever wrote: no lock could ever be taken, and waiting
         # would end as if a run held it.
         then = " (no opsctl apply runs until then)"
         refuse_foreign_key(conn, RUN_LOCK_KEY, "string", "opsctl's run lock", then)
-        if not lock.acquire(timeout_s, should_stop):
+        # Without an expiry it was set by hand (each run sets one, and renews it):
+        # no run will release it, so it is not waited for.
+        if conn.ttl(RUN_LOCK_KEY) == -1 or not lock.acquire(timeout_s, should_stop):
             if should_stop is not None and should_stop():
                 raise StoppedWaiting(
                     f"asked to stop while waiting for the run lock ({lock.holder()}): "
                     "nothing was done"
                 )
             if conn.ttl(RUN_LOCK_KEY) == -1:
-                # No run leaves it so: each sets an expiry and renews it.
                 raise LockTimeout(
                     f"{RUN_LOCK_KEY} is held ({lock.holder()}) and never expires, so it was "
-                    f"not left by a run; waited {timeout_s:g}s. If it was set to pause "
-                    f"opsctl, runs resume once it is removed (DEL {RUN_LOCK_KEY})."
+                    "not left by a run, and no run will release it: not waited for. If it "
+                    f"was set to pause opsctl, runs resume once it is removed (DEL {RUN_LOCK_KEY})."
                 )
             raise LockTimeout(
                 f"another opsctl run holds the lock ({lock.holder()}); waited {timeout_s:g}s. "

@@ -13,7 +13,7 @@ import math
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -840,14 +840,15 @@ def read_workers(
     if not names:
         return {}
     registrations = _registrations(conn, keys, queues)
+    clients = read_clients(conn)
     subscribers = _subscribers(conn, keys, names)
-    clients = _clients(conn)
-    connected = clients.names if clients is not None else None
-    if subscribers is not None and clients is not None and not clients.subscribed_here:
-        # Every database of a server shares its channels: when no connection of
-        # this database listens on one, those counted are another database's
-        # workers of the same names, not these.
-        subscribers = dict.fromkeys(subscribers, 0)
+    connected: set[str] | None = None
+    if clients is not None and clients.replica:
+        subscribers = None  # neither is known here
+    elif clients is not None:
+        connected = set(clients.names)
+        if subscribers is not None:
+            subscribers = {n: clients.listeners(keys, n, c) for n, c in subscribers.items()}
     workers: dict[str, WorkerRecord] = {}
     for batch in batches(names, BATCH // 4):
         pipe = conn.pipeline(transaction=False)
@@ -927,32 +928,68 @@ def _subscribers(conn: redis.Redis, keys: Keys, names: list[str]) -> dict[str, i
 
 
 @dataclass(frozen=True)
-class _Clients:
-    """The connections open on the run's database, as CLIENT LIST shows them."""
+class Clients:
+    """What CLIENT LIST says of the connections that bear on workers' liveness.
 
-    names: set[str]  # the names they were given
-    subscribed_here: bool  # whether any of them listens on a channel
-
-
-def _clients(conn: redis.Redis) -> _Clients | None:
-    """The connections of the run's database; None if not permitted.
-
-    CLIENT LIST shows every database's connections: a worker of the same name
-    on another database (staging beside production, say) is not this one's.
-    A listing without a database or subscription field counts as this one's,
-    listening: the side on which no worker is taken for dead.
+    Pub/sub channels, and CLIENT LIST, span every database of a server: a worker of
+    the same name on another database (staging beside production, say) listens on
+    the same channel as this database's. RQ 3 names its one subscribed connection
+    after its worker, so a subscribed connection named N listening on one channel
+    is taken to be worker N's; any other subscribed connection may be listening on
+    any channel. A listing without a database or subscription field counts as this
+    database's and listening: the side on which no worker is taken for dead.
     """
+
+    names: frozenset[str]  # names of this database's connections
+    here: Counter[str]  # this database's subscribed connections, by name ("": may be any)
+    elsewhere: Counter[str]  # the same, on the server's other databases
+    #: The server is a replica: workers hold their connections on its primary, so
+    #: none here (nor any channel's listeners) says anything about them.
+    replica: bool = False
+
+    def listeners(self, keys: Keys, name: str, counted: int) -> int:
+        """How many of the ``counted`` listeners of worker ``name``'s channel are on
+        this database, as far as can be told; ``counted`` when it cannot be told,
+        which keeps the worker live."""
+        own = (name, keys.worker(name))
+        here = sum(self.here[n] for n in own) + self.here[""]
+        elsewhere = sum(self.elsewhere[n] for n in own) + self.elsewhere[""]
+        if counted <= 0 or here == 0:
+            return 0
+        if elsewhere == 0:
+            return counted
+        return counted - elsewhere if counted > elsewhere else counted
+
+    def namesake_elsewhere(self, keys: Keys, name: str) -> bool:
+        """Whether a worker named ``name`` listens on another database of the server:
+        a stop sent on the channel would reach it too."""
+        return any(self.elsewhere[n] for n in (name, keys.worker(name)))
+
+
+def read_clients(conn: redis.Redis) -> Clients | None:
+    """The server's connections, as they bear on liveness; None when not permitted."""
     try:
         clients = conn.client_list()
     except redis.ResponseError as exc:
         log.warning("client_list_unavailable error=%s", exc)
         return None
+    if any("M" in str(c.get("flags", "")) for c in clients):  # its link to its primary
+        log.warning("replica: worker liveness is read from the worker hashes alone")
+        return Clients(frozenset(), Counter(), Counter(), replica=True)
     db = str(conn.connection_pool.connection_kwargs.get("db") or 0)
-    here = [c for c in clients if str(c.get("db", db)) == db]
-    return _Clients(
-        names={text(c.get("name")) for c in here if c.get("name")},
-        subscribed_here=any(str(c.get("sub", "1")) != "0" for c in here),
-    )
+    names: set[str] = set()
+    here: Counter[str] = Counter()
+    elsewhere: Counter[str] = Counter()
+    for c in clients:
+        name = text(c.get("name")) if c.get("name") else ""
+        on_this = str(c.get("db", db)) == db
+        if on_this and name:
+            names.add(name)
+        subscribed = str(c.get("sub", "1"))
+        if subscribed == "0":
+            continue
+        (here if on_this else elsewhere)[name if subscribed == "1" else ""] += 1
+    return Clients(frozenset(names), here, elsewhere)
 
 
 def _is_connected(keys: Keys, name: str, connected: set[str] | None) -> bool | None:
