@@ -616,6 +616,9 @@ def test_apply_against_a_read_only_replica_exits_3_and_names_it_while_a_dry_run_
 
         refused = _opsctl("apply", str(policy), "--redis-url", url)
         preview = _apply_json(policy, "--redis-url", url, "--dry-run")
+        # Its link to its primary down (no such client in its list), it is a replica still.
+        replica.client.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        unlinked = _apply_json(policy, "--redis-url", url, "--dry-run")
     finally:
         replica.stop()
 
@@ -628,3 +631,5 @@ def test_apply_against_a_read_only_replica_exits_3_and_names_it_while_a_dry_run_
     # is never taken for dead for want of connections the replica cannot see.
     assert states[running.id] == ("running", "kept")
     assert preview["workers"] == []  # no registration of the live worker would be removed
+    still = {j["id"]: (j["state"], j["outcome"]) for j in unlinked["jobs"]}  # type: ignore[index, union-attr]
+    assert still[running.id] == ("running", "kept")

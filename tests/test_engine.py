@@ -309,7 +309,7 @@ def test_worker_named_by_the_execution_wins_over_the_stale_one_in_the_job() -> N
 @pytest.mark.parametrize(
     ("subscribers", "connected", "alive", "evidence"),
     [
-        (None, None, True, "worker hash exists (connection checks not permitted)"),
+        (None, None, True, "worker hash exists (its connections cannot be checked here)"),
         (1, False, True, "worker is subscribed to its command channel"),
         (1, None, True, "worker is subscribed to its command channel"),
         (0, True, True, "worker holds a named connection"),

@@ -1100,22 +1100,26 @@ def test_dry_run_adds_nothing_to_the_audit_trail(redis_conn: redis.Redis, redis_
     assert history(redis_url, "--run", report["run_id"]) == []
 
 
-@pytest.mark.parametrize("others_here", [False, True])
+@pytest.mark.parametrize("also_here", ["nothing", "a live worker", "an app's subscriber"])
 def test_a_live_worker_of_the_same_name_on_another_database_does_not_keep_this_ones_job(
     redis_conn: redis.Redis,
     redis_url: str,
     rq_workers: WorkerFactory,
     tmp_path: Path,
-    others_here: bool,
+    also_here: str,
 ) -> None:
     # Staging on database 1 and production on database 0 run a worker named "dup"
     # and a job under the same fixed id. Database 0's worker was SIGKILLed: its
     # hash is still there, and the channel rq:pubsub:dup (shared by every database
-    # of a server) is heard only by database 1's live worker. With others_here,
-    # database 0 has live workers of its own, listening on their own channels.
-    if others_here:
+    # of a server) is heard only by database 1's live worker. Database 0 may also
+    # have a live worker of its own, or an unnamed connection listening elsewhere.
+    if also_here == "a live worker":
         rq_workers.start(["elsewhere"], name="prod-other")
-    with staging_beside(redis_url, tmp_path, "dup", 6) as (other, staging):
+    app = redis_conn.pubsub()
+    if also_here == "an app's subscriber":
+        app.subscribe("app-notifications")
+        app.get_message(timeout=1)
+    with app, staging_beside(redis_url, tmp_path, "dup", 6) as (other, staging):
         job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 6, job_id="nightly")
         with redis_conn.pipeline() as pipe:
             Execution.create(job, LEASE_S, pipe, worker_name="dup")
@@ -1150,9 +1154,62 @@ def test_an_overdue_job_is_not_stopped_through_a_channel_a_namesake_on_another_d
         report = report_of(result, EXIT_ACTION_FAILED)
         line = line_of(report, "nightly")
         assert (line["state"], line["outcome"]) == ("overdue", "error"), line
-        assert "also listens on another database" in line["reason"]
+        assert "a connection of another database of this server may listen" in line["reason"]
         assert wait_for_status(other, staging.id, "finished", timeout=30) == "finished"
         assert wait_for_status(redis_conn, job.id, "finished", timeout=30) == "finished"
+
+
+def test_no_stop_is_published_where_an_unnamed_connection_of_another_database_may_hear_it(
+    redis_conn: redis.Redis, redis_url: str, rq_workers: WorkerFactory
+) -> None:
+    # An older RQ's worker listens on an unnamed connection: one on database 1
+    # listening on rq:pubsub:dup cannot be told from a stranger, and may be a "dup".
+    rq_workers.start([QUEUE], name="dup")
+    job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 8, job_id="nightly")
+    assert wait_for_status(redis_conn, job.id, "started") == "started"
+    other = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/1")
+    listener = other.pubsub()
+    listener.subscribe("rq:pubsub:dup")
+    listener.get_message(timeout=1)
+    try:
+        result = run_opsctl(*apply_args(POLICIES / "safety_fail.yaml", redis_url, "--force"))
+        heard = listener.get_message(timeout=1)
+    finally:
+        listener.close()
+        other.close()
+
+    report = report_of(result, EXIT_ACTION_FAILED)
+    line = line_of(report, "nightly")
+    assert (line["state"], line["outcome"]) == ("overdue", "error"), line
+    assert "a connection of another database of this server may listen" in line["reason"]
+    assert heard is None  # nothing was published on the channel
+    assert wait_for_status(redis_conn, job.id, "finished", timeout=30) == "finished"
+
+
+def test_no_stop_is_published_for_a_shared_channel_when_connections_cannot_be_listed(
+    redis_conn: redis.Redis, redis_url: str, rq_workers: WorkerFactory, tmp_path: Path
+) -> None:
+    # A Redis user that may not run CLIENT LIST cannot tell database 1's namesake from
+    # database 0's worker: two listeners on the channel, and no stop.
+    redis_conn.execute_command(
+        "ACL", "SETUSER", "nolist", "on", ">pw", "~*", "&*", "+@all", "-client|list"
+    )
+    url = redis_url.replace("redis://", "redis://nolist:pw@", 1)
+    try:
+        with staging_beside(redis_url, tmp_path, "dup", 8) as (other, staging):
+            rq_workers.start([QUEUE], name="dup")
+            job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 8, job_id="nightly")
+            assert wait_for_status(redis_conn, job.id, "started") == "started"
+
+            result = run_opsctl(*apply_args(POLICIES / "safety_fail.yaml", url, "--force"))
+
+            report = report_of(result, EXIT_ACTION_FAILED)
+            line = line_of(report, "nightly")
+            assert (line["state"], line["outcome"]) == ("overdue", "error"), line
+            assert "may not list connections (CLIENT LIST)" in line["reason"]
+            assert wait_for_status(other, staging.id, "finished", timeout=30) == "finished"
+    finally:
+        redis_conn.execute_command("ACL", "DELUSER", "nolist")
 
 
 @contextmanager

@@ -113,7 +113,7 @@ def worker_liveness(worker: WorkerRecord | None) -> Liveness:
     if worker.fields.get("death"):
         return Liveness(False, f"worker recorded its death at {worker.fields['death']}")
     if worker.subscribers is None and worker.connected is None:
-        return Liveness(True, "worker hash exists (connection checks not permitted)")
+        return Liveness(True, "worker hash exists (its connections cannot be checked here)")
     if worker.subscribers:
         return Liveness(True, "worker is subscribed to its command channel")
     if worker.connected:

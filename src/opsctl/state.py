@@ -841,7 +841,7 @@ def read_workers(
         return {}
     registrations = _registrations(conn, keys, queues)
     clients = read_clients(conn)
-    subscribers = _subscribers(conn, keys, names)
+    subscribers = channel_listeners(conn, keys, names)
     connected: set[str] | None = None
     if clients is not None and clients.replica:
         subscribers = None  # neither is known here
@@ -913,8 +913,9 @@ def _queue_names_from_set(conn: redis.Redis, keys: Keys) -> list[str]:
     return [text(m).removeprefix(prefix) for m in members]
 
 
-def _subscribers(conn: redis.Redis, keys: Keys, names: list[str]) -> dict[str, int] | None:
-    """Subscriber count of each worker's command channel; None if not permitted."""
+def channel_listeners(conn: redis.Redis, keys: Keys, names: list[str]) -> dict[str, int] | None:
+    """How many connections of the whole server (every database) listen on each
+    worker's command channel; None if not permitted."""
     counts: dict[str, int] = {}
     try:
         for batch in batches(names, 500):
@@ -950,20 +951,33 @@ class Clients:
     def listeners(self, keys: Keys, name: str, counted: int) -> int:
         """How many of the ``counted`` listeners of worker ``name``'s channel are on
         this database, as far as can be told; ``counted`` when it cannot be told,
-        which keeps the worker live."""
-        own = (name, keys.worker(name))
-        here = sum(self.here[n] for n in own) + self.here[""]
-        elsewhere = sum(self.elsewhere[n] for n in own) + self.elsewhere[""]
-        if counted <= 0 or here == 0:
-            return 0
-        if elsewhere == 0:
-            return counted
-        return counted - elsewhere if counted > elsewhere else counted
+        which keeps the worker live.
 
-    def namesake_elsewhere(self, keys: Keys, name: str) -> bool:
-        """Whether a worker named ``name`` listens on another database of the server:
-        a stop sent on the channel would reach it too."""
-        return any(self.elsewhere[n] for n in (name, keys.worker(name)))
+        Those named after the worker are surely on its channel; the others (""), any
+        number of them up to all, may be. So this database has at most ``counted``
+        less the named ones elsewhere, and at most as many as may be here."""
+        own_here, any_here, own_elsewhere, any_elsewhere = self._counts(keys, name)
+        most = min(counted - own_elsewhere, own_here + any_here)
+        least = counted - own_elsewhere - any_elsewhere
+        if most <= 0:
+            return 0
+        return least if least > 0 else counted
+
+    def may_reach_elsewhere(self, keys: Keys, name: str, counted: int) -> bool:
+        """Whether a stop published on worker ``name``'s channel, which ``counted``
+        connections hear, may reach a connection of another database: the named
+        ones here account for some of them for sure, the rest may be anywhere."""
+        own_here, _, own_elsewhere, any_elsewhere = self._counts(keys, name)
+        return min(own_elsewhere + any_elsewhere, counted - own_here) > 0
+
+    def _counts(self, keys: Keys, name: str) -> tuple[int, int, int, int]:
+        own = (name, keys.worker(name))
+        return (
+            sum(self.here[n] for n in own),
+            self.here[""],
+            sum(self.elsewhere[n] for n in own),
+            self.elsewhere[""],
+        )
 
 
 def read_clients(conn: redis.Redis) -> Clients | None:
@@ -973,7 +987,7 @@ def read_clients(conn: redis.Redis) -> Clients | None:
     except redis.ResponseError as exc:
         log.warning("client_list_unavailable error=%s", exc)
         return None
-    if any("M" in str(c.get("flags", "")) for c in clients):  # its link to its primary
+    if _is_replica(conn, clients):
         log.warning("replica: worker liveness is read from the worker hashes alone")
         return Clients(frozenset(), Counter(), Counter(), replica=True)
     db = str(conn.connection_pool.connection_kwargs.get("db") or 0)
@@ -990,6 +1004,15 @@ def read_clients(conn: redis.Redis) -> Clients | None:
             continue
         (here if on_this else elsewhere)[name if subscribed == "1" else ""] += 1
     return Clients(frozenset(names), here, elsewhere)
+
+
+def _is_replica(conn: redis.Redis, clients: list[dict[str, Any]]) -> bool:
+    """Whether the server is a replica: its role, or else (INFO not permitted) the link
+    to its primary among its clients, which is missing while that link is down."""
+    try:
+        return str(conn.info("replication").get("role", "")) in ("slave", "replica")
+    except redis.ResponseError:
+        return any("M" in str(c.get("flags", "")) for c in clients)
 
 
 def _is_connected(keys: Keys, name: str, connected: set[str] | None) -> bool | None:
