@@ -305,7 +305,7 @@ class WorkerProcess:
 
         self.process.wait(timeout=10)
         assert wait_until(lambda: all(_is_gone(horse) for horse in horses), timeout=10)
-        assert wait_until(lambda: numsub(self.conn, self.name) < listeners, timeout=10)
+        assert wait_until(lambda: numsub(self.conn, self.name) < max(listeners, 1), timeout=10)
         return horses
 
     def stop(self) -> None:

@@ -57,7 +57,7 @@ ACL_LINES = {
     "opsctl-status": (
         "ACL SETUSER opsctl-status reset on >CHANGE_ME resetchannels %R~rq:* "
         "+ping +client|setname +time +scan +smembers +zrange +zcard +hmget +exists +ttl "
-        "+llen +pubsub|numsub +client|list +eval_ro +evalsha_ro"
+        "+llen +pubsub|numsub +client|list +eval_ro +evalsha_ro +info"
     ),
     "opsctl-dryrun": (
         "ACL SETUSER opsctl-dryrun reset on >CHANGE_ME resetchannels "
