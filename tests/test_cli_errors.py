@@ -250,6 +250,18 @@ def test_validate_only_notes_an_unset_variable_and_exits_0() -> None:
             "redis://:s3cret@127.0.0.1:6380/0?socket_timeout=abc",
             "is not valid: Invalid value for 'socket_timeout' in connection URL.",
         ),
+        (
+            "redis://:s3cret@127.0.0.1:6380/0?socket_timeout=-1",
+            "socket_timeout -1 is not a number of seconds above 0",
+        ),
+        (
+            "redis://:s3cret@127.0.0.1:6380/0?socket_timeout=nan",
+            "socket_timeout nan is not a number of seconds above 0",
+        ),
+        (
+            "redis://:s3cret@127.0.0.1:6380/0?foo=bar",
+            "is not valid: its option 'foo' is not one a redis:// connection takes",
+        ),
         ("redis://:s3cret@127.0.0.1:6380/0?db=3", "names more than one database (0, 3): give one"),
         (
             "redis://:s3cret@127.0.0.1:6380?db=1&db=0",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -219,13 +220,22 @@ def check_url(url: str) -> None:
 
 
 def _check_options(url: str) -> None:
-    """Refuse the option values redis-py cannot read from the query (socket_timeout=abc,
-    say), as it would on connecting."""
+    """Refuse the query options redis-py would refuse on connecting: a value it cannot
+    read (socket_timeout=abc), an option no connection takes (foo=bar), a timeout that
+    is not a number of seconds above 0 (-1, nan)."""
+    shown = mask_url(url)
     try:
-        parse_url(url)  # type: ignore[no-untyped-call]
-    except ValueError as exc:
-        shown = mask_url(url)
+        options = parse_url(url)  # type: ignore[no-untyped-call]
+        connection_class = options.pop("connection_class", redis.Connection)
+        connection_class(**options)  # only built: it connects to nothing yet
+    except (ValueError, TypeError) as exc:
         raise UsageError(f"Redis URL {shown!r} is not valid: {_why_not_valid(exc, url)}") from None
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        value = options.get(name)
+        if isinstance(value, float) and not (math.isfinite(value) and value > 0):
+            raise UsageError(
+                f"Redis URL {shown!r}: {name} {value:g} is not a number of seconds above 0"
+            )
 
 
 def url_problem(url: str) -> str | None:
