@@ -226,8 +226,8 @@ def _check_options(url: str) -> None:
     shown = mask_url(url)
     try:
         options = parse_url(url)  # type: ignore[no-untyped-call]
-        connection_class = options.pop("connection_class", redis.Connection)
-        connection_class(**options)  # only built: it connects to nothing yet
+        # Only built, as a pool builds it: it connects to nothing yet.
+        redis.ConnectionPool.from_url(url).make_connection()
     except (ValueError, TypeError) as exc:
         raise UsageError(f"Redis URL {shown!r} is not valid: {_why_not_valid(exc, url)}") from None
     for name in ("socket_timeout", "socket_connect_timeout"):
