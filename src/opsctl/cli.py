@@ -631,15 +631,7 @@ def apply(
         run, error = _apply(
             job, policy, plan_file, max_plan_age, force, max_age, queue, max_actions, url, output
         )
-    if received:
-        # The report is printed; a run cut short never passes for a finished one.
-        said = (
-            "what was done is in the report; run again to finish"
-            if run is not None
-            else "nothing was done"
-        )
-        _say(f"stopped by signal {received[0]}: {said}", logging.WARNING)
-        raise typer.Exit(128 + received[0])
+    _exit_if_signalled(received, reported=run is not None)
     _finish(error, best_effort, url, ("apply", metrics_file), run, began)
 
 
@@ -699,6 +691,17 @@ def _stop_on_signals() -> Iterator[list[int]]:
 
     with watch.stop_signals_handled(stop):
         yield received
+
+
+def _exit_if_signalled(received: list[int], reported: bool) -> None:
+    """Exit as the first stop signal says, if one came: a run cut short never passes
+    for a finished one. ``reported``: its report, of what was done, is printed."""
+    if not received:
+        return
+    done = "what was done is in the report; run again to finish"
+    said = done if reported else "nothing was done"
+    _say(f"stopped by signal {received[0]}: {said}", logging.WARNING)
+    raise typer.Exit(128 + received[0])
 
 
 #: How old a plan ``apply --plan`` accepts when --max-plan-age is not given.
@@ -1171,10 +1174,7 @@ def requeue_command(
                     report.print_json(done.to_json(mask_url(url)))
                 else:
                     undo.print_text(done, _console())
-    if received:
-        said = "what was done is in the report; run again to finish" if done else "nothing was done"
-        _say(f"stopped by signal {received[0]}: {said}", logging.WARNING)
-        raise typer.Exit(128 + received[0])
+    _exit_if_signalled(received, reported=done is not None)
     if done is None:
         _fail(error or OpsctlError("requeue did not run"), url=url)
     if done.failed and not dry_run:  # a dry run changes nothing, so nothing can fail

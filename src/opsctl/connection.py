@@ -11,7 +11,6 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
-from redis.connection import parse_url
 from redis.sentinel import MasterNotFoundError, Sentinel
 
 from opsctl.errors import RedisUnavailable, UsageError
@@ -225,13 +224,12 @@ def _check_options(url: str) -> None:
     is not a number of seconds above 0 (-1, nan)."""
     shown = mask_url(url)
     try:
-        options = parse_url(url)  # type: ignore[no-untyped-call]
         # Only built, as a pool builds it: it connects to nothing yet.
-        redis.ConnectionPool.from_url(url).make_connection()
+        connection = redis.ConnectionPool.from_url(url).make_connection()
     except (ValueError, TypeError) as exc:
         raise UsageError(f"Redis URL {shown!r} is not valid: {_why_not_valid(exc, url)}") from None
     for name in ("socket_timeout", "socket_connect_timeout"):
-        value = options.get(name)
+        value = getattr(connection, name, None)
         if isinstance(value, float) and not (math.isfinite(value) and value > 0):
             raise UsageError(
                 f"Redis URL {shown!r}: {name} {value:g} is not a number of seconds above 0"

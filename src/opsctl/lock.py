@@ -139,7 +139,8 @@ def run_lock(
     """Hold the run lock for the body, waiting up to ``timeout_s`` for it (and no
     longer once ``should_stop`` says so: a signal to stop never waits out the lock)."""
     lock = Lock(conn, RUN_LOCK_KEY, owner_token(run_id), RUN_LOCK_TTL_S)
-    if should_stop is not None and should_stop():
+    stopping = should_stop or (lambda: False)
+    if stopping():
         raise StoppedWaiting("asked to stop before taking the run lock: nothing was done")
     if not lock.try_acquire():
         # A key no run ever wrote: no lock could ever be taken, and waiting
@@ -148,13 +149,14 @@ def run_lock(
         refuse_foreign_key(conn, RUN_LOCK_KEY, "string", "opsctl's run lock", then)
         # Without an expiry it was set by hand (each run sets one, and renews it):
         # no run will release it, so it is not waited for.
-        if conn.ttl(RUN_LOCK_KEY) == -1 or not lock.acquire(timeout_s, should_stop):
-            if should_stop is not None and should_stop():
+        pinned = conn.ttl(RUN_LOCK_KEY) == -1
+        if pinned or not lock.acquire(timeout_s, stopping):
+            if stopping():
                 raise StoppedWaiting(
                     f"asked to stop while waiting for the run lock ({lock.holder()}): "
                     "nothing was done"
                 )
-            if conn.ttl(RUN_LOCK_KEY) == -1:
+            if pinned or conn.ttl(RUN_LOCK_KEY) == -1:
                 raise LockTimeout(
                     f"{RUN_LOCK_KEY} is held ({lock.holder()}) and never expires, so it was "
                     "not left by a run, and no run will release it: not waited for. If it "

@@ -842,13 +842,10 @@ def read_workers(
     registrations = _registrations(conn, keys, queues)
     clients = read_clients(conn)
     subscribers = channel_listeners(conn, keys, names)
-    connected: set[str] | None = None
     if clients is not None and clients.replica:
-        subscribers = None  # neither is known here
-    elif clients is not None:
-        connected = set(clients.names)
-        if subscribers is not None:
-            subscribers = {n: clients.listeners(keys, n, c) for n, c in subscribers.items()}
+        subscribers, clients = None, None  # neither is known here
+    elif clients is not None and subscribers is not None:
+        subscribers = {n: clients.listeners(keys, n, c) for n, c in subscribers.items()}
     workers: dict[str, WorkerRecord] = {}
     for batch in batches(names, BATCH // 4):
         pipe = conn.pipeline(transaction=False)
@@ -876,7 +873,7 @@ def read_workers(
                 },
                 ttl_s=int(ttl) if exists else None,
                 subscribers=subscribers.get(name) if subscribers is not None else None,
-                connected=_is_connected(keys, name, connected),
+                connected=clients.connected(keys, name) if clients is not None else None,
                 executions=frozenset(text(m) for m in executions),
                 registered_in=frozenset(registrations.get(name, ())),
             )
@@ -970,14 +967,23 @@ class Clients:
         own_here, _, own_elsewhere, any_elsewhere = self._counts(keys, name)
         return min(own_elsewhere + any_elsewhere, counted - own_here) > 0
 
+    def connected(self, keys: Keys, name: str) -> bool:
+        """Whether a connection of this database bears worker ``name``'s name."""
+        return any(n in self.names for n in _own_names(keys, name))
+
     def _counts(self, keys: Keys, name: str) -> tuple[int, int, int, int]:
-        own = (name, keys.worker(name))
+        own = _own_names(keys, name)
         return (
             sum(self.here[n] for n in own),
             self.here[""],
             sum(self.elsewhere[n] for n in own),
             self.elsewhere[""],
         )
+
+
+def _own_names(keys: Keys, name: str) -> tuple[str, str]:
+    """The names a worker gives its connections: RQ 3 its own, older releases its key."""
+    return name, keys.worker(name)
 
 
 def read_clients(conn: redis.Redis) -> Clients | None:
@@ -1013,13 +1019,6 @@ def _is_replica(conn: redis.Redis, clients: list[dict[str, Any]]) -> bool:
         return str(conn.info("replication").get("role", "")) in ("slave", "replica")
     except redis.ResponseError:
         return any("M" in str(c.get("flags", "")) for c in clients)
-
-
-def _is_connected(keys: Keys, name: str, connected: set[str] | None) -> bool | None:
-    if connected is None:
-        return None
-    # RQ 3 names its connection after the worker; older releases used the key.
-    return name in connected or keys.worker(name) in connected
 
 
 def batches(items: list[Any], size: int) -> Iterator[list[Any]]:
