@@ -31,6 +31,8 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from typer.testing import CliRunner
 
+from opsctl.state import ListedIds, split_member
+
 TESTS_DIR = Path(__file__).resolve().parent
 SRC_DIR = TESTS_DIR.parent / "src"
 
@@ -99,6 +101,16 @@ def numsub(conn: redis.Redis, worker_name: str) -> int:
     channel = f"rq:pubsub:{worker_name}"
     counts = dict(conn.pubsub_numsub(channel))
     return int(counts.get(channel.encode(), 0))
+
+
+def listed_in(conn: redis.Redis, *registries: str) -> ListedIds:
+    """The job ids of ``registries``, all listed, as a run hands them to its walk."""
+    listed = ListedIds({})
+    for registry in registries:
+        for member in conn.zrange(registry, 0, -1):
+            split_member(member, listed.ids)
+    listed.expect([])
+    return listed
 
 
 # --- redis-server -------------------------------------------------------------------------

@@ -36,13 +36,14 @@ from conftest import (
     clean_env,
     invoke_opsctl,
     job_status,
+    listed_in,
     opsctl_env,
     run_opsctl,
     wait_for_status,
 )
 from opsctl.errors import ExitCode
 from opsctl.keys import Keys
-from opsctl.keyspace import find_lost, note_lost
+from opsctl.keyspace import find_lost, note_lost, survey
 from opsctl.model import StartedEntry
 from opsctl.policy import load_policy
 from opsctl.state import read_snapshot
@@ -1515,6 +1516,58 @@ def test_a_started_job_in_an_uncovered_queues_registry_is_not_lost(
 
     assert report["jobs"] == [], "its entry in rq:wip:elsewhere holds it"
     assert job_status(redis_conn, job.id) == "started"
+
+
+def hmget_calls(conn: redis.Redis) -> int:
+    """HMGET commands the server has run (a script's own calls included)."""
+    return int(conn.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
+
+
+def sent_to_server(conn: redis.Redis) -> int:
+    return int(conn.info("stats")["total_net_input_bytes"])
+
+
+def test_the_walk_reads_the_status_only_of_jobs_no_registry_lists(
+    redis_conn: redis.Redis,
+) -> None:
+    running = [started_job(redis_conn, worker=f"w{i}") for i in range(300)]
+    lost = lost_started(redis_conn)
+    listed = listed_in(redis_conn, f"rq:wip:{QUEUE}")
+    redis_conn.config_resetstat()
+
+    found = survey(redis_conn, Keys(), listed=listed)
+
+    assert hmget_calls(redis_conn) == 1, "the lost job's status, and no running job's"
+    assert found.started == {QUEUE: [lost.id]}
+    assert len(running) + 1 <= found.scanned
+
+
+def test_the_walk_reads_statuses_on_the_server_again_when_most_jobs_are_unlisted(
+    redis_conn: redis.Redis,
+) -> None:
+    # A keyspace of finished jobs: sending each id back to have its status
+    # read would cost more than reading every status where it is.
+    finished = 20_000
+    with redis_conn.pipeline() as pipe:
+        for i in range(finished):
+            pipe.hset(f"rq:job:done-{i:05}", mapping={"status": "finished", "origin": QUEUE})
+        pipe.execute()
+    running = started_job(redis_conn)
+    lost = lost_started(redis_conn)
+    listed = listed_in(redis_conn, f"rq:wip:{QUEUE}")
+    assert running.id in listed.ids
+
+    before = sent_to_server(redis_conn)
+    found = survey(redis_conn, Keys(), listed=listed)
+    sent = sent_to_server(redis_conn) - before
+
+    # Once back to reading every status, a listed job may come back as a
+    # candidate too (the lost-job search drops it as the run's own entry).
+    assert lost.id in found.started[QUEUE]
+    assert set(found.started[QUEUE]) <= {lost.id, running.id}
+    assert found.scanned >= finished + 2
+    # At most the first few pages' ids were sent back (each over 20 bytes).
+    assert sent < finished // 4 * 20
 
 
 def test_running_jobs_among_many_are_never_taken_for_lost(

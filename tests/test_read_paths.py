@@ -17,6 +17,8 @@ import fakeredis
 import pytest
 import redis
 
+from conftest import listed_in
+from opsctl import state
 from opsctl.keys import Keys
 from opsctl.keyspace import SURVEY_COUNT, Survey, function_names, survey
 from opsctl.records import function_name
@@ -24,6 +26,7 @@ from opsctl.state import (
     _READ_SCRIPTS,
     EXTRA_BYTES,
     HashReader,
+    ListedIds,
     as_bytes,
     known_queues,
     read_snapshot,
@@ -148,6 +151,69 @@ def test_the_survey_script_and_plain_reads_find_the_same_queues_and_candidates()
             with scripts_refused():
                 left_alone = survey(conn, keys, skipped=["b"])
         assert left_alone.queued == {} and len(left_alone.started["a"]) == 3
+
+
+def test_the_walk_passes_over_the_jobs_the_registries_list_on_either_path() -> None:
+    conn = fakeredis.FakeRedis()
+    keys = Keys("app")
+    # Started jobs their registry lists: more than a page holds.
+    with conn.pipeline() as pipe:
+        for i in range(SURVEY_COUNT + 500):
+            pipe.hset(f"app:job:run-{i}", mapping={"status": "started", "origin": "a"})
+            pipe.zadd("app:wip:a", {f"run-{i}:e{i}": 1.0})
+        pipe.execute()
+    # A worker took this one and entered it (as RQ 2+ does) before marking it started.
+    conn.hset("app:job:taken", mapping={"status": "queued", "origin": "a"})
+    conn.zadd("app:wip:a", {"taken:e1": 1.0})
+    # An RQ 1 entry: the bare id.
+    conn.hset("app:job:bare", mapping={"status": "started", "origin": "a"})
+    conn.zadd("app:wip:a", {"bare": 1.0})
+    # What no registry lists: a started job, a queued one, and one of a queue left alone.
+    conn.hset("app:job:unlisted", mapping={"status": "started", "origin": "a"})
+    conn.hset("app:job:waiting", mapping={"status": "queued", "origin": "b"})
+    conn.hset("app:job:elsewhere", mapping={"status": "started", "origin": "c"})
+    for scripts in (True, False):
+        listed = listed_in(conn, "app:wip:a")
+        if scripts:
+            found = survey(conn, keys, skipped=["c"], listed=listed)
+        else:
+            with scripts_refused():
+                found = survey(conn, keys, skipped=["c"], listed=listed)
+
+        assert found.started == {"a": ["unlisted"]}, scripts
+        assert found.queued == {"b": ["waiting"]}, scripts
+        assert sorted(found.listed) == ["app:wip:a"]
+        assert found.scanned >= SURVEY_COUNT + 506
+        assert found.filtered_server_side is scripts
+
+
+def test_registries_too_large_to_list_at_once_are_listed_one_ahead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conn = fakeredis.FakeRedis()
+    expected = []
+    for queue in ("a", "b"):
+        for i in range(3):
+            job_id = f"{queue}{i}"
+            conn.hset(f"rq:job:{job_id}", mapping={"status": "started", "origin": queue})
+            conn.hset(f"rq:execution:{job_id}:e", mapping={"worker_name": "w"})
+            conn.zadd(f"rq:wip:{queue}", {f"{job_id}:e": float(i)})
+            expected.append(job_id)
+
+    def read(most: int) -> tuple[list[str], ListedIds]:
+        monkeypatch.setattr(state, "LISTED_AHEAD_MAX", most)
+        listed = ListedIds({})
+        snapshot = read_snapshot(conn, Keys(), ["a", "b"], listed=listed)
+        return [e.job_id for e in snapshot.entries], listed
+
+    # Six members fit: all are listed first, and the walk may pass over them.
+    entries, listed = read(6)
+    assert entries == expected
+    assert listed.done.is_set() and sorted(listed.ids) == expected
+    # They do not: held back to one registry ahead, and the walk reads every status.
+    entries, listed = read(5)
+    assert entries == expected
+    assert not listed.done.is_set()
 
 
 def function_fields(conn: fakeredis.FakeRedis, key: bytes) -> list[Any]:

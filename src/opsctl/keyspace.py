@@ -29,6 +29,7 @@ from opsctl.progress import WALKING, OnProgress
 from opsctl.records import function_name
 from opsctl.state import (
     HashReader,
+    ListedIds,
     batches,
     glob_escape,
     known_queues,
@@ -46,6 +47,9 @@ PIPELINE_BATCH = 500
 #: Keys SCAN looks at per call of the survey: a few milliseconds of the
 #: server's time each, so workers are never held up for long.
 SURVEY_COUNT = 2000
+#: Job ids of the walk after which it judges whether passing over the listed
+#: ones pays (see :class:`_Skip`).
+SKIP_JUDGED_AFTER = 500
 #: Most queues the survey script is told to pass over. Every call receives the
 #: names again; beyond this many (one queue per tenant, say) sending them costs
 #: more than the candidates they spare, and opsctl drops those itself.
@@ -56,33 +60,47 @@ LIST_CHUNK = 10_000
 #: Fields of a lost candidate's hash that opsctl reads (never data or meta).
 LOST_FIELDS: tuple[str, ...] = (*JOB_FIELDS, "enqueued_at")
 
+# Shared by the two survey scripts below: records the id of the job hash
+# ``key`` (the part after ``cut`` characters), then its status's first letter
+# followed by its origin, when its status is started or queued and its origin
+# is not one of ``skipped``. A key that is not a hash (a dependency set) is
+# passed over; a refused permission stops the script.
+_CANDIDATE_LUA = """
+local function candidate(key, cut, skipped, jobs)
+  local f = redis.pcall('HMGET', key, 'status', 'origin')
+  if f.err then
+    if string.sub(tostring(f.err), 1, 6) == 'NOPERM' then error(f) end
+  elseif (f[1] == 'started' or f[1] == 'queued') and not skipped[f[2] or ''] then
+    jobs[#jobs + 1] = string.sub(key, cut + 1)
+    jobs[#jobs + 1] = string.sub(f[1], 1, 1) .. (f[2] or '')
+  end
+end
+"""
 # One page of the keyspace survey; reads only. ARGV: the SCAN cursor, its
-# MATCH pattern, its COUNT, the job key prefix, the number of key prefixes
-# that follow, those prefixes (keys starting with one are listed by name:
-# started registries, worker sets), then queues whose jobs are of no interest.
-# Answers: the next cursor; the keys listed by name; for each job hash whose
-# status is started or queued and whose origin is not one of those queues,
-# its id and then its status's first letter followed by its origin; and the
-# number of keys the page held. Keys under the job prefix that are not hashes
-# (dependency sets) are passed over; a refused permission stops it.
-_SURVEY_SCRIPT_BODY = """
+# MATCH pattern, its COUNT, the job key prefix, "1" to read each job's status
+# here or "0" to answer the ids of the page's jobs instead, the number of key
+# prefixes that follow, those prefixes (keys starting with one are listed by
+# name: started registries, worker sets), then queues whose jobs are of no
+# interest. Answers: the next cursor; the keys listed by name; the page's
+# candidates (as above) or job ids; and the number of keys the page held.
+_SURVEY_SCRIPT_BODY = (
+    _CANDIDATE_LUA
+    + """
 local page = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3])
-local job_prefix, prefixes = ARGV[4], tonumber(ARGV[5])
+local job_prefix, read_here, prefixes = ARGV[4], ARGV[5] == '1', tonumber(ARGV[6])
 local cut = #job_prefix
 local skipped = {}
-for i = 6 + prefixes, #ARGV do skipped[ARGV[i]] = true end
+for i = 7 + prefixes, #ARGV do skipped[ARGV[i]] = true end
 local listed, jobs = {}, {}
 for _, key in ipairs(page[2]) do
   if string.sub(key, 1, cut) == job_prefix then
-    local f = redis.pcall('HMGET', key, 'status', 'origin')
-    if f.err then
-      if string.sub(tostring(f.err), 1, 6) == 'NOPERM' then error(f) end
-    elseif (f[1] == 'started' or f[1] == 'queued') and not skipped[f[2] or ''] then
+    if read_here then
+      candidate(key, cut, skipped, jobs)
+    else
       jobs[#jobs + 1] = string.sub(key, cut + 1)
-      jobs[#jobs + 1] = string.sub(f[1], 1, 1) .. (f[2] or '')
     end
   else
-    for i = 6, 5 + prefixes do
+    for i = 7, 6 + prefixes do
       if string.sub(key, 1, #ARGV[i]) == ARGV[i] then
         listed[#listed + 1] = key
         break
@@ -92,12 +110,29 @@ for _, key in ipairs(page[2]) do
 end
 return {page[1], listed, jobs, #page[2]}
 """
-# Redis 7 runs the flagged form through EVAL_RO (allowed to read-only users
-# and on replicas); older servers and fakeredis get the plain body.
+)
+# The candidates among the job hashes in KEYS; reads only. ARGV: the job key
+# prefix, then queues whose jobs are of no interest.
+_CANDIDATES_SCRIPT_BODY = (
+    _CANDIDATE_LUA
+    + """
+local skipped = {}
+for i = 2, #ARGV do skipped[ARGV[i]] = true end
+local jobs = {}
+for _, key in ipairs(KEYS) do candidate(key, #ARGV[1], skipped, jobs) end
+return jobs
+"""
+)
+# Redis 7 runs the flagged forms through EVAL_RO (allowed to read-only users
+# and on replicas); older servers and fakeredis get the plain bodies.
 _SURVEY_SCRIPTS = (
     ("EVAL_RO", "#!lua flags=no-writes\n" + _SURVEY_SCRIPT_BODY),
     ("EVAL", _SURVEY_SCRIPT_BODY),
 )
+_CANDIDATES_SCRIPTS = {
+    "EVAL_RO": "#!lua flags=no-writes\n" + _CANDIDATES_SCRIPT_BODY,
+    "EVAL": _CANDIDATES_SCRIPT_BODY,
+}
 
 #: Registries a queued job may legitimately sit in instead of its queue list.
 _QUEUED_PLACES = ("started", "deferred", "scheduled", "failed", "finished", "canceled")
@@ -123,6 +158,7 @@ def survey(
     on_progress: OnProgress | None = None,
     stop: threading.Event | None = None,
     ids: dict[str, str] | None = None,
+    listed: ListedIds | None = None,
 ) -> Survey:
     """Walk the keyspace once, for the queue names and for lost-job candidates.
 
@@ -137,22 +173,31 @@ def survey(
     with SCAN and pipelined HMGET. A set ``stop`` ends the walk after the
     current page (its result is then incomplete). ``ids`` keeps one copy of
     each job id for the whole run (see :func:`opsctl.state.split_member`).
+
+    A job that a started registry lists is no lost job, whatever its status.
+    Once ``listed`` holds the ids of the registries the run reads, the script
+    answers each page's job ids instead, and only the jobs no registry lists
+    have their status read (most of them, after an outage, are listed). Where
+    most are not (a keyspace of finished and failed jobs), it goes back to
+    reading every status on the server, which then costs less.
     """
     result = Survey()
     pattern = f"{glob_escape(keys.prefix)}:[jw]*"
-    listed = (keys.started(""), keys.queue_workers(""))
+    prefixes = (keys.started(""), keys.queue_workers(""))
     skipped = sorted(set(skipped))
     if len(skipped) > SKIPPED_MAX:
         skipped = []
-    args = (pattern, SURVEY_COUNT, keys.job_prefix, len(listed), *listed, *skipped)
+    skip = _Skip(listed)
     modes = list(_SURVEY_SCRIPTS)
     send: Callable[..., Any] = conn.execute_command
     cursor: Any = 0
     while True:
         while modes:
             command, body = modes[0]
+            read_here = not skip.ready()
+            args = (pattern, SURVEY_COUNT, keys.job_prefix, "1" if read_here else "0")
             try:
-                page = send(command, body, 0, cursor, *args)
+                page = send(command, body, 0, cursor, *args, len(prefixes), *prefixes, *skipped)
             except redis.ResponseError as exc:
                 if len(modes) == 1:
                     log.info("survey_script_unavailable error=%s; reading plainly", exc)
@@ -160,18 +205,76 @@ def survey(
                 continue
             cursor = page[0]
             result.listed += [text(k) for k in page[1]]
-            _add_candidates(result, page[2], ids)
             result.scanned += int(page[3])
+            if read_here:
+                _add_candidates(result, page[2], ids)
+            else:
+                unread = skip.unlisted(page[2])
+                _read_candidates(conn, command, keys, unread, skipped, result, ids)
             break
         else:
             result.filtered_server_side = False
             cursor = _survey_plainly(
-                conn, keys, cursor, (pattern, listed, set(skipped)), result, ids
+                conn, keys, cursor, (pattern, prefixes, set(skipped)), result, ids, skip
             )
         if on_progress:
             on_progress(result.scanned, None, WALKING)
         if int(cursor) == 0 or (stop is not None and stop.is_set()):
             return result
+
+
+class _Skip:
+    """Which job ids the walk need not read: those the started registries list.
+
+    Skipping pays while most of the walk's jobs are listed (each unlisted one
+    then crosses the wire twice); once ``SKIP_JUDGED_AFTER`` ids show that
+    most are not, the walk stops skipping.
+    """
+
+    def __init__(self, listed: ListedIds | None) -> None:
+        self.listed = listed
+        self.seen = self.unread = 0
+
+    def ready(self) -> bool:
+        """Whether to skip from now on: the registries are all listed, and it pays."""
+        if self.listed is None or not self.listed.done.is_set():
+            return False
+        if self.seen >= SKIP_JUDGED_AFTER and 2 * self.unread > self.seen:
+            self.listed = None
+            return False
+        return True
+
+    def unlisted(self, job_ids: list[Any]) -> list[str]:
+        """The ``job_ids`` no started registry lists."""
+        assert self.listed is not None
+        known = self.listed.ids
+        unread = [j for j in map(text, job_ids) if j not in known]
+        self.seen += len(job_ids)
+        self.unread += len(unread)
+        return unread
+
+
+def _read_candidates(
+    conn: redis.Redis,
+    command: str,
+    keys: Keys,
+    job_ids: list[str],
+    skipped: list[str],
+    result: Survey,
+    ids: dict[str, str] | None,
+) -> None:
+    """Add the candidates among ``job_ids``, their statuses read by script."""
+    if not job_ids or result.refused is not None:
+        return
+    hash_keys = [keys.job(j).encode("utf-8", "surrogateescape") for j in job_ids]
+    body = _CANDIDATES_SCRIPTS[command]
+    send: Callable[..., Any] = conn.execute_command
+    try:
+        found = send(command, body, len(hash_keys), *hash_keys, keys.job_prefix, *skipped)
+    except redis.exceptions.NoPermissionError as exc:
+        result.refused = str(exc)
+        return
+    _add_candidates(result, found, ids)
 
 
 def _add_candidates(result: Survey, found: list[Any], ids: dict[str, str] | None = None) -> None:
@@ -192,8 +295,10 @@ def _survey_plainly(
     walk: tuple[str, tuple[str, ...], set[str]],
     result: Survey,
     ids: dict[str, str] | None,
+    skip: _Skip,
 ) -> Any:
-    """One survey page from plain commands: SCAN, then HMGET of each job hash.
+    """One survey page from plain commands: SCAN, then HMGET of each job hash
+    that ``skip`` does not pass over.
 
     ``walk`` is the SCAN pattern, the key prefixes listed by name and the
     queues whose jobs are of no interest.
@@ -204,6 +309,9 @@ def _survey_plainly(
     result.scanned += len(names)
     result.listed += [n for n in names if n.startswith(listed)]
     jobs = [n for n in names if n.startswith(keys.job_prefix)]
+    if skip.ready():
+        cut = len(keys.job_prefix)
+        jobs = [keys.job(j) for j in skip.unlisted([n[cut:] for n in jobs])]
     if not jobs or result.refused is not None:
         return cursor
     pipe = conn.pipeline(transaction=False)

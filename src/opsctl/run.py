@@ -29,6 +29,7 @@ from opsctl.model import StartedEntry, WorkerRecord, parse_int
 from opsctl.policy import Limits, Policy, Rule
 from opsctl.progress import WALKING, OnProgress
 from opsctl.state import (
+    ListedIds,
     Snapshot,
     known_queues,
     may_be_read_again,
@@ -269,6 +270,7 @@ def _read_state(
     left_alone = [name for name in names if name not in covered]
     progress = _WalkAndScan(on_progress)
     ids: dict[str, str] = {}  # one copy of each job id, met in a registry and on the walk
+    listed = ListedIds(ids)  # the registries' jobs, whose status the walk need not read
     stop = threading.Event()
     # The walk has a connection of its own: the registry reads hold the
     # caller's while it runs.
@@ -276,7 +278,7 @@ def _read_state(
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="opsctl-walk") as walker:
             walking = walker.submit(
-                survey, twin or conn, keys, left_alone, progress.walk, stop, ids
+                survey, twin or conn, keys, left_alone, progress.walk, stop, ids, listed
             )
             try:
                 snapshot = read_snapshot(
@@ -287,6 +289,7 @@ def _read_state(
                     with_functions=True,
                     on_entries=decide.batch,
                     ids=ids,
+                    listed=listed,
                 )
                 progress.scan_done()
                 found = walking.result()
@@ -296,8 +299,9 @@ def _read_state(
     finally:
         if twin is not None:
             twin.connection_pool.disconnect()
-    listed = known_queues(conn, keys, found.listed)
-    queues, unmatched = _choose_queues(sorted({*listed, *covered}), policy, overrides)
+    del listed
+    named = known_queues(conn, keys, found.listed)
+    queues, unmatched = _choose_queues(sorted({*named, *covered}), policy, overrides)
     later = [q.name for q in queues if q.name not in covered]
     if later:
         # Their ages count from the first snapshot's clock, a moment before

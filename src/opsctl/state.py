@@ -192,6 +192,7 @@ def read_snapshot(
     with_functions: bool = False,
     on_entries: OnEntries | None = None,
     ids: dict[str, str] | None = None,
+    listed: ListedIds | None = None,
 ) -> Snapshot:
     """Read the started registries of ``queues`` and every worker they involve.
 
@@ -205,12 +206,15 @@ def read_snapshot(
     RQ 1 id with a colon, read again whole) and entries naming workers not
     yet read (read at the end); the snapshot has the final ones. ``ids``
     keeps one copy of each job id for the whole run (see :func:`split_member`).
+    ``listed`` receives the job ids of every registry once all are listed.
     """
     queues = list(queues)
-    total = _count_started(conn, keys, queues) if on_progress else 0
+    total = _registry_sizes(conn, keys, queues) if on_progress else 0
     reader = HashReader(conn, with_function=with_functions)
     try:
-        return _read_snapshot(conn, keys, queues, on_progress, total, reader, on_entries, ids)
+        return _read_snapshot(
+            conn, keys, queues, on_progress, total, reader, on_entries, ids, listed
+        )
     finally:
         reader.close()
 
@@ -224,6 +228,7 @@ def _read_snapshot(
     reader: HashReader,
     on_entries: OnEntries | None,
     ids: dict[str, str] | None,
+    listed: ListedIds | None,
 ) -> Snapshot:
     now = server_time(conn)
     problems: list[str] = []
@@ -239,18 +244,11 @@ def _read_snapshot(
 
     workers = read_workers(conn, keys, registered_workers(conn, keys, queues), problems, queues)
     reader.held_by = {name for name, w in workers.items() if w.exists and not w.fields.get("death")}
-    entries = _read_entries(conn, keys, queues, problems, decoded, reader, ids)
+    entries = _read_entries(conn, keys, queues, problems, decoded, reader, ids, listed)
     # Workers that entries name but no registration lists (most often dead ones).
     named = {name for e in entries if (name := e.worker_name)} - set(workers)
     workers.update(read_workers(conn, keys, named, problems, queues))
     return Snapshot(now=now, queues=queues, entries=entries, workers=workers, problems=problems)
-
-
-def _count_started(conn: redis.Redis, keys: Keys, queues: list[str]) -> int:
-    pipe = conn.pipeline(transaction=False)
-    for queue in queues:
-        pipe.zcard(keys.started(queue))
-    return sum(n for n in replies_of(pipe) if isinstance(n, int))
 
 
 def registry_members(conn: redis.Redis, key: str) -> Iterator[tuple[bytes, float]]:
@@ -265,6 +263,42 @@ def registry_members(conn: redis.Redis, key: str) -> Iterator[tuple[bytes, float
         if len(chunk) < RANGE_CHUNK:
             return
         start += RANGE_CHUNK
+
+
+class ListedIds:
+    """The job ids of the started registries, known as soon as they are listed.
+
+    The keyspace walk runs meanwhile and need not read the status of a job a
+    registry lists (see :func:`opsctl.keyspace.survey`). Each member's job id
+    goes into ``ids``, the run's one copy of each job id (see
+    :func:`split_member`), which therefore holds every listed job once
+    ``done`` is set; it may also hold jobs the walk has already found.
+    A registry that cannot be listed adds nothing: its jobs are then read on
+    the walk.
+    """
+
+    def __init__(self, ids: dict[str, str]) -> None:
+        self.ids = ids
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._awaited = 0
+
+    def expect(self, listings: list[Future[list[tuple[bytes, float]]]]) -> None:
+        """Take the job ids of ``listings`` as each completes; done after the last."""
+        self._awaited = len(listings)
+        if not listings:
+            self.done.set()
+        for listing in listings:
+            listing.add_done_callback(self._add)
+
+    def _add(self, listing: Future[list[tuple[bytes, float]]]) -> None:
+        if not listing.cancelled() and listing.exception() is None:
+            for member, _score in listing.result():
+                split_member(member, self.ids)
+        with self._lock:
+            self._awaited -= 1
+            if self._awaited == 0:
+                self.done.set()
 
 
 def split_member(member: bytes, ids: dict[str, str] | None = None) -> tuple[str, str | None]:
@@ -293,6 +327,7 @@ def _read_entries(
     on_decoded: Callable[[list[StartedEntry]], None],
     reader: HashReader,
     ids: dict[str, str] | None = None,
+    listed: ListedIds | None = None,
 ) -> list[StartedEntry]:
     """The entries of the started registries of ``queues``, in turn.
 
@@ -303,7 +338,8 @@ def _read_entries(
     entries: list[StartedEntry] = []
     pending: deque[tuple[str, list[tuple[bytes, float]], list[Any], Any]] = deque()
     with ThreadPoolExecutor(max_workers=READS_AHEAD, thread_name_prefix="opsctl-read") as ahead:
-        for item in chain(_registry_batches(conn, keys, queues, problems, ahead), [None]):
+        listing = _registry_batches(conn, keys, queues, problems, ahead, listed)
+        for item in chain(listing, [None]):
             if item is not None:
                 queue, batch = item
                 split, hash_keys, flags = _hash_keys(keys, batch, ids)
@@ -321,31 +357,55 @@ def _read_entries(
 
 
 def _registry_batches(
-    conn: redis.Redis, keys: Keys, queues: list[str], problems: list[str], ahead: Executor
+    conn: redis.Redis,
+    keys: Keys,
+    queues: list[str],
+    problems: list[str],
+    ahead: Executor,
+    listed: ListedIds | None = None,
 ) -> Iterator[tuple[str, list[tuple[bytes, float]]]]:
     """Batches of the members of each queue's started registry, with their queue.
 
-    The next registry's members are read on a helper thread while this one's
-    batches are read. One unreadable registry (the wrong type, say) is a
-    problem, and never stops the run.
+    The registries are listed (members only: a fraction of what reading their
+    hashes costs) on the helper threads ahead of their reads: all of them at
+    once when they hold at most ``LISTED_AHEAD_MAX`` members, so that
+    ``listed`` knows them all early; otherwise one ahead, to bound what is
+    held, and ``listed`` is never done. One unreadable registry (the wrong
+    type, say) is a problem, and never stops the run.
     """
 
     def members(queue: str) -> list[tuple[bytes, float]]:
         return list(registry_members(conn, keys.started(queue)))
 
-    upcoming = ahead.submit(members, queues[0]) if queues else None
+    depth = len(queues) if _registry_sizes(conn, keys, queues) <= LISTED_AHEAD_MAX else 1
+    listings: deque[Future[list[tuple[bytes, float]]]] = deque(
+        ahead.submit(members, queue) for queue in queues[:depth]
+    )
+    if listed is not None and depth == len(queues):
+        listed.expect(list(listings))
     for at, queue in enumerate(queues):
-        listed = cast("Future[list[tuple[bytes, float]]]", upcoming)
-        upcoming = ahead.submit(members, queues[at + 1]) if at + 1 < len(queues) else None
+        listing = listings.popleft()  # its members are let go once read
+        if at + depth < len(queues):
+            listings.append(ahead.submit(members, queues[at + depth]))
         try:
-            found = listed.result()
+            found = listing.result()
         except redis.exceptions.NoPermissionError:
             raise
         except redis.ResponseError as exc:
             problems.append(f"queue {queue}: {keys.started(queue)} cannot be read: {exc}")
             continue
+        del listing
         for batch in batches(found, SCRIPT_BATCH * SCRIPT_CALLS):
             yield queue, batch
+
+
+def _registry_sizes(conn: redis.Redis, keys: Keys, queues: list[str]) -> int:
+    """How many members the started registries of ``queues`` hold together
+    (one that cannot be counted counts as none: listing it says why)."""
+    pipe = conn.pipeline(transaction=False)
+    for queue in queues:
+        pipe.zcard(keys.started(queue))
+    return sum(n for n in replies_of(pipe) if isinstance(n, int))
 
 
 def may_be_read_again(entry: StartedEntry) -> bool:
@@ -475,6 +535,9 @@ SCRIPT_BATCH = 500
 SCRIPT_CALLS = 2
 #: Batches being read (each on a connection of its own) while one is decoded.
 READS_AHEAD = 2
+#: Most registry members listed ahead of their reads (about 160 bytes each
+#: while held); more are listed one registry ahead.
+LISTED_AHEAD_MAX = 250_000
 
 # A read-only script that reads the fields opsctl needs from many hashes in
 # one call, so a large registry costs a few hundred commands, not two per
