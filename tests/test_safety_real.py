@@ -708,6 +708,35 @@ def test_a_signal_while_apply_waits_for_the_run_lock_stops_it_at_once_with_nothi
     assert statuses(redis_conn, job_ids) == Counter({"started": 3})
 
 
+def test_a_signal_while_apply_reads_redis_stops_the_reads_with_nothing_done(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job_ids = abandon(redis_conn, 3)
+    # A large keyspace: the walk for lost jobs takes many pages.
+    with redis_conn.pipeline(transaction=False) as pipe:
+        for i in range(100_000):
+            pipe.hset(f"rq:job:done-{i}", mapping={"status": "finished", "origin": QUEUE})
+        pipe.execute()
+
+    run = start_opsctl(*apply_args(POLICIES / "safety_fail.yaml", redis_url))
+    try:
+        # The run lock is taken just before the reads begin; Redis then answers
+        # nobody for 3 s, so the signal comes while the run is still reading.
+        assert wait_while_running(run, lambda: bool(redis_conn.exists("opsctl:lock")))
+        redis_conn.execute_command("CLIENT", "PAUSE", "3000", "ALL")
+        run.send_signal(signal.SIGTERM)
+        stdout, stderr = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+
+    assert run.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by signal 15: nothing was done" in stderr
+    assert stdout == ""  # the reads never ended, so there is no run to report
+    assert statuses(redis_conn, job_ids) == Counter({"started": 3})
+    assert redis_conn.exists("opsctl:lock", "opsctl:audit") == 0
+
+
 def test_a_signal_before_apply_reaches_the_run_lock_stops_it_there_with_nothing_done(
     redis_conn: redis.Redis, redis_url: str
 ) -> None:

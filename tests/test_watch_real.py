@@ -23,6 +23,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from conftest import (
     WorkerFactory,
+    job_status,
     start_opsctl,
     start_redis_server,
     terminate,
@@ -285,3 +286,29 @@ def test_a_round_stopped_while_it_waits_for_the_run_lock_is_no_failure_in_the_me
     assert "round stopped: asked to stop while waiting for the run lock" in logs(tmp_path)
     assert conn.get("opsctl:lock") == b"another run"
     conn.close()
+
+
+def test_a_round_stopped_while_it_reads_redis_is_no_failure_and_leaves_no_lock(
+    tmp_path: Path, redis_url: str, redis_conn: redis.Redis, watch: Any
+) -> None:
+    ids = seed_abandoned(redis_conn, 3)
+    # A large keyspace: the walk for lost jobs takes many pages.
+    with redis_conn.pipeline(transaction=False) as pipe:
+        for i in range(100_000):
+            pipe.hset(f"rq:job:done-{i}", mapping={"status": "finished", "origin": QUEUE})
+        pipe.execute()
+    policy = tmp_path / "policy.yaml"
+    write_policy(policy, "fail")
+    metrics = tmp_path / "opsctl.prom"
+    process = watch(str(policy), "--every", "1h", "--redis-url", redis_url,
+                    "--metrics-file", str(metrics))  # fmt: skip
+    # The run lock is taken just before the reads begin; Redis then answers
+    # nobody for 3 s, so the signal comes while the round is still reading.
+    assert wait_until(lambda: redis_conn.exists("opsctl:lock") == 1, timeout=ROUND_TIMEOUT_S)
+    redis_conn.execute_command("CLIENT", "PAUSE", "3000", "ALL")
+
+    assert stop(process) == 0, logs(tmp_path)
+    assert read_metrics(metrics).get("opsctl_last_run_exit_code") == 0, logs(tmp_path)
+    assert "round stopped: asked to stop while reading Redis" in logs(tmp_path)
+    assert redis_conn.exists("opsctl:lock", "opsctl:audit") == 0
+    assert all(job_status(redis_conn, job_id) == "started" for job_id in ids)

@@ -52,10 +52,11 @@ from opsctl.errors import (
     PolicyError,
     Problem,
     RedisUnavailable,
+    StoppedEarly,
     UsageError,
 )
 from opsctl.keys import DEFAULT_PREFIX, Keys
-from opsctl.lock import Lock, StoppedWaiting, run_lock
+from opsctl.lock import Lock, run_lock
 from opsctl.policy import (
     UNCHECKED_SUFFIX,
     ZERO_MAX_AGE,
@@ -66,7 +67,7 @@ from opsctl.policy import (
     parse_duration,
     validate_files,
 )
-from opsctl.progress import ScanProgress
+from opsctl.progress import SCANNING, OnProgress, ScanProgress
 from opsctl.run import Overrides, Run, collector_paused, new_run_id, plan
 from opsctl.state import server_time, with_retries
 
@@ -844,8 +845,9 @@ class Job:
 
     def _plan(self, conn: redis.Redis, keys: Keys, policy: Policy, run_id: str | None) -> Run:
         with ScanProgress(self.progress) as progress, collector_paused(keep=self.once):
+            reading = _stop_reading(progress, self.should_stop)
             return with_retries(
-                lambda: plan(conn, keys, policy, self.overrides, progress, run_id=run_id)
+                lambda: plan(conn, keys, policy, self.overrides, reading, run_id=run_id)
             )
 
     def _execute(self, conn: redis.Redis, keys: Keys, run: Run, digest: str, lock: Lock) -> None:
@@ -862,6 +864,21 @@ class Job:
                 should_stop=self.should_stop,
                 on_progress=progress,
             ).execute()
+
+
+def _stop_reading(report: OnProgress, should_stop: Callable[[], bool] | None) -> OnProgress:
+    """``report``, which also ends the reads of a run asked to stop: no change is
+    made before they end, so stopping then leaves nothing undone (a large
+    keyspace may take minutes to read)."""
+    if should_stop is None:
+        return report
+
+    def progress(done: int, total: int | None, what: str = SCANNING) -> None:
+        if should_stop():
+            raise StoppedEarly("asked to stop while reading Redis: nothing was done")
+        report(done, total, what)
+
+    return progress
 
 
 def _print_run(run: Run, output: Format, url: str, where: tuple[str, str]) -> None:
@@ -989,7 +1006,7 @@ def watch_command(
             once=False,
         )
         run, error = _attempt(lambda: job.apply_policy(current), url)
-        if isinstance(error, StoppedWaiting):
+        if isinstance(error, StoppedEarly):
             # Stopped before it could act, as a round stopped between changes is:
             # not a failure (a shutdown must not pass for a lock held too long).
             log.warning("round stopped: %s", redact(str(error), url))

@@ -75,3 +75,9 @@ class LimitTripped(OpsctlError):
     """Raised when a run would act on more jobs than a blast-radius cap allows."""
 
     exit_code = ExitCode.LIMIT_TRIPPED
+
+
+class StoppedEarly(OpsctlError):
+    """Raised when opsctl is asked to stop (a signal) before its first change:
+    nothing was done. Callers that were sent a signal exit as the signal says;
+    the exit code here is for those that were not."""

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import redis
 
-from opsctl.errors import ExitCode, OpsctlError
+from opsctl.errors import ExitCode, OpsctlError, StoppedEarly
 from opsctl.state import CONNECTION_LOST, refuse_foreign_key
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,9 @@ class LockTimeout(OpsctlError):
     exit_code = ExitCode.LOCKED
 
 
-class StoppedWaiting(OpsctlError):
+class StoppedWaiting(StoppedEarly):
     """Raised when opsctl is asked to stop while it waits for the run lock:
-    nothing was read or done. (Callers that were sent a signal exit as the
-    signal says; the exit code here is for those that were not.)"""
+    nothing was read or done."""
 
     exit_code = ExitCode.LOCKED
 
