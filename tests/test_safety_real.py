@@ -32,7 +32,7 @@ from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry, clean_registries
 
-from conftest import WorkerFactory, clean_env, job_status, wait_for_status
+from conftest import WorkerFactory, clean_env, free_port, job_status, wait_for_status
 from opsctl.actions import _JOB_SCRIPT
 from opsctl.apply import RECONCILE_ROUNDS
 
@@ -632,6 +632,43 @@ def test_jobs_of_queues_not_reached_after_a_lost_connection_are_reported_as_not_
         assert line["outcome"] == "error", line
         assert line["reason"] == "not acted on: lost the connection to Redis"
         assert f"job={job_id} state=abandoned action=fail outcome=error" in result.stderr
+
+
+def test_a_server_demoted_to_a_replica_mid_run_gets_no_change_after_its_first_refusal(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job_ids = abandon(redis_conn, 3000)
+    redis_conn.config_resetstat()
+
+    run = start_opsctl(*apply_args(POLICIES / "safety_fail.yaml", redis_url))
+    try:
+        assert wait_while_running(run, lambda: redis_conn.xlen("opsctl:audit") > 0)
+        # A failover demotes the server between two batches of changes. (Writes
+        # are held back until it is a replica, of a primary that never answers.)
+        redis_conn.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
+        redis_conn.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+        redis_conn.execute_command("CLIENT", "UNPAUSE")
+        stdout, stderr = run.communicate(timeout=120)
+        refused = redis_conn.info("commandstats")["cmdstat_evalsha"]["failed_calls"]
+    finally:
+        redis_conn.execute_command("REPLICAOF", "NO", "ONE")
+        if run.poll() is None:
+            run.kill()
+
+    assert run.returncode == EXIT_REDIS_UNAVAILABLE, stderr
+    assert "read-only replica" in stderr and "Traceback" not in stderr
+    found = outcomes(json.loads(stdout))
+    done = [j for j in job_ids if found[j] == "done"]
+    assert 0 < len(done) < len(job_ids)
+    assert Counter(found.values()) == Counter(
+        {"done": len(done), "error": len(job_ids) - len(done)}
+    )
+    # One batch of changes was refused; none was sent after it.
+    assert 0 < refused <= 200
+    assert statuses(redis_conn, done) == Counter({"failed": len(done)})
+    assert statuses(redis_conn, job_ids) == Counter(
+        {"failed": len(done), "started": len(job_ids) - len(done)}
+    )
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -500,6 +500,9 @@ class ChangeResult:
     dependents: int = 0
     error: bool = False  # Redis refused or failed the change (not a re-check)
     rescues: int = 0  # how often opsctl has now requeued the job
+    #: The server's refusal, when it refused the change as a read-only replica
+    #: (a failover demoted it): every later change would be refused too.
+    read_only: str | None = None
 
 
 def failure_text(reason: str) -> str:
@@ -631,6 +634,9 @@ class Actor:
 
 
 def _result(reply: Any) -> ChangeResult:
+    if isinstance(reply, redis.exceptions.ReadOnlyError):
+        why = f"not acted on: the server is a read-only replica now ({reply})"
+        return ChangeResult(False, why, error=True, read_only=str(reply))
     if isinstance(reply, Exception):
         return ChangeResult(False, f"Redis error: {reply}", error=True)
     done, detail = int(reply[0]) == 1, reply[1]

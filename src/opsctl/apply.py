@@ -138,10 +138,14 @@ class Executor:
             self.run.redis_lost = True
             self._give_up("not acted on: lost the connection to Redis")
         except redis.ResponseError as exc:
-            # Refused mid-run (an ACL, say): keep the report of what was done.
+            # Refused mid-run (an ACL, or a failover that made the server a
+            # replica): keep the report of what was done.
             log.error("refused error=%s", exc)
-            self.run.refused = str(exc)
-            self._give_up(f"not acted on: Redis refused a command ({exc})")
+            replica = isinstance(exc, redis.exceptions.ReadOnlyError)
+            self.run.refused = (
+                f"the server is a read-only replica now: {exc}" if replica else str(exc)
+            )
+            self._give_up(f"not acted on: Redis refused a command ({self.run.refused})")
 
     def _work_by_queue(self) -> dict[str, list[JobOutcome]]:
         work: dict[str, list[JobOutcome]] = {}
@@ -224,6 +228,10 @@ class Executor:
             _record(outcome, result)
             if result.done and result.dependents and change.action == "fail":
                 _enqueue_dependents(self.conn, self.keys, outcome)
+        refused = next((r.read_only for r in results if r is not None and r.read_only), None)
+        if refused is not None:
+            # Demoted to a replica mid-run: every later change would be refused too.
+            raise redis.exceptions.ReadOnlyError(refused)
 
     def _apply_reconciled(
         self, outcomes: list[JobOutcome], changes: list[JobChange]
