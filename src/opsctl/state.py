@@ -13,6 +13,7 @@ import math
 import sys
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -1049,6 +1050,10 @@ def _own_names(keys: Keys, name: str) -> tuple[str, str]:
     return name, keys.worker(name)
 
 
+#: The connection pools whose server has been said to be a replica.
+_REPLICAS_SAID: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 def read_clients(conn: redis.Redis) -> Clients | None:
     """The server's connections, as they bear on liveness; None when not permitted."""
     try:
@@ -1057,7 +1062,10 @@ def read_clients(conn: redis.Redis) -> Clients | None:
         log.warning("client_list_unavailable error=%s", exc)
         return None
     if _is_replica(conn, clients):
-        log.warning("replica: worker liveness is read from the worker hashes alone")
+        if conn.connection_pool not in _REPLICAS_SAID:
+            # A run reads the workers more than once: saying it once is enough.
+            _REPLICAS_SAID.add(conn.connection_pool)
+            log.warning("replica: worker liveness is read from the worker hashes alone")
         return Clients(frozenset(), Counter(), Counter(), replica=True)
     db = str(conn.connection_pool.connection_kwargs.get("db") or 0)
     names: set[str] = set()
