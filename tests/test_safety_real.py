@@ -1260,12 +1260,18 @@ def test_an_overdue_job_is_not_stopped_through_a_channel_a_namesake_on_another_d
             job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 8, job_id="nightly")
             assert wait_for_status(redis_conn, job.id, "started") == "started"
 
-            result = run_opsctl(*apply_args(POLICIES / "safety_fail.yaml", url, "--force"))
+            args = apply_args(POLICIES / "safety_fail.yaml", url, "--force")
+            previewed = line_of(report_of(run_opsctl(*args, "--dry-run")), "nightly")
+            result = run_opsctl(*args)
 
+            # The dry run tells beforehand what the run that acts then does.
+            assert (previewed["state"], previewed["outcome"]) == ("overdue", "planned")
+            assert "the stop would not be sent: " in previewed["reason"]
+            assert why in previewed["reason"]
             report = report_of(result, EXIT_ACTION_FAILED)
             line = line_of(report, "nightly")
             assert (line["state"], line["outcome"]) == ("overdue", "error"), line
-            assert why in line["reason"]
+            assert "not stopped: " in line["reason"] and why in line["reason"]
             assert wait_for_status(other, staging.id, "finished", timeout=30) == "finished"
             assert wait_for_status(redis_conn, job.id, "finished", timeout=30) == "finished"
     finally:

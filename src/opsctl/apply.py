@@ -41,11 +41,18 @@ from opsctl.keyspace import lost_notes, note_lost
 from opsctl.lock import Lock, maintenance_lock
 from opsctl.model import format_timestamp, parse_int
 from opsctl.progress import APPLYING, OnProgress
-from opsctl.run import DONE, ERROR, PLANNED, SKIPPED, JobOutcome, Run, WorkerOutcome
+from opsctl.run import (
+    DONE,
+    ERROR,
+    PLANNED,
+    SKIPPED,
+    JobOutcome,
+    Run,
+    WorkerOutcome,
+    stops_that_may_stray,
+)
 from opsctl.state import (
     CONNECTION_LOST,
-    channel_listeners,
-    read_clients,
     read_workers,
     refuse_foreign_key,
     registered_workers,
@@ -344,11 +351,12 @@ class Executor:
     def _stop_jobs(self, outcomes: list[JobOutcome]) -> None:
         """Ask each live worker to stop its overdue job, wait, then apply the follow-up."""
         waiting = []
-        for outcome, why in zip(outcomes, self._stops_that_may_stray(outcomes), strict=True):
+        unsent = stops_that_may_stray(self.conn, self.keys, outcomes)
+        for outcome, why in zip(outcomes, unsent, strict=True):
             worker, job_id = outcome.entry.worker_name, outcome.entry.job_id
             if why is not None:
                 outcome.stop_confirmed = False
-                _set(outcome, ERROR, why, append=True)
+                _set(outcome, ERROR, f"not stopped: {why}", append=True)
                 continue
             if self.actor.send_stop(worker, job_id) == 0:
                 outcome.stop_confirmed = False
@@ -380,42 +388,6 @@ class Executor:
                 _log_outcome(outcome)
         self._checkpoint()
         self._follow_up(follow_ups)
-
-    def _stops_that_may_stray(self, outcomes: list[JobOutcome]) -> list[str | None]:
-        """For each stop, why it is not sent (None: it is sent).
-
-        A worker's command channel is the server's, not the database's: a stop may
-        reach a worker of the same name on another database (staging beside
-        production), which would stop its job of the same id. It is sent only when
-        every connection that would hear it can be told to be this database's.
-        """
-        if not outcomes:
-            return []
-        names = sorted({o.entry.worker_name for o in outcomes})
-        heard = channel_listeners(self.conn, self.keys, names)
-        clients = read_clients(self.conn)
-        found: list[str | None] = []
-        for outcome in outcomes:
-            worker = outcome.entry.worker_name
-            counted = heard.get(worker) if heard is not None else None
-            if counted is None or (clients is not None and clients.replica):
-                found.append(None)  # nothing to tell by: the stop goes as RQ's own would
-            elif clients is None and counted > 1:
-                found.append(
-                    f"not stopped: {counted} connections listen on {worker}'s command "
-                    "channel, which every database of this server shares, and the Redis "
-                    "user may not list connections (CLIENT LIST) to tell whose they are"
-                )
-            elif clients is not None and clients.may_reach_elsewhere(self.keys, worker, counted):
-                found.append(
-                    f"not stopped: a connection of another database of this server may "
-                    f"listen on {worker}'s command channel, which every database shares; "
-                    "a worker of the same name there would stop its job of the same id "
-                    "(give workers names of their own per database)"
-                )
-            else:
-                found.append(None)
-        return found
 
     def _wait_until_ended(self, outcomes: list[JobOutcome]) -> dict[str, str]:
         statuses: dict[str, str] = {}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import redis
 
 from opsctl import engine
-from opsctl.engine import ACTION_NONE, ACTION_REMOVE_ENTRY, Verdict
+from opsctl.engine import ACTION_NONE, ACTION_REMOVE_ENTRY, ACTION_STOP, Verdict
 from opsctl.keys import Keys, nothing_under, rescue_key
 from opsctl.keyspace import (
     Survey,
@@ -31,8 +31,10 @@ from opsctl.progress import WALKING, OnProgress
 from opsctl.state import (
     ListedIds,
     Snapshot,
+    channel_listeners,
     known_queues,
     may_be_read_again,
+    read_clients,
     read_snapshot,
     read_workers,
     replies_of,
@@ -240,6 +242,7 @@ def _plan(
     _hold_back_scheduled_deletes(conn, keys, run)
     _keep_reserved_related_keys(keys, run)
     _apply_rescue_limits(conn, run)
+    _note_stops_not_sent(conn, keys, run)
     run.limits_tripped = _tripped_limits(run, policy, overrides)
     return run
 
@@ -413,6 +416,57 @@ def _lost_entries(
     if names:
         snapshot.workers.update(read_workers(conn, keys, names, run.problems, snapshot.queues))
     return scan.entries + stranded.entries
+
+
+def _note_stops_not_sent(conn: redis.Redis, keys: Keys, run: Run) -> None:
+    """In a dry run, say of each stop that a run that acts would not send, why."""
+    previewed = [
+        j
+        for j in run.jobs
+        if j.action == ACTION_STOP and j.outcome == PLANNED and (run.dry_run or j.rule.dry_run)
+    ]
+    for job, why in zip(previewed, stops_that_may_stray(conn, keys, previewed), strict=True):
+        if why is not None:
+            job.reason += f"; the stop would not be sent: {why}"
+
+
+def stops_that_may_stray(
+    conn: redis.Redis, keys: Keys, outcomes: list[JobOutcome]
+) -> list[str | None]:
+    """For each stop, why it is not sent (None: it is sent).
+
+    A worker's command channel is the server's, not the database's: a stop may
+    reach a worker of the same name on another database (staging beside
+    production), which would stop its job of the same id. It is sent only when
+    every connection that would hear it can be told to be this database's.
+    """
+    if not outcomes:
+        return []
+    names = sorted({o.entry.worker_name for o in outcomes})
+    heard = channel_listeners(conn, keys, names)
+    clients = read_clients(conn)
+    found: list[str | None] = []
+    for outcome in outcomes:
+        worker = outcome.entry.worker_name
+        counted = heard.get(worker) if heard is not None else None
+        if counted is None or (clients is not None and clients.replica):
+            found.append(None)  # nothing to tell by: the stop goes as RQ's own would
+        elif clients is None and counted > 1:
+            found.append(
+                f"{counted} connections listen on {worker}'s command channel, which "
+                "every database of this server shares, and the Redis user may not list "
+                "connections (CLIENT LIST) to tell whose they are"
+            )
+        elif clients is not None and clients.may_reach_elsewhere(keys, worker, counted):
+            found.append(
+                f"a connection of another database of this server may listen on "
+                f"{worker}'s command channel, which every database shares; a worker "
+                "of the same name there would stop its job of the same id (give "
+                "workers names of their own per database)"
+            )
+        else:
+            found.append(None)
+    return found
 
 
 def _respect_origins(policy: Policy, overrides: Overrides, run: Run) -> None:
