@@ -222,15 +222,33 @@ def test_job_whose_worker_holds_no_connection_is_abandoned_while_its_hash_linger
     assert verdict.reason == f"{WORKER} is dead: worker holds no connection to Redis"
 
 
-def test_job_of_a_live_worker_executing_another_job_is_abandoned() -> None:
+def test_job_of_a_live_worker_executing_another_job_is_abandoned_after_lost_after() -> None:
     busy_elsewhere = worker(executing=("other:ex9",))
+    # It last ran (started, or beat) 700 s ago: past lost_after (600 s).
+    stale = entry(
+        job=job_hash(started_ago_s=3600, last_heartbeat=iso(700)),
+        execution=execution_hash(created_ago_s=3600, heartbeat_ago_s=700),
+    )
 
-    verdict = decide(entry(), busy_elsewhere)
+    verdict = decide(stale, busy_elsewhere)
 
     assert verdict.state is State.ABANDONED
     assert verdict.action == "requeue"
-    assert verdict.reason == f"{WORKER} is live but not executing it"
+    assert verdict.reason == f"{WORKER} is live but not executing it for 700s, over lost_after 600s"
     assert verdict.signals.worker_alive is True
+
+
+def test_job_a_live_worker_has_just_taken_is_left_alone_though_its_records_miss_it() -> None:
+    # The worker's records were read a moment before the job's entry, and it
+    # took the job in between: they do not name it yet.
+    not_yet = worker(executing=("other:ex9",))
+
+    verdict = decide(entry(), not_yet)
+
+    assert (verdict.state, verdict.action) == (State.ABANDONED, "none")
+    assert (
+        verdict.reason == f"{WORKER} is live but not executing it for 30s, within lost_after 600s"
+    )
 
 
 def test_job_that_names_no_worker_is_abandoned() -> None:

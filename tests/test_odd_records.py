@@ -567,6 +567,24 @@ def test_a_job_that_entered_its_registry_after_the_registry_was_read_is_not_lost
     assert [e.job_id for e in found.entries] == [lost.id]
 
 
+def test_a_queued_job_that_only_another_queues_registry_lists_is_still_found_lost(
+    redis_conn: redis.Redis,
+) -> None:
+    # It ran on QUEUE and its worker died, leaving its entry there; it was then
+    # enqueued on OTHER_QUEUE and taken off it by a worker that died at once.
+    job = started_job(redis_conn)
+    Queue(OTHER_QUEUE, connection=redis_conn).enqueue_job(job)
+    redis_conn.lrem(f"rq:queue:{OTHER_QUEUE}", 0, job.id)
+    queues = [QUEUE, OTHER_QUEUE]
+    walked = survey(redis_conn, Keys(), listed=listed_in(redis_conn, f"rq:wip:{QUEUE}"))
+    snapshot = read_snapshot(redis_conn, Keys(), queues)
+
+    found = find_lost(redis_conn, Keys(), queues, snapshot.entries, walked)
+
+    assert walked.queued == {}, "the walk passed over it: a registry lists it"
+    assert [(e.job_id, e.queue, e.lost) for e in found.entries] == [(job.id, OTHER_QUEUE, True)]
+
+
 def taken_by_a_worker(conn: redis.Redis, job: Job, worker: str) -> None:
     """What a worker writes first once it has popped ``job``: an execution, entered
     in the started registry, while the job's own status still says queued."""
@@ -839,12 +857,35 @@ def test_a_live_worker_whose_current_job_is_another_leaves_this_job_abandoned(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path, live_worker: Any
 ) -> None:
     job = started_job(redis_conn, worker="moved-on")
+    # It last ran (started, or beat) an hour ago.
+    hour_ago = ago(HOUR_S)
+    redis_conn.hset(job.key, mapping={"started_at": iso(hour_ago), "last_heartbeat": iso(hour_ago)})
+    execution = f"rq:execution:{started_member(redis_conn, job.id).decode()}"
+    moment = repr(hour_ago.timestamp())
+    redis_conn.hset(execution, mapping={"created_at": moment, "last_heartbeat": moment})
     live_worker("moved-on", {"state": "busy", "current_job": "some-other-job"})
 
     item = job_in(run(policy(tmp_path), redis_url), job.id)
 
     assert (item["state"], item["outcome"]) == ("abandoned", "done")
-    assert "live but not executing it" in item["reason"]
+    assert "live but not executing it for " in item["reason"]
+    assert "over lost_after 600s" in item["reason"]
+    assert job_status(redis_conn, job.id) == "failed"
+
+
+def test_a_job_a_live_worker_has_just_taken_is_left_alone_though_its_records_miss_it(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    # RQ 2 names the job in current_job only once the work horse runs: until
+    # then its entry and status say started, and the worker names its last job.
+    job = started_job(redis_conn, worker="taker")
+    live_worker("taker", {"state": "busy", "current_job": "its-last-job"})
+
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert (item["state"], item["action"], item["outcome"]) == ("abandoned", "none", "kept")
+    assert "within lost_after 600s" in item["reason"]
+    assert job_status(redis_conn, job.id) == "started"
 
 
 # --- 10. jobs a scheduler refers to ---------------------------------------------------------

@@ -33,8 +33,13 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry, clean_registries
 
 from conftest import WorkerFactory, clean_env, free_port, job_status, wait_for_status
+from opsctl import cli
+from opsctl import run as run_module
 from opsctl.actions import _JOB_SCRIPT
 from opsctl.apply import RECONCILE_ROUNDS
+from opsctl.errors import StoppedEarly
+from opsctl.policy import load_policy
+from opsctl.run import Overrides
 
 pytestmark = pytest.mark.redis_server
 
@@ -771,6 +776,42 @@ def test_a_signal_while_apply_reads_redis_stops_the_reads_with_nothing_done(
     assert "stopped by signal 15: nothing was done" in stderr
     assert stdout == ""  # the reads never ended, so there is no run to report
     assert statuses(redis_conn, job_ids) == Counter({"started": 3})
+    assert redis_conn.exists("opsctl:lock", "opsctl:audit") == 0
+
+
+@pytest.mark.parametrize("during", ["the lost-job search", "a plan's re-check"])
+def test_a_stop_asked_after_the_registry_reads_still_ends_the_run_before_any_write(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, during: str
+) -> None:
+    job_ids = abandon(redis_conn, 3)
+    lost = Queue(QUEUE, connection=redis_conn).enqueue("jobs.quick")
+    redis_conn.lrem(f"rq:queue:{QUEUE}", 0, lost.id)  # a run that writes would note it
+    policy = load_policy(str(POLICIES / "safety_fail.yaml"))
+    asked: list[bool] = []
+    job = cli.Job(redis_url, 5, 5, Overrides(), should_stop=lambda: bool(asked))
+    plan_file = tmp_path / "plan.json"
+    if during == "a plan's re-check":
+        job.write_plan(policy, str(plan_file))
+    step = {"the lost-job search": (run_module, "_lost_entries"),
+            "a plan's re-check": (cli, "recheck_plan")}[during]  # fmt: skip
+    original = getattr(*step)
+
+    def signalled_meanwhile(*args: Any) -> Any:
+        found = original(*args)
+        asked.append(True)
+        return found
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(*step, signalled_meanwhile)
+        with pytest.raises(StoppedEarly, match="nothing was done"):
+            if during == "a plan's re-check":
+                job.apply_plan(str(plan_file), 600, policy)
+            else:
+                job.apply_policy(policy)
+
+    assert asked, f"{during} ran"
+    assert statuses(redis_conn, job_ids) == Counter({"started": 3})
+    assert not redis_conn.keys("opsctl:lost:*"), "no note of the lost job was written"
     assert redis_conn.exists("opsctl:lock", "opsctl:audit") == 0
 
 

@@ -36,6 +36,7 @@ from opsctl.engine import (
     started_moment,
     worker_liveness,
 )
+from opsctl.errors import StoppedEarly
 from opsctl.keys import DEFAULT_FAILURE_TTL_S, Keys
 from opsctl.keyspace import lost_notes, note_lost
 from opsctl.lock import Lock, maintenance_lock
@@ -107,6 +108,9 @@ class Executor:
         if self.run.limits_tripped:
             self._note_lost()  # bookkeeping, not an action: the grace starts all the same
             return
+        if self._asked_to_stop():
+            # Nothing is changed yet: leave no note, no audit entry, no report.
+            raise StoppedEarly("asked to stop before the first change: nothing was done")
         then = ", then run again (nothing was changed)"
         refuse_foreign_key(self.conn, audit.AUDIT_STREAM, "stream", "opsctl's audit stream", then)
         work = self._work_by_queue()

@@ -67,7 +67,7 @@ from opsctl.policy import (
     parse_duration,
     validate_files,
 )
-from opsctl.progress import SCANNING, OnProgress, ScanProgress
+from opsctl.progress import ScanProgress
 from opsctl.run import Overrides, Run, collector_paused, new_run_id, plan
 from opsctl.state import server_time, with_retries
 
@@ -845,9 +845,8 @@ class Job:
 
     def _plan(self, conn: redis.Redis, keys: Keys, policy: Policy, run_id: str | None) -> Run:
         with ScanProgress(self.progress) as progress, collector_paused(keep=self.once):
-            reading = _stop_reading(progress, self.should_stop)
             return with_retries(
-                lambda: plan(conn, keys, policy, self.overrides, reading, run_id=run_id)
+                lambda: plan(conn, keys, policy, self.overrides, progress, run_id, self.should_stop)
             )
 
     def _execute(self, conn: redis.Redis, keys: Keys, run: Run, digest: str, lock: Lock) -> None:
@@ -864,21 +863,6 @@ class Job:
                 should_stop=self.should_stop,
                 on_progress=progress,
             ).execute()
-
-
-def _stop_reading(report: OnProgress, should_stop: Callable[[], bool] | None) -> OnProgress:
-    """``report``, which also ends the reads of a run asked to stop: no change is
-    made before they end, so stopping then leaves nothing undone (a large
-    keyspace may take minutes to read)."""
-    if should_stop is None:
-        return report
-
-    def progress(done: int, total: int | None, what: str = SCANNING) -> None:
-        if should_stop():
-            raise StoppedEarly("asked to stop while reading Redis: nothing was done")
-        report(done, total, what)
-
-    return progress
 
 
 def _print_run(run: Run, output: Format, url: str, where: tuple[str, str]) -> None:

@@ -200,7 +200,7 @@ def _decide(
     if status != "started":
         return _not_started(entry, status, holds, signals)
     if not holds:
-        return _abandoned(entry, rule, liveness, signals)
+        return _abandoned(rule, liveness, signals, now)
     return _held(rule, signals)
 
 
@@ -343,13 +343,22 @@ def _not_started(entry: StartedEntry, status: str, holds: bool, signals: Signals
     return Verdict(State.LEFTOVER, ACTION_REMOVE_ENTRY, f"status is {shown}", signals)
 
 
-def _abandoned(entry: StartedEntry, rule: Rule, liveness: Liveness, signals: Signals) -> Verdict:
+def _abandoned(rule: Rule, liveness: Liveness, signals: Signals, now: float) -> Verdict:
     # Reasons name the worker and the rule, not the job: many jobs share each
     # one, so a large run keeps a single copy of it.
     if not signals.worker:
         why = "no worker is named for it"
     elif liveness.alive:
-        why = sys.intern(f"{signals.worker} is live but not executing it")
+        # A worker enters a job it takes in the registry a moment before its
+        # own records name it (RQ 2 names it in current_job from the work
+        # horse), and its records were read before the entry: the job is
+        # acted on only once it has not run for longer than lost_after.
+        found = sys.intern(f"{signals.worker} is live but not executing it")
+        ages = [a for a in (signals.age_s, signals.heartbeat_age_s) if a is not None]
+        since = now - min(ages) if ages else None
+        over = (rule.action, f", over lost_after {rule.lost_after_seconds}s")
+        unknown = "when it last ran"
+        return _after_grace(State.ABANDONED, found, since, unknown, over, rule, signals, now)
     else:
         why = sys.intern(f"{signals.worker} is dead: {liveness.evidence}")
     return Verdict(State.ABANDONED, rule.action, why, signals)

@@ -356,6 +356,7 @@ def find_lost(
     the run's keyspace survey; without one, the keyspace is surveyed here.
     """
     result = LostScan()
+    started = list(started)
     try:
         found = found or survey(conn, keys)
         result.scanned, result.filtered_server_side = found.scanned, found.filtered_server_side
@@ -373,7 +374,7 @@ def _scan(
     conn: redis.Redis,
     keys: Keys,
     wanted: set[str],
-    started: Iterable[StartedEntry],
+    started: list[StartedEntry],
     found: Survey,
     result: LostScan,
 ) -> None:
@@ -390,8 +391,9 @@ def _scan(
     unheld = [(j, origin) for j, origin in unread if j not in elsewhere]
     since = _entered_since(conn, keys, unheld)
     lost = [j for j, _origin in unheld if j not in since]
+    candidates = _queued_candidates(found, started)
     for origin in covered:
-        if ids := found.queued.get(origin):
+        if ids := candidates.get(origin):
             queued = _not_held(conn, keys, origin, ids)
             # A worker that has just taken a job enters it in the started
             # registry (as job:execution) before it marks the job started.
@@ -406,6 +408,25 @@ def _scan(
     for job_id, job in jobs.items():
         result.entries.append(lost_entry(job["origin"], job_id, job, noted.get(job_id)))
     result.entries.sort(key=lambda e: (e.queue, e.job_id))
+
+
+def _queued_candidates(found: Survey, started: list[StartedEntry]) -> dict[str, list[str]]:
+    """Queued jobs to look for in their origin's places, by origin: the walk's,
+    and those whose hash a registry entry has already been read with.
+
+    The walk passes over jobs a started registry lists (see :func:`survey`),
+    but a queued job listed only by another queue's registry (a leftover entry,
+    say) may still be lost: its origin's lists and registries decide.
+    """
+    queued = {origin: list(ids) for origin, ids in found.queued.items()}
+    seen = {job_id for ids in queued.values() for job_id in ids}
+    for entry in started:
+        job = entry.job
+        if job is None or job.get("status") != "queued" or entry.job_id in seen:
+            continue
+        seen.add(entry.job_id)
+        queued.setdefault(job.get("origin", ""), []).append(entry.job_id)
+    return queued
 
 
 def lost_entry(

@@ -7,7 +7,7 @@ import logging
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -16,6 +16,7 @@ import redis
 
 from opsctl import engine
 from opsctl.engine import ACTION_NONE, ACTION_REMOVE_ENTRY, ACTION_STOP, Verdict
+from opsctl.errors import StoppedEarly
 from opsctl.keys import Keys, nothing_under, rescue_key
 from opsctl.keyspace import (
     Survey,
@@ -27,7 +28,7 @@ from opsctl.keyspace import (
 )
 from opsctl.model import StartedEntry, WorkerRecord, parse_int
 from opsctl.policy import Limits, Policy, Rule
-from opsctl.progress import WALKING, OnProgress
+from opsctl.progress import SCANNING, WALKING, OnProgress
 from opsctl.state import (
     ListedIds,
     Snapshot,
@@ -176,10 +177,43 @@ def plan(
     overrides: Overrides,
     on_progress: OnProgress | None = None,
     run_id: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Run:
-    """Read Redis and decide every entry's state and action; changes nothing."""
+    """Read Redis and decide every entry's state and action; changes nothing.
+
+    ``should_stop`` is polled as the reads go on (at each page of the walk,
+    each batch of entries and between the steps after them); once it holds,
+    the reads end with :class:`StoppedEarly`. On a large keyspace they may
+    take minutes, and nothing is lost by ending them.
+    """
+    checkpoint = _Checkpoint(should_stop)
     with collector_paused():
-        return _plan(conn, keys, policy, overrides, on_progress, run_id)
+        return _plan(
+            conn, keys, policy, overrides, checkpoint.around(on_progress), run_id, checkpoint
+        )
+
+
+class _Checkpoint:
+    """Where a run's reads end when it is asked to stop."""
+
+    def __init__(self, should_stop: Callable[[], bool] | None) -> None:
+        self.should_stop = should_stop
+
+    def __call__(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise StoppedEarly("asked to stop while reading Redis: nothing was done")
+
+    def around(self, report: OnProgress | None) -> OnProgress | None:
+        """``report``, passing this checkpoint first."""
+        if self.should_stop is None:
+            return report
+
+        def progress(done: int, total: int | None, what: str = SCANNING) -> None:
+            self()
+            if report is not None:
+                report(done, total, what)
+
+        return progress
 
 
 @contextmanager
@@ -212,6 +246,7 @@ def _plan(
     overrides: Overrides,
     on_progress: OnProgress | None,
     run_id: str | None,
+    checkpoint: _Checkpoint,
 ) -> Run:
     dry_run = bool(overrides.dry_run) if overrides.dry_run is not None else policy.defaults.dry_run
     decide = _Classifier(dry_run)
@@ -230,8 +265,10 @@ def _plan(
     run.server_version, run.warnings = server_notes(conn)
     if found.scanned == 0 and found.refused is None:
         run.warnings.append(nothing_under(keys.prefix, "redis.key_prefix"))
+    checkpoint()
     entries = snapshot.entries + _lost_entries(conn, keys, snapshot, run, found)
     del found  # its candidate lists are large and no longer needed
+    checkpoint()
     run.jobs = decide.outcomes(entries, snapshot.workers, snapshot.now)
     _respect_origins(policy, overrides, run)
     inspected = Counter(j.entry.queue for j in run.jobs)
@@ -239,11 +276,13 @@ def _plan(
         queue.inspected = inspected[queue.name]
     run.workers = _dead_registrations(snapshot, keys, rules)
     _read_functions(conn, keys, run)
+    checkpoint()
     _hold_back_scheduled_deletes(conn, keys, run)
     _keep_reserved_related_keys(keys, run)
     _apply_rescue_limits(conn, run)
     _note_stops_not_sent(conn, keys, run)
     run.limits_tripped = _tripped_limits(run, policy, overrides)
+    checkpoint()
     return run
 
 
