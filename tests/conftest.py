@@ -103,6 +103,17 @@ def numsub(conn: redis.Redis, worker_name: str) -> int:
     return int(counts.get(channel.encode(), 0))
 
 
+def job_hashes(
+    conn: redis.Redis, count: int, origin: str, status: str = "finished", prefix: str = "rq"
+) -> None:
+    """``count`` job hashes of ``status`` on ``origin`` (ids ``<status>-N``): a large
+    keyspace for the walk for lost jobs, written in one pipeline."""
+    with conn.pipeline(transaction=False) as pipe:
+        for i in range(count):
+            pipe.hset(f"{prefix}:job:{status}-{i}", mapping={"status": status, "origin": origin})
+        pipe.execute()
+
+
 def listed_in(conn: redis.Redis, *registries: str) -> ListedIds:
     """The job ids of ``registries``, all listed, as a run hands them to its walk."""
     listed = ListedIds({})

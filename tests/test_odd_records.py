@@ -35,6 +35,7 @@ from conftest import (
     WorkerFactory,
     clean_env,
     invoke_opsctl,
+    job_hashes,
     job_status,
     listed_in,
     opsctl_env,
@@ -712,10 +713,7 @@ def sent_bytes(conn: redis.Redis) -> int:
 def test_the_lost_search_filters_on_the_server_and_falls_back_to_plain_reads(
     redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with redis_conn.pipeline() as pipe:
-        for i in range(3000):
-            pipe.hset(f"rq:job:done-{i}", mapping={"status": "finished", "origin": QUEUE})
-        pipe.execute()
+    job_hashes(redis_conn, 3000, QUEUE)
     Queue(QUEUE, connection=redis_conn).enqueue("jobs.quick")
     lost = lost_started(redis_conn)
 
@@ -1589,10 +1587,7 @@ def test_the_walk_reads_statuses_on_the_server_again_when_most_jobs_are_unlisted
     # A keyspace of finished jobs: sending each id back to have its status
     # read would cost more than reading every status where it is.
     finished = 20_000
-    with redis_conn.pipeline() as pipe:
-        for i in range(finished):
-            pipe.hset(f"rq:job:done-{i:05}", mapping={"status": "finished", "origin": QUEUE})
-        pipe.execute()
+    job_hashes(redis_conn, finished, QUEUE)
     running = started_job(redis_conn)
     lost = lost_started(redis_conn)
     listed = listed_in(redis_conn, f"rq:wip:{QUEUE}")

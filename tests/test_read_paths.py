@@ -17,7 +17,7 @@ import fakeredis
 import pytest
 import redis
 
-from conftest import listed_in
+from conftest import job_hashes, listed_in
 from opsctl import state
 from opsctl.keys import Keys
 from opsctl.keyspace import SURVEY_COUNT, Survey, function_names, survey
@@ -118,10 +118,7 @@ def test_the_survey_script_and_plain_reads_find_the_same_queues_and_candidates()
     conn = fakeredis.FakeRedis()
     keys = Keys("app")
     # More job hashes than one page holds, so the walk must follow the cursor.
-    with conn.pipeline() as pipe:
-        for i in range(SURVEY_COUNT + 500):
-            pipe.hset(f"app:job:done-{i}", mapping={"status": "finished", "origin": "a"})
-        pipe.execute()
+    job_hashes(conn, SURVEY_COUNT + 500, "a", prefix="app")
     conn.hset("app:job:run", mapping={"status": "started", "origin": "a"})
     conn.hset("app:job:wait", mapping={"status": "queued", "origin": "b"})
     conn.hset(b"app:job:caf\xe9", mapping={"status": "started", "origin": "a"})
@@ -157,11 +154,8 @@ def test_the_walk_passes_over_the_jobs_the_registries_list_on_either_path() -> N
     conn = fakeredis.FakeRedis()
     keys = Keys("app")
     # Started jobs their registry lists: more than a page holds.
-    with conn.pipeline() as pipe:
-        for i in range(SURVEY_COUNT + 500):
-            pipe.hset(f"app:job:run-{i}", mapping={"status": "started", "origin": "a"})
-            pipe.zadd("app:wip:a", {f"run-{i}:e{i}": 1.0})
-        pipe.execute()
+    job_hashes(conn, SURVEY_COUNT + 500, "a", status="started", prefix="app")
+    conn.zadd("app:wip:a", {f"started-{i}:e{i}": 1.0 for i in range(SURVEY_COUNT + 500)})
     # A worker took this one and entered it (as RQ 2+ does) before marking it started.
     conn.hset("app:job:taken", mapping={"status": "queued", "origin": "a"})
     conn.zadd("app:wip:a", {"taken:e1": 1.0})

@@ -32,7 +32,14 @@ from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry, clean_registries
 
-from conftest import WorkerFactory, clean_env, free_port, job_status, wait_for_status
+from conftest import (
+    WorkerFactory,
+    clean_env,
+    free_port,
+    job_hashes,
+    job_status,
+    wait_for_status,
+)
 from opsctl import cli
 from opsctl import run as run_module
 from opsctl.actions import _JOB_SCRIPT
@@ -750,32 +757,43 @@ def test_a_signal_while_apply_waits_for_the_run_lock_stops_it_at_once_with_nothi
     assert statuses(redis_conn, job_ids) == Counter({"started": 3})
 
 
-def test_a_signal_while_apply_reads_redis_stops_the_reads_with_nothing_done(
-    redis_conn: redis.Redis, redis_url: str
+def stopped_with_nothing_done(
+    conn: redis.Redis,
+    run: subprocess.Popen[str],
+    before: Callable[[], None],
+    job_ids: list[str],
 ) -> None:
-    job_ids = abandon(redis_conn, 3)
-    # A large keyspace: the walk for lost jobs takes many pages.
-    with redis_conn.pipeline(transaction=False) as pipe:
-        for i in range(100_000):
-            pipe.hset(f"rq:job:done-{i}", mapping={"status": "finished", "origin": QUEUE})
-        pipe.execute()
-
-    run = start_opsctl(*apply_args(POLICIES / "safety_fail.yaml", redis_url))
+    """Send SIGTERM to ``run`` once ``before`` has returned, and check what a run
+    stopped before its first change shows: its exit code and message, no report
+    (there is no run to report), and its jobs as they were."""
     try:
-        # The run lock is taken just before the reads begin; Redis then answers
-        # nobody for 3 s, so the signal comes while the run is still reading.
-        assert wait_while_running(run, lambda: bool(redis_conn.exists("opsctl:lock")))
-        redis_conn.execute_command("CLIENT", "PAUSE", "3000", "ALL")
+        before()
         run.send_signal(signal.SIGTERM)
         stdout, stderr = run.communicate(timeout=60)
     finally:
         if run.poll() is None:
             run.kill()
-
     assert run.returncode == 128 + signal.SIGTERM, stderr
     assert "stopped by signal 15: nothing was done" in stderr
-    assert stdout == ""  # the reads never ended, so there is no run to report
-    assert statuses(redis_conn, job_ids) == Counter({"started": 3})
+    assert stdout == ""
+    assert statuses(conn, job_ids) == Counter({"started": len(job_ids)})
+
+
+def test_a_signal_while_apply_reads_redis_stops_the_reads_with_nothing_done(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job_ids = abandon(redis_conn, 3)
+    job_hashes(redis_conn, 100_000, QUEUE)  # the walk for lost jobs takes many pages
+
+    run = start_opsctl(*apply_args(POLICIES / "safety_fail.yaml", redis_url))
+
+    def reading() -> None:
+        # The run lock is taken just before the reads begin; Redis then answers
+        # nobody for 3 s, so the signal comes while the run is still reading.
+        assert wait_while_running(run, lambda: bool(redis_conn.exists("opsctl:lock")))
+        redis_conn.execute_command("CLIENT", "PAUSE", "3000", "ALL")
+
+    stopped_with_nothing_done(redis_conn, run, reading, job_ids)
     assert redis_conn.exists("opsctl:lock", "opsctl:audit") == 0
 
 
@@ -822,18 +840,11 @@ def test_a_signal_before_apply_reaches_the_run_lock_stops_it_there_with_nothing_
     redis_conn.execute_command("CLIENT", "PAUSE", "6000", "ALL")  # Redis answers nobody for 6 s
 
     run = start_opsctl(*apply_args(POLICIES / "safety_fail.yaml", redis_url, "--timeout", "30"))
-    try:
-        time.sleep(3)  # opsctl has started and waits for Redis's first answer
-        run.send_signal(signal.SIGTERM)
-        stdout, stderr = run.communicate(timeout=60)
-    finally:
-        if run.poll() is None:
-            run.kill()
 
-    assert run.returncode == 128 + signal.SIGTERM, stderr
-    assert "stopped by signal 15: nothing was done" in stderr
-    assert stdout == ""  # no run, so no report
-    assert statuses(redis_conn, job_ids) == Counter({"started": 3})
+    def waiting() -> None:
+        time.sleep(3)  # opsctl has started and waits for Redis's first answer
+
+    stopped_with_nothing_done(redis_conn, run, waiting, job_ids)
     assert redis_conn.exists("opsctl:lock") == 0
 
 

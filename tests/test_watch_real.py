@@ -23,6 +23,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 
 from conftest import (
     WorkerFactory,
+    job_hashes,
     job_status,
     start_opsctl,
     start_redis_server,
@@ -292,11 +293,7 @@ def test_a_round_stopped_while_it_reads_redis_is_no_failure_and_leaves_no_lock(
     tmp_path: Path, redis_url: str, redis_conn: redis.Redis, watch: Any
 ) -> None:
     ids = seed_abandoned(redis_conn, 3)
-    # A large keyspace: the walk for lost jobs takes many pages.
-    with redis_conn.pipeline(transaction=False) as pipe:
-        for i in range(100_000):
-            pipe.hset(f"rq:job:done-{i}", mapping={"status": "finished", "origin": QUEUE})
-        pipe.execute()
+    job_hashes(redis_conn, 100_000, QUEUE)  # the walk for lost jobs takes many pages
     policy = tmp_path / "policy.yaml"
     write_policy(policy, "fail")
     metrics = tmp_path / "opsctl.prom"
