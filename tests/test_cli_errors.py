@@ -575,3 +575,31 @@ def test_a_second_stop_signal_ends_apply_at_once_with_that_signals_exit_code(
         time.sleep(5)
     assert stopped.value.code == 128 + signum
     assert received == [signum]
+
+
+def test_a_ctrl_c_while_opsctl_loads_exits_130_without_a_traceback() -> None:
+    # The signal comes as the CLI's modules begin to load, before opsctl
+    # handles signals itself, as the `opsctl` command starts it.
+    start = (
+        "import builtins, os, signal\n"
+        "load = builtins.__import__\n"
+        "def interrupted(name, *args, **kwargs):\n"
+        "    if name == 'opsctl.cli':\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return load(name, *args, **kwargs)\n"
+        "builtins.__import__ = interrupted\n"
+        "from opsctl.__main__ import run\n"
+        "run()\n"
+    )
+    env = {**clean_env(), "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    result = subprocess.run(
+        [sys.executable, "-c", start, "--version"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
