@@ -25,11 +25,11 @@ from typing import Any
 import jsonschema
 import pytest
 import redis
-from rq import Queue, Worker
+from rq import Queue, Retry, Worker
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.rate_limit import RateLimit, RateLimitRegistry
-from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
 from conftest import (
     WorkerFactory,
@@ -63,10 +63,14 @@ REPORT_SCHEMA = json.loads((Path(__file__).parents[1] / "schemas/report.schema.j
 
 
 def started_job(
-    conn: redis.Redis, worker: str = DEAD, queue: str = QUEUE, func: str = "jobs.quick"
+    conn: redis.Redis,
+    worker: str = DEAD,
+    queue: str = QUEUE,
+    func: str = "jobs.quick",
+    retry: Retry | None = None,
 ) -> Job:
     """A job RQ started on ``worker``: hash, execution record and started-registry entry."""
-    job = Queue(queue, connection=conn).enqueue(func)
+    job = Queue(queue, connection=conn).enqueue(func, retry=retry)
     with conn.pipeline() as pipe:
         Execution.create(job, 600, pipe, worker_name=worker)
         job.prepare_for_execution(worker, pipe)
@@ -998,6 +1002,25 @@ def test_explain_shows_places_executions_worker_signals_and_the_policys_verdict(
     [verdict] = explained["verdicts"]
     assert (verdict["state"], verdict["action"]) == ("abandoned", "requeue")
     assert job_status(redis_conn, job.id) == "started", "explain changes nothing"
+
+
+def test_explain_says_that_failing_a_job_with_retries_left_retries_it(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = started_job(redis_conn, retry=Retry(max=2, interval=[30, 60]))
+
+    code, explained = explain(job.id, redis_url, "--policy", str(policy(tmp_path)))
+    applied = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert code == 0 and isinstance(explained, dict)
+    [verdict] = explained["verdicts"]
+    assert (verdict["state"], verdict["action"]) == ("abandoned", "fail")
+    said = "it has 2 retries left, so failing it retries it (scheduled 30s later)"
+    assert verdict["reason"].endswith(said)
+    # What it said is what the run then did.
+    assert applied["outcome"] == "done"
+    assert job_status(redis_conn, job.id) == "scheduled"
+    assert job.id in ScheduledJobRegistry(QUEUE, connection=redis_conn).get_job_ids(cleanup=False)
 
 
 def test_explain_shows_a_worker_with_thousands_of_executions_on_one_short_line(

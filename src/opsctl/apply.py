@@ -330,7 +330,7 @@ class Executor:
             reason=reason,
             worker=entry.worker_name,
             failure_ttl_s=_failure_ttl(job),
-            retry_interval_s=_retry_interval(job, retries) if outcome.action == "fail" else None,
+            retry_interval_s=retry_interval(job, retries) if outcome.action == "fail" else None,
             retry_at_front=job.get("enqueue_at_front_on_retry") == "1",
             audit=self._audit_fields(outcome, outcome.action, outcome.reason),
             related_keys=outcome.rule.related_keys_of(entry.job_id, self.keys.prefix),
@@ -629,7 +629,7 @@ def failure_reason(run: Run, outcome: JobOutcome) -> str:
     return "; ".join(parts)
 
 
-def _retry_interval(job: Mapping[str, str], retries_left: int | None) -> int | None:
+def retry_interval(job: Mapping[str, str], retries_left: int | None) -> int | None:
     """Seconds until RQ would retry the job, or None when it has no retries left.
 
     RQ walks its list of intervals from the end as retries run out, and reuses

@@ -20,10 +20,11 @@ from rich.console import Console
 from rich.text import Text
 
 from opsctl import engine
+from opsctl.apply import retry_interval
 from opsctl.errors import ExitCode, OpsctlError
 from opsctl.keys import EXECUTION_FIELDS, JOB_FIELDS, Keys
 from opsctl.keyspace import LOST_FIELDS, lost_entry, lost_notes, scheduler_references
-from opsctl.model import StartedEntry, WorkerRecord, format_timestamp
+from opsctl.model import StartedEntry, WorkerRecord, format_timestamp, parse_int
 from opsctl.policy import Policy, Rule
 from opsctl.records import function_name
 from opsctl.report import safe
@@ -314,7 +315,7 @@ def _verdict(
     if rule is None:
         return {"entry": where, "state": None, "action": "none", "reason": "no rule applies"}
     verdict = engine.classify(entry, workers, rule, now)
-    reason = verdict.reason
+    reason = verdict.reason + _retried_instead(entry, verdict)
     acts_by_delete = "delete" in (verdict.action, verdict.follow_up)
     if acts_by_delete and verdict.action != engine.ACTION_NONE:
         origin = (entry.job or {}).get("origin") or entry.queue
@@ -333,6 +334,18 @@ def _verdict(
         "age_seconds": verdict.signals.age_s,
         "heartbeat_age_seconds": verdict.signals.heartbeat_age_s,
     }
+
+
+def _retried_instead(entry: StartedEntry, verdict: engine.Verdict) -> str:
+    """How failing the job would retry it instead, as RQ does; '' when it would not."""
+    if "fail" not in (verdict.action, verdict.follow_up) or entry.job is None:
+        return ""
+    left = parse_int(entry.job.get("retries_left"))
+    interval = retry_interval(entry.job, left)
+    if interval is None:
+        return ""
+    when = "back on its queue" if interval == 0 else f"scheduled {interval}s later"
+    return f"; it has {left} retries left, so failing it retries it ({when})"
 
 
 #: Items of a long list the text shows; JSON has them all.
