@@ -462,9 +462,11 @@ def test_schema_is_valid_draft_2020_12_and_lists_every_action() -> None:
         ("version: 1\nqueues:\n  - name: a\n    max_age: ${MAX_AGE:-10m}\n", True),
         ("version: 1\nqueues:\n  - name: a\n    force: yes-please\n", False),
         ("version: 1\nqueues:\n  - name: a\n    max_age: $MAX_AGE\n", False),
-        # opsctl refuses a zero max_age (see below): so does the schema.
+        # opsctl refuses a zero max_age or lost_after (see below): so does the schema.
         ("version: 1\ndefaults:\n  max_age: 0\nqueues:\n  - name: a\n", False),
         ("version: 1\nqueues:\n  - name: a\n    max_age: 00m\n", False),
+        ("version: 1\ndefaults:\n  lost_after: 0s\nqueues:\n  - name: a\n", False),
+        ("version: 1\nqueues:\n  - name: a\n    lost_after: 1s\n", True),
     ],
 )
 def test_the_published_schema_takes_a_policy_as_it_stands_in_its_file(
@@ -489,6 +491,23 @@ def test_the_published_schema_takes_a_policy_as_it_stands_in_its_file(
 )
 def test_a_tripped_max_actions_counts_the_actions_in_words(actions: int, said: str) -> None:
     assert Limits(max_actions=0).tripped(actions, 10) == said
+
+
+def test_a_zero_lost_after_is_refused_wherever_it_is_written(tmp_path: Path) -> None:
+    # It is the grace that keeps a job a worker has just taken from being acted on.
+    path = tmp_path / "zero.yaml"
+    path.write_text(
+        "version: 1\ndefaults:\n  lost_after: 0\nqueues:\n  - name: a\n    lost_after: 0m\n"
+        "  - name: b\n    lost_after: 1s\n"
+    )
+
+    lines = problem_lines(str(path))
+
+    zero = "is zero: a job a worker has just taken, and not yet entered everywhere"
+    assert [line.split(": ", 1)[0] for line in lines] == [f"{path}:3:15", f"{path}:6:17"]
+    assert f"defaults.lost_after: 0 {zero}" in lines[0]
+    assert lines[0].endswith("give a positive duration, well above a worker's monitoring interval")
+    assert f"queues[0].lost_after: '0m' {zero}" in lines[1]
 
 
 def test_a_zero_max_age_is_refused_wherever_it_is_written(tmp_path: Path) -> None:

@@ -840,7 +840,7 @@ def _validate(document: _Document) -> None:
     _check_tls(document)
     _check_queue_names(document)
     _check_related_keys(document)
-    _check_zero_max_age(document)
+    _check_zero_durations(document)
 
 
 def _leaf_errors(error: ValidationError) -> Iterator[ValidationError]:
@@ -867,8 +867,8 @@ def _report_schema_error(document: _Document, error: ValidationError) -> None:
 
     if error.validator == "additionalProperties":
         _report_unknown_keys(document, path, error)
-    elif error.validator == "not" and path[-1:] == ("max_age",):
-        return  # a zero: reported in words by _check_zero_max_age
+    elif error.validator == "not" and path[-1:] in (("max_age",), ("lost_after",)):
+        return  # a zero: reported in words by _check_zero_durations
     elif error.validator == "not" and path == ("redis",):
         # Only a mapping can hold both; another value has its own error.
         if isinstance(error.instance, dict):
@@ -993,19 +993,28 @@ ZERO_MAX_AGE = (
 )
 
 
-def _check_zero_max_age(document: _Document) -> None:
-    """Report a max_age of zero, in the defaults or in any queue entry."""
-    for path in _setting_paths(document, "max_age"):
-        value = document.value(path)
-        if value is None or document.is_settled(path):
-            continue
-        try:
-            zero = parse_duration(value) == 0
-        except ValueError:
-            continue  # reported by the schema
-        if zero:
-            why = ZERO_MAX_AGE.format(force="force: true")
-            document.report(path, f"{document.describe(path, value)} {why}")
+#: Why a lost_after of zero is refused: it is the grace that covers a worker
+#: moving a job between places, which takes several steps.
+ZERO_LOST_AFTER = (
+    "is zero: a job a worker has just taken, and not yet entered everywhere, would be "
+    "acted on at once; give a positive duration, well above a worker's monitoring interval"
+)
+
+
+def _check_zero_durations(document: _Document) -> None:
+    """Report a max_age or lost_after of zero, in the defaults or in any queue entry."""
+    why = {"max_age": ZERO_MAX_AGE.format(force="force: true"), "lost_after": ZERO_LOST_AFTER}
+    for name, words in why.items():
+        for path in _setting_paths(document, name):
+            value = document.value(path)
+            if value is None or document.is_settled(path):
+                continue
+            try:
+                zero = parse_duration(value) == 0
+            except ValueError:
+                continue  # reported by the schema
+            if zero:
+                document.report(path, f"{document.describe(path, value)} {words}")
 
 
 def _check_queue_names(document: _Document) -> None:
