@@ -27,7 +27,7 @@ from typing import Any, cast
 
 import pytest
 import redis
-from rq import Queue
+from rq import Queue, Worker
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry, clean_registries
@@ -40,6 +40,7 @@ from conftest import (
     job_status,
     wait_for_status,
 )
+from opsctl import apply as apply_module
 from opsctl import cli
 from opsctl import run as run_module
 from opsctl.actions import _JOB_SCRIPT
@@ -644,6 +645,38 @@ def test_jobs_of_queues_not_reached_after_a_lost_connection_are_reported_as_not_
         assert line["outcome"] == "error", line
         assert line["reason"] == "not acted on: lost the connection to Redis"
         assert f"job={job_id} state=abandoned action=fail outcome=error" in result.stderr
+
+
+@pytest.mark.parametrize("read_as", ["gone", "dead"])
+def test_a_job_whose_worker_started_again_under_its_name_since_the_read_is_left_alone(
+    redis_conn: redis.Redis, redis_url: str, read_as: str
+) -> None:
+    # Read with its worker gone (or recorded dead); the worker then starts again
+    # under the same name between the read and the change, and may have taken
+    # this very job meanwhile: the change's own re-check must see it.
+    [job_id] = abandon(redis_conn, 1)
+    if read_as == "dead":
+        old = Worker([QUEUE], connection=redis_conn, name=DEAD_WORKER)
+        old.register_birth()
+        old.register_death()
+    policy = load_policy(str(POLICIES / "safety_fail.yaml"))
+    job = cli.Job(redis_url, 5, 5, Overrides())
+    execute = apply_module.Executor.execute
+
+    def restarted_first(self: apply_module.Executor) -> None:
+        time.sleep(0.01)  # a birth of its own, to the microsecond
+        Worker([QUEUE], connection=redis_conn, name=DEAD_WORKER).register_birth()
+        execute(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(apply_module.Executor, "execute", restarted_first)
+        run = job.apply_policy(policy)
+
+    [line] = run.jobs
+    assert (line.outcome, line.action) == ("skipped", "fail"), line.reason
+    assert f"worker {DEAD_WORKER} has started again since it was read" in line.reason
+    assert job_status(redis_conn, job_id) == "started"
+    assert redis_conn.hget(f"rq:worker:{DEAD_WORKER}", "death") is None  # not marked dead
 
 
 def test_a_server_demoted_to_a_replica_mid_run_gets_no_change_after_its_first_refusal(

@@ -257,6 +257,16 @@ end
 if field(KEYS[1], 'retries_left') ~= ARGV[8] then
   return {0, 'retries_left changed since it was read'}
 end
+-- The worker the verdict rests on: one started again under its name since it
+-- was read ("-": not read) may have taken this very job.
+if ARGV[20] ~= '-' and ARGV[13] ~= '' then
+  local worker_key = ARGV[16] .. ':worker:' .. ARGV[13]
+  local birth = ''
+  if kind_of(worker_key) == 'hash' then birth = field(worker_key, 'birth') end
+  if birth ~= ARGV[20] then
+    return {0, 'worker ' .. ARGV[13] .. ' has started again since it was read'}
+  end
+end
 
 if stranded then
   redis.call('LREM', KEYS[2], 0, job_id)
@@ -398,7 +408,7 @@ if result[1] == 1 and limit then
 end
 if result[1] == 1 then
   local entry = {}
-  for i = 20, #ARGV do table.insert(entry, ARGV[i]) end
+  for i = 21, #ARGV do table.insert(entry, ARGV[i]) end
   if result[2] == 'failed' or result[2] == 'canceled' then
     -- What the job's ended_at now holds: opsctl requeue --run compares it to
     -- tell a job still as this run left it from one that ran again since.
@@ -489,6 +499,9 @@ class JobChange:
     #: A job the keyspace scan found in no registry: ``member`` is empty, and
     #: the re-check is that nothing holds the job still.
     lost: bool = False
+    #: The ``birth`` of ``worker`` as read ('' for none); the change goes ahead
+    #: only while it is unchanged. None: not checked.
+    worker_birth: str | None = None
 
 
 @dataclass(frozen=True)
@@ -606,6 +619,7 @@ class Actor:
             RESCUE_TTL_S,
             AUDIT_MAXLEN,
             "1" if change.lost else "0",
+            "-" if change.worker_birth is None else change.worker_birth,
         ]
         for name, value in change.audit:
             args += [name, value]

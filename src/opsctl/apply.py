@@ -335,6 +335,7 @@ class Executor:
             audit=self._audit_fields(outcome, outcome.action, outcome.reason),
             related_keys=outcome.rule.related_keys_of(entry.job_id, self.keys.prefix),
             lost=entry.lost,
+            worker_birth=outcome.verdict.signals.worker_birth,
         )
 
     def _audit_fields(

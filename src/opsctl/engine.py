@@ -81,6 +81,10 @@ class Signals:
     worker_evidence: str
     timeout_s: int | None
     status: str | None
+    #: The named worker's ``birth`` as read ('' when its hash held none, or was
+    #: gone); a change goes ahead only if it is still that, since a worker
+    #: started again under the same name may have taken the job. None: not read.
+    worker_birth: str | None = None
 
 
 @dataclass(slots=True)
@@ -118,6 +122,11 @@ def worker_liveness(worker: WorkerRecord | None) -> Liveness:
         return Liveness(True, "worker is subscribed to its command channel")
     if worker.connected:
         return Liveness(True, "worker holds a named connection")
+    born = parse_timestamp(worker.fields.get("birth"))
+    if born is not None and worker.read_at is not None and worker.read_at - born < NEW_WORKER_S:
+        # Started under a name whose connections were looked at a moment before.
+        age = max(0.0, worker.read_at - born)
+        return Liveness(True, f"worker started {age:.0f}s ago, and may not have connected yet")
     return Liveness(False, "worker holds no connection to Redis")
 
 
@@ -165,7 +174,8 @@ def classify(
     worker = workers.get(name) if name else None
     liveness = worker_liveness(worker) if name else _NO_WORKER
     holds = liveness.alive and worker is not None and is_executing(worker, entry)
-    signals = _signals(entry, name, liveness, now)
+    birth = None if worker is None else worker.fields.get("birth", "")
+    signals = _signals(entry, name, liveness, now, birth)
     if in_hand is None:
         in_hand = jobs_in_hand(workers)
     holder = None if holds else in_hand.get(entry.job_id)
@@ -205,6 +215,10 @@ def _decide(
 
 
 _NO_WORKER = Liveness(False, "no worker named")
+
+#: Seconds after its birth during which a worker that holds no connection yet
+#: is taken for live: it registers before it subscribes to its command channel.
+NEW_WORKER_S = 60
 
 
 def _held_elsewhere(
@@ -388,7 +402,9 @@ def started_moment(job: Mapping[str, str], execution: Mapping[str, str]) -> floa
     return started
 
 
-def _signals(entry: StartedEntry, worker: str, liveness: Liveness, now: float) -> Signals:
+def _signals(
+    entry: StartedEntry, worker: str, liveness: Liveness, now: float, birth: str | None
+) -> Signals:
     job = entry.job if entry.job is not None else _NO_FIELDS
     execution = entry.execution if entry.execution is not None else _NO_FIELDS
     started = started_moment(job, execution)
@@ -407,6 +423,7 @@ def _signals(entry: StartedEntry, worker: str, liveness: Liveness, now: float) -
         worker_evidence=liveness.evidence,
         timeout_s=parse_int(job.get("timeout")),
         status=job.get("status") if entry.job is not None else None,
+        worker_birth=birth,
     )
 
 

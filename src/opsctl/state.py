@@ -904,13 +904,7 @@ def read_workers(
     if not names:
         return {}
     registrations = _registrations(conn, keys, queues)
-    clients = read_clients(conn)
-    subscribers = channel_listeners(conn, keys, names)
-    if clients is not None and clients.replica:
-        subscribers, clients = None, None  # neither is known here
-    elif clients is not None and subscribers is not None:
-        subscribers = {n: clients.listeners(keys, n, c) for n, c in subscribers.items()}
-    workers: dict[str, WorkerRecord] = {}
+    hashes: dict[str, tuple[Any, Any, Any, Any]] = {}
     for batch in batches(names, BATCH // 4):
         pipe = conn.pipeline(transaction=False)
         for name in batch:
@@ -927,20 +921,33 @@ def read_workers(
             exists, fields, ttl, executions = (
                 ([] if isinstance(r, Exception) else r) for r in replies[4 * i : 4 * i + 4]
             )
-            fields = fields or [None] * len(WORKER_FIELDS)
-            ttl = ttl if isinstance(ttl, int) else -1
-            workers[name] = WorkerRecord(
-                name=name,
-                exists=bool(exists),
-                fields={
-                    k: text(v) for k, v in zip(WORKER_FIELDS, fields, strict=True) if v is not None
-                },
-                ttl_s=int(ttl) if exists else None,
-                subscribers=subscribers.get(name) if subscribers is not None else None,
-                connected=clients.connected(keys, name) if clients is not None else None,
-                executions=frozenset(text(m) for m in executions),
-                registered_in=frozenset(registrations.get(name, ())),
-            )
+            hashes[name] = (exists, fields, ttl, executions)
+    # Connections are looked at after the hashes: a worker started in between
+    # then shows its connection (live), never a new hash without one (dead).
+    read_at = server_time(conn)
+    clients = read_clients(conn)
+    subscribers = channel_listeners(conn, keys, names)
+    if clients is not None and clients.replica:
+        subscribers, clients = None, None  # neither is known here
+    elif clients is not None and subscribers is not None:
+        subscribers = {n: clients.listeners(keys, n, c) for n, c in subscribers.items()}
+    workers: dict[str, WorkerRecord] = {}
+    for name, (exists, fields, ttl, executions) in hashes.items():
+        fields = fields or [None] * len(WORKER_FIELDS)
+        ttl = ttl if isinstance(ttl, int) else -1
+        workers[name] = WorkerRecord(
+            name=name,
+            exists=bool(exists),
+            fields={
+                k: text(v) for k, v in zip(WORKER_FIELDS, fields, strict=True) if v is not None
+            },
+            ttl_s=int(ttl) if exists else None,
+            subscribers=subscribers.get(name) if subscribers is not None else None,
+            connected=clients.connected(keys, name) if clients is not None else None,
+            executions=frozenset(text(m) for m in executions),
+            registered_in=frozenset(registrations.get(name, ())),
+            read_at=read_at,
+        )
     return workers
 
 
