@@ -222,27 +222,6 @@ def test_job_whose_worker_holds_no_connection_is_abandoned_while_its_hash_linger
     assert verdict.reason == f"{WORKER} is dead: worker holds no connection to Redis"
 
 
-@pytest.mark.parametrize(("born_ago_s", "alive"), [(10, True), (120, False)])
-def test_a_worker_started_a_moment_before_its_connections_were_read_is_live(
-    born_ago_s: float, alive: bool
-) -> None:
-    # Its hash was read, then its connections: none yet, as a worker registers
-    # before it subscribes. Only one born long before is dead for want of them.
-    restarted = replace(
-        worker(subscribers=0, connected=False, birth=iso(born_ago_s), executing=()),
-        read_at=NOW,
-    )
-
-    verdict = decide(entry(), restarted)
-
-    assert verdict.signals.worker_alive is alive
-    if alive:
-        assert verdict.signals.worker_evidence.startswith(f"worker started {born_ago_s}s ago")
-        assert verdict.action == "none"
-    else:
-        assert (verdict.state, verdict.action) == (State.ABANDONED, "requeue")
-
-
 def test_a_verdict_carries_the_named_workers_birth_for_the_change_to_check() -> None:
     assert decide(entry(), worker(birth="2026-01-01T00:00:00.000000Z")).signals.worker_birth == (
         "2026-01-01T00:00:00.000000Z"

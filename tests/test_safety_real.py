@@ -679,6 +679,33 @@ def test_a_job_whose_worker_started_again_under_its_name_since_the_read_is_left_
     assert redis_conn.hget(f"rq:worker:{DEAD_WORKER}", "death") is None  # not marked dead
 
 
+def test_a_worker_that_listens_again_before_its_registration_is_removed_is_left_alone(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    # Read with a hash and no connection (killed, or started again a moment
+    # before and not subscribed yet): by the time opsctl acts, it listens.
+    with redis.Redis.from_url(redis_url) as own:  # a connection that ends, as a killed worker's
+        Worker([QUEUE], connection=own, name="back-again").register_birth()
+    policy = load_policy(str(POLICIES / "safety_fail.yaml"))
+    execute = apply_module.Executor.execute
+    channel = redis_conn.pubsub()
+
+    def subscribed_first(self: apply_module.Executor) -> None:
+        channel.subscribe("rq:pubsub:back-again")
+        channel.get_message(timeout=1)
+        execute(self)
+
+    with channel, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(apply_module.Executor, "execute", subscribed_first)
+        run = cli.Job(redis_url, 5, 5, Overrides()).apply_policy(policy)
+
+    [line] = run.workers
+    assert line.outcome == "skipped", line.reason
+    assert "its command channel has a subscriber now: it is alive" in line.reason
+    assert redis_conn.hget("rq:worker:back-again", "death") is None
+    assert [w.name for w in Worker.all(connection=redis_conn)] == ["back-again"]
+
+
 def test_a_server_demoted_to_a_replica_mid_run_gets_no_change_after_its_first_refusal(
     redis_conn: redis.Redis, redis_url: str
 ) -> None:

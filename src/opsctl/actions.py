@@ -455,6 +455,11 @@ if exists == 1 then
     end
   end
 end
+-- A worker started again under this name registers, then subscribes to its
+-- command channel: one listening now is alive, whatever was read before.
+if redis.call('PUBSUB', 'NUMSUB', ARGV[6])[2] > 0 then
+  return {0, 'its command channel has a subscriber now: it is alive'}
+end
 local removed = 0
 for i = 2, #KEYS do
   removed = removed + redis.call('SREM', KEYS[i], ARGV[1])
@@ -634,6 +639,7 @@ class Actor:
             "1" if worker.exists else "0",
             format_timestamp(now),
             DEAD_WORKER_TTL_S,
+            self.keys.worker_channel(worker.name),
         ]
         try:
             reply = self._worker_script(keys=keys, args=args)

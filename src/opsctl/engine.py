@@ -122,11 +122,6 @@ def worker_liveness(worker: WorkerRecord | None) -> Liveness:
         return Liveness(True, "worker is subscribed to its command channel")
     if worker.connected:
         return Liveness(True, "worker holds a named connection")
-    born = parse_timestamp(worker.fields.get("birth"))
-    if born is not None and worker.read_at is not None and worker.read_at - born < NEW_WORKER_S:
-        # Started under a name whose connections were looked at a moment before.
-        age = max(0.0, worker.read_at - born)
-        return Liveness(True, f"worker started {age:.0f}s ago, and may not have connected yet")
     return Liveness(False, "worker holds no connection to Redis")
 
 
@@ -215,10 +210,6 @@ def _decide(
 
 
 _NO_WORKER = Liveness(False, "no worker named")
-
-#: Seconds after its birth during which a worker that holds no connection yet
-#: is taken for live: it registers before it subscribes to its command channel.
-NEW_WORKER_S = 60
 
 
 def _held_elsewhere(

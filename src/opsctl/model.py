@@ -29,8 +29,6 @@ class WorkerRecord:
     connected: bool | None = None
     executions: frozenset[str] = frozenset()
     registered_in: frozenset[str] = frozenset()
-    #: Server time when its connections were looked at (after its hash was read).
-    read_at: float | None = None
 
     @property
     def current_job(self) -> str:

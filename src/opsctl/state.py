@@ -923,8 +923,7 @@ def read_workers(
             )
             hashes[name] = (exists, fields, ttl, executions)
     # Connections are looked at after the hashes: a worker started in between
-    # then shows its connection (live), never a new hash without one (dead).
-    read_at = server_time(conn)
+    # (it registers, then subscribes) then shows its connection, and is live.
     clients = read_clients(conn)
     subscribers = channel_listeners(conn, keys, names)
     if clients is not None and clients.replica:
@@ -946,7 +945,6 @@ def read_workers(
             connected=clients.connected(keys, name) if clients is not None else None,
             executions=frozenset(text(m) for m in executions),
             registered_in=frozenset(registrations.get(name, ())),
-            read_at=read_at,
         )
     return workers
 
