@@ -47,7 +47,7 @@ from opsctl.actions import _JOB_SCRIPT
 from opsctl.apply import RECONCILE_ROUNDS
 from opsctl.errors import StoppedEarly
 from opsctl.policy import load_policy
-from opsctl.run import Overrides
+from opsctl.run import Overrides, Run
 
 pytestmark = pytest.mark.redis_server
 
@@ -647,6 +647,21 @@ def test_jobs_of_queues_not_reached_after_a_lost_connection_are_reported_as_not_
         assert f"job={job_id} state=abandoned action=fail outcome=error" in result.stderr
 
 
+def applied_after_reading(redis_url: str, meanwhile: Callable[[], None]) -> Run:
+    """`apply` of the safety policy, in this process, with ``meanwhile`` run
+    after every read and before the first change: a race, made certain."""
+    execute = apply_module.Executor.execute
+
+    def then_execute(self: apply_module.Executor) -> None:
+        meanwhile()
+        execute(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(apply_module.Executor, "execute", then_execute)
+        job = cli.Job(redis_url, 5, 5, Overrides())
+        return job.apply_policy(load_policy(str(POLICIES / "safety_fail.yaml")))
+
+
 @pytest.mark.parametrize("read_as", ["gone", "dead"])
 def test_a_job_whose_worker_started_again_under_its_name_since_the_read_is_left_alone(
     redis_conn: redis.Redis, redis_url: str, read_as: str
@@ -659,18 +674,12 @@ def test_a_job_whose_worker_started_again_under_its_name_since_the_read_is_left_
         old = Worker([QUEUE], connection=redis_conn, name=DEAD_WORKER)
         old.register_birth()
         old.register_death()
-    policy = load_policy(str(POLICIES / "safety_fail.yaml"))
-    job = cli.Job(redis_url, 5, 5, Overrides())
-    execute = apply_module.Executor.execute
 
-    def restarted_first(self: apply_module.Executor) -> None:
+    def restarted() -> None:
         time.sleep(0.01)  # a birth of its own, to the microsecond
         Worker([QUEUE], connection=redis_conn, name=DEAD_WORKER).register_birth()
-        execute(self)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(apply_module.Executor, "execute", restarted_first)
-        run = job.apply_policy(policy)
+    run = applied_after_reading(redis_url, restarted)
 
     [line] = run.jobs
     assert (line.outcome, line.action) == ("skipped", "fail"), line.reason
@@ -686,18 +695,14 @@ def test_a_worker_that_listens_again_before_its_registration_is_removed_is_left_
     # before and not subscribed yet): by the time opsctl acts, it listens.
     with redis.Redis.from_url(redis_url) as own:  # a connection that ends, as a killed worker's
         Worker([QUEUE], connection=own, name="back-again").register_birth()
-    policy = load_policy(str(POLICIES / "safety_fail.yaml"))
-    execute = apply_module.Executor.execute
     channel = redis_conn.pubsub()
 
-    def subscribed_first(self: apply_module.Executor) -> None:
+    def subscribed() -> None:
         channel.subscribe("rq:pubsub:back-again")
         channel.get_message(timeout=1)
-        execute(self)
 
-    with channel, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(apply_module.Executor, "execute", subscribed_first)
-        run = cli.Job(redis_url, 5, 5, Overrides()).apply_policy(policy)
+    with channel:
+        run = applied_after_reading(redis_url, subscribed)
 
     [line] = run.workers
     assert line.outcome == "skipped", line.reason

@@ -303,11 +303,11 @@ def _survey_plainly(
     ``walk`` is the SCAN pattern, the key prefixes listed by name and the
     queues whose jobs are of no interest.
     """
-    pattern, listed, skipped = walk
+    pattern, prefixes, skipped = walk
     cursor, page = conn.scan(cursor, match=pattern, count=SURVEY_COUNT)
     names = [text(k) for k in page]
     result.scanned += len(names)
-    result.listed += [n for n in names if n.startswith(listed)]
+    result.listed += [n for n in names if n.startswith(prefixes)]
     jobs = [n for n in names if n.startswith(keys.job_prefix)]
     if skip.ready():
         cut = len(keys.job_prefix)

@@ -210,7 +210,8 @@ def read_snapshot(
     ``listed`` receives the job ids of every registry once all are listed.
     """
     queues = list(queues)
-    total = _registry_sizes(conn, keys, queues) if on_progress else 0
+    # Both the progress bar's total and how far ahead registries are listed.
+    total = _registry_sizes(conn, keys, queues)
     reader = HashReader(conn, with_function=with_functions)
     try:
         return _read_snapshot(
@@ -245,7 +246,7 @@ def _read_snapshot(
 
     workers = read_workers(conn, keys, registered_workers(conn, keys, queues), problems, queues)
     reader.held_by = {name for name, w in workers.items() if w.exists and not w.fields.get("death")}
-    entries = _read_entries(conn, keys, queues, problems, decoded, reader, ids, listed)
+    entries = _read_entries(conn, keys, queues, total, problems, decoded, reader, ids, listed)
     # Workers that entries name but no registration lists (most often dead ones).
     named = {name for e in entries if (name := e.worker_name)} - set(workers)
     workers.update(read_workers(conn, keys, named, problems, queues))
@@ -324,13 +325,15 @@ def _read_entries(
     conn: redis.Redis,
     keys: Keys,
     queues: list[str],
+    total: int,
     problems: list[str],
     on_decoded: Callable[[list[StartedEntry]], None],
     reader: HashReader,
     ids: dict[str, str] | None = None,
     listed: ListedIds | None = None,
 ) -> list[StartedEntry]:
-    """The entries of the started registries of ``queues``, in turn.
+    """The entries of the started registries of ``queues`` (``total`` members
+    together, as counted before), in turn.
 
     Helper threads read the next batches (``READS_AHEAD`` of them, from this
     registry or the next ones) while this one is decoded and ``on_decoded``
@@ -339,7 +342,7 @@ def _read_entries(
     entries: list[StartedEntry] = []
     pending: deque[tuple[str, list[tuple[bytes, float]], list[Any], Any]] = deque()
     with ThreadPoolExecutor(max_workers=READS_AHEAD, thread_name_prefix="opsctl-read") as ahead:
-        listing = _registry_batches(conn, keys, queues, problems, ahead, listed)
+        listing = _registry_batches(conn, keys, queues, total, problems, ahead, listed)
         for item in chain(listing, [None]):
             if item is not None:
                 queue, batch = item
@@ -361,6 +364,7 @@ def _registry_batches(
     conn: redis.Redis,
     keys: Keys,
     queues: list[str],
+    total: int,
     problems: list[str],
     ahead: Executor,
     listed: ListedIds | None = None,
@@ -369,7 +373,7 @@ def _registry_batches(
 
     The registries are listed (members only: a fraction of what reading their
     hashes costs) on the helper threads ahead of their reads: all of them at
-    once when they hold at most ``LISTED_AHEAD_MAX`` members, so that
+    once when they hold at most ``LISTED_AHEAD_MAX`` members (``total``), so that
     ``listed`` knows them all early; otherwise one ahead, to bound what is
     held, and ``listed`` is never done. One unreadable registry (the wrong
     type, say) is a problem, and never stops the run.
@@ -378,7 +382,7 @@ def _registry_batches(
     def members(queue: str) -> list[tuple[bytes, float]]:
         return list(registry_members(conn, keys.started(queue)))
 
-    depth = len(queues) if _registry_sizes(conn, keys, queues) <= LISTED_AHEAD_MAX else 1
+    depth = len(queues) if total <= LISTED_AHEAD_MAX else 1
     listings: deque[Future[list[tuple[bytes, float]]]] = deque(
         ahead.submit(members, queue) for queue in queues[:depth]
     )
