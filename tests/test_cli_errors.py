@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -603,3 +604,26 @@ def test_a_ctrl_c_while_opsctl_loads_exits_130_without_a_traceback() -> None:
     assert result.returncode == 130, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+def test_a_ctrl_c_while_a_read_only_command_waits_for_redis_exits_130() -> None:
+    # A server that accepts the connection but never answers: `status` waits on it.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "opsctl", "status", "--redis-url", url, "--timeout", "60"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**clean_env(), "PYTHONPATH": str(REPOSITORY / "src")},
+        )
+        time.sleep(3)  # loaded, connected, and waiting for the first answer
+        waiting.send_signal(signal.SIGINT)
+        out, err = waiting.communicate(timeout=30)
+
+    assert waiting.returncode == 130, err
+    assert "Traceback" not in err
+    assert "Aborted" not in err
+    assert out == ""

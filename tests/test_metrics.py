@@ -105,6 +105,7 @@ def test_status_prints_started_jobs_by_queue_and_state_and_the_oldest_age(
     oldest = values[("opsctl_oldest_started_job_age_seconds", (("queue", "default"),))]
     assert 300 <= oldest < 400
     assert ("opsctl_oldest_started_job_age_seconds", (("queue", "spare"),)) not in values
+    assert single(values, "opsctl_problems") == 0
     assert single(values, "opsctl_last_run_exit_code") == 0
     assert single(values, "opsctl_last_success_timestamp_seconds") == pytest.approx(
         single(values, "opsctl_last_run_timestamp_seconds"), abs=5
@@ -160,6 +161,27 @@ def test_dry_run_metrics_show_planned_actions_and_nothing_changes(
     assert action(values, "default", "fail", "done") is None
     assert FailedJobRegistry("default", connection=conn).get_job_ids(cleanup=False) == []
     assert seeded["abandoned"][0].get_status(refresh=True) == JobStatus.STARTED
+
+
+def test_a_registry_that_cannot_be_read_is_counted_as_a_problem_the_exit_code_does_not_show(
+    conn: redis.Redis, fake_redis_url: str, live: LiveWorker, tmp_path: Path
+) -> None:
+    seeded = seed(conn, fake_redis_url)
+    conn.set("rq:wip:spare", "not a registry")  # another program wrote a string there
+    target = tmp_path / "opsctl.prom"
+
+    result = run_opsctl(
+        "apply", str(written_policy(tmp_path)), "--redis-url", fake_redis_url,
+        "--metrics-file", str(target),
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr  # the other queue was cleaned up
+    assert "problem: " in result.stdout
+    values = gauges(target.read_text(), "apply")
+    assert single(values, "opsctl_problems") == 1
+    assert single(values, "opsctl_last_run_exit_code") == 0
+    assert seeded["abandoned"][0].get_status(refresh=True) == JobStatus.FAILED
+    assert conn.get("rq:wip:spare") == b"not a registry"
 
 
 def written_policy(tmp_path: Path, text: str = POLICY) -> Path:

@@ -10,6 +10,8 @@ status`` or one round of ``opsctl watch``):
   job (from ``started_at``), on queues whose started jobs have a readable age;
 - ``opsctl_actions{queue,action,outcome}``: what the run did (``planned`` in
   a dry run);
+- ``opsctl_problems``: records the run could not read (a registry or hash of
+  the wrong type, say), which do not change its exit code;
 - ``opsctl_run_duration_seconds``, ``opsctl_last_run_timestamp_seconds``,
   ``opsctl_last_run_exit_code``;
 - ``opsctl_last_success_timestamp_seconds``: the last run that exited 0. A
@@ -68,6 +70,7 @@ class Observation:
     started: Counter[tuple[str, str]] = field(default_factory=Counter)  # (queue, state)
     oldest_age_s: dict[str, float] = field(default_factory=dict)  # per queue
     actions: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    problems: int = 0  # records that could not be read
 
     def add_entry(self, queue: str, state: str, age_s: float | None) -> None:
         self.queues.add(queue)
@@ -78,7 +81,7 @@ class Observation:
 
 def observe_run(run: Run) -> Observation:
     """The gauges' view of an apply, plan or watch round."""
-    seen = Observation(queues={q.name for q in run.queues})
+    seen = Observation(queues={q.name for q in run.queues}, problems=len(run.problems))
     for job in run.jobs:
         queue = job.entry.queue
         seen.add_entry(queue, job.verdict.state.value, job.verdict.signals.age_s)
@@ -89,7 +92,7 @@ def observe_run(run: Run) -> Observation:
 
 def observe_snapshot(snapshot: Snapshot, rule: Rule) -> Observation:
     """The gauges' view of ``opsctl status``: every entry classified under ``rule``."""
-    seen = Observation(queues=set(snapshot.queues))
+    seen = Observation(queues=set(snapshot.queues), problems=len(snapshot.problems))
     in_hand = jobs_in_hand(snapshot.workers)
     for entry in snapshot.entries:
         verdict = classify(entry, snapshot.workers, rule, snapshot.now, in_hand)
@@ -142,6 +145,12 @@ def build(seen: Observation | None, facts: RunFacts) -> CollectorRegistry:
             oldest.labels(command, _shown(queue)).set(age_s)
         for (queue, action, outcome), count in sorted(seen.actions.items()):
             actions.labels(command, _shown(queue), action, outcome).set(count)
+        Gauge(
+            "opsctl_problems",
+            "Records the run could not read; listed under problems in its report.",
+            ["command"],
+            registry=registry,
+        ).labels(command).set(seen.problems)
     run_level = (
         ("opsctl_run_duration_seconds", "Seconds the run took.", facts.duration_s),
         (
