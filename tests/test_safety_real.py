@@ -862,14 +862,22 @@ def test_a_signal_while_apply_reads_redis_stops_the_reads_with_nothing_done(
     assert redis_conn.exists("opsctl:lock", "opsctl:audit") == 0
 
 
-@pytest.mark.parametrize("during", ["the lost-job search", "a plan's re-check"])
+@pytest.mark.parametrize(
+    ("during", "policy_name"),
+    [
+        ("the lost-job search", "safety_fail.yaml"),
+        ("a plan's re-check", "safety_fail.yaml"),
+        # a limit trips: the run would do nothing but note the lost job
+        ("a plan's re-check", "safety_max_actions_5.yaml"),
+    ],
+)
 def test_a_stop_asked_after_the_registry_reads_still_ends_the_run_before_any_write(
-    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, during: str
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, during: str, policy_name: str
 ) -> None:
-    job_ids = abandon(redis_conn, 3)
+    job_ids = abandon(redis_conn, 6)
     lost = Queue(QUEUE, connection=redis_conn).enqueue("jobs.quick")
     redis_conn.lrem(f"rq:queue:{QUEUE}", 0, lost.id)  # a run that writes would note it
-    policy = load_policy(str(POLICIES / "safety_fail.yaml"))
+    policy = load_policy(str(POLICIES / policy_name))
     asked: list[bool] = []
     job = cli.Job(redis_url, 5, 5, Overrides(), should_stop=lambda: bool(asked))
     plan_file = tmp_path / "plan.json"
@@ -893,7 +901,7 @@ def test_a_stop_asked_after_the_registry_reads_still_ends_the_run_before_any_wri
                 job.apply_policy(policy)
 
     assert asked, f"{during} ran"
-    assert statuses(redis_conn, job_ids) == Counter({"started": 3})
+    assert statuses(redis_conn, job_ids) == Counter({"started": 6})
     assert not redis_conn.keys("opsctl:lost:*"), "no note of the lost job was written"
     assert redis_conn.exists("opsctl:lock", "opsctl:audit") == 0
 

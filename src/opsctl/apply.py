@@ -105,12 +105,12 @@ class Executor:
 
     def execute(self) -> None:
         """Act on every planned job and worker; nothing at all if a limit tripped."""
-        if self.run.limits_tripped:
-            self._note_lost()  # bookkeeping, not an action: the grace starts all the same
-            return
         if self._asked_to_stop():
             # Nothing is changed yet: leave no note, no audit entry, no report.
             raise StoppedEarly("asked to stop before the first change: nothing was done")
+        if self.run.limits_tripped:
+            self._note_lost()  # bookkeeping, not an action: the grace starts all the same
+            return
         then = ", then run again (nothing was changed)"
         refuse_foreign_key(self.conn, audit.AUDIT_STREAM, "stream", "opsctl's audit stream", then)
         work = self._work_by_queue()
