@@ -259,6 +259,32 @@ def test_job_a_live_worker_has_just_taken_is_left_alone_though_its_records_miss_
     )
 
 
+def test_entry_of_a_queued_job_a_live_worker_has_just_taken_is_left_until_lost_after() -> None:
+    # RQ 3 writes the entry and execution while the job is still 'queued'; the
+    # worker's records, read a moment before, do not list it yet.
+    idle = worker(executing=(), state="idle")
+    just_taken = entry(
+        job=job_hash(status="queued", started_at="", last_heartbeat=""),
+        execution=execution_hash(created_ago_s=2),
+    )
+    stale = entry(
+        job=job_hash(status="queued", started_at="", last_heartbeat=""),
+        execution=execution_hash(created_ago_s=700),
+    )
+
+    fresh, old = decide(just_taken, idle), decide(stale, idle)
+
+    assert (fresh.state, fresh.action) == (State.LEFTOVER, "none")
+    assert fresh.reason == (
+        f"status is 'queued' and {WORKER} is live but not executing it for 2s, "
+        "within lost_after 600s"
+    )
+    assert (old.state, old.action) == (State.LEFTOVER, "remove-entry")
+    assert decide(just_taken, worker(executing=(), state="idle", death=iso(1))).action == (
+        "remove-entry"
+    )  # its worker is dead: nobody will run it from this entry
+
+
 def test_job_that_names_no_worker_is_abandoned() -> None:
     started = entry(job=job_hash(worker=""), execution=execution_hash(worker=""))
 

@@ -28,7 +28,7 @@ from typing import Any, cast
 import pytest
 import redis
 from rq import Queue, Worker
-from rq.executions import Execution
+from rq.executions import Execution, prepare_execution
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry, clean_registries
 
@@ -43,11 +43,13 @@ from conftest import (
 from opsctl import apply as apply_module
 from opsctl import cli
 from opsctl import run as run_module
+from opsctl import state as state_module
 from opsctl.actions import _JOB_SCRIPT
 from opsctl.apply import RECONCILE_ROUNDS
 from opsctl.errors import StoppedEarly
 from opsctl.policy import load_policy
 from opsctl.run import Overrides, Run
+from test_cli_fake import LiveWorker
 
 pytestmark = pytest.mark.redis_server
 
@@ -709,6 +711,47 @@ def test_a_worker_that_listens_again_before_its_registration_is_removed_is_left_
     assert "its command channel has a subscriber now: it is alive" in line.reason
     assert redis_conn.hget("rq:worker:back-again", "death") is None
     assert [w.name for w in Worker.all(connection=redis_conn)] == ["back-again"]
+
+
+def test_the_entry_of_a_job_a_live_worker_takes_while_opsctl_reads_is_left_to_it(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    # RQ 3's worker enters a job it takes in the started registry, with its
+    # execution, while the job's status is still 'queued' (its work horse marks
+    # it started later). Here that happens just after opsctl read the workers:
+    # their records do not list the job yet, and removing the entry as left
+    # over would break the job the worker is about to run.
+    worker = LiveWorker(redis_url, "taking", QUEUE)
+    worker.worker.set_state("idle")  # waiting for work as opsctl reads it
+    queue = Queue(QUEUE, connection=redis_conn)
+    job = queue.enqueue("jobs.quick")
+    redis_conn.lrem(queue.key, 0, job.id)  # the worker popped it
+    read_workers = state_module.read_workers
+    taken: list[Execution] = []
+
+    def then_take(*args: Any) -> Any:
+        found = read_workers(*args)
+        if not taken:
+            taken.append(prepare_execution(worker.worker, job))
+        return found
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(state_module, "read_workers", then_take)
+            run = cli.Job(redis_url, 5, 5, Overrides()).apply_policy(
+                load_policy(str(POLICIES / "safety_fail.yaml"))
+            )
+    finally:
+        worker.close()
+
+    [line] = run.jobs
+    assert (line.verdict.state.value, line.action) == ("leftover", "none"), line.reason
+    assert "within lost_after" in line.reason
+    [execution] = taken
+    registry = StartedJobRegistry(QUEUE, connection=redis_conn)
+    assert registry.get_job_and_execution_ids(cleanup=False) == [(job.id, execution.id)]
+    assert Execution.fetch(execution.id, job.id, connection=redis_conn).job_id == job.id
+    assert job.get_status(refresh=True) == JobStatus.QUEUED
 
 
 def test_a_server_demoted_to_a_replica_mid_run_gets_no_change_after_its_first_refusal(

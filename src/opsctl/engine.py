@@ -203,7 +203,7 @@ def _decide(
     if job is None or not (status or job.get("created_at")):
         return _orphaned(job, holds, signals)
     if status != "started":
-        return _not_started(entry, status, holds, signals)
+        return _not_started(entry, status, rule, liveness, holds, signals, now)
     if not holds:
         return _abandoned(rule, liveness, signals, now)
     return _held(rule, signals)
@@ -338,14 +338,45 @@ def _orphaned(job: Mapping[str, str] | None, holds: bool, signals: Signals) -> V
     return Verdict(State.ORPHANED, ACTION_REMOVE_ENTRY, found, signals)
 
 
-def _not_started(entry: StartedEntry, status: str, holds: bool, signals: Signals) -> Verdict:
+def _not_started(
+    entry: StartedEntry,
+    status: str,
+    rule: Rule,
+    liveness: Liveness,
+    holds: bool,
+    signals: Signals,
+    now: float,
+) -> Verdict:
     shown = f"'{status}'" if status else "missing"
     if holds:
         # The worker is between taking the job and marking it started, or is
         # still writing its end; the entry is its to remove.
         reason = f"status is {shown} but {signals.worker} is executing it"
         return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
+    if liveness.alive:
+        # A worker enters a job it takes in the registry (with its execution)
+        # while the job's status is still 'queued'; its work horse marks it
+        # started later. Its records were read before the entry, so they may
+        # not list it yet: removing the entry then would break the job it is
+        # about to run. Left alone until it has not run for longer than lost_after.
+        found = f"status is {shown} and {signals.worker} is live but not executing it"
+        return _after_grace(
+            State.LEFTOVER,
+            found,
+            _last_ran(signals, now),
+            "when it last ran",
+            (ACTION_REMOVE_ENTRY, f", over lost_after {rule.lost_after_seconds}s"),
+            rule,
+            signals,
+            now,
+        )
     return Verdict(State.LEFTOVER, ACTION_REMOVE_ENTRY, f"status is {shown}", signals)
+
+
+def _last_ran(signals: Signals, now: float) -> float | None:
+    """The latest moment a job is known to have run: its start or its last heartbeat."""
+    ages = [a for a in (signals.age_s, signals.heartbeat_age_s) if a is not None]
+    return now - min(ages) if ages else None
 
 
 def _abandoned(rule: Rule, liveness: Liveness, signals: Signals, now: float) -> Verdict:
@@ -359,11 +390,11 @@ def _abandoned(rule: Rule, liveness: Liveness, signals: Signals, now: float) -> 
         # horse), and its records were read before the entry: the job is
         # acted on only once it has not run for longer than lost_after.
         found = sys.intern(f"{signals.worker} is live but not executing it")
-        ages = [a for a in (signals.age_s, signals.heartbeat_age_s) if a is not None]
-        since = now - min(ages) if ages else None
         over = (rule.action, f", over lost_after {rule.lost_after_seconds}s")
         unknown = "when it last ran"
-        return _after_grace(State.ABANDONED, found, since, unknown, over, rule, signals, now)
+        return _after_grace(
+            State.ABANDONED, found, _last_ran(signals, now), unknown, over, rule, signals, now
+        )
     else:
         why = sys.intern(f"{signals.worker} is dead: {liveness.evidence}")
     return Verdict(State.ABANDONED, rule.action, why, signals)
