@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from rq import Queue, Worker
 from rq.executions import Execution, prepare_execution
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry, clean_registries
+from rq.results import Result
 
 from conftest import (
     WorkerFactory,
@@ -38,7 +40,9 @@ from conftest import (
     free_port,
     job_hashes,
     job_status,
+    numsub,
     wait_for_status,
+    wait_until,
 )
 from opsctl import apply as apply_module
 from opsctl import cli
@@ -752,6 +756,59 @@ def test_the_entry_of_a_job_a_live_worker_takes_while_opsctl_reads_is_left_to_it
     assert registry.get_job_and_execution_ids(cleanup=False) == [(job.id, execution.id)]
     assert Execution.fetch(execution.id, job.id, connection=redis_conn).job_id == job.id
     assert job.get_status(refresh=True) == JobStatus.QUEUED
+
+
+def test_a_worker_cut_off_from_redis_for_a_moment_keeps_its_job(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # The server drops a live worker's connections (a restart, a failover, a
+    # proxy) and it cannot log in again for a moment: its work horse runs on.
+    user, password = "cut-off", secrets.token_hex(8)
+    redis_conn.execute_command(
+        "ACL", "SETUSER", user, "reset", "on", f">{password}", "~*", "&*", "+@all"
+    )
+    workers = WorkerFactory(redis_url.replace("redis://", f"redis://{user}:{password}@"), tmp_path)
+    try:
+        job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 10)
+        # No heartbeat falls in the outage (the worker would then give up).
+        worker = workers.start([QUEUE], job_monitoring_interval=30)
+        assert wait_for_status(redis_conn, job.id, "started") == "started"
+        redis_conn.execute_command("ACL", "SETUSER", user, "off")
+        redis_conn.execute_command("CLIENT", "KILL", "USER", user)
+        assert wait_until(lambda: numsub(redis_conn, worker.name) == 0)
+
+        run = start_opsctl(
+            *apply_args(POLICIES / "safety_fail.yaml", redis_url, "--reconnect-grace", "8")
+        )
+        time.sleep(2)  # opsctl has read the worker without a connection
+        redis_conn.execute_command("ACL", "SETUSER", user, "on")
+        stdout, stderr = run.communicate(timeout=60)
+        assert run.returncode == EXIT_OK, stderr
+        assert "workers_without_connection count=1" in stderr
+
+        [line] = json.loads(stdout)["jobs"]
+        assert (line["state"], line["action"]) == ("running", "none"), line
+        assert line["worker_alive"] is True
+        assert wait_for_status(redis_conn, job.id, "finished", timeout=30) == "finished"
+        assert [r.type for r in job.results()] == [Result.Type.SUCCESSFUL]
+    finally:
+        workers.close()
+        redis_conn.execute_command("ACL", "DELUSER", user)
+
+
+def test_a_worker_still_without_a_connection_when_looked_at_again_is_dead(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    [job_id] = abandon(redis_conn, 1)
+    with redis.Redis.from_url(redis_url) as own:  # a connection that ends, as a killed worker's
+        Worker([QUEUE], connection=own, name=DEAD_WORKER).register_birth()
+
+    report = apply(POLICIES / "safety_fail.yaml", redis_url, "--reconnect-grace", "0.5")
+
+    [line] = report["jobs"]
+    assert (line["state"], line["outcome"]) == ("abandoned", "done"), line
+    assert line["worker_evidence"] == ("worker holds no connection to Redis, nor 0.5s later either")
+    assert job_status(redis_conn, job_id) == "failed"
 
 
 def test_a_server_demoted_to_a_replica_mid_run_gets_no_change_after_its_first_refusal(

@@ -306,6 +306,7 @@ def _overrides(
     queue: list[str] | None,
     max_actions: int | None,
     stop_timeout_s: float = Overrides.stop_timeout_s,
+    reconnect_grace_s: float = Overrides.reconnect_grace_s,
 ) -> Overrides:
     """The policy overrides that apply and plan share, checked."""
     return Overrides(
@@ -315,6 +316,7 @@ def _overrides(
         queues=tuple(queue or ()),
         stop_timeout_s=stop_timeout_s,
         max_actions=max_actions,
+        reconnect_grace_s=reconnect_grace_s,
     )
 
 
@@ -537,6 +539,16 @@ MetricsFileOpt = Annotated[
         callback=_metrics_path,
     ),
 ]
+ReconnectGraceOpt = Annotated[
+    float,
+    _option(
+        "--reconnect-grace",
+        help="Seconds after which a worker found without a connection to Redis (its hash "
+        "left, no death recorded) is looked at again; only if it is still not back is it "
+        "dead, and its jobs acted on. 0: at once.",
+        callback=_seconds,
+    ),
+]
 LockTimeoutOpt = Annotated[
     float,
     _option(
@@ -587,6 +599,7 @@ def apply(
             "--stop-timeout", help="Seconds to wait for workers to stop jobs.", callback=_seconds
         ),
     ] = 15.0,
+    reconnect_grace: ReconnectGraceOpt = Overrides.reconnect_grace_s,
     lock_timeout: LockTimeoutOpt = 5.0,
     timeout: Timeout = DEFAULT_TIMEOUT_S,
     metrics_file: MetricsFileOpt = None,
@@ -622,7 +635,9 @@ def apply(
         _guard(lambda: planfile.check_plan_file(plan_file))
     url, options = _guard(lambda: connection.resolve(policy))
     _setup_logging(verbose, quiet, log_format, url)
-    overrides = _overrides(dry_run, force, max_age, queue, max_actions, stop_timeout)
+    overrides = _overrides(
+        dry_run, force, max_age, queue, max_actions, stop_timeout, reconnect_grace
+    )
     job = Job(
         url, timeout, lock_timeout, overrides, progress=output is Format.text, options=options
     )
@@ -940,6 +955,7 @@ def watch_command(
             "--stop-timeout", help="Seconds to wait for workers to stop jobs.", callback=_seconds
         ),
     ] = 15.0,
+    reconnect_grace: ReconnectGraceOpt = Overrides.reconnect_grace_s,
     lock_timeout: LockTimeoutOpt = 5.0,
     timeout: Timeout = DEFAULT_TIMEOUT_S,
     metrics_file: MetricsFileOpt = None,
@@ -972,7 +988,9 @@ def watch_command(
     policy = _guard(lambda: _load_for_apply(policy_file, url_given))
     first_url, _ = _guard(lambda: connection.resolve(policy))
     _setup_logging(verbose, quiet, log_format, first_url)
-    overrides = _overrides(dry_run, force, max_age, queue, max_actions, stop_timeout)
+    overrides = _overrides(
+        dry_run, force, max_age, queue, max_actions, stop_timeout, reconnect_grace
+    )
 
     def one_round(current: Policy, should_stop: Callable[[], bool]) -> watch.RoundResult:
         resolved, error = _attempt(lambda: connection.resolve(current))
@@ -1031,6 +1049,7 @@ def plan_command(
     max_age: MaxAgeOpt = None,
     queue: QueueOpt = None,
     max_actions: MaxActionsOpt = None,
+    reconnect_grace: ReconnectGraceOpt = Overrides.reconnect_grace_s,
     redis_url: RedisUrl = None,
     output: FormatOpt = Format.text,
     timeout: Timeout = DEFAULT_TIMEOUT_S,
@@ -1060,7 +1079,9 @@ def plan_command(
     policy = _guard(lambda: _load_for_apply(policy_file, url_given))
     url, options = _guard(lambda: connection.resolve(policy))
     _setup_logging(verbose, quiet, log_format, url)
-    overrides = _overrides(True, force, max_age, queue, max_actions)
+    overrides = _overrides(
+        True, force, max_age, queue, max_actions, reconnect_grace_s=reconnect_grace
+    )
     job = Job(url, timeout, 0, overrides, progress=output is Format.text, options=options)
     run, count = _guard(lambda: job.write_plan(policy, output_file), url=url)
     _print_run(run, output, url, (policy.path, policy.digest))

@@ -122,7 +122,26 @@ def worker_liveness(worker: WorkerRecord | None) -> Liveness:
         return Liveness(True, "worker is subscribed to its command channel")
     if worker.connected:
         return Liveness(True, "worker holds a named connection")
-    return Liveness(False, "worker holds no connection to Redis")
+    if worker.looked_again_after_s is not None:
+        again = f"{worker.looked_again_after_s:g}s later either"
+        return Liveness(False, f"{NO_CONNECTION}, nor {again}")
+    return Liveness(False, NO_CONNECTION)
+
+
+#: Evidence of a worker whose hash exists and records no death, but which holds
+#: no connection to Redis.
+NO_CONNECTION = "worker holds no connection to Redis"
+
+
+def disconnected_only(worker: WorkerRecord | None) -> bool:
+    """Whether ``worker`` was found dead by one thing alone: it held no connection
+    (its hash exists and records no death). A live worker whose connections the
+    server dropped looks the same until it connects again."""
+    return (
+        worker is not None
+        and worker.looked_again_after_s is None
+        and worker_liveness(worker).evidence == NO_CONNECTION
+    )
 
 
 def is_executing(worker: WorkerRecord, entry: StartedEntry) -> bool:

@@ -29,6 +29,9 @@ class WorkerRecord:
     connected: bool | None = None
     executions: frozenset[str] = frozenset()
     registered_in: frozenset[str] = frozenset()
+    #: Set when a worker first found without a connection was read again this
+    #: many seconds later (see opsctl.run): its verdict then rests on both looks.
+    looked_again_after_s: float | None = None
 
     @property
     def current_job(self) -> str:

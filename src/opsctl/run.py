@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -62,6 +63,9 @@ class Overrides:
     queues: tuple[str, ...] = ()
     stop_timeout_s: float = 15.0
     max_actions: int | None = None  # replaces the run-wide max_actions cap
+    #: Seconds after which a worker found without a connection is looked at
+    #: again before it counts as dead (0: at once); see _confirm_disconnected.
+    reconnect_grace_s: float = 5.0
 
 
 @dataclass(slots=True)
@@ -269,6 +273,9 @@ def _plan(
     entries = snapshot.entries + _lost_entries(conn, keys, snapshot, run, found)
     del found  # its candidate lists are large and no longer needed
     checkpoint()
+    _confirm_disconnected(
+        conn, keys, snapshot, entries, decide, overrides.reconnect_grace_s, checkpoint
+    )
     run.jobs = decide.outcomes(entries, snapshot.workers, snapshot.now)
     _respect_origins(policy, overrides, run)
     inspected = Counter(j.entry.queue for j in run.jobs)
@@ -392,6 +399,15 @@ class _Classifier:
                 continue
             self._early.append(self._outcome(entry, workers, now))
 
+    def forget(self, workers: set[str] | None) -> None:
+        """Decide again the entries that name one of ``workers`` (None: every
+        entry), whose records were read again since."""
+        self._in_hand = (-1, {})
+        if workers is None:
+            self._early = []
+        else:
+            self._early = [o for o in self._early if o.entry.worker_name not in workers]
+
     def outcomes(
         self, entries: list[StartedEntry], workers: dict[str, WorkerRecord], now: float
     ) -> list[JobOutcome]:
@@ -455,6 +471,45 @@ def _lost_entries(
     if names:
         snapshot.workers.update(read_workers(conn, keys, names, run.problems, snapshot.queues))
     return scan.entries + stranded.entries
+
+
+def _confirm_disconnected(
+    conn: redis.Redis,
+    keys: Keys,
+    snapshot: Snapshot,
+    entries: list[StartedEntry],
+    decide: _Classifier,
+    grace_s: float,
+    checkpoint: _Checkpoint,
+) -> None:
+    """Look once more, ``grace_s`` later, at the workers that entries name and
+    that were found dead only because they held no connection.
+
+    A killed worker loses its connections for good, but so, for a moment, does
+    a live one whose connections the server dropped (a restart, a failover, a
+    proxy, ``CLIENT KILL``): it subscribes again within seconds, while its work
+    horse runs on. A worker that is back by then is live; one that is not is
+    dead, and says so ("...; none <grace>s later either").
+    """
+    named = {name for entry in entries if (name := entry.worker_name)}
+    doubtful = sorted(n for n in named if engine.disconnected_only(snapshot.workers.get(n)))
+    if not doubtful or grace_s <= 0:
+        return
+    log.warning("workers_without_connection count=%d looking_again_in=%ss", len(doubtful), grace_s)
+    deadline = time.monotonic() + grace_s
+    while (left := deadline - time.monotonic()) > 0:
+        checkpoint()
+        time.sleep(min(left, 0.1))
+    checkpoint()
+    again = read_workers(conn, keys, doubtful, None, snapshot.queues)
+    back = False
+    for name in doubtful:
+        fresh = again.get(name)
+        if fresh is None:
+            continue
+        back = back or engine.worker_liveness(fresh).alive
+        snapshot.workers[name] = replace(fresh, looked_again_after_s=grace_s)
+    decide.forget(None if back else set(doubtful))
 
 
 def _note_stops_not_sent(conn: redis.Redis, keys: Keys, run: Run) -> None:
