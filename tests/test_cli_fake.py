@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -595,6 +596,65 @@ def test_a_job_deleted_after_its_worker_stopped_it_takes_its_related_keys_along(
     assert status_of(conn, job.id) is None
     assert not conn.exists(f"job_progress:{job.id}")
     assert conn.get("job_progress:unrelated") == b"7%"
+
+
+def test_an_overdue_job_that_ends_on_its_own_while_opsctl_waits_is_not_reported_stopped(
+    conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    # A worker that cannot stop a job (RQ's SimpleWorker) lets it run to its end.
+    worker = live_worker("w-live", obeys_stop=False)
+    job = started_job(conn, "w-live", started_ago_s=3600)
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="requeue")
+
+    def finish() -> None:
+        with conn.pipeline() as pipe:
+            job.set_status(JobStatus.FINISHED, pipeline=pipe)
+            StartedJobRegistry("default", connection=conn).remove_executions(job, pipeline=pipe)
+            pipe.execute()
+
+    ends = threading.Timer(1.0, finish)
+    ends.start()
+    try:
+        report = apply(policy, url, "--stop-timeout", "10")
+    finally:
+        ends.join()
+
+    assert worker.commands == [{"command": "stop-job", "job_id": job.id}]
+    entry = jobs_by_id(report)[job.id]
+    assert (entry["state"], entry["outcome"], entry["stop_confirmed"]) == (
+        "overdue",
+        "skipped",
+        False,
+    )
+    assert (
+        "not stopped by w-live: it ended meanwhile (its status is now 'finished')"
+        in (entry["reason"])
+    )
+    assert status_of(conn, job.id) == "finished"  # not requeued to run again
+    assert Queue("default", connection=conn).get_job_ids() == []
+
+
+def test_a_planned_stop_of_a_job_stopped_since_the_plan_is_not_sent_again(
+    conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    worker = live_worker("w-live", obeys_stop=True)
+    job = started_job(conn, "w-live", started_ago_s=3600)
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+    plan = tmp_path / "plan.json"
+    made = opsctl("plan", str(policy), "--output", str(plan), "--redis-url", url)
+    assert made.exit_code == 0, made.output
+    apply(policy, url)  # an earlier run stops it
+    assert worker.commands == [{"command": "stop-job", "job_id": job.id}]
+    assert status_of(conn, job.id) == "stopped"
+
+    result = opsctl("apply", "--plan", str(plan), "--format", "json", "--redis-url", url)
+
+    assert result.exit_code == 0, result.output
+    entry = jobs_by_id(json.loads(result.stdout))[job.id]
+    assert (entry["outcome"], entry["stop_confirmed"]) == ("skipped", False), entry
+    assert "not stopped: its status is now 'stopped'" in entry["reason"]
+    assert len(worker.commands) == 1, "no second stop was sent"
+    assert status_of(conn, job.id) == "stopped"
 
 
 def test_overdue_job_whose_worker_ignores_the_stop_is_an_error_and_exits_1(

@@ -357,8 +357,15 @@ class Executor:
         """Ask each live worker to stop its overdue job, wait, then apply the follow-up."""
         waiting = []
         unsent = stops_that_may_stray(self.conn, self.keys, outcomes)
+        now = self._statuses([o.entry.job_id for o in outcomes])
         for outcome, why in zip(outcomes, unsent, strict=True):
             worker, job_id = outcome.entry.worker_name, outcome.entry.job_id
+            if now[job_id] != "started":
+                # It ended since it was read (a plan's reads may be minutes old):
+                # there is nothing to stop, and a stop would be ignored.
+                outcome.stop_confirmed = False
+                _set(outcome, SKIPPED, f"not stopped: {_now_is(now[job_id])}", append=True)
+                continue
             if why is not None:
                 outcome.stop_confirmed = False
                 _set(outcome, ERROR, f"not stopped: {why}", append=True)
@@ -384,6 +391,13 @@ class Executor:
                 why = f"{worker} did not stop it within {self.stop_timeout_s:g}s"
                 _set(outcome, ERROR, why, append=True)
                 continue
+            if status != "stopped":
+                # It ended on its own while opsctl waited (a worker that cannot
+                # stop a job, such as RQ's SimpleWorker, lets it run to its end).
+                outcome.stop_confirmed = False
+                why = f"not stopped by {worker}: it ended meanwhile ({_now_is(status)})"
+                _set(outcome, SKIPPED, why, append=True)
+                continue
             outcome.stop_confirmed = True
             outcome.reason += f"; stopped by {worker} (status now {status})"
             if status == "stopped" and outcome.verdict.follow_up not in (None, "fail"):
@@ -394,16 +408,22 @@ class Executor:
         self._checkpoint()
         self._follow_up(follow_ups)
 
+    def _statuses(self, job_ids: list[str]) -> dict[str, str]:
+        """Each job's status now ("missing" when its hash is gone or holds none)."""
+        pipe = self.conn.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(self.keys.job(job_id), "status")
+        return {
+            job_id: text(status) if status else "missing"
+            for job_id, status in zip(job_ids, pipe.execute(), strict=True)
+        }
+
     def _wait_until_ended(self, outcomes: list[JobOutcome]) -> dict[str, str]:
         statuses: dict[str, str] = {}
         deadline = time.monotonic() + self.stop_timeout_s
         pending = [o.entry.job_id for o in outcomes]
         while pending:
-            pipe = self.conn.pipeline(transaction=False)
-            for job_id in pending:
-                pipe.hget(self.keys.job(job_id), "status")
-            for job_id, status in zip(pending, pipe.execute(), strict=True):
-                statuses[job_id] = text(status) if status else "missing"
+            statuses.update(self._statuses(pending))
             pending = [j for j in pending if statuses[j] == "started"]
             if not pending or time.monotonic() >= deadline:
                 break
@@ -628,6 +648,11 @@ def failure_reason(run: Run, outcome: JobOutcome) -> str:
     if s.timeout_s is not None:
         parts.append(f"timeout {s.timeout_s}s")
     return "; ".join(parts)
+
+
+def _now_is(status: str) -> str:
+    """A job's status now, in words."""
+    return "the job is gone" if status == "missing" else f"its status is now {status!r}"
 
 
 def retry_interval(job: Mapping[str, str], retries_left: int | None) -> int | None:
