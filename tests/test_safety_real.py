@@ -1293,6 +1293,28 @@ def test_jobs_rq_cleans_while_opsctl_waits_for_the_maintenance_lock_are_skipped_
     assert all(abandoned_by_rq(redis_conn, job_id) for job_id in job_ids)
 
 
+def test_a_maintenance_lock_a_killed_worker_left_behind_exits_5_with_the_jobs_untouched(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job_ids = abandon(redis_conn, 3)
+    # RQ takes this lock for 899 s; a worker killed in its cleaning pass never releases it.
+    redis_conn.set(f"rq:clean_registries:{QUEUE}", 1, ex=899)
+    policy = POLICIES / "safety_fail.yaml"
+
+    result = run_opsctl(*apply_args(policy, redis_url, "--lock-timeout", "0.5"))
+
+    report = report_of(result, EXIT_LOCKED)
+    assert Counter(outcomes(report).values()) == Counter({"skipped": 3})
+    reason = report["jobs"][0]["reason"]
+    assert "RQ's maintenance lock of this queue is held (by 1, for " in reason
+    assert "a worker killed while cleaning left the lock behind" in reason
+    assert f"kept this run from queue(s) '{QUEUE}': their jobs were skipped" in result.stderr
+    assert statuses(redis_conn, job_ids) == Counter({"started": 3})
+    best_effort = run_opsctl(*apply_args(policy, redis_url, "--lock-timeout", "0", "--best-effort"))
+    assert best_effort.returncode == EXIT_OK, shown(best_effort)
+    redis_conn.delete(f"rq:clean_registries:{QUEUE}")
+
+
 def test_rq_workers_cleaning_over_and_over_during_apply_fail_each_job_exactly_once(
     redis_conn: redis.Redis, redis_url: str
 ) -> None:

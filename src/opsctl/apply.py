@@ -169,7 +169,14 @@ class Executor:
         lock = maintenance_lock(self.conn, self.keys.prefix, queue, self.run.run_id)
         if not lock.acquire(self.lock_timeout_s, self._asked_to_stop):
             self._checkpoint()  # asked to stop while waiting: the rest is left
-            why = f"RQ is cleaning this queue's registries (lock held by {lock.holder()})"
+            ttl = self.conn.ttl(lock.key)
+            lasts = f", for {ttl}s more" if isinstance(ttl, int) and ttl > 0 else ""
+            why = (
+                f"RQ's maintenance lock of this queue is held (by {lock.holder()}{lasts}): "
+                "RQ is cleaning its registries, or a worker killed while cleaning left the "
+                "lock behind; run again once it is gone"
+            )
+            self.run.locked_out.append(queue)
             for outcome in outcomes:
                 _set(outcome, SKIPPED, why)
             self._dealt(len(outcomes))

@@ -56,7 +56,7 @@ from opsctl.errors import (
     UsageError,
 )
 from opsctl.keys import DEFAULT_PREFIX, Keys
-from opsctl.lock import Lock, run_lock
+from opsctl.lock import Lock, LockTimeout, run_lock
 from opsctl.policy import (
     UNCHECKED_SUFFIX,
     ZERO_MAX_AGE,
@@ -928,6 +928,10 @@ def _run_error(run: Run) -> OpsctlError | None:
         return OpsctlError(f"{count} action(s) failed; see the report")
     if run.limits_tripped and not run.dry_run:
         return LimitTripped("; ".join(run.limits_tripped) + "; nothing was done")
+    if run.locked_out:
+        queues = ", ".join(repr(q) for q in run.locked_out)
+        why = f"RQ's maintenance lock kept this run from queue(s) {queues}: their jobs were skipped"
+        return LockTimeout(why)
     return None
 
 

@@ -125,6 +125,9 @@ class Run:
     server_version: str | None = None
     warnings: list[str] = field(default_factory=list)  # about the server's settings
     stopped: bool = False  # asked to stop (opsctl watch): the rest was left for later
+    #: Queues whose jobs were skipped: RQ's maintenance lock of the queue was held
+    #: for longer than --lock-timeout.
+    locked_out: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> bool:
