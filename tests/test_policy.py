@@ -180,6 +180,25 @@ def test_an_integer_with_a_leading_zero_is_decimal_and_other_yaml_number_forms_a
         ]
 
 
+def test_booleans_are_yaml_1_2s_true_and_false_as_schema_checkers_read_them(
+    tmp_path: Path,
+) -> None:
+    # YAML 1.1 also reads yes, no, on and off as booleans; a schema checker (YAML 1.2)
+    # reads them as strings, so opsctl refuses them rather than disagree with CI.
+    path = tmp_path / "booleans.yaml"
+    path.write_text("version: 1\ndefaults:\n  force: yes\n  dry_run: off\nqueues:\n  - name: a\n")
+    assert problem_lines(str(path)) == [
+        f"{path}:3:10: defaults.force: 'yes' is not a boolean (use true or false)",
+        f"{path}:4:12: defaults.dry_run: 'off' is not a boolean (use true or false)",
+    ]
+
+    path.write_text("version: 1\nqueues:\n  - name: no\n    force: True\n  - name: on\n")
+    policy = load_policy(str(path), environ={})
+    assert [name for name, _ in policy.entries] == ["no", "on"]
+    assert policy.rule_for("no").force is True
+    assert policy.rule_for("on").force is False
+
+
 def test_digest_is_the_sha256_of_the_file_bytes() -> None:
     policy = load("example")
 
@@ -248,8 +267,7 @@ QUEUE_KEYS = (
         (
             "boolean_name",
             "3:11: queues[0].name: false is not a queue name (use a non-empty string; quote a"
-            " name that YAML reads as something else: a number, or yes, no, on, off, true or"
-            " false)",
+            " name that YAML reads as something else: a number, true, false or null)",
         ),
     ],
 )

@@ -335,7 +335,7 @@ def _decode(file: str, raw: bytes) -> str:
 def _compose(file: str, text: str) -> yaml.Node:
     """The one YAML document in `text`, as nodes; tags are kept as names, never constructed."""
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
     except yaml.YAMLError as error:
         raise _Refused(_yaml_problem(file, text, error)) from None
 
@@ -405,7 +405,40 @@ _MAP_TAG = _TAG + "map"
 _SEQ_TAG = _TAG + "seq"
 _MERGE_TAG = _TAG + "merge"
 _CONSTRUCTOR = yaml.constructor.SafeConstructor()
-_RESOLVER = yaml.resolver.Resolver()
+
+
+def _yaml12_booleans(
+    resolvers: dict[Any, list[tuple[str, re.Pattern[str]]]],
+) -> dict[Any, list[tuple[str, re.Pattern[str]]]]:
+    """``resolvers`` with YAML 1.2's booleans (true and false, in three cases) in
+    place of YAML 1.1's, which also read yes, no, on, off, y and n as booleans.
+
+    YAML 1.2 is what schema checkers and editors read a policy as, so `force: yes`
+    is refused here as it is there, rather than valid here and wrong there, and a
+    queue named `no` is the queue 'no'."""
+    kept = {
+        first: [(tag, regexp) for tag, regexp in found if tag != _TAG + "bool"]
+        for first, found in resolvers.items()
+    }
+    boolean = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+    for first in "tTfF":
+        kept.setdefault(first, []).insert(0, (_TAG + "bool", boolean))
+    return {first: found for first, found in kept.items() if found}
+
+
+class _Resolver(yaml.resolver.Resolver):
+    """PyYAML's resolver with YAML 1.2's booleans."""
+
+    yaml_implicit_resolvers = _yaml12_booleans(yaml.resolver.Resolver.yaml_implicit_resolvers)
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader with YAML 1.2's booleans."""
+
+    yaml_implicit_resolvers = _Resolver.yaml_implicit_resolvers
+
+
+_RESOLVER = _Resolver()
 
 
 class _NotDecimal(ValueError):
@@ -798,7 +831,7 @@ _VALUE_MESSAGES = {
     "limits": "{value} is not a mapping (put max_actions: and max_percent: beneath it)",
     "name": (
         "{value} is not a queue name (use a non-empty string; quote a name that YAML reads "
-        "as something else: a number, or yes, no, on, off, true or false)"
+        "as something else: a number, true, false or null)"
     ),
     "key_prefix": "{value} is not a key prefix (use letters, digits and _ . : - { })",
     "url": "is not a valid Redis URL (expected redis://, rediss://, unix:// or redis+sentinel://)",
