@@ -15,7 +15,8 @@
 # What only warns (this hook exits 0):
 #   1  some actions failed; the report says which, the next run tries again
 #   3  Redis was unreachable: the cleanup waits for the next run
-#   5  another opsctl run holds the lock: that run is doing the cleanup
+#   5  a lock was held: another opsctl run (doing the cleanup), or RQ's own lock of a
+#      queue (its jobs wait for the next run; the report says which)
 #   6  the cleanup succeeded but --metrics-file could not be written (not used here)
 set -uo pipefail
 
@@ -25,6 +26,11 @@ report="${DEPLOY_HOOK_REPORT:-$(mktemp -t opsctl-report.XXXXXX)}"
 
 opsctl apply "$policy" --format json >"$report"
 rc=$?
+# A run that ends before it has read Redis (an unreachable server, say) prints no
+# report: its reason is on stderr, above.
+if [ ! -s "$report" ]; then
+  report="none; see the message above"
+fi
 
 case "$rc" in
   0)
