@@ -317,6 +317,16 @@ def test_the_docs_give_exactly_the_acl_lines_these_tests_run() -> None:
 # --- each command works with its own user -------------------------------------------------
 
 
+def test_a_login_without_a_password_where_the_server_needs_one_says_so(
+    acl_server: AclServer,
+) -> None:
+    result = run_opsctl("status", "--redis-url", f"redis://127.0.0.1:{acl_server.port}/0")
+
+    assert result.returncode == ExitCode.REDIS_UNAVAILABLE, result.stderr
+    assert "refused the login: the server requires a password and none was given" in (result.stderr)
+    assert "Traceback" not in result.stderr
+
+
 def test_status_user_runs_opsctl_status_and_changes_nothing(
     acl_server: AclServer, admin: redis.Redis
 ) -> None:

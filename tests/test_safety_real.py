@@ -811,6 +811,22 @@ def test_a_worker_still_without_a_connection_when_looked_at_again_is_dead(
     assert job_status(redis_conn, job_id) == "failed"
 
 
+def test_a_server_that_holds_back_writes_is_reported_as_not_answering_not_as_lost(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    [job_id] = abandon(redis_conn, 1)
+    redis_conn.execute_command("CLIENT", "PAUSE", "4000", "WRITE")  # reads are answered
+    try:
+        result = run_opsctl(*apply_args(POLICIES / "safety_fail.yaml", redis_url, "--timeout", "1"))
+    finally:
+        redis_conn.execute_command("CLIENT", "UNPAUSE")
+
+    assert result.returncode == EXIT_REDIS_UNAVAILABLE, shown(result)
+    assert "Redis did not answer within --timeout" in result.stderr
+    assert "lost the connection" not in result.stderr
+    assert job_status(redis_conn, job_id) == "started"
+
+
 def test_a_server_demoted_to_a_replica_mid_run_gets_no_change_after_its_first_refusal(
     redis_conn: redis.Redis, redis_url: str
 ) -> None:

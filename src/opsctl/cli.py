@@ -192,7 +192,9 @@ def _as_error(exc: Exception, url: str | None) -> OpsctlError:
         return exc
     if isinstance(exc, redis.exceptions.InvalidResponse):
         return RedisUnavailable(f"the server stopped answering as Redis does: {exc}")
-    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+    if isinstance(exc, redis.TimeoutError):
+        return RedisUnavailable(f"Redis did not answer within --timeout: {exc}")
+    if isinstance(exc, redis.ConnectionError):
         return RedisUnavailable(f"lost the connection to Redis: {exc}")
     if isinstance(exc, redis.exceptions.NoPermissionError):
         user = _redis_user(url)

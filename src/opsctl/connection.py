@@ -346,7 +346,8 @@ def connect(
         ) from None
     except redis.AuthenticationError as exc:
         raise RedisUnavailable(
-            f"Redis at {mask_url(url)} refused the login: {redact(str(exc), url)}"
+            f"Redis at {mask_url(url)} refused the login: {_login_hint(exc, url, settings)}"
+            f"{redact(str(exc), url)}"
         ) from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         raise RedisUnavailable(
@@ -370,6 +371,25 @@ def connect(
             f"Redis at {mask_url(url)} refused the connection: {redact(str(exc), url)}"
         ) from None
     return conn
+
+
+def _login_hint(exc: redis.AuthenticationError, url: str, settings: dict[str, Any]) -> str:
+    """What a refused login most likely means, when Redis's own words do not say it."""
+    said = str(exc)
+    try:
+        in_url = urlsplit(url).password is not None
+    except ValueError:
+        in_url = True  # cannot tell: no hint
+    if (
+        not in_url
+        and settings.get("password") is None
+        and ("NOAUTH" in said or "authenticated" in said or "Authentication required" in said)
+    ):
+        return (
+            "the server requires a password and none was given (put it in the URL, "
+            "redis://:PASSWORD@host, or in the policy's redis.password); Redis said: "
+        )
+    return ""
 
 
 def _ping(conn: redis.Redis) -> None:
