@@ -810,6 +810,22 @@ def test_unmatched_queue_option_is_noted_in_the_text_report(
     assert "note: queue 'nightly' is matched by no policy entry; skipped" in result.stdout
 
 
+def test_a_queue_option_naming_a_disabled_queue_says_the_policy_disables_it(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    imports = started_job(conn, "w-crashed", "imports")
+    policy = write_policy(tmp_path, OVERRIDES_POLICY)
+
+    text = opsctl("apply", str(policy), "--redis-url", url, "--queue", "imports")
+    report = apply(policy, url, "--queue", "imports")
+
+    assert text.exit_code == 0, text.output
+    assert "note: queue 'imports' is disabled by the policy; skipped" in text.stdout
+    assert (report["disabled_queues"], report["unmatched_queues"]) == (["imports"], [])
+    jsonschema.validate(report, REPORT_SCHEMA)
+    assert status_of(conn, imports.id) == "started"
+
+
 def test_max_age_option_overrides_the_policy(
     conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
 ) -> None:

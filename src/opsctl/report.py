@@ -169,6 +169,7 @@ def _head(run: Run, redis_url: str, policy_path: str, policy_digest: str) -> dic
         "workers": [_worker_json(w) for w in run.workers],
         "problems": run.problems,
         "unmatched_queues": run.unmatched,
+        "disabled_queues": run.disabled,
         "limits_tripped": run.limits_tripped,
         "redis_lost": run.redis_lost,
         "refused": run.refused,
@@ -231,6 +232,8 @@ def print_text(run: Run, console: Console, redis_url: str) -> None:
         console.print(Text(f"warning: {safe(warning)}", style="yellow"))
     for name in run.unmatched:
         console.print(Text(f"note: queue {safe(name)!r} is matched by no policy entry; skipped"))
+    for name in run.disabled:
+        console.print(Text(f"note: queue {safe(name)!r} is disabled by the policy; skipped"))
     if len(run.jobs) > TABLE_ROWS_MAX:
         _print_job_lines(run.jobs, console)
     elif run.jobs:

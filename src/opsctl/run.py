@@ -119,6 +119,7 @@ class Run:
     workers: list[WorkerOutcome] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
+    disabled: list[str] = field(default_factory=list)  # --queue names the policy disables
     limits_tripped: list[str] = field(default_factory=list)
     redis_lost: bool = False  # the connection dropped and could not be restored
     refused: str | None = None  # Redis refused a command mid-run (an ACL, say)
@@ -268,6 +269,11 @@ def _plan(
         queues=queues,
         problems=list(snapshot.problems),
         unmatched=unmatched,
+        disabled=[
+            name
+            for name in overrides.queues
+            if (rule := policy.rule_for(name)) is not None and not rule.enabled
+        ],
     )
     run.server_version, run.warnings = server_notes(conn)
     if found.scanned == 0 and found.refused is None:
