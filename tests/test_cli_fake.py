@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -154,12 +155,14 @@ class LiveWorker:
         self.worker.register_birth()
         self.worker.set_state("busy")
         self.commands: list[dict[str, Any]] = []
+        self.received_at: list[float] = []  # time.monotonic() of each command
         self.pubsub = self.conn.pubsub()
         self.pubsub.subscribe(**{f"rq:pubsub:{name}": self._on_command})
         self.thread = self.pubsub.run_in_thread(sleep_time=0.02, daemon=True)
 
     def _on_command(self, message: dict[str, Any]) -> None:
         payload = json.loads(message["data"])
+        self.received_at.append(time.monotonic())
         self.commands.append(payload)
         if self.obeys_stop and payload.get("command") == "stop-job":
             self._stop(payload["job_id"])
@@ -596,6 +599,28 @@ def test_a_job_deleted_after_its_worker_stopped_it_takes_its_related_keys_along(
     assert status_of(conn, job.id) is None
     assert not conn.exists(f"job_progress:{job.id}")
     assert conn.get("job_progress:unrelated") == b"7%"
+
+
+def test_stops_on_several_queues_are_waited_for_once_after_the_other_changes(
+    conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    hung = [live_worker(f"w-{q}", q, obeys_stop=False) for q in ("default", "spare")]
+    overdue = [started_job(conn, f"w-{q}", q, started_ago_s=3600) for q in ("default", "spare")]
+    register_worker(url, "w-crashed")
+    abandoned = started_job(conn, "w-crashed")
+    policy = write_policy(tmp_path, DEFAULT_POLICY + "      - name: spare\n", action="fail")
+
+    report = apply(policy, url, "--stop-timeout", "3", "--reconnect-grace", "0", exit_code=1)
+
+    # Both stops went out together: the second was not held back by the first wait.
+    [first], [second] = (worker.received_at for worker in hung)
+    assert abs(second - first) < 1.5
+    lines = jobs_by_id(report)
+    assert [lines[j.id]["outcome"] for j in overdue] == ["error", "error"]
+    assert all("did not stop it within 3s" in lines[j.id]["reason"] for j in overdue)
+    assert lines[abandoned.id]["outcome"] == "done"
+    assert status_of(conn, abandoned.id) == "failed"
+    assert [status_of(conn, j.id) for j in overdue] == ["started", "started"]
 
 
 def test_an_overdue_job_that_ends_on_its_own_while_opsctl_waits_is_not_reported_stopped(

@@ -117,11 +117,26 @@ class Executor:
         self._to_deal_with = sum(len(outcomes) for outcomes in work.values())
         try:
             self._note_lost()
+            # Jobs that need no stop are changed first, queue by queue; then every
+            # stop of the run is sent and waited for at once (a hung worker holds up
+            # no other clean-up, and --stop-timeout is waited once, not per queue);
+            # then the stopped jobs get their follow-up actions.
+            stops = [o for outcomes in work.values() for o in outcomes if o.action == ACTION_STOP]
             for queue, outcomes in work.items():
                 if self.run.redis_lost:
                     break
                 self._checkpoint()
-                self._execute_queue(queue, outcomes)
+                self._under_queue_lock(queue, [o for o in outcomes if o.action != ACTION_STOP])
+            follow_ups: dict[str, list[JobOutcome]] = {}
+            if stops and not self.run.redis_lost:
+                self._checkpoint()
+                for outcome in self._stop_jobs(stops):
+                    follow_ups.setdefault(outcome.entry.queue, []).append(outcome)
+                self._dealt(len(stops))
+            for queue, stopped in follow_ups.items():
+                if self.run.redis_lost:
+                    break
+                self._under_queue_lock(queue, stopped, follow_up=True)
             if self.run.redis_lost:
                 # A batch could not be confirmed and Redis stayed away: the
                 # queues not reached yet wait for the next run.
@@ -165,7 +180,13 @@ class Executor:
                 work.setdefault(job.entry.queue, []).append(job)
         return work
 
-    def _execute_queue(self, queue: str, outcomes: list[JobOutcome]) -> None:
+    def _under_queue_lock(
+        self, queue: str, outcomes: list[JobOutcome], follow_up: bool = False
+    ) -> None:
+        """Change ``outcomes`` (or, with ``follow_up``, apply the follow-up actions of
+        these stopped jobs) while holding RQ's maintenance lock of ``queue``."""
+        if not outcomes:
+            return
         lock = maintenance_lock(self.conn, self.keys.prefix, queue, self.run.run_id)
         if not lock.acquire(self.lock_timeout_s, self._asked_to_stop):
             self._checkpoint()  # asked to stop while waiting: the rest is left
@@ -176,19 +197,23 @@ class Executor:
                 "RQ is cleaning its registries, or a worker killed while cleaning left the "
                 "lock behind; run again once it is gone"
             )
-            self.run.locked_out.append(queue)
+            if queue not in self.run.locked_out:
+                self.run.locked_out.append(queue)
             for outcome in outcomes:
-                _set(outcome, SKIPPED, why)
-            self._dealt(len(outcomes))
+                if follow_up:
+                    outcome.action = outcome.verdict.follow_up or "fail"
+                    _set(outcome, SKIPPED, f"{outcome.action} not applied: {why}", append=True)
+                else:
+                    _set(outcome, SKIPPED, why)
+            if not follow_up:
+                self._dealt(len(outcomes))
             return
         self._held.append(lock)
         try:
-            # Split first: a stopped job's action becomes its follow-up.
-            stops = [o for o in outcomes if o.action == ACTION_STOP]
-            changes = [o for o in outcomes if o.action != ACTION_STOP]
-            self._stop_jobs(stops)
-            self._dealt(len(stops))
-            self._change_jobs(changes)
+            if follow_up:
+                self._follow_up(outcomes)
+            else:
+                self._change_jobs(outcomes)
         finally:
             self._held.remove(lock)
             lock.release()
@@ -360,8 +385,9 @@ class Executor:
 
     # Overdue jobs ----------------------------------------------------------------------------
 
-    def _stop_jobs(self, outcomes: list[JobOutcome]) -> None:
-        """Ask each live worker to stop its overdue job, wait, then apply the follow-up."""
+    def _stop_jobs(self, outcomes: list[JobOutcome]) -> list[JobOutcome]:
+        """Ask each live worker to stop its overdue job and wait; the stopped jobs
+        whose policy action follows the stop (see :meth:`_follow_up`)."""
         waiting = []
         unsent = stops_that_may_stray(self.conn, self.keys, outcomes)
         now = self._statuses([o.entry.job_id for o in outcomes])
@@ -413,7 +439,7 @@ class Executor:
                 outcome.outcome = DONE
                 _log_outcome(outcome)
         self._checkpoint()
-        self._follow_up(follow_ups)
+        return follow_ups
 
     def _statuses(self, job_ids: list[str]) -> dict[str, str]:
         """Each job's status now ("missing" when its hash is gone or holds none)."""
@@ -442,8 +468,8 @@ class Executor:
 
     def _follow_up(self, outcomes: list[JobOutcome]) -> None:
         """Apply the policy's action to stopped jobs (RQ files them as failed)."""
-        if not outcomes:
-            return
+        for o in outcomes:
+            o.action = o.verdict.follow_up or "fail"
         pipe = self.conn.pipeline(transaction=False)
         for o in outcomes:
             pipe.hmget(self.keys.job(o.entry.job_id), "status", "last_heartbeat", "retries_left")
@@ -452,7 +478,6 @@ class Executor:
             names = ("status", "last_heartbeat", "retries_left")
             expect = {k: text(v) for k, v in zip(names, fields, strict=True) if v is not None}
             origin = (o.entry.job or {}).get("origin") or o.entry.queue
-            o.action = o.verdict.follow_up or "fail"
             changes.append(
                 JobChange(
                     action=o.action,
