@@ -372,12 +372,13 @@ def _not_started(
         # still writing its end; the entry is its to remove.
         reason = f"status is {shown} but {signals.worker} is executing it"
         return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
-    if liveness.alive:
+    if liveness.alive and status == "queued":
         # A worker enters a job it takes in the registry (with its execution)
         # while the job's status is still 'queued'; its work horse marks it
         # started later. Its records were read before the entry, so they may
         # not list it yet: removing the entry then would break the job it is
         # about to run. Left alone until it has not run for longer than lost_after.
+        # (A job that ended is no job a worker is about to run.)
         found = f"status is {shown} and {signals.worker} is live but not executing it"
         return _after_grace(
             State.LEFTOVER,
