@@ -851,6 +851,20 @@ def test_a_queue_option_naming_a_disabled_queue_says_the_policy_disables_it(
     assert status_of(conn, imports.id) == "started"
 
 
+def test_the_text_report_shows_each_job_id_whole_to_paste_into_explain(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    register_worker(url, "w-crashed")
+    job = started_job(conn, "w-crashed")
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+
+    result = opsctl("apply", str(policy), "--redis-url", url, "--dry-run")
+
+    assert result.exit_code == 0, result.output
+    assert len(job.id) == 36 and job.id in result.stdout
+    assert opsctl("explain", job.id, "--redis-url", url).exit_code == 0
+
+
 def test_max_age_option_overrides_the_policy(
     conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
 ) -> None:

@@ -23,6 +23,8 @@ from opsctl.run import DONE, ERROR, KEPT, PLANNED, SKIPPED, JobOutcome, Run, Wor
 
 #: Longest id shown whole in the text report; JSON always has the full id.
 SHORT_ID = 20
+#: Widest job column of the text table (longer ids fold onto more lines).
+JOB_ID_WIDTH_MAX = 64
 #: Above this many jobs the text report prints plain aligned lines instead of a
 #: table: a table of that size is slow to lay out and no easier to read.
 TABLE_ROWS_MAX = 1000
@@ -252,14 +254,19 @@ def print_text(run: Run, console: Console, redis_url: str) -> None:
 def _jobs_table(jobs: list[JobOutcome]) -> Table:
     table = Table(title="started jobs", title_justify="left", expand=False)
     columns = ("queue", "job", "state", "age", "beat", "timeout", "worker", "action", "outcome")
+    # Job ids stay whole and on one line, to be pasted into `opsctl explain`.
+    id_width = min(max((len(safe(j.entry.job_id)) for j in jobs), default=3), JOB_ID_WIDTH_MAX)
     for column in (*columns, "reason"):
-        table.add_column(column, overflow="fold")
+        if column == "job":
+            table.add_column(column, overflow="fold", min_width=id_width)
+        else:
+            table.add_column(column, overflow="fold")
     for j in jobs:
         s = j.verdict.signals
         worker = short(s.worker) + (" (dead)" if s.worker and s.worker_alive is False else "")
         table.add_row(
             Text(safe(j.entry.queue)),
-            Text(short(j.entry.job_id)),
+            Text(safe(j.entry.job_id)),
             Text(j.verdict.state.value, style=_STATE_STYLE[j.verdict.state]),
             Text(duration(s.age_s)),
             Text(duration(s.heartbeat_age_s)),
@@ -274,14 +281,14 @@ def _jobs_table(jobs: list[JobOutcome]) -> Table:
 
 def _print_job_lines(jobs: list[JobOutcome], console: Console) -> None:
     columns = ("queue", "job", "state", "age", "beat", "timeout", "worker", "action", "outcome")
-    widths = (20, 20, 9, 7, 7, 7, 27, 12, 7)
+    widths = (20, 36, 9, 7, 7, 7, 27, 12, 7)  # a job id in full: RQ's are 36 characters
     out = console.file
     out.write(" ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " reason\n")
     for j in jobs:
         s = j.verdict.signals
         cells = (
             short(j.entry.queue),
-            short(j.entry.job_id),
+            safe(j.entry.job_id),
             j.verdict.state.value,
             duration(s.age_s),
             duration(s.heartbeat_age_s),
