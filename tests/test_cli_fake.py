@@ -862,7 +862,12 @@ def test_the_text_report_shows_each_job_id_whole_to_paste_into_explain(
 
     assert result.exit_code == 0, result.output
     assert len(job.id) == 36 and job.id in result.stdout
-    assert opsctl("explain", job.id, "--redis-url", url).exit_code == 0
+    explained = opsctl("explain", job.id, "--redis-url", url)
+    assert explained.exit_code == 0, explained.output
+    # explain looks once; apply looks at a worker without a connection twice
+    assert "w-crashed: dead (worker holds no connection to Redis; apply looks at it again" in (
+        explained.stdout
+    )
 
 
 def test_max_age_option_overrides_the_policy(

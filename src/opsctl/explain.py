@@ -237,10 +237,13 @@ def _workers(
 
 def _worker_view(worker: WorkerRecord) -> dict[str, Any]:
     liveness = engine.worker_liveness(worker)
+    evidence = liveness.evidence
+    if engine.disconnected_only(worker):
+        evidence += "; apply looks at it again --reconnect-grace seconds later before acting"
     return {
         "name": worker.name,
         "alive": liveness.alive,
-        "evidence": liveness.evidence,
+        "evidence": evidence,
         "hash_exists": worker.exists,
         "ttl_seconds": worker.ttl_s,
         "subscribers": worker.subscribers,
