@@ -123,8 +123,8 @@ def worker_liveness(worker: WorkerRecord | None) -> Liveness:
     if worker.connected:
         return Liveness(True, "worker holds a named connection")
     if worker.looked_again_after_s is not None:
-        again = f"{worker.looked_again_after_s:g}s later either"
-        return Liveness(False, f"{NO_CONNECTION}, nor {again}")
+        again = f"looked again {worker.looked_again_after_s:g}s later: still none"
+        return Liveness(False, f"{NO_CONNECTION} ({again})")
     return Liveness(False, NO_CONNECTION)
 
 

@@ -498,7 +498,7 @@ def _confirm_disconnected(
     a live one whose connections the server dropped (a restart, a failover, a
     proxy, ``CLIENT KILL``): it subscribes again within seconds, while its work
     horse runs on. A worker that is back by then is live; one that is not is
-    dead, and says so ("...; none <grace>s later either").
+    dead, and says so ("... (looked again <grace>s later: still none)").
     """
     named = {name for entry in entries if (name := entry.worker_name)}
     doubtful = sorted(n for n in named if engine.disconnected_only(snapshot.workers.get(n)))
