@@ -193,7 +193,7 @@ def test_a_job_enqueued_again_under_its_id_runs_to_the_end_past_its_dead_entry(
         QUEUE, connection=redis_conn
     ).get_job_and_execution_ids(cleanup=False)
     rq_workers.start([QUEUE], job_monitoring_interval=30)
-    job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 3, job_id=first.id)
+    job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 12, job_id=first.id)
     assert wait_for_status(redis_conn, job.id, "started", STATUS_TIMEOUT_S) == "started"
 
     report = apply(write_policy(tmp_path, action="fail"), redis_url)
@@ -207,9 +207,9 @@ def test_a_job_enqueued_again_under_its_id_runs_to_the_end_past_its_dead_entry(
     ), show(dead)
     [running] = lines.values()
     assert (running["state"], running["action"]) == ("running", "none"), show(running)
-    assert wait_for_status(redis_conn, job.id, "finished", STATUS_TIMEOUT_S) == "finished"
+    assert wait_for_status(redis_conn, job.id, "finished", 2 * STATUS_TIMEOUT_S) == "finished"
     results = Job.fetch(job.id, connection=redis_conn).results()
-    assert [r.return_value for r in results] == ["slept 3s"]  # no failure was recorded
+    assert [r.return_value for r in results] == ["slept 12s"]  # no failure was recorded
     assert started_ids(redis_conn) == []
 
 
