@@ -222,7 +222,7 @@ def _decide(
     if job is None or not (status or job.get("created_at")):
         return _orphaned(job, holds, signals)
     if status != "started":
-        return _not_started(entry, status, rule, liveness, holds, signals, now)
+        return _not_started(status, rule, liveness, holds, signals, now)
     if not holds:
         return _abandoned(rule, liveness, signals, now)
     return _held(rule, signals)
@@ -358,13 +358,7 @@ def _orphaned(job: Mapping[str, str] | None, holds: bool, signals: Signals) -> V
 
 
 def _not_started(
-    entry: StartedEntry,
-    status: str,
-    rule: Rule,
-    liveness: Liveness,
-    holds: bool,
-    signals: Signals,
-    now: float,
+    status: str, rule: Rule, liveness: Liveness, holds: bool, signals: Signals, now: float
 ) -> Verdict:
     shown = f"'{status}'" if status else "missing"
     if holds:
