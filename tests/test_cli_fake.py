@@ -1101,7 +1101,7 @@ def test_text_report_has_the_table_headers_and_a_summary_with_the_run_id(
     assert {"worker", "action", "outcome", "reason"} <= set(names)
     assert lines[-1] == (
         f"run {run_id}: 1 inspected, 1 stuck, 1 acted, 0 planned, 0 skipped, 0 errors; "
-        "1 dead worker registrations removed"
+        "1 dead worker registration removed"
     )
 
 
@@ -1146,6 +1146,21 @@ def test_dry_run_with_a_plan_changes_nothing(conn: redis.Redis, url: str, tmp_pa
     assert "dry run" in result.stdout
     assert everything(conn) == before
     assert status_of(conn, job.id) == "started"
+
+
+def test_plan_says_what_it_wrote_unless_quiet(conn: redis.Redis, url: str, tmp_path: Path) -> None:
+    register_worker(url, "w-crashed")
+    started_job(conn, "w-crashed")
+    policy = write_policy(tmp_path, FAIL_ALL)
+    plan = tmp_path / "plan.json"
+
+    said = opsctl("plan", str(policy), "--output", str(plan), "--redis-url", url)
+    quiet = opsctl("plan", str(policy), "--output", str(plan), "--redis-url", url, "-q")
+
+    assert said.exit_code == quiet.exit_code == 0, quiet.output
+    assert f"opsctl: wrote 1 planned action(s) to {plan}" in said.stderr
+    assert "wrote" not in quiet.stderr
+    assert len(json.loads(plan.read_text())["jobs"]) == 1  # written all the same
 
 
 def test_a_plan_applied_twice_reports_no_registration_removed_the_second_time(

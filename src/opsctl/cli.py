@@ -1091,7 +1091,8 @@ def plan_command(
     job = Job(url, timeout, 0, overrides, progress=output is Format.text, options=options)
     run, count = _guard(lambda: job.write_plan(policy, output_file), url=url)
     _print_run(run, output, url, (policy.path, policy.digest))
-    _say(f"wrote {count} planned action(s) to {output_file}")
+    if not quiet:
+        _say(f"wrote {count} planned action(s) to {output_file}")
 
 
 @app.command()

@@ -327,12 +327,18 @@ def _workers_table(workers: list[WorkerOutcome]) -> Table:
     return table
 
 
+def _count(number: int, noun: str) -> str:
+    """'1 error', '2 errors'."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def _summary_line(run: Run) -> str:
     c = summary(run)
     line = (
         f"run {run.run_id}: {c['inspected']} inspected, {c['stuck']} stuck, "
         f"{c['acted']} acted, {c['planned']} planned, {c['skipped']} skipped, "
-        f"{c['errors']} errors; {c['workers_removed']} dead worker registrations removed"
+        f"{_count(c['errors'], 'error')}; "
+        f"{_count(c['workers_removed'], 'dead worker registration')} removed"
     )
     planned = sum(1 for w in run.workers if w.outcome == PLANNED)
     if planned:
