@@ -203,7 +203,8 @@ def test_job_whose_worker_record_says_the_hash_does_not_exist_is_abandoned() -> 
 
 
 def test_job_whose_worker_recorded_its_death_is_abandoned_even_if_still_subscribed() -> None:
-    died = worker(death=iso(60))
+    # It shuts down: its last heartbeat, then its death; its subscription ends last.
+    died = worker(death=iso(60), last_heartbeat=iso(61))
 
     verdict = decide(entry(), died)
 
@@ -283,6 +284,18 @@ def test_entry_of_a_queued_job_a_live_worker_has_just_taken_is_left_until_lost_a
     assert decide(just_taken, worker(executing=(), state="idle", death=iso(1))).action == (
         "remove-entry"
     )  # its worker is dead: nobody will run it from this entry
+
+
+def test_a_death_written_while_a_worker_was_cut_off_gives_way_to_its_return() -> None:
+    # A run took the worker for dead while it was cut off from Redis and wrote its
+    # death; it came back, holds its connection and has heartbeated since.
+    back = worker(death=iso(60), last_heartbeat=iso(5))
+    gone = worker(death=iso(60), last_heartbeat=iso(5), subscribers=0, connected=False)
+    shut_down = worker(death=iso(5), last_heartbeat=iso(60))  # a clean shutdown, still closing
+
+    assert worker_liveness(back).alive is True
+    assert worker_liveness(gone).alive is False
+    assert worker_liveness(shut_down).alive is False
 
 
 def test_job_that_names_no_worker_is_abandoned() -> None:

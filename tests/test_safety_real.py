@@ -758,39 +758,44 @@ def test_the_entry_of_a_job_a_live_worker_takes_while_opsctl_reads_is_left_to_it
     assert job.get_status(refresh=True) == JobStatus.QUEUED
 
 
-def test_a_worker_cut_off_from_redis_for_a_moment_keeps_its_job(
-    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+@pytest.mark.parametrize("busy", [True, False], ids=["busy", "idle"])
+def test_a_worker_cut_off_from_redis_for_a_moment_keeps_its_job_and_registration(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, busy: bool
 ) -> None:
     # The server drops a live worker's connections (a restart, a failover, a
-    # proxy) and it cannot log in again for a moment: its work horse runs on.
+    # proxy) and it cannot log in again for 4 s: its work horse runs on.
     user, password = "cut-off", secrets.token_hex(8)
     redis_conn.execute_command(
         "ACL", "SETUSER", user, "reset", "on", f">{password}", "~*", "&*", "+@all"
     )
     workers = WorkerFactory(redis_url.replace("redis://", f"redis://{user}:{password}@"), tmp_path)
     try:
-        job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 10)
         # No heartbeat falls in the outage (the worker would then give up).
         worker = workers.start([QUEUE], job_monitoring_interval=30)
-        assert wait_for_status(redis_conn, job.id, "started") == "started"
+        job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 15) if busy else None
+        if job is not None:
+            assert wait_for_status(redis_conn, job.id, "started") == "started"
         redis_conn.execute_command("ACL", "SETUSER", user, "off")
         redis_conn.execute_command("CLIENT", "KILL", "USER", user)
         assert wait_until(lambda: numsub(redis_conn, worker.name) == 0)
 
-        run = start_opsctl(
-            *apply_args(POLICIES / "safety_fail.yaml", redis_url, "--reconnect-grace", "8")
-        )
-        time.sleep(2)  # opsctl has read the worker without a connection
+        run = start_opsctl(*apply_args(POLICIES / "safety_fail.yaml", redis_url))
+        time.sleep(4)  # opsctl reads the worker without a connection meanwhile
         redis_conn.execute_command("ACL", "SETUSER", user, "on")
         stdout, stderr = run.communicate(timeout=60)
         assert run.returncode == EXIT_OK, stderr
         assert "workers_without_connection count=1" in stderr
 
-        [line] = json.loads(stdout)["jobs"]
-        assert (line["state"], line["action"]) == ("running", "none"), line
-        assert line["worker_alive"] is True
-        assert wait_for_status(redis_conn, job.id, "finished", timeout=30) == "finished"
-        assert [r.type for r in job.results()] == [Result.Type.SUCCESSFUL]
+        report = json.loads(stdout)
+        assert report["workers"] == [], "its registration is not removed"
+        assert redis_conn.hget(f"rq:worker:{worker.name}", "death") is None
+        assert worker.name in [w.name for w in Worker.all(connection=redis_conn)]
+        if job is not None:
+            [line] = report["jobs"]
+            assert (line["state"], line["action"]) == ("running", "none"), line
+            assert line["worker_alive"] is True
+            assert wait_for_status(redis_conn, job.id, "finished", timeout=30) == "finished"
+            assert [r.type for r in job.results()] == [Result.Type.SUCCESSFUL]
     finally:
         workers.close()
         redis_conn.execute_command("ACL", "DELUSER", user)
@@ -808,7 +813,7 @@ def test_a_worker_still_without_a_connection_when_looked_at_again_is_dead(
     [line] = report["jobs"]
     assert (line["state"], line["outcome"]) == ("abandoned", "done"), line
     assert line["worker_evidence"] == (
-        "worker holds no connection to Redis (looked again 0.5s later: still none)"
+        "worker holds no connection to Redis (still none 0.5s later)"
     )
     assert job_status(redis_conn, job_id) == "failed"
 

@@ -545,9 +545,9 @@ ReconnectGraceOpt = Annotated[
     float,
     _option(
         "--reconnect-grace",
-        help="Seconds after which a worker found without a connection to Redis (its hash "
-        "left, no death recorded) is looked at again; only if it is still not back is it "
-        "dead, and its jobs acted on. 0: at once.",
+        help="Seconds for which a worker found without a connection to Redis (its hash "
+        "left, no death recorded) is looked at again, every second; only if it is never "
+        "back is it dead, and its jobs acted on. 0: at once.",
         callback=_seconds,
     ),
 ]

@@ -115,6 +115,14 @@ def worker_liveness(worker: WorkerRecord | None) -> Liveness:
             return Liveness(True, "worker hash expired, but the worker still holds its connection")
         return Liveness(False, "worker hash is gone")
     if worker.fields.get("death"):
+        if _back_since_death(worker):
+            # A death written while the worker was cut off from Redis (by a run
+            # that took it for dead), after which it connected again and went on.
+            return Liveness(
+                True,
+                f"worker holds its connection and has heartbeated since the death "
+                f"recorded at {worker.fields['death']}",
+            )
         return Liveness(False, f"worker recorded its death at {worker.fields['death']}")
     if worker.subscribers is None and worker.connected is None:
         return Liveness(True, "worker hash exists (its connections cannot be checked here)")
@@ -123,7 +131,7 @@ def worker_liveness(worker: WorkerRecord | None) -> Liveness:
     if worker.connected:
         return Liveness(True, "worker holds a named connection")
     if worker.looked_again_after_s is not None:
-        again = f"looked again {worker.looked_again_after_s:g}s later: still none"
+        again = f"still none {worker.looked_again_after_s:g}s later"
         return Liveness(False, f"{NO_CONNECTION} ({again})")
     return Liveness(False, NO_CONNECTION)
 
@@ -142,6 +150,17 @@ def disconnected_only(worker: WorkerRecord | None) -> bool:
         and worker.looked_again_after_s is None
         and worker_liveness(worker).evidence == NO_CONNECTION
     )
+
+
+def _back_since_death(worker: WorkerRecord) -> bool:
+    """Whether a worker whose hash records a death holds its connection and has
+    heartbeated after that death (RQ records a death as a worker shuts down,
+    after its last heartbeat, and then closes its connections)."""
+    if not (worker.subscribers or worker.connected):
+        return False
+    died = parse_timestamp(worker.fields.get("death"))
+    beat = parse_timestamp(worker.fields.get("last_heartbeat"))
+    return died is not None and beat is not None and beat > died
 
 
 def is_executing(worker: WorkerRecord, entry: StartedEntry) -> bool:

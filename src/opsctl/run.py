@@ -65,7 +65,7 @@ class Overrides:
     max_actions: int | None = None  # replaces the run-wide max_actions cap
     #: Seconds after which a worker found without a connection is looked at
     #: again before it counts as dead (0: at once); see _confirm_disconnected.
-    reconnect_grace_s: float = 5.0
+    reconnect_grace_s: float = 10.0
 
 
 @dataclass(slots=True)
@@ -282,9 +282,7 @@ def _plan(
     entries = snapshot.entries + _lost_entries(conn, keys, snapshot, run, found)
     del found  # its candidate lists are large and no longer needed
     checkpoint()
-    _confirm_disconnected(
-        conn, keys, snapshot, entries, decide, overrides.reconnect_grace_s, checkpoint
-    )
+    _confirm_disconnected(conn, keys, snapshot, decide, overrides.reconnect_grace_s, checkpoint)
     run.jobs = decide.outcomes(entries, snapshot.workers, snapshot.now)
     _respect_origins(policy, overrides, run)
     inspected = Counter(j.entry.queue for j in run.jobs)
@@ -482,42 +480,53 @@ def _lost_entries(
     return scan.entries + stranded.entries
 
 
+#: Seconds between two looks at the workers found without a connection.
+RELOOK_EVERY_S = 1.0
+
+
 def _confirm_disconnected(
     conn: redis.Redis,
     keys: Keys,
     snapshot: Snapshot,
-    entries: list[StartedEntry],
     decide: _Classifier,
     grace_s: float,
     checkpoint: _Checkpoint,
 ) -> None:
-    """Look once more, ``grace_s`` later, at the workers that entries name and
-    that were found dead only because they held no connection.
+    """Look again, every second for ``grace_s``, at the workers found dead only
+    because they held no connection (their hash is there, with no death).
 
     A killed worker loses its connections for good, but so, for a moment, does
     a live one whose connections the server dropped (a restart, a failover, a
     proxy, ``CLIENT KILL``): it subscribes again within seconds, while its work
-    horse runs on. A worker that is back by then is live; one that is not is
-    dead, and says so ("... (looked again <grace>s later: still none)").
+    horse runs on. A worker that is back at any look within the grace is live;
+    one that never is, is dead, and says so ("... (still none <grace>s later)").
     """
-    named = {name for entry in entries if (name := entry.worker_name)}
-    doubtful = sorted(n for n in named if engine.disconnected_only(snapshot.workers.get(n)))
+    # Every worker read: an idle one is judged too (its registration would be
+    # removed and its death recorded).
+    doubtful = sorted(n for n, w in snapshot.workers.items() if engine.disconnected_only(w))
     if not doubtful or grace_s <= 0:
         return
-    log.warning("workers_without_connection count=%d looking_again_in=%ss", len(doubtful), grace_s)
+    log.warning("workers_without_connection count=%d looking_again_for=%ss", len(doubtful), grace_s)
+    # Looked at every second: RQ's workers try to subscribe again every 2 s, so
+    # one that is back at any moment of the grace counts as live.
     deadline = time.monotonic() + grace_s
-    while (left := deadline - time.monotonic()) > 0:
+    back: set[str] = set()
+    while True:
         checkpoint()
-        time.sleep(min(left, 0.1))
-    checkpoint()
-    again = read_workers(conn, keys, doubtful, None, snapshot.queues)
-    back = False
-    for name in doubtful:
-        fresh = again.get(name)
-        if fresh is None:
-            continue
-        back = back or engine.worker_liveness(fresh).alive
-        snapshot.workers[name] = replace(fresh, looked_again_after_s=grace_s)
+        left = deadline - time.monotonic()
+        if left > 0:
+            time.sleep(min(left, RELOOK_EVERY_S))
+        waiting = [n for n in doubtful if n not in back]
+        again = read_workers(conn, keys, waiting, None, snapshot.queues)
+        for name in waiting:
+            fresh = again.get(name)
+            if fresh is not None and engine.worker_liveness(fresh).alive:
+                back.add(name)
+                snapshot.workers[name] = fresh
+            elif fresh is not None and deadline - time.monotonic() <= 0:
+                snapshot.workers[name] = replace(fresh, looked_again_after_s=grace_s)
+        if len(back) == len(doubtful) or deadline - time.monotonic() <= 0:
+            break
     decide.forget(None if back else set(doubtful))
 
 
