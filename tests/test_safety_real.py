@@ -46,6 +46,7 @@ from conftest import (
 )
 from opsctl import apply as apply_module
 from opsctl import cli
+from opsctl import lock as lock_module
 from opsctl import run as run_module
 from opsctl import state as state_module
 from opsctl.actions import _JOB_SCRIPT
@@ -799,6 +800,41 @@ def test_a_worker_cut_off_from_redis_for_a_moment_keeps_its_job_and_registration
     finally:
         workers.close()
         redis_conn.execute_command("ACL", "DELUSER", user)
+
+
+def test_the_run_lock_is_kept_through_a_wait_longer_than_its_expiry(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    [job_id] = abandon(redis_conn, 1)
+    with redis.Redis.from_url(redis_url) as own:  # a connection that ends, as a killed worker's
+        Worker([QUEUE], connection=own, name=DEAD_WORKER).register_birth()
+    held: list[bool] = []
+    running = threading.Event()
+
+    def watch_the_lock() -> None:
+        while running.is_set():
+            held.append(bool(redis_conn.exists("opsctl:lock")))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch_the_lock)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lock_module, "RUN_LOCK_TTL_S", 1)  # the wait below lasts 4 of these
+        running.set()
+        watcher.start()
+        try:
+            job = cli.Job(redis_url, 5, 5, Overrides(reconnect_grace_s=4))
+            run = job.apply_policy(load_policy(str(POLICIES / "safety_fail.yaml")))
+        finally:
+            running.clear()
+            watcher.join()
+
+    assert [line.outcome for line in run.jobs] == ["done"]
+    assert job_status(redis_conn, job_id) == "failed"
+    first = held.index(True)
+    last = len(held) - 1 - held[::-1].index(True)
+    assert all(held[first : last + 1]), "the lock was free for a moment while the run went on"
+    assert last - first >= 15, held  # it was held through the whole wait
+    assert not redis_conn.exists("opsctl:lock")
 
 
 def test_a_worker_still_without_a_connection_when_looked_at_again_is_dead(

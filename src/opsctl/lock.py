@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -165,10 +166,37 @@ def run_lock(
                 f"another opsctl run holds the lock ({lock.holder()}); waited {timeout_s:g}s. "
                 "Try again when it has finished, or raise --lock-timeout."
             )
+    keeper = _Keeper(lock)
     try:
         yield lock
     finally:
+        keeper.stop()
         lock.release()
+
+
+class _Keeper:
+    """Renews a held lock in the background, a third of its expiry apart, until
+    stopped: a run's reads (minutes on a large keyspace) and its waits (for
+    workers to connect again, or to stop jobs) must never outlast its lock."""
+
+    def __init__(self, lock: Lock) -> None:
+        self.lock = lock
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="opsctl-lock", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.lock.ttl_s / 3):
+            try:
+                if not self.lock.renew():
+                    log.warning("lock=%s lost: another run may act meanwhile", self.lock.key)
+                    return
+            except redis.RedisError as exc:
+                log.warning("lock=%s renew_failed error=%s", self.lock.key, exc)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)
 
 
 def maintenance_lock(conn: redis.Redis, prefix: str, queue: str, run_id: str) -> Lock:
