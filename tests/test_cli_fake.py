@@ -42,6 +42,7 @@ from rq.worker_registration import get_keys
 from typer.testing import CliRunner
 
 from conftest import opsctl_env, serve_fake_redis
+from opsctl import apply as apply_module
 from opsctl import run
 from opsctl.cli import app
 from opsctl.engine import ACTION_NONE, ACTION_REMOVE_ENTRY, ACTION_STOP, State
@@ -657,6 +658,35 @@ def test_an_overdue_job_that_ends_on_its_own_while_opsctl_waits_is_not_reported_
     )
     assert status_of(conn, job.id) == "finished"  # not requeued to run again
     assert Queue("default", connection=conn).get_job_ids() == []
+
+
+def test_a_stop_is_not_sent_to_a_run_of_the_job_that_began_after_the_read(
+    conn: redis.Redis,
+    url: str,
+    tmp_path: Path,
+    live_worker: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # RQ's stop-job names the job, not the run: a retry begun since the read
+    # (within max_age) would be the one stopped, and never retried again.
+    worker = live_worker("w-live", obeys_stop=True)
+    job = started_job(conn, "w-live", started_ago_s=3600)
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+    just_now = utcformat(datetime.now(timezone.utc))
+    check_strays = apply_module.stops_that_may_stray
+
+    def retried_meanwhile(*args: Any) -> Any:
+        conn.hset(job.key, "started_at", just_now)  # the job started again
+        return check_strays(*args)
+
+    monkeypatch.setattr(apply_module, "stops_that_may_stray", retried_meanwhile)
+    report = apply(policy, url)
+
+    entry = jobs_by_id(report)[job.id]
+    assert (entry["outcome"], entry["stop_confirmed"]) == ("skipped", False), entry
+    assert "not stopped: it started again since it was read" in entry["reason"]
+    assert worker.commands == [], "no stop was sent"
+    assert status_of(conn, job.id) == "started"
 
 
 def test_a_planned_stop_of_a_job_stopped_since_the_plan_is_not_sent_again(

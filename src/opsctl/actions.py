@@ -530,6 +530,30 @@ def failure_text(reason: str) -> str:
     return base64.b64encode(zlib.compress(data)).decode()
 
 
+# Sends RQ's stop-job command only if the job is still the run that was read:
+# stop-job names a job, not an execution, and a worker stops whatever run of
+# that job it has, so a retry or a new run begun since must not get it.
+# KEYS: the job hash, the started registry. ARGV: the channel, the command,
+# the started_at read, the registry member read.
+# Returns {receivers, ''}, or {-1, status now}, {-2, ''} (started again since),
+# {-3, ''} (its entry is gone).
+_STOP_SCRIPT = """
+local job = redis.call('HMGET', KEYS[1], 'status', 'started_at')
+if job[1] ~= 'started' then return {-1, job[1] or ''} end
+if (job[2] or '') ~= ARGV[3] then return {-2, ''} end
+if not redis.call('ZSCORE', KEYS[2], ARGV[4]) then return {-3, ''} end
+return {redis.call('PUBLISH', ARGV[1], ARGV[2]), ''}
+"""
+
+
+@dataclass(frozen=True)
+class StopSent:
+    """What became of one stop: how many listeners received it, or why it was not sent."""
+
+    receivers: int
+    not_sent: str | None = None
+
+
 class Actor:
     """Runs the atomic scripts against one Redis, in pipelined batches."""
 
@@ -538,6 +562,7 @@ class Actor:
         self.keys = keys
         self._job_script = conn.register_script(_JOB_SCRIPT)
         self._worker_script = conn.register_script(_WORKER_SCRIPT)
+        self._stop_script = conn.register_script(_STOP_SCRIPT)
 
     def apply_jobs(
         self,
@@ -647,10 +672,27 @@ class Actor:
             return ChangeResult(False, f"Redis error: {exc}")
         return _result(reply)
 
-    def send_stop(self, worker: str, job_id: str) -> int:
-        """Ask ``worker`` to stop ``job_id`` (RQ's stop-job command); receivers count."""
+    def send_stop(
+        self, worker: str, job_id: str, queue: str, member: bytes, started_at: str
+    ) -> StopSent:
+        """Ask ``worker`` to stop ``job_id`` (RQ's stop-job command), atomically only
+        if the job is still started, from ``started_at``, under registry ``member``."""
         payload = json.dumps({"command": "stop-job", "job_id": job_id})
-        return int(self.conn.publish(self.keys.worker_channel(worker), payload))
+        reply = self._stop_script(
+            keys=[self.keys.job(job_id), self.keys.started(queue)],
+            args=[self.keys.worker_channel(worker), payload, started_at, member],
+        )
+        code, detail = int(reply[0]), reply[1]
+        if isinstance(detail, bytes):
+            detail = detail.decode("utf-8", "backslashreplace")
+        if code >= 0:
+            return StopSent(code)
+        why = {
+            -1: f"its status is now {detail!r}" if detail else "the job is gone",
+            -2: "it started again since it was read (a retry, or a new run of its id)",
+            -3: "its registry entry is gone",
+        }[code]
+        return StopSent(0, why)
 
 
 def _result(reply: Any) -> ChangeResult:

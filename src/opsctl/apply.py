@@ -390,22 +390,25 @@ class Executor:
         whose policy action follows the stop (see :meth:`_follow_up`)."""
         waiting = []
         unsent = stops_that_may_stray(self.conn, self.keys, outcomes)
-        now = self._statuses([o.entry.job_id for o in outcomes])
         for outcome, why in zip(outcomes, unsent, strict=True):
-            worker, job_id = outcome.entry.worker_name, outcome.entry.job_id
-            if now[job_id] != "started":
-                # It ended since it was read (a plan's reads may be minutes old):
-                # there is nothing to stop, and a stop would be ignored.
-                outcome.stop_confirmed = False
-                _set(outcome, SKIPPED, f"not stopped: {_now_is(now[job_id])}", append=True)
-                continue
+            entry = outcome.entry
             if why is not None:
                 outcome.stop_confirmed = False
                 _set(outcome, ERROR, f"not stopped: {why}", append=True)
                 continue
-            if self.actor.send_stop(worker, job_id) == 0:
+            started_at = (entry.job or {}).get("started_at") or ""
+            sent = self.actor.send_stop(
+                entry.worker_name, entry.job_id, entry.queue, entry.member, started_at
+            )
+            if sent.not_sent is not None:
+                # It ended, or began again, since it was read (a plan's reads may be
+                # minutes old): this run of it is not there to stop.
                 outcome.stop_confirmed = False
-                _set(outcome, ERROR, f"{worker} did not receive the stop command", append=True)
+                _set(outcome, SKIPPED, f"not stopped: {sent.not_sent}", append=True)
+            elif sent.receivers == 0:
+                outcome.stop_confirmed = False
+                why = f"{entry.worker_name} did not receive the stop command"
+                _set(outcome, ERROR, why, append=True)
             else:
                 waiting.append(outcome)
         statuses = self._wait_until_ended(waiting)
