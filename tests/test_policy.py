@@ -192,6 +192,11 @@ def test_booleans_are_yaml_1_2s_true_and_false_as_schema_checkers_read_them(
         f"{path}:4:12: defaults.dry_run: 'off' is not a boolean (use true or false)",
     ]
 
+    path.write_text("version: 1\ndefaults:\n  force: !!bool on\nqueues:\n  - name: a\n")
+    assert problem_lines(str(path)) == [
+        f"{path}:3:10: defaults.force: 'on' is not a valid !!bool value; fix it or drop !!bool"
+    ]
+
     path.write_text("version: 1\nqueues:\n  - name: no\n    force: True\n  - name: on\n")
     policy = load_policy(str(path), environ={})
     assert [name for name, _ in policy.entries] == ["no", "on"]

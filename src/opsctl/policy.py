@@ -458,9 +458,14 @@ def _decimal_int(node: yaml.ScalarNode) -> int:
     return int(text, 10)
 
 
+#: YAML 1.2's booleans; anything else tagged !!bool (yes, on, ...) is refused.
+_YAML12_BOOLEANS = {v: True for v in ("true", "True", "TRUE")} | {
+    v: False for v in ("false", "False", "FALSE")
+}
+
 _SCALARS: dict[str, Callable[[yaml.ScalarNode], Any]] = {
     _TAG + "null": _CONSTRUCTOR.construct_yaml_null,
-    _TAG + "bool": _CONSTRUCTOR.construct_yaml_bool,
+    _TAG + "bool": lambda node: _YAML12_BOOLEANS[str(node.value)],
     _TAG + "int": _decimal_int,
     _TAG + "float": _CONSTRUCTOR.construct_yaml_float,
     # Dates are kept as written; no policy value is a date, so the schema rejects them.
