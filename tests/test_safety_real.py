@@ -1374,6 +1374,36 @@ def test_a_maintenance_lock_a_killed_worker_left_behind_exits_5_with_the_jobs_un
     redis_conn.delete(f"rq:clean_registries:{QUEUE}")
 
 
+def test_maintenance_locks_left_on_many_queues_cost_one_lock_timeout_in_all(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job_ids = abandon(redis_conn, 2) + abandon(redis_conn, 2, OTHER_QUEUE)
+    for queue in (QUEUE, OTHER_QUEUE):
+        redis_conn.set(f"rq:clean_registries:{queue}", 1, ex=899)  # left by killed workers
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"version: 1\ndefaults:\n  action: fail\nqueues:\n  - name: {QUEUE}\n"
+        f"  - name: {OTHER_QUEUE}\n"
+    )
+    waits: list[float] = []
+    acquire = lock_module.Lock.acquire
+
+    def timed(self: lock_module.Lock, timeout_s: float, *args: Any) -> bool:
+        if self.key.startswith("rq:clean_registries:"):
+            waits.append(timeout_s)
+        return acquire(self, timeout_s, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lock_module.Lock, "acquire", timed)
+        run = cli.Job(redis_url, 5, 2, Overrides()).apply_policy(load_policy(str(policy)))
+
+    assert [line.outcome for line in run.jobs] == ["skipped"] * 4
+    assert run.locked_out == [QUEUE, OTHER_QUEUE]
+    assert len(waits) == 2 and waits[0] == pytest.approx(2, abs=0.5)
+    assert waits[1] < 0.5, "the second queue gets what is left of the one budget"
+    assert statuses(redis_conn, job_ids) == Counter({"started": 4})
+
+
 def test_rq_workers_cleaning_over_and_over_during_apply_fail_each_job_exactly_once(
     redis_conn: redis.Redis, redis_url: str
 ) -> None:

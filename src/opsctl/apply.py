@@ -101,6 +101,7 @@ class Executor:
     def __post_init__(self) -> None:
         self.actor = Actor(self.conn, self.keys)
         self._held: list[Lock] = []
+        self._lock_deadline: float | None = None  # see _lock_wait_s
         self._dealt_with, self._to_deal_with = 0, 0
 
     def execute(self) -> None:
@@ -188,7 +189,7 @@ class Executor:
         if not outcomes:
             return
         lock = maintenance_lock(self.conn, self.keys.prefix, queue, self.run.run_id)
-        if not lock.acquire(self.lock_timeout_s, self._asked_to_stop):
+        if not lock.try_acquire() and not lock.acquire(self._lock_wait_s(), self._asked_to_stop):
             self._checkpoint()  # asked to stop while waiting: the rest is left
             ttl = self.conn.ttl(lock.key)
             lasts = f", for {ttl}s more" if isinstance(ttl, int) and ttl > 0 else ""
@@ -217,6 +218,14 @@ class Executor:
         finally:
             self._held.remove(lock)
             lock.release()
+
+    def _lock_wait_s(self) -> float:
+        """What is left of --lock-timeout for RQ's maintenance locks: one budget for
+        the whole run, spent only while waiting, so that many locks left behind by
+        killed workers cost one --lock-timeout, not one each."""
+        if self._lock_deadline is None:
+            self._lock_deadline = time.monotonic() + self.lock_timeout_s
+        return max(0.0, self._lock_deadline - time.monotonic())
 
     def _dealt(self, count: int) -> None:
         self._dealt_with += count
