@@ -17,9 +17,11 @@ from opsctl.engine import (
     ACTION_NONE,
     ACTION_REMOVE_ENTRY,
     ACTION_STOP,
+    Liveness,
     State,
     Verdict,
     classify,
+    disconnected_only,
     worker_liveness,
 )
 from opsctl.model import StartedEntry, WorkerRecord, format_timestamp, parse_timestamp
@@ -294,8 +296,11 @@ def test_a_death_written_while_a_worker_was_cut_off_gives_way_to_its_return() ->
     shut_down = worker(death=iso(5), last_heartbeat=iso(60))  # a clean shutdown, still closing
 
     assert worker_liveness(back).alive is True
-    assert worker_liveness(gone).alive is False
+    # Cut off again: judged by its connections like any other, so looked at again.
+    assert worker_liveness(gone) == Liveness(False, "worker holds no connection to Redis")
+    assert disconnected_only(gone)
     assert worker_liveness(shut_down).alive is False
+    assert not disconnected_only(shut_down)
 
 
 def test_job_that_names_no_worker_is_abandoned() -> None:

@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,6 +34,7 @@ from rq.executions import Execution, prepare_execution
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry, clean_registries
 from rq.results import Result
+from rq.utils import utcformat
 
 from conftest import (
     WorkerFactory,
@@ -695,6 +697,25 @@ def test_a_job_whose_worker_started_again_under_its_name_since_the_read_is_left_
     assert redis_conn.hget(f"rq:worker:{DEAD_WORKER}", "death") is None  # not marked dead
 
 
+def test_a_job_whose_execution_record_expired_since_the_read_is_left_for_the_next_run(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    [job_id] = abandon(redis_conn, 1)
+    [(_, execution_id)] = StartedJobRegistry(
+        QUEUE, connection=redis_conn
+    ).get_job_and_execution_ids(cleanup=False)
+
+    def expired() -> None:  # its lease ran out while the run waited
+        redis_conn.delete(f"rq:execution:{job_id}:{execution_id}")
+
+    run = applied_after_reading(redis_url, expired)
+
+    [line] = run.jobs
+    assert line.outcome == "skipped", line.reason
+    assert "its execution record expired since it was read; the next run decides" in line.reason
+    assert job_status(redis_conn, job_id) == "started"
+
+
 def test_a_worker_that_listens_again_before_its_registration_is_removed_is_left_alone(
     redis_conn: redis.Redis, redis_url: str
 ) -> None:
@@ -759,9 +780,13 @@ def test_the_entry_of_a_job_a_live_worker_takes_while_opsctl_reads_is_left_to_it
     assert job.get_status(refresh=True) == JobStatus.QUEUED
 
 
-@pytest.mark.parametrize("busy", [True, False], ids=["busy", "idle"])
+@pytest.mark.parametrize(
+    ("busy", "died_before"),
+    [(True, False), (False, False), (True, True)],
+    ids=["busy", "idle", "busy-after-an-earlier-death"],
+)
 def test_a_worker_cut_off_from_redis_for_a_moment_keeps_its_job_and_registration(
-    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, busy: bool
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, busy: bool, died_before: bool
 ) -> None:
     # The server drops a live worker's connections (a restart, a failover, a
     # proxy) and it cannot log in again for 4 s: its work horse runs on.
@@ -773,6 +798,11 @@ def test_a_worker_cut_off_from_redis_for_a_moment_keeps_its_job_and_registration
     try:
         # No heartbeat falls in the outage (the worker would then give up).
         worker = workers.start([QUEUE], job_monitoring_interval=30)
+        if died_before:
+            # A run took it for dead in an earlier outage and wrote its death; it
+            # came back and has heartbeated since.
+            earlier = datetime.now(timezone.utc) - timedelta(hours=1)
+            redis_conn.hset(f"rq:worker:{worker.name}", "death", utcformat(earlier))
         job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 15) if busy else None
         if job is not None:
             assert wait_for_status(redis_conn, job.id, "started") == "started"
@@ -789,7 +819,8 @@ def test_a_worker_cut_off_from_redis_for_a_moment_keeps_its_job_and_registration
 
         report = json.loads(stdout)
         assert report["workers"] == [], "its registration is not removed"
-        assert redis_conn.hget(f"rq:worker:{worker.name}", "death") is None
+        if not died_before:
+            assert redis_conn.hget(f"rq:worker:{worker.name}", "death") is None
         assert worker.name in [w.name for w in Worker.all(connection=redis_conn)]
         if job is not None:
             [line] = report["jobs"]

@@ -252,6 +252,9 @@ if field(KEYS[1], 'last_heartbeat') ~= ARGV[6] then
   return {0, 'job heartbeat changed since it was read: a worker is alive'}
 end
 if exec_id ~= '' and field(KEYS[3], 'last_heartbeat') ~= ARGV[7] then
+  if redis.call('EXISTS', KEYS[3]) == 0 then
+    return {0, 'its execution record expired since it was read; the next run decides'}
+  end
   return {0, 'execution heartbeat changed since it was read: a worker is alive'}
 end
 if field(KEYS[1], 'retries_left') ~= ARGV[8] then

@@ -114,16 +114,11 @@ def worker_liveness(worker: WorkerRecord | None) -> Liveness:
             # running the job.
             return Liveness(True, "worker hash expired, but the worker still holds its connection")
         return Liveness(False, "worker hash is gone")
-    if worker.fields.get("death"):
-        if _back_since_death(worker):
-            # A death written while the worker was cut off from Redis (by a run
-            # that took it for dead), after which it connected again and went on.
-            return Liveness(
-                True,
-                f"worker holds its connection and has heartbeated since the death "
-                f"recorded at {worker.fields['death']}",
-            )
+    if worker.fields.get("death") and not _heartbeat_since_death(worker):
         return Liveness(False, f"worker recorded its death at {worker.fields['death']}")
+    # A death followed by a heartbeat was written while the worker was cut off
+    # from Redis (by a run that took it for dead), after which it came back and
+    # went on: it no longer counts, and the connections decide, as for any other.
     if worker.subscribers is None and worker.connected is None:
         return Liveness(True, "worker hash exists (its connections cannot be checked here)")
     if worker.subscribers:
@@ -152,12 +147,9 @@ def disconnected_only(worker: WorkerRecord | None) -> bool:
     )
 
 
-def _back_since_death(worker: WorkerRecord) -> bool:
-    """Whether a worker whose hash records a death holds its connection and has
-    heartbeated after that death (RQ records a death as a worker shuts down,
-    after its last heartbeat, and then closes its connections)."""
-    if not (worker.subscribers or worker.connected):
-        return False
+def _heartbeat_since_death(worker: WorkerRecord) -> bool:
+    """Whether a worker whose hash records a death has heartbeated after it (RQ
+    records a death as a worker shuts down, after its last heartbeat)."""
     died = parse_timestamp(worker.fields.get("death"))
     beat = parse_timestamp(worker.fields.get("last_heartbeat"))
     return died is not None and beat is not None and beat > died
