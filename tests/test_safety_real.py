@@ -833,12 +833,19 @@ def test_a_worker_cut_off_from_redis_for_a_moment_keeps_its_job_and_registration
         redis_conn.execute_command("ACL", "DELUSER", user)
 
 
+def abandoned_by_a_worker_without_a_connection(conn: redis.Redis, url: str) -> str:
+    """A job abandoned by a worker whose hash is left, with no death and no
+    connection (as after a SIGKILL): the run looks at it again before acting."""
+    [job_id] = abandon(conn, 1)
+    with redis.Redis.from_url(url) as own:  # a connection that ends, as a killed worker's
+        Worker([QUEUE], connection=own, name=DEAD_WORKER).register_birth()
+    return job_id
+
+
 def test_the_run_lock_is_kept_through_a_wait_longer_than_its_expiry(
     redis_conn: redis.Redis, redis_url: str
 ) -> None:
-    [job_id] = abandon(redis_conn, 1)
-    with redis.Redis.from_url(redis_url) as own:  # a connection that ends, as a killed worker's
-        Worker([QUEUE], connection=own, name=DEAD_WORKER).register_birth()
+    job_id = abandoned_by_a_worker_without_a_connection(redis_conn, redis_url)
     held: list[bool] = []
     running = threading.Event()
 
@@ -871,9 +878,7 @@ def test_the_run_lock_is_kept_through_a_wait_longer_than_its_expiry(
 def test_a_worker_still_without_a_connection_when_looked_at_again_is_dead(
     redis_conn: redis.Redis, redis_url: str
 ) -> None:
-    [job_id] = abandon(redis_conn, 1)
-    with redis.Redis.from_url(redis_url) as own:  # a connection that ends, as a killed worker's
-        Worker([QUEUE], connection=own, name=DEAD_WORKER).register_birth()
+    job_id = abandoned_by_a_worker_without_a_connection(redis_conn, redis_url)
 
     report = apply(POLICIES / "safety_fail.yaml", redis_url, "--reconnect-grace", "0.5")
 
