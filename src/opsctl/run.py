@@ -63,8 +63,8 @@ class Overrides:
     queues: tuple[str, ...] = ()
     stop_timeout_s: float = 15.0
     max_actions: int | None = None  # replaces the run-wide max_actions cap
-    #: Seconds after which a worker found without a connection is looked at
-    #: again before it counts as dead (0: at once); see _confirm_disconnected.
+    #: Seconds for which a worker found without a connection is looked at again
+    #: before it counts as dead (0: at once); see _confirm_disconnected.
     reconnect_grace_s: float = 10.0
 
 
