@@ -445,7 +445,7 @@ class Executor:
                 continue
             outcome.stop_confirmed = True
             outcome.reason += f"; stopped by {worker} (status now {status})"
-            if status == "stopped" and outcome.verdict.follow_up not in (None, "fail"):
+            if outcome.verdict.follow_up not in (None, "fail"):
                 follow_ups.append(outcome)
             else:
                 outcome.outcome = DONE

@@ -140,11 +140,8 @@ def disconnected_only(worker: WorkerRecord | None) -> bool:
     """Whether ``worker`` was found dead by one thing alone: it held no connection
     (its hash exists and records no death). A live worker whose connections the
     server dropped looks the same until it connects again."""
-    return (
-        worker is not None
-        and worker.looked_again_after_s is None
-        and worker_liveness(worker).evidence == NO_CONNECTION
-    )
+    # Once looked at again, the evidence says so, and is no longer this.
+    return worker is not None and worker_liveness(worker).evidence == NO_CONNECTION
 
 
 def _heartbeat_since_death(worker: WorkerRecord) -> bool:
@@ -385,23 +382,19 @@ def _not_started(
         # about to run. Left alone until it has not run for longer than lost_after.
         # (A job that ended is no job a worker is about to run.)
         found = f"status is {shown} and {signals.worker} is live but not executing it"
-        return _after_grace(
-            State.LEFTOVER,
-            found,
-            _last_ran(signals, now),
-            "when it last ran",
-            (ACTION_REMOVE_ENTRY, f", over lost_after {rule.lost_after_seconds}s"),
-            rule,
-            signals,
-            now,
-        )
+        return _unlisted(State.LEFTOVER, found, ACTION_REMOVE_ENTRY, rule, signals, now)
     return Verdict(State.LEFTOVER, ACTION_REMOVE_ENTRY, f"status is {shown}", signals)
 
 
-def _last_ran(signals: Signals, now: float) -> float | None:
-    """The latest moment a job is known to have run: its start or its last heartbeat."""
+def _unlisted(
+    state: State, found: str, action: str, rule: Rule, signals: Signals, now: float
+) -> Verdict:
+    """An entry whose live worker's records do not list it (yet): ``action`` once
+    the job has not run (no start, no heartbeat) for longer than lost_after."""
     ages = [a for a in (signals.age_s, signals.heartbeat_age_s) if a is not None]
-    return now - min(ages) if ages else None
+    last_ran = now - min(ages) if ages else None
+    over = (action, f", over lost_after {rule.lost_after_seconds}s")
+    return _after_grace(state, found, last_ran, "when it last ran", over, rule, signals, now)
 
 
 def _abandoned(rule: Rule, liveness: Liveness, signals: Signals, now: float) -> Verdict:
@@ -415,11 +408,7 @@ def _abandoned(rule: Rule, liveness: Liveness, signals: Signals, now: float) -> 
         # horse), and its records were read before the entry: the job is
         # acted on only once it has not run for longer than lost_after.
         found = sys.intern(f"{signals.worker} is live but not executing it")
-        over = (rule.action, f", over lost_after {rule.lost_after_seconds}s")
-        unknown = "when it last ran"
-        return _after_grace(
-            State.ABANDONED, found, _last_ran(signals, now), unknown, over, rule, signals, now
-        )
+        return _unlisted(State.ABANDONED, found, rule.action, rule, signals, now)
     else:
         why = sys.intern(f"{signals.worker} is dead: {liveness.evidence}")
     return Verdict(State.ABANDONED, rule.action, why, signals)

@@ -407,6 +407,12 @@ _MERGE_TAG = _TAG + "merge"
 _CONSTRUCTOR = yaml.constructor.SafeConstructor()
 
 
+#: YAML 1.2's booleans, untagged or tagged !!bool; anything else (yes, on, ...) is not one.
+_YAML12_BOOLEANS = {v: True for v in ("true", "True", "TRUE")} | {
+    v: False for v in ("false", "False", "FALSE")
+}
+
+
 def _yaml12_booleans(
     resolvers: dict[Any, list[tuple[str, re.Pattern[str]]]],
 ) -> dict[Any, list[tuple[str, re.Pattern[str]]]]:
@@ -420,7 +426,7 @@ def _yaml12_booleans(
         first: [(tag, regexp) for tag, regexp in found if tag != _TAG + "bool"]
         for first, found in resolvers.items()
     }
-    boolean = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+    boolean = re.compile("^(?:" + "|".join(_YAML12_BOOLEANS) + ")$")
     for first in "tTfF":
         kept.setdefault(first, []).insert(0, (_TAG + "bool", boolean))
     return {first: found for first, found in kept.items() if found}
@@ -457,11 +463,6 @@ def _decimal_int(node: yaml.ScalarNode) -> int:
         raise _NotDecimal(text)
     return int(text, 10)
 
-
-#: YAML 1.2's booleans; anything else tagged !!bool (yes, on, ...) is refused.
-_YAML12_BOOLEANS = {v: True for v in ("true", "True", "TRUE")} | {
-    v: False for v in ("false", "False", "FALSE")
-}
 
 _SCALARS: dict[str, Callable[[yaml.ScalarNode], Any]] = {
     _TAG + "null": _CONSTRUCTOR.construct_yaml_null,
