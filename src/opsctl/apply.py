@@ -91,7 +91,6 @@ class Executor:
     context: AuditContext
     stop_timeout_s: float = 15.0
     lock_timeout_s: float = 5.0
-    run_lock: Lock | None = None
     #: Polled between queues and between batches of changes (never inside one
     #: change): True makes the run stop there and leave the rest for later.
     should_stop: Callable[[], bool] | None = None
@@ -233,8 +232,9 @@ class Executor:
             self.on_progress(self._dealt_with, self._to_deal_with, APPLYING)
 
     def renew_locks(self) -> None:
-        """Keep the run lock and the maintenance locks held while work goes on."""
-        for lock in [*self._held, *([self.run_lock] if self.run_lock else [])]:
+        """Keep the maintenance locks held while work goes on (the run lock is
+        renewed in the background for the whole run: see opsctl.lock.run_lock)."""
+        for lock in self._held:
             if not lock.renew():
                 log.warning("lock=%s lost while working", lock.key)
 

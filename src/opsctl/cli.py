@@ -56,7 +56,7 @@ from opsctl.errors import (
     UsageError,
 )
 from opsctl.keys import DEFAULT_PREFIX, Keys
-from opsctl.lock import Lock, LockTimeout, run_lock
+from opsctl.lock import LockTimeout, run_lock
 from opsctl.policy import (
     UNCHECKED_SUFFIX,
     ZERO_MAX_AGE,
@@ -816,9 +816,9 @@ class Job:
         dry = self.overrides.dry_run
         if dry if dry is not None else policy.defaults.dry_run:
             return self._plan(conn, keys, policy, run_id)
-        with run_lock(conn, run_id, self.lock_timeout_s, self.should_stop) as lock:
+        with run_lock(conn, run_id, self.lock_timeout_s, self.should_stop):
             run = self._plan(conn, keys, policy, run_id)
-            self._execute(conn, keys, run, policy.digest, lock)
+            self._execute(conn, keys, run, policy.digest)
         return run
 
     def apply_plan(self, path: str, max_age_s: int, policy: Policy | None) -> tuple[Run, str]:
@@ -835,13 +835,13 @@ class Job:
             # A plan made from a policy whose defaults say dry_run changes nothing either.
             plan_read.run.dry_run = True
             return plan_read.run, plan_read.policy_digest
-        with run_lock(conn, new_run_id(), self.lock_timeout_s, self.should_stop) as lock:
+        with run_lock(conn, new_run_id(), self.lock_timeout_s, self.should_stop):
             plan_read = read()  # again, now that no other run can act meanwhile
             run = plan_read.run
             logs.current_run_id.set(run.run_id)
             keys = Keys(plan_read.key_prefix)
             recheck_plan(conn, keys, run)
-            self._execute(conn, keys, run, plan_read.policy_digest, lock)
+            self._execute(conn, keys, run, plan_read.policy_digest)
         return run, plan_read.policy_digest
 
     def write_plan(self, policy: Policy, path: str) -> tuple[Run, int]:
@@ -866,7 +866,7 @@ class Job:
                 lambda: plan(conn, keys, policy, self.overrides, progress, run_id, self.should_stop)
             )
 
-    def _execute(self, conn: redis.Redis, keys: Keys, run: Run, digest: str, lock: Lock) -> None:
+    def _execute(self, conn: redis.Redis, keys: Keys, run: Run, digest: str) -> None:
         context = AuditContext(run.run_id, digest, keys.prefix)
         with ScanProgress(self.progress) as progress:
             Executor(
@@ -876,7 +876,6 @@ class Job:
                 context,
                 stop_timeout_s=self.overrides.stop_timeout_s,
                 lock_timeout_s=self.lock_timeout_s,
-                run_lock=lock,
                 should_stop=self.should_stop,
                 on_progress=progress,
             ).execute()
