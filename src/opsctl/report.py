@@ -21,7 +21,8 @@ from opsctl.engine import State
 from opsctl.model import format_timestamp
 from opsctl.run import DONE, ERROR, KEPT, PLANNED, SKIPPED, JobOutcome, Run, WorkerOutcome
 
-#: Longest id shown whole in the text report; JSON always has the full id.
+#: Longest queue or worker name shown whole in the text report (job ids are
+#: always whole); JSON always has every name in full.
 SHORT_ID = 20
 #: Widest job column of the text table (longer ids fold onto more lines).
 JOB_ID_WIDTH_MAX = 64
@@ -257,10 +258,7 @@ def _jobs_table(jobs: list[JobOutcome]) -> Table:
     # Job ids stay whole and on one line, to be pasted into `opsctl explain`.
     id_width = min(max((len(safe(j.entry.job_id)) for j in jobs), default=3), JOB_ID_WIDTH_MAX)
     for column in (*columns, "reason"):
-        if column == "job":
-            table.add_column(column, overflow="fold", min_width=id_width)
-        else:
-            table.add_column(column, overflow="fold")
+        table.add_column(column, overflow="fold", min_width=id_width if column == "job" else None)
     for j in jobs:
         s = j.verdict.signals
         worker = short(s.worker) + (" (dead)" if s.worker and s.worker_alive is False else "")
