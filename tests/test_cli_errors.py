@@ -407,10 +407,16 @@ def test_malformed_redis_url_exits_2(url: str) -> None:
     [
         ("redis://user:s3cret@127.0.0.1:99999/0", "port 99999 is not between 1 and 65535"),
         ("redis://:s3cret@127.0.0.1:0/0", "port 0 is not between 1 and 65535"),
+        ("redis+sentinel://:s3cret@s1:99999/main", "port 99999 is not between 1 and 65535"),
+        # redis-py would read an empty port as its default, 6379. The hosts here
+        # can never be reached, so a regression cannot reach any server either.
+        ("redis://:s3cret@nonexistent.invalid:/0", "the port after ':' is empty"),
+        ("redis://:s3cret@[2001:db8::1]:/0", "the port after ':' is empty"),
+        ("redis://:s3cret@[2001:db8::1:6380/0", "the IPv6 address has no closing ']'"),
     ],
 )
-def test_a_port_out_of_range_is_named_as_the_problem(url: str, reason: str) -> None:
-    result = opsctl("status", "--redis-url", url)
+def test_a_port_out_of_range_or_missing_is_named_as_the_problem(url: str, reason: str) -> None:
+    result = opsctl("status", "--redis-url", url, "--timeout", "2")
 
     assert result.exit_code == 2, result.output
     [line] = result.stderr.splitlines()

@@ -10,6 +10,7 @@ checked through RQ's API, as a user of RQ would see it.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import subprocess
@@ -27,6 +28,7 @@ import jsonschema
 import pytest
 import redis
 from click.testing import Result
+from rich.console import Console
 from rq import Queue, Retry, SimpleWorker, Worker
 from rq.exceptions import NoSuchJobError
 from rq.executions import Execution
@@ -43,7 +45,7 @@ from typer.testing import CliRunner
 
 from conftest import opsctl_env, serve_fake_redis
 from opsctl import apply as apply_module
-from opsctl import run
+from opsctl import run, terminal
 from opsctl.cli import app
 from opsctl.engine import ACTION_NONE, ACTION_REMOVE_ENTRY, ACTION_STOP, State
 from opsctl.keys import Keys
@@ -1111,6 +1113,30 @@ def test_plans_made_one_after_another_leave_no_garbage_behind(
     assert len(gc.get_objects()) - before < 3_000
 
 
+@pytest.mark.parametrize("columns", [80, 120])
+def test_a_terminal_too_narrow_for_the_table_gets_every_cell_whole_on_lines(
+    conn: redis.Redis, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, columns: int
+) -> None:
+    register_worker(url, "w-crashed")
+    job = started_job(conn, "w-crashed")
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+    # A terminal of that width, as rich would see it.
+    monkeypatch.setattr(
+        terminal,
+        "console",
+        lambda **_: Console(file=sys.stdout, width=columns, no_color=True, soft_wrap=False),
+    )
+
+    result = opsctl("apply", str(policy), "--redis-url", url, "--dry-run", "--reconnect-grace", "0")
+
+    assert result.exit_code == 0, result.output
+    [row] = [line for line in result.stdout.splitlines() if job.id in line]
+    # The job's row holds every cell in full, on one line: no word is cut or wrapped.
+    for cell in (job.id, "abandoned", "w-crashed (dead)", "fail", "planned"):
+        assert cell in row, result.stdout
+    assert "w-crashed is dead" in row
+
+
 def test_text_report_has_the_table_headers_and_a_summary_with_the_run_id(
     conn: redis.Redis, url: str, tmp_path: Path
 ) -> None:
@@ -1215,6 +1241,35 @@ def test_a_plan_applied_twice_reports_no_registration_removed_the_second_time(
     assert json.loads(again.stdout)["summary"]["workers_removed"] == 0
     assert status_of(conn, job.id) == "failed"
     assert not conn.sismember("rq:workers", "rq:worker:w-crashed")
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_plans_report_names_the_policy_it_was_made_from(
+    conn: redis.Redis, url: str, tmp_path: Path, dry_run: bool
+) -> None:
+    register_worker(url, "w-crashed")
+    job = started_job(conn, "w-crashed")
+    policy = write_policy(tmp_path, FAIL_ALL)
+    plan = tmp_path / "plan.json"
+    grace = ("--reconnect-grace", "0")
+    made = opsctl("plan", str(policy), "--output", str(plan), "--redis-url", url, *grace)
+    assert made.exit_code == 0, made.output
+    direct = apply(policy, url, "--dry-run", *grace)
+
+    extra = ["--dry-run"] if dry_run else []
+    result = opsctl("apply", "--plan", str(plan), "--format", "json", "--redis-url", url, *extra)
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (
+        report["policy"]
+        == direct["policy"]
+        == {
+            "path": str(policy),
+            "sha256": hashlib.sha256(policy.read_bytes()).hexdigest(),
+        }
+    )
+    assert status_of(conn, job.id) == ("started" if dry_run else "failed")
 
 
 def test_url_without_a_host_is_refused_rather_than_completed_with_a_default(

@@ -254,6 +254,64 @@ def test_command_line_tls_option_beats_the_policys(tls_server: TlsServer, tmp_pa
     assert overridden.returncode == 0, overridden.stderr
 
 
+def _tls_mistake(tls_server: TlsServer, tmp: Path, mistake: str) -> list[str]:
+    """TLS options with one file of the wrong kind (the others are right)."""
+    ca, cert, key = str(tls_server.ca_path), str(tls_server.client_cert), str(tls_server.client_key)
+    not_pem = tmp / "notes.txt"
+    not_pem.write_text("not a certificate\n")
+    if mistake == "ca is a directory":
+        ca = str(tmp)
+    elif mistake == "ca is not a certificate":
+        ca = str(not_pem)
+    elif mistake == "cert is not a certificate":
+        cert = str(not_pem)
+    elif mistake == "key of another certificate":
+        key_path = tmp / "other.key"
+        trustme.CA().issue_cert("elsewhere").private_key_pem.write_to_path(str(key_path))
+        key = str(key_path)
+    elif mistake == "key is encrypted":
+        from cryptography.hazmat.primitives import serialization
+
+        plain = serialization.load_pem_private_key(tls_server.client_key.read_bytes(), None)
+        key_path = tmp / "encrypted.key"
+        key_path.write_bytes(
+            plain.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"passphrase"),
+            )
+        )
+        key = str(key_path)
+    return ["--tls-ca-cert", ca, "--tls-cert", cert, "--tls-key", key]
+
+
+TLS_FILE_MISTAKES = {
+    "ca is a directory": "cannot be read (no such file, not a file, or no permission)",
+    "ca is not a certificate": "holds no CA certificate in PEM form",
+    "cert is not a certificate": "are not a PEM certificate and its private key",
+    "key of another certificate": "are not a PEM certificate and its private key",
+    "key is encrypted": "the private key is encrypted; opsctl takes no key password",
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(TLS_FILE_MISTAKES))
+def test_a_tls_file_of_the_wrong_kind_is_a_setting_to_mend_exit_2(
+    tls_server: TlsServer, tmp_path: Path, mistake: str
+) -> None:
+    conn = tls_server.server.client
+    job = started_job(conn, "gone-worker")
+    url = f"rediss://localhost:{tls_server.port}/0"
+    policy = _policy(tmp_path, f"redis:\n  url: {url}")
+
+    result = _opsctl("apply", str(policy), *_tls_mistake(tls_server, tmp_path, mistake))
+
+    # Not 3 ("cannot reach Redis"), which --best-effort and deploy hooks let pass.
+    assert result.returncode == 2, result.stderr
+    assert TLS_FILE_MISTAKES[mistake] in result.stderr
+    assert "cannot reach" not in result.stderr
+    assert status_of(conn, job.id) == "started"
+
+
 def test_tls_options_on_a_plain_redis_url_are_refused_with_exit_2(tmp_path: Path) -> None:
     result = _opsctl(
         "status", "--redis-url", "redis://127.0.0.1:1/0", "--tls-ca-cert", "/nonexistent"
@@ -342,6 +400,52 @@ def test_redis_username_option_with_the_password_in_the_url(
     for result in (ok, wrong_user):
         assert password not in result.stdout + result.stderr
         assert encoded not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("userinfo", ["{name}@", "{name}:@"])
+def test_a_user_in_the_url_without_a_password_takes_the_policys_password(
+    redis_server: RedisServer,
+    redis_conn: redis.Redis,
+    acl_user: tuple[str, str],
+    tmp_path: Path,
+    userinfo: str,
+) -> None:
+    name, password = acl_user
+    job = started_job(redis_conn, "gone-worker")
+    at = userinfo.format(name=name)
+    section = f"""redis:
+  url: redis://{at}127.0.0.1:{redis_server.port}/0
+  password: ${{OPS_REDIS_PASSWORD}}"""
+    policy = _policy(tmp_path, section)
+
+    result = _opsctl("apply", str(policy), OPS_REDIS_PASSWORD=password)
+
+    assert result.returncode == 0, result.stderr
+    assert status_of(redis_conn, job.id) == "failed"
+    assert password not in result.stdout + result.stderr
+
+
+def test_a_user_in_the_url_without_any_password_is_told_where_the_password_goes(
+    redis_server: RedisServer, acl_user: tuple[str, str]
+) -> None:
+    name, _ = acl_user
+
+    result = _opsctl("status", "--redis-url", f"redis://{name}@127.0.0.1:{redis_server.port}/0")
+
+    assert result.returncode == 3, result.stderr
+    assert "the URL gives a user name and no password" in result.stderr
+    assert "redis://NAME:PASSWORD@host" in result.stderr
+
+
+def test_a_lone_user_in_the_url_and_another_in_the_options_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    url = f"redis://alice@127.0.0.1:{redis_server.port}/0"
+
+    result = _opsctl("status", "--redis-url", url, "--redis-username", "bob")
+
+    assert result.returncode == 2
+    assert "give the user in one place" in result.stderr
 
 
 def test_a_user_in_the_url_and_another_in_the_options_is_refused(

@@ -1174,6 +1174,9 @@ def test_apply_plan_fails_the_planned_jobs_skips_one_that_finished_and_touches_n
 
     report = apply_plan(plan_path, redis_url)
 
+    # The report names the policy the plan was made from, and the server it ran against.
+    assert report["policy"]["path"] == str(POLICIES / "safety_fail.yaml")
+    assert report["server_version"] == redis_conn.info("server")["redis_version"]
     assert {job_id: outcomes(report)[job_id] for job_id in others} == dict.fromkeys(others, "done")
     assert_failed_exactly_once(redis_conn, others)
     assert line_of(report, finishes)["outcome"] == "skipped"

@@ -69,7 +69,7 @@ from opsctl.policy import (
 )
 from opsctl.progress import ScanProgress
 from opsctl.run import Overrides, Run, collector_paused, new_run_id, plan
-from opsctl.state import server_time, with_retries
+from opsctl.state import server_notes, server_time, with_retries
 
 log = logging.getLogger("opsctl")
 
@@ -677,8 +677,8 @@ def _apply(
         done, error = _attempt(lambda: job.apply_plan(plan_file, plan_age, policy), url)
         run, where = None, None
         if done is not None:
-            run, plan_digest = done
-            where = (policy.path if policy else plan_file, plan_digest)
+            run, (policy_path, plan_digest) = done
+            where = (policy.path if policy else policy_path, plan_digest)
     else:
         assert policy is not None
         if max_plan_age is not None:
@@ -821,7 +821,11 @@ class Job:
             self._execute(conn, keys, run, policy.digest)
         return run
 
-    def apply_plan(self, path: str, max_age_s: int, policy: Policy | None) -> tuple[Run, str]:
+    def apply_plan(
+        self, path: str, max_age_s: int, policy: Policy | None
+    ) -> tuple[Run, tuple[str, str]]:
+        """Carry out a plan file; the run, and the path and digest of the policy the
+        plan was made from (as the plan records them)."""
         conn = self.connect()
         identity = planfile.server_identity(conn, self.url)
 
@@ -830,19 +834,22 @@ class Job:
             return planfile.read(path, identity, server_time(conn), max_age_s, digest, rule_for)
 
         plan_read = read()
+        made_from = (plan_read.policy_path, plan_read.policy_digest)
         if self.overrides.dry_run or plan_read.run.dry_run:
             recheck_plan(conn, Keys(plan_read.key_prefix), plan_read.run)
             # A plan made from a policy whose defaults say dry_run changes nothing either.
             plan_read.run.dry_run = True
-            return plan_read.run, plan_read.policy_digest
+            plan_read.run.server_version, plan_read.run.warnings = server_notes(conn)
+            return plan_read.run, made_from
         with run_lock(conn, new_run_id(), self.lock_timeout_s, self.should_stop):
             plan_read = read()  # again, now that no other run can act meanwhile
             run = plan_read.run
+            run.server_version, run.warnings = server_notes(conn)
             logs.current_run_id.set(run.run_id)
             keys = Keys(plan_read.key_prefix)
             recheck_plan(conn, keys, run)
             self._execute(conn, keys, run, plan_read.policy_digest)
-        return run, plan_read.policy_digest
+        return run, made_from
 
     def write_plan(self, policy: Policy, path: str) -> tuple[Run, int]:
         conn = self.connect()

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import re
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -185,15 +186,11 @@ def check_url(url: str) -> None:
             )
         return
     address, _, tail = rest.partition("/")
-    host, port = _host_and_port(address.split("?", 1)[0].split("#", 1)[0])
+    host, port = _host_and_port(address.split("?", 1)[0].split("#", 1)[0], shown)
     if not host:
         raise UsageError(
             f"Redis URL {shown!r} names no host; opsctl never falls back to a default server"
         )
-    if port and not (port.isascii() and port.isdigit()):
-        raise UsageError(f"Redis URL {shown!r}: port {port!r} is not a number")
-    if port and not 0 < int(port) < 65536:
-        raise UsageError(f"Redis URL {shown!r}: port {port} is not between 1 and 65535")
     database = tail.split("?", 1)[0].split("#", 1)[0].strip("/")
     if database and not (database.isascii() and database.isdigit()):
         raise UsageError(f"Redis URL {shown!r}: database {database!r} is not a number")
@@ -205,9 +202,7 @@ def check_url(url: str) -> None:
         )
     try:
         parsed = urlsplit(url)
-        same = (parsed.hostname or "") == host.strip("[]").lower() and parsed.port == (
-            int(port) if port else None
-        )
+        same = (parsed.hostname or "") == host.strip("[]").lower() and parsed.port == port
     except ValueError:
         same = False
     if not same:
@@ -246,12 +241,32 @@ def url_problem(url: str) -> str | None:
     return None
 
 
-def _host_and_port(address: str) -> tuple[str, str]:
-    if address.startswith("["):  # an IPv6 address: [::1]:6379
-        host, _, after = address.partition("]")
-        return host + "]", after.removeprefix(":")
-    host, _, port = address.partition(":")
-    return host.lower(), port
+def _host_and_port(address: str, shown: str) -> tuple[str, int | None]:
+    """The host and port of HOST[:PORT] (an IPv6 host in brackets: [::1]:6379); the
+    port is None when none is written. UsageError for a port that is not one, an
+    empty one (``host:``, which redis-py would read as its default, 6379) included."""
+    if address.startswith("["):
+        host, bracket, after = address.partition("]")
+        if not bracket:
+            raise UsageError(f"Redis URL {shown!r}: the IPv6 address has no closing ']'")
+        if after and not after.startswith(":"):
+            raise UsageError(f"Redis URL {shown!r}: {after!r} after the IPv6 address is not :PORT")
+        host, colon, port = host + "]", after[:1], after[1:]
+    else:
+        host, colon, port = address.partition(":")
+        host = host.lower()
+    if not colon:
+        return host, None
+    if not port:
+        raise UsageError(
+            f"Redis URL {shown!r}: the port after ':' is empty; write the port or leave out "
+            "the ':' (opsctl never falls back to a default server)"
+        )
+    if not (port.isascii() and port.isdigit()):
+        raise UsageError(f"Redis URL {shown!r}: port {port!r} is not a number")
+    if not 0 < int(port) < 65536:
+        raise UsageError(f"Redis URL {shown!r}: port {int(port)} is not between 1 and 65535")
+    return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -271,18 +286,14 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     shown = mask_url(url)
     match = _URL.match(url)
     rest = match["rest"] if match else ""
-    userinfo, _, rest = rest.rpartition("@")
-    user, colon, password = userinfo.partition(":")
-    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    rest = rest.rpartition("@")[2].split("?", 1)[0].split("#", 1)[0]
     addresses, _, path = rest.partition("/")
     hosts = []
     for address in addresses.split(","):
-        host, port = _host_and_port(address)
+        host, port = _host_and_port(address, shown)
         if not host:
             raise UsageError(f"Redis URL {shown!r}: every sentinel needs a host (HOST[:PORT])")
-        if port and not (port.isascii() and port.isdigit()):
-            raise UsageError(f"Redis URL {shown!r}: port {port!r} is not a number")
-        hosts.append((host.strip("[]"), int(port) if port else DEFAULT_SENTINEL_PORT))
+        hosts.append((host.strip("[]"), DEFAULT_SENTINEL_PORT if port is None else port))
     service, _, database = path.strip("/").partition("/")
     if not service:
         raise UsageError(
@@ -290,12 +301,9 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
         )
     if database and not (database.isascii() and database.isdigit()):
         raise UsageError(f"Redis URL {shown!r}: database {database!r} is not a number")
+    user, password = _userinfo(url)
     return SentinelUrl(
-        tuple(hosts),
-        unquote(service),
-        int(database or 0),
-        unquote(user) or None,
-        unquote(password if colon else userinfo) or None,
+        tuple(hosts), unquote(service), int(database or 0), user or None, password or None
     )
 
 
@@ -376,18 +384,20 @@ def connect(
 def _login_hint(exc: redis.AuthenticationError, url: str, settings: dict[str, Any]) -> str:
     """What a refused login most likely means, when Redis's own words do not say it."""
     said = str(exc)
-    try:
-        in_url = urlsplit(url).password is not None
-    except ValueError:
-        in_url = True  # cannot tell: no hint
+    user, password = _userinfo(url)
     if (
-        not in_url
+        not password
         and settings.get("password") is None
         and ("NOAUTH" in said or "authenticated" in said or "Authentication required" in said)
     ):
         return (
             "the server requires a password and none was given (put it in the URL, "
             "redis://:PASSWORD@host, or in the policy's redis.password); Redis said: "
+        )
+    if user and not password and settings.get("password") is None:
+        return (
+            "the URL gives a user name and no password (redis://NAME@host: a password goes "
+            "after a colon, redis://:PASSWORD@host or redis://NAME:PASSWORD@host); Redis said: "
         )
     return ""
 
@@ -406,21 +416,32 @@ def _ping(conn: redis.Redis) -> None:
 
 def _credentials(url: str, options: ConnectionOptions) -> dict[str, Any]:
     """The username and password to log in with, from the options when the URL has none."""
-    match = _URL.match(url)
-    userinfo = match["rest"].rpartition("@")[0] if match else ""
-    user, colon, _ = userinfo.partition(":")
-    url_user = unquote(user) if colon else ""
+    url_user, url_password = _userinfo(url)
     if options.username and url_user and options.username != url_user:
+        # The URL's value is not quoted: written without a colon, it may be a password.
         raise UsageError(
-            f"Redis URL {mask_url(url)!r} names user {url_user!r} but the options name "
-            f"{options.username!r}; give the user in one place"
+            f"Redis URL {mask_url(url)!r} names another user than the options do "
+            f"({options.username!r}); give the user in one place"
         )
     found: dict[str, Any] = {}
     if options.username:
         found["username"] = options.username
-    if options.password and not userinfo:
+    if options.password and not url_password:
         found["password"] = options.password
     return found
+
+
+def _userinfo(url: str) -> tuple[str, str]:
+    """The user and password a URL holds ("" for each one it lacks).
+
+    As in redis-py, a value without a colon (redis://NAME@host) is a user name:
+    a password is written after a colon (redis://:PASSWORD@host). An empty
+    password (redis://NAME:@host) is none.
+    """
+    match = _URL.match(url)
+    userinfo = match["rest"].rpartition("@")[0] if match else ""
+    user, _, password = userinfo.partition(":")
+    return unquote(user), unquote(password)
 
 
 def _tls_settings(url: str, tls: Tls) -> dict[str, Any]:
@@ -437,10 +458,13 @@ def _tls_settings(url: str, tls: Tls) -> dict[str, Any]:
         ("tls cert", tls.cert),
         ("tls key", tls.key),
     ):
-        if path is not None and not os.access(path, os.R_OK):
-            raise UsageError(f"{option}: {path!r} cannot be read (no such file, or no permission)")
+        if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            raise UsageError(
+                f"{option}: {path!r} cannot be read (no such file, not a file, or no permission)"
+            )
     if (tls.cert is None) != (tls.key is None):
         raise UsageError("TLS client authentication needs both a certificate and its key")
+    _check_tls_files(tls)
     verify = tls.verify or "full"
     if verify not in TLS_VERIFY_MODES:
         raise UsageError(f"tls verify: {verify!r} is not one of {', '.join(TLS_VERIFY_MODES)}")
@@ -455,6 +479,44 @@ def _tls_settings(url: str, tls: Tls) -> dict[str, Any]:
     if tls.cert:
         settings["ssl_certfile"], settings["ssl_keyfile"] = tls.cert, tls.key
     return settings
+
+
+def _no_key_password() -> bytes:
+    raise UsageError(
+        "tls key: the private key is encrypted; opsctl takes no key password, so give it "
+        "a key file without one"
+    )
+
+
+def _check_tls_files(tls: Tls) -> None:
+    """Load the TLS files as the connection will, so that a file of the wrong kind is
+    refused as a setting to mend (exit 2), not taken for a server that cannot be
+    reached. An encrypted key is refused rather than prompted for: a deploy must
+    never wait on a terminal."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls.ca_cert:
+        try:
+            context.load_verify_locations(cafile=tls.ca_cert)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise UsageError(
+                f"tls ca_cert: {tls.ca_cert!r} holds no CA certificate in PEM form "
+                f"({_ssl_reason(exc)})"
+            ) from None
+    if tls.cert and tls.key:
+        try:
+            context.load_cert_chain(tls.cert, tls.key, password=_no_key_password)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise UsageError(
+                f"tls cert and key: {tls.cert!r} and {tls.key!r} are not a PEM certificate "
+                f"and its private key ({_ssl_reason(exc)})"
+            ) from None
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    """OpenSSL's short reason for ``exc`` (NO_CERTIFICATE_OR_CRL_FOUND, say), or its text."""
+    reason = getattr(exc, "reason", None)
+    text = str(reason) if reason else str(exc)
+    return re.sub(r"^\[SSL\] |\s*\(_ssl\.c:\d+\)$", "", text)
 
 
 def _master(url: str, settings: dict[str, Any], options: ConnectionOptions) -> redis.Redis:

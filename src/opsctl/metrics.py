@@ -11,7 +11,8 @@ status`` or one round of ``opsctl watch``):
 - ``opsctl_actions{queue,action,outcome}``: what the run did (``planned`` in
   a dry run);
 - ``opsctl_problems``: records the run could not read (a registry or hash of
-  the wrong type, say), which do not change its exit code;
+  the wrong type, say) and searches its user may not run, which do not change
+  its exit code;
 - ``opsctl_run_duration_seconds``, ``opsctl_last_run_timestamp_seconds``,
   ``opsctl_last_run_exit_code``;
 - ``opsctl_last_success_timestamp_seconds``: the last run that exited 0. A
@@ -147,7 +148,8 @@ def build(seen: Observation | None, facts: RunFacts) -> CollectorRegistry:
             actions.labels(command, _shown(queue), action, outcome).set(count)
         Gauge(
             "opsctl_problems",
-            "Records the run could not read; listed under problems in its report.",
+            "Records the run could not read, and searches its user may not run; listed under "
+            "problems in its report.",
             ["command"],
             registry=registry,
         ).labels(command).set(seen.problems)

@@ -122,6 +122,7 @@ class Plan:
     """A plan file read back: the run to carry out, and what it was made from."""
 
     run: Run
+    policy_path: str
     policy_digest: str
     key_prefix: str
 
@@ -151,7 +152,8 @@ def read(
         prefix = document.get("key_prefix") or DEFAULT_PREFIX
         if not isinstance(prefix, str):
             raise TypeError("key_prefix is not a string")
-        return Plan(run, str(document["policy"]["sha256"]), prefix)
+        made_from = document["policy"]
+        return Plan(run, str(made_from["path"]), str(made_from["sha256"]), prefix)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise PlanError(f"plan {path!r} is damaged: {_damage(exc)}; make a new one") from None
 

@@ -908,6 +908,8 @@ def _report_schema_error(document: _Document, error: ValidationError) -> None:
         _report_unknown_keys(document, path, error)
     elif error.validator == "not" and path[-1:] in (("max_age",), ("lost_after",)):
         return  # a zero: reported in words by _check_zero_durations
+    elif error.validator in ("pattern", "not") and _kind(path) == "related_key":
+        return  # reported in words by _check_related_keys
     elif error.validator == "not" and path == ("redis",):
         # Only a mapping can hold both; another value has its own error.
         if isinstance(error.instance, dict):
@@ -915,11 +917,17 @@ def _report_schema_error(document: _Document, error: ValidationError) -> None:
             document.report(path, message, at=document.key_marks.get(("redis", "sentinel")))
     elif path[:2] == ("redis", "sentinel") and len(path) == 4 and path[2] == "hosts":
         what = document.describe(path, error.instance)
-        document.report(path, f"{what} is not a sentinel address (use HOST or HOST:PORT)")
+        document.report(
+            path, f"{what} is not a sentinel address (use HOST or HOST:PORT, PORT 1 to 65535)"
+        )
     elif error.validator == "required":
         _report_missing_keys(document, path, error)
+    elif error.validator == "dependentRequired":
+        _report_missing_partners(document, path, error)
     elif error.validator == "minItems" and path == ("queues",):
         document.report(path, _EMPTY_QUEUES)
+    elif error.validator == "minItems" and path == ("redis", "sentinel", "hosts"):
+        document.report(path, "the list is empty; give at least one sentinel as HOST:PORT")
     elif error.validator == "maxItems" and isinstance(error.instance, list):
         most = error.validator_value
         document.report(path, f"holds {len(error.instance)} items; at most {most} are allowed")
@@ -959,6 +967,17 @@ def _report_missing_keys(document: _Document, path: _Path, error: ValidationErro
     for key in required:
         if key not in present:
             document.report(path, f"missing required key {key!r}")
+
+
+def _report_missing_partners(document: _Document, path: _Path, error: ValidationError) -> None:
+    """One problem per key given without a key it needs (a TLS cert without its key)."""
+    present = error.instance if isinstance(error.instance, dict) else {}
+    needs = error.validator_value if isinstance(error.validator_value, dict) else {}
+    for key, partners in needs.items():
+        for partner in partners:
+            if key in present and partner not in present:
+                message = f"{key!r} is given without {partner!r}; give both, or neither"
+                document.report(path, message, at=document.key_marks.get((*path, key)))
 
 
 def _kind(path: _Path) -> str:

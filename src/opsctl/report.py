@@ -10,6 +10,7 @@ import codecs
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, BinaryIO, TextIO
 
 import orjson
@@ -237,7 +238,7 @@ def print_text(run: Run, console: Console, redis_url: str) -> None:
         console.print(Text(f"note: queue {safe(name)!r} is matched by no policy entry; skipped"))
     for name in run.disabled:
         console.print(Text(f"note: queue {safe(name)!r} is disabled by the policy; skipped"))
-    if len(run.jobs) > TABLE_ROWS_MAX:
+    if len(run.jobs) > TABLE_ROWS_MAX or (run.jobs and not _table_fits(run.jobs, console.width)):
         _print_job_lines(run.jobs, console)
     elif run.jobs:
         console.print(_jobs_table(run.jobs))
@@ -252,49 +253,60 @@ def print_text(run: Run, console: Console, redis_url: str) -> None:
     console.print(Text(_summary_line(run)))
 
 
+_JOB_COLUMNS = ("queue", "job", "state", "age", "beat", "timeout", "worker", "action", "outcome")
+#: Narrowest reason column of a table; a terminal too narrow for it and every
+#: other column whole gets plain lines, which it wraps, instead.
+REASON_WIDTH_MIN = 24
+
+
+def _job_cells(j: JobOutcome, name: Callable[[str], str]) -> tuple[str, ...]:
+    """The cells of a job's row before its reason; ``name`` shows a queue name."""
+    s = j.verdict.signals
+    worker = short(s.worker) + (" (dead)" if s.worker and s.worker_alive is False else "")
+    return (
+        name(j.entry.queue),
+        safe(j.entry.job_id),
+        j.verdict.state.value,
+        duration(s.age_s),
+        duration(s.heartbeat_age_s),
+        _timeout(s.timeout_s),
+        worker or "-",
+        j.action,
+        j.outcome,
+    )
+
+
+def _table_fits(jobs: list[JobOutcome], width: int) -> bool:
+    """Whether the jobs table shows every cell before the reason whole, on one line,
+    within ``width`` (each column adds its padding and a border)."""
+    widths = [len(c) for c in _JOB_COLUMNS]
+    for j in jobs:
+        widths = [max(w, len(c)) for w, c in zip(widths, _job_cells(j, safe), strict=True)]
+    return sum(w + 3 for w in widths) + REASON_WIDTH_MIN + 4 <= width
+
+
 def _jobs_table(jobs: list[JobOutcome]) -> Table:
     table = Table(title="started jobs", title_justify="left", expand=False)
-    columns = ("queue", "job", "state", "age", "beat", "timeout", "worker", "action", "outcome")
     # Job ids stay whole and on one line, to be pasted into `opsctl explain`.
     id_width = min(max((len(safe(j.entry.job_id)) for j in jobs), default=3), JOB_ID_WIDTH_MAX)
-    for column in (*columns, "reason"):
+    for column in (*_JOB_COLUMNS, "reason"):
         table.add_column(column, overflow="fold", min_width=id_width if column == "job" else None)
     for j in jobs:
-        s = j.verdict.signals
-        worker = short(s.worker) + (" (dead)" if s.worker and s.worker_alive is False else "")
+        cells = _job_cells(j, safe)
+        styles = {2: _STATE_STYLE[j.verdict.state], 8: _OUTCOME_STYLE.get(j.outcome, "")}
         table.add_row(
-            Text(safe(j.entry.queue)),
-            Text(safe(j.entry.job_id)),
-            Text(j.verdict.state.value, style=_STATE_STYLE[j.verdict.state]),
-            Text(duration(s.age_s)),
-            Text(duration(s.heartbeat_age_s)),
-            Text(_timeout(s.timeout_s)),
-            Text(worker or "-"),
-            Text(j.action),
-            Text(j.outcome, style=_OUTCOME_STYLE.get(j.outcome, "")),
+            *(Text(c, style=styles.get(i, "")) for i, c in enumerate(cells)),
             Text(safe(_reason(j))),
         )
     return table
 
 
 def _print_job_lines(jobs: list[JobOutcome], console: Console) -> None:
-    columns = ("queue", "job", "state", "age", "beat", "timeout", "worker", "action", "outcome")
     widths = (20, 36, 9, 7, 7, 7, 27, 12, 7)  # a job id in full: RQ's are 36 characters
     out = console.file
-    out.write(" ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " reason\n")
+    out.write(" ".join(c.ljust(w) for c, w in zip(_JOB_COLUMNS, widths, strict=True)) + " reason\n")
     for j in jobs:
-        s = j.verdict.signals
-        cells = (
-            short(j.entry.queue),
-            safe(j.entry.job_id),
-            j.verdict.state.value,
-            duration(s.age_s),
-            duration(s.heartbeat_age_s),
-            _timeout(s.timeout_s),
-            short(s.worker) + (" (dead)" if s.worker and s.worker_alive is False else ""),
-            j.action,
-            j.outcome,
-        )
+        cells = _job_cells(j, short)
         line = " ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
         out.write(f"{line} {safe(_reason(j))}\n")
 
