@@ -505,6 +505,38 @@ def test_dead_worker_registration_is_removed_and_a_live_one_stays(
     assert live.running()
 
 
+def test_a_worker_started_again_under_a_removed_name_does_not_inherit_its_jobs(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # A supervisor that gives workers fixed names starts one again after a crash. The
+    # run that removed the dead registration covered another queue only, so the
+    # crashed job is still there for a later run.
+    other = f"{QUEUE}-other"
+    worker = rq_workers.start([QUEUE, other], name="fixed-name")
+    job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 60)
+    assert wait_for_status(redis_conn, job.id, "started", STATUS_TIMEOUT_S) == "started"
+    assert worker.kill(), "the worker had a work horse running the job"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: 1\ndefaults:\n  action: fail\n  lost_after: 2s\n"
+        f"queues:\n  - name: {QUEUE}\n  - name: {other}\n"
+    )
+    grace = ("--reconnect-grace", "0")
+    first = apply(policy, redis_url, "--queue", other, *grace)
+    assert [(w["name"], w["outcome"]) for w in first["workers"]] == [("fixed-name", "done")]
+    assert job_status(redis_conn, job.id) == "started"
+    again = rq_workers.start([QUEUE, other], name="fixed-name")
+    time.sleep(2.5)  # past lost_after since the job last ran
+
+    report = apply(policy, redis_url, *grace)
+
+    line = job_line(report, job.id)
+    assert (line["state"], line["outcome"]) == ("abandoned", "done"), show(line)
+    assert job_status(redis_conn, job.id) == "failed"
+    assert job.id in failed_ids(redis_conn)
+    assert again.running()
+
+
 def test_report_names_the_server_version_and_warns_when_keys_can_be_evicted(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

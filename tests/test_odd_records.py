@@ -1023,6 +1023,42 @@ def test_explain_says_that_failing_a_job_with_retries_left_retries_it(
     assert job.id in ScheduledJobRegistry(QUEUE, connection=redis_conn).get_job_ids(cleanup=False)
 
 
+def test_a_dry_run_says_that_failing_a_job_with_retries_left_retries_it(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = started_job(redis_conn, retry=Retry(max=2, interval=[30, 60]))
+
+    planned = job_in(run(policy(tmp_path), redis_url, "--dry-run"), job.id)
+    applied = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert (planned["action"], planned["outcome"]) == ("fail", "planned")
+    assert "it has 2 retries left, so failing it retries it, as RQ does" in planned["reason"]
+    assert applied["outcome"] == "done" and "scheduled for retry" in applied["reason"]
+    assert job_status(redis_conn, job.id) == "scheduled"
+
+
+def test_explain_never_promises_a_retry_after_a_stop(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    # An overdue job is stopped by its worker, which files it as stopped: RQ
+    # retries no stopped job, whatever its retries left.
+    job = started_job(redis_conn, worker="busy", retry=Retry(max=2))
+    live_worker("busy", {"state": "busy"}, executions=[started_member(redis_conn, job.id).decode()])
+    path = policy(tmp_path, extra="  max_age: 1s\n")
+    time.sleep(1.5)
+
+    code, explained = explain(job.id, redis_url, "--policy", str(path))
+
+    assert code == 0 and isinstance(explained, dict)
+    [verdict] = explained["verdicts"]
+    assert (verdict["state"], verdict["action"], verdict["follow_up"]) == (
+        "overdue",
+        "stop",
+        "fail",
+    )
+    assert "retries" not in verdict["reason"]
+
+
 def test_explain_shows_a_worker_with_thousands_of_executions_on_one_short_line(
     redis_conn: redis.Redis, redis_url: str, live_worker: Any
 ) -> None:
@@ -1373,6 +1409,25 @@ def test_a_stranded_id_whose_job_is_gone_is_removed_from_the_list(
 
     assert (item["state"], item["action"], item["outcome"]) == ("orphaned", "remove-entry", "done")
     assert redis_conn.llen(f"rq:queue:{QUEUE}:intermediate") == 0
+
+
+def test_jobs_waiting_in_a_queue_named_like_an_intermediate_list_are_left_alone(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # The queue "<QUEUE>:intermediate" keeps its waiting jobs in the very key that is
+    # also QUEUE's intermediate list; RQ does not forbid such a name.
+    namesake = Queue(f"{QUEUE}:intermediate", connection=redis_conn)
+    waiting = [namesake.enqueue("jobs.quick") for _ in range(2)]
+    redis_conn.sadd("rq:queues", f"rq:queue:{QUEUE}")
+    for job in waiting:  # as if RQ's own cleanup had seen them there an hour ago
+        key = f"rq:queue:{QUEUE}:intermediate:first_seen:{job.id}"
+        redis_conn.set(key, time.time() - HOUR_S, ex=86400)
+
+    report = run(policy(tmp_path), redis_url)
+
+    assert not [j for j in report["jobs"] if j["id"] in {job.id for job in waiting}], report
+    assert namesake.get_job_ids() == [job.id for job in waiting]
+    assert {job_status(redis_conn, job.id) for job in waiting} == {"queued"}
 
 
 def test_explain_of_a_stranded_job_shows_the_intermediate_list(

@@ -35,6 +35,7 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry, clean_registries
 from rq.results import Result
 from rq.utils import utcformat
+from rq.worker_registration import get_keys
 
 from conftest import (
     WorkerFactory,
@@ -1567,8 +1568,11 @@ def test_a_live_worker_of_the_same_name_on_another_database_does_not_keep_this_o
             job.prepare_for_execution("dup", pipe)
             pipe.lrem(Queue(QUEUE, connection=redis_conn).key, 0, job.id)
             pipe.execute()
-        redis_conn.hset("rq:worker:dup", mapping={"state": "busy", "birth": "2026-01-01"})
+        redis_conn.hset(
+            "rq:worker:dup", mapping={"state": "busy", "birth": "2026-01-01", "queues": QUEUE}
+        )
         redis_conn.expire("rq:worker:dup", 600)
+        redis_conn.sadd("rq:workers", "rq:worker:dup")
 
         result = run_opsctl(*apply_args(POLICIES / "safety_fail.yaml", redis_url))
 
@@ -1576,6 +1580,12 @@ def test_a_live_worker_of_the_same_name_on_another_database_does_not_keep_this_o
         line = line_of(report, "nightly")
         assert (line["state"], line["outcome"]) == ("abandoned", "done"), line
         assert job_status(redis_conn, "nightly") == "failed"
+        # The dead registration goes too: the channel's listener is staging's.
+        [worker] = [w for w in report["workers"] if w["name"] == "dup"]
+        assert worker["outcome"] == "done", worker
+        assert "rq:worker:dup" not in get_keys(connection=redis_conn)
+        assert redis_conn.hexists("rq:worker:dup", "death")
+        assert "rq:worker:dup" in get_keys(connection=other), "staging's stays registered"
         # Staging's job was never stopped: it runs on and finishes.
         assert wait_for_status(other, staging.id, "finished", timeout=30) == "finished"
 

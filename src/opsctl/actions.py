@@ -428,13 +428,17 @@ return result
 """
 )
 
+# KEYS: the worker's hash, its executions set (RQ 3), then the sets that register it.
 _WORKER_SCRIPT = """
 if redis.acl_check_cmd then
   if not redis.acl_check_cmd('HSET', KEYS[1], 'f', 'v')
       or not redis.acl_check_cmd('EXPIRE', KEYS[1], '1') then
     return redis.error_reply('NOPERM the Redis user may not write ' .. KEYS[1])
   end
-  for i = 2, #KEYS do
+  if not redis.acl_check_cmd('DEL', KEYS[2]) then
+    return redis.error_reply('NOPERM the Redis user may not run DEL on ' .. KEYS[2])
+  end
+  for i = 3, #KEYS do
     if not redis.acl_check_cmd('SREM', KEYS[i], 'm') then
       return redis.error_reply('NOPERM the Redis user may not run SREM on ' .. KEYS[i])
     end
@@ -459,12 +463,13 @@ if exists == 1 then
   end
 end
 -- A worker started again under this name registers, then subscribes to its
--- command channel: one listening now is alive, whatever was read before.
-if redis.call('PUBSUB', 'NUMSUB', ARGV[6])[2] > 0 then
+-- command channel: one more listener than when read (ARGV[7]: those of the
+-- server's other databases then, which share the channel) is alive.
+if redis.call('PUBSUB', 'NUMSUB', ARGV[6])[2] > tonumber(ARGV[7]) then
   return {0, 'its command channel has a subscriber now: it is alive'}
 end
 local removed = 0
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   removed = removed + redis.call('SREM', KEYS[i], ARGV[1])
 end
 if removed == 0 then
@@ -473,6 +478,13 @@ end
 if hash and redis.call('HEXISTS', KEYS[1], 'death') == 0 then
   redis.call('HSET', KEYS[1], 'death', ARGV[4])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+end
+-- As RQ's own shutdown does: a worker started again under this name must not
+-- inherit the executions of this one, as if it ran them.
+local executions = redis.call('TYPE', KEYS[2])
+if type(executions) == 'table' then executions = executions['ok'] end
+if executions == 'set' then
+  redis.call('DEL', KEYS[2])
 end
 return {1, 'removed'}
 """
@@ -660,7 +672,11 @@ class Actor:
 
     def deregister_worker(self, worker: WorkerRecord, now: float) -> ChangeResult:
         """Remove a dead worker's registrations and record its death, if still dead."""
-        keys = [self.keys.worker(worker.name), *sorted(worker.registered_in)]
+        keys = [
+            self.keys.worker(worker.name),
+            self.keys.worker_executions(worker.name),
+            *sorted(worker.registered_in),
+        ]
         args = [
             self.keys.worker(worker.name),
             worker.fields.get("last_heartbeat", ""),
@@ -668,6 +684,9 @@ class Actor:
             format_timestamp(now),
             DEAD_WORKER_TTL_S,
             self.keys.worker_channel(worker.name),
+            # Listeners read on the whole server are those of other databases when
+            # none is this database's, as for a dead worker; unknown counts none.
+            worker.heard_on_server or 0,
         ]
         try:
             reply = self._worker_script(keys=keys, args=args)

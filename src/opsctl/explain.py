@@ -341,7 +341,8 @@ def _verdict(
 
 def _retried_instead(entry: StartedEntry, verdict: engine.Verdict) -> str:
     """How failing the job would retry it instead, as RQ does; '' when it would not."""
-    if "fail" not in (verdict.action, verdict.follow_up) or entry.job is None:
+    # Not after a stop: the worker files a stopped job, which RQ never retries.
+    if verdict.action != "fail" or entry.job is None:
         return ""
     left = parse_int(entry.job.get("retries_left"))
     interval = retry_interval(entry.job, left)

@@ -670,6 +670,10 @@ def _stranded_entries(
                 result.problems.append(f"job {job_id}: could not be read ({reply})")
                 continue
             job = {n: text(v) for n, v in zip(LOST_FIELDS, reply, strict=True) if v is not None}
+            if job.get("origin", queue) not in ("", queue):
+                # Not taken from this queue: the list is also the queue named
+                # "<queue>:intermediate", whose waiting jobs these are.
+                continue
             if job and isinstance(first_seen, bytes):
                 job["first_seen"] = text(first_seen)
             entries.append(

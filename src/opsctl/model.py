@@ -26,6 +26,9 @@ class WorkerRecord:
     fields: dict[str, str] = field(default_factory=dict)
     ttl_s: int | None = None
     subscribers: int | None = None
+    #: Connections of the whole server (every database) listening on its command
+    #: channel when read; ``subscribers`` counts those of this database only.
+    heard_on_server: int | None = None
     connected: bool | None = None
     executions: frozenset[str] = frozenset()
     registered_in: frozenset[str] = frozenset()

@@ -723,7 +723,20 @@ def _initial_outcome(
     # Planned outcomes become done, skipped or error once acted on; in a dry
     # run (or a queue whose rule says dry_run) they stay planned.
     outcome = KEPT if verdict.action == ACTION_NONE else PLANNED
-    return JobOutcome(entry, verdict, rule, verdict.action, outcome, verdict.reason)
+    return JobOutcome(
+        entry, verdict, rule, verdict.action, outcome, verdict.reason + _retried(entry, verdict)
+    )
+
+
+def _retried(entry: StartedEntry, verdict: Verdict) -> str:
+    """What failing the job does instead when it has retries left (RQ's own rule),
+    so that a plan says it before it happens; '' otherwise."""
+    if verdict.action != "fail" or entry.job is None:
+        return ""
+    left = parse_int(entry.job.get("retries_left"))
+    if left is None or left <= 0:
+        return ""
+    return f"; it has {left} retries left, so failing it retries it, as RQ does"
 
 
 def _dead_registrations(

@@ -929,7 +929,7 @@ def read_workers(
     # Connections are looked at after the hashes: a worker started in between
     # (it registers, then subscribes) then shows its connection, and is live.
     clients = read_clients(conn)
-    subscribers = channel_listeners(conn, keys, names)
+    subscribers = heard = channel_listeners(conn, keys, names)
     if clients is not None and clients.replica:
         subscribers, clients = None, None  # neither is known here
     elif clients is not None and subscribers is not None:
@@ -946,6 +946,7 @@ def read_workers(
             },
             ttl_s=int(ttl) if exists else None,
             subscribers=subscribers.get(name) if subscribers is not None else None,
+            heard_on_server=heard.get(name) if heard is not None else None,
             connected=clients.connected(keys, name) if clients is not None else None,
             executions=frozenset(text(m) for m in executions),
             registered_in=frozenset(registrations.get(name, ())),
