@@ -1114,7 +1114,7 @@ def test_plans_made_one_after_another_leave_no_garbage_behind(
 
 
 @pytest.mark.parametrize("columns", [80, 120])
-def test_a_terminal_too_narrow_for_the_table_gets_every_cell_whole_on_lines(
+def test_a_terminal_too_narrow_for_a_table_gets_every_cell_whole_on_lines(
     conn: redis.Redis, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, columns: int
 ) -> None:
     register_worker(url, "w-crashed")
@@ -1135,6 +1135,14 @@ def test_a_terminal_too_narrow_for_the_table_gets_every_cell_whole_on_lines(
     for cell in (job.id, "abandoned", "w-crashed (dead)", "fail", "planned"):
         assert cell in row, result.stdout
     assert "w-crashed is dead" in row
+
+    applied = apply(policy, url, "--reconnect-grace", "0")
+    history = opsctl("history", "--redis-url", url)
+
+    assert history.exit_code == 0, history.output
+    [line] = [line for line in history.stdout.splitlines() if job.id in line]
+    for cell in (applied["run_id"], "abandoned", "fail", "done"):
+        assert cell in line, history.stdout
 
 
 def test_text_report_has_the_table_headers_and_a_summary_with_the_run_id(

@@ -10,7 +10,7 @@ import codecs
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO, TextIO
 
 import orjson
@@ -278,10 +278,21 @@ def _job_cells(j: JobOutcome, name: Callable[[str], str]) -> tuple[str, ...]:
 
 def _table_fits(jobs: list[JobOutcome], width: int) -> bool:
     """Whether the jobs table shows every cell before the reason whole, on one line,
-    within ``width`` (each column adds its padding and a border)."""
-    widths = [len(c) for c in _JOB_COLUMNS]
-    for j in jobs:
-        widths = [max(w, len(c)) for w, c in zip(widths, _job_cells(j, safe), strict=True)]
+    within ``width``."""
+    return _fits(_widths(_JOB_COLUMNS, (_job_cells(j, safe) for j in jobs)), width)
+
+
+def _widths(headers: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> list[int]:
+    """The widest cell of each column, its header included."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    return widths
+
+
+def _fits(widths: list[int], width: int) -> bool:
+    """Whether columns this wide, and a reason column, fit ``width`` as a table
+    (each column adds its padding and a border)."""
     return sum(w + 3 for w in widths) + REASON_WIDTH_MIN + 4 <= width
 
 
@@ -375,16 +386,23 @@ def print_history(entries: list[dict[str, str]], console: Console) -> None:
     if not entries:
         console.print("no audit entries")
         return
+    columns = ("time", "run", "queue", "job", "state", "action", "outcome")
+    fields = ("time", "run_id", "queue", "job", "state", "action", "outcome")
+    rows = [tuple(safe(e.get(key, "")) for key in fields) for e in entries]
+    reasons = [safe(e.get("reason", "")) for e in entries]
+    widths = _widths(columns, rows)
+    if not _fits(widths, console.width):
+        # Too narrow for a table that keeps ids whole: aligned lines the terminal wraps.
+        out = console.file
+        out.write(" ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " reason\n")
+        for row, reason in zip(rows, reasons, strict=True):
+            out.write(
+                " ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + f" {reason}\n"
+            )
+        return
     table = Table(title="audit trail", title_justify="left")
-    columns = ("time", "run", "queue", "job", "state", "action", "outcome", "reason")
-    for column in columns:
+    for column in (*columns, "reason"):
         table.add_column(column, overflow="fold")
-    for e in entries:
-        table.add_row(
-            *(
-                Text(safe(e.get(key, "")))
-                for key in ("time", "run_id", "queue", "job", "state", "action", "outcome")
-            ),
-            Text(safe(e.get("reason", ""))),
-        )
+    for row, reason in zip(rows, reasons, strict=True):
+        table.add_row(*(Text(c) for c in row), Text(reason))
     console.print(table)
