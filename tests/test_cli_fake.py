@@ -1113,35 +1113,36 @@ def test_plans_made_one_after_another_leave_no_garbage_behind(
     assert len(gc.get_objects()) - before < 3_000
 
 
-@pytest.mark.parametrize("columns", [80, 120])
 def test_a_terminal_too_narrow_for_a_table_gets_every_cell_whole_on_lines(
-    conn: redis.Redis, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, columns: int
+    conn: redis.Redis, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    register_worker(url, "w-crashed")
-    job = started_job(conn, "w-crashed")
-    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
-    # A terminal of that width, as rich would see it.
+    queue, worker = "billing-invoices-nightly-export", "w-billing-invoices-nightly-export-7f9c2"
+    register_worker(url, worker, queue)
+    job = started_job(conn, worker, queue)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"version: 1\ndefaults:\n  action: fail\nqueues:\n  - name: {queue}\n")
+    # An 80-column terminal, as rich would see it.
     monkeypatch.setattr(
         terminal,
         "console",
-        lambda **_: Console(file=sys.stdout, width=columns, no_color=True, soft_wrap=False),
+        lambda **_: Console(file=sys.stdout, width=80, no_color=True, soft_wrap=False),
     )
 
     result = opsctl("apply", str(policy), "--redis-url", url, "--dry-run", "--reconnect-grace", "0")
 
     assert result.exit_code == 0, result.output
     [row] = [line for line in result.stdout.splitlines() if job.id in line]
-    # The job's row holds every cell in full, on one line: no word is cut or wrapped.
-    for cell in (job.id, "abandoned", "w-crashed (dead)", "fail", "planned"):
+    # The job's row holds every cell in full, on one line: no word or name is cut.
+    for cell in (queue, job.id, "abandoned", f"{worker} (dead)", "fail", "planned"):
         assert cell in row, result.stdout
-    assert "w-crashed is dead" in row
+    assert f"{worker} is dead" in row
 
     applied = apply(policy, url, "--reconnect-grace", "0")
     history = opsctl("history", "--redis-url", url)
 
     assert history.exit_code == 0, history.output
     [line] = [line for line in history.stdout.splitlines() if job.id in line]
-    for cell in (applied["run_id"], "abandoned", "fail", "done"):
+    for cell in (applied["run_id"], queue, "abandoned", "fail", "done"):
         assert cell in line, history.stdout
 
 

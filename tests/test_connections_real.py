@@ -286,7 +286,7 @@ def _tls_mistake(tls_server: TlsServer, tmp: Path, mistake: str) -> list[str]:
 
 
 TLS_FILE_MISTAKES = {
-    "ca is a directory": "cannot be read (no such file, not a file, or no permission)",
+    "ca is a directory": "is not a regular file",
     "ca is not a certificate": "holds no CA certificate in PEM form",
     "cert is not a certificate": "are not a PEM certificate and its private key",
     "key of another certificate": "are not a PEM certificate and its private key",

@@ -1424,8 +1424,12 @@ def test_jobs_waiting_in_a_queue_named_like_an_intermediate_list_are_left_alone(
         redis_conn.set(key, time.time() - HOUR_S, ex=86400)
 
     report = run(policy(tmp_path), redis_url)
+    code, explained = explain(waiting[0].id, redis_url, "--policy", str(policy(tmp_path)))
 
     assert not [j for j in report["jobs"] if j["id"] in {job.id for job in waiting}], report
+    # explain agrees: a queued job in its own queue, not one stranded from QUEUE.
+    assert code == 0 and isinstance(explained, dict)
+    assert explained["verdicts"] == [], explained["verdicts"]
     assert namesake.get_job_ids() == [job.id for job in waiting]
     assert {job_status(redis_conn, job.id) for job in waiting} == {"queued"}
 

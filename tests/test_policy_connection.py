@@ -155,3 +155,19 @@ def test_validate_and_the_published_schema_both_refuse(case: str, tmp_path: Path
 
     assert found == [message]
     assert schema_errors, "the published schema accepts what validate refuses"
+
+
+def test_a_related_key_with_a_variable_passes_validate_and_the_published_schema(
+    tmp_path: Path,
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        'version: 1\ndefaults:\n  related_keys: ["${APP:-shop}:progress:{job_id}"]\n'
+        "queues:\n  - name: default\n"
+    )
+
+    found = validate_files([str(policy)], environ={})
+    schema = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
+
+    assert [str(p) for p in found] == []
+    assert list(schema.iter_errors(yaml.safe_load(policy.read_text()))) == []

@@ -1590,6 +1590,26 @@ def test_a_live_worker_of_the_same_name_on_another_database_does_not_keep_this_o
         assert wait_for_status(other, staging.id, "finished", timeout=30) == "finished"
 
 
+def test_a_plan_removes_a_dead_registration_whose_name_another_database_uses(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # As above, through a plan: the channel's one listener is staging's worker.
+    with staging_beside(redis_url, tmp_path, "dup", 6) as (other, _staging):
+        redis_conn.hset("rq:worker:dup", mapping={"birth": "2026-01-01", "queues": QUEUE})
+        redis_conn.expire("rq:worker:dup", 600)
+        redis_conn.sadd("rq:workers", "rq:worker:dup")
+        redis_conn.sadd("rq:queues", f"rq:queue:{QUEUE}")
+        plan_path = tmp_path / "plan.json"
+        make_plan(redis_url, plan_path)
+
+        report = apply_plan(plan_path, redis_url)
+
+        [worker] = [w for w in report["workers"] if w["name"] == "dup"]
+        assert worker["outcome"] == "done", worker
+        assert "rq:worker:dup" not in get_keys(connection=redis_conn)
+        assert "rq:worker:dup" in get_keys(connection=other), "staging's stays registered"
+
+
 def test_no_stop_is_published_where_an_unnamed_connection_of_another_database_may_hear_it(
     redis_conn: redis.Redis, redis_url: str, rq_workers: WorkerFactory
 ) -> None:

@@ -589,9 +589,14 @@ def _hold_back_live_workers(conn: redis.Redis, keys: Keys, run: Run) -> None:
     names |= registered_workers(conn, keys, queues)
     fresh = read_workers(conn, keys, names, queues=queues)
     for w in run.workers:
-        live = worker_liveness(fresh.get(w.worker.name))
+        now_read = fresh.get(w.worker.name)
+        live = worker_liveness(now_read)
         if w.outcome == PLANNED and not w.dry_run and live.alive:
             w.outcome, w.reason = SKIPPED, f"not removed: the worker is live now ({live.evidence})"
+        elif now_read is not None:
+            # The removal re-checks the listeners of its channel against this count
+            # (those of the server's other databases); a plan does not record it.
+            w.worker = replace(w.worker, heard_on_server=now_read.heard_on_server)
     in_hand = jobs_in_hand(fresh)
     for job in run.jobs:
         signals = job.verdict.signals

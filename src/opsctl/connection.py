@@ -458,9 +458,15 @@ def _tls_settings(url: str, tls: Tls) -> dict[str, Any]:
         ("tls cert", tls.cert),
         ("tls key", tls.key),
     ):
-        if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+        if path is None:
+            continue
+        if not os.access(path, os.R_OK):
+            raise UsageError(f"{option}: {path!r} cannot be read (no such file, or no permission)")
+        if not os.path.isfile(path):
+            # Each connection reads it again: a pipe (<(...)) would be empty the second time.
             raise UsageError(
-                f"{option}: {path!r} cannot be read (no such file, not a file, or no permission)"
+                f"{option}: {path!r} is not a regular file; give a file, which every "
+                "connection can read again (not a directory or a pipe)"
             )
     if (tls.cert is None) != (tls.key is None):
         raise UsageError("TLS client authentication needs both a certificate and its key")

@@ -280,9 +280,12 @@ def _entries(
         for queue, member, score in members
         for execution in [_execution_of(member, job_id)]
     ]
-    intermediate = [p for p in places if p.endswith(":intermediate (list)")]
+    queue = (job or {}).get("origin", "")
+    # Only the intermediate list of the job's own queue: a list named so may also be
+    # the queue "<name>:intermediate", where that queue's jobs wait.
+    own = f":queue:{queue}:intermediate (list)" if queue else ":intermediate (list)"
+    intermediate = [p for p in places if p.endswith(own)]
     if not entries and intermediate:
-        queue = (job or {}).get("origin", "")
         record = dict(job or {})
         return [
             StartedEntry(

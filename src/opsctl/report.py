@@ -10,7 +10,7 @@ import codecs
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, BinaryIO, TextIO
 
 import orjson
@@ -22,9 +22,6 @@ from opsctl.engine import State
 from opsctl.model import format_timestamp
 from opsctl.run import DONE, ERROR, KEPT, PLANNED, SKIPPED, JobOutcome, Run, WorkerOutcome
 
-#: Longest queue or worker name shown whole in the text report (job ids are
-#: always whole); JSON always has every name in full.
-SHORT_ID = 20
 #: Widest job column of the text table (longer ids fold onto more lines).
 JOB_ID_WIDTH_MAX = 64
 #: Above this many jobs the text report prints plain aligned lines instead of a
@@ -37,11 +34,6 @@ def safe(value: str) -> str:
     if value.isprintable():
         return value
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in value)
-
-
-def short(value: str, width: int = SHORT_ID) -> str:
-    value = safe(value)
-    return value if len(value) <= width else value[: width - 5] + "…" + value[-4:]
 
 
 def duration(seconds: float | None) -> str:
@@ -259,12 +251,12 @@ _JOB_COLUMNS = ("queue", "job", "state", "age", "beat", "timeout", "worker", "ac
 REASON_WIDTH_MIN = 24
 
 
-def _job_cells(j: JobOutcome, name: Callable[[str], str]) -> tuple[str, ...]:
-    """The cells of a job's row before its reason; ``name`` shows a queue name."""
+def _job_cells(j: JobOutcome) -> tuple[str, ...]:
+    """The cells of a job's row before its reason, every name whole."""
     s = j.verdict.signals
-    worker = short(s.worker) + (" (dead)" if s.worker and s.worker_alive is False else "")
+    worker = safe(s.worker) + (" (dead)" if s.worker and s.worker_alive is False else "")
     return (
-        name(j.entry.queue),
+        safe(j.entry.queue),
         safe(j.entry.job_id),
         j.verdict.state.value,
         duration(s.age_s),
@@ -279,7 +271,7 @@ def _job_cells(j: JobOutcome, name: Callable[[str], str]) -> tuple[str, ...]:
 def _table_fits(jobs: list[JobOutcome], width: int) -> bool:
     """Whether the jobs table shows every cell before the reason whole, on one line,
     within ``width``."""
-    return _fits(_widths(_JOB_COLUMNS, (_job_cells(j, safe) for j in jobs)), width)
+    return _fits(_widths(_JOB_COLUMNS, (_job_cells(j) for j in jobs)), width)
 
 
 def _widths(headers: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> list[int]:
@@ -303,7 +295,7 @@ def _jobs_table(jobs: list[JobOutcome]) -> Table:
     for column in (*_JOB_COLUMNS, "reason"):
         table.add_column(column, overflow="fold", min_width=id_width if column == "job" else None)
     for j in jobs:
-        cells = _job_cells(j, safe)
+        cells = _job_cells(j)
         styles = {2: _STATE_STYLE[j.verdict.state], 8: _OUTCOME_STYLE.get(j.outcome, "")}
         table.add_row(
             *(Text(c, style=styles.get(i, "")) for i, c in enumerate(cells)),
@@ -317,7 +309,7 @@ def _print_job_lines(jobs: list[JobOutcome], console: Console) -> None:
     out = console.file
     out.write(" ".join(c.ljust(w) for c, w in zip(_JOB_COLUMNS, widths, strict=True)) + " reason\n")
     for j in jobs:
-        cells = _job_cells(j, short)
+        cells = _job_cells(j)
         line = " ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
         out.write(f"{line} {safe(_reason(j))}\n")
 
@@ -339,7 +331,7 @@ def _workers_table(workers: list[WorkerOutcome]) -> Table:
         table.add_column(column, overflow="fold")
     for w in workers:
         table.add_row(
-            Text(short(w.worker.name, 40)),
+            Text(safe(w.worker.name)),
             Text(safe(",".join(w.worker.queues)) or "-"),
             Text(w.action),
             Text(w.outcome, style=_OUTCOME_STYLE.get(w.outcome, "")),
