@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +202,39 @@ def test_sigterm_mid_round_stops_between_changes_with_no_job_half_moved(
     assert len(done) == len(failed)
 
 
+def test_a_round_cut_short_by_sigterm_leaves_the_metrics_of_the_last_finished_round(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path, watch: Any
+) -> None:
+    # Every round fails (exit 5: RQ's maintenance lock of the queue is held) after
+    # looking again, for 3 s, at the job's worker, whose hash is there but which
+    # holds no connection (and is in no registration set a round would clean).
+    seed_abandoned(redis_conn, 1)
+    redis_conn.set(f"rq:clean_registries:{QUEUE}", "stale", ex=600)
+    heartbeat = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    worker = {"birth": heartbeat, "last_heartbeat": heartbeat, "queues": QUEUE, "state": "busy"}
+    redis_conn.hset("rq:worker:w-gone", mapping=worker)
+    policy = tmp_path / "policy.yaml"
+    write_policy(policy, "fail")
+    metrics = tmp_path / "opsctl.prom"
+    process = watch(
+        str(policy), "--every", "1s", "--redis-url", redis_url, "--reconnect-grace", "3",
+        "--lock-timeout", "0", "--metrics-file", str(metrics),
+    )  # fmt: skip
+    assert wait_until(
+        lambda: read_metrics(metrics).get("opsctl_last_run_exit_code") == 5,
+        timeout=ROUND_TIMEOUT_S,
+    ), logs(tmp_path)
+    after_first = metrics.read_text()
+    time.sleep(2)  # the next round is looking again at the worker
+
+    assert stop(process) == 0, logs(tmp_path)
+
+    assert "round stopped" in logs(tmp_path)
+    # No success was recorded for the round the signal cut short.
+    assert metrics.read_text() == after_first
+    assert read_metrics(metrics)["opsctl_last_success_timestamp_seconds"] == 0
+
+
 def test_watch_survives_a_redis_restart_and_shows_it_in_the_metrics(
     tmp_path: Path, watch: Any
 ) -> None:
@@ -282,8 +317,8 @@ def test_a_round_stopped_while_it_waits_for_the_run_lock_is_no_failure_in_the_me
     assert polling, logs(tmp_path)
 
     assert stop(process) == 0, logs(tmp_path)
-    # A shutdown is not a lock held too long: the round is recorded as stopped, not failed.
-    assert read_metrics(metrics).get("opsctl_last_run_exit_code") == 0, logs(tmp_path)
+    # A shutdown is not a lock held too long, nor a success: the round records nothing.
+    assert read_metrics(metrics) == {}, logs(tmp_path)
     assert "round stopped: asked to stop while waiting for the run lock" in logs(tmp_path)
     assert conn.get("opsctl:lock") == b"another run"
     conn.close()
@@ -305,7 +340,7 @@ def test_a_round_stopped_while_it_reads_redis_is_no_failure_and_leaves_no_lock(
     redis_conn.execute_command("CLIENT", "PAUSE", "3000", "ALL")
 
     assert stop(process) == 0, logs(tmp_path)
-    assert read_metrics(metrics).get("opsctl_last_run_exit_code") == 0, logs(tmp_path)
+    assert read_metrics(metrics) == {}, logs(tmp_path)  # neither a failure nor a success
     assert "round stopped: asked to stop while reading Redis" in logs(tmp_path)
     assert redis_conn.exists("opsctl:lock", "opsctl:audit") == 0
     assert all(job_status(redis_conn, job_id) == "started" for job_id in ids)

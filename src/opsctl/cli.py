@@ -1021,8 +1021,8 @@ def watch_command(
         )
         run, error = _attempt(lambda: job.apply_policy(current), url)
         if isinstance(error, StoppedEarly):
-            # Stopped before it could act, as a round stopped between changes is:
-            # not a failure (a shutdown must not pass for a lock held too long).
+            # Stopped before it could act: neither a failure (a shutdown must not pass
+            # for a lock held too long) nor a success; the loop writes no metrics for it.
             log.warning("round stopped: %s", redact(str(error), url))
             return watch.RoundResult(None, ExitCode.OK)
         if run is not None:

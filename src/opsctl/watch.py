@@ -7,8 +7,8 @@ logged and reflected in the metrics, and the loop goes on.
 
 SIGTERM and SIGINT only raise a flag. A round in progress notices it between
 two changes (each change is one atomic script, so none is ever cut in half),
-releases its locks and ends; a signal during the sleep between rounds ends the
-loop at once. The process then exits 0.
+releases its locks and ends without writing metrics; a signal during the sleep
+between rounds ends the loop at once. The process then exits 0.
 """
 
 from __future__ import annotations
@@ -98,6 +98,11 @@ class Watch:
                 began = time.monotonic()
                 result = self._round(self.policy, self.stop_requested)
                 self.rounds += 1
+                if self._stop.is_set():
+                    # A round a stop signal cut short is no run that exited 0: as an
+                    # apply stopped so writes no metrics, the file keeps the last
+                    # finished round's figures and success time.
+                    break
                 self._write_metrics(result, began)
                 self._stop.wait(self.every_s)
         log.warning("stopped after %d round(s)", self.rounds)
