@@ -1836,6 +1836,43 @@ def test_explain_finds_a_job_where_a_run_does_and_agrees_with_its_verdict(
         assert any(place.startswith(f"rq:wip:{QUEUE} member") for place in explained["places"])
 
 
+def test_an_rq1_id_with_a_colon_beside_a_job_named_by_its_start_is_judged_as_itself(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # RQ 1: job "rep" finished long ago; job "rep:x1", stored bare, was abandoned.
+    # Split at its colon, the member would name job "rep" and an execution "x1",
+    # which no RQ release would write (they are 32 hex digits) and which has no record.
+    started = iso(ago(3600))
+    redis_conn.hset("rq:job:rep", mapping={"status": "finished", "origin": QUEUE})
+    redis_conn.hset(
+        "rq:job:rep:x1",
+        mapping={
+            "status": "started",
+            "origin": QUEUE,
+            "created_at": started,
+            "started_at": started,
+            "worker_name": "ghost",
+        },
+    )
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {"rep:x1": time.time() + 100})
+    path = policy(tmp_path)
+
+    planned = run(path, redis_url, "--dry-run")
+    code, explained = explain("rep", redis_url, "--policy", str(path))
+    applied = run(path, redis_url)
+
+    assert [(j["id"], j["state"], j["action"]) for j in planned["jobs"]] == [
+        ("rep:x1", "abandoned", "fail")
+    ]
+    assert code == 0 and isinstance(explained, dict)
+    assert explained["verdicts"] == [], "rep:x1's entry is not rep's"
+    assert job_in(applied, "rep:x1")["outcome"] == "done"
+    # RQ 3 loads no id holding a colon: its registry and the hash show the end state.
+    assert FailedJobRegistry(QUEUE, connection=redis_conn).get_job_ids(cleanup=False) == ["rep:x1"]
+    assert redis_conn.hget("rq:job:rep:x1", "status") == b"failed"
+    assert redis_conn.hget("rq:job:rep", "status") == b"finished", "rep was not touched"
+
+
 def test_explain_of_a_job_key_that_holds_no_hash_says_so_and_judges_its_entry(
     redis_conn: redis.Redis, redis_url: str
 ) -> None:

@@ -29,6 +29,7 @@ from opsctl.policy import Policy, Rule
 from opsctl.records import function_name
 from opsctl.report import safe
 from opsctl.state import (
+    RQ_EXECUTION_ID,
     known_queues,
     read_workers,
     registered_workers,
@@ -132,7 +133,7 @@ def _places(
             if _position(conn, key, job_id) is not None:
                 found.places.append(f"{key} (list)")
         for registry in _REGISTRIES:
-            hits = _found_in(conn, getattr(keys, registry)(queue), job_id, found)
+            hits = _found_in(conn, keys, getattr(keys, registry)(queue), job_id, found)
             members += [(queue, m, s) for m, s in hits] if registry == "started" else []
     why = scheduler_references(conn, keys, [(job_id, queues[0] if queues else "")])
     if why and why[0] and "rq-scheduler" in why[0]:
@@ -147,15 +148,15 @@ def _started_elsewhere(
     return [
         (queue, member, score)
         for queue in queues
-        for member, score in _found_in(conn, keys.started(queue), job_id, found)
+        for member, score in _found_in(conn, keys, keys.started(queue), job_id, found)
     ]
 
 
 def _found_in(
-    conn: redis.Redis, key: str, job_id: str, found: Explanation
+    conn: redis.Redis, keys: Keys, key: str, job_id: str, found: Explanation
 ) -> list[tuple[bytes, float]]:
     """The members of registry ``key`` that name ``job_id``, each noted in ``found.places``."""
-    hits = _registry_hits(conn, key, job_id)
+    hits = _registry_hits(conn, keys, key, job_id)
     for member, score in hits:
         found.places.append(f"{key} member {text(member)!r} score {_score(score)}")
     return hits
@@ -171,7 +172,9 @@ def _position(conn: redis.Redis, key: str, job_id: str) -> int | None:
     return position if isinstance(position, int) else None
 
 
-def _registry_hits(conn: redis.Redis, key: str, job_id: str) -> list[tuple[bytes, float]]:
+def _registry_hits(
+    conn: redis.Redis, keys: Keys, key: str, job_id: str
+) -> list[tuple[bytes, float]]:
     """Members of a registry that name ``job_id``: the bare id or ``id:execution``."""
     try:
         members = cast("list[tuple[bytes, float]]", conn.zrange(key, 0, -1, withscores=True))
@@ -180,7 +183,17 @@ def _registry_hits(conn: redis.Redis, key: str, job_id: str) -> list[tuple[bytes
     except redis.ResponseError:
         return []
     # An RQ 1 id may hold colons itself: the whole member is then the id.
-    return [(m, s) for m, s in members if job_id in (split_member(m)[0], text(m))]
+    hits = [(m, s) for m, s in members if job_id in (split_member(m)[0], text(m))]
+    return [(m, s) for m, s in hits if not _another_rq1_id(conn, keys, m, job_id)]
+
+
+def _another_rq1_id(conn: redis.Redis, keys: Keys, member: bytes, job_id: str) -> bool:
+    """Whether ``member``, split into ``job_id`` and an execution, is rather the bare
+    id of another RQ 1 job, as a run reads it (see opsctl.state.may_be_read_again)."""
+    whole, (_, execution) = text(member), split_member(member)
+    if whole == job_id or execution is None or RQ_EXECUTION_ID.fullmatch(execution):
+        return False
+    return bool(conn.exists(keys.job(whole))) and not conn.exists(keys.execution(job_id, execution))
 
 
 def _execution_of(member: bytes, job_id: str) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 import sys
 import threading
 import time
@@ -413,10 +414,19 @@ def _registry_sizes(conn: redis.Redis, keys: Keys, queues: list[str]) -> int:
     return sum(n for n in replies_of(pipe) if isinstance(n, int))
 
 
+#: An execution id as RQ 2 and 3 write them (uuid4().hex).
+RQ_EXECUTION_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def may_be_read_again(entry: StartedEntry) -> bool:
-    """Whether the snapshot may still replace ``entry``: its split names no job,
-    so the whole member may be an RQ 1 id holding a colon (see below)."""
-    return entry.job is None and entry.execution_id is not None
+    """Whether the snapshot may still replace ``entry``, whose member may be an RQ 1
+    id holding a colon (see below): its split names no job, or names one but no
+    execution record, after a colon that no execution id RQ writes could follow
+    (``report:x1`` beside an RQ 1 job ``report`` of its own)."""
+    return entry.execution_id is not None and (
+        entry.job is None
+        or (entry.execution is None and not RQ_EXECUTION_ID.fullmatch(entry.execution_id))
+    )
 
 
 def _resolve_rq1_ids_with_colons(
@@ -426,8 +436,9 @@ def _resolve_rq1_ids_with_colons(
 
     RQ 1 accepts any job id and stores it bare, so ``report:42`` may be a whole
     RQ 1 id as well as job ``report``, execution ``42`` of RQ 2+. The split is
-    kept when its job hash exists; otherwise, when a job hash is named by the
-    whole member, that is the job. Such members are rare.
+    kept when its job hash exists and its execution record does, or could (the
+    part after the colon has the form of RQ's execution ids); otherwise, when a
+    job hash is named by the whole member, that is the job. Such members are rare.
     """
     candidates = [i for i, e in enumerate(entries) if may_be_read_again(e)]
     if not candidates:
