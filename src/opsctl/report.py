@@ -10,7 +10,7 @@ import codecs
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, BinaryIO, TextIO
 
 import orjson
@@ -230,10 +230,18 @@ def print_text(run: Run, console: Console, redis_url: str) -> None:
         console.print(Text(f"note: queue {safe(name)!r} is matched by no policy entry; skipped"))
     for name in run.disabled:
         console.print(Text(f"note: queue {safe(name)!r} is disabled by the policy; skipped"))
-    if len(run.jobs) > TABLE_ROWS_MAX or (run.jobs and not _table_fits(run.jobs, console.width)):
-        _print_job_lines(run.jobs, console)
+    if len(run.jobs) > TABLE_ROWS_MAX:
+        # One pass at fixed widths, each line written as its job is met.
+        rows = ((_job_cells(j), safe(_reason(j))) for j in run.jobs)
+        _print_lines(console, _JOB_COLUMNS, _LINE_WIDTHS, rows)
     elif run.jobs:
-        console.print(_jobs_table(run.jobs))
+        cells = [_job_cells(j) for j in run.jobs]
+        widths = _widths(_JOB_COLUMNS, cells)
+        if _fits(widths, console.width):
+            console.print(_jobs_table(run.jobs, cells))
+        else:
+            reasons = (safe(_reason(j)) for j in run.jobs)
+            _print_lines(console, _JOB_COLUMNS, widths, zip(cells, reasons, strict=True))
     else:
         console.print(Text("no started jobs in the queues this policy covers"))
     if run.workers:
@@ -246,6 +254,9 @@ def print_text(run: Run, console: Console, redis_url: str) -> None:
 
 
 _JOB_COLUMNS = ("queue", "job", "state", "age", "beat", "timeout", "worker", "action", "outcome")
+#: Column widths of the lines printed above TABLE_ROWS_MAX jobs (a job id in full:
+#: RQ's are 36 characters).
+_LINE_WIDTHS = (20, 36, 9, 7, 7, 7, 27, 12, 7)
 #: Narrowest reason column of a table; a terminal too narrow for it and every
 #: other column whole gets plain lines, which it wraps, instead.
 REASON_WIDTH_MIN = 24
@@ -268,12 +279,6 @@ def _job_cells(j: JobOutcome) -> tuple[str, ...]:
     )
 
 
-def _table_fits(jobs: list[JobOutcome], width: int) -> bool:
-    """Whether the jobs table shows every cell before the reason whole, on one line,
-    within ``width``."""
-    return _fits(_widths(_JOB_COLUMNS, (_job_cells(j) for j in jobs)), width)
-
-
 def _widths(headers: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> list[int]:
     """The widest cell of each column, its header included."""
     widths = [len(h) for h in headers]
@@ -282,36 +287,44 @@ def _widths(headers: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> list[i
     return widths
 
 
-def _fits(widths: list[int], width: int) -> bool:
+def _fits(widths: Sequence[int], width: int) -> bool:
     """Whether columns this wide, and a reason column, fit ``width`` as a table
     (each column adds its padding and a border)."""
     return sum(w + 3 for w in widths) + REASON_WIDTH_MIN + 4 <= width
 
 
-def _jobs_table(jobs: list[JobOutcome]) -> Table:
+def _print_lines(
+    console: Console,
+    headers: tuple[str, ...],
+    widths: Sequence[int],
+    rows: Iterable[tuple[tuple[str, ...], str]],
+) -> None:
+    """Rows of cells, then a reason, as aligned plain lines: what a table becomes
+    when it is too large to lay out or too wide for the terminal. A cell wider than
+    its column pushes the rest of its line along; nothing is cut."""
+    out = console.file
+    out.write(_aligned(headers, widths) + " reason\n")
+    for cells, reason in rows:
+        out.write(f"{_aligned(cells, widths)} {reason}\n")
+
+
+def _aligned(cells: tuple[str, ...], widths: Sequence[int]) -> str:
+    return " ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
+
+
+def _jobs_table(jobs: list[JobOutcome], cells: list[tuple[str, ...]]) -> Table:
     table = Table(title="started jobs", title_justify="left", expand=False)
     # Job ids stay whole and on one line, to be pasted into `opsctl explain`.
-    id_width = min(max((len(safe(j.entry.job_id)) for j in jobs), default=3), JOB_ID_WIDTH_MAX)
+    id_width = min(max((len(c[1]) for c in cells), default=3), JOB_ID_WIDTH_MAX)
     for column in (*_JOB_COLUMNS, "reason"):
         table.add_column(column, overflow="fold", min_width=id_width if column == "job" else None)
-    for j in jobs:
-        cells = _job_cells(j)
+    for j, row in zip(jobs, cells, strict=True):
         styles = {2: _STATE_STYLE[j.verdict.state], 8: _OUTCOME_STYLE.get(j.outcome, "")}
         table.add_row(
-            *(Text(c, style=styles.get(i, "")) for i, c in enumerate(cells)),
+            *(Text(c, style=styles.get(i, "")) for i, c in enumerate(row)),
             Text(safe(_reason(j))),
         )
     return table
-
-
-def _print_job_lines(jobs: list[JobOutcome], console: Console) -> None:
-    widths = (20, 36, 9, 7, 7, 7, 27, 12, 7)  # a job id in full: RQ's are 36 characters
-    out = console.file
-    out.write(" ".join(c.ljust(w) for c, w in zip(_JOB_COLUMNS, widths, strict=True)) + " reason\n")
-    for j in jobs:
-        cells = _job_cells(j)
-        line = " ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))
-        out.write(f"{line} {safe(_reason(j))}\n")
 
 
 def _reason(j: JobOutcome) -> str:
@@ -385,12 +398,7 @@ def print_history(entries: list[dict[str, str]], console: Console) -> None:
     widths = _widths(columns, rows)
     if not _fits(widths, console.width):
         # Too narrow for a table that keeps ids whole: aligned lines the terminal wraps.
-        out = console.file
-        out.write(" ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " reason\n")
-        for row, reason in zip(rows, reasons, strict=True):
-            out.write(
-                " ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + f" {reason}\n"
-            )
+        _print_lines(console, columns, widths, zip(rows, reasons, strict=True))
         return
     table = Table(title="audit trail", title_justify="left")
     for column in (*columns, "reason"):
