@@ -338,18 +338,47 @@ def test_entry_of_an_earlier_execution_of_a_job_a_live_worker_runs_is_only_remov
     assert (verdict.signals.worker, verdict.signals.worker_alive) == (WORKER, True)
 
 
-def test_entry_of_a_job_a_live_rq2_worker_names_as_its_current_job_is_left_running() -> None:
-    # An RQ 2 worker names only the job it runs, not the execution: any entry of
-    # the job may be its own.
+def test_dead_workers_run_of_a_job_a_live_rq2_worker_runs_again_is_only_removed() -> None:
+    # An RQ 2 worker names only the job it runs, not the execution; but the entry's
+    # own execution record names the worker that created it, a dead one.
     dead = worker("w-dead", exists=False, subscribers=0, connected=False, executing=())
     job_id = MEMBER.rpartition(":")[0]
     rq2 = worker("w-rq2", executing=(), current_job=job_id)
     named_dead = entry(execution=execution_hash(worker="w-dead"))
 
-    verdict = decide(named_dead, dead, rq2)
+    verdict = decide(named_dead, dead, rq2, rule=Rule(action="requeue", max_age_seconds=1))
+
+    assert (verdict.state, verdict.action) == (State.LEFTOVER, ACTION_REMOVE_ENTRY)
+    assert (
+        verdict.reason == "w-rq2 is executing this job; this entry is w-dead's run, and it is dead"
+    )
+    assert (verdict.signals.worker, verdict.signals.worker_alive) == ("w-rq2", True)
+
+
+@pytest.mark.parametrize(
+    ("execution", "named"),
+    [
+        # RQ 2.0 to 2.10 write no worker_name in the execution record: the entry may
+        # be the holder's own run, which its job hash names.
+        ({"created_at": repr(NOW - 30), "last_heartbeat": repr(NOW - 30)}, "w-dead"),
+        # The record names a live worker that does not run the job now: it may be
+        # about to run it itself.
+        (execution_hash(worker="w-idle"), "w-idle"),
+    ],
+    ids=["record-names-no-worker", "record-names-a-live-worker"],
+)
+def test_entry_of_a_job_a_live_rq2_worker_runs_is_left_when_it_may_be_its_own(
+    execution: dict[str, str], named: str
+) -> None:
+    dead = worker("w-dead", exists=False, subscribers=0, connected=False, executing=())
+    idle = worker("w-idle", executing=(), state="idle")
+    rq2 = worker("w-rq2", executing=(), current_job=MEMBER.rpartition(":")[0])
+    started = entry(job=job_hash(worker="w-dead"), execution=execution)
+
+    verdict = decide(started, dead, idle, rq2, rule=Rule(action="requeue", max_age_seconds=1))
 
     assert (verdict.state, verdict.action) == (State.RUNNING, ACTION_NONE)
-    assert verdict.reason == "w-rq2 is executing it, though its records name w-dead"
+    assert verdict.reason == f"w-rq2 is executing it, though its records name {named}"
 
 
 def test_lost_job_a_live_worker_executes_without_being_named_is_left_running() -> None:

@@ -890,6 +890,78 @@ def test_a_job_a_live_worker_has_just_taken_is_left_alone_though_its_records_mis
     assert job_status(redis_conn, job.id) == "started"
 
 
+def test_a_dead_workers_run_of_a_job_an_rq2_worker_runs_again_is_removed_at_once(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    # The job's first run died with its worker; it was enqueued again and an RQ 2
+    # worker, which names only the job (current_job), runs it as a new execution.
+    job = started_job(redis_conn, worker=DEAD)
+    dead_member = started_member(redis_conn, job.id)
+    with redis_conn.pipeline() as pipe:
+        Execution.create(job, 600, pipe, worker_name="rq2-holder")
+        job.prepare_for_execution("rq2-holder", pipe)
+        pipe.execute()
+    live_worker("rq2-holder", {"state": "busy", "current_job": job.id})
+    code, explained = explain(job.id, redis_url, "--policy", str(policy(tmp_path)))
+    assert code == 0 and isinstance(explained, dict), explained
+    said = sorted((v["state"], v["action"]) for v in explained["verdicts"])
+
+    report = run(policy(tmp_path), redis_url)
+
+    items = {j["execution_id"]: j for j in report["jobs"] if j["id"] == job.id}
+    dead_run = items.pop(dead_member.decode().rpartition(":")[2])
+    [(holder_execution, holder_run)] = items.items()
+    assert (dead_run["state"], dead_run["action"], dead_run["outcome"]) == (
+        "leftover",
+        "remove-entry",
+        "done",
+    )
+    assert dead_run["reason"] == (
+        f"rq2-holder is executing this job; this entry is {DEAD}'s run, and it is dead"
+    )
+    assert (holder_run["state"], holder_run["outcome"]) == ("running", "kept")
+    assert said == [("leftover", "remove-entry"), ("running", "none")]  # explain agrees
+    registry = StartedJobRegistry(QUEUE, connection=redis_conn)
+    assert registry.get_job_and_execution_ids(cleanup=False) == [(job.id, holder_execution)]
+    assert job_status(redis_conn, job.id) == "started"
+
+
+@pytest.mark.parametrize("beating", ["job", "dead-execution"])
+def test_a_planned_removal_of_a_dead_run_minds_only_that_runs_own_heartbeat(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, live_worker: Any, beating: str
+) -> None:
+    # The job hash's heartbeat is the new run's: it changing says nothing of the
+    # dead run's entry. A heartbeat of that entry's own execution does.
+    job = started_job(redis_conn, worker=DEAD)
+    dead_member = started_member(redis_conn, job.id).decode()
+    with redis_conn.pipeline() as pipe:
+        Execution.create(job, 600, pipe, worker_name="rq2-holder")
+        job.prepare_for_execution("rq2-holder", pipe)
+        pipe.execute()
+    live_worker("rq2-holder", {"state": "busy", "current_job": job.id})
+    plan = tmp_path / "plan.json"
+    made = invoke_opsctl("plan", str(policy(tmp_path)), "--redis-url", redis_url, "-o", str(plan))
+    assert made.exit_code == 0, made.stderr
+    if beating == "job":
+        redis_conn.hset(job.key, "last_heartbeat", iso(ago(0)))
+    else:
+        redis_conn.hset(f"rq:execution:{dead_member}", "last_heartbeat", repr(time.time()))
+
+    report = run(policy(tmp_path), redis_url, "--plan", str(plan))
+
+    [dead_run] = [j for j in report["jobs"] if j["entry"] == dead_member]
+    left = StartedJobRegistry(QUEUE, connection=redis_conn).get_job_and_execution_ids(cleanup=False)
+    assert job_status(redis_conn, job.id) == "started"
+    if beating == "job":
+        assert (dead_run["action"], dead_run["outcome"]) == ("remove-entry", "done"), dead_run
+        [(_, kept)] = left
+        assert f"{job.id}:{kept}" != dead_member
+    else:
+        assert dead_run["outcome"] == "skipped"
+        assert "execution heartbeat changed since it was read" in dead_run["reason"]
+        assert len(left) == 2
+
+
 # --- 10. jobs a scheduler refers to ---------------------------------------------------------
 
 

@@ -248,7 +248,9 @@ if action == 'delete' then
     return {0, 'a scheduler still refers to it (' .. KEYS[20] .. ')'}
   end
 end
-if field(KEYS[1], 'last_heartbeat') ~= ARGV[6] then
+-- ARGV[21] '0': the job hash's heartbeat is another run's (a live worker runs
+-- the job as another execution), so only the entry's own execution's counts.
+if ARGV[21] == '1' and field(KEYS[1], 'last_heartbeat') ~= ARGV[6] then
   return {0, 'job heartbeat changed since it was read: a worker is alive'}
 end
 if exec_id ~= '' and field(KEYS[3], 'last_heartbeat') ~= ARGV[7] then
@@ -411,7 +413,7 @@ if result[1] == 1 and limit then
 end
 if result[1] == 1 then
   local entry = {}
-  for i = 21, #ARGV do table.insert(entry, ARGV[i]) end
+  for i = 22, #ARGV do table.insert(entry, ARGV[i]) end
   if result[2] == 'failed' or result[2] == 'canceled' then
     -- What the job's ended_at now holds: opsctl requeue --run compares it to
     -- tell a job still as this run left it from one that ran again since.
@@ -522,6 +524,11 @@ class JobChange:
     #: The ``birth`` of ``worker`` as read ('' for none); the change goes ahead
     #: only while it is unchanged. None: not checked.
     worker_birth: str | None = None
+    #: False when the job hash's heartbeat is another run's: a live worker runs
+    #: the job as another execution than this entry's (see
+    #: :func:`opsctl.engine.runs_elsewhere`); the entry's execution heartbeat is
+    #: still checked.
+    job_heartbeat_checked: bool = True
 
 
 @dataclass(frozen=True)
@@ -665,6 +672,7 @@ class Actor:
             AUDIT_MAXLEN,
             "1" if change.lost else "0",
             "-" if change.worker_birth is None else change.worker_birth,
+            "1" if change.job_heartbeat_checked else "0",
         ]
         for name, value in change.audit:
             args += [name, value]

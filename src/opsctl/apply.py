@@ -33,6 +33,7 @@ from opsctl.engine import (
     is_executing,
     jobs_in_hand,
     out_of_place_since,
+    runs_elsewhere,
     started_moment,
     worker_liveness,
 )
@@ -377,6 +378,7 @@ class Executor:
             related_keys=outcome.rule.related_keys_of(entry.job_id, self.keys.prefix),
             lost=entry.lost,
             worker_birth=outcome.verdict.signals.worker_birth,
+            job_heartbeat_checked=not runs_elsewhere(entry, outcome.verdict),
         )
 
     def _audit_fields(

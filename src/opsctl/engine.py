@@ -202,7 +202,7 @@ def classify(
         in_hand = jobs_in_hand(workers)
     holder = None if holds else in_hand.get(entry.job_id)
     if holder is not None:
-        verdict = _held_elsewhere(entry, holder, workers[holder], rule, signals)
+        verdict = _held_elsewhere(entry, holder, workers[holder], liveness.alive, signals)
     else:
         verdict = _decide(entry, rule, liveness, holds, signals, now)
     origin = entry.job.get("origin", "") if entry.job is not None else ""
@@ -240,30 +240,64 @@ _NO_WORKER = Liveness(False, "no worker named")
 
 
 def _held_elsewhere(
-    entry: StartedEntry, holder: str, worker: WorkerRecord, rule: Rule, signals: Signals
+    entry: StartedEntry, holder: str, worker: WorkerRecord, named_alive: bool, signals: Signals
 ) -> Verdict:
     """An entry (or a lost or stranded job) whose job a live worker says it is
     executing, though the entry's records name another worker, or none, or the
     worker they name does not hold this entry. Most often the job ran before (its
     worker died) and was enqueued and taken again, under the same id by a
-    scheduler, say. The job is the holder's: at most this entry is left over."""
+    scheduler, say. The job is the holder's: at most this entry is left over.
+    ``named_alive`` tells whether the worker the entry's records name is live."""
     signals = replace(
         signals,
         worker=holder,
         worker_alive=True,
         worker_evidence=worker_liveness(worker).evidence,
     )
-    own = entry.member_text in worker.executions
-    if entry.execution_id is None or own or not worker.executions:
-        # The holder's own entry, or one it may own: RQ 1 keeps one bare-id entry
-        # per job, and a worker that names its job only in current_job (RQ 1, 2)
-        # does not say which execution is its own. A stop would go to the worker
-        # the records name, not to the holder, so none is sent.
-        named = entry.worker_name or "no worker"
-        reason = f"{holder} is executing it, though its records name {named}"
-        return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
-    reason = sys.intern(f"{holder} is executing this job as another execution; this entry is left")
-    return Verdict(State.LEFTOVER, ACTION_REMOVE_ENTRY, reason, signals)
+    if entry.execution_id is not None and entry.member_text not in worker.executions:
+        if worker.executions:
+            reason = sys.intern(
+                f"{holder} is executing this job as another execution; this entry is left"
+            )
+            return Verdict(State.LEFTOVER, ACTION_REMOVE_ENTRY, reason, signals)
+        ran_it = _dead_creator(entry, holder, named_alive)
+        if ran_it:
+            reason = f"{holder} is executing this job; this entry is {ran_it}'s run, and it is dead"
+            return Verdict(State.LEFTOVER, ACTION_REMOVE_ENTRY, sys.intern(reason), signals)
+    # The holder's own entry, or one it may own: RQ 1 keeps one bare-id entry per
+    # job, and a worker that names its job only in current_job (RQ 1, 2) does not
+    # say which execution is its own. A stop would go to the worker the records
+    # name, not to the holder, so none is sent.
+    named = entry.worker_name or "no worker"
+    reason = f"{holder} is executing it, though its records name {named}"
+    return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
+
+
+def runs_elsewhere(entry: StartedEntry, verdict: Verdict) -> bool:
+    """Whether ``verdict`` leaves ``entry`` over because a live worker other than the
+    one its records name runs its job as another run (see :func:`_held_elsewhere`,
+    whose signals name that worker). The job hash's heartbeat is then that run's,
+    and says nothing of this entry."""
+    signals = verdict.signals
+    return (
+        verdict.state is State.LEFTOVER
+        and signals.worker_alive is True
+        and signals.worker != entry.worker_name
+    )
+
+
+def _dead_creator(entry: StartedEntry, holder: str, named_alive: bool) -> str | None:
+    """The dead worker whose run an entry is, when its own execution record says so.
+
+    An execution record names the worker that created it (RQ 2.11 on), so an
+    entry whose record names a worker other than the holder is not the holder's
+    run, even when the holder names only the job (RQ 2's ``current_job``). Only a
+    dead creator counts: a live one may be about to run the job itself.
+    """
+    creator = entry.execution.get("worker_name") if entry.execution is not None else None
+    if creator and creator != holder and not named_alive:
+        return creator
+    return None
 
 
 def out_of_place_since(entry: StartedEntry) -> float | None:

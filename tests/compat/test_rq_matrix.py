@@ -406,6 +406,40 @@ def test_rq1_job_id_with_colons_is_one_id_not_an_execution(
     assert (seen["status"], seen["in_queue"], seen["registries"]) == ("queued", True, []), seen
 
 
+# --- a job run again by an RQ 2 worker ---------------------------------------------------
+
+
+def test_dead_run_of_a_job_an_rq2_worker_runs_again_is_removed_and_the_new_run_kept(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # An RQ 2 worker names only the job it runs (current_job), not the execution: the
+    # dead run's entry is told apart by its own execution record, which names its worker.
+    release = rq_env(VERSIONS[1])
+    queue = "compat-rerun"
+    job_id = abandoned_job(rq_workers, release, redis_url, queue)
+    [dead_entry] = redis_conn.zrange(f"rq:wip:{queue}", 0, -1)
+    # Enqueued again under the same id (as a scheduler does) and taken by a new worker.
+    assert enqueue(release, redis_url, queue, *SLEEP, job_id=job_id) == job_id
+    start_worker(rq_workers, release, [queue])
+    assert wait_status(release, redis_url, job_id, "started")["status"] == "started"
+    assert redis_conn.zcard(f"rq:wip:{queue}") == 2
+
+    report = apply(write_policy(tmp_path, {queue: "fail"}), redis_url)
+
+    lines = {line["entry"]: line for line in report["jobs"] if line["id"] == job_id}
+    dead = lines.pop(dead_entry.decode())
+    assert (dead["state"], dead["action"], dead["outcome"]) == (
+        "leftover",
+        "remove-entry",
+        "done",
+    ), dead["reason"]
+    [(new_entry, new_run)] = lines.items()
+    assert (new_run["state"], new_run["outcome"]) == ("running", "kept"), new_run
+    seen = state(release, redis_url, job_id)
+    assert (seen["status"], seen["registries"]) == ("started", ["started"]), seen
+    assert redis_conn.zrange(f"rq:wip:{queue}", 0, -1) == [new_entry.encode()]
+
+
 # --- all three releases on one Redis ------------------------------------------------------
 
 
