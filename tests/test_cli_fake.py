@@ -13,6 +13,7 @@ import gc
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -1480,12 +1481,15 @@ def test_plan_output_replaces_only_a_regular_file(
     link.symlink_to(target)
     folder = tmp_path / "folder"
     folder.mkdir()
+    fifo = tmp_path / "fifo"  # a special file of the test's own: a regression replaces it alone
+    os.mkfifo(fifo)
 
-    for path in (link, folder, Path("/dev/null")):
+    for path in (link, folder, fifo):
         result = opsctl("plan", str(policy), "--output", str(path), "--redis-url", url)
         assert result.exit_code == 2, (path, result.output)
         assert "not a regular file" in result.output
     assert target.read_text() == "keep me"
+    assert link.is_symlink() and stat.S_ISFIFO(fifo.lstat().st_mode)
     result = opsctl("plan", str(policy), "--output", "", "--redis-url", url)
     assert (result.exit_code, result.output.strip()) == (
         2,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from rq import Queue
 from rq.job import JobStatus
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, StartedJobRegistry
 
-from conftest import run_opsctl
+from conftest import invoke_opsctl, run_opsctl
 from test_cli_fake import LiveWorker, register_worker, started_job
 
 STATES = ("orphaned", "leftover", "abandoned", "overdue", "running")
@@ -391,13 +393,63 @@ def test_a_failed_run_keeps_the_success_time_an_older_opsctl_wrote_without_label
     assert single(values, "opsctl_last_run_exit_code") == 5
 
 
-def test_a_metrics_file_path_that_is_a_fifo_is_never_waited_on(
-    conn: redis.Redis, fake_redis_url: str, tmp_path: Path
+def _special(kind: str, target: Path) -> str:
+    """Make ``target`` a ``kind`` of file other than a regular one; what it then is."""
+    if kind == "fifo":
+        os.mkfifo(target)  # reading it back would wait for a writer that never comes
+    elif kind == "socket":
+        listening = socket.socket(socket.AF_UNIX)
+        listening.bind(str(target))
+        listening.close()
+    else:
+        (target.parent / "elsewhere.prom").write_text("# kept\n")
+        target.symlink_to("elsewhere.prom")
+    return _what(target)
+
+
+def _what(path: Path) -> str:
+    mode = path.lstat().st_mode
+    if stat.S_ISLNK(mode):
+        return f"link to {os.readlink(path)}"
+    return stat.filemode(mode)[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "symlink"])
+def test_a_metrics_path_that_is_no_regular_file_is_refused_and_left_as_it_is(
+    conn: redis.Redis, fake_redis_url: str, tmp_path: Path, kind: str
 ) -> None:
+    # A rename would put a plain file in its place: /dev/null, say, for everyone.
+    register_worker(fake_redis_url, "w-dead")
+    job = started_job(conn, "w-dead")
     args, target = apply_with_metrics(fake_redis_url, tmp_path)
-    os.mkfifo(target)  # reading it back would wait for a writer that never comes
+    was = _special(kind, target)
 
     result = run_opsctl(*args)
 
-    assert result.returncode == 0, result.stderr
-    assert single(gauges(target.read_text(), "apply"), "opsctl_last_run_exit_code") == 0
+    assert result.returncode == 2, result.stderr
+    assert "exists and is not a regular file" in result.stderr
+    assert "leave out --metrics-file" in result.stderr
+    assert _what(target) == was
+    assert job.get_status(refresh=True) == JobStatus.STARTED  # refused before anything was done
+    if kind == "symlink":
+        assert (tmp_path / "elsewhere.prom").read_text() == "# kept\n"
+
+
+def test_a_metrics_path_that_stops_being_a_regular_file_during_a_run_is_not_replaced(
+    conn: redis.Redis, fake_redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args, target = apply_with_metrics(fake_redis_url, tmp_path)
+    from opsctl import metrics
+
+    made = metrics.build
+
+    def build_then_swap(*given: Any) -> Any:
+        os.mkfifo(target)  # someone put a FIFO there after the path was checked
+        return made(*given)
+
+    monkeypatch.setattr(metrics, "build", build_then_swap)
+    result = invoke_opsctl(*args)
+
+    assert result.exit_code == 6, result.stderr
+    assert "exists and is not a regular file" in result.stderr
+    assert _what(target) == "p"

@@ -55,6 +55,7 @@ from opsctl.errors import (
     StoppedEarly,
     UsageError,
 )
+from opsctl.files import replaceable
 from opsctl.keys import DEFAULT_PREFIX, Keys
 from opsctl.lock import LockTimeout, run_lock
 from opsctl.policy import (
@@ -506,8 +507,10 @@ def _metrics_path(value: str | None) -> str | None:
         raise typer.BadParameter(
             "give a file path (for example /var/lib/node_exporter/opsctl.prom)"
         )
-    if os.path.isdir(value):
+    if os.path.isdir(value) and not os.path.islink(value):
         raise typer.BadParameter(f"{value!r} is a directory; give a file path inside it")
+    if not replaceable(value):
+        raise typer.BadParameter(f"{value!r}: {metrics.NOT_A_FILE}")
     return value
 
 

@@ -1,4 +1,5 @@
-"""Reading the files opsctl is given (policies, plans) without ever waiting on one.
+"""Reading the files opsctl is given (policies, plans) without ever waiting on one,
+and refusing to replace anything but a regular file with one it writes.
 
 A path may name a FIFO, a device or a directory as well as a file; opening a
 FIFO waits for a writer, and reading some special files waits for data, both
@@ -67,6 +68,20 @@ def check_file(path: str) -> None:
         raise NotReadable("it is a directory")
     if not stat.S_ISREG(mode):
         raise NotReadable("it is not a file")
+
+
+def replaceable(path: str) -> bool:
+    """Whether opsctl may replace ``path`` with a file it writes (by a rename):
+    only a regular file, or nothing. Never a directory, a device (``/dev/null``),
+    a FIFO or a socket, which a rename would put a plain file in place of, nor a
+    symbolic link, which could point anywhere and would be replaced itself."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return True  # the write itself then says why it cannot
+    return stat.S_ISREG(mode)
 
 
 def _open(path: str) -> int:

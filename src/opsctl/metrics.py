@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 from opsctl.engine import State, classify, jobs_in_hand
 from opsctl.errors import ExitCode, OpsctlError
-from opsctl.files import NotReadable, TooLarge, read_file
+from opsctl.files import NotReadable, TooLarge, read_file, replaceable
 from opsctl.policy import Rule
 from opsctl.run import Run
 from opsctl.state import Snapshot
@@ -55,6 +55,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LAST_SUCCESS = "opsctl_last_success_timestamp_seconds"
+
+
+#: Why a metrics path that names something other than a regular file is refused.
+NOT_A_FILE = (
+    "it exists and is not a regular file (a device, FIFO, socket or symbolic link), "
+    "and writing the metrics would replace it; to write no metrics, leave out --metrics-file"
+)
 
 
 class MetricsWriteError(OpsctlError):
@@ -261,6 +268,8 @@ def write(path: str, seen: Observation | None, facts: RunFacts, samples: list[Sa
         family.samples += others.get(family.name, [])
     merged = CollectorRegistry(auto_describe=False)
     merged.register(_Families(families))
+    if not replaceable(path):  # checked at start too; it may have changed since
+        raise MetricsWriteError(f"cannot write the metrics file {path!r}: {NOT_A_FILE}")
     try:
         write_to_textfile(path, merged)
     except OSError as exc:

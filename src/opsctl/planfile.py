@@ -25,7 +25,7 @@ import redis
 
 from opsctl.engine import ACTION_REMOVE_ENTRY, ACTION_STOP, Signals, State, Verdict
 from opsctl.errors import ExitCode, OpsctlError, UsageError
-from opsctl.files import NotReadable, TooLarge, check_file, read_file
+from opsctl.files import NotReadable, TooLarge, check_file, read_file, replaceable
 from opsctl.keys import DEFAULT_PREFIX
 from opsctl.model import StartedEntry, WorkerRecord, format_timestamp
 from opsctl.policy import ACTIONS, Limits, Rule
@@ -94,9 +94,7 @@ def _write_atomically(path: str, text: str) -> None:
     if not path:
         raise UsageError("--output is empty; give the path of the plan file to write")
     target = Path(path)
-    # Only a regular file is replaced: never a directory, device, pipe or a
-    # symbolic link (which could point anywhere).
-    if target.is_symlink() or (target.exists() and not target.is_file()):
+    if not replaceable(path):
         raise UsageError(
             f"--output {path!r} exists and is not a regular file; refusing to replace it"
         )
