@@ -243,13 +243,17 @@ def test_validate_only_notes_an_unset_variable_and_exits_0() -> None:
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
-        ("redis://:s3cret@127.0.0.1:6380/0/extra", "database '0/extra' is not a number"),
+        ("redis://:s3cret@127.0.0.1:6380/0/extra", "database (not shown) is not a number"),
         ("redis://:s3cret@/0", "names no host; opsctl never falls back to a default server"),
-        ("redis+sentinel://:s3cret@h:\u00b2/mymaster", "port '\u00b2' is not a number"),
-        ("redis://:s3cret@127.0.0.1:6380/0?protocol=9", "protocol '9' is not 2 or 3"),
+        (
+            "redis+sentinel://:s3cret@h:\u00b2/mymaster",
+            "what follows ':' is no port number; if it is a password, the host is missing: "
+            "write USER:PASSWORD@HOST:PORT",
+        ),
+        ("redis://:s3cret@127.0.0.1:6380/0?protocol=9", "protocol (not shown) is not 2 or 3"),
         (
             "redis://:s3cret@127.0.0.1:6380/0?socket_timeout=abc",
-            "is not valid: Invalid value for 'socket_timeout' in connection URL.",
+            "is not valid: Invalid value for (not shown) in connection URL.",
         ),
         (
             "redis://:s3cret@127.0.0.1:6380/0?socket_timeout=-1",
@@ -261,12 +265,15 @@ def test_validate_only_notes_an_unset_variable_and_exits_0() -> None:
         ),
         (
             "redis://:s3cret@127.0.0.1:6380/0?foo=bar",
-            "is not valid: its option 'foo' is not one a redis:// connection takes",
+            "is not valid: its option (not shown) is not one a redis:// connection takes",
         ),
-        ("redis://:s3cret@127.0.0.1:6380/0?db=3", "names more than one database (0, 3): give one"),
+        (
+            "redis://:s3cret@127.0.0.1:6380/0?db=3",
+            "names more than one database (in its path or as ?db=): give one",
+        ),
         (
             "redis://:s3cret@127.0.0.1:6380?db=1&db=0",
-            "names more than one database (1, 0): give one",
+            "names more than one database (in its path or as ?db=): give one",
         ),
         (
             "redis+sentinel://:s3cret@127.0.0.1:26379/mymaster?db=9",
@@ -276,6 +283,7 @@ def test_validate_only_notes_an_unset_variable_and_exits_0() -> None:
     ],
 )
 def test_validate_refuses_an_environment_url_that_apply_would_refuse(url: str, reason: str) -> None:
+    # The variable is named; no part of its value is quoted.
     result = opsctl("validate", "policies/example.yaml", env={"REDIS_URL": url})
 
     assert result.exit_code == 2, result.output
@@ -633,3 +641,45 @@ def test_a_ctrl_c_while_a_read_only_command_waits_for_redis_exits_130() -> None:
     assert "Traceback" not in err
     assert "Aborted" not in err
     assert out == ""
+
+
+#: URLs whose '@HOST' was left out: USER:PASSWORD then reads as HOST:PORT.
+_HOSTLESS = [
+    "redis://opsctl-apply:Hunter2pw/0",
+    "redis://:Hunter2pw",
+    "rediss://default:Hunter2pw",
+    "redis+sentinel://default:Hunter2pw/mymaster",
+    "unix://:Hunter2pw",
+]
+
+
+@pytest.mark.parametrize("url", _HOSTLESS)
+@pytest.mark.parametrize("given", ["option", "environment", "policy"])
+def test_a_password_whose_host_was_left_out_is_never_shown(
+    url: str, given: str, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    if given == "option":
+        result = opsctl("status", "--redis-url", url, "--timeout", "1")
+    elif given == "environment":
+        policy.write_text("version: 1\nqueues:\n  - name: a\n")
+        result = opsctl("apply", str(policy), "--dry-run", env={"OPSCTL_REDIS_URL": url})
+    else:
+        policy.write_text("version: 1\nredis:\n  url: ${MYURL}\nqueues:\n  - name: a\n")
+        result = opsctl("validate", str(policy), env={"MYURL": url})
+
+    assert result.exit_code == 2, result.output
+    assert "Hunter2pw" not in result.output
+    if given == "policy":
+        assert "redis.url: the value from ${MYURL}: " in result.stdout
+    else:
+        masked = url.replace("Hunter2pw", "***")
+        assert result.stderr.startswith(f"opsctl: error: Redis URL {masked!r}: "), result.stderr
+
+
+def test_a_unix_url_whose_path_does_not_follow_the_slashes_is_refused() -> None:
+    # redis-py would read unix://run/redis.sock as the socket /redis.sock.
+    result = opsctl("status", "--redis-url", "unix://run/redis.sock", "--timeout", "1")
+
+    assert result.exit_code == 2, result.output
+    assert "the socket path must follow '//' and start with '/'" in result.stderr

@@ -29,7 +29,7 @@ def test_sentinel_url_built_from_options_reads_back_the_same() -> None:
         ("redis+sentinel://s1:26379", "names no service"),
         ("redis+sentinel://s1:26379/", "names no service"),
         ("redis+sentinel://s1,:26379/main", "every sentinel needs a host"),
-        ("redis+sentinel://s1:abc/main", "port 'abc' is not a number"),
+        ("redis+sentinel://s1:abc/main", "what follows ':' is no port number"),
         ("redis+sentinel://s1/main/x", "database 'x' is not a number"),
     ],
 )

@@ -88,6 +88,19 @@ def _secrets(url: str) -> tuple[str, list[str]]:
         # Without a colon the lone value may be a password typed without one.
         secrets.append(password if colon else userinfo)
         rest = f"{user}:***@{rest}" if colon else f"***@{rest}"
+    else:
+        # USER:PASSWORD with the '@HOST' left out reads as HOST:PORT: a "port"
+        # that is no number may be a password.
+        authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+        tail = rest[len(authority) :]
+        masked = []
+        for address in authority.split(","):
+            host, colon, port = address.partition(":")
+            if colon and port and not address.startswith("[") and not port.isdigit():
+                secrets.append(port)
+                address = f"{host}:***"
+            masked.append(address)
+        rest = ",".join(masked) + tail
     for found in re.finditer(r"(?i)password=([^&]*)", rest):
         secrets.append(found[1])
     rest = re.sub(r"(?i)(password=)[^&]*", r"\1***", rest)
@@ -174,6 +187,12 @@ def check_url(url: str) -> None:
     if scheme == "unix":
         if not rest.split("?", 1)[0]:
             raise UsageError(f"Redis URL {shown!r} names no socket path")
+        if not rest.startswith("/"):
+            # redis-py would read unix://run/redis.sock as host "run", path /redis.sock.
+            raise UsageError(
+                f"Redis URL {shown!r}: the socket path must follow '//' and start with '/': "
+                "write unix:///PATH/TO/redis.sock (three slashes) or unix://USER:PASSWORD@/PATH"
+            )
         _check_options(url)
         return
     if scheme == SENTINEL_SCHEME:
@@ -198,7 +217,8 @@ def check_url(url: str) -> None:
     if len({int(n) if n.isascii() and n.isdigit() else n for n in named}) > 1:
         # redis-py would use one of them, while every message shows the URL as written.
         raise UsageError(
-            f"Redis URL {shown!r} names more than one database ({', '.join(named)}): give one"
+            f"Redis URL {shown!r} names more than one database (in its path or as ?db=): "
+            "give one"
         )
     try:
         parsed = urlsplit(url)
@@ -263,7 +283,11 @@ def _host_and_port(address: str, shown: str) -> tuple[str, int | None]:
             "the ':' (opsctl never falls back to a default server)"
         )
     if not (port.isascii() and port.isdigit()):
-        raise UsageError(f"Redis URL {shown!r}: port {port!r} is not a number")
+        # Never quoted: it is most often a password whose '@HOST' was left out.
+        raise UsageError(
+            f"Redis URL {shown!r}: what follows ':' is no port number; if it is a password, "
+            "the host is missing: write USER:PASSWORD@HOST:PORT"
+        )
     if not 0 < int(port) < 65536:
         raise UsageError(f"Redis URL {shown!r}: port {int(port)} is not between 1 and 65535")
     return host, int(port)

@@ -989,6 +989,18 @@ def _kind(path: _Path) -> str:
     return "entry" if isinstance(path[-1], int) else path[-1]
 
 
+#: A quoted part of a message about a URL.
+_URL_PART = re.compile(r"'([^']*)'")
+
+
+def _unquoted(part: re.Match[str], url: str) -> str:
+    """A quoted part of a message about ``url`` that came from the environment:
+    "(not shown)" when it is a part of the URL, kept when it is punctuation the
+    message names (':', '//')."""
+    words = part[1]
+    return "(not shown)" if words in url and any(c.isalnum() for c in words) else part[0]
+
+
 def _check_redis_url(document: _Document) -> None:
     """Report a Redis URL whose scheme redis-py cannot connect with; never quote the URL."""
     path: _Path = ("redis", "url")
@@ -1004,6 +1016,9 @@ def _check_redis_url(document: _Document) -> None:
     # a number, ...) is an error here too, so that validate agrees with apply.
     why = url_problem(url)
     if why:
+        if path in document.env_names:
+            # Parts of a URL from the environment are never quoted either.
+            why = _URL_PART.sub(lambda m: _unquoted(m, url), why)
         document.report(path, f"{document.describe(path, url)}: {why}")
         return
     user_path: _Path = ("redis", "username")
