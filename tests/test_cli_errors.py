@@ -521,6 +521,39 @@ def test_a_blank_queue_variable_is_refused_rather_than_read_as_every_queue(
     assert "cannot reach Redis" not in result.output  # refused before connecting
 
 
+@pytest.mark.parametrize("blank", ["", " "])
+@pytest.mark.parametrize(
+    ("variable", "command"),
+    [
+        ("OPSCTL_DRY_RUN", ("apply", "policies/minimal.yaml")),
+        ("OPSCTL_DRY_RUN", ("requeue", "--run", "0123456789ab")),
+        ("OPSCTL_FORCE", ("apply", "policies/minimal.yaml")),
+        ("OPSCTL_BEST_EFFORT", ("apply", "policies/minimal.yaml")),
+    ],
+)
+def test_a_blank_on_off_variable_is_refused_rather_than_read_as_not_given(
+    closed_url: str, blank: str, variable: str, command: tuple[str, ...]
+) -> None:
+    # OPSCTL_DRY_RUN="$PREVIEW" with PREVIEW unset must not make a preview a real run.
+    result = opsctl(*command, "--redis-url", closed_url, env={variable: blank})
+
+    assert result.exit_code == 2, result.output
+    assert f"{variable} is set but empty (is a variable unset?)" in result.output
+    assert "cannot reach Redis" not in result.output  # refused before connecting
+
+
+def test_a_blank_on_off_variable_gives_way_to_the_option_on_the_command_line(
+    closed_url: str,
+) -> None:
+    result = opsctl(
+        "apply", "policies/minimal.yaml", "--dry-run", "--redis-url", closed_url, "--timeout", "1",
+        env={"OPSCTL_DRY_RUN": ""},
+    )  # fmt: skip
+
+    assert result.exit_code == 3, result.output  # it went on, to the closed port
+    assert "cannot reach Redis" in result.output
+
+
 def test_unknown_option_is_a_usage_error_not_a_crash() -> None:
     result = opsctl("apply", "policies/minimal.yaml", "--max-agee", "10m")
 

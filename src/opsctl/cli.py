@@ -97,6 +97,28 @@ def _option(*names: str, **settings: Any) -> Any:
     return typer.Option(*names, envvar=envvar, **settings)
 
 
+def _flag(*names: str, **settings: Any) -> Any:
+    """An on/off option (see :func:`_option`) whose variable, when set, must say which."""
+    return _option(*names, callback=_blank_flag_variable, **settings)
+
+
+def _blank_flag_variable(
+    ctx: typer.Context, param: typer.CallbackParam, value: bool | None
+) -> bool | None:
+    """Refuse a flag's OPSCTL_* variable that is set but empty, unless the command line
+    gives the flag: read as "not given", OPSCTL_DRY_RUN=$PREVIEW with PREVIEW unset
+    would make a real run of what was meant as a preview."""
+    envvar = param.envvar if isinstance(param.envvar, str) else None
+    given = param.name is not None and ctx.get_parameter_source(param.name)
+    from_command_line = given is not None and getattr(given, "name", "") == "COMMANDLINE"
+    if envvar and not from_command_line and not os.environ.get(envvar, "x").strip():
+        raise typer.BadParameter(
+            f"{envvar} is set but empty (is a variable unset?); set it to true or false, "
+            "or unset it"
+        )
+    return value
+
+
 class Format(str, Enum):
     text = "text"
     json = "json"
@@ -355,7 +377,7 @@ StatusRedisUrl = Annotated[
 ]
 FormatOpt = Annotated[Format, _option("--format", help="Report format.")]
 Verbose = Annotated[int, _option("-v", "--verbose", count=True, help="More logs (-vv: debug).")]
-Quiet = Annotated[bool, _option("-q", "--quiet", help="Only errors in the logs.")]
+Quiet = Annotated[bool, _flag("-q", "--quiet", help="Only errors in the logs.")]
 LogFormatOpt = Annotated[
     logs.LogFormat,
     _option(
@@ -465,7 +487,7 @@ Timeout = Annotated[
 
 ForceOpt = Annotated[
     bool | None,
-    _option("--force/--no-force", help="Treat every running job as overdue.", show_default=False),
+    _flag("--force/--no-force", help="Treat every running job as overdue.", show_default=False),
 ]
 MaxAgeOpt = Annotated[
     str | None,
@@ -572,9 +594,7 @@ def apply(
     ] = None,
     dry_run: Annotated[
         bool | None,
-        _option(
-            "--dry-run/--no-dry-run", help="Only report what would be done.", show_default=False
-        ),
+        _flag("--dry-run/--no-dry-run", help="Only report what would be done.", show_default=False),
     ] = None,
     force: ForceOpt = None,
     max_age: MaxAgeOpt = None,
@@ -592,7 +612,7 @@ def apply(
     output: FormatOpt = Format.text,
     best_effort: Annotated[
         bool,
-        _option(
+        _flag(
             "--best-effort",
             help="Exit 0 (after printing the problem) when an action failed, Redis is down, "
             "a limit tripped or another run holds the lock.",
@@ -954,9 +974,7 @@ def watch_command(
     ] = "60s",
     dry_run: Annotated[
         bool | None,
-        _option(
-            "--dry-run/--no-dry-run", help="Only report what would be done.", show_default=False
-        ),
+        _flag("--dry-run/--no-dry-run", help="Only report what would be done.", show_default=False),
     ] = None,
     force: ForceOpt = None,
     max_age: MaxAgeOpt = None,
@@ -1157,7 +1175,7 @@ def requeue_command(
     ],
     redis_url: StatusRedisUrl = None,
     dry_run: Annotated[
-        bool, _option("--dry-run", help="Only report what would be requeued.")
+        bool, _flag("--dry-run", help="Only report what would be requeued.")
     ] = False,
     output: FormatOpt = Format.text,
     key_prefix: Annotated[
@@ -1225,7 +1243,7 @@ def validate(
     files: Annotated[list[str], typer.Argument(metavar="FILE...", help="Policy files to check.")],
     strict_env: Annotated[
         bool,
-        _option("--strict-env", help="Treat unset environment variables as errors."),
+        _flag("--strict-env", help="Treat unset environment variables as errors."),
     ] = False,
 ) -> None:
     """Check policy files: one line per problem (FILE:LINE:COL: path: message)."""

@@ -217,8 +217,7 @@ def check_url(url: str) -> None:
     if len({int(n) if n.isascii() and n.isdigit() else n for n in named}) > 1:
         # redis-py would use one of them, while every message shows the URL as written.
         raise UsageError(
-            f"Redis URL {shown!r} names more than one database (in its path or as ?db=): "
-            "give one"
+            f"Redis URL {shown!r} names more than one database (in its path or as ?db=): give one"
         )
     try:
         parsed = urlsplit(url)
