@@ -1755,6 +1755,39 @@ def test_a_plan_edited_to_an_action_no_rule_chooses_is_refused_before_any_job_is
     assert [status_of(conn, job.id) for job in jobs] == ["started"] * 3
 
 
+def test_a_plan_edited_to_a_follow_up_its_rule_could_not_choose_is_refused(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    job = started_job(conn, "w-dead")
+    policy, plan = made_plan(url, tmp_path)  # its rule fails jobs
+    edit_plan(plan, lambda d: d["jobs"][0].update(action="stop", follow_up="delete"))
+
+    result = opsctl("apply", str(policy), "--plan", str(plan), "--redis-url", url)
+
+    assert result.exit_code == 2, result.output
+    assert "has the action 'stop'" in result.output
+    assert status_of(conn, job.id) == "started"
+
+
+def test_a_job_whose_origin_is_not_the_one_read_is_left_alone(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    # The queue and registries a change writes to are the origin's as read (here,
+    # as a plan edited by hand says); the job's own hash names another.
+    job = started_job(conn, "w-dead")
+    _, plan = made_plan(url, tmp_path)
+    edit_plan(plan, lambda d: d["jobs"][0]["job"].update(origin="payments"))
+
+    result = opsctl("apply", "--plan", str(plan), "--redis-url", url, "--format", "json")
+
+    assert result.exit_code == 0, result.output
+    [line] = json.loads(result.stdout)["jobs"]
+    assert line["outcome"] == "skipped", line
+    assert line["reason"].endswith("its origin changed since it was read"), line
+    assert status_of(conn, job.id) == "started"
+    assert FailedJobRegistry("payments", connection=conn).get_job_ids() == []
+
+
 def test_a_plan_edited_against_its_policy_is_refused_when_the_policy_is_given(
     conn: redis.Redis, url: str, tmp_path: Path
 ) -> None:

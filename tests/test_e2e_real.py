@@ -34,6 +34,7 @@ from rq.worker_registration import get_keys
 from conftest import (
     WorkerFactory,
     WorkerProcess,
+    invoke_opsctl,
     job_status,
     run_opsctl,
     wait_for_status,
@@ -276,6 +277,8 @@ def stopped_then_requeued(conn: redis.Redis, job_id: str) -> None:
     assert job_status(conn, job_id) == "queued"
     assert job_id in Queue(QUEUE, connection=conn).get_job_ids()
     assert job_id not in failed_ids(conn)
+    # RQ gave the stopped job's hash its failure_ttl; a queued job must not expire.
+    assert conn.ttl(f"rq:job:{job_id}") == -1
 
 
 def stopped_then_canceled(conn: redis.Redis, job_id: str) -> None:
@@ -332,6 +335,42 @@ def test_overdue_job_is_stopped_by_its_live_worker_then_gets_the_policy_action(
     if action != "requeue":
         assert worker.running(), "stopping a job leaves its worker running"
         assert report["workers"] == []
+
+
+@pytest.mark.parametrize("action", ["delete", "cancel", "requeue"])
+def test_a_stopped_job_enqueued_again_before_its_follow_up_is_left_to_its_new_run(
+    action: str,
+    rq_workers: WorkerFactory,
+    redis_conn: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opsctl.apply import Executor
+
+    # One job, and the worker exits: no worker takes the job when it is enqueued again.
+    _, job = start_job(rq_workers, redis_conn, QUEUE, 60, extra=["--max-jobs", "1"])
+    time.sleep(1.5)  # past max_age 1s
+    waited = Executor._wait_until_ended
+
+    def enqueued_again_once_stopped(self: Executor, outcomes: Any) -> dict[str, str]:
+        statuses = waited(self, outcomes)
+        # A scheduler puts the same id back on its queue the moment it was stopped.
+        Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 5, job_id=job.id)
+        return statuses
+
+    monkeypatch.setattr(Executor, "_wait_until_ended", enqueued_again_once_stopped)
+    policy = write_policy(tmp_path, action=action, max_age="1s")
+    result = invoke_opsctl("apply", str(policy), "--redis-url", redis_url, "--format", "json")
+
+    assert result.exit_code == 0, result.output
+    line = job_line(json.loads(result.stdout), job.id)
+    assert (line["stop_confirmed"], line["outcome"]) == (True, "skipped"), show(line)
+    assert line["reason"].endswith(
+        f"{action} not done: it changed since it was stopped (its status is now 'queued')"
+    )
+    assert job_status(redis_conn, job.id) == "queued"
+    assert job.id in Queue(QUEUE, connection=redis_conn).get_job_ids()
 
 
 def test_job_within_max_age_is_left_running_and_finishes_normally(

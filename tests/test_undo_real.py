@@ -72,10 +72,12 @@ def test_requeue_run_puts_back_what_the_run_failed_or_canceled_and_workers_finis
     retried = abandon(rq_workers, redis_conn, FAIL_QUEUE)
     deleted = abandon(rq_workers, redis_conn, FAIL_QUEUE)
     to_cancel = abandon(rq_workers, redis_conn, CANCEL_QUEUE)
+    waiting = Queue(FAIL_QUEUE, connection=redis_conn).enqueue("jobs.quick", depends_on=to_fail)
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     run = opsctl_json("apply", str(policy), "--redis-url", redis_url)
     assert job_status(redis_conn, to_fail.id) == "failed"
+    assert job_status(redis_conn, waiting.id) == "deferred"
     assert job_status(redis_conn, to_cancel.id) == "canceled"
     # Someone changes two of them in between: a retry with RQ's own tool, a deletion.
     FailedJobRegistry(FAIL_QUEUE, connection=redis_conn).requeue(retried.id)
@@ -112,12 +114,13 @@ def test_requeue_run_puts_back_what_the_run_failed_or_canceled_and_workers_finis
     job = Job.fetch(to_fail.id, connection=redis_conn)
     assert (job.get_status().value, job.started_at, job.ended_at) == ("queued", None, None)
     assert redis_conn.ttl(job.key) == -1  # no leftover failure expiry while it waits
+    assert redis_conn.ttl(job.dependents_key) == -1  # nor on the set of what waits for it
     history = run_opsctl("history", "--run", undo["run_id"], "--redis-url", redis_url)
     assert to_fail.id in history.stdout and to_cancel.id in history.stdout
 
     rq_workers.start([FAIL_QUEUE, CANCEL_QUEUE])
     rq_workers.start([FAIL_QUEUE, CANCEL_QUEUE])
-    for job_id in (to_fail.id, retried.id, to_cancel.id):
+    for job_id in (to_fail.id, retried.id, to_cancel.id, waiting.id):
         status = wait_for_status(redis_conn, job_id, "finished", FINISH_TIMEOUT_S)
         assert status == "finished", job_id
     assert Job.fetch(to_fail.id, connection=redis_conn).return_value() == f"slept {JOB_S}s"

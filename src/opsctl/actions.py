@@ -262,6 +262,10 @@ end
 if field(KEYS[1], 'retries_left') ~= ARGV[8] then
   return {0, 'retries_left changed since it was read'}
 end
+-- The queue and registries written to are the origin's as read.
+if field(KEYS[1], 'origin') ~= ARGV[22] then
+  return {0, 'its origin changed since it was read'}
+end
 -- The worker the verdict rests on: one started again under its name since it
 -- was read ("-": not read) may have taken this very job.
 if ARGV[20] ~= '-' and ARGV[13] ~= '' then
@@ -286,6 +290,14 @@ end
 
 local function enqueue(at_front)
   redis.call('HSET', KEYS[1], 'status', 'queued', 'enqueued_at', now_iso)
+  -- A stopped job's hash expires with its failure_ttl (RQ sets it); waiting in a
+  -- queue it must not, unless the job has a ttl of its own.
+  local own_ttl = tonumber(field(KEYS[1], 'ttl'))
+  if own_ttl and own_ttl > 0 then
+    redis.call('EXPIRE', KEYS[1], math.floor(own_ttl))
+  else
+    redis.call('PERSIST', KEYS[1])
+  end
   if at_front == '1' then
     redis.call('LPUSH', KEYS[6], job_id)
   else
@@ -413,7 +425,7 @@ if result[1] == 1 and limit then
 end
 if result[1] == 1 then
   local entry = {}
-  for i = 22, #ARGV do table.insert(entry, ARGV[i]) end
+  for i = 23, #ARGV do table.insert(entry, ARGV[i]) end
   if result[2] == 'failed' or result[2] == 'canceled' then
     -- What the job's ended_at now holds: opsctl requeue --run compares it to
     -- tell a job still as this run left it from one that ran again since.
@@ -507,7 +519,7 @@ class JobChange:
     member: bytes
     execution_id: str | None
     source: str
-    expect: dict[str, str]  # status, last_heartbeat, retries_left of the job
+    expect: dict[str, str]  # status, last_heartbeat, retries_left, origin of the job
     expect_execution_heartbeat: str
     reason: str = ""
     worker: str = ""
@@ -673,6 +685,7 @@ class Actor:
             "1" if change.lost else "0",
             "-" if change.worker_birth is None else change.worker_birth,
             "1" if change.job_heartbeat_checked else "0",
+            change.expect.get("origin", ""),
         ]
         for name, value in change.audit:
             args += [name, value]

@@ -486,12 +486,23 @@ class Executor:
             o.action = o.verdict.follow_up or "fail"
         pipe = self.conn.pipeline(transaction=False)
         for o in outcomes:
-            pipe.hmget(self.keys.job(o.entry.job_id), "status", "last_heartbeat", "retries_left")
-        changes = []
+            pipe.hmget(self.keys.job(o.entry.job_id), *_FOLLOW_UP_FIELDS)
+        changes, stopped = [], []
         for o, fields in zip(outcomes, pipe.execute(), strict=True):
-            names = ("status", "last_heartbeat", "retries_left")
+            names = _FOLLOW_UP_FIELDS
             expect = {k: text(v) for k, v in zip(names, fields, strict=True) if v is not None}
-            origin = (o.entry.job or {}).get("origin") or o.entry.queue
+            if expect.get("status") != "stopped":
+                # Enqueued again since it was stopped (under the same id, by a
+                # scheduler, say), and perhaps taken by a worker: not the job stopped.
+                now = _now_is(expect.get("status") or "missing")
+                why = f"{o.action} not done: it changed since it was stopped ({now})"
+                _set(o, SKIPPED, why, append=True)
+                continue
+            # The queue written to is the origin read before the stop: the change
+            # goes ahead only while the job's origin is still that one.
+            expect["origin"] = (o.entry.job or {}).get("origin", "")
+            origin = expect["origin"] or o.entry.queue
+            stopped.append(o)
             changes.append(
                 JobChange(
                     action=o.action,
@@ -507,7 +518,7 @@ class Executor:
                     related_keys=o.rule.related_keys_of(o.entry.job_id, self.keys.prefix),
                 )
             )
-        for o, result in zip(outcomes, self._apply_reconciled(outcomes, changes), strict=True):
+        for o, result in zip(stopped, self._apply_reconciled(stopped, changes), strict=True):
             if result is not None:
                 _record(o, result)
 
@@ -699,6 +710,10 @@ def failure_reason(run: Run, outcome: JobOutcome) -> str:
     if s.timeout_s is not None:
         parts.append(f"timeout {s.timeout_s}s")
     return "; ".join(parts)
+
+
+#: The fields a stopped job's follow-up expects to find as they are now.
+_FOLLOW_UP_FIELDS = ("status", "last_heartbeat", "retries_left")
 
 
 def _now_is(status: str) -> str:

@@ -263,7 +263,8 @@ def _check_action(job: JobOutcome, rule_for: Callable[[str], Rule | None] | None
     if rule.action not in ACTIONS:
         raise ValueError(f"queue {queue!r} has the action {rule.action!r}")
     allowed = {rule.action, "fail", ACTION_STOP, ACTION_REMOVE_ENTRY}
-    if job.action not in allowed or job.verdict.follow_up not in (None, *ACTIONS):
+    # A stop is followed by the rule's action, or by fail once requeues ran out.
+    if job.action not in allowed or job.verdict.follow_up not in (None, rule.action, "fail"):
         raise ValueError(f"job {job.entry.job_id!r} has the action {job.action!r}")
     if rule_for is None:
         return

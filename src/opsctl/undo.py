@@ -58,13 +58,14 @@ if write and redis.acl_check_cmd then
   local writes = {
     {'ZREM', 2, 'm'}, {'HSET', 1, 'f', 'v'}, {'PERSIST', 1},
     {'EXPIRE', 1, '1'}, {'RPUSH', 3, 'v'}, {'SADD', 4, 'm'}, {'XADD', 5, '*', 'f', 'v'},
+    {'PERSIST', 6},
   }
 """
     + CHECK_WRITES_LUA
     + """end
 
 -- A key of another type would make a write fail halfway: check them all first.
-local kinds = {'hash', 'zset', 'list', 'set', 'stream'}
+local kinds = {'hash', 'zset', 'list', 'set', 'stream', 'set'}
 for i, kind in ipairs(kinds) do
   local found = redis.call('TYPE', KEYS[i])
   if type(found) == 'table' then found = found['ok'] end
@@ -116,6 +117,8 @@ else
 end
 redis.call('RPUSH', KEYS[3], job_id)
 redis.call('SADD', KEYS[4], KEYS[3])
+-- Its dependents set expired with it too; they wait for it again.
+redis.call('PERSIST', KEYS[6])
 
 local entry = {}
 for i = 9, #ARGV do table.insert(entry, ARGV[i]) end
@@ -299,7 +302,15 @@ def _call(
     for name, value in (*fields, ("undo_of", undo.undo_of)):
         args += [name, value]
     registry_key = getattr(keys, registry)(origin)
-    return [keys.job(job.job_id), registry_key, keys.queue(origin), keys.queues, AUDIT_STREAM], args
+    dependents = keys.dependents(job.job_id)
+    return [
+        keys.job(job.job_id),
+        registry_key,
+        keys.queue(origin),
+        keys.queues,
+        AUDIT_STREAM,
+        dependents,
+    ], args
 
 
 def _record(undo: UndoRun, job: Undo, reply: Any) -> None:
