@@ -31,7 +31,7 @@ import pytest
 import redis
 from rq import Queue, Worker
 from rq.executions import Execution, prepare_execution
-from rq.job import Job, JobStatus
+from rq.job import Dependency, Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry, clean_registries
 from rq.results import Result
 from rq.utils import utcformat
@@ -580,6 +580,40 @@ def test_changes_whose_replies_were_lost_are_confirmed_from_the_audit_trail_at_l
     assert statuses(redis_conn, job_ids) == Counter({"failed": 400})
     assert Counter(outcomes(report).values()) == Counter({"done": 400})
     assert report["redis_lost"] is False
+
+
+def test_jobs_confirmed_from_the_audit_trail_release_their_dependents_too(
+    redis_conn: redis.Redis, redis_server: Any
+) -> None:
+    # The second batch reaches Redis but its replies are lost: its jobs are known
+    # done from the audit trail, and what waits on them must be released all the same.
+    job_ids = abandon(redis_conn, 400)
+    queue = Queue(QUEUE, connection=redis_conn)
+    waiting = [
+        queue.enqueue("jobs.quick", depends_on=Dependency(jobs=[job_id], allow_failure=True))
+        for job_id in job_ids
+    ]
+    evalsha_chunks = 0
+
+    def drop(chunk: bytes) -> bool | str:
+        nonlocal evalsha_chunks
+        if chunk.count(b"EVALSHA") > 1:
+            evalsha_chunks += 1
+            return "after" if evalsha_chunks == 2 else False
+        return False
+
+    proxy = DroppingProxy(redis_server.port, drop)
+    try:
+        result = run_opsctl(*apply_args(POLICIES / "safety_fail.yaml", proxy.url, "--timeout", "2"))
+    finally:
+        proxy.close()
+
+    report = report_of(result, 0)
+    assert evalsha_chunks >= 2, "the second batch's replies were lost"
+    assert statuses(redis_conn, job_ids) == Counter({"failed": 400})
+    assert statuses(redis_conn, [job.id for job in waiting]) == Counter({"queued": 400})
+    confirmed = [j for j in report["jobs"] if "confirmed after reconnecting" in j["reason"]]
+    assert len(confirmed) == 200, report["jobs"][200]
 
 
 def test_apply_gives_up_when_every_batch_is_cut_though_ping_answers(

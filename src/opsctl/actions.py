@@ -555,6 +555,9 @@ class ChangeResult:
     #: The server's refusal, when it refused the change as a read-only replica
     #: (a failover demoted it): every later change would be refused too.
     read_only: str | None = None
+    #: Known done from the audit trail after its reply was lost: ``dependents``
+    #: (and what else the reply said) is not known.
+    from_audit: bool = False
 
 
 def failure_text(reason: str) -> str:

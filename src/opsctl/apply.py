@@ -279,7 +279,9 @@ class Executor:
             if result is None:
                 continue
             _record(outcome, result)
-            if result.done and result.dependents and change.action == "fail":
+            if not (result.done and change.action == "fail"):
+                continue
+            if result.dependents or (result.from_audit and self._failed_with_dependents(change)):
                 _enqueue_dependents(self.conn, self.keys, outcome)
         refused = next((r.read_only for r in results if r is not None and r.read_only), None)
         if refused is not None:
@@ -338,7 +340,18 @@ class Executor:
         }
         for i, result in enumerate(results):
             if result is None and changes[i].job_id in recorded:
-                results[i] = ChangeResult(True, "done (confirmed after reconnecting)")
+                results[i] = ChangeResult(
+                    True, "done (confirmed after reconnecting)", from_audit=True
+                )
+
+    def _failed_with_dependents(self, change: JobChange) -> bool:
+        """Whether a job a fail is known to have changed (its reply was lost) is
+        now failed, not retried, with a set of dependents to release."""
+        pipe = self.conn.pipeline(transaction=False)
+        pipe.hget(self.keys.job(change.job_id), "status")
+        pipe.scard(self.keys.dependents(change.job_id))
+        status, dependents = pipe.execute(raise_on_error=False)
+        return text(status) == "failed" and isinstance(dependents, int) and dependents > 0
 
     def _reconnect(self) -> bool:
         for wait_s in RECONNECT_BACKOFF_S:
