@@ -30,6 +30,7 @@ from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.rate_limit import RateLimit, RateLimitRegistry
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.results import Result
 
 from conftest import (
     WorkerFactory,
@@ -960,6 +961,24 @@ def test_a_planned_removal_of_a_dead_run_minds_only_that_runs_own_heartbeat(
         assert dead_run["outcome"] == "skipped"
         assert "execution heartbeat changed since it was read" in dead_run["reason"]
         assert len(left) == 2
+
+
+def test_a_job_kept_for_ever_on_failure_keeps_its_results_for_ever_too(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = started_job(redis_conn)
+    redis_conn.hset(job.key, "failure_ttl", "-1")
+    # An earlier run of this id left a result that expires.
+    Result.create(job, Result.Type.SUCCESSFUL, ttl=500, return_value="earlier")
+
+    item = job_in(run(policy(tmp_path), redis_url), job.id)
+
+    assert (item["action"], item["outcome"]) == ("fail", "done")
+    failed = Job.fetch(job.id, connection=redis_conn)
+    latest = failed.latest_result()
+    assert latest is not None and latest.type == Result.Type.FAILED
+    assert redis_conn.ttl(job.key) == -1
+    assert redis_conn.ttl(f"rq:results:{job.id}") == -1
 
 
 # --- 10. jobs a scheduler refers to ---------------------------------------------------------

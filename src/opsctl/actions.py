@@ -97,6 +97,7 @@ if redis.acl_check_cmd then
     {'RPUSH', 6, 'v'}, {'LPUSH', 6, 'v'}, {'LREM', 6, '0', 'v'}, {'SADD', 7, 'm'},
     {'ZADD', 8, '1', 'm'}, {'ZADD', 9, '1', 'm'}, {'ZADD', 10, '1', 'm'},
     {'XADD', 11, '*', 'f', 'v'}, {'EXPIRE', 1, '1'}, {'PERSIST', 1}, {'DEL', 1},
+    {'PERSIST', 11}, {'PERSIST', 12}, {'PERSIST', 13},
     {'INCR', 17}, {'EXPIRE', 17, '1'}, {'XADD', 18, '*', 'f', 'v'},
     {'ZREM', 14, 'm'}, {'ZREM', 15, 'm'}, {'ZREM', 16, 'm'}, {'LREM', 2, '0', 'v'},
   }
@@ -334,7 +335,10 @@ local function act()
         redis.call('EXPIRE', key, ttl)
       end
     elseif ttl < 0 then
-      redis.call('PERSIST', KEYS[1])
+      -- Kept for ever, results too (an earlier run's may have an expiry).
+      for _, key in ipairs({KEYS[1], KEYS[11], KEYS[12], KEYS[13]}) do
+        redis.call('PERSIST', key)
+      end
     end
     local dependents = 0
     if kind_of(KEYS[12]) == 'set' then dependents = redis.call('SCARD', KEYS[12]) end
