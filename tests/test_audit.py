@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import fakeredis
 import pytest
 import redis
@@ -78,3 +80,20 @@ def test_history_and_requeue_exit_2_on_an_audit_key_of_another_type(
 
     assert result.exit_code == 2, result.output
     assert "not opsctl's audit stream" in result.output
+
+
+def test_history_shows_every_entry_of_a_run_larger_than_a_page(fake_redis_url: str) -> None:
+    conn = redis.Redis.from_url(fake_redis_url)
+    count = audit.HISTORY_PAGE + 50
+    pipe = conn.pipeline(transaction=False)
+    for i in range(count):
+        pipe.xadd(AUDIT_STREAM, {"run_id": "0123456789ab", "job": f"job-{i}", "outcome": "done"})
+    pipe.execute()
+
+    result = invoke_opsctl(
+        "history", "--run", "0123456789ab", "--redis-url", fake_redis_url, "--format", "json"
+    )
+
+    assert result.exit_code == 0, result.output
+    entries = json.loads(result.stdout)["entries"]
+    assert [e["job"] for e in entries] == [f"job-{i}" for i in range(count)]

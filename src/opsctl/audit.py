@@ -73,13 +73,13 @@ def history(
     conn: redis.Redis,
     run_id: str | None = None,
     job_id: str | None = None,
-    limit: int | None = 10_000,
+    limit: int | None = None,
 ) -> list[dict[str, str]]:
     """Audit entries, oldest first, filtered by run and job; each with its stream id.
 
     The whole stream is searched, newest first, one page at a time (it is
-    capped, so this is bounded); at most ``limit`` matching entries are kept,
-    the newest ones.
+    capped, so this is bounded); every matching entry is kept, or the newest
+    ``limit`` of them.
     """
     found = []
     newest = "+"
