@@ -825,6 +825,38 @@ def test_a_job_whose_origin_queue_is_disabled_or_in_dry_run_is_not_changed(
     assert FailedJobRegistry(OTHER_QUEUE, connection=redis_conn).get_job_ids(cleanup=False) == []
 
 
+@pytest.mark.parametrize(
+    ("entries", "extra"),
+    [
+        (f"  - name: {QUEUE}\n", ()),
+        (f"  - name: {OTHER_QUEUE}\n  - name: {QUEUE}\n", ("--queue", QUEUE)),
+    ],
+    ids=["no-policy-entry", "left-out-by-queue-option"],
+)
+def test_a_job_whose_origin_queue_the_run_does_not_cover_is_not_changed(
+    redis_conn: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    entries: str,
+    extra: tuple[str, ...],
+) -> None:
+    job = started_job(redis_conn, queue=OTHER_QUEUE)
+    member = started_member(redis_conn, job.id, OTHER_QUEUE)
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {member: time.time() - HOUR_S})  # a copy of its entry
+    path = tmp_path / "policy.yaml"
+    path.write_text(f"version: 1\nqueues:\n{entries}")
+
+    report = run(path, redis_url, *extra)
+
+    [item] = [j for j in report["jobs"] if j["id"] == job.id and j["queue"] == QUEUE]
+    assert (item["state"], item["action"], item["outcome"]) == ("abandoned", "none", "kept")
+    assert f"left alone: this run does not cover queue '{OTHER_QUEUE}'" in item["reason"]
+    assert Job.fetch(job.id, connection=redis_conn).get_status() == JobStatus.STARTED
+    assert FailedJobRegistry(OTHER_QUEUE, connection=redis_conn).get_job_ids(cleanup=False) == []
+    assert [j for j, _ in StartedJobRegistry(OTHER_QUEUE, connection=redis_conn)
+            .get_job_and_execution_ids(cleanup=False)] == [job.id]  # fmt: skip
+
+
 # --- 8. worker hashes -----------------------------------------------------------------------
 
 

@@ -585,10 +585,11 @@ def _respect_origins(policy: Policy, overrides: Overrides, run: Run) -> None:
     """Hold a job that sits in another queue's registry to its origin queue's rule too.
 
     Actions write to the origin's registries and queue (a stop too: RQ files
-    the stopped job there). A queue the policy disables is never changed, so
-    the job is left alone; one in dry-run mode is only planned for, so the job
-    is only planned. Removing an entry touches only the registry it sits in,
-    so that goes ahead.
+    the stopped job there). A queue the policy disables, or that this run does
+    not cover (no policy entry matches it, or --queue leaves it out), is never
+    changed, so the job is left alone; one in dry-run mode is only planned for,
+    so the job is only planned. Removing an entry touches only the registry it
+    sits in, so that goes ahead.
     """
     origins: dict[str, Rule | None] = {}
     for job in run.jobs:
@@ -601,9 +602,10 @@ def _respect_origins(policy: Policy, overrides: Overrides, run: Run) -> None:
             found = policy.rule_for(origin)
             origins[origin] = effective_rule(found, overrides) if found is not None else None
         rule = origins[origin]
-        if rule is None:
-            continue
-        if not rule.enabled:
+        if rule is None or (overrides.queues and origin not in overrides.queues):
+            job.action, job.outcome = ACTION_NONE, KEPT
+            job.reason = f"{job.reason}; left alone: this run does not cover queue {origin!r}"
+        elif not rule.enabled:
             job.action, job.outcome = ACTION_NONE, KEPT
             job.reason = f"{job.reason}; left alone: {rule.source} disables queue {origin!r}"
         elif rule.dry_run and not job.rule.dry_run:
