@@ -1368,6 +1368,7 @@ def test_dead_worker_of_a_queue_the_run_does_not_cover_keeps_its_registration(
 ) -> None:
     register_worker(url, "w-billing", queue="billing")
     conn.delete("rq:worker:w-billing")  # its hash expired, as after a crash
+    Queue("billing", connection=conn).enqueue("jobs.quick")  # RQ's queue set names billing
     started_job(conn, "w-dead")
     policy = write_policy(
         tmp_path,
@@ -1380,9 +1381,12 @@ def test_dead_worker_of_a_queue_the_run_does_not_cover_keeps_its_registration(
         """,
     )
 
-    apply(policy, url)
+    report = apply(policy, url)
 
     assert conn.sismember("rq:workers:billing", "rq:worker:w-billing")
+    # Nor is it taken out of RQ's set of all workers: none or all of its sets.
+    assert "rq:worker:w-billing" in Worker.all_keys(connection=conn)
+    assert "w-billing" not in [w["name"] for w in report["workers"]]
 
 
 def test_dead_worker_is_removed_from_covered_queues_known_only_by_their_worker_sets(

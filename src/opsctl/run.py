@@ -753,11 +753,12 @@ def _dead_registrations(
     allowed = {keys.workers} | {keys.queue_workers(q) for q in rules}
     found = []
     for worker in sorted(snapshot.workers.values(), key=lambda w: w.name):
+        elsewhere = bool(worker.registered_in - allowed)
         worker = replace(worker, registered_in=worker.registered_in & allowed)
         if not worker.registered_in:
             continue
         liveness = engine.worker_liveness(worker)
-        queues = _target_queues(worker, keys, rules)
+        queues = _target_queues(worker, keys, rules, elsewhere)
         if liveness.alive or not queues:
             continue
         outcome = WorkerOutcome(worker, liveness.evidence, PLANNED, liveness.evidence)
@@ -767,11 +768,15 @@ def _dead_registrations(
     return found
 
 
-def _target_queues(worker: WorkerRecord, keys: Keys, rules: dict[str, Rule]) -> set[str]:
-    """The target queues a worker's registration concerns; empty when none does."""
+def _target_queues(
+    worker: WorkerRecord, keys: Keys, rules: dict[str, Rule], elsewhere: bool = False
+) -> set[str]:
+    """The target queues a worker's registration concerns; empty when none does.
+    ``elsewhere``: the worker is also in the worker set of a queue the run does
+    not cover, which says it served that queue."""
     queues = {q for q in rules if keys.queue_workers(q) in worker.registered_in}
     queues |= {q for q in worker.queues if q in rules}
-    if not queues and keys.workers in worker.registered_in and not worker.exists:
+    if not queues and not elsewhere and keys.workers in worker.registered_in and not worker.exists:
         # Listed globally with nothing left to say which queues it served.
         queues = {""}
     return queues
