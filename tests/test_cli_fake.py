@@ -1474,6 +1474,21 @@ def test_names_from_redis_cannot_send_control_sequences_to_the_terminal(
     assert "\\x1b[2J" in result.stdout
 
 
+def test_names_from_redis_cannot_send_control_sequences_or_forge_lines_in_text_logs(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    conn.zadd("rq:wip:default", {b"evil\x1b]0;title\x07:exec1": 1, b"nl\nFAKE error:exec2": 1})
+    policy = write_policy(tmp_path, FAIL_ALL)
+
+    result = opsctl("apply", str(policy), "--redis-url", url, "-v")  # logs each change
+
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+    assert "job=evil\\x1b]0;title\\x07" in result.stderr
+    assert not [line for line in result.stderr.splitlines() if line.startswith("FAKE")]
+    assert "job=nl\\nFAKE error" in result.stderr
+
+
 def test_plan_output_replaces_only_a_regular_file(
     conn: redis.Redis, url: str, tmp_path: Path
 ) -> None:

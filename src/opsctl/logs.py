@@ -6,6 +6,7 @@ a log call (inside an exception's text, say) is printed as ``***``.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
@@ -33,15 +34,26 @@ class LogFormat(str, Enum):
     json = "json"
 
 
+def printable(value: str) -> str:
+    """``value`` with control characters shown as escapes: a name read from Redis
+    then never acts as a terminal control sequence, nor starts a line of its own."""
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in value)
+
+
 class _Redacting(logging.Formatter):
-    """A formatter whose output never holds the credentials of ``url``."""
+    """A formatter whose output never holds the credentials of ``url``, nor, in its
+    message, control characters (job and worker names come from Redis)."""
 
     def __init__(self, url: str | None, fmt: str | None = None) -> None:
         super().__init__(fmt)
         self.url = url
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record), self.url)
+        shown = copy.copy(record)
+        shown.msg, shown.args = printable(record.getMessage()), None
+        return redact(super().format(shown), self.url)
 
 
 class JsonFormatter(_Redacting):

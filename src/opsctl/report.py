@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from opsctl.engine import State
+from opsctl.logs import printable
 from opsctl.model import format_timestamp
 from opsctl.run import DONE, ERROR, KEPT, PLANNED, SKIPPED, JobOutcome, Run, WorkerOutcome
 
@@ -29,11 +30,8 @@ JOB_ID_WIDTH_MAX = 64
 TABLE_ROWS_MAX = 1000
 
 
-def safe(value: str) -> str:
-    """``value`` with control characters shown as escapes."""
-    if value.isprintable():
-        return value
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in value)
+#: ``value`` with control characters shown as escapes (see opsctl.logs.printable).
+safe = printable
 
 
 def duration(seconds: float | None) -> str:
