@@ -1489,6 +1489,21 @@ def test_names_from_redis_cannot_send_control_sequences_or_forge_lines_in_text_l
     assert "job=nl\\nFAKE error" in result.stderr
 
 
+def test_plan_output_that_is_the_policy_file_is_refused(
+    conn: redis.Redis, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started_job(conn, "w-dead")
+    policy = write_policy(tmp_path, FAIL_ALL)
+    written = policy.read_text()
+    monkeypatch.chdir(tmp_path)
+
+    for output in (str(policy), policy.name, f"../{tmp_path.name}/{policy.name}"):
+        result = opsctl("plan", str(policy), "--output", output, "--redis-url", url)
+        assert result.exit_code == 2, (output, result.output)
+        assert "is the policy file; give another path" in result.output
+    assert policy.read_text() == written
+
+
 def test_plan_output_replaces_only_a_regular_file(
     conn: redis.Redis, url: str, tmp_path: Path
 ) -> None:

@@ -911,6 +911,14 @@ class Job:
             ).execute()
 
 
+def _same_file(one: str, other: str) -> bool:
+    """Whether two paths name one existing file (through links and ``..`` too)."""
+    try:
+        return os.path.samefile(one, other)
+    except (OSError, ValueError):
+        return False
+
+
 def _print_run(run: Run, output: Format, url: str, where: tuple[str, str]) -> None:
     shown = mask_url(url)
     with _reader_may_leave():
@@ -1110,6 +1118,8 @@ def plan_command(
     )
     url_given = _guard(connection.given_url) is not None
     policy = _guard(lambda: _load_for_apply(policy_file, url_given))
+    if _same_file(output_file, policy_file):
+        _fail(UsageError(f"--output {output_file!r} is the policy file; give another path"))
     url, options = _guard(lambda: connection.resolve(policy))
     _setup_logging(verbose, quiet, log_format, url)
     overrides = _overrides(
