@@ -376,6 +376,32 @@ def test_unset_variable_is_a_note_when_not_strict() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("body", "path", "what"),
+    [
+        ("queues: ${Q}\n", "queues", "a list"),
+        ("redis: ${Q}\nqueues:\n  - name: a\n", "redis", "a mapping"),
+        ("queues:\n  - ${Q}\n", "queues[0]", "a mapping"),
+        ("queues:\n  - name: a\n    related_keys: ${Q}\n", "queues[0].related_keys", "a list"),
+    ],
+)
+def test_an_unset_variable_where_a_mapping_or_list_must_stand_is_an_error(
+    tmp_path: Path, body: str, path: str, what: str
+) -> None:
+    # Whatever it holds, a variable gives text: the file can never be valid.
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\n" + body)
+
+    lines = problem_lines(str(policy))
+
+    errors = [line for line in lines if ": note: " not in line]
+    assert len(errors) == 1, lines
+    assert errors[0].endswith(
+        f"{path}: the value from ${{Q}} can only give text, and this must be {what} "
+        "(write it out here; variables can stand for the values inside it)"
+    )
+
+
 def test_policy_loaded_without_strict_env_treats_unknown_values_as_absent() -> None:
     policy = load_policy("policies/env_secrets.yaml", environ={}, strict_env=False)
 

@@ -882,6 +882,19 @@ def _validate(document: _Document) -> None:
     _check_zero_durations(document)
 
 
+def _types_of(error: ValidationError) -> set[str]:
+    """The types a schema "type" error asked for."""
+    wanted = error.validator_value
+    if isinstance(wanted, str):
+        return {wanted}
+    return {str(w) for w in wanted} if isinstance(wanted, list) else set()
+
+
+def _structure_wanted(error: ValidationError) -> bool:
+    """Whether the error says a mapping or list is needed where no text would do."""
+    return error.validator == "type" and not (_types_of(error) & {"string", "integer", "number"})
+
+
 def _leaf_errors(error: ValidationError) -> Iterator[ValidationError]:
     """The errors that say what is wrong, found inside a oneOf or anyOf when they are deeper.
 
@@ -901,6 +914,15 @@ def _leaf_errors(error: ValidationError) -> Iterator[ValidationError]:
 def _report_schema_error(document: _Document, error: ValidationError) -> None:
     """Report a schema error in opsctl's words, at the line of the value it concerns."""
     path: _Path = tuple(error.absolute_path)
+    if path in document.unknown and _structure_wanted(error):
+        # Whatever the unset variable will hold, it gives text: never valid here.
+        what = "a mapping" if "object" in _types_of(error) else "a list"
+        document.report(
+            path,
+            f"{document.describe(path, None)} can only give text, and this must be {what} "
+            "(write it out here; variables can stand for the values inside it)",
+        )
+        return
     if document.is_settled(path):
         return
 
