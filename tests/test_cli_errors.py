@@ -716,3 +716,23 @@ def test_a_unix_url_whose_path_does_not_follow_the_slashes_is_refused() -> None:
 
     assert result.exit_code == 2, result.output
     assert "the socket path must follow '//' and start with '/'" in result.stderr
+
+
+@pytest.mark.parametrize("valid", [True, False])
+def test_validate_shows_a_file_name_with_control_characters_escaped_on_one_line(
+    tmp_path: Path, valid: bool
+) -> None:
+    # A file name may hold an escape sequence or a newline: it must not colour the
+    # terminal, nor split a FILE:LINE:COL line in a CI log.
+    path = tmp_path / "evil\x1b[31mred\n.yaml"
+    path.write_text("version: 1\nqueues:\n  - name: a\n" if valid else "version: 2\n")
+
+    result = opsctl("validate", str(path))
+
+    shown = str(path).replace("\x1b", "\\x1b").replace("\n", "\\n")
+    assert "\x1b" not in result.output
+    if valid:
+        assert result.stderr == f"{shown}: ok\n"
+    else:
+        lines = result.stdout.splitlines()
+        assert lines and all(line.startswith(f"{shown}:1:") for line in lines), lines

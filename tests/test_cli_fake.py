@@ -1474,6 +1474,21 @@ def test_names_from_redis_cannot_send_control_sequences_to_the_terminal(
     assert "\\x1b[2J" in result.stdout
 
 
+def test_an_id_that_is_not_utf8_is_shown_alike_in_text_and_json_as_valid_unicode(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    conn.zadd("rq:wip:default", {b"bad\xff\xfeid": 1})  # an RQ 1 id, its hash gone
+    policy = write_policy(tmp_path, FAIL_ALL)
+
+    as_json = opsctl("apply", str(policy), "--redis-url", url, "--dry-run", "--format", "json")
+    as_text = opsctl("apply", str(policy), "--redis-url", url, "--dry-run")
+
+    assert "\\ud" not in as_json.stdout  # no lone surrogates, which strict parsers refuse
+    [line] = json.loads(as_json.stdout)["jobs"]
+    assert line["id"] == line["entry"] == "bad\\xff\\xfeid"
+    assert "bad\\xff\\xfeid" in as_text.stdout
+
+
 def test_names_from_redis_cannot_send_control_sequences_or_forge_lines_in_text_logs(
     conn: redis.Redis, url: str, tmp_path: Path
 ) -> None:

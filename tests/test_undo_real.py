@@ -272,8 +272,9 @@ def test_a_job_id_that_is_not_utf8_is_followed_by_history_and_requeue(
     history = opsctl_json("history", "--job", job_id, "--redis-url", redis_url)
     undo = opsctl_json("requeue", "--run", run["run_id"], "--redis-url", redis_url)
 
-    assert [(e["job"], e["outcome"]) for e in history["entries"]] == [(job_id, "done")]
-    assert outcomes(undo)[job_id] == ("done", "back on its queue")
+    shown = raw_id.decode("utf-8", "backslashreplace")  # JSON text is valid Unicode: \xNN
+    assert [(e["job"], e["outcome"]) for e in history["entries"]] == [(shown, "done")]
+    assert outcomes(undo)[shown] == ("done", "back on its queue")
     assert redis_conn.hget(b"rq:job:" + raw_id, "status") == b"queued"
     assert redis_conn.lrange(f"rq:queue:{FAIL_QUEUE}", 0, -1) == [raw_id]
 

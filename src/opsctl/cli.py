@@ -70,6 +70,7 @@ from opsctl.policy import (
 )
 from opsctl.progress import ScanProgress
 from opsctl.run import Overrides, Run, collector_paused, new_run_id, plan
+from opsctl.shown import bytes_shown, printable
 from opsctl.state import server_notes, server_time, with_retries
 
 log = logging.getLogger("opsctl")
@@ -1264,7 +1265,7 @@ def validate(
     failed = {p.file for p in problems if p.severity == "error"}
     for name in files:
         if name not in failed:
-            print(f"{name}: ok", file=sys.stderr)
+            print(f"{printable(bytes_shown(name))}: ok", file=sys.stderr)
     if failed:
         raise typer.Exit(ExitCode.INVALID)
 

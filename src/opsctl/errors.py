@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+from opsctl.shown import bytes_shown, printable
+
 
 class ExitCode(IntEnum):
     """Process exit codes; the README documents each one."""
@@ -36,7 +38,8 @@ class Problem:
     severity: str = "error"  # "error" or "note"
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}:{self.column}"
+        # A file name may hold anything, a newline or an escape sequence included.
+        where = f"{printable(bytes_shown(self.file))}:{self.line}:{self.column}"
         prefix = "" if self.severity == "error" else f"{self.severity}: "
         path = f"{self.path}: " if self.path else ""
         return f"{where}: {prefix}{path}{self.message}"

@@ -16,6 +16,7 @@ from enum import Enum
 from typing import Any
 
 from opsctl.connection import redact
+from opsctl.shown import bytes_shown, printable
 
 #: The logger every opsctl module's logger sits under; the CLI configures only this one.
 ROOT = "opsctl"
@@ -32,14 +33,6 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 class LogFormat(str, Enum):
     text = "text"
     json = "json"
-
-
-def printable(value: str) -> str:
-    """``value`` with control characters shown as escapes: a name read from Redis
-    then never acts as a terminal control sequence, nor starts a line of its own."""
-    if value.isprintable():
-        return value
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in value)
 
 
 class _Redacting(logging.Formatter):
@@ -66,7 +59,7 @@ class JsonFormatter(_Redacting):
             ),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": redact(record.getMessage(), self.url),
+            "message": redact(bytes_shown(record.getMessage()), self.url),
         }
         run_id = getattr(record, "run_id", None) or current_run_id.get()
         if run_id:
@@ -74,7 +67,7 @@ class JsonFormatter(_Redacting):
         for name in FIELDS[1:]:
             value = getattr(record, name, None)
             if value is not None:
-                line[name] = redact(str(value), self.url)
+                line[name] = redact(bytes_shown(str(value)), self.url)
         if record.exc_info:
             line["exception"] = redact(self.formatException(record.exc_info), self.url)
         return json.dumps(line, ensure_ascii=False)

@@ -11,7 +11,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO, cast
 
 import orjson
 from rich.console import Console
@@ -19,9 +19,9 @@ from rich.table import Table
 from rich.text import Text
 
 from opsctl.engine import State
-from opsctl.logs import printable
 from opsctl.model import format_timestamp
 from opsctl.run import DONE, ERROR, KEPT, PLANNED, SKIPPED, JobOutcome, Run, WorkerOutcome
+from opsctl.shown import bytes_shown, printable
 
 #: Widest job column of the text table (longer ids fold onto more lines).
 JOB_ID_WIDTH_MAX = 64
@@ -67,7 +67,7 @@ def to_json(run: Run, redis_url: str, policy_path: str, policy_digest: str) -> d
     """The JSON report (described by schemas/report.schema.json)."""
     document = _head(run, redis_url, policy_path, policy_digest)
     document["jobs"] = [_job_json(j) for j in run.jobs]
-    return document
+    return cast("dict[str, Any]", json_text(document))
 
 
 def write_run_json(
@@ -83,7 +83,7 @@ def write_run_json(
     head = _head(run, redis_url, policy_path, policy_digest)
     out.write("{\n")
     for key, value in head.items():
-        out.write(f"  {json.dumps(key)}: {json.dumps(value)},\n")
+        out.write(f"  {json.dumps(key)}: {json.dumps(json_text(value))},\n")
     out.write('  "jobs": [')
     binary = _utf8_buffer(out)
     if binary is not None:
@@ -133,9 +133,20 @@ def _dumps(value: dict[str, Any]) -> bytes:
     try:
         return orjson.dumps(value)
     except orjson.JSONEncodeError:
-        # Bytes from Redis that are not UTF-8 reach here as lone surrogates,
-        # which only the standard encoder writes (as \u escapes).
-        return json.dumps(value).encode()
+        # Bytes from Redis that are not UTF-8 reach here as lone surrogates.
+        return orjson.dumps(json_text(value))
+
+
+def json_text(value: Any) -> Any:
+    """``value`` with every byte that was not UTF-8 (a lone surrogate) written as
+    ``\\xNN``, as the text report shows it: JSON text must be valid Unicode."""
+    if isinstance(value, str):
+        return bytes_shown(value)
+    if isinstance(value, dict):
+        return {json_text(k): json_text(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_text(v) for v in value]
+    return value
 
 
 def _head(run: Run, redis_url: str, policy_path: str, policy_digest: str) -> dict[str, Any]:
@@ -174,13 +185,10 @@ def _head(run: Run, redis_url: str, policy_path: str, policy_digest: str) -> dic
 
 def _job_json(j: JobOutcome) -> dict[str, Any]:
     s = j.verdict.signals
-    entry = j.entry.member_text
-    if not entry.isascii():  # stored bytes that are not UTF-8 are shown escaped
-        entry = j.entry.member.decode("utf-8", "backslashreplace")
     return {
         "id": j.entry.job_id,
         "queue": j.entry.queue,
-        "entry": entry,
+        "entry": j.entry.member_text,
         "execution_id": j.entry.execution_id,
         "state": j.verdict.state.value,
         "status": s.status,
@@ -214,7 +222,7 @@ def _worker_json(w: WorkerOutcome) -> dict[str, Any]:
 
 
 def print_json(document: dict[str, Any]) -> None:
-    print(json.dumps(document, indent=2, sort_keys=False))
+    print(json.dumps(json_text(document), indent=2, sort_keys=False))
 
 
 def print_text(run: Run, console: Console, redis_url: str) -> None:
