@@ -925,6 +925,29 @@ def test_a_worker_still_without_a_connection_when_looked_at_again_is_dead(
     assert job_status(redis_conn, job_id) == "failed"
 
 
+def test_only_workers_the_run_rests_on_are_looked_at_again_and_they_are_named(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job_id = abandoned_by_a_worker_without_a_connection(redis_conn, redis_url)
+    # An idle worker of a queue the policy leaves alone, without a connection too
+    # (RQ rebuilds such hashes, which then never expire): no concern of this run.
+    with redis.Redis.from_url(redis_url) as own:
+        Worker(["elsewhere"], connection=own, name="idle-elsewhere").register_birth()
+
+    result = run_opsctl(
+        *apply_args(POLICIES / "safety_fail.yaml", redis_url, "--reconnect-grace", "0.5")
+    )
+
+    report = report_of(result, 0)
+    assert [(j["id"], j["outcome"]) for j in report["jobs"]] == [(job_id, "done")]
+    [warning] = [
+        line for line in result.stderr.splitlines() if "workers_without_connection" in line
+    ]
+    assert f"count=1 looking_again_for=0.5s workers={DEAD_WORKER}" in warning
+    assert report["workers"] and {w["name"] for w in report["workers"]} == {DEAD_WORKER}
+    assert redis_conn.exists("rq:worker:idle-elsewhere")
+
+
 def test_a_server_that_holds_back_writes_is_reported_as_not_answering_not_as_lost(
     redis_conn: redis.Redis, redis_url: str
 ) -> None:

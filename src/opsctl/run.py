@@ -30,6 +30,7 @@ from opsctl.keyspace import (
 from opsctl.model import StartedEntry, WorkerRecord, parse_int
 from opsctl.policy import Limits, Policy, Rule
 from opsctl.progress import SCANNING, WALKING, OnProgress
+from opsctl.shown import printable
 from opsctl.state import (
     ListedIds,
     Snapshot,
@@ -282,7 +283,9 @@ def _plan(
     entries = snapshot.entries + _lost_entries(conn, keys, snapshot, run, found)
     del found  # its candidate lists are large and no longer needed
     checkpoint()
-    _confirm_disconnected(conn, keys, snapshot, decide, overrides.reconnect_grace_s, checkpoint)
+    _confirm_disconnected(
+        conn, keys, snapshot, entries, decide, overrides.reconnect_grace_s, checkpoint
+    )
     run.jobs = decide.outcomes(entries, snapshot.workers, snapshot.now)
     _respect_origins(policy, overrides, run)
     inspected = Counter(j.entry.queue for j in run.jobs)
@@ -484,10 +487,15 @@ def _lost_entries(
 RELOOK_EVERY_S = 1.0
 
 
+#: Workers named at most in the warning that some hold no connection.
+WORKERS_NAMED_MAX = 10
+
+
 def _confirm_disconnected(
     conn: redis.Redis,
     keys: Keys,
     snapshot: Snapshot,
+    entries: list[StartedEntry],
     decide: _Classifier,
     grace_s: float,
     checkpoint: _Checkpoint,
@@ -501,12 +509,32 @@ def _confirm_disconnected(
     horse runs on. A worker that is back at any look within the grace is live;
     one that never is, is dead, and says so ("... (still none <grace>s later)").
     """
-    # Every worker read: an idle one is judged too (its registration would be
-    # removed and its death recorded).
-    doubtful = sorted(n for n, w in snapshot.workers.items() if engine.disconnected_only(w))
+    # Every worker the run's decisions rest on: one its entries name, one whose
+    # records name a job it runs (it may hold a job another entry names), and an
+    # idle one whose registration it would remove (and record its death). An idle
+    # worker of other queues is no concern, and is not waited for.
+    named = {e.worker_name for e in entries}
+    doubtful = sorted(
+        n
+        for n, w in snapshot.workers.items()
+        if engine.disconnected_only(w)
+        and (n in named or w.executions or w.current_job or _in_scope(w, keys, decide.rules)[1])
+    )
     if not doubtful or grace_s <= 0:
         return
-    log.warning("workers_without_connection count=%d looking_again_for=%ss", len(doubtful), grace_s)
+    shown = ",".join(printable(n) for n in doubtful[:WORKERS_NAMED_MAX])
+    more = (
+        f",... ({len(doubtful) - WORKERS_NAMED_MAX} more)"
+        if len(doubtful) > WORKERS_NAMED_MAX
+        else ""
+    )
+    log.warning(
+        "workers_without_connection count=%d looking_again_for=%ss workers=%s%s",
+        len(doubtful),
+        grace_s,
+        shown,
+        more,
+    )
     # Looked at every second: RQ's workers try to subscribe again every 2 s, so
     # one that is back at any moment of the grace counts as live.
     deadline = time.monotonic() + grace_s
@@ -749,23 +777,32 @@ def _dead_registrations(
     A worker whose target queues are all in dry-run mode is reported as planned
     and left alone, like their jobs.
     """
-    # Only the global set and the sets of queues this run covers are touched.
-    allowed = {keys.workers} | {keys.queue_workers(q) for q in rules}
     found = []
     for worker in sorted(snapshot.workers.values(), key=lambda w: w.name):
-        elsewhere = bool(worker.registered_in - allowed)
-        worker = replace(worker, registered_in=worker.registered_in & allowed)
-        if not worker.registered_in:
+        worker, queues = _in_scope(worker, keys, rules)
+        if not queues:
             continue
         liveness = engine.worker_liveness(worker)
-        queues = _target_queues(worker, keys, rules, elsewhere)
-        if liveness.alive or not queues:
+        if liveness.alive:
             continue
         outcome = WorkerOutcome(worker, liveness.evidence, PLANNED, liveness.evidence)
         ruled = [rules[q] for q in queues if q in rules]
         outcome.dry_run = bool(ruled) and all(r.dry_run for r in ruled)
         found.append(outcome)
     return found
+
+
+def _in_scope(
+    worker: WorkerRecord, keys: Keys, rules: dict[str, Rule]
+) -> tuple[WorkerRecord, set[str]]:
+    """``worker`` with only the registrations this run may touch (the global set
+    and the sets of the queues it covers), and the target queues they concern."""
+    allowed = {keys.workers} | {keys.queue_workers(q) for q in rules}
+    elsewhere = bool(worker.registered_in - allowed)
+    worker = replace(worker, registered_in=worker.registered_in & allowed)
+    if not worker.registered_in:
+        return worker, set()
+    return worker, _target_queues(worker, keys, rules, elsewhere)
 
 
 def _target_queues(
