@@ -1332,6 +1332,24 @@ def test_a_damaged_key_a_change_reaches_leaves_the_job_untouched_and_names_the_k
     assert redis_conn.get(key) == value.encode()
 
 
+@pytest.mark.parametrize("value", ["not a count", "01"])
+def test_a_dry_run_says_which_requeue_a_damaged_count_would_make_fail(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, value: str
+) -> None:
+    job = started_job(redis_conn)
+    key = f"opsctl:rescues:{job.id}"
+    redis_conn.set(key, value)
+
+    report = run(policy(tmp_path, "requeue"), redis_url, "--dry-run")
+
+    assert job_in(report, job.id)["outcome"] == "planned"
+    assert report["problems"] == [
+        f"requeue count of job {job.id}: {key} holds something other than a count of "
+        "requeues, so the requeue would fail; mend or delete it"
+    ]
+    assert redis_conn.get(key) == value.encode()
+
+
 def test_a_damaged_concurrency_limit_does_not_stop_a_requeue_which_keeps_its_slot(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

@@ -169,8 +169,9 @@ def test_an_integer_with_a_leading_zero_is_decimal_and_other_yaml_number_forms_a
 ) -> None:
     # YAML 1.1 reads 010 as octal 8, and 0x10, 1_000 and 1:30 as 16, 1000 and 90.
     path = tmp_path / "numbers.yaml"
-    path.write_text("version: 1\nqueues:\n  - name: a\n    max_age: 010\n")
-    assert load_policy(str(path), environ={}).rule_for("a").max_age_seconds == 600
+    for written, minutes in (("010", 10), ("08", 8), ("019", 19)):  # 08: octal could not be
+        path.write_text(f"version: 1\nqueues:\n  - name: a\n    max_age: {written}\n")
+        assert load_policy(str(path), environ={}).rule_for("a").max_age_seconds == minutes * 60
 
     for written in ("0x10", "1_000", "1:30"):
         path.write_text(f"version: 1\nqueues:\n  - name: a\n    max_requeues: {written}\n")

@@ -429,11 +429,16 @@ def _yaml12_booleans(
     boolean = re.compile("^(?:" + "|".join(_YAML12_BOOLEANS) + ")$")
     for first in "tTfF":
         kept.setdefault(first, []).insert(0, (_TAG + "bool", boolean))
+    # YAML 1.2 reads decimal digits as an integer whatever their leading zeros
+    # (08 is 8); YAML 1.1 read 010 as octal and 08 as text.
+    decimal = re.compile(r"^[-+]?[0-9]+$")
+    for first in "-+0123456789":
+        kept.setdefault(first, []).insert(0, (_TAG + "int", decimal))
     return {first: found for first, found in kept.items() if found}
 
 
 class _Resolver(yaml.resolver.Resolver):
-    """PyYAML's resolver with YAML 1.2's booleans."""
+    """PyYAML's resolver with YAML 1.2's booleans and decimal integers."""
 
     yaml_implicit_resolvers = _yaml12_booleans(yaml.resolver.Resolver.yaml_implicit_resolvers)
 

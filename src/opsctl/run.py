@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import threading
 import time
 import uuid
@@ -701,7 +702,15 @@ def _apply_rescue_limits(conn: redis.Redis, run: Run) -> None:
         if isinstance(raw, Exception):
             run.problems.append(f"requeue count of job {j.entry.job_id}: cannot be read ({raw})")
             raw = None
-        count = parse_int(raw.decode("ascii", "replace") if raw else None) or 0
+        count = _requeue_count(raw) if raw else None
+        if raw and count is None:
+            # The requeue's script refuses to write past it: say so before it runs.
+            key = rescue_key(j.entry.job_id)
+            run.problems.append(
+                f"requeue count of job {j.entry.job_id}: {key} holds something other than a "
+                "count of requeues, so the requeue would fail; mend or delete it"
+            )
+        count = count or 0
         if count < j.rule.max_requeues:
             continue
         note = (
@@ -713,6 +722,16 @@ def _apply_rescue_limits(conn: redis.Redis, run: Run) -> None:
         else:
             j.verdict = replace(j.verdict, follow_up="fail")
         j.reason = f"{j.reason}; {note}"
+
+
+#: A count of requeues as the requeue's script reads it (as Redis's INCR does:
+#: no sign, no leading zero, at most 15 digits here).
+_COUNT = re.compile(rb"0|[1-9][0-9]{0,14}")
+
+
+def _requeue_count(raw: bytes) -> int | None:
+    """opsctl's count of a job's requeues, or None when the script would refuse it."""
+    return int(raw) if _COUNT.fullmatch(raw) else None
 
 
 def _tripped_limits(run: Run, policy: Policy, overrides: Overrides) -> list[str]:
