@@ -413,9 +413,9 @@ def test_malformed_redis_url_exits_2(url: str) -> None:
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
-        ("redis://user:s3cret@127.0.0.1:99999/0", "port 99999 is not between 1 and 65535"),
-        ("redis://:s3cret@127.0.0.1:0/0", "port 0 is not between 1 and 65535"),
-        ("redis+sentinel://:s3cret@s1:99999/main", "port 99999 is not between 1 and 65535"),
+        ("redis://user:s3cret@127.0.0.1:99999/0", "the port is not between 1 and 65535"),
+        ("redis://:s3cret@127.0.0.1:0/0", "the port is not between 1 and 65535"),
+        ("redis+sentinel://:s3cret@s1:99999/main", "the port is not between 1 and 65535"),
         # redis-py would read an empty port as its default, 6379. The hosts here
         # can never be reached, so a regression cannot reach any server either.
         ("redis://:s3cret@nonexistent.invalid:/0", "the port after ':' is empty"),
@@ -679,6 +679,7 @@ def test_a_ctrl_c_while_a_read_only_command_waits_for_redis_exits_130() -> None:
 #: URLs whose '@HOST' was left out: USER:PASSWORD then reads as HOST:PORT.
 _HOSTLESS = [
     "redis://opsctl-apply:Hunter2pw/0",
+    "redis://opsctl-apply:123456789/0",
     "redis://:Hunter2pw",
     "rediss://default:Hunter2pw",
     "redis+sentinel://default:Hunter2pw/mymaster",
@@ -702,11 +703,11 @@ def test_a_password_whose_host_was_left_out_is_never_shown(
         result = opsctl("validate", str(policy), env={"MYURL": url})
 
     assert result.exit_code == 2, result.output
-    assert "Hunter2pw" not in result.output
+    assert "Hunter2pw" not in result.output and "123456789" not in result.output
     if given == "policy":
         assert "redis.url: the value from ${MYURL}: " in result.stdout
     else:
-        masked = url.replace("Hunter2pw", "***")
+        masked = url.replace("Hunter2pw", "***").replace("123456789", "***")
         assert result.stderr.startswith(f"opsctl: error: Redis URL {masked!r}: "), result.stderr
 
 
@@ -716,6 +717,19 @@ def test_a_unix_url_whose_path_does_not_follow_the_slashes_is_refused() -> None:
 
     assert result.exit_code == 2, result.output
     assert "the socket path must follow '//' and start with '/'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["unix:///run/redis@main/no.sock", "unix:///run/no.sock?password=p@ss", "unix://:pw@/no.sock"],
+)
+def test_a_unix_url_with_an_at_sign_in_its_path_or_options_is_taken_as_written(
+    url: str, tmp_path: Path
+) -> None:
+    result = opsctl("status", "--redis-url", url.replace("/run", str(tmp_path)), "--timeout", "1")
+
+    assert result.exit_code == 3, result.output  # read as written: a socket that is not there
+    assert "No such file or directory" in result.stderr
 
 
 @pytest.mark.parametrize("valid", [True, False])

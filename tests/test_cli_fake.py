@@ -1515,8 +1515,32 @@ def test_plan_output_that_is_the_policy_file_is_refused(
     for output in (str(policy), policy.name, f"../{tmp_path.name}/{policy.name}"):
         result = opsctl("plan", str(policy), "--output", output, "--redis-url", url)
         assert result.exit_code == 2, (output, result.output)
-        assert "is the policy file; give another path" in result.output
+        assert "this command reads" in result.output
     assert policy.read_text() == written
+
+
+@pytest.mark.parametrize("command", ["apply", "watch", "apply-plan"])
+def test_a_metrics_file_that_is_an_input_file_is_refused(
+    conn: redis.Redis, url: str, tmp_path: Path, command: str
+) -> None:
+    job = started_job(conn, "w-dead")
+    policy = write_policy(tmp_path, FAIL_ALL)
+    if command == "apply-plan":
+        plan = tmp_path / "plan.json"
+        assert opsctl("plan", str(policy), "-o", str(plan), "--redis-url", url).exit_code == 0
+        given, args = plan, ["apply", "--plan", str(plan)]
+    else:
+        given, args = policy, [command, str(policy)]
+    written = given.read_text()
+
+    result = opsctl(*args, "--redis-url", url, "--metrics-file", str(given))
+
+    assert result.exit_code == 2, result.output
+    assert f"--metrics-file {str(given)!r} is the file {str(given)!r} this command reads" in (
+        result.output
+    )
+    assert given.read_text() == written
+    assert status_of(conn, job.id) == "started"
 
 
 def test_plan_output_replaces_only_a_regular_file(

@@ -373,6 +373,25 @@ def test_a_stopped_job_enqueued_again_before_its_follow_up_is_left_to_its_new_ru
     assert job.id in Queue(QUEUE, connection=redis_conn).get_job_ids()
 
 
+def test_a_stopped_job_requeued_keeps_what_waits_for_it(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # RQ gives a stopped job's hash and its dependents set the job's failure_ttl; once
+    # requeued, neither may expire while it waits, or its dependents wait for ever.
+    _, job = start_job(rq_workers, redis_conn, QUEUE, 60, extra=["--max-jobs", "1"])
+    waiting = Queue(QUEUE, connection=redis_conn).enqueue("jobs.quick", depends_on=job)
+    time.sleep(1.5)  # past max_age 1s
+
+    report = apply(write_policy(tmp_path, action="requeue", max_age="1s"), redis_url)
+
+    line = job_line(report, job.id)
+    assert (line["action"], line["outcome"]) == ("requeue", "done"), show(line)
+    assert job_status(redis_conn, job.id) == "queued"
+    assert job_status(redis_conn, waiting.id) == "deferred"
+    assert redis_conn.ttl(job.key) == -1
+    assert redis_conn.ttl(job.dependents_key) == -1
+
+
 def test_job_within_max_age_is_left_running_and_finishes_normally(
     rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

@@ -403,6 +403,21 @@ def test_an_unset_variable_where_a_mapping_or_list_must_stand_is_an_error(
     )
 
 
+def test_an_unset_variable_where_a_boolean_or_number_stands_is_only_a_note(
+    tmp_path: Path,
+) -> None:
+    # Its text is typed once set (force: ${FORCE} with FORCE=true is a boolean).
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: 1\ndefaults:\n  force: ${FORCE}\n  dry_run: ${DRY}\n  max_age: ${AGE}\n"
+        "queues:\n  - name: a\n    enabled: ${ON}\n"
+    )
+
+    lines = problem_lines(str(policy))
+
+    assert len(lines) == 4 and all(": note: " in line for line in lines), lines
+
+
 def test_policy_loaded_without_strict_env_treats_unknown_values_as_absent() -> None:
     policy = load_policy("policies/env_secrets.yaml", environ={}, strict_env=False)
 

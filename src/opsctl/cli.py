@@ -653,6 +653,7 @@ def apply(
     )
     if policy_file is None and plan_file is None:
         _fail(UsageError("give a POLICY file, or --plan with a plan file"))
+    _refuse_overwriting("--metrics-file", metrics_file, policy_file, plan_file)
     policy = None
     if policy_file is not None:
         url_given = _guard(connection.given_url) is not None
@@ -912,6 +913,14 @@ class Job:
             ).execute()
 
 
+def _refuse_overwriting(option: str, path: str | None, *inputs: str | None) -> None:
+    """Refuse an output path that names one of the command's input files (the policy,
+    a plan): writing it would destroy the input."""
+    for given in inputs:
+        if path is not None and given is not None and _same_file(path, given):
+            _fail(UsageError(f"{option} {path!r} is the file {given!r} this command reads"))
+
+
 def _same_file(one: str, other: str) -> bool:
     """Whether two paths name one existing file (through links and ``..`` too)."""
     try:
@@ -1026,6 +1035,7 @@ def watch_command(
     every_s = _guard(lambda: _parse_duration_option("--every", every))
     if not 0 < every_s <= MAX_WATCH_EVERY_S:
         _fail(UsageError(f"--every: {every!r} must be longer than 0s and at most 7d"))
+    _refuse_overwriting("--metrics-file", metrics_file, policy_file)
     url_given = _guard(connection.given_url) is not None
     policy = _guard(lambda: _load_for_apply(policy_file, url_given))
     first_url, _ = _guard(lambda: connection.resolve(policy))
@@ -1119,8 +1129,7 @@ def plan_command(
     )
     url_given = _guard(connection.given_url) is not None
     policy = _guard(lambda: _load_for_apply(policy_file, url_given))
-    if _same_file(output_file, policy_file):
-        _fail(UsageError(f"--output {output_file!r} is the policy file; give another path"))
+    _refuse_overwriting("--output", output_file, policy_file)
     url, options = _guard(lambda: connection.resolve(policy))
     _setup_logging(verbose, quiet, log_format, url)
     overrides = _overrides(

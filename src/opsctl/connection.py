@@ -96,7 +96,8 @@ def _secrets(url: str) -> tuple[str, list[str]]:
         masked = []
         for address in authority.split(","):
             host, colon, port = address.partition(":")
-            if colon and port and not address.startswith("[") and not port.isdigit():
+            no_port = not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)
+            if colon and port and not address.startswith("[") and no_port:
                 secrets.append(port)
                 address = f"{host}:***"
             masked.append(address)
@@ -185,14 +186,7 @@ def check_url(url: str) -> None:
             raise UsageError(f"Redis URL {shown!r}: protocol {value!r} is not 2 or 3")
     rest = match["rest"].rsplit("@", 1)[-1]
     if scheme == "unix":
-        if not rest.split("?", 1)[0]:
-            raise UsageError(f"Redis URL {shown!r} names no socket path")
-        if not rest.startswith("/"):
-            # redis-py would read unix://run/redis.sock as host "run", path /redis.sock.
-            raise UsageError(
-                f"Redis URL {shown!r}: the socket path must follow '//' and start with '/': "
-                "write unix:///PATH/TO/redis.sock (three slashes) or unix://USER:PASSWORD@/PATH"
-            )
+        _check_socket_path(url, shown)
         _check_options(url)
         return
     if scheme == SENTINEL_SCHEME:
@@ -230,6 +224,23 @@ def check_url(url: str) -> None:
             "the user name or password (for example '#' as %23)"
         )
     _check_options(url)
+
+
+def _check_socket_path(url: str, shown: str) -> None:
+    """Refuse a unix:// URL with no socket path, or with a host before it: redis-py
+    reads unix://run/redis.sock as host "run" and the socket /redis.sock."""
+    try:
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        parts, host = None, "?"
+    if parts is not None and not host and not parts.path:
+        raise UsageError(f"Redis URL {shown!r} names no socket path")
+    if host:
+        raise UsageError(
+            f"Redis URL {shown!r}: the socket path must follow '//' and start with '/': "
+            "write unix:///PATH/TO/redis.sock (three slashes) or unix://USER:PASSWORD@/PATH"
+        )
 
 
 def _check_options(url: str) -> None:
@@ -288,7 +299,8 @@ def _host_and_port(address: str, shown: str) -> tuple[str, int | None]:
             "the host is missing: write USER:PASSWORD@HOST:PORT"
         )
     if not 0 < int(port) < 65536:
-        raise UsageError(f"Redis URL {shown!r}: port {int(port)} is not between 1 and 65535")
+        # Never quoted either: digits past any port may be a password (see _secrets).
+        raise UsageError(f"Redis URL {shown!r}: the port is not between 1 and 65535")
     return host, int(port)
 
 

@@ -896,8 +896,10 @@ def _types_of(error: ValidationError) -> set[str]:
 
 
 def _structure_wanted(error: ValidationError) -> bool:
-    """Whether the error says a mapping or list is needed where no text would do."""
-    return error.validator == "type" and not (_types_of(error) & {"string", "integer", "number"})
+    """Whether the error says a mapping or list is needed, and nothing else would do
+    (a boolean or a number can come from a variable: its text is typed)."""
+    wanted = _types_of(error)
+    return error.validator == "type" and bool(wanted) and wanted <= {"object", "array"}
 
 
 def _leaf_errors(error: ValidationError) -> Iterator[ValidationError]:

@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from opsctl import audit
-from opsctl.actions import CHECK_WRITES_LUA
+from opsctl.actions import CHECK_WRITES_LUA, KEEP_WHILE_QUEUED_LUA
 from opsctl.audit import AUDIT_MAXLEN, AUDIT_STREAM, AuditContext
 from opsctl.errors import UsageError
 from opsctl.keys import DEFAULT_PREFIX, Keys
@@ -50,7 +50,8 @@ UNDOABLE: dict[str, tuple[str, str, str]] = {
 BATCH = 200
 
 _REQUEUE_SCRIPT = (
-    """
+    KEEP_WHILE_QUEUED_LUA
+    + """
 local job_id, status_was, ended_was, origin = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now_iso, write, maxlen, registry = ARGV[5], ARGV[6] == '1', ARGV[7], ARGV[8]
 
@@ -58,7 +59,7 @@ if write and redis.acl_check_cmd then
   local writes = {
     {'ZREM', 2, 'm'}, {'HSET', 1, 'f', 'v'}, {'PERSIST', 1},
     {'EXPIRE', 1, '1'}, {'RPUSH', 3, 'v'}, {'SADD', 4, 'm'}, {'XADD', 5, '*', 'f', 'v'},
-    {'PERSIST', 6},
+    {'PERSIST', 6}, {'EXPIRE', 6, '1'},
   }
 """
     + CHECK_WRITES_LUA
@@ -107,18 +108,11 @@ redis.call('HSET', KEYS[1], 'status', 'queued', 'enqueued_at', now_iso,
 if redis.call('HEXISTS', KEYS[1], 'exc_info') == 1 then
   redis.call('HSET', KEYS[1], 'exc_info', '')
 end
--- A failed job's hash expires with its failure_ttl; waiting in a queue it must
--- not, unless the job has a ttl of its own.
-local ttl = tonumber(field('ttl'))
-if ttl and ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], math.floor(ttl))
-else
-  redis.call('PERSIST', KEYS[1])
-end
+-- Its hash and the set of its dependents (which wait for its new run) carry
+-- its failure_ttl.
+keep_while_queued(tonumber(field('ttl')), {KEYS[1], KEYS[6]})
 redis.call('RPUSH', KEYS[3], job_id)
 redis.call('SADD', KEYS[4], KEYS[3])
--- Its dependents set expired with it too; they wait for it again.
-redis.call('PERSIST', KEYS[6])
 
 local entry = {}
 for i = 9, #ARGV do table.insert(entry, ARGV[i]) end
