@@ -350,7 +350,11 @@ class Executor:
         pipe = self.conn.pipeline(transaction=False)
         pipe.hget(self.keys.job(change.job_id), "status")
         pipe.scard(self.keys.dependents(change.job_id))
-        status, dependents = pipe.execute(raise_on_error=False)
+        try:
+            status, dependents = pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:  # the change itself is done; say what is not
+            log.warning("job=%s dependents_not_enqueued error=%s", change.job_id, exc)
+            return False
         return text(status) == "failed" and isinstance(dependents, int) and dependents > 0
 
     def _reconnect(self) -> bool:
