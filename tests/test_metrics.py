@@ -435,6 +435,31 @@ def test_a_metrics_path_that_is_no_regular_file_is_refused_and_left_as_it_is(
         assert (tmp_path / "elsewhere.prom").read_text() == "# kept\n"
 
 
+@pytest.mark.parametrize(
+    "held",
+    ["-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkq\n-----END PRIVATE KEY-----\n",
+     "REDIS_PASSWORD=hunter2secret\n", "version: 1\nqueues:\n  - name: a\n"],
+    ids=["tls-key", "env-file", "policy"],
+)  # fmt: skip
+def test_a_metrics_path_holding_something_else_is_refused_unread_and_unchanged(
+    conn: redis.Redis, fake_redis_url: str, tmp_path: Path, held: str
+) -> None:
+    # A slip of the hand (--metrics-file client.key) must not destroy the file, nor
+    # show what it holds.
+    register_worker(fake_redis_url, "w-dead")
+    job = started_job(conn, "w-dead")
+    args, target = apply_with_metrics(fake_redis_url, tmp_path)
+    target.write_text(held)
+
+    result = run_opsctl(*args)
+
+    assert result.returncode == 2, result.stderr
+    assert "does not hold metrics in the Prometheus text format" in result.stderr
+    assert "hunter2secret" not in result.stderr + result.stdout
+    assert target.read_text() == held
+    assert job.get_status(refresh=True) == JobStatus.STARTED
+
+
 def test_a_metrics_path_that_stops_being_a_regular_file_during_a_run_is_not_replaced(
     conn: redis.Redis, fake_redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

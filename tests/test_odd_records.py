@@ -1013,6 +1013,25 @@ def test_a_job_kept_for_ever_on_failure_keeps_its_results_for_ever_too(
     assert redis_conn.ttl(f"rq:results:{job.id}") == -1
 
 
+def test_a_requeued_job_with_a_ttl_of_its_own_keeps_the_set_of_what_waits_for_it(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # The job's ttl bounds its wait in the queue (RQ sets it on the hash alone); the
+    # set of its dependents must last until its end releases them.
+    job = started_job(redis_conn)
+    redis_conn.hset(job.key, "ttl", "100")
+    waiting = Queue(QUEUE, connection=redis_conn).enqueue("jobs.quick", depends_on=job)
+    redis_conn.expire(job.dependents_key, 50)  # as a failure_ttl would have left it
+
+    item = job_in(run(policy(tmp_path, "requeue"), redis_url), job.id)
+
+    assert (item["action"], item["outcome"]) == ("requeue", "done")
+    assert job_status(redis_conn, job.id) == "queued"
+    assert 0 < redis_conn.ttl(job.key) <= 100
+    assert redis_conn.ttl(job.dependents_key) == -1
+    assert job_status(redis_conn, waiting.id) == "deferred"
+
+
 # --- 10. jobs a scheduler refers to ---------------------------------------------------------
 
 

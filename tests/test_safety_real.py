@@ -933,6 +933,8 @@ def test_only_workers_the_run_rests_on_are_looked_at_again_and_they_are_named(
     # (RQ rebuilds such hashes, which then never expire): no concern of this run.
     with redis.Redis.from_url(redis_url) as own:
         Worker(["elsewhere"], connection=own, name="idle-elsewhere").register_birth()
+        Worker(["elsewhere"], connection=own, name="busy-elsewhere").register_birth()
+    redis_conn.sadd("rq:worker:busy-elsewhere:executions", "job-elsewhere:0123")
 
     result = run_opsctl(
         *apply_args(POLICIES / "safety_fail.yaml", redis_url, "--reconnect-grace", "0.5")
@@ -946,6 +948,7 @@ def test_only_workers_the_run_rests_on_are_looked_at_again_and_they_are_named(
     assert f"count=1 looking_again_for=0.5s workers={DEAD_WORKER}" in warning
     assert report["workers"] and {w["name"] for w in report["workers"]} == {DEAD_WORKER}
     assert redis_conn.exists("rq:worker:idle-elsewhere")
+    assert redis_conn.exists("rq:worker:busy-elsewhere")
 
 
 def test_a_server_that_holds_back_writes_is_reported_as_not_answering_not_as_lost(

@@ -64,18 +64,20 @@ CHECK_WRITES_LUA = """  for _, w in ipairs(writes) do
   end
 """
 
-#: Lua that makes a job's keys wait in its queue again without expiring: a
-#: failed or stopped job's hash and sets carry its failure_ttl. They expire with
-#: the job's own ttl instead, when it has one. Shared by the requeuing scripts.
+#: Lua that makes a job wait in its queue again without expiring: a failed or
+#: stopped job's hash and sets carry its failure_ttl. The hash expires with the
+#: job's own ttl instead, when it has one, as RQ's enqueue sets it; the sets
+#: never do (a worker clears the hash's expiry when it starts the job, not the
+#: sets', which must last until the job's end releases its dependents). Shared
+#: by the requeuing scripts.
 KEEP_WHILE_QUEUED_LUA = """
-local function keep_while_queued(ttl, keys)
-  for _, key in ipairs(keys) do
-    if ttl and ttl > 0 then
-      redis.call('EXPIRE', key, math.floor(ttl))
-    else
-      redis.call('PERSIST', key)
-    end
+local function keep_while_queued(ttl, job_key, sets)
+  if ttl and ttl > 0 then
+    redis.call('EXPIRE', job_key, math.floor(ttl))
+  else
+    redis.call('PERSIST', job_key)
   end
+  for _, key in ipairs(sets) do redis.call('PERSIST', key) end
 end
 """
 
@@ -113,7 +115,7 @@ if redis.acl_check_cmd then
     {'RPUSH', 6, 'v'}, {'LPUSH', 6, 'v'}, {'LREM', 6, '0', 'v'}, {'SADD', 7, 'm'},
     {'ZADD', 8, '1', 'm'}, {'ZADD', 9, '1', 'm'}, {'ZADD', 10, '1', 'm'},
     {'XADD', 11, '*', 'f', 'v'}, {'EXPIRE', 1, '1'}, {'PERSIST', 1}, {'DEL', 1},
-    {'PERSIST', 11}, {'PERSIST', 12}, {'PERSIST', 13}, {'EXPIRE', 12, '1'}, {'EXPIRE', 13, '1'},
+    {'PERSIST', 11}, {'PERSIST', 12}, {'PERSIST', 13},
     {'INCR', 17}, {'EXPIRE', 17, '1'}, {'XADD', 18, '*', 'f', 'v'},
     {'ZREM', 14, 'm'}, {'ZREM', 15, 'm'}, {'ZREM', 16, 'm'}, {'LREM', 2, '0', 'v'},
   }
@@ -309,7 +311,7 @@ local function enqueue(at_front)
   redis.call('HSET', KEYS[1], 'status', 'queued', 'enqueued_at', now_iso)
   -- A stopped job's hash and its dependents and dependencies sets carry its
   -- failure_ttl (RQ sets it).
-  keep_while_queued(tonumber(field(KEYS[1], 'ttl')), {KEYS[1], KEYS[12], KEYS[13]})
+  keep_while_queued(tonumber(field(KEYS[1], 'ttl')), KEYS[1], {KEYS[12], KEYS[13]})
   if at_front == '1' then
     redis.call('LPUSH', KEYS[6], job_id)
   else

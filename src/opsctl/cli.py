@@ -55,7 +55,6 @@ from opsctl.errors import (
     StoppedEarly,
     UsageError,
 )
-from opsctl.files import replaceable
 from opsctl.keys import DEFAULT_PREFIX, Keys
 from opsctl.lock import LockTimeout, run_lock
 from opsctl.policy import (
@@ -532,8 +531,9 @@ def _metrics_path(value: str | None) -> str | None:
         )
     if os.path.isdir(value) and not os.path.islink(value):
         raise typer.BadParameter(f"{value!r} is a directory; give a file path inside it")
-    if not replaceable(value):
-        raise typer.BadParameter(f"{value!r}: {metrics.NOT_A_FILE}")
+    unfit = metrics.unfit_target(value)
+    if unfit is not None:
+        raise typer.BadParameter(f"{value!r}: {unfit}")
     return value
 
 

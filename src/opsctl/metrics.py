@@ -62,6 +62,37 @@ NOT_A_FILE = (
     "it exists and is not a regular file (a device, FIFO, socket or symbolic link), "
     "and writing the metrics would replace it; to write no metrics, leave out --metrics-file"
 )
+#: Why a metrics path that names a file of other contents is refused.
+NOT_METRICS = (
+    "it exists and does not hold metrics in the Prometheus text format (a key, a "
+    "certificate, a policy?), and writing the metrics would replace it; give the path of "
+    "a metrics file, or of none yet"
+)
+
+
+def unfit_target(path: str) -> str | None:
+    """Why writing the metrics to ``path`` would destroy something, or None: it names
+    nothing yet, or a regular file that is empty or holds metrics."""
+    if not replaceable(path):
+        return NOT_A_FILE
+    try:
+        text = read_file(path, MAX_METRICS_FILE_BYTES).decode("utf-8")
+    except NotReadable:
+        return None  # nothing there (or unreadable): the write itself says why it fails
+    except (TooLarge, UnicodeDecodeError):
+        return NOT_METRICS
+    return None if _parses(text) else NOT_METRICS
+
+
+def _parses(text: str) -> bool:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        for _ in text_string_to_metric_families(text):
+            pass
+    except ValueError:
+        return False
+    return True
 
 
 class MetricsWriteError(OpsctlError):
@@ -215,8 +246,9 @@ def recorded(path: str) -> list[Sample]:
 
     try:
         return [s for family in text_string_to_metric_families(text) for s in family.samples]
-    except ValueError as exc:
-        log.warning("metrics_file=%s unreadable error=%s", path, exc)
+    except ValueError:
+        # The parser's words quote the file, which may hold anything: never shown.
+        log.warning("metrics_file=%s unreadable: not in the Prometheus text format", path)
         return []
 
 
@@ -268,8 +300,9 @@ def write(path: str, seen: Observation | None, facts: RunFacts, samples: list[Sa
         family.samples += others.get(family.name, [])
     merged = CollectorRegistry(auto_describe=False)
     merged.register(_Families(families))
-    if not replaceable(path):  # checked at start too; it may have changed since
-        raise MetricsWriteError(f"cannot write the metrics file {path!r}: {NOT_A_FILE}")
+    unfit = unfit_target(path)  # checked at start too; it may have changed since
+    if unfit is not None:
+        raise MetricsWriteError(f"cannot write the metrics file {path!r}: {unfit}")
     try:
         write_to_textfile(path, merged)
     except OSError as exc:

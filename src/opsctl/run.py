@@ -511,15 +511,24 @@ def _confirm_disconnected(
     one that never is, is dead, and says so ("... (still none <grace>s later)").
     """
     # Every worker the run's decisions rest on: one its entries name, one whose
-    # records name a job it runs (it may hold a job another entry names), and an
-    # idle one whose registration it would remove (and record its death). An idle
-    # worker of other queues is no concern, and is not waited for.
+    # records say it runs one of their jobs (under another entry, say), and one
+    # whose registration it would remove (and record its death). A worker of
+    # other queues, idle or busy with their jobs, is no concern: not waited for.
     named = {e.worker_name for e in entries}
+    jobs = {e.job_id for e in entries}
+
+    def concerns_the_run(name: str, worker: WorkerRecord) -> bool:
+        return (
+            name in named
+            or worker.current_job in jobs
+            or any(e.rpartition(":")[0] in jobs for e in worker.executions)
+            or bool(_in_scope(worker, keys, decide.rules)[1])
+        )
+
     doubtful = sorted(
         n
         for n, w in snapshot.workers.items()
-        if engine.disconnected_only(w)
-        and (n in named or w.executions or w.current_job or _in_scope(w, keys, decide.rules)[1])
+        if engine.disconnected_only(w) and concerns_the_run(n, w)
     )
     if not doubtful or grace_s <= 0:
         return

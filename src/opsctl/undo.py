@@ -59,7 +59,7 @@ if write and redis.acl_check_cmd then
   local writes = {
     {'ZREM', 2, 'm'}, {'HSET', 1, 'f', 'v'}, {'PERSIST', 1},
     {'EXPIRE', 1, '1'}, {'RPUSH', 3, 'v'}, {'SADD', 4, 'm'}, {'XADD', 5, '*', 'f', 'v'},
-    {'PERSIST', 6}, {'EXPIRE', 6, '1'},
+    {'PERSIST', 6},
   }
 """
     + CHECK_WRITES_LUA
@@ -110,7 +110,7 @@ if redis.call('HEXISTS', KEYS[1], 'exc_info') == 1 then
 end
 -- Its hash and the set of its dependents (which wait for its new run) carry
 -- its failure_ttl.
-keep_while_queued(tonumber(field('ttl')), {KEYS[1], KEYS[6]})
+keep_while_queued(tonumber(field('ttl')), KEYS[1], {KEYS[6]})
 redis.call('RPUSH', KEYS[3], job_id)
 redis.call('SADD', KEYS[4], KEYS[3])
 
