@@ -680,6 +680,7 @@ def test_a_ctrl_c_while_a_read_only_command_waits_for_redis_exits_130() -> None:
 _HOSTLESS = [
     "redis://opsctl-apply:Hunter2pw/0",
     "redis://opsctl-apply:123456789/0",
+    "redis://[::1]:Hunter2pw/0",
     "redis://:Hunter2pw",
     "rediss://default:Hunter2pw",
     "redis+sentinel://default:Hunter2pw/mymaster",
@@ -726,10 +727,13 @@ def test_a_unix_url_whose_path_does_not_follow_the_slashes_is_refused() -> None:
 def test_a_unix_url_with_an_at_sign_in_its_path_or_options_is_taken_as_written(
     url: str, tmp_path: Path
 ) -> None:
-    result = opsctl("status", "--redis-url", url.replace("/run", str(tmp_path)), "--timeout", "1")
+    given = url.replace("/run", str(tmp_path))
+    result = opsctl("status", "--redis-url", given, "--timeout", "1")
 
     assert result.exit_code == 3, result.output  # read as written: a socket that is not there
     assert "No such file or directory" in result.stderr
+    shown = given.replace(":pw@", ":***@").replace("=p@ss", "=***")  # passwords masked
+    assert f"cannot reach Redis at {shown}:" in result.stderr
 
 
 @pytest.mark.parametrize("valid", [True, False])

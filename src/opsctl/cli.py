@@ -1139,7 +1139,7 @@ def plan_command(
     run, count = _guard(lambda: job.write_plan(policy, output_file), url=url)
     _print_run(run, output, url, (policy.path, policy.digest))
     if not quiet:
-        _say(f"wrote {count} planned action(s) to {output_file}")
+        _say(f"wrote {count} planned action(s) to {printable(bytes_shown(output_file))}")
 
 
 @app.command()

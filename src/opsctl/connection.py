@@ -82,24 +82,25 @@ def _secrets(url: str) -> tuple[str, list[str]]:
         return "<not a URL>", [url] if "@" in url else []
     scheme, rest = match["scheme"], match["rest"]
     secrets = []
-    if "@" in rest:
-        userinfo, rest = rest.rsplit("@", 1)
+    # A unix:// URL's user information ends with the '@' before its path; its
+    # path may hold '@' of its own.
+    cut = rest.rfind("@/") if scheme.lower() == "unix://" else rest.rfind("@")
+    if cut >= 0:
+        userinfo, rest = rest[:cut], rest[cut + 1 :]
         user, colon, password = userinfo.partition(":")
         # Without a colon the lone value may be a password typed without one.
         secrets.append(password if colon else userinfo)
         rest = f"{user}:***@{rest}" if colon else f"***@{rest}"
     else:
         # USER:PASSWORD with the '@HOST' left out reads as HOST:PORT: a "port"
-        # that is no number may be a password.
+        # that is no port number may be a password.
         authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
         tail = rest[len(authority) :]
         masked = []
         for address in authority.split(","):
-            host, colon, port = address.partition(":")
-            no_port = not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)
-            if colon and port and not address.startswith("[") and no_port:
-                secrets.append(port)
-                address = f"{host}:***"
+            address, secret = _masked_address(address)
+            if secret:
+                secrets.append(secret)
             masked.append(address)
         rest = ",".join(masked) + tail
     for found in re.finditer(r"(?i)password=([^&]*)", rest):
@@ -108,6 +109,22 @@ def _secrets(url: str) -> tuple[str, list[str]]:
     # A percent-encoded password can show up decoded in redis-py's messages.
     secrets += [unquote(s) for s in secrets]
     return scheme + rest, [s for s in secrets if s]
+
+
+def _masked_address(address: str) -> tuple[str, str]:
+    """HOST:PORT with a "port" that is no port number masked, and what was masked."""
+    if address.startswith("["):
+        close = address.find("]")
+        if close < 0:  # no closing bracket: what follows may be anything
+            return ("[***", address[1:]) if len(address) > 1 else (address, "")
+        host, after = address[: close + 1], address[close + 1 :]
+        colon, port = after[:1] == ":", after[1:]
+    else:
+        host, sep, port = address.partition(":")
+        colon = bool(sep)
+    if colon and port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        return f"{host}:***", port
+    return address, ""
 
 
 def mask_url(url: str) -> str:
