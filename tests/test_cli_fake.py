@@ -1814,32 +1814,27 @@ def test_a_plan_whose_making_time_is_not_in_the_past_is_refused(
     assert status_of(conn, job.id) == "started"
 
 
+@pytest.mark.parametrize(
+    ("edit", "action"),
+    [
+        ({"action": "explode"}, "explode"),
+        # A stop is followed by its rule's action (fail here) or fail: never delete.
+        ({"action": "stop", "follow_up": "delete"}, "stop"),
+    ],
+    ids=["unknown-action", "follow-up-no-rule-chooses"],
+)
 def test_a_plan_edited_to_an_action_no_rule_chooses_is_refused_before_any_job_is_touched(
-    conn: redis.Redis, url: str, tmp_path: Path
+    conn: redis.Redis, url: str, tmp_path: Path, edit: dict[str, str], action: str
 ) -> None:
     jobs = [started_job(conn, "w-dead") for _ in range(3)]
     _, plan = made_plan(url, tmp_path)
-    edit_plan(plan, lambda d: d["jobs"][0].update(action="explode"))
+    edit_plan(plan, lambda d: d["jobs"][0].update(edit))
 
     result = opsctl("apply", "--plan", str(plan), "--redis-url", url)
 
     assert result.exit_code == 2, result.output
-    assert "has the action 'explode'" in result.output
+    assert f"has the action {action!r}" in result.output
     assert [status_of(conn, job.id) for job in jobs] == ["started"] * 3
-
-
-def test_a_plan_edited_to_a_follow_up_its_rule_could_not_choose_is_refused(
-    conn: redis.Redis, url: str, tmp_path: Path
-) -> None:
-    job = started_job(conn, "w-dead")
-    policy, plan = made_plan(url, tmp_path)  # its rule fails jobs
-    edit_plan(plan, lambda d: d["jobs"][0].update(action="stop", follow_up="delete"))
-
-    result = opsctl("apply", str(policy), "--plan", str(plan), "--redis-url", url)
-
-    assert result.exit_code == 2, result.output
-    assert "has the action 'stop'" in result.output
-    assert status_of(conn, job.id) == "started"
 
 
 def test_a_job_whose_origin_is_not_the_one_read_is_left_alone(

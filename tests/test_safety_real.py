@@ -529,6 +529,14 @@ def apply_with_redis_gone_after_one_batch(
         gone[0] = gone[0] or calls.after_first_batch(chunk)
         return then if gone[0] else False
 
+    return apply_through(port, drop)
+
+
+def apply_through(
+    port: int, drop: Callable[[bytes], bool | str]
+) -> subprocess.CompletedProcess[str]:
+    """`opsctl apply` (fail) through a proxy to the private server that cuts the
+    connection as ``drop`` says (see DroppingProxy)."""
     proxy = DroppingProxy(port, drop)
     try:
         return run_opsctl(*apply_args(POLICIES / "safety_fail.yaml", proxy.url, "--timeout", "2"))
@@ -570,11 +578,7 @@ def test_changes_whose_replies_were_lost_are_confirmed_from_the_audit_trail_at_l
             return seen[b"XREVRANGE"] < RECONCILE_ROUNDS
         return False
 
-    proxy = DroppingProxy(redis_server.port, drop)
-    try:
-        result = run_opsctl(*apply_args(POLICIES / "safety_fail.yaml", proxy.url, "--timeout", "2"))
-    finally:
-        proxy.close()
+    result = apply_through(redis_server.port, drop)
 
     report = report_of(result, 0)
     assert statuses(redis_conn, job_ids) == Counter({"failed": 400})
@@ -602,11 +606,7 @@ def test_jobs_confirmed_from_the_audit_trail_release_their_dependents_too(
             return "after" if evalsha_chunks == 2 else False
         return False
 
-    proxy = DroppingProxy(redis_server.port, drop)
-    try:
-        result = run_opsctl(*apply_args(POLICIES / "safety_fail.yaml", proxy.url, "--timeout", "2"))
-    finally:
-        proxy.close()
+    result = apply_through(redis_server.port, drop)
 
     report = report_of(result, 0)
     assert evalsha_chunks >= 2, "the second batch's replies were lost"
