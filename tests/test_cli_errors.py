@@ -681,6 +681,7 @@ _HOSTLESS = [
     "redis://opsctl-apply:Hunter2pw/0",
     "redis://opsctl-apply:123456789/0",
     "redis://[::1]:Hunter2pw/0",
+    "redis://[::1]Hunter2pw/0",
     "redis://:Hunter2pw",
     "rediss://default:Hunter2pw",
     "redis+sentinel://default:Hunter2pw/mymaster",
@@ -722,7 +723,12 @@ def test_a_unix_url_whose_path_does_not_follow_the_slashes_is_refused() -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["unix:///run/redis@main/no.sock", "unix:///run/no.sock?password=p@ss", "unix://:pw@/no.sock"],
+    [
+        "unix:///run/redis@main/no.sock",
+        "unix:///run/a@/no.sock",
+        "unix:///run/no.sock?password=p@ss",
+        "unix://:pw@/no.sock",
+    ],
 )
 def test_a_unix_url_with_an_at_sign_in_its_path_or_options_is_taken_as_written(
     url: str, tmp_path: Path

@@ -398,6 +398,8 @@ _HELD = {
     "tls-key": "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkq\n-----END PRIVATE KEY-----\n",
     "env-file": "REDIS_PASSWORD=hunter2secret\n",
     "policy": "version: 1\nqueues:\n  - name: a\n",
+    "comments-only": "# secret=hunter2secret\n",
+    "other-samples": "hunter2secret 12345\n",  # parses as a sample, but no gauge of opsctl's
 }
 
 
@@ -430,7 +432,7 @@ def _what(path: Path) -> str:
     ("kind", "why"),
     [
         *[(k, "exists and is not a regular file") for k in ("fifo", "socket", "symlink")],
-        *[(k, "does not hold metrics in the Prometheus text format") for k in _HELD],
+        *[(k, "does not hold opsctl's metrics in the Prometheus text format") for k in _HELD],
     ],
 )
 def test_a_metrics_path_naming_anything_but_a_metrics_file_is_refused_and_left_as_it_is(
@@ -452,6 +454,27 @@ def test_a_metrics_path_naming_anything_but_a_metrics_file_is_refused_and_left_a
     assert job.get_status(refresh=True) == JobStatus.STARTED  # refused before anything was done
     if kind == "symlink":
         assert (tmp_path / "elsewhere.prom").read_text() == "# kept\n"
+
+
+def test_a_metrics_file_that_cannot_be_read_is_not_replaced(
+    fake_redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A key its owner may write but not read (mode 0200): what it holds cannot be
+    # checked, so it is kept.
+    args, target = apply_with_metrics(fake_redis_url, tmp_path)
+    target.write_text("-----BEGIN PRIVATE KEY-----\n")
+    from opsctl import metrics
+    from opsctl.files import NotReadable
+
+    def refused(path: str, limit_bytes: int) -> bytes:
+        raise NotReadable("permission denied")
+
+    monkeypatch.setattr(metrics, "read_file", refused)
+    result = invoke_opsctl(*args)
+
+    assert result.exit_code == 2, result.output
+    assert "it exists and cannot be read (permission denied)" in result.output
+    assert target.read_text() == "-----BEGIN PRIVATE KEY-----\n"
 
 
 def test_a_metrics_path_that_stops_being_a_regular_file_during_a_run_is_not_replaced(

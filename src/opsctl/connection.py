@@ -82,9 +82,12 @@ def _secrets(url: str) -> tuple[str, list[str]]:
         return "<not a URL>", [url] if "@" in url else []
     scheme, rest = match["scheme"], match["rest"]
     secrets = []
-    # A unix:// URL's user information ends with the '@' before its path; its
-    # path may hold '@' of its own.
-    cut = rest.rfind("@/") if scheme.lower() == "unix://" else rest.rfind("@")
+    # A unix:// URL's user information ends with an '@' before its path, which may
+    # hold '@' of its own: a URL whose path comes first (unix:///...) has none.
+    if scheme.lower() == "unix://":
+        cut = -1 if rest.startswith("/") else rest.rfind("@/")
+    else:
+        cut = rest.rfind("@")
     if cut >= 0:
         userinfo, rest = rest[:cut], rest[cut + 1 :]
         user, colon, password = userinfo.partition(":")
@@ -118,6 +121,8 @@ def _masked_address(address: str) -> tuple[str, str]:
         if close < 0:  # no closing bracket: what follows may be anything
             return ("[***", address[1:]) if len(address) > 1 else (address, "")
         host, after = address[: close + 1], address[close + 1 :]
+        if after and not after.startswith(":"):  # no :PORT: anything may follow
+            return f"{host}***", after
         colon, port = after[:1] == ":", after[1:]
     else:
         host, sep, port = address.partition(":")
@@ -297,7 +302,7 @@ def _host_and_port(address: str, shown: str) -> tuple[str, int | None]:
         if not bracket:
             raise UsageError(f"Redis URL {shown!r}: the IPv6 address has no closing ']'")
         if after and not after.startswith(":"):
-            raise UsageError(f"Redis URL {shown!r}: {after!r} after the IPv6 address is not :PORT")
+            raise UsageError(f"Redis URL {shown!r}: what follows the IPv6 address is not :PORT")
         host, colon, port = host + "]", after[:1], after[1:]
     else:
         host, colon, port = address.partition(":")

@@ -63,36 +63,42 @@ NOT_A_FILE = (
     "and writing the metrics would replace it; to write no metrics, leave out --metrics-file"
 )
 #: Why a metrics path that names a file of other contents is refused.
+NOT_METRICS_SHORT = (
+    "writing the metrics would replace it; give the path of a metrics file opsctl "
+    "wrote, of an empty file, or of none yet"
+)
 NOT_METRICS = (
-    "it exists and does not hold metrics in the Prometheus text format (a key, a "
-    "certificate, a policy?), and writing the metrics would replace it; give the path of "
-    "a metrics file, or of none yet"
+    "it exists and does not hold opsctl's metrics in the Prometheus text format (a key, "
+    f"a certificate, a policy?), and {NOT_METRICS_SHORT}"
 )
 
 
 def unfit_target(path: str) -> str | None:
     """Why writing the metrics to ``path`` would destroy something, or None: it names
-    nothing yet, or a regular file that is empty or holds metrics."""
+    nothing yet, or a regular file that is empty or holds opsctl's metrics."""
     if not replaceable(path):
         return NOT_A_FILE
+    if not os.path.lexists(path):
+        return None
     try:
         text = read_file(path, MAX_METRICS_FILE_BYTES).decode("utf-8")
-    except NotReadable:
-        return None  # nothing there (or unreadable): the write itself says why it fails
+    except NotReadable as exc:  # what it holds cannot be checked: never replaced
+        return f"it exists and cannot be read ({exc.reason}), so {NOT_METRICS_SHORT}"
     except (TooLarge, UnicodeDecodeError):
         return NOT_METRICS
-    return None if _parses(text) else NOT_METRICS
+    return None if not text.strip() or _holds_our_metrics(text) else NOT_METRICS
 
 
-def _parses(text: str) -> bool:
+def _holds_our_metrics(text: str) -> bool:
+    """Whether ``text`` is Prometheus text holding opsctl's gauges (a file of
+    comments alone, or of other lines that parse, such as 'password 12345', is not)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        for _ in text_string_to_metric_families(text):
-            pass
+        names = [family.name for family in text_string_to_metric_families(text)]
     except ValueError:
         return False
-    return True
+    return any(name.startswith("opsctl_") for name in names)
 
 
 class MetricsWriteError(OpsctlError):
