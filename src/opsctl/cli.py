@@ -69,7 +69,7 @@ from opsctl.policy import (
 )
 from opsctl.progress import ScanProgress
 from opsctl.run import Overrides, Run, collector_paused, new_run_id, plan
-from opsctl.shown import bytes_shown, printable
+from opsctl.shown import printable
 from opsctl.state import server_notes, server_time, with_retries
 
 log = logging.getLogger("opsctl")
@@ -1139,7 +1139,7 @@ def plan_command(
     run, count = _guard(lambda: job.write_plan(policy, output_file), url=url)
     _print_run(run, output, url, (policy.path, policy.digest))
     if not quiet:
-        _say(f"wrote {count} planned action(s) to {printable(bytes_shown(output_file))}")
+        _say(f"wrote {count} planned action(s) to {printable(output_file)}")
 
 
 @app.command()
@@ -1274,7 +1274,7 @@ def validate(
     failed = {p.file for p in problems if p.severity == "error"}
     for name in files:
         if name not in failed:
-            print(f"{printable(bytes_shown(name))}: ok", file=sys.stderr)
+            print(f"{printable(name)}: ok", file=sys.stderr)
     if failed:
         raise typer.Exit(ExitCode.INVALID)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
-from opsctl.shown import bytes_shown, printable
+from opsctl.shown import printable
 
 
 class ExitCode(IntEnum):
@@ -39,7 +39,7 @@ class Problem:
 
     def __str__(self) -> str:
         # A file name may hold anything, a newline or an escape sequence included.
-        where = f"{printable(bytes_shown(self.file))}:{self.line}:{self.column}"
+        where = f"{printable(self.file)}:{self.line}:{self.column}"
         prefix = "" if self.severity == "error" else f"{self.severity}: "
         path = f"{self.path}: " if self.path else ""
         return f"{where}: {prefix}{path}{self.message}"
