@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from conftest import clean_env, free_port
 from opsctl import __version__
 from opsctl.cli import _stop_on_signals, app
+from opsctl.shown import quoted
 
 TESTS = Path(__file__).resolve().parent
 REPOSITORY = TESTS.parent
@@ -760,3 +761,37 @@ def test_validate_shows_a_file_name_with_control_characters_escaped_on_one_line(
     else:
         lines = result.stdout.splitlines()
         assert lines and all(line.startswith(f"{shown}:1:") for line in lines), lines
+
+
+def test_errors_quoting_a_file_name_show_a_byte_that_is_not_utf8_as_hex(
+    tmp_path: Path, closed_url: str
+) -> None:
+    # Python keeps such a byte of a command-line argument as a lone surrogate; an
+    # error that quotes the name must show the byte itself, as every report does.
+    directory = tmp_path / os.fsdecode(b"metrics\xfe")
+    directory.mkdir()
+    plan = tmp_path / os.fsdecode(b"plan\xff.json")  # not there
+
+    as_metrics = opsctl("status", "--redis-url", closed_url, "--metrics-file", str(directory))
+    as_plan = opsctl("apply", "--plan", str(plan), "--redis-url", closed_url)
+
+    assert as_metrics.exit_code == 2, as_metrics.output
+    assert f"'{tmp_path}/metrics\\xfe' is a directory" in as_metrics.output
+    assert as_plan.exit_code == 2, as_plan.output
+    assert f"cannot read plan '{tmp_path}/plan\\xff.json': " in as_plan.output
+    assert "\\udc" not in as_metrics.output + as_plan.output
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        (b"plan\xff.json", r"'plan\xff.json'"),
+        (b"\xfe\xff", r"'\xfe\xff'"),
+        # Text that only looks like an escape stays as written (its backslash doubled).
+        (b"a\\udc80", r"'a\\udc80'"),
+        (b"a\\\xff", r"'a\\\xff'"),
+        (b"it's\n", '"it\'s\\n"'),
+    ],
+)
+def test_a_quoted_file_name_shows_each_byte_as_the_name_holds_it(raw: bytes, shown: str) -> None:
+    assert quoted(os.fsdecode(raw)) == shown

@@ -69,7 +69,7 @@ from opsctl.policy import (
 )
 from opsctl.progress import ScanProgress
 from opsctl.run import Overrides, Run, collector_paused, new_run_id, plan
-from opsctl.shown import printable
+from opsctl.shown import printable, quoted
 from opsctl.state import server_notes, server_time, with_retries
 
 log = logging.getLogger("opsctl")
@@ -350,7 +350,7 @@ def _parse_max_age(value: str | None) -> int | None:
         return None
     seconds = _parse_duration_option("--max-age", value)
     if seconds == 0:
-        raise UsageError(f"--max-age: {value!r} {ZERO_MAX_AGE.format(force='--force')}")
+        raise UsageError(f"--max-age: {quoted(value)} {ZERO_MAX_AGE.format(force='--force')}")
     return seconds
 
 
@@ -530,10 +530,10 @@ def _metrics_path(value: str | None) -> str | None:
             "give a file path (for example /var/lib/node_exporter/opsctl.prom)"
         )
     if os.path.isdir(value) and not os.path.islink(value):
-        raise typer.BadParameter(f"{value!r} is a directory; give a file path inside it")
+        raise typer.BadParameter(f"{quoted(value)} is a directory; give a file path inside it")
     unfit = metrics.unfit_target(value)
     if unfit is not None:
-        raise typer.BadParameter(f"{value!r}: {unfit}")
+        raise typer.BadParameter(f"{quoted(value)}: {unfit}")
     return value
 
 
@@ -545,7 +545,8 @@ def _key_prefix(value: str | None) -> str | None:
     """Refuse a key prefix a policy would refuse (a glob or an empty one finds nothing)."""
     if value is not None and not _KEY_PREFIX.fullmatch(value):
         raise typer.BadParameter(
-            f"{value!r} is not a key prefix (letters, digits and _ . : {{ }} - only; RQ's is rq)"
+            f"{quoted(value)} is not a key prefix "
+            "(letters, digits and _ . : { } - only; RQ's is rq)"
         )
     return value
 
@@ -918,7 +919,8 @@ def _refuse_overwriting(option: str, path: str | None, *inputs: str | None) -> N
     a plan): writing it would destroy the input."""
     for given in inputs:
         if path is not None and given is not None and _same_file(path, given):
-            _fail(UsageError(f"{option} {path!r} is the file {given!r} this command reads"))
+            reads = f"is the file {quoted(given)} this command reads"
+            _fail(UsageError(f"{option} {quoted(path)} {reads}"))
 
 
 def _same_file(one: str, other: str) -> bool:

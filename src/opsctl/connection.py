@@ -15,6 +15,7 @@ import redis
 from redis.sentinel import MasterNotFoundError, Sentinel
 
 from opsctl.errors import RedisUnavailable, UsageError
+from opsctl.shown import quoted
 
 log = logging.getLogger(__name__)
 
@@ -518,11 +519,12 @@ def _tls_settings(url: str, tls: Tls) -> dict[str, Any]:
         if path is None:
             continue
         if not os.access(path, os.R_OK):
-            raise UsageError(f"{option}: {path!r} cannot be read (no such file, or no permission)")
+            why = "cannot be read (no such file, or no permission)"
+            raise UsageError(f"{option}: {quoted(path)} {why}")
         if not os.path.isfile(path):
             # Each connection reads it again: a pipe (<(...)) would be empty the second time.
             raise UsageError(
-                f"{option}: {path!r} is not a regular file; give a file, which every "
+                f"{option}: {quoted(path)} is not a regular file; give a file, which every "
                 "connection can read again (not a directory or a pipe)"
             )
     if (tls.cert is None) != (tls.key is None):

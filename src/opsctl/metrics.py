@@ -42,6 +42,7 @@ from opsctl.errors import ExitCode, OpsctlError
 from opsctl.files import NotReadable, TooLarge, read_file, replaceable
 from opsctl.policy import Rule
 from opsctl.run import Run
+from opsctl.shown import quoted
 from opsctl.state import Snapshot
 
 if TYPE_CHECKING:
@@ -308,14 +309,14 @@ def write(path: str, seen: Observation | None, facts: RunFacts, samples: list[Sa
     merged.register(_Families(families))
     unfit = unfit_target(path)  # checked at start too; it may have changed since
     if unfit is not None:
-        raise MetricsWriteError(f"cannot write the metrics file {path!r}: {unfit}")
+        raise MetricsWriteError(f"cannot write the metrics file {quoted(path)}: {unfit}")
     try:
         write_to_textfile(path, merged)
     except OSError as exc:
         where = os.path.dirname(os.path.abspath(path))
         raise MetricsWriteError(
-            f"cannot write the metrics file {path!r}: {exc.strerror or exc} "
-            f"(check that {where!r} exists and is writable; the report above is complete)"
+            f"cannot write the metrics file {quoted(path)}: {exc.strerror or exc} "
+            f"(check that {quoted(where)} exists and is writable; the report above is complete)"
         ) from None
 
 

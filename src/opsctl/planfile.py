@@ -30,6 +30,7 @@ from opsctl.keys import DEFAULT_PREFIX
 from opsctl.model import StartedEntry, WorkerRecord, format_timestamp
 from opsctl.policy import ACTIONS, Limits, Rule
 from opsctl.run import PLANNED, JobOutcome, QueuePlan, Run, WorkerOutcome, new_run_id
+from opsctl.shown import quoted
 
 FORMAT = "opsctl-plan"
 VERSION = 1
@@ -96,20 +97,20 @@ def _write_atomically(path: str, text: str) -> None:
     target = Path(path)
     if not replaceable(path):
         raise UsageError(
-            f"--output {path!r} exists and is not a regular file; refusing to replace it"
+            f"--output {quoted(path)} exists and is not a regular file; refusing to replace it"
         )
     directory = target.parent if str(target.parent) else Path(".")
     try:
         fd, temp = tempfile.mkstemp(prefix=".opsctl-plan-", dir=directory)
     except OSError as exc:
-        raise UsageError(f"--output {path!r}: cannot write there: {exc.strerror}") from None
+        raise UsageError(f"--output {quoted(path)}: cannot write there: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text + "\n")
         os.replace(temp, target)
     except OSError as exc:
         Path(temp).unlink(missing_ok=True)
-        raise UsageError(f"--output {path!r}: cannot write there: {exc.strerror}") from None
+        raise UsageError(f"--output {quoted(path)}: cannot write there: {exc.strerror}") from None
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
@@ -153,7 +154,7 @@ def read(
         made_from = document["policy"]
         return Plan(run, str(made_from["path"]), str(made_from["sha256"]), prefix)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise PlanError(f"plan {path!r} is damaged: {_damage(exc)}; make a new one") from None
+        raise PlanError(f"plan {quoted(path)} is damaged: {_damage(exc)}; make a new one") from None
 
 
 class _Damaged(ValueError):
@@ -182,7 +183,7 @@ def _checked_run(
     recorded = document["redis"]["identity"]
     if recorded != identity:
         raise PlanError(
-            f"plan {path!r} was made for another Redis ({recorded}); this one is {identity}"
+            f"plan {quoted(path)} was made for another Redis ({recorded}); this one is {identity}"
         )
     created = document["created_at_epoch"]
     if not isinstance(created, int | float) or isinstance(created, bool):
@@ -190,15 +191,16 @@ def _checked_run(
     age = now - float(created)
     if not math.isfinite(age) or age < -FUTURE_SKEW_S:
         raise PlanError(
-            f"plan {path!r} says it was made at {document.get('created_at')!r}, which is not "
+            f"plan {quoted(path)} says it was made at {document.get('created_at')!r}, which is not "
             "a moment in the past of this Redis; make a new one"
         )
     if age > max_age_s:
         raise PlanError(
-            f"plan {path!r} is {age:.0f}s old, over --max-plan-age {max_age_s}s; make a new one"
+            f"plan {quoted(path)} is {age:.0f}s old, over --max-plan-age {max_age_s}s; "
+            "make a new one"
         )
     if digest is not None and digest != document["policy"]["sha256"]:
-        raise PlanError(f"plan {path!r} was made from another version of the policy file")
+        raise PlanError(f"plan {quoted(path)} was made from another version of the policy file")
     for name in ("queues", "jobs", "workers", "limits_tripped"):
         _expect(document, name, list if name != "limits_tripped" else list[str], "the plan")
     queues = [
@@ -222,25 +224,27 @@ def check_plan_file(path: str) -> None:
     try:
         check_file(path)
     except NotReadable as exc:
-        raise PlanError(f"cannot read plan {path!r}: {exc.reason}") from None
+        raise PlanError(f"cannot read plan {quoted(path)}: {exc.reason}") from None
 
 
 def _load(path: str) -> dict[str, Any]:
     try:
         document = json.loads(read_file(path, MAX_PLAN_BYTES))
     except NotReadable as exc:
-        raise PlanError(f"cannot read plan {path!r}: {exc.reason}") from None
+        raise PlanError(f"cannot read plan {quoted(path)}: {exc.reason}") from None
     except TooLarge:
-        raise PlanError(f"plan {path!r} is larger than any plan opsctl writes") from None
+        raise PlanError(f"plan {quoted(path)} is larger than any plan opsctl writes") from None
     except ValueError as exc:
-        raise PlanError(f"plan {path!r} is not valid JSON: {exc}") from None
+        raise PlanError(f"plan {quoted(path)} is not valid JSON: {exc}") from None
     except RecursionError:
-        raise PlanError(f"plan {path!r} nests values deeper than any plan opsctl writes") from None
+        deep = "nests values deeper than any plan opsctl writes"
+        raise PlanError(f"plan {quoted(path)} {deep}") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise PlanError(f"{path!r} is not an opsctl plan file")
+        raise PlanError(f"{quoted(path)} is not an opsctl plan file")
     if document.get("version") != VERSION:
         raise PlanError(
-            f"plan {path!r} has version {document.get('version')!r}; this opsctl reads {VERSION}"
+            f"plan {quoted(path)} has version {document.get('version')!r}; "
+            f"this opsctl reads {VERSION}"
         )
     return document
 

@@ -9,6 +9,8 @@ shows them as ``\\xNN``.
 
 from __future__ import annotations
 
+import re
+
 
 def printable(value: str) -> str:
     """``value`` with control characters shown as escapes: a name read from Redis
@@ -25,6 +27,18 @@ def bytes_shown(value: str) -> str:
     if value.isascii():
         return value
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def quoted(value: str) -> str:
+    """``value`` quoted as Python's ``repr`` quotes it (a file name in an error, say),
+    with each byte that was not UTF-8 shown as ``\\xNN`` rather than as the lone
+    surrogate that holds it."""
+    return _SURROGATE_IN_REPR.sub(r"\1\\x\2", repr(value))
+
+
+#: A lone surrogate as ``repr`` writes it, ``\udcNN``, after an even run of
+#: backslashes (an odd run would make it text the value holds).
+_SURROGATE_IN_REPR = re.compile(r"(?<!\\)((?:\\\\)*)\\udc([89a-f][0-9a-f])")
 
 
 def _escaped(char: str) -> str:
