@@ -1482,6 +1482,82 @@ def test_requeue_of_a_run_under_a_custom_key_prefix_finds_its_jobs_without_being
     assert not [k for k in redis_conn.scan_iter("rq:*")], "nothing was written under rq:"
 
 
+#: Run under RQ_KEY_PREFIX, as a deploy's own code would be: a job started on a dead
+#: worker and a dependent that allows it to fail. Prints their ids.
+WITH_A_DEPENDENT = """
+import json, sys
+import redis
+from rq import Queue
+from rq.job import Dependency
+from rq.executions import Execution
+conn = redis.Redis.from_url(sys.argv[1])
+queue = Queue(sys.argv[2], connection=conn)
+parent = queue.enqueue("jobs.quick")
+with conn.pipeline() as pipe:
+    Execution.create(parent, 600, pipe, worker_name=sys.argv[3])
+    parent.prepare_for_execution(sys.argv[3], pipe)
+    pipe.lrem(queue.key, 0, parent.id)
+    pipe.execute()
+child = queue.enqueue("jobs.quick", depends_on=Dependency([parent], allow_failure=True))
+print(json.dumps([parent.id, child.id]))
+"""
+
+#: Run under RQ_KEY_PREFIX: each job's status, as RQ reads it.
+STATUSES = """
+import json, sys
+import redis
+from rq.job import Job
+conn = redis.Redis.from_url(sys.argv[1])
+print(json.dumps([Job.fetch(i, connection=conn).get_status() for i in sys.argv[2:]]))
+"""
+
+
+def under_prefix(prefix: str, code: str, *argv: str) -> Any:
+    env = {**opsctl_env(), "RQ_KEY_PREFIX": prefix}
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, env=env, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize(
+    ("key_prefix", "rq_key_prefix", "released"),
+    [("tenant", "tenant", True), ("rq", "tenant", False), ("tenant", "rq", False)],
+)
+def test_dependents_are_released_when_rqs_key_prefix_is_the_policys(
+    redis_conn: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    key_prefix: str,
+    rq_key_prefix: str,
+    released: bool,
+) -> None:
+    # RQ's code, which releases an RQ 3 job's dependents, reads its keys under
+    # RQ_KEY_PREFIX: opsctl uses it only where that is the policy's key_prefix.
+    parent, child = under_prefix(key_prefix, WITH_A_DEPENDENT, redis_url, QUEUE, DEAD)
+    path = tmp_path / "policy.yaml"
+    path.write_text(f"version: 1\nredis:\n  key_prefix: '{key_prefix}'\nqueues:\n  - name: '*'\n")
+    env = {**opsctl_env(), "RQ_KEY_PREFIX": rq_key_prefix}
+    argv = [sys.executable, "-m", "opsctl", "apply", str(path), "--redis-url", redis_url]
+
+    done = subprocess.run(
+        [*argv, "--format", "json"], capture_output=True, env=env, timeout=120, check=False
+    )
+
+    assert done.returncode == 0, done.stderr
+    item = job_in(json.loads(done.stdout), parent)
+    assert item["outcome"] == "done"
+    statuses = under_prefix(key_prefix, STATUSES, redis_url, parent, child)
+    assert statuses == ["failed", "queued" if released else "deferred"]
+    if not released:
+        why = f"RQ_KEY_PREFIX is '{rq_key_prefix}' here, the policy's key_prefix '{key_prefix}'"
+        assert f"dependents left deferred: {why}" in item["reason"]
+        assert why in done.stderr.decode()
+    else:
+        assert "deferred" not in item["reason"]
+
+
 # --- 6. RQ's intermediate list ---------------------------------------------------------------
 
 

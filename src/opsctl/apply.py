@@ -822,13 +822,17 @@ def _enqueue_dependents(conn: redis.Redis, keys: Keys, outcome: JobOutcome) -> N
             log.warning("job=%s dependents_not_enqueued error=%s", outcome.entry.job_id, exc)
             outcome.reason += f"; dependents not enqueued: {exc}"
         return
-    if keys.prefix != "rq":
-        outcome.reason += "; dependents left deferred (custom key prefix)"
-        return
-    from rq.job import Job
-    from rq.queue import Queue
-
     try:
+        from rq.job import Job
+        from rq.queue import Queue
+
+        # RQ takes its key prefix from RQ_KEY_PREFIX once, when first imported.
+        rq_prefix = Job.redis_job_namespace_prefix.removesuffix(":job:")
+        if rq_prefix != keys.prefix:
+            why = f"RQ_KEY_PREFIX is {rq_prefix!r} here, the policy's key_prefix {keys.prefix!r}"
+            log.warning("job=%s dependents_left_deferred: %s", outcome.entry.job_id, why)
+            outcome.reason += f"; dependents left deferred: {why}"
+            return
         job = Job.fetch(outcome.entry.job_id, connection=conn)
         Queue(job.origin, connection=conn).enqueue_dependents(job)
     except Exception as exc:  # RQ raises many kinds; the failure itself is done
