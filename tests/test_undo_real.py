@@ -250,6 +250,19 @@ def test_job_taken_out_of_its_registry_since_is_left_as_it_is(
     assert queued_ids(redis_conn, FAIL_QUEUE) == []
 
 
+def test_a_job_whose_hash_names_no_origin_is_skipped_as_such_not_as_deleted(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    job, run_id = failed_by_a_run(redis_url, redis_conn, tmp_path)
+    redis_conn.hdel(job.key, "origin")
+
+    undo = opsctl_json("requeue", "--run", run_id, "--redis-url", redis_url)
+
+    assert outcomes(undo)[job.id] == ("skipped", "its hash names no origin queue to requeue it to")
+    assert job_status(redis_conn, job.id) == "failed"
+    assert queued_ids(redis_conn, FAIL_QUEUE) == []
+
+
 def test_a_job_id_that_is_not_utf8_is_followed_by_history_and_requeue(
     redis_url: str, redis_conn: redis.Redis, tmp_path: Path
 ) -> None:

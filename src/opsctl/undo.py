@@ -248,6 +248,10 @@ def _requeue(
             if origin is None:
                 job.outcome, job.reason = SKIPPED, "the job no longer exists (deleted)"
                 continue
+            if not origin:
+                job.outcome = SKIPPED
+                job.reason = "its hash names no origin queue to requeue it to"
+                continue
             if not _can_check(job):
                 continue
             keys_, args = _call(keys, undo, context, job, origin, now_iso)
@@ -258,15 +262,20 @@ def _requeue(
 
 
 def _origins(conn: redis.Redis, keys: Keys, jobs: list[Undo]) -> list[str | Exception | None]:
-    """Each job's queue; None when its hash is gone, the error when it is not a hash."""
+    """Each job's queue; "" when its hash names none, None when its hash is gone,
+    the error when it is not a hash."""
     pipe = conn.pipeline(transaction=False)
     for job in jobs:
         pipe.hget(keys.job(job.job_id), "origin")
+        pipe.exists(keys.job(job.job_id))
+    replies = replies_of(pipe)
     found: list[str | Exception | None] = []
-    for job, reply in zip(jobs, replies_of(pipe), strict=True):
+    for job, reply, exists in zip(jobs, replies[::2], replies[1::2], strict=True):
         if isinstance(reply, redis.ResponseError) and "WRONGTYPE" in str(reply):
             key = keys.job(job.job_id)
             reply = redis.ResponseError(f"{key} holds a {text(conn.type(key))}, not a hash")
+        elif reply is None and exists:
+            reply = b""
         found.append(text(reply) if isinstance(reply, bytes) else reply)
     return found
 
