@@ -1418,6 +1418,29 @@ def test_a_waiting_id_that_names_no_job_leaves_the_line_and_the_change_is_made(
     assert redis_conn.get("rq:job:waiter") == b"written by something else"
 
 
+@pytest.mark.parametrize(("action", "key"), [("fail", "failed"), ("requeue", "queue")])
+def test_a_dry_run_names_a_registry_of_another_type_that_its_actions_would_fail_on(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, action: str, key: str
+) -> None:
+    job = started_job(redis_conn)
+    target = f"rq:{key}:{QUEUE}"
+    redis_conn.delete(target)
+    redis_conn.set(target, "written by something else")
+    why = f"{target} holds a string, not a {'zset' if key == 'failed' else 'list'}"
+
+    preview = run(policy(tmp_path, action), redis_url, "--dry-run")
+    result = invoke_opsctl("apply", str(policy(tmp_path, action)), "--redis-url", redis_url)
+
+    assert preview["problems"] == [f"{why}: 1 planned action(s) on its jobs would fail"]
+    item = job_in(preview, job.id)
+    assert item["outcome"] == "planned"
+    assert item["reason"].endswith(f"; it would end in an error: {why}")
+    assert result.exit_code == ExitCode.ACTION_FAILED, result.output
+    assert why in result.stdout
+    assert job_status(redis_conn, job.id) == "started"
+    assert redis_conn.get(target) == b"written by something else"
+
+
 # --- 11. a custom key prefix ------------------------------------------------------------------
 
 

@@ -43,6 +43,7 @@ from opsctl.state import (
     read_workers,
     replies_of,
     server_notes,
+    text,
     twin_client,
 )
 
@@ -299,6 +300,7 @@ def _plan(
     _keep_reserved_related_keys(keys, run)
     _apply_rescue_limits(conn, run)
     _note_stops_not_sent(conn, keys, run)
+    _note_unwritable_targets(conn, keys, run)
     run.limits_tripped = _tripped_limits(run, policy, overrides)
     checkpoint()
     return run
@@ -578,6 +580,56 @@ def _note_stops_not_sent(conn: redis.Redis, keys: Keys, run: Run) -> None:
     for job, why in zip(previewed, stops_that_may_stray(conn, keys, previewed), strict=True):
         if why is not None:
             job.reason += f"; the stop would not be sent: {why}"
+
+
+#: Where each action files a job, by its origin queue, and the type that key must be.
+_FILED_IN: dict[str, tuple[Callable[[Keys, str], str], str]] = {
+    "fail": (Keys.failed, "zset"),
+    "cancel": (Keys.canceled, "zset"),
+    "requeue": (Keys.queue, "list"),
+}
+
+
+def _note_unwritable_targets(conn: redis.Redis, keys: Keys, run: Run) -> None:
+    """Name under problems each registry or queue list a planned action would file
+    a job in but that holds another type: the action would end in an error there.
+    A job held back by a dry run says so in its reason too."""
+    targets: dict[tuple[str, str], list[JobOutcome]] = {}  # (key, its type) → jobs
+    for job in run.jobs:
+        action = job.verdict.follow_up if job.action == ACTION_STOP else job.action
+        if job.outcome != PLANNED or action not in _FILED_IN:
+            continue
+        origin = job.entry.job.get("origin") if job.entry.job is not None else None
+        where, expected = _FILED_IN[action]
+        targets.setdefault((where(keys, origin or job.entry.queue), expected), []).append(job)
+    if not targets:
+        return
+    # ZCARD and LLEN, which a dry run's user may send (TYPE it may not), refuse a
+    # key of another type; TYPE then names it where it is allowed.
+    pipe = conn.pipeline(transaction=False)
+    for key, expected in targets:
+        if expected == "zset":
+            pipe.zcard(key)
+        else:
+            pipe.llen(key)
+    wrong = [
+        target
+        for target, reply in zip(targets, replies_of(pipe), strict=True)
+        if isinstance(reply, redis.ResponseError) and "WRONGTYPE" in str(reply)
+    ]
+    if not wrong:
+        return
+    pipe = conn.pipeline(transaction=False)
+    for key, _ in wrong:
+        pipe.type(key)
+    for (key, expected), kind in zip(wrong, pipe.execute(raise_on_error=False), strict=True):
+        held = f"a {text(kind)}" if isinstance(kind, bytes | str) else "another type"
+        jobs = targets[key, expected]
+        why = f"{printable(key)} holds {held}, not a {expected}"
+        run.problems.append(f"{why}: {len(jobs)} planned action(s) on its jobs would fail")
+        for job in jobs:
+            if run.dry_run or job.rule.dry_run:
+                job.reason += f"; it would end in an error: {why}"
 
 
 def stops_that_may_stray(
