@@ -412,8 +412,9 @@ def assert_each_job_in_one_place(conn: redis.Redis, job_ids: list[str]) -> None:
 class DroppingProxy:
     """A TCP proxy to the private server that cuts a client's connection whenever
     `drop(chunk)` says so for a chunk the client sends (the chunk is not forwarded).
-    `drop` may also say "after" (forward the chunk, lose its answers, then cut) or
-    "garbage" (answer something that is not Redis's protocol, then cut)."""
+    `drop` may also say "after" (forward the chunk, lose its answers, then cut),
+    "garbage" (answer something that is not Redis's protocol, then cut) or "hang"
+    (keep the connection and never answer, as a paused server does)."""
 
     def __init__(self, port: int, drop: Callable[[bytes], bool | str]) -> None:
         self.target = ("127.0.0.1", port)
@@ -442,6 +443,8 @@ class DroppingProxy:
                 if not upstream and sink in self.muted:
                     continue  # the answers to a cut request are lost
                 verdict = self.drop(chunk) if upstream else False
+                if verdict == "hang":
+                    continue  # taken, never forwarded, never answered
                 if verdict == "after":
                     self._forward_then_cut(chunk, source, sink)
                 if verdict == "garbage":  # answer as a web server would, then cut
@@ -668,6 +671,62 @@ def test_a_server_that_stops_answering_as_redis_mid_run_still_gets_a_report_and_
     assert statuses(redis_conn, job_ids) == Counter({"failed": 200, "started": 200})
     assert Counter(outcomes(report).values()) == Counter({"done": 200, "error": 200})
     assert report["redis_lost"] is True
+
+
+def test_a_server_that_stops_answering_mid_run_holds_apply_up_for_one_timeout_not_many(
+    redis_conn: redis.Redis, redis_server: Any
+) -> None:
+    # --timeout (2s here) bounds each wait; a server that answers nothing more
+    # is not waited for again: not pinged, and its locks are left to expire.
+    job_ids = abandon(redis_conn, 400)
+
+    began = time.monotonic()
+    result = apply_with_redis_gone_after_one_batch(redis_server.port, then="hang")
+    took = time.monotonic() - began
+
+    report = report_of(result, EXIT_REDIS_UNAVAILABLE)
+    assert report["redis_lost"] is True
+    assert statuses(redis_conn, job_ids) == Counter({"failed": 200, "started": 200})
+    assert Counter(outcomes(report).values()) == Counter({"done": 200, "error": 200})
+    assert "lock=opsctl:lock left to expire" in result.stderr
+    assert "lock=rq:clean_registries:safety left to expire" in result.stderr
+    assert took < 20, f"held up for {took:.0f}s"  # each wait of the 2s --timeout once, or so
+
+
+def test_a_second_signal_stops_apply_at_once_even_while_redis_does_not_answer(
+    redis_conn: redis.Redis, redis_server: Any
+) -> None:
+    abandon(redis_conn, 400)
+    calls, gone = ChangeCalls(), threading.Event()
+
+    def hang(chunk: bytes) -> bool | str:
+        if calls.after_first_batch(chunk):
+            gone.set()
+        return "hang" if gone.is_set() else False
+
+    proxy = DroppingProxy(redis_server.port, hang)
+    argv = apply_args(POLICIES / "safety_fail.yaml", proxy.url, "--timeout", "60")
+    apply = subprocess.Popen(
+        opsctl_command(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=opsctl_env(),
+    )  # fmt: skip
+    try:
+        assert gone.wait(60), "apply never got past its first batch"
+        time.sleep(0.5)  # it now waits for an answer that never comes
+        apply.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        asked = time.monotonic()
+        apply.send_signal(signal.SIGTERM)
+        _, stderr = apply.communicate(timeout=50)
+        took = time.monotonic() - asked
+    finally:
+        if apply.poll() is None:
+            apply.kill()
+        proxy.close()
+
+    assert apply.returncode == 143, stderr
+    assert "signal=15 stopping at once" in stderr
+    assert took < 10, f"took {took:.0f}s after the second signal"  # not the 60s --timeout
 
 
 def test_jobs_of_queues_not_reached_after_a_lost_connection_are_reported_as_not_acted_on(

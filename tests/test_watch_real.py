@@ -344,3 +344,25 @@ def test_a_round_stopped_while_it_reads_redis_is_no_failure_and_leaves_no_lock(
     assert "round stopped: asked to stop while reading Redis" in logs(tmp_path)
     assert redis_conn.exists("opsctl:lock", "opsctl:audit") == 0
     assert all(job_status(redis_conn, job_id) == "started" for job_id in ids)
+
+
+def test_a_second_signal_stops_watch_at_once_while_redis_does_not_answer(
+    tmp_path: Path, redis_url: str, redis_conn: redis.Redis, watch: Any
+) -> None:
+    seed_abandoned(redis_conn, 3)
+    job_hashes(redis_conn, 100_000, QUEUE)  # the walk for lost jobs takes many pages
+    policy = tmp_path / "policy.yaml"
+    write_policy(policy, "fail")
+    process = watch(str(policy), "--every", "1h", "--redis-url", redis_url, "--timeout", "60")
+    assert wait_until(lambda: redis_conn.exists("opsctl:lock") == 1, timeout=ROUND_TIMEOUT_S)
+    redis_conn.execute_command("CLIENT", "PAUSE", "15000", "ALL")  # answers nobody for 15s
+
+    process.send_signal(signal.SIGTERM)  # waits for the round, which waits for Redis
+    time.sleep(1)
+    asked = time.monotonic()
+    code = stop(process)
+    took = time.monotonic() - asked
+
+    assert code == 143, logs(tmp_path)
+    assert "stopping at once" in logs(tmp_path)
+    assert took < 10, f"took {took:.0f}s after the second signal"  # not the 15s pause

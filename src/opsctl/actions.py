@@ -39,7 +39,7 @@ import redis
 from opsctl.audit import AUDIT_MAXLEN, AUDIT_STREAM
 from opsctl.keys import DEAD_WORKER_TTL_S, DEFAULT_FAILURE_TTL_S, RESCUE_TTL_S, Keys, rescue_key
 from opsctl.model import WorkerRecord, format_timestamp
-from opsctl.state import CONNECTION_LOST
+from opsctl.state import CONNECTION_LOST, unanswered
 
 log = logging.getLogger(__name__)
 
@@ -638,6 +638,7 @@ class Actor:
                     between_batches()
                 except CONNECTION_LOST as exc:
                     log.warning("connection_lost during=actions error=%s", exc)
+                    unanswered(exc)  # noted, as below
                     return results + [None] * (len(changes) - len(results))
             chunk = changes[start : start + batch]
             pipe = self.conn.pipeline(transaction=False)
@@ -648,6 +649,7 @@ class Actor:
                 replies = pipe.execute(raise_on_error=False)
             except CONNECTION_LOST as exc:
                 log.warning("connection_lost during=actions error=%s", exc)
+                unanswered(exc)  # noted: a server that gave no answer is not waited for
                 results.extend([None] * (len(changes) - len(results)))
                 return results
             results.extend(_result(reply) for reply in replies)

@@ -40,7 +40,7 @@ from opsctl.engine import (
 from opsctl.errors import StoppedEarly
 from opsctl.keys import DEFAULT_FAILURE_TTL_S, Keys
 from opsctl.keyspace import lost_notes, note_lost
-from opsctl.lock import Lock, maintenance_lock
+from opsctl.lock import Lock, maintenance_lock, released
 from opsctl.model import format_timestamp, parse_int
 from opsctl.progress import APPLYING, OnProgress
 from opsctl.run import (
@@ -55,11 +55,13 @@ from opsctl.run import (
 )
 from opsctl.state import (
     CONNECTION_LOST,
+    gave_no_answer,
     read_workers,
     refuse_foreign_key,
     registered_workers,
     server_time,
     text,
+    unanswered,
 )
 
 log = logging.getLogger(__name__)
@@ -146,7 +148,8 @@ class Executor:
             for worker in self.run.workers:
                 if worker.outcome == PLANNED and not worker.dry_run and not self.run.redis_lost:
                     self._deregister(worker)
-            self._audit_the_rest()
+            if not gave_no_answer():  # the report tells it all the same
+                self._audit_the_rest()
         except Interrupted:
             log.warning("stopping: the remaining actions are left for the next run")
             self.run.stopped = True
@@ -162,6 +165,7 @@ class Executor:
             self._audit_the_rest()
         except CONNECTION_LOST as exc:
             log.error("connection_lost error=%s", exc)
+            unanswered(exc)  # noted: what is left to tidy is not waited for
             self.run.redis_lost = True
             self._give_up("not acted on: lost the connection to Redis")
         except redis.ResponseError as exc:
@@ -211,13 +215,13 @@ class Executor:
             return
         self._held.append(lock)
         try:
-            if follow_up:
-                self._follow_up(outcomes)
-            else:
-                self._change_jobs(outcomes)
+            with released(lock):
+                if follow_up:
+                    self._follow_up(outcomes)
+                else:
+                    self._change_jobs(outcomes)
         finally:
             self._held.remove(lock)
-            lock.release()
 
     def _lock_wait_s(self) -> float:
         """What is left of --lock-timeout for RQ's maintenance locks: one budget for
@@ -313,6 +317,7 @@ class Executor:
                     results[i] = result
             except CONNECTION_LOST as exc:
                 log.warning("connection_lost during=reconcile error=%s", exc)
+                unanswered(exc)
             if all(r is not None for r in results) or not self._reconnect():
                 break
         else:
@@ -358,11 +363,18 @@ class Executor:
         return text(status) == "failed" and isinstance(dependents, int) and dependents > 0
 
     def _reconnect(self) -> bool:
+        """Whether Redis answers again after the connection dropped. A server that
+        gave no answer within --timeout is not waited for again: each ping would
+        wait as long."""
+        if gave_no_answer():
+            return False
         for wait_s in RECONNECT_BACKOFF_S:
             time.sleep(wait_s)
             try:
                 self.conn.ping()
-            except CONNECTION_LOST:
+            except CONNECTION_LOST as exc:
+                if unanswered(exc):
+                    return False
                 continue
             log.warning("reconnected to Redis; reconciling the interrupted batch")
             return True

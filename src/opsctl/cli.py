@@ -727,9 +727,8 @@ def _stop_on_signals() -> Iterator[list[int]]:
 
     def stop(signum: int, _frame: object) -> None:
         if received:
-            # Asked twice: stop at once (locks are still given back on the way out).
             log.warning("signal=%s stopping at once", signum)
-            raise SystemExit(128 + signum)
+            watch.exit_at_once(128 + signum)
         received.append(signum)
         log.warning("signal=%s stopping after the change in progress (again: at once)", signum)
 

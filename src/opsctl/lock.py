@@ -26,7 +26,13 @@ from contextlib import contextmanager
 import redis
 
 from opsctl.errors import ExitCode, OpsctlError, StoppedEarly
-from opsctl.state import CONNECTION_LOST, refuse_foreign_key
+from opsctl.state import (
+    CONNECTION_LOST,
+    gave_no_answer,
+    refuse_foreign_key,
+    run_begins,
+    unanswered,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +116,15 @@ class Lock:
         would turn the next run away until its expiry, which after a brief
         network fault is the run most likely to follow.
         """
+        if gave_no_answer():
+            log.warning("lock=%s left to expire (in %ss at most)", self.key, self.ttl_s)
+            return
         for wait_s in (*RELEASE_BACKOFF_S, None):
             try:
                 self._release(keys=[self.key], args=[self.token])
                 return
             except CONNECTION_LOST as exc:
-                if wait_s is None:
+                if wait_s is None or unanswered(exc):
                     # The expiry frees it; nothing else to do.
                     log.warning("lock=%s release_failed error=%s", self.key, exc)
                     return
@@ -138,6 +147,7 @@ def run_lock(
 ) -> Iterator[Lock]:
     """Hold the run lock for the body, waiting up to ``timeout_s`` for it (and no
     longer once ``should_stop`` says so: a signal to stop never waits out the lock)."""
+    run_begins()
     lock = Lock(conn, RUN_LOCK_KEY, owner_token(run_id), RUN_LOCK_TTL_S)
     stopping = should_stop or (lambda: False)
     if stopping():
@@ -168,9 +178,23 @@ def run_lock(
             )
     keeper = _Keeper(lock)
     try:
-        yield lock
+        with released(lock):
+            yield lock
     finally:
         keeper.stop()
+
+
+@contextmanager
+def released(lock: Lock) -> Iterator[None]:
+    """Give ``lock`` back after the body, unless the body ended because the server
+    gave no answer within --timeout: giving it back would wait as long again, so
+    it is then left to its expiry."""
+    try:
+        yield
+    except CONNECTION_LOST as exc:
+        unanswered(exc)
+        raise
+    finally:
         lock.release()
 
 

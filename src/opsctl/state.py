@@ -77,9 +77,36 @@ def with_retries(read: Callable[[], T]) -> T:
         try:
             return read()
         except CONNECTION_LOST as exc:
+            if unanswered(exc):
+                raise
             log.warning("read_failed retry_in=%ss error=%s", wait_s, exc)
             time.sleep(wait_s)
     return read()
+
+
+def unanswered(exc: BaseException) -> bool:
+    """Whether ``exc`` says the server gave no answer within --timeout (it is hung,
+    paused or unreachable), rather than dropping the connection: trying again
+    would wait as long again, and --timeout bounds each wait, not their sum.
+    Such an answer is noted for the rest of the run (see :func:`gave_no_answer`)."""
+    if isinstance(exc, redis.TimeoutError):
+        _NO_ANSWER.set()
+        return True
+    return False
+
+
+def gave_no_answer() -> bool:
+    """Whether the server gave no answer within --timeout since the run began:
+    what is left to tidy (a lock to give back, say) is then not waited for."""
+    return _NO_ANSWER.is_set()
+
+
+def run_begins() -> None:
+    """Forget an earlier run's unanswered command (``opsctl watch`` runs many)."""
+    _NO_ANSWER.clear()
+
+
+_NO_ANSWER = threading.Event()
 
 
 #: A server up for less than this may have restored its registries from a

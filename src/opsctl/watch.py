@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
+from typing import NoReturn
 
 from opsctl import metrics
 from opsctl.errors import ExitCode, OpsctlError, PolicyError
@@ -32,6 +35,15 @@ log = logging.getLogger(__name__)
 
 #: Signals that stop the loop (and an apply) cleanly.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def exit_at_once(code: int) -> NoReturn:
+    """End the process now, as a second stop signal asks: a read blocked on a server
+    that does not answer is not waited for, and the locks held are left to their
+    expiry (giving them back could wait as long)."""
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextmanager
@@ -86,8 +98,10 @@ class Watch:
         return self._stop.is_set()
 
     def request_stop(self, signum: int, _frame: FrameType | None = None) -> None:
-        if not self._stop.is_set():
-            log.warning("signal=%s stopping after the change in progress", signum)
+        if self._stop.is_set():
+            log.warning("signal=%s stopping at once", signum)
+            exit_at_once(128 + signum)
+        log.warning("signal=%s stopping after the change in progress (again: at once)", signum)
         self._stop.set()
 
     def run(self) -> ExitCode:
