@@ -1820,3 +1820,46 @@ def staging_beside(
     finally:
         workers.close()
         other.close()
+
+
+# --- closed and departed output streams ----------------------------------------------------
+
+
+@pytest.mark.parametrize("closed", [1, 2])
+def test_a_closed_stdout_or_stderr_changes_nothing_of_what_apply_does_or_its_exit_code(
+    redis_conn: redis.Redis, redis_url: str, closed: int
+) -> None:
+    # A deploy script may close a stream (>&- or 2>&-): the run still goes as
+    # asked, and the exit code says how it went.
+    job_ids = abandon(redis_conn, 3)
+    done = subprocess.run(
+        opsctl_command("apply", str(POLICIES / "safety_fail.yaml"), "--redis-url", redis_url),
+        stdout=subprocess.PIPE if closed == 2 else None,
+        stderr=subprocess.PIPE if closed == 1 else None,
+        text=True, env=opsctl_env(), timeout=120, check=False,
+        preexec_fn=lambda: os.close(closed),
+    )  # fmt: skip
+
+    assert done.returncode == EXIT_OK, done.stdout or done.stderr
+    assert statuses(redis_conn, job_ids) == Counter({"failed": 3})
+    if closed == 1:
+        assert done.stderr == "opsctl: stdout is closed: the output goes nowhere\n"
+    else:
+        assert "3 acted" in done.stdout
+
+
+def test_a_reader_of_both_streams_that_goes_away_leaves_the_exit_code_as_it_was(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job_ids = abandon(redis_conn, 3000)  # a report far larger than a pipe holds
+    argv = apply_args(POLICIES / "safety_fail.yaml", redis_url, "-v")
+    apply = subprocess.Popen(
+        opsctl_command(*argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=opsctl_env(),
+    )  # fmt: skip
+    assert apply.stdout is not None
+    first = apply.stdout.readline()  # `2>&1 | head -1`
+    apply.stdout.close()
+
+    assert apply.wait(timeout=120) == EXIT_OK, first
+    assert statuses(redis_conn, job_ids) == Counter({"failed": 3000})

@@ -166,7 +166,7 @@ def _say(message: str, level: int = logging.INFO) -> None:
         logger = logging.getLogger(logs.ROOT)
         logger.handle(logger.makeRecord(logs.ROOT, level, "cli", 0, message, (), None))
     else:
-        print(f"opsctl: {message}", file=sys.stderr)
+        terminal.say_on_stderr(f"opsctl: {message}")
 
 
 def _fail(error: OpsctlError, best_effort: bool = False, url: str | None = None) -> NoReturn:
@@ -950,12 +950,7 @@ def _reader_may_leave() -> Iterator[None]:
         sys.stdout.flush()
     except BrokenPipeError:
         # What is still buffered, and later writes, go nowhere instead of failing again.
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        except (OSError, ValueError):
-            pass
+        terminal.discard(sys.stdout)
         _say("the output's reader went away; the output was cut short", logging.WARNING)
 
 
@@ -1275,7 +1270,7 @@ def validate(
     failed = {p.file for p in problems if p.severity == "error"}
     for name in files:
         if name not in failed:
-            print(f"{printable(name)}: ok", file=sys.stderr)
+            terminal.say_on_stderr(f"{printable(name)}: ok")
     if failed:
         raise typer.Exit(ExitCode.INVALID)
 
@@ -1411,5 +1406,6 @@ def schema() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    terminal.streams_ready()
     # A fixed name, so that completion works the same from `opsctl` and `python -m opsctl`.
     app(prog_name="opsctl")

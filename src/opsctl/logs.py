@@ -17,6 +17,7 @@ from typing import Any
 
 from opsctl.connection import redact
 from opsctl.shown import bytes_shown, printable
+from opsctl.terminal import discard
 
 #: The logger every opsctl module's logger sits under; the CLI configures only this one.
 ROOT = "opsctl"
@@ -79,6 +80,17 @@ def json_lines() -> bool:
     return any(isinstance(h.formatter, JsonFormatter) for h in handlers)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines on stderr; a reader of stderr that went away (``2>&1 | head``) is no
+    failure of the command, and the lines after go nowhere."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            discard(self.stream)
+            return
+        super().handleError(record)
+
+
 def setup(
     verbose: int = 0,
     quiet: bool = False,
@@ -98,7 +110,7 @@ def setup(
     elif verbose > 1:
         level = logging.DEBUG
 
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(sys.stderr)
     formatter = JsonFormatter(url) if log_format is LogFormat.json else None
     handler.setFormatter(formatter or _Redacting(url, TEXT_FORMAT))
     logger = logging.getLogger(ROOT)

@@ -32,6 +32,37 @@ class _Console(Console):
         raise BrokenPipeError
 
 
+def streams_ready() -> None:
+    """Give a standard stream the caller closed (``>&-``) somewhere to write, nowhere,
+    so that the command does what it was asked rather than fail on its first word."""
+    closed = sys.stdout is None
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
+    if closed:
+        say_on_stderr("opsctl: stdout is closed: the output goes nowhere")
+
+
+def say_on_stderr(line: str) -> None:
+    """Write ``line`` to stderr; a reader of stderr that went away (``2>&1 | head``)
+    is no failure of the command: it and later lines go nowhere."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        discard(sys.stderr)
+
+
+def discard(stream: TextIO) -> None:
+    """Send what ``stream`` still holds, and all it is given later, nowhere: its
+    reader went away, and a failed write at exit would change the exit code."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def console(stderr: bool = False, live: bool = False) -> Console:
     """A Console on stdout (or stderr) that colours only when colour_wanted() says so.
 
