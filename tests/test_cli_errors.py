@@ -254,7 +254,7 @@ def test_validate_only_notes_an_unset_variable_and_exits_0() -> None:
         ("redis://:s3cret@127.0.0.1:6380/0?protocol=9", "protocol (not shown) is not 2 or 3"),
         (
             "redis://:s3cret@127.0.0.1:6380/0?socket_timeout=abc",
-            "is not valid: Invalid value for (not shown) in connection URL.",
+            "Invalid value for (not shown) in connection URL.",
         ),
         (
             "redis://:s3cret@127.0.0.1:6380/0?socket_timeout=-1",
@@ -266,7 +266,7 @@ def test_validate_only_notes_an_unset_variable_and_exits_0() -> None:
         ),
         (
             "redis://:s3cret@127.0.0.1:6380/0?foo=bar",
-            "is not valid: its option (not shown) is not one a redis:// connection takes",
+            "its option (not shown) is not one a redis:// connection takes",
         ),
         (
             "redis://:s3cret@127.0.0.1:6380/0?db=3",
@@ -452,6 +452,54 @@ def test_a_url_option_the_connection_does_not_take_is_named(
     assert result.exit_code == 2, result.output
     [line] = result.stderr.splitlines()
     assert line.endswith(f"is not valid: {reason}")
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        # redis-py would take any word but a "no" for true.
+        ("socket_keepalive=maybe", "socket_keepalive is not true or false"),
+        ("ssl_check_hostname=sure", "ssl_check_hostname is not true or false"),
+        # These would change how opsctl reads the bytes Redis holds.
+        ("encoding=utf-16", "opsctl sets encoding itself (it writes and reads text as UTF-8)"),
+        ("decode_responses=yes", "opsctl sets decode_responses itself (it reads replies as bytes)"),
+    ],
+)
+def test_a_url_option_opsctl_would_misread_or_could_not_keep_is_refused_in_both_places(
+    closed_url: str, tmp_path: Path, query: str, reason: str
+) -> None:
+    url = f"{closed_url.replace('redis://', 'rediss://')}?{query}"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"version: 1\nredis:\n  url: '{url}'\nqueues:\n  - name: a\n")
+
+    checked = opsctl("validate", str(policy))
+    applied = opsctl("apply", str(policy), "--best-effort")
+
+    assert checked.exit_code == 2, checked.output
+    [line] = checked.stdout.splitlines()
+    assert line.startswith(f"{policy}:3:8: redis.url: the URL: {reason}")
+    assert applied.exit_code == 2, applied.output
+    assert reason in applied.stderr
+
+
+def test_a_tls_setting_redis_py_cannot_read_is_a_bad_url_not_a_redis_error(
+    closed_url: str, tmp_path: Path
+) -> None:
+    url = f"{closed_url.replace('redis://', 'rediss://')}?ssl_cert_reqs=bogus"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"version: 1\nredis:\n  url: '{url}'\nqueues:\n  - name: a\n")
+    other = tmp_path / "other.yaml"
+    other.write_text("version: 1\nqueues:\n  - name: a\n")
+
+    checked = opsctl("validate", str(policy), str(other))
+    applied = opsctl("apply", str(policy), "--best-effort")
+
+    assert checked.exit_code == 2, checked.output
+    reason = "Invalid SSL Certificate Requirements Flag: bogus"
+    assert checked.stdout == f"{policy}:3:8: redis.url: the URL: {reason}\n"
+    assert checked.stderr == f"{other}: ok\n"
+    assert applied.exit_code == 2, applied.output
+    assert reason in applied.stderr
 
 
 def test_max_age_in_words_exits_2_with_the_accepted_forms(closed_url: str) -> None:

@@ -271,10 +271,20 @@ def _check_options(url: str) -> None:
     read (socket_timeout=abc), an option no connection takes (foo=bar), a timeout that
     is not a number of seconds above 0 (-1, nan)."""
     shown = mask_url(url)
+    for name, values in parse_qs(urlsplit(url).query).items():
+        if name in _OPSCTL_SETS:
+            raise UsageError(
+                f"Redis URL {shown!r}: opsctl sets {name} itself ({_OPSCTL_SETS[name]}); "
+                "leave it out of the URL"
+            )
+        parse = redis.connection.URL_QUERY_ARGUMENT_PARSERS.get(name)
+        if parse is redis.connection.to_bool and values[0].upper() not in _YES_OR_NO:
+            # Never quoted: redis-py would take any word but a "no" for true.
+            raise UsageError(f"Redis URL {shown!r}: {name} is not true or false")
     try:
         # Only built, as a pool builds it: it connects to nothing yet.
         connection = redis.ConnectionPool.from_url(url).make_connection()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, redis.RedisError) as exc:
         raise UsageError(f"Redis URL {shown!r} is not valid: {_why_not_valid(exc, url)}") from None
     for name in ("socket_timeout", "socket_connect_timeout"):
         value = getattr(connection, name, None)
@@ -284,13 +294,26 @@ def _check_options(url: str) -> None:
             )
 
 
+#: URL options that would change how opsctl reads Redis's replies, which a URL's
+#: options would override: opsctl reads bytes exactly as stored.
+_OPSCTL_SETS = {
+    "decode_responses": "it reads replies as bytes",
+    "encoding": "it writes and reads text as UTF-8",
+    "encoding_errors": "it keeps bytes that are not UTF-8 as they are",
+    "legacy_responses": "it reads replies in the forms redis-py has long given",
+}
+
+#: The words redis-py reads as false, and those that mean true.
+_YES_OR_NO = frozenset({*redis.connection.FALSE_STRINGS, "1", "T", "TRUE", "Y", "YES", "ON"})
+
+
 def url_problem(url: str) -> str | None:
     """Why :func:`check_url` refuses ``url``, in words that do not quote it; None if it accepts."""
     try:
         check_url(url)
     except UsageError as exc:
         lead = f"Redis URL {mask_url(url)!r}"
-        return str(exc).removeprefix(lead).removeprefix(":").strip()
+        return str(exc).removeprefix(lead).removeprefix(":").strip().removeprefix("is not valid: ")
     return None
 
 
