@@ -74,6 +74,30 @@ def test_flag_beats_opsctl_redis_url_which_beats_redis_url(two_servers: tuple[st
     assert _queues_seen(REDIS_URL=first) == ["first"]
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "said"),
+    [
+        (["--redis-url", ""], {}, "the URL is empty (is a variable unset?)"),
+        ([], {"OPSCTL_REDIS_URL": ""}, "OPSCTL_REDIS_URL is set but empty (is a variable unset?)"),
+    ],
+)
+def test_an_empty_url_is_refused_rather_than_read_as_no_url(
+    two_servers: tuple[str, str], tmp_path: Path, args: list[str], env: dict[str, str], said: str
+) -> None:
+    # Read as "not given", it would send the run to the policy's URL or $REDIS_URL.
+    first, _ = two_servers
+    policy = str(_write(tmp_path, "redis:\n  url: ${POLICY_URL}"))
+    urls = {"POLICY_URL": first, "REDIS_URL": first}
+
+    applied = _opsctl("apply", policy, "--dry-run", *args, **urls, **env)
+    shown = _opsctl("status", *args, **urls, **env)
+
+    for result in (applied, shown):
+        assert result.returncode == 2, result.stdout
+        assert said in result.stderr
+        assert result.stdout == ""
+
+
 @pytest.mark.parametrize("sources", ["env+policy+redis_url", "policy+redis_url", "redis_url"])
 def test_apply_takes_the_url_from_the_first_source_that_gives_one(
     two_servers: tuple[str, str], tmp_path: Path, sources: str

@@ -358,6 +358,20 @@ def _console() -> Console:
     return terminal.console()
 
 
+def _url_given(param: typer.CallbackParam, value: str | None) -> str | None:
+    """Refuse an empty --redis-url, and a set but blank OPSCTL_REDIS_URL: read as "not
+    given", either would send the run to the policy's URL or $REDIS_URL, which may be
+    another server (in a deploy script, most often a variable that is not set)."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("the URL is empty (is a variable unset?); give a URL")
+    envvar = param.envvar if isinstance(param.envvar, str) else None
+    if value is None and envvar and envvar in os.environ:  # set, and blank
+        raise typer.BadParameter(
+            f"{envvar} is set but empty (is a variable unset?); set it to a URL, or unset it"
+        )
+    return value
+
+
 RedisUrl = Annotated[
     str | None,
     _option(
@@ -365,6 +379,7 @@ RedisUrl = Annotated[
         help="Redis URL (redis://, rediss://, unix:// or redis+sentinel://). Default: the "
         "policy's redis.url or redis.sentinel, then $REDIS_URL.",
         show_default=False,
+        callback=_url_given,
     ),
 ]
 StatusRedisUrl = Annotated[
@@ -373,6 +388,7 @@ StatusRedisUrl = Annotated[
         "--redis-url",
         help="Redis URL (redis://, rediss://, unix:// or redis+sentinel://). Default: $REDIS_URL.",
         show_default=False,
+        callback=_url_given,
     ),
 ]
 FormatOpt = Annotated[Format, _option("--format", help="Report format.")]
