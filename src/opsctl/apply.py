@@ -464,7 +464,11 @@ class Executor:
                 continue
             if status == "started":
                 outcome.stop_confirmed = False
-                why = f"{worker} did not stop it within {self.stop_timeout_s:g}s"
+                why = (
+                    f"{worker} did not stop it within {self.stop_timeout_s:g}s (a SimpleWorker "
+                    "cannot, nor can a worker whose process was killed alone: its work horse "
+                    "runs on and reads no stop)"
+                )
                 _set(outcome, ERROR, why, append=True)
                 continue
             if status != "stopped":
