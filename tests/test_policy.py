@@ -347,6 +347,27 @@ def test_a_default_holding_another_reference_is_refused_in_words(tmp_path: Path)
     ]
 
 
+@pytest.mark.parametrize(
+    ("written", "said"),
+    [
+        ("${ACT-fail}", "'${ACT-...}' is a form opsctl does not take"),
+        ("${ACT:?unset}", "'${ACT:?...}' is a form opsctl does not take"),
+        ("${ACT:=fail}", "'${ACT:=...}' is a form opsctl does not take"),
+        ("${ ACT }", "no spaces around the name: write ${ACT}"),
+        ("${1ACT}", "'${' is not followed by a variable name"),
+    ],
+)
+def test_a_reference_in_a_form_opsctl_does_not_take_is_named_as_such(
+    tmp_path: Path, written: str, said: str
+) -> None:
+    path = tmp_path / "forms.yaml"
+    path.write_text(f"version: 1\ndefaults:\n  action: {written}\nqueues:\n  - name: a\n")
+
+    [line] = problem_lines(str(path), environ={"ACT": "fail"})
+
+    assert line.startswith(f"{path}:3:11: defaults.action: {said}")
+
+
 def test_empty_variable_takes_the_default_as_in_a_shell() -> None:
     policy = load("env_forms", {"REDIS_URL": "redis://cache", "RQ_PREFIX": ""})
 

@@ -72,6 +72,9 @@ _DURATION_HINT = "use 90s, 10m, 2h or 1d"
 _DURATION_MAX_TEXT = f"{_DURATION_MAX_MINUTES:,} minutes or nine digits before the unit"
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _REFERENCE_HINT = "write ${NAME} or ${NAME:-default}"
+#: A shell's other forms of a reference (${NAME-x}, ${NAME:?x}, ${NAME:=x}, ${NAME+x}, ...):
+#: the name, and the operator.
+_OTHER_FORM = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(:?[-?=+]|)(?:.*)", re.DOTALL)
 _GLOB_CHARACTERS = "*?["
 #: Ends the note about an unset variable while the value it feeds goes unchecked.
 UNCHECKED_SUFFIX = "; the value was not checked"
@@ -798,7 +801,15 @@ def _interpolate(text: str, environ: Mapping[str, str]) -> _Interpolation:
 
         name, has_default, default = text[start + 2 : end].partition(":-")
         if not _VARIABLE_NAME.fullmatch(name):
-            message = f"'${{' is not followed by a variable name ({_REFERENCE_HINT})"
+            inside = text[start + 2 : end]
+            form = _OTHER_FORM.fullmatch(inside)
+            if _VARIABLE_NAME.fullmatch(inside.strip()):
+                message = f"no spaces around the name: write ${{{inside.strip()}}}"
+            elif form is not None:
+                written = f"'${{{form[1]}{form[2]}...}}'"
+                message = f"{written} is a form opsctl does not take ({_REFERENCE_HINT})"
+            else:
+                message = f"'${{' is not followed by a variable name ({_REFERENCE_HINT})"
             return _Interpolation(text, error=(start, message))
         if "${" in default:
             message = "a default cannot hold another ${...}: write it as plain text"
