@@ -2133,18 +2133,23 @@ def test_an_rq1_id_with_a_colon_beside_a_job_named_by_its_start_is_judged_as_its
 
 
 def test_explain_of_a_job_key_that_holds_no_hash_says_so_and_judges_its_entry(
-    redis_conn: redis.Redis, redis_url: str
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
     redis_conn.set("rq:job:not-a-hash", "written by something else")
     redis_conn.zadd(f"rq:wip:{QUEUE}", {"not-a-hash": time.time() - 10})
 
     code, explained = explain("not-a-hash", redis_url)
+    text = invoke_opsctl("explain", "not-a-hash", "--redis-url", redis_url)
+    planned = run(policy(tmp_path), redis_url, "--dry-run")
 
     assert code == 0, explained
     assert isinstance(explained, dict)
     assert "rq:job:not-a-hash (holds a string)" in explained["places"]
     [verdict] = explained["verdicts"]
     assert (verdict["state"], verdict["action"]) == ("orphaned", "remove-entry")
+    # As a run reads it: a record that holds no job, not a missing one.
+    assert verdict["reason"] == job_in(planned, "not-a-hash")["reason"]
+    assert "hash: none: rq:job:not-a-hash (holds a string)" in text.stdout
     assert redis_conn.get("rq:job:not-a-hash") == b"written by something else"
 
 

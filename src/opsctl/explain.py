@@ -64,6 +64,8 @@ class Explanation:
     workers: list[dict[str, Any]] = field(default_factory=list)
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     rule: str = ""
+    #: The job's key and the type it holds, when that is not a hash.
+    foreign: str = ""
 
 
 def explain(conn: redis.Redis, keys: Keys, job_id: str, policy: Policy | None) -> Explanation:
@@ -84,6 +86,7 @@ def explain(conn: redis.Redis, keys: Keys, job_id: str, policy: Policy | None) -
     )
     if foreign:
         found.places.append(foreign)
+        found.foreign = foreign
 
     origin = fields.get("origin", "")
     queues = [origin] if origin else known_queues(conn, keys)
@@ -107,7 +110,9 @@ def explain(conn: redis.Redis, keys: Keys, job_id: str, policy: Policy | None) -
     # A user who may not read the notes sees the job as a run of theirs would.
     noted = lost_notes(conn, keys, {job_id: job}, []) if raw else {}
     first_lost = noted.get(job_id)
-    entries = _entries(job_id, job if raw else None, members, executions, found.places, first_lost)
+    # A key of another type holds no job, as a run reads it: not a missing hash.
+    held = job if raw or foreign else None
+    entries = _entries(job_id, held, members, executions, found.places, first_lost)
     for entry in entries:
         # An entry in a registry is judged by that queue's rule, as a run judges it.
         judged_by = rule if entry.lost or entry.stranded else _rule(policy, entry.queue)[0]
@@ -401,7 +406,7 @@ def print_text(found: Explanation, console: Console) -> None:
     """The explanation as plain sections, one fact per line."""
     out: list[str] = [f"job {found.job_id}", f"  function: {found.function}"]
     if not found.exists:
-        out.append("  hash: gone")
+        out.append(f"  hash: none: {found.foreign}" if found.foreign else "  hash: gone")
     out.append("fields:")
     out += [f"  {name}: {value}" for name, value in found.fields.items()] or ["  (none)"]
     out.append("in:")
