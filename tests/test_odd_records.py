@@ -1441,6 +1441,28 @@ def test_a_dry_run_names_a_registry_of_another_type_that_its_actions_would_fail_
     assert redis_conn.get(target) == b"written by something else"
 
 
+@pytest.mark.parametrize(
+    ("key", "named"),
+    [
+        ("rq:queues", "queue set: rq:queues"),
+        ("rq:workers", "worker registrations: rq:workers"),
+        (f"rq:worker:{DEAD}:executions", f"worker {DEAD}: rq:worker:{DEAD}:executions"),
+    ],
+)
+def test_a_set_of_another_type_that_a_run_reads_is_named_under_problems(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, key: str, named: str
+) -> None:
+    job = started_job(redis_conn)
+    redis_conn.delete(key)
+    redis_conn.set(key, "written by something else")
+
+    preview = run(policy(tmp_path), redis_url, "--dry-run", "--reconnect-grace", "0")
+
+    assert f"{named} could not be read (WRONGTYPE" in " ".join(preview["problems"])
+    assert job_in(preview, job.id)["outcome"] == "planned"  # the rest of the run goes on
+    assert redis_conn.get(key) == b"written by something else"
+
+
 # --- 11. a custom key prefix ------------------------------------------------------------------
 
 

@@ -945,7 +945,7 @@ def read_workers(
     names = sorted(set(names))
     if not names:
         return {}
-    registrations = _registrations(conn, keys, queues)
+    registrations = _registrations(conn, keys, queues, problems)
     hashes: dict[str, tuple[Any, Any, Any, Any]] = {}
     for batch in batches(names, BATCH // 4):
         pipe = conn.pipeline(transaction=False)
@@ -957,9 +957,15 @@ def read_workers(
         replies = replies_of(pipe)
         for i, name in enumerate(batch):
             unreadable = replies[4 * i + 1]
-            if isinstance(unreadable, Exception) and problems is not None:
-                what = f"worker {name}: {keys.worker(name)} could not be read ({unreadable})"
-                problems.append(what)
+            if isinstance(unreadable, Exception):
+                _note(
+                    problems, f"worker {name}: {keys.worker(name)} could not be read ({unreadable})"
+                )
+            unlisted = replies[4 * i + 3]
+            if isinstance(unlisted, Exception):
+                # Judged by its hash's state instead (busy: running any job that names it).
+                key = keys.worker_executions(name)
+                _note(problems, f"worker {name}: {key} could not be read ({unlisted})")
             exists, fields, ttl, executions = (
                 ([] if isinstance(r, Exception) else r) for r in replies[4 * i : 4 * i + 4]
             )
@@ -992,10 +998,13 @@ def read_workers(
     return workers
 
 
-def _registrations(conn: redis.Redis, keys: Keys, queues: Iterable[str]) -> dict[str, set[str]]:
-    """Worker name → the registration sets (global and per queue) that list it."""
+def _registrations(
+    conn: redis.Redis, keys: Keys, queues: Iterable[str], problems: list[str] | None = None
+) -> dict[str, set[str]]:
+    """Worker name → the registration sets (global and per queue) that list it; a set
+    of another type is named in ``problems``."""
     sets = [keys.workers]
-    known = sorted({*_queue_names_from_set(conn, keys), *queues})
+    known = sorted({*_queue_names_from_set(conn, keys, problems), *queues})
     sets += [keys.queue_workers(q) for q in known]
     pipe = conn.pipeline(transaction=False)
     for key in sets:
@@ -1003,6 +1012,7 @@ def _registrations(conn: redis.Redis, keys: Keys, queues: Iterable[str]) -> dict
     found: dict[str, set[str]] = {}
     for key, members in zip(sets, replies_of(pipe), strict=True):
         if isinstance(members, Exception):
+            _note(problems, f"worker registrations: {key} could not be read ({members})")
             continue
         for member in members:
             # A member that is not a worker key is someone else's data: left alone.
@@ -1011,15 +1021,25 @@ def _registrations(conn: redis.Redis, keys: Keys, queues: Iterable[str]) -> dict
     return found
 
 
-def _queue_names_from_set(conn: redis.Redis, keys: Keys) -> list[str]:
+def _queue_names_from_set(
+    conn: redis.Redis, keys: Keys, problems: list[str] | None = None
+) -> list[str]:
     prefix = keys.queue_key_prefix
     try:
         members = conn.smembers(keys.queues)
     except redis.exceptions.NoPermissionError:
         raise
-    except redis.ResponseError:
+    except redis.ResponseError as exc:
+        # Queues are found by their registries and worker sets all the same.
+        _note(problems, f"queue set: {keys.queues} could not be read ({exc})")
         return []
     return [text(m).removeprefix(prefix) for m in members]
+
+
+def _note(problems: list[str] | None, what: str) -> None:
+    """Name an unreadable record in ``problems`` (when kept), once."""
+    if problems is not None and what not in problems:
+        problems.append(what)
 
 
 def channel_listeners(conn: redis.Redis, keys: Keys, names: list[str]) -> dict[str, int] | None:
