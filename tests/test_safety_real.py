@@ -413,8 +413,9 @@ class DroppingProxy:
     """A TCP proxy to the private server that cuts a client's connection whenever
     `drop(chunk)` says so for a chunk the client sends (the chunk is not forwarded).
     `drop` may also say "after" (forward the chunk, lose its answers, then cut),
-    "garbage" (answer something that is not Redis's protocol, then cut) or "hang"
-    (keep the connection and never answer, as a paused server does)."""
+    "garbage" (answer something that is not Redis's protocol, then cut), "hang"
+    (keep the connection and never answer, as a paused server does) or "late"
+    (forward the chunk 3 s late, as a server too busy to answer in time)."""
 
     def __init__(self, port: int, drop: Callable[[bytes], bool | str]) -> None:
         self.target = ("127.0.0.1", port)
@@ -445,6 +446,9 @@ class DroppingProxy:
                 verdict = self.drop(chunk) if upstream else False
                 if verdict == "hang":
                     continue  # taken, never forwarded, never answered
+                if verdict == "late":
+                    time.sleep(3)
+                    verdict = False
                 if verdict == "after":
                     self._forward_then_cut(chunk, source, sink)
                 if verdict == "garbage":  # answer as a web server would, then cut
@@ -691,6 +695,30 @@ def test_a_server_that_stops_answering_mid_run_holds_apply_up_for_one_timeout_no
     assert "lock=opsctl:lock left to expire" in result.stderr
     assert "lock=rq:clean_registries:safety left to expire" in result.stderr
     assert took < 20, f"held up for {took:.0f}s"  # each wait of the 2s --timeout once, or so
+
+
+def test_a_server_too_slow_for_one_batch_but_answering_after_is_reconciled_not_given_up(
+    redis_conn: redis.Redis, redis_server: Any
+) -> None:
+    # The second batch reaches the server after --timeout (2s): the client has
+    # given up on it, yet the server runs it. Redis answers the ping after, so
+    # the audit trail tells what the batch did, as after a dropped connection.
+    job_ids = abandon(redis_conn, 400)
+    calls, late = ChangeCalls(), [True]
+
+    def delay(chunk: bytes) -> bool | str:
+        if calls.after_first_batch(chunk) and late[0]:
+            late[0] = False
+            return "late"
+        return False
+
+    result = apply_through(redis_server.port, delay)
+
+    report = report_of(result, EXIT_OK)
+    assert statuses(redis_conn, job_ids) == Counter({"failed": 400})
+    assert Counter(outcomes(report).values()) == Counter({"done": 400})
+    assert "Redis answers again; reconciling the interrupted batch" in result.stderr
+    assert result_counts(redis_conn, job_ids) == dict.fromkeys(job_ids, 1)
 
 
 def test_a_second_signal_stops_apply_at_once_even_while_redis_does_not_answer(

@@ -55,6 +55,7 @@ from opsctl.run import (
 )
 from opsctl.state import (
     CONNECTION_LOST,
+    answered_again,
     gave_no_answer,
     read_workers,
     refuse_foreign_key,
@@ -364,10 +365,16 @@ class Executor:
 
     def _reconnect(self) -> bool:
         """Whether Redis answers again after the connection dropped. A server that
-        gave no answer within --timeout is not waited for again: each ping would
-        wait as long."""
+        gave no answer within --timeout gets one ping, not several (each would wait
+        as long): one that answers it was slow, not gone."""
         if gave_no_answer():
-            return False
+            try:
+                self.conn.ping()
+            except CONNECTION_LOST:
+                return False
+            answered_again()
+            log.warning("Redis answers again; reconciling the interrupted batch")
+            return True
         for wait_s in RECONNECT_BACKOFF_S:
             time.sleep(wait_s)
             try:

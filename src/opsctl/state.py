@@ -106,6 +106,11 @@ def run_begins() -> None:
     _NO_ANSWER.clear()
 
 
+def answered_again() -> None:
+    """The server answered after all: it was slow, not hung."""
+    _NO_ANSWER.clear()
+
+
 _NO_ANSWER = threading.Event()
 
 
