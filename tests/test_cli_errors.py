@@ -253,16 +253,12 @@ def test_validate_only_notes_an_unset_variable_and_exits_0() -> None:
         ),
         ("redis://:s3cret@127.0.0.1:6380/0?protocol=9", "protocol (not shown) is not 2 or 3"),
         (
-            "redis://:s3cret@127.0.0.1:6380/0?socket_timeout=abc",
+            "redis://:s3cret@127.0.0.1:6380/0?max_connections=abc",
             "Invalid value for (not shown) in connection URL.",
         ),
         (
-            "redis://:s3cret@127.0.0.1:6380/0?socket_timeout=-1",
-            "socket_timeout -1 is not a number of seconds above 0",
-        ),
-        (
-            "redis://:s3cret@127.0.0.1:6380/0?socket_timeout=nan",
-            "socket_timeout nan is not a number of seconds above 0",
+            "redis://:s3cret@127.0.0.1:6380/0?socket_timeout=5",
+            "opsctl sets socket_timeout itself (from --timeout); leave it out of the URL",
         ),
         (
             "redis://:s3cret@127.0.0.1:6380/0?foo=bar",
@@ -459,7 +455,7 @@ def test_a_url_option_the_connection_does_not_take_is_named(
     [
         # redis-py would take any word but a "no" for true.
         ("socket_keepalive=maybe", "socket_keepalive is not true or false"),
-        ("ssl_check_hostname=sure", "ssl_check_hostname is not true or false"),
+        ("ssl_validate_ocsp=sure", "ssl_validate_ocsp is not true or false"),
         # These would change how opsctl reads the bytes Redis holds.
         ("encoding=utf-16", "opsctl sets encoding itself (it writes and reads text as UTF-8)"),
         ("decode_responses=yes", "opsctl sets decode_responses itself (it reads replies as bytes)"),
@@ -482,24 +478,38 @@ def test_a_url_option_opsctl_would_misread_or_could_not_keep_is_refused_in_both_
     assert reason in applied.stderr
 
 
-def test_a_tls_setting_redis_py_cannot_read_is_a_bad_url_not_a_redis_error(
-    closed_url: str, tmp_path: Path
+@pytest.mark.parametrize(
+    ("query", "set_by"),
+    [
+        # A URL's options would beat --tls-verify: the server's certificate unchecked.
+        ("ssl_cert_reqs=none", "--tls-verify or redis.tls.verify"),
+        ("ssl_check_hostname=false", "--tls-verify or redis.tls.verify"),
+        ("ssl_ca_certs=/tmp/ca.pem", "--tls-ca-cert or redis.tls.ca_cert"),
+        # And --timeout, which bounds every wait.
+        ("socket_timeout=600", "--timeout"),
+        ("retry_on_timeout=true", ""),
+    ],
+)
+def test_a_url_option_for_what_opsctl_sets_itself_is_refused_not_left_to_win(
+    closed_url: str, tmp_path: Path, query: str, set_by: str
 ) -> None:
-    url = f"{closed_url.replace('redis://', 'rediss://')}?ssl_cert_reqs=bogus"
+    url = f"{closed_url.replace('redis://', 'rediss://')}?{query}"
     policy = tmp_path / "policy.yaml"
     policy.write_text(f"version: 1\nredis:\n  url: '{url}'\nqueues:\n  - name: a\n")
     other = tmp_path / "other.yaml"
     other.write_text("version: 1\nqueues:\n  - name: a\n")
+    name = query.partition("=")[0]
 
     checked = opsctl("validate", str(policy), str(other))
     applied = opsctl("apply", str(policy), "--best-effort")
 
     assert checked.exit_code == 2, checked.output
-    reason = "Invalid SSL Certificate Requirements Flag: bogus"
-    assert checked.stdout == f"{policy}:3:8: redis.url: the URL: {reason}\n"
-    assert checked.stderr == f"{other}: ok\n"
+    [line] = checked.stdout.splitlines()
+    assert line.startswith(f"{policy}:3:8: redis.url: the URL: opsctl sets {name} itself (")
+    assert set_by in line and line.endswith("; leave it out of the URL")
+    assert checked.stderr == f"{other}: ok\n"  # the next file is still checked
     assert applied.exit_code == 2, applied.output
-    assert reason in applied.stderr
+    assert f"opsctl sets {name} itself" in applied.stderr
 
 
 def test_max_age_in_words_exits_2_with_the_accepted_forms(closed_url: str) -> None:

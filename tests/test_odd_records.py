@@ -1418,15 +1418,23 @@ def test_a_waiting_id_that_names_no_job_leaves_the_line_and_the_change_is_made(
     assert redis_conn.get("rq:job:waiter") == b"written by something else"
 
 
-@pytest.mark.parametrize(("action", "key"), [("fail", "failed"), ("requeue", "queue")])
+@pytest.mark.parametrize(
+    ("action", "retries", "key"),
+    [
+        ("fail", 0, "failed"),
+        ("requeue", 0, "queue"),
+        ("cancel", 0, "canceled"),
+        ("fail", 2, "queue"),  # a fail with retries left retries the job: into its queue
+    ],
+)
 def test_a_dry_run_names_a_registry_of_another_type_that_its_actions_would_fail_on(
-    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, action: str, key: str
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, action: str, retries: int, key: str
 ) -> None:
-    job = started_job(redis_conn)
+    job = started_job(redis_conn, retry=Retry(max=retries) if retries else None)
     target = f"rq:{key}:{QUEUE}"
     redis_conn.delete(target)
     redis_conn.set(target, "written by something else")
-    why = f"{target} holds a string, not a {'zset' if key == 'failed' else 'list'}"
+    why = f"{target} holds a string, not a {'list' if key == 'queue' else 'zset'}"
 
     preview = run(policy(tmp_path, action), redis_url, "--dry-run")
     result = invoke_opsctl("apply", str(policy(tmp_path, action)), "--redis-url", redis_url)
@@ -1439,6 +1447,20 @@ def test_a_dry_run_names_a_registry_of_another_type_that_its_actions_would_fail_
     assert why in result.stdout
     assert job_status(redis_conn, job.id) == "started"
     assert redis_conn.get(target) == b"written by something else"
+
+
+def test_a_registry_a_retrying_fail_does_not_file_in_is_no_problem(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = started_job(redis_conn, retry=Retry(max=2))
+    redis_conn.set(f"rq:failed:{QUEUE}", "written by something else")
+
+    preview = run(policy(tmp_path), redis_url, "--dry-run")
+    done = run(policy(tmp_path), redis_url)
+
+    assert preview["problems"] == [] and done["problems"] == []
+    assert job_in(done, job.id)["outcome"] == "done"
+    assert job_status(redis_conn, job.id) == "queued"  # retried, as RQ does
 
 
 @pytest.mark.parametrize(

@@ -354,6 +354,7 @@ def test_a_default_holding_another_reference_is_refused_in_words(tmp_path: Path)
         ("${ACT:?unset}", "'${ACT:?...}' is a form opsctl does not take"),
         ("${ACT:=fail}", "'${ACT:=...}' is a form opsctl does not take"),
         ("${ ACT }", "no spaces around the name: write ${ACT}"),
+        ("${ACT :-fail}", "no spaces around the name: write ${ACT:-fail}"),
         ("${1ACT}", "'${' is not followed by a variable name"),
     ],
 )

@@ -721,6 +721,93 @@ def test_a_server_too_slow_for_one_batch_but_answering_after_is_reconciled_not_g
     assert result_counts(redis_conn, job_ids) == dict.fromkeys(job_ids, 1)
 
 
+def test_a_signal_while_redis_does_not_answer_still_gets_the_report_of_what_was_done(
+    redis_conn: redis.Redis, redis_server: Any
+) -> None:
+    job_ids = abandon(redis_conn, 400)
+    calls, gone = ChangeCalls(), threading.Event()
+
+    def hang(chunk: bytes) -> bool | str:
+        if calls.after_first_batch(chunk):
+            gone.set()
+        return "hang" if gone.is_set() else False
+
+    proxy = DroppingProxy(redis_server.port, hang)
+    argv = apply_args(POLICIES / "safety_fail.yaml", proxy.url, "--timeout", "3")
+    apply = subprocess.Popen(
+        opsctl_command(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=opsctl_env(),
+    )  # fmt: skip
+    try:
+        assert gone.wait(60), "apply never got past its first batch"
+        time.sleep(0.5)
+        apply.send_signal(signal.SIGINT)  # Ctrl-C, once
+        stdout, stderr = apply.communicate(timeout=60)
+    finally:
+        if apply.poll() is None:
+            apply.kill()
+        proxy.close()
+
+    assert apply.returncode == 130, stderr
+    report = json.loads(stdout)
+    assert Counter(outcomes(report).values())["done"] == 200
+    assert "what was done is in the report" in stderr
+    assert statuses(redis_conn, job_ids) == Counter({"failed": 200, "started": 200})
+
+
+def test_redis_lost_while_releasing_dependents_keeps_the_batch_done_and_says_so(
+    redis_conn: redis.Redis, redis_server: Any
+) -> None:
+    # The batch's changes are answered; then, while RQ's code releases the first
+    # job's dependents, the server stops answering.
+    job_ids = abandon(redis_conn, 20)
+    queue = Queue(QUEUE, connection=redis_conn)
+    waiting = [
+        queue.enqueue("jobs.quick", depends_on=Dependency(jobs=[job_id], allow_failure=True))
+        for job_id in job_ids
+    ]
+    gone = threading.Event()
+
+    def hang(chunk: bytes) -> bool | str:
+        if b"HGETALL" in chunk:  # RQ's Job.fetch, the release's first read
+            gone.set()
+        return "hang" if gone.is_set() else False
+
+    result = apply_through(redis_server.port, hang)
+
+    report = report_of(result, EXIT_REDIS_UNAVAILABLE)
+    assert statuses(redis_conn, job_ids) == Counter({"failed": 20})
+    assert Counter(outcomes(report).values()) == Counter({"done": 20})
+    lost = "dependents not enqueued: lost the connection to Redis"
+    assert all(lost in j["reason"] for j in report["jobs"]), report["jobs"]
+    assert statuses(redis_conn, [job.id for job in waiting]) == Counter({"deferred": 20})
+
+
+def test_one_lock_release_answered_late_ends_nothing_else_of_the_run(
+    redis_conn: redis.Redis, redis_server: Any
+) -> None:
+    # The queue's maintenance lock is given back too late for --timeout; the server
+    # answers all else, so the run goes on and gives its own lock back.
+    job_ids = abandon(redis_conn, 5)
+    release = hashlib.sha1(lock_module._RELEASE.encode()).hexdigest().encode()
+    late = [True]
+
+    def delay(chunk: bytes) -> bool | str:
+        if release in chunk and late[0]:
+            late[0] = False
+            return "late"
+        return False
+
+    result = apply_through(redis_server.port, delay)
+
+    report = report_of(result, EXIT_OK)
+    assert Counter(outcomes(report).values()) == Counter({"done": 5})
+    assert statuses(redis_conn, job_ids) == Counter({"failed": 5})
+    assert "release_failed" in result.stderr
+    assert not late[0], "a release was answered late"
+    assert redis_conn.exists("opsctl:lock") == 0, "the run lock was left behind"
+
+
 def test_a_second_signal_stops_apply_at_once_even_while_redis_does_not_answer(
     redis_conn: redis.Redis, redis_server: Any
 ) -> None:

@@ -15,9 +15,7 @@ are reported as errors and the next run completes them.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -41,7 +39,7 @@ from opsctl.errors import StoppedEarly
 from opsctl.keys import DEFAULT_FAILURE_TTL_S, Keys
 from opsctl.keyspace import lost_notes, note_lost
 from opsctl.lock import Lock, maintenance_lock, released
-from opsctl.model import format_timestamp, parse_int
+from opsctl.model import MAX_TTL_S, format_timestamp, parse_int, retry_interval
 from opsctl.progress import APPLYING, OnProgress
 from opsctl.run import (
     DONE,
@@ -71,8 +69,6 @@ log = logging.getLogger(__name__)
 STOP_POLL_S = 0.2
 #: Waits before each attempt to reach Redis again after the connection dropped.
 RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
-#: Longest TTL or delay opsctl passes to Redis (a century); longer means forever.
-MAX_TTL_S = 100 * 365 * 86400
 #: Rounds of applying, after which changes still unknown are left to the next run.
 RECONCILE_ROUNDS = 5
 #: Job changes carried out between two checks of whether opsctl was asked to stop.
@@ -163,7 +159,11 @@ class Executor:
                         SKIPPED,
                         "not acted on: opsctl was asked to stop",
                     )
-            self._audit_the_rest()
+            if not gave_no_answer():
+                try:
+                    self._audit_the_rest()
+                except CONNECTION_LOST as exc:  # the report tells it all the same
+                    log.error("audit_not_written error=%s", exc)
         except CONNECTION_LOST as exc:
             log.error("connection_lost error=%s", exc)
             unanswered(exc)  # noted: what is left to tidy is not waited for
@@ -280,14 +280,23 @@ class Executor:
             return
         changes = [self._job_change(o) for o in outcomes]
         results = self._apply_reconciled(outcomes, changes)
+        failed = []
         for outcome, change, result in zip(outcomes, changes, results, strict=True):
             if result is None:
                 continue
-            _record(outcome, result)
-            if not (result.done and change.action == "fail"):
-                continue
-            if result.dependents or (result.from_audit and self._failed_with_dependents(change)):
-                _enqueue_dependents(self.conn, self.keys, outcome)
+            _record(outcome, result)  # every result first: a release below may lose Redis
+            if result.done and change.action == "fail":
+                failed.append((outcome, change, result))
+        for at, (outcome, change, result) in enumerate(failed):
+            try:
+                if result.dependents or (
+                    result.from_audit and self._failed_with_dependents(change)
+                ):
+                    _enqueue_dependents(self.conn, self.keys, outcome)
+            except CONNECTION_LOST:
+                for left, _, _ in failed[at:]:
+                    left.reason += "; dependents not enqueued: lost the connection to Redis"
+                raise
         refused = next((r.read_only for r in results if r is not None and r.read_only), None)
         if refused is not None:
             # Demoted to a replica mid-run: every later change would be refused too.
@@ -761,26 +770,6 @@ def _now_is(status: str) -> str:
     return "the job is gone" if status == "missing" else f"its status is now {status!r}"
 
 
-def retry_interval(job: Mapping[str, str], retries_left: int | None) -> int | None:
-    """Seconds until RQ would retry the job, or None when it has no retries left.
-
-    RQ walks its list of intervals from the end as retries run out, and reuses
-    the first one when there are more retries than intervals.
-    """
-    if not retries_left or retries_left <= 0:
-        return None
-    try:
-        intervals = json.loads(job.get("retry_intervals") or "null")
-    except ValueError:
-        intervals = None
-    if not isinstance(intervals, list) or not intervals:
-        return 0
-    value = intervals[max(len(intervals) - retries_left, 0)]
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        return 0  # RQ could not schedule it either: retry at once
-    return min(int(value), MAX_TTL_S)
-
-
 def _failure_ttl(job: Mapping[str, str]) -> int:
     ttl = parse_int(job.get("failure_ttl"))
     if ttl is None:
@@ -841,6 +830,8 @@ def _enqueue_dependents(conn: redis.Redis, keys: Keys, outcome: JobOutcome) -> N
         # RQ 1 and 2 never drain RQ 3's ready registry: write what they expect.
         try:
             compat.release_dependents(conn, keys, outcome.entry.job_id, server_time(conn))
+        except CONNECTION_LOST:
+            raise  # the caller stops releasing, and says so
         except redis.RedisError as exc:
             log.warning("job=%s dependents_not_enqueued error=%s", outcome.entry.job_id, exc)
             outcome.reason += f"; dependents not enqueued: {exc}"
@@ -858,6 +849,8 @@ def _enqueue_dependents(conn: redis.Redis, keys: Keys, outcome: JobOutcome) -> N
             return
         job = Job.fetch(outcome.entry.job_id, connection=conn)
         Queue(job.origin, connection=conn).enqueue_dependents(job)
+    except CONNECTION_LOST:
+        raise  # the caller stops releasing, and says so
     except Exception as exc:  # RQ raises many kinds; the failure itself is done
         log.warning("job=%s dependents_not_enqueued error=%s", outcome.entry.job_id, exc)
         outcome.reason += f"; dependents not enqueued: {exc}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import ssl
@@ -271,8 +270,9 @@ def _check_options(url: str) -> None:
     read (socket_timeout=abc), an option no connection takes (foo=bar), a timeout that
     is not a number of seconds above 0 (-1, nan)."""
     shown = mask_url(url)
+    tls = url.lower().startswith("rediss://")
     for name, values in parse_qs(urlsplit(url).query).items():
-        if name in _OPSCTL_SETS:
+        if name in _OPSCTL_SETS and (tls or not name.startswith("ssl_")):
             raise UsageError(
                 f"Redis URL {shown!r}: opsctl sets {name} itself ({_OPSCTL_SETS[name]}); "
                 "leave it out of the URL"
@@ -283,24 +283,33 @@ def _check_options(url: str) -> None:
             raise UsageError(f"Redis URL {shown!r}: {name} is not true or false")
     try:
         # Only built, as a pool builds it: it connects to nothing yet.
-        connection = redis.ConnectionPool.from_url(url).make_connection()
-    except (ValueError, TypeError, redis.RedisError) as exc:
+        redis.ConnectionPool.from_url(url).make_connection()
+    except (ValueError, TypeError) as exc:
         raise UsageError(f"Redis URL {shown!r} is not valid: {_why_not_valid(exc, url)}") from None
-    for name in ("socket_timeout", "socket_connect_timeout"):
-        value = getattr(connection, name, None)
-        if isinstance(value, float) and not (math.isfinite(value) and value > 0):
-            raise UsageError(
-                f"Redis URL {shown!r}: {name} {value:g} is not a number of seconds above 0"
-            )
+    except redis.RedisError:
+        # Its words may quote an option's value, which may have come from the environment.
+        raise UsageError(
+            f"Redis URL {shown!r}: one of its options has a value the connection cannot use"
+        ) from None
 
 
-#: URL options that would change how opsctl reads Redis's replies, which a URL's
-#: options would override: opsctl reads bytes exactly as stored.
+#: URL options for what opsctl sets itself, which a URL's options would silently
+#: override: how replies are read (opsctl reads bytes exactly as stored), how long
+#: it waits, and how it checks a TLS server.
 _OPSCTL_SETS = {
     "decode_responses": "it reads replies as bytes",
     "encoding": "it writes and reads text as UTF-8",
     "encoding_errors": "it keeps bytes that are not UTF-8 as they are",
     "legacy_responses": "it reads replies in the forms redis-py has long given",
+    "socket_timeout": "from --timeout",
+    "socket_connect_timeout": "from --timeout",
+    "retry_on_timeout": "a command that gets no answer within --timeout is not sent again",
+    "retry_on_error": "it reconnects and reconciles by itself",
+    "ssl_cert_reqs": "from --tls-verify or redis.tls.verify",
+    "ssl_check_hostname": "from --tls-verify or redis.tls.verify",
+    "ssl_ca_certs": "from --tls-ca-cert or redis.tls.ca_cert",
+    "ssl_certfile": "from --tls-cert or redis.tls.cert",
+    "ssl_keyfile": "from --tls-key or redis.tls.key",
 }
 
 #: The words redis-py reads as false, and those that mean true.
@@ -587,7 +596,7 @@ def _check_tls_files(tls: Tls) -> None:
             context.load_verify_locations(cafile=tls.ca_cert)
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise UsageError(
-                f"tls ca_cert: {tls.ca_cert!r} holds no CA certificate in PEM form "
+                f"tls ca_cert: {quoted(tls.ca_cert)} holds no CA certificate in PEM form "
                 f"({_ssl_reason(exc)})"
             ) from None
     if tls.cert and tls.key:
@@ -595,8 +604,8 @@ def _check_tls_files(tls: Tls) -> None:
             context.load_cert_chain(tls.cert, tls.key, password=_no_key_password)
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise UsageError(
-                f"tls cert and key: {tls.cert!r} and {tls.key!r} are not a PEM certificate "
-                f"and its private key ({_ssl_reason(exc)})"
+                f"tls cert and key: {quoted(tls.cert)} and {quoted(tls.key)} are not a PEM "
+                f"certificate and its private key ({_ssl_reason(exc)})"
             ) from None
 
 

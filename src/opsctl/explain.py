@@ -20,11 +20,10 @@ from rich.console import Console
 from rich.text import Text
 
 from opsctl import engine
-from opsctl.apply import retry_interval
 from opsctl.errors import ExitCode, OpsctlError
 from opsctl.keys import EXECUTION_FIELDS, JOB_FIELDS, Keys
 from opsctl.keyspace import LOST_FIELDS, lost_entry, lost_notes, scheduler_references
-from opsctl.model import StartedEntry, WorkerRecord, format_timestamp, parse_int
+from opsctl.model import StartedEntry, WorkerRecord, format_timestamp, parse_int, retry_interval
 from opsctl.policy import Policy, Rule
 from opsctl.records import function_name
 from opsctl.report import safe

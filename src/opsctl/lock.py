@@ -124,8 +124,9 @@ class Lock:
                 self._release(keys=[self.key], args=[self.token])
                 return
             except CONNECTION_LOST as exc:
-                if wait_s is None or unanswered(exc):
-                    # The expiry frees it; nothing else to do.
+                if wait_s is None or isinstance(exc, redis.TimeoutError):
+                    # The expiry frees it; nothing else to do (trying again
+                    # would wait out --timeout once more).
                     log.warning("lock=%s release_failed error=%s", self.key, exc)
                     return
                 time.sleep(wait_s)
@@ -178,10 +179,13 @@ def run_lock(
             )
     keeper = _Keeper(lock)
     try:
-        with released(lock):
-            yield lock
+        yield lock
+    except CONNECTION_LOST as exc:
+        unanswered(exc)  # noted: a server that gave no answer is not waited for again
+        raise
     finally:
-        keeper.stop()
+        keeper.stop()  # first: a renewal must not follow the release
+        lock.release()
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -241,3 +242,27 @@ def format_timestamp(epoch_s: float) -> str:
     """The form RQ writes timestamps in: ISO 8601, UTC, microseconds, ``Z``."""
     moment = datetime.fromtimestamp(epoch_s, tz=timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+#: Longest TTL or delay opsctl passes to Redis (a century); longer means forever.
+MAX_TTL_S = 100 * 365 * 86400
+
+
+def retry_interval(job: Mapping[str, str], retries_left: int | None) -> int | None:
+    """Seconds until RQ would retry the job, or None when it has no retries left.
+
+    RQ walks its list of intervals from the end as retries run out, and reuses
+    the first one when there are more retries than intervals.
+    """
+    if not retries_left or retries_left <= 0:
+        return None
+    try:
+        intervals = json.loads(job.get("retry_intervals") or "null")
+    except ValueError:
+        intervals = None
+    if not isinstance(intervals, list) or not intervals:
+        return 0
+    value = intervals[max(len(intervals) - retries_left, 0)]
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return 0  # RQ could not schedule it either: retry at once
+    return min(int(value), MAX_TTL_S)

@@ -74,6 +74,8 @@ _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _REFERENCE_HINT = "write ${NAME} or ${NAME:-default}"
 #: A shell's other forms of a reference (${NAME-x}, ${NAME:?x}, ${NAME:=x}, ${NAME+x}, ...):
 #: the name, and the operator.
+#: A reference written with spaces around its name (``${ NAME }``, ``${NAME :-x}``).
+_SPACED = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(:-.*)?", re.DOTALL)
 _OTHER_FORM = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(:?[-?=+]|)(?:.*)", re.DOTALL)
 _GLOB_CHARACTERS = "*?["
 #: Ends the note about an unset variable while the value it feeds goes unchecked.
@@ -803,8 +805,9 @@ def _interpolate(text: str, environ: Mapping[str, str]) -> _Interpolation:
         if not _VARIABLE_NAME.fullmatch(name):
             inside = text[start + 2 : end]
             form = _OTHER_FORM.fullmatch(inside)
-            if _VARIABLE_NAME.fullmatch(inside.strip()):
-                message = f"no spaces around the name: write ${{{inside.strip()}}}"
+            spaced = _SPACED.fullmatch(inside)
+            if spaced is not None:
+                message = f"no spaces around the name: write ${{{spaced[1]}{spaced[2] or ''}}}"
             elif form is not None:
                 written = f"'${{{form[1]}{form[2]}...}}'"
                 message = f"{written} is a form opsctl does not take ({_REFERENCE_HINT})"

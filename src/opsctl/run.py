@@ -28,7 +28,7 @@ from opsctl.keyspace import (
     scheduler_references,
     survey,
 )
-from opsctl.model import StartedEntry, WorkerRecord, parse_int
+from opsctl.model import StartedEntry, WorkerRecord, parse_int, retry_interval
 from opsctl.policy import Limits, Policy, Rule
 from opsctl.progress import SCANNING, WALKING, OnProgress
 from opsctl.shown import printable
@@ -582,26 +582,42 @@ def _note_stops_not_sent(conn: redis.Redis, keys: Keys, run: Run) -> None:
             job.reason += f"; the stop would not be sent: {why}"
 
 
-#: Where each action files a job, by its origin queue, and the type that key must be.
-_FILED_IN: dict[str, tuple[Callable[[Keys, str], str], str]] = {
-    "fail": (Keys.failed, "zset"),
-    "cancel": (Keys.canceled, "zset"),
-    "requeue": (Keys.queue, "list"),
-}
+def _filed_in(job: JobOutcome, keys: Keys) -> list[tuple[str, str]]:
+    """The registries and lists a planned action files ``job`` in or takes it from,
+    each with the type it must be; those of its origin queue, as RQ's are."""
+    fields = job.entry.job or {}
+    origin = fields.get("origin") or job.entry.queue
+    action = job.action
+    if action == ACTION_STOP:
+        # RQ files a stopped job as failed; a requeue or cancel takes it from there.
+        action = job.verdict.follow_up or ""
+        if action not in ("requeue", "cancel"):
+            return []
+        taken_from = [(keys.failed(origin), "zset")]
+    else:
+        taken_from = []
+    if action == "fail":
+        interval = retry_interval(fields, parse_int(fields.get("retries_left")))
+        if interval is None:
+            return [(keys.failed(origin), "zset")]
+        # A fail with retries left retries the job, as RQ does.
+        return [(keys.queue(origin), "list") if interval == 0 else (keys.scheduled(origin), "zset")]
+    if action == "requeue":
+        return [*taken_from, (keys.queue(origin), "list")]
+    if action == "cancel":
+        return [*taken_from, (keys.canceled(origin), "zset")]
+    return []
 
 
 def _note_unwritable_targets(conn: redis.Redis, keys: Keys, run: Run) -> None:
     """Name under problems each registry or queue list a planned action would file
-    a job in but that holds another type: the action would end in an error there.
-    A job held back by a dry run says so in its reason too."""
+    a job in (or take it from) but that holds another type: the action would end in
+    an error there. A job held back by a dry run says so in its reason too."""
     targets: dict[tuple[str, str], list[JobOutcome]] = {}  # (key, its type) → jobs
     for job in run.jobs:
-        action = job.verdict.follow_up if job.action == ACTION_STOP else job.action
-        if job.outcome != PLANNED or action not in _FILED_IN:
-            continue
-        origin = job.entry.job.get("origin") if job.entry.job is not None else None
-        where, expected = _FILED_IN[action]
-        targets.setdefault((where(keys, origin or job.entry.queue), expected), []).append(job)
+        if job.outcome == PLANNED:
+            for target in _filed_in(job, keys):
+                targets.setdefault(target, []).append(job)
     if not targets:
         return
     # ZCARD and LLEN, which a dry run's user may send (TYPE it may not), refuse a

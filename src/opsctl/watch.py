@@ -13,6 +13,7 @@ between rounds ends the loop at once. The process then exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -40,9 +41,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 def exit_at_once(code: int) -> NoReturn:
     """End the process now, as a second stop signal asks: a read blocked on a server
     that does not answer is not waited for, and the locks held are left to their
-    expiry (giving them back could wait as long)."""
-    logging.shutdown()
-    sys.stderr.flush()
+    expiry (giving them back could wait as long). Nothing more is written: the log
+    line that says so is already out (each is flushed as it is written)."""
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
     os._exit(code)
 
 
