@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +28,7 @@ from conftest import (
     WorkerFactory,
     job_hashes,
     job_status,
+    opsctl_env,
     start_opsctl,
     start_redis_server,
     terminate,
@@ -366,3 +368,39 @@ def test_a_second_signal_stops_watch_at_once_while_redis_does_not_answer(
     assert code == 143, logs(tmp_path)
     assert "stopping at once" in logs(tmp_path)
     assert took < 10, f"took {took:.0f}s after the second signal"  # not the 15s pause
+
+
+@pytest.mark.parametrize("output", ["text", "json"])
+def test_watch_goes_on_cleaning_when_the_reader_of_its_reports_goes_away(
+    tmp_path: Path, redis_url: str, redis_conn: redis.Redis, output: str
+) -> None:
+    # `opsctl watch ... | head -1`: the reports go nowhere after, the cleaning goes on.
+    policy = tmp_path / "policy.yaml"
+    write_policy(policy, "fail")
+    metrics = tmp_path / "opsctl.prom"
+    argv = [str(policy), "--every", "1s", "--redis-url", redis_url, "--format", output]
+    with (tmp_path / "opsctl.err").open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "opsctl", "watch", *argv, "--metrics-file", str(metrics)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True,
+            env=opsctl_env(),
+        )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        process.stdout.readline()
+        process.stdout.close()  # the reader goes away
+        ids = seed_abandoned(redis_conn, 3)  # stuck after the reader left
+
+        cleaned = wait_until(
+            lambda: all(job_status(redis_conn, i) == "failed" for i in ids),
+            timeout=ROUND_TIMEOUT_S,
+        )
+        alive = process.poll() is None
+    finally:
+        code = stop(process)
+
+    err = (tmp_path / "opsctl.err").read_text()
+    assert cleaned and alive, err
+    assert code == 0, err
+    assert err.count("the output's reader went away") == 1
+    assert "Traceback" not in err

@@ -1096,13 +1096,14 @@ def watch_command(
 
 
 def _print_round(run: Run, output: Format, url: str, policy: Policy) -> None:
-    """One round's report: the text report, or the JSON report on a single line."""
-    if output is Format.json:
-        document = report.to_json(run, mask_url(url), policy.path, policy.digest)
-        print(json.dumps(document), flush=True)
-    else:
-        report.print_text(run, _console(), mask_url(url))
-        sys.stdout.flush()
+    """One round's report: the text report, or the JSON report on a single line. A
+    reader that went away is said once; the loop goes on, its reports going nowhere."""
+    with _reader_may_leave():
+        if output is Format.json:
+            document = report.to_json(run, mask_url(url), policy.path, policy.digest)
+            print(json.dumps(document), flush=True)
+        else:
+            report.print_text(run, _console(), mask_url(url))
 
 
 @app.command("plan")
