@@ -1221,6 +1221,48 @@ def test_a_signal_to_apply_stops_it_between_changes_with_its_report_and_no_lock_
     assert job_status(redis_conn, job.id) == "started"
 
 
+def test_a_stop_sent_before_redis_stops_answering_is_reported_as_sent_not_as_not_acted_on(
+    redis_conn: redis.Redis, redis_server: Any, tmp_path: Path
+) -> None:
+    job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 1)
+    with redis_conn.pipeline() as pipe:
+        execution = Execution.create(job, LEASE_S, pipe, worker_name="stubborn")
+        job.prepare_for_execution("stubborn", pipe)
+        pipe.lrem(Queue(QUEUE, connection=redis_conn).key, 0, job.id)
+        pipe.execute()
+    redis_conn.hset(job.key, "started_at", "2020-01-01T00:00:00.000000Z")
+    redis_conn.hset("rq:worker:stubborn", mapping={"state": "busy", "current_job": job.id})
+    redis_conn.sadd("rq:worker:stubborn:executions", f"{job.id}:{execution.id}")
+    channel = redis_conn.pubsub()
+    channel.subscribe("rq:pubsub:stubborn")
+    channel.get_message(timeout=1)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"version: 1\ndefaults:\n  max_age: 1m\nqueues:\n  - name: {QUEUE}\n")
+    gone = threading.Event()
+
+    def hang(chunk: bytes) -> bool | str:
+        if b"\r\nHGET\r\n" in chunk:  # the first look at whether the job has stopped
+            gone.set()
+        return "hang" if gone.is_set() else False
+
+    proxy = DroppingProxy(redis_server.port, hang)
+    try:
+        argv = apply_args(policy, proxy.url, "--timeout", "2", "--stop-timeout", "30")
+        result = run_opsctl(*argv)
+        asked = channel.get_message(timeout=5)
+        while asked is not None and asked["type"] != "message":
+            asked = channel.get_message(timeout=5)
+    finally:
+        channel.close()
+        proxy.close()
+
+    assert asked is not None and b"stop-job" in asked["data"], "opsctl sent the stop"
+    [line] = report_of(result, EXIT_REDIS_UNAVAILABLE)["jobs"]
+    assert line["outcome"] == "error"
+    assert "stop sent, but not confirmed: lost the connection to Redis" in line["reason"]
+    assert "not acted on" not in line["reason"]
+
+
 def polling_for_the_lock(conn: redis.Redis) -> bool:
     """Whether a client other than `conn`'s is trying to take a lock (SET NX, again and again)."""
     return any(c.get("cmd") == "set" for c in conn.client_list())

@@ -467,7 +467,14 @@ class Executor:
                 _set(outcome, ERROR, why, append=True)
             else:
                 waiting.append(outcome)
-        statuses = self._wait_until_ended(waiting)
+        try:
+            statuses = self._wait_until_ended(waiting)
+        except CONNECTION_LOST:
+            for outcome in waiting:
+                outcome.stop_confirmed = False
+                why = "stop sent, but not confirmed: lost the connection to Redis"
+                _set(outcome, ERROR, why, append=True)
+            raise
         asked_to_stop = self._asked_to_stop()
         follow_ups = []
         for outcome in waiting:
