@@ -808,6 +808,26 @@ def test_one_lock_release_answered_late_ends_nothing_else_of_the_run(
     assert redis_conn.exists("opsctl:lock") == 0, "the run lock was left behind"
 
 
+def test_a_server_that_answers_pings_but_not_changes_is_given_up_after_one_more_try(
+    redis_conn: redis.Redis, redis_server: Any
+) -> None:
+    # As with writes paused (CLIENT PAUSE WRITE, which a failover sends): each
+    # change batch after the first gets no answer, while reads and pings do.
+    job_ids = abandon(redis_conn, 400)
+    calls = ChangeCalls()
+
+    def hold_changes(chunk: bytes) -> bool | str:
+        later = calls.after_first_batch(chunk)
+        return "hang" if later and ChangeCalls.SHA in chunk else False
+
+    result = apply_through(redis_server.port, hold_changes)
+
+    report = report_of(result, EXIT_REDIS_UNAVAILABLE)
+    assert statuses(redis_conn, job_ids) == Counter({"failed": 200, "started": 200})
+    assert Counter(outcomes(report).values()) == Counter({"done": 200, "error": 200})
+    assert result.stderr.count("Redis answers again") == 1, result.stderr
+
+
 def test_a_second_signal_stops_apply_at_once_even_while_redis_does_not_answer(
     redis_conn: redis.Redis, redis_server: Any
 ) -> None:

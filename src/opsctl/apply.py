@@ -102,6 +102,7 @@ class Executor:
         self._held: list[Lock] = []
         self._lock_deadline: float | None = None  # see _lock_wait_s
         self._dealt_with, self._to_deal_with = 0, 0
+        self._slow_once = False  # see _apply_reconciled
 
     def execute(self) -> None:
         """Act on every planned job and worker; nothing at all if a limit tripped."""
@@ -314,6 +315,7 @@ class Executor:
         reported as errors for the next run to complete.
         """
         results: list[ChangeResult | None] = [None] * len(changes)
+        self._slow_once = False  # whether a batch got no answer once yet Redis answered after
         for attempt in range(RECONCILE_ROUNDS):
             try:
                 if attempt:
@@ -377,11 +379,14 @@ class Executor:
         gave no answer within --timeout gets one ping, not several (each would wait
         as long): one that answers it was slow, not gone."""
         if gave_no_answer():
+            if self._slow_once:
+                return False  # it answers pings but not changes (writes paused): given up
             try:
                 self.conn.ping()
             except CONNECTION_LOST:
                 return False
             answered_again()
+            self._slow_once = True
             log.warning("Redis answers again; reconciling the interrupted batch")
             return True
         for wait_s in RECONNECT_BACKOFF_S:
