@@ -488,6 +488,7 @@ def test_a_url_option_opsctl_would_misread_or_could_not_keep_is_refused_in_both_
         # And --timeout, which bounds every wait.
         ("socket_timeout=600", "--timeout"),
         ("retry_on_timeout=true", ""),
+        ("client_name=a%20b", "opsctl-<pid>"),
     ],
 )
 def test_a_url_option_for_what_opsctl_sets_itself_is_refused_not_left_to_win(
@@ -510,6 +511,33 @@ def test_a_url_option_for_what_opsctl_sets_itself_is_refused_not_left_to_win(
     assert checked.stderr == f"{other}: ok\n"  # the next file is still checked
     assert applied.exit_code == 2, applied.output
     assert f"opsctl sets {name} itself" in applied.stderr
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("retry=x", "retry is an option opsctl does not take in a URL (it takes db, "),
+        ("cache_config=x", "one of its options has a value the connection cannot use"),
+        ("username=default", "gives a user twice, before the host and as ?username=: give it once"),
+        (
+            "password=other",
+            "gives a password twice, before the host and as ?password=: give it once",
+        ),
+    ],
+)
+def test_a_url_option_that_would_change_the_connection_unseen_is_refused(
+    closed_url: str, tmp_path: Path, query: str, said: str
+) -> None:
+    url = closed_url.replace("redis://", "redis://app:s3cret@") + f"?{query}"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"version: 1\nredis:\n  url: '{url}'\nqueues:\n  - name: a\n")
+
+    checked = opsctl("validate", str(policy))
+    shown = opsctl("status", "--redis-url", url)
+
+    assert checked.exit_code == 2 and said in checked.stdout, checked.output
+    assert shown.exit_code == 2 and said in shown.stderr, shown.output
+    assert "s3cret" not in checked.output + shown.output
 
 
 def test_max_age_in_words_exits_2_with_the_accepted_forms(closed_url: str) -> None:

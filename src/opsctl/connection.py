@@ -271,7 +271,14 @@ def _check_options(url: str) -> None:
     is not a number of seconds above 0 (-1, nan)."""
     shown = mask_url(url)
     tls = url.lower().startswith("rediss://")
-    for name, values in parse_qs(urlsplit(url).query).items():
+    parts = urlsplit(url)
+    for name, values in parse_qs(parts.query).items():
+        if name in ("username", "password") and getattr(parts, name):
+            # redis-py would take the one before the host and drop the other in silence.
+            raise UsageError(
+                f"Redis URL {shown!r} gives a {'user' if name == 'username' else 'password'} "
+                f"twice, before the host and as ?{name}=: give it once"
+            )
         if name in _OPSCTL_SETS and (tls or not name.startswith("ssl_")):
             raise UsageError(
                 f"Redis URL {shown!r}: opsctl sets {name} itself ({_OPSCTL_SETS[name]}); "
@@ -286,11 +293,36 @@ def _check_options(url: str) -> None:
         redis.ConnectionPool.from_url(url).make_connection()
     except (ValueError, TypeError) as exc:
         raise UsageError(f"Redis URL {shown!r} is not valid: {_why_not_valid(exc, url)}") from None
-    except redis.RedisError:
+    except Exception:  # redis-py raises many kinds for a value it cannot use
         # Its words may quote an option's value, which may have come from the environment.
         raise UsageError(
             f"Redis URL {shown!r}: one of its options has a value the connection cannot use"
         ) from None
+    for name in parse_qs(parts.query):
+        if name not in _URL_OPTIONS:
+            raise UsageError(
+                f"Redis URL {shown!r}: {name} is an option opsctl does not take in a URL "
+                f"(it takes {', '.join(sorted(_URL_OPTIONS))})"
+            )
+
+
+#: The query options opsctl takes in a URL: they change nothing it relies on.
+_URL_OPTIONS = frozenset(
+    {
+        "db",
+        "username",
+        "password",
+        "protocol",
+        "max_connections",
+        "health_check_interval",
+        "socket_keepalive",
+        "socket_read_size",
+        "ssl_min_version",
+        "ssl_ciphers",
+        "ssl_validate_ocsp",
+        "ssl_validate_ocsp_stapled",
+    }
+)
 
 
 #: URL options for what opsctl sets itself, which a URL's options would silently
@@ -310,6 +342,9 @@ _OPSCTL_SETS = {
     "ssl_ca_certs": "from --tls-ca-cert or redis.tls.ca_cert",
     "ssl_certfile": "from --tls-cert or redis.tls.cert",
     "ssl_keyfile": "from --tls-key or redis.tls.key",
+    "ssl_ca_path": "from --tls-ca-cert or redis.tls.ca_cert",
+    "ssl_ca_data": "from --tls-ca-cert or redis.tls.ca_cert",
+    "client_name": "it names its connection opsctl-<pid>",
 }
 
 #: The words redis-py reads as false, and those that mean true.
