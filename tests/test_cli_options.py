@@ -79,6 +79,8 @@ def test_flag_beats_opsctl_redis_url_which_beats_redis_url(two_servers: tuple[st
     [
         (["--redis-url", ""], {}, "the URL is empty (is a variable unset?)"),
         ([], {"OPSCTL_REDIS_URL": ""}, "OPSCTL_REDIS_URL is set but empty (is a variable unset?)"),
+        (["--sentinel", ""], {}, "an empty sentinel address (is a variable unset?)"),
+        ([], {"OPSCTL_SENTINEL": " "}, "OPSCTL_SENTINEL is set but names no sentinel"),
     ],
 )
 def test_an_empty_url_is_refused_rather_than_read_as_no_url(

@@ -1439,7 +1439,7 @@ def test_a_dry_run_names_a_registry_of_another_type_that_its_actions_would_fail_
     preview = run(policy(tmp_path, action), redis_url, "--dry-run")
     result = invoke_opsctl("apply", str(policy(tmp_path, action)), "--redis-url", redis_url)
 
-    assert preview["problems"] == [f"{why}: 1 planned action(s) on its jobs would fail"]
+    assert preview["problems"] == [f"{why}: 1 action(s) on its jobs cannot succeed"]
     item = job_in(preview, job.id)
     assert item["outcome"] == "planned"
     assert item["reason"].endswith(f"; it would end in an error: {why}")
@@ -1618,7 +1618,10 @@ def test_dependents_are_released_when_rqs_key_prefix_is_the_policys(
     statuses = under_prefix(key_prefix, STATUSES, redis_url, parent, child)
     assert statuses == ["failed", "queued" if released else "deferred"]
     if not released:
-        why = f"RQ_KEY_PREFIX is '{rq_key_prefix}' here, the policy's key_prefix '{key_prefix}'"
+        why = (
+            f"RQ's key prefix here is '{rq_key_prefix}' (from RQ_KEY_PREFIX), "
+            f"the policy's key_prefix '{key_prefix}'"
+        )
         assert f"dependents left deferred: {why}" in item["reason"]
         assert why in done.stderr.decode()
     else:

@@ -16,6 +16,7 @@ are reported as errors and the next run completes them.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -855,7 +856,13 @@ def _enqueue_dependents(conn: redis.Redis, keys: Keys, outcome: JobOutcome) -> N
         # RQ takes its key prefix from RQ_KEY_PREFIX once, when first imported.
         rq_prefix = Job.redis_job_namespace_prefix.removesuffix(":job:")
         if rq_prefix != keys.prefix:
-            why = f"RQ_KEY_PREFIX is {rq_prefix!r} here, the policy's key_prefix {keys.prefix!r}"
+            source = (
+                "from RQ_KEY_PREFIX" if "RQ_KEY_PREFIX" in os.environ else "RQ_KEY_PREFIX unset"
+            )
+            why = (
+                f"RQ's key prefix here is {rq_prefix!r} ({source}), "
+                f"the policy's key_prefix {keys.prefix!r}"
+            )
             log.warning("job=%s dependents_left_deferred: %s", outcome.entry.job_id, why)
             outcome.reason += f"; dependents left deferred: {why}"
             return

@@ -405,12 +405,27 @@ RedisUsername = Annotated[
     str | None,
     _option("--redis-username", help="Redis ACL user name, when the URL names none."),
 ]
+
+
+def _sentinels_given(param: typer.CallbackParam, values: list[str] | None) -> list[str] | None:
+    """Refuse an empty --sentinel, and a set but blank OPSCTL_SENTINEL, as an empty URL is."""
+    if values and any(not v.strip() for v in values):
+        raise typer.BadParameter("an empty sentinel address (is a variable unset?)")
+    envvar = param.envvar if isinstance(param.envvar, str) else None
+    if not values and envvar and envvar in os.environ:  # set, and blank
+        raise typer.BadParameter(
+            f"{envvar} is set but names no sentinel (is a variable unset?); unset it"
+        )
+    return values
+
+
 SentinelOpt = Annotated[
     list[str] | None,
     _option(
         "--sentinel",
         metavar="HOST:PORT",
         help="Ask this Redis Sentinel for the master (repeatable; with --sentinel-service).",
+        callback=_sentinels_given,
     ),
 ]
 SentinelService = Annotated[

@@ -642,7 +642,7 @@ def _note_unwritable_targets(conn: redis.Redis, keys: Keys, run: Run) -> None:
         held = f"a {text(kind)}" if isinstance(kind, bytes | str) else "another type"
         jobs = targets[key, expected]
         why = f"{printable(key)} holds {held}, not a {expected}"
-        run.problems.append(f"{why}: {len(jobs)} planned action(s) on its jobs would fail")
+        run.problems.append(f"{why}: {len(jobs)} action(s) on its jobs cannot succeed")
         for job in jobs:
             if run.dry_run or job.rule.dry_run:
                 job.reason += f"; it would end in an error: {why}"
