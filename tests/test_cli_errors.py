@@ -736,6 +736,8 @@ def test_a_ctrl_c_while_opsctl_loads_exits_130_without_a_traceback() -> None:
     # handles signals itself, as the `opsctl` command starts it.
     start = (
         "import builtins, os, signal\n"
+        # As from a terminal: a process started in the background inherits SIGINT ignored.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "load = builtins.__import__\n"
         "def interrupted(name, *args, **kwargs):\n"
         "    if name == 'opsctl.cli':\n"

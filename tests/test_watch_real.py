@@ -404,3 +404,26 @@ def test_watch_goes_on_cleaning_when_the_reader_of_its_reports_goes_away(
     assert code == 0, err
     assert err.count("the output's reader went away") == 1
     assert "Traceback" not in err
+
+
+def test_watch_takes_back_the_locks_it_left_when_redis_did_not_answer(
+    tmp_path: Path, redis_url: str, redis_conn: redis.Redis, watch: Any
+) -> None:
+    # A round that met a server answering nobody leaves its locks to expire (60s);
+    # the next round, in the same process, takes them back instead of waiting.
+    job_hashes(redis_conn, 100_000, QUEUE)  # each round's walk takes many pages
+    policy = tmp_path / "policy.yaml"
+    write_policy(policy, "fail")
+    process = watch(str(policy), "--every", "1s", "--redis-url", redis_url, "--timeout", "1",
+                    "--lock-timeout", "1")  # fmt: skip
+    assert wait_until(lambda: redis_conn.exists("opsctl:lock") == 1, timeout=ROUND_TIMEOUT_S)
+    redis_conn.execute_command("CLIENT", "PAUSE", "3000", "ALL")
+    assert wait_until(lambda: "left to expire" in logs(tmp_path), timeout=ROUND_TIMEOUT_S)
+    ids = seed_abandoned(redis_conn, 3)  # answered once the pause is over
+
+    cleaned = wait_until(
+        lambda: all(job_status(redis_conn, i) == "failed" for i in ids), timeout=30
+    )
+
+    assert cleaned, logs(tmp_path)  # well before the 60s the locks were left for
+    assert stop(process) == 0, logs(tmp_path)

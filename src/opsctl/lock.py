@@ -87,7 +87,14 @@ class Lock:
         self._renew = conn.register_script(_RENEW)
 
     def try_acquire(self) -> bool:
-        return bool(self.conn.set(self.key, self.token, nx=True, ex=self.ttl_s))
+        if self.conn.set(self.key, self.token, nx=True, ex=self.ttl_s):
+            return True
+        # This process may hold it still, from a run that left it to expire when
+        # Redis did not answer (an earlier round of `opsctl watch`): take it back.
+        earlier = _LEFT_TO_EXPIRE.pop(self.key, None)
+        if earlier is not None and self._release(keys=[self.key], args=[earlier]):
+            return bool(self.conn.set(self.key, self.token, nx=True, ex=self.ttl_s))
+        return False
 
     def acquire(self, timeout_s: float, should_stop: Callable[[], bool] | None = None) -> bool:
         """Wait up to ``timeout_s`` for the lock, or until ``should_stop`` says to
@@ -118,6 +125,7 @@ class Lock:
         """
         if gave_no_answer():
             log.warning("lock=%s left to expire (in %ss at most)", self.key, self.ttl_s)
+            _LEFT_TO_EXPIRE[self.key] = self.token
             return
         for wait_s in (*RELEASE_BACKOFF_S, None):
             try:
@@ -128,12 +136,17 @@ class Lock:
                     # The expiry frees it; nothing else to do (trying again
                     # would wait out --timeout once more).
                     log.warning("lock=%s release_failed error=%s", self.key, exc)
+                    _LEFT_TO_EXPIRE[self.key] = self.token
                     return
                 time.sleep(wait_s)
             except redis.RedisError as exc:
                 log.warning("lock=%s release_failed error=%s", self.key, exc)
                 return
 
+
+#: Locks this process left to their expiry, key → its token: a later run of the
+#: same process (a round of `opsctl watch`) takes them back rather than wait.
+_LEFT_TO_EXPIRE: dict[str, str] = {}
 
 #: Waits before each further attempt to release a lock while Redis is unreachable.
 RELEASE_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
