@@ -52,6 +52,7 @@ from opsctl import cli
 from opsctl import lock as lock_module
 from opsctl import run as run_module
 from opsctl import state as state_module
+from opsctl import undo as undo_module
 from opsctl.actions import _JOB_SCRIPT
 from opsctl.apply import RECONCILE_ROUNDS
 from opsctl.errors import StoppedEarly
@@ -826,6 +827,31 @@ def test_a_server_that_answers_pings_but_not_changes_is_given_up_after_one_more_
     assert statuses(redis_conn, job_ids) == Counter({"failed": 200, "started": 200})
     assert Counter(outcomes(report).values()) == Counter({"done": 200, "error": 200})
     assert result.stderr.count("Redis answers again") == 1, result.stderr
+
+
+def test_requeue_run_that_loses_redis_midway_reports_what_it_did_and_exits_3(
+    redis_conn: redis.Redis, redis_server: Any
+) -> None:
+    job_ids = abandon(redis_conn, 400)
+    failed = apply(POLICIES / "safety_fail.yaml", f"redis://127.0.0.1:{redis_server.port}/0")
+    requeues = ChangeCalls()
+    requeues.SHA = hashlib.sha1(undo_module._REQUEUE_SCRIPT.encode()).hexdigest().encode()
+
+    def hang(chunk: bytes) -> bool | str:
+        return "hang" if requeues.after_first_batch(chunk) else False
+
+    proxy = DroppingProxy(redis_server.port, hang)
+    try:
+        argv = ["requeue", "--run", failed["run_id"], "--redis-url", proxy.url]
+        result = run_opsctl(*argv, "--format", "json", "--timeout", "2")
+    finally:
+        proxy.close()
+
+    assert result.returncode == EXIT_REDIS_UNAVAILABLE, shown(result)
+    assert "lost the connection to Redis; see the report" in result.stderr
+    said = Counter(j["outcome"] for j in json.loads(result.stdout)["jobs"])
+    assert said == Counter({"done": 200, "error": 200})
+    assert statuses(redis_conn, job_ids) == Counter({"queued": 200, "failed": 200})
 
 
 def test_a_second_signal_stops_apply_at_once_even_while_redis_does_not_answer(

@@ -1281,6 +1281,8 @@ def requeue_command(
     _exit_if_signalled(received, reported=done is not None)
     if done is None:
         _fail(error or OpsctlError("requeue did not run"), url=url)
+    if done.redis_lost:
+        _fail(RedisUnavailable("lost the connection to Redis; see the report"), url=url)
     if done.failed and not dry_run:  # a dry run changes nothing, so nothing can fail
         errors = done.summary()["errors"]
         _fail(OpsctlError(f"{errors} requeue(s) failed; see the report"), url=url)

@@ -35,7 +35,7 @@ from opsctl.lock import run_lock
 from opsctl.model import format_timestamp
 from opsctl.report import safe
 from opsctl.run import DONE, ERROR, PLANNED, SKIPPED, new_run_id
-from opsctl.state import replies_of, server_time, text
+from opsctl.state import CONNECTION_LOST, replies_of, server_time, text, unanswered
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,8 @@ class UndoRun:
     undo_of: str
     dry_run: bool
     jobs: list[Undo] = field(default_factory=list)
+    #: Set when the connection to Redis was lost midway: the report shows what was done.
+    redis_lost: bool = False
 
     @property
     def failed(self) -> bool:
@@ -237,28 +239,53 @@ def _requeue(
             for job in undo.jobs[start:]:
                 job.outcome, job.reason = SKIPPED, "not acted on: opsctl was asked to stop"
             return
-        origins = _origins(conn, keys, batch)
-        now_iso = format_timestamp(server_time(conn))
-        pipe = conn.pipeline(transaction=False)
-        sent = []
-        for job, origin in zip(batch, origins, strict=True):
-            if isinstance(origin, Exception):
-                _record(undo, job, origin)
-                continue
-            if origin is None:
-                job.outcome, job.reason = SKIPPED, "the job no longer exists (deleted)"
-                continue
-            if not origin:
-                job.outcome = SKIPPED
-                job.reason = "its hash names no origin queue to requeue it to"
-                continue
-            if not _can_check(job):
-                continue
-            keys_, args = _call(keys, undo, context, job, origin, now_iso)
-            script(keys=keys_, args=args, client=pipe)
-            sent.append(job)
-        for job, reply in zip(sent, pipe.execute(raise_on_error=False), strict=True):
-            _record(undo, job, reply)
+        try:
+            _requeue_batch(conn, keys, undo, context, script, batch)
+        except CONNECTION_LOST as exc:
+            # What was done is known for every batch before; this one's replies are lost.
+            log.error("connection_lost error=%s", exc)
+            unanswered(exc)
+            undo.redis_lost = True
+            for job in batch:
+                if job.outcome == PLANNED:
+                    job.outcome = ERROR
+                    job.reason = "not known to be done: lost the connection to Redis; run again"
+            for job in undo.jobs[start + BATCH :]:
+                job.outcome, job.reason = ERROR, "not acted on: lost the connection to Redis"
+            return
+
+
+def _requeue_batch(
+    conn: redis.Redis,
+    keys: Keys,
+    undo: UndoRun,
+    context: AuditContext,
+    script: Any,
+    batch: list[Undo],
+) -> None:
+    """Requeue one batch of jobs, each with its own atomic script."""
+    origins = _origins(conn, keys, batch)
+    now_iso = format_timestamp(server_time(conn))
+    pipe = conn.pipeline(transaction=False)
+    sent = []
+    for job, origin in zip(batch, origins, strict=True):
+        if isinstance(origin, Exception):
+            _record(undo, job, origin)
+            continue
+        if origin is None:
+            job.outcome, job.reason = SKIPPED, "the job no longer exists (deleted)"
+            continue
+        if not origin:
+            job.outcome = SKIPPED
+            job.reason = "its hash names no origin queue to requeue it to"
+            continue
+        if not _can_check(job):
+            continue
+        keys_, args = _call(keys, undo, context, job, origin, now_iso)
+        script(keys=keys_, args=args, client=pipe)
+        sent.append(job)
+    for job, reply in zip(sent, pipe.execute(raise_on_error=False), strict=True):
+        _record(undo, job, reply)
 
 
 def _origins(conn: redis.Redis, keys: Keys, jobs: list[Undo]) -> list[str | Exception | None]:
