@@ -594,17 +594,22 @@ def test_changes_whose_replies_were_lost_are_confirmed_from_the_audit_trail_at_l
     assert report["redis_lost"] is False
 
 
+def dependents_allowing_failure(conn: redis.Redis, job_ids: list[str]) -> list[Job]:
+    """One job for each of ``job_ids`` that waits on it and runs even if it fails."""
+    queue = Queue(QUEUE, connection=conn)
+    return [
+        queue.enqueue("jobs.quick", depends_on=Dependency(jobs=[job_id], allow_failure=True))
+        for job_id in job_ids
+    ]
+
+
 def test_jobs_confirmed_from_the_audit_trail_release_their_dependents_too(
     redis_conn: redis.Redis, redis_server: Any
 ) -> None:
     # The second batch reaches Redis but its replies are lost: its jobs are known
     # done from the audit trail, and what waits on them must be released all the same.
     job_ids = abandon(redis_conn, 400)
-    queue = Queue(QUEUE, connection=redis_conn)
-    waiting = [
-        queue.enqueue("jobs.quick", depends_on=Dependency(jobs=[job_id], allow_failure=True))
-        for job_id in job_ids
-    ]
+    waiting = dependents_allowing_failure(redis_conn, job_ids)
     evalsha_chunks = 0
 
     def drop(chunk: bytes) -> bool | str:
@@ -722,10 +727,11 @@ def test_a_server_too_slow_for_one_batch_but_answering_after_is_reconciled_not_g
     assert result_counts(redis_conn, job_ids) == dict.fromkeys(job_ids, 1)
 
 
-def test_a_signal_while_redis_does_not_answer_still_gets_the_report_of_what_was_done(
-    redis_conn: redis.Redis, redis_server: Any
-) -> None:
-    job_ids = abandon(redis_conn, 400)
+@contextmanager
+def apply_waiting_on_a_silent_redis(port: int, timeout_s: str) -> Iterator[subprocess.Popen[str]]:
+    """`opsctl apply` (fail) through a proxy that, once the first batch of changes has
+    passed, takes every command and answers none, as a paused server does; the
+    process, once it waits for such an answer. Killed at the end if still running."""
     calls, gone = ChangeCalls(), threading.Event()
 
     def hang(chunk: bytes) -> bool | str:
@@ -733,21 +739,30 @@ def test_a_signal_while_redis_does_not_answer_still_gets_the_report_of_what_was_
             gone.set()
         return "hang" if gone.is_set() else False
 
-    proxy = DroppingProxy(redis_server.port, hang)
-    argv = apply_args(POLICIES / "safety_fail.yaml", proxy.url, "--timeout", "3")
+    proxy = DroppingProxy(port, hang)
+    argv = apply_args(POLICIES / "safety_fail.yaml", proxy.url, "--timeout", timeout_s)
     apply = subprocess.Popen(
         opsctl_command(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=opsctl_env(),
     )  # fmt: skip
     try:
         assert gone.wait(60), "apply never got past its first batch"
-        time.sleep(0.5)
-        apply.send_signal(signal.SIGINT)  # Ctrl-C, once
-        stdout, stderr = apply.communicate(timeout=60)
+        time.sleep(0.5)  # it now waits for an answer that never comes
+        yield apply
     finally:
         if apply.poll() is None:
             apply.kill()
         proxy.close()
+
+
+def test_a_signal_while_redis_does_not_answer_still_gets_the_report_of_what_was_done(
+    redis_conn: redis.Redis, redis_server: Any
+) -> None:
+    job_ids = abandon(redis_conn, 400)
+
+    with apply_waiting_on_a_silent_redis(redis_server.port, "3") as apply:
+        apply.send_signal(signal.SIGINT)  # Ctrl-C, once
+        stdout, stderr = apply.communicate(timeout=60)
 
     assert apply.returncode == 130, stderr
     report = json.loads(stdout)
@@ -762,11 +777,7 @@ def test_redis_lost_while_releasing_dependents_keeps_the_batch_done_and_says_so(
     # The batch's changes are answered; then, while RQ's code releases the first
     # job's dependents, the server stops answering.
     job_ids = abandon(redis_conn, 20)
-    queue = Queue(QUEUE, connection=redis_conn)
-    waiting = [
-        queue.enqueue("jobs.quick", depends_on=Dependency(jobs=[job_id], allow_failure=True))
-        for job_id in job_ids
-    ]
+    waiting = dependents_allowing_failure(redis_conn, job_ids)
     gone = threading.Event()
 
     def hang(chunk: bytes) -> bool | str:
@@ -858,32 +869,14 @@ def test_a_second_signal_stops_apply_at_once_even_while_redis_does_not_answer(
     redis_conn: redis.Redis, redis_server: Any
 ) -> None:
     abandon(redis_conn, 400)
-    calls, gone = ChangeCalls(), threading.Event()
 
-    def hang(chunk: bytes) -> bool | str:
-        if calls.after_first_batch(chunk):
-            gone.set()
-        return "hang" if gone.is_set() else False
-
-    proxy = DroppingProxy(redis_server.port, hang)
-    argv = apply_args(POLICIES / "safety_fail.yaml", proxy.url, "--timeout", "60")
-    apply = subprocess.Popen(
-        opsctl_command(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=opsctl_env(),
-    )  # fmt: skip
-    try:
-        assert gone.wait(60), "apply never got past its first batch"
-        time.sleep(0.5)  # it now waits for an answer that never comes
+    with apply_waiting_on_a_silent_redis(redis_server.port, "60") as apply:
         apply.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         asked = time.monotonic()
         apply.send_signal(signal.SIGTERM)
         _, stderr = apply.communicate(timeout=50)
         took = time.monotonic() - asked
-    finally:
-        if apply.poll() is None:
-            apply.kill()
-        proxy.close()
 
     assert apply.returncode == 143, stderr
     assert "signal=15 stopping at once" in stderr
@@ -1224,23 +1217,29 @@ def test_a_server_demoted_to_a_replica_mid_run_gets_no_change_after_its_first_re
     )
 
 
+def overdue_on_a_stubborn_worker(conn: redis.Redis) -> tuple[Job, Any]:
+    """A job started years ago on a worker that is live (subscribed, executing it) but
+    never obeys a stop; the job, and the subscription, which hears the stop sent."""
+    job = Queue(QUEUE, connection=conn).enqueue("jobs.sleep_for", 1)
+    with conn.pipeline() as pipe:
+        execution = Execution.create(job, LEASE_S, pipe, worker_name="stubborn")
+        job.prepare_for_execution("stubborn", pipe)
+        pipe.lrem(Queue(QUEUE, connection=conn).key, 0, job.id)
+        pipe.execute()
+    conn.hset(job.key, "started_at", "2020-01-01T00:00:00.000000Z")
+    conn.hset("rq:worker:stubborn", mapping={"state": "busy", "current_job": job.id})
+    conn.sadd("rq:worker:stubborn:executions", f"{job.id}:{execution.id}")
+    channel = conn.pubsub()
+    channel.subscribe("rq:pubsub:stubborn")
+    channel.get_message(timeout=1)
+    return job, channel
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_apply_stops_it_between_changes_with_its_report_and_no_lock_left(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path, signum: int
 ) -> None:
-    # A worker that is live (subscribed, executing the job) but never obeys a stop.
-    job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 1)
-    with redis_conn.pipeline() as pipe:
-        execution = Execution.create(job, LEASE_S, pipe, worker_name="stubborn")
-        job.prepare_for_execution("stubborn", pipe)
-        pipe.lrem(Queue(QUEUE, connection=redis_conn).key, 0, job.id)
-        pipe.execute()
-    redis_conn.hset(job.key, "started_at", "2020-01-01T00:00:00.000000Z")
-    redis_conn.hset("rq:worker:stubborn", mapping={"state": "busy", "current_job": job.id})
-    redis_conn.sadd("rq:worker:stubborn:executions", f"{job.id}:{execution.id}")
-    channel = redis_conn.pubsub()
-    channel.subscribe("rq:pubsub:stubborn")
-    channel.get_message(timeout=1)
+    job, channel = overdue_on_a_stubborn_worker(redis_conn)
     policy = tmp_path / "policy.yaml"
     policy.write_text(f"version: 1\ndefaults:\n  max_age: 1m\nqueues:\n  - name: {QUEUE}\n")
 
@@ -1270,18 +1269,7 @@ def test_a_signal_to_apply_stops_it_between_changes_with_its_report_and_no_lock_
 def test_a_stop_sent_before_redis_stops_answering_is_reported_as_sent_not_as_not_acted_on(
     redis_conn: redis.Redis, redis_server: Any, tmp_path: Path
 ) -> None:
-    job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 1)
-    with redis_conn.pipeline() as pipe:
-        execution = Execution.create(job, LEASE_S, pipe, worker_name="stubborn")
-        job.prepare_for_execution("stubborn", pipe)
-        pipe.lrem(Queue(QUEUE, connection=redis_conn).key, 0, job.id)
-        pipe.execute()
-    redis_conn.hset(job.key, "started_at", "2020-01-01T00:00:00.000000Z")
-    redis_conn.hset("rq:worker:stubborn", mapping={"state": "busy", "current_job": job.id})
-    redis_conn.sadd("rq:worker:stubborn:executions", f"{job.id}:{execution.id}")
-    channel = redis_conn.pubsub()
-    channel.subscribe("rq:pubsub:stubborn")
-    channel.get_message(timeout=1)
+    job, channel = overdue_on_a_stubborn_worker(redis_conn)
     policy = tmp_path / "policy.yaml"
     policy.write_text(f"version: 1\ndefaults:\n  max_age: 1m\nqueues:\n  - name: {QUEUE}\n")
     gone = threading.Event()
@@ -1304,7 +1292,7 @@ def test_a_stop_sent_before_redis_stops_answering_is_reported_as_sent_not_as_not
 
     assert asked is not None and b"stop-job" in asked["data"], "opsctl sent the stop"
     [line] = report_of(result, EXIT_REDIS_UNAVAILABLE)["jobs"]
-    assert line["outcome"] == "error"
+    assert (line["id"], line["outcome"]) == (job.id, "error")
     assert "stop sent, but not confirmed: lost the connection to Redis" in line["reason"]
     assert "not acted on" not in line["reason"]
 
