@@ -54,7 +54,7 @@ from opsctl.run import (
 )
 from opsctl.state import (
     CONNECTION_LOST,
-    answered_again,
+    forget_no_answer,
     gave_no_answer,
     read_workers,
     refuse_foreign_key,
@@ -386,7 +386,7 @@ class Executor:
                 self.conn.ping()
             except CONNECTION_LOST:
                 return False
-            answered_again()
+            forget_no_answer()  # it was slow, not hung
             self._slow_once = True
             log.warning("Redis answers again; reconciling the interrupted batch")
             return True

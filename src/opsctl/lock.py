@@ -28,9 +28,9 @@ import redis
 from opsctl.errors import ExitCode, OpsctlError, StoppedEarly
 from opsctl.state import (
     CONNECTION_LOST,
+    forget_no_answer,
     gave_no_answer,
     refuse_foreign_key,
-    run_begins,
     unanswered,
 )
 
@@ -161,7 +161,7 @@ def run_lock(
 ) -> Iterator[Lock]:
     """Hold the run lock for the body, waiting up to ``timeout_s`` for it (and no
     longer once ``should_stop`` says so: a signal to stop never waits out the lock)."""
-    run_begins()
+    forget_no_answer()  # a new run (`opsctl watch` runs many)
     lock = Lock(conn, RUN_LOCK_KEY, owner_token(run_id), RUN_LOCK_TTL_S)
     stopping = should_stop or (lambda: False)
     if stopping():
@@ -191,14 +191,11 @@ def run_lock(
                 "Try again when it has finished, or raise --lock-timeout."
             )
     keeper = _Keeper(lock)
-    try:
-        yield lock
-    except CONNECTION_LOST as exc:
-        unanswered(exc)  # noted: a server that gave no answer is not waited for again
-        raise
-    finally:
-        keeper.stop()  # first: a renewal must not follow the release
-        lock.release()
+    with released(lock):
+        try:
+            yield lock
+        finally:
+            keeper.stop()  # first: a renewal must not follow the release
 
 
 @contextmanager

@@ -101,13 +101,9 @@ def gave_no_answer() -> bool:
     return _NO_ANSWER.is_set()
 
 
-def run_begins() -> None:
-    """Forget an earlier run's unanswered command (``opsctl watch`` runs many)."""
-    _NO_ANSWER.clear()
-
-
-def answered_again() -> None:
-    """The server answered after all: it was slow, not hung."""
+def forget_no_answer() -> None:
+    """Forget a command that got no answer: a new run begins, or the server
+    answered after all (it was slow, not hung)."""
     _NO_ANSWER.clear()
 
 
