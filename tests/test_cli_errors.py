@@ -592,25 +592,42 @@ def test_a_blank_queue_variable_is_refused_rather_than_read_as_every_queue(
         ("OPSCTL_DRY_RUN", ("requeue", "--run", "0123456789ab")),
         ("OPSCTL_FORCE", ("apply", "policies/minimal.yaml")),
         ("OPSCTL_BEST_EFFORT", ("apply", "policies/minimal.yaml")),
+        ("OPSCTL_PLAN", ("apply", "policies/minimal.yaml")),
+        ("OPSCTL_MAX_ACTIONS", ("apply", "policies/minimal.yaml")),
+        ("OPSCTL_MAX_AGE", ("apply", "policies/minimal.yaml")),
+        ("OPSCTL_MAX_PLAN_AGE", ("apply", "policies/minimal.yaml")),
+        ("OPSCTL_METRICS_FILE", ("apply", "policies/minimal.yaml")),
+        ("OPSCTL_FORMAT", ("apply", "policies/minimal.yaml")),
+        ("OPSCTL_EVERY", ("watch", "policies/minimal.yaml")),
+        ("OPSCTL_RUN", ("history",)),
     ],
 )
-def test_a_blank_on_off_variable_is_refused_rather_than_read_as_not_given(
+def test_a_blank_variable_is_refused_rather_than_read_as_not_given(
     closed_url: str, blank: str, variable: str, command: tuple[str, ...]
 ) -> None:
-    # OPSCTL_DRY_RUN="$PREVIEW" with PREVIEW unset must not make a preview a real run.
+    # OPSCTL_DRY_RUN="$PREVIEW" with PREVIEW unset must not make a preview a real run,
+    # nor OPSCTL_PLAN="$PLAN" a reviewed run one of every job, nor OPSCTL_MAX_ACTIONS=
+    # "$CAP" a capped run an uncapped one.
     result = opsctl(*command, "--redis-url", closed_url, env={variable: blank})
 
     assert result.exit_code == 2, result.output
-    assert f"{variable} is set but empty (is a variable unset?)" in result.output
     assert "cannot reach Redis" not in result.output  # refused before connecting
+    if blank == "" or "DRY_RUN" in variable or "FORCE" in variable or "EFFORT" in variable:
+        assert f"{variable} is set but empty (is a variable unset?)" in result.output
+    else:  # a space is a value, and one a number or a choice cannot be
+        assert variable in result.output
 
 
-def test_a_blank_on_off_variable_gives_way_to_the_option_on_the_command_line(
-    closed_url: str,
+@pytest.mark.parametrize(
+    ("variable", "option"),
+    [("OPSCTL_DRY_RUN", ("--dry-run",)), ("OPSCTL_MAX_ACTIONS", ("--max-actions", "5"))],
+)
+def test_a_blank_variable_gives_way_to_the_option_on_the_command_line(
+    closed_url: str, variable: str, option: tuple[str, ...]
 ) -> None:
     result = opsctl(
-        "apply", "policies/minimal.yaml", "--dry-run", "--redis-url", closed_url, "--timeout", "1",
-        env={"OPSCTL_DRY_RUN": ""},
+        "apply", "policies/minimal.yaml", *option, "--redis-url", closed_url, "--timeout", "1",
+        env={variable: ""},
     )  # fmt: skip
 
     assert result.exit_code == 3, result.output  # it went on, to the closed port

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -90,33 +91,43 @@ T = TypeVar("T")
 ENV_PREFIX = "OPSCTL_"
 
 
-def _option(*names: str, **settings: Any) -> Any:
-    """typer.Option with the OPSCTL_* environment variable named after the first long name."""
+#: How a set but blank variable is refused, after "OPSCTL_X is set but ".
+_BLANK = "empty (is a variable unset?); give it a value, or unset it"
+
+
+def _option(
+    *names: str, callback: Callable[..., Any] | None = None, if_blank: str = _BLANK, **settings: Any
+) -> Any:
+    """typer.Option with the OPSCTL_* environment variable named after the first long name.
+
+    A variable that is set but blank is refused (``if_blank`` says how), unless the
+    command line gives the option: read as "not given", OPSCTL_PLAN=$PLAN or
+    OPSCTL_MAX_ACTIONS=$CAP with the variable unset would run without the plan or the
+    cap the script meant to set.
+    """
     long_name = next(n for n in names if n.startswith("--")).split("/")[0]
     envvar = ENV_PREFIX + long_name.removeprefix("--").replace("-", "_").upper()
-    return typer.Option(*names, envvar=envvar, **settings)
+
+    def checked(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
+        given = ctx.get_parameter_source(param.name) if param.name else None
+        # Compared by name: some typer releases carry a click of their own.
+        from_command_line = getattr(given, "name", "") == "COMMANDLINE"
+        if not from_command_line and not os.environ.get(envvar, "x").strip():
+            raise typer.BadParameter(f"{envvar} is set but {if_blank}")
+        if callback is None:
+            return value
+        # The checks below take the value alone, or the parameter and the value.
+        wanted = len(inspect.signature(callback).parameters)
+        return callback(*(param, value)[2 - wanted :])
+
+    return typer.Option(*names, envvar=envvar, callback=checked, **settings)
 
 
 def _flag(*names: str, **settings: Any) -> Any:
-    """An on/off option (see :func:`_option`) whose variable, when set, must say which."""
-    return _option(*names, callback=_blank_flag_variable, **settings)
-
-
-def _blank_flag_variable(
-    ctx: typer.Context, param: typer.CallbackParam, value: bool | None
-) -> bool | None:
-    """Refuse a flag's OPSCTL_* variable that is set but empty, unless the command line
-    gives the flag: read as "not given", OPSCTL_DRY_RUN=$PREVIEW with PREVIEW unset
-    would make a real run of what was meant as a preview."""
-    envvar = param.envvar if isinstance(param.envvar, str) else None
-    given = param.name is not None and ctx.get_parameter_source(param.name)
-    from_command_line = given is not None and getattr(given, "name", "") == "COMMANDLINE"
-    if envvar and not from_command_line and not os.environ.get(envvar, "x").strip():
-        raise typer.BadParameter(
-            f"{envvar} is set but empty (is a variable unset?); set it to true or false, "
-            "or unset it"
-        )
-    return value
+    """An on/off option (see :func:`_option`) whose variable, when set, must say which:
+    OPSCTL_DRY_RUN=$PREVIEW with PREVIEW unset must not make a real run of a preview."""
+    blank = "empty (is a variable unset?); set it to true or false, or unset it"
+    return _option(*names, if_blank=blank, **settings)
 
 
 class Format(str, Enum):
@@ -358,18 +369,16 @@ def _console() -> Console:
     return terminal.console()
 
 
-def _url_given(param: typer.CallbackParam, value: str | None) -> str | None:
-    """Refuse an empty --redis-url, and a set but blank OPSCTL_REDIS_URL: read as "not
-    given", either would send the run to the policy's URL or $REDIS_URL, which may be
-    another server (in a deploy script, most often a variable that is not set)."""
+def _url_given(value: str | None) -> str | None:
+    """Refuse an empty --redis-url: read as "not given", it would send the run to the
+    policy's URL or $REDIS_URL, which may be another server (in a deploy script, most
+    often a variable that is not set). A blank OPSCTL_REDIS_URL is refused the same way."""
     if value is not None and not value.strip():
         raise typer.BadParameter("the URL is empty (is a variable unset?); give a URL")
-    envvar = param.envvar if isinstance(param.envvar, str) else None
-    if value is None and envvar and envvar in os.environ:  # set, and blank
-        raise typer.BadParameter(
-            f"{envvar} is set but empty (is a variable unset?); set it to a URL, or unset it"
-        )
     return value
+
+
+_BLANK_URL = "empty (is a variable unset?); set it to a URL, or unset it"
 
 
 RedisUrl = Annotated[
@@ -380,6 +389,7 @@ RedisUrl = Annotated[
         "policy's redis.url or redis.sentinel, then $REDIS_URL.",
         show_default=False,
         callback=_url_given,
+        if_blank=_BLANK_URL,
     ),
 ]
 StatusRedisUrl = Annotated[
@@ -389,6 +399,7 @@ StatusRedisUrl = Annotated[
         help="Redis URL (redis://, rediss://, unix:// or redis+sentinel://). Default: $REDIS_URL.",
         show_default=False,
         callback=_url_given,
+        if_blank=_BLANK_URL,
     ),
 ]
 FormatOpt = Annotated[Format, _option("--format", help="Report format.")]
@@ -407,15 +418,10 @@ RedisUsername = Annotated[
 ]
 
 
-def _sentinels_given(param: typer.CallbackParam, values: list[str] | None) -> list[str] | None:
-    """Refuse an empty --sentinel, and a set but blank OPSCTL_SENTINEL, as an empty URL is."""
+def _sentinels_given(values: list[str] | None) -> list[str] | None:
+    """Refuse an empty --sentinel (and a blank OPSCTL_SENTINEL), as an empty URL is."""
     if values and any(not v.strip() for v in values):
         raise typer.BadParameter("an empty sentinel address (is a variable unset?)")
-    envvar = param.envvar if isinstance(param.envvar, str) else None
-    if not values and envvar and envvar in os.environ:  # set, and blank
-        raise typer.BadParameter(
-            f"{envvar} is set but names no sentinel (is a variable unset?); unset it"
-        )
     return values
 
 
@@ -426,6 +432,7 @@ SentinelOpt = Annotated[
         metavar="HOST:PORT",
         help="Ask this Redis Sentinel for the master (repeatable; with --sentinel-service).",
         callback=_sentinels_given,
+        if_blank="names no sentinel (is a variable unset?); unset it",
     ),
 ]
 SentinelService = Annotated[
@@ -526,25 +533,25 @@ MaxAgeOpt = Annotated[
 ]
 
 
-def _queue_names(param: typer.CallbackParam, values: list[str] | None) -> list[str] | None:
+def _queue_names(values: list[str] | None) -> list[str] | None:
     """Refuse an empty queue name: it matches no queue, so the run would quietly do
     nothing (in a deploy script, most often a variable that is not set). A blank
     OPSCTL_QUEUE is refused too: read as "no --queue", it would widen the run to
     every queue the policy covers."""
     if values and any(not v.strip() for v in values):
         raise typer.BadParameter("an empty name matches no queue (is a variable unset?)")
-    envvar = param.envvar if isinstance(param.envvar, str) else None
-    if not values and envvar and envvar in os.environ:  # set, and blank: no name in it
-        raise typer.BadParameter(
-            f"{envvar} is set but names no queue (is a variable unset?); "
-            "unset it to cover every queue of the policy"
-        )
     return values
 
 
 QueueOpt = Annotated[
     list[str] | None,
-    _option("--queue", help="Only this queue (repeatable).", callback=_queue_names),
+    _option(
+        "--queue",
+        help="Only this queue (repeatable).",
+        callback=_queue_names,
+        if_blank="names no queue (is a variable unset?); "
+        "unset it to cover every queue of the policy",
+    ),
 ]
 MaxActionsOpt = Annotated[
     int | None,
