@@ -1571,10 +1571,44 @@ def test_plan_output_replaces_only_a_regular_file(
     )
 
     regular = tmp_path / "plan.json"
-    regular.write_text("old plan")
-    result = opsctl("plan", str(policy), "--output", str(regular), "--redis-url", url)
-    assert result.exit_code == 0, result.output
-    assert json.loads(regular.read_text())["format"] == "opsctl-plan"
+    regular.write_text("")
+    for _ in range(2):  # an empty file, then the plan written the first time
+        result = opsctl("plan", str(policy), "--output", str(regular), "--redis-url", url)
+        assert result.exit_code == 0, result.output
+        assert json.loads(regular.read_text())["format"] == "opsctl-plan"
+
+
+@pytest.mark.parametrize(
+    "held",
+    [
+        "SECRET=hunter2\n",
+        "-----BEGIN PRIVATE KEY-----\nMIIEvQ\n-----END PRIVATE KEY-----\n",
+        '{"format": "something else"}',
+        FAIL_ALL,
+    ],
+)
+def test_plan_output_never_replaces_a_file_that_holds_something_else(
+    conn: redis.Redis, url: str, tmp_path: Path, held: str
+) -> None:
+    # A slip of the output path during an incident must not destroy a policy, a key,
+    # an env file: only a file that is empty or holds an opsctl plan is replaced.
+    started_job(conn, "w-dead")
+    policy = write_policy(tmp_path, FAIL_ALL)
+    other = tmp_path / "other"
+    other.write_text(held)
+    other.chmod(0o600)
+
+    result = opsctl("plan", str(policy), "--output", str(other), "--redis-url", url)
+    closed = opsctl(
+        "plan", str(policy), "--output", str(other), "--redis-url", "redis://127.0.0.1:1"
+    )
+
+    for refused in (result, closed):  # refused before Redis is read
+        assert refused.exit_code == 2, refused.output
+        assert "holds something other than an opsctl plan" in refused.output
+        assert "hunter2" not in refused.output and "MIIE" not in refused.output
+    assert other.read_text() == held
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", policy.name]
 
 
 @pytest.mark.parametrize("command", ["apply-text", "apply-json", "status-json", "status-prom"])

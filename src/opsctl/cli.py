@@ -1165,6 +1165,9 @@ def plan_command(
     url_given = _guard(connection.given_url) is not None
     policy = _guard(lambda: _load_for_apply(policy_file, url_given))
     _refuse_overwriting("--output", output_file, policy_file)
+    unfit = planfile.unfit_output(output_file)
+    if unfit is not None:  # refused before anything is read
+        _fail(UsageError(unfit))
     url, options = _guard(lambda: connection.resolve(policy))
     _setup_logging(verbose, quiet, log_format, url)
     overrides = _overrides(

@@ -91,14 +91,40 @@ def write(
     return len(jobs)
 
 
-def _write_atomically(path: str, text: str) -> None:
+def unfit_output(path: str) -> str | None:
+    """Why ``--output`` may not write a plan to ``path``, or None: it names nothing
+    yet, or a regular file that is empty or holds an opsctl plan."""
     if not path:
-        raise UsageError("--output is empty; give the path of the plan file to write")
-    target = Path(path)
+        return "--output is empty; give the path of the plan file to write"
+    given = f"--output {quoted(path)}"
     if not replaceable(path):
-        raise UsageError(
-            f"--output {quoted(path)} exists and is not a regular file; refusing to replace it"
-        )
+        return f"{given} exists and is not a regular file; refusing to replace it"
+    if not os.path.lexists(path):
+        return None
+    kept = "refusing to replace it (remove it, or give another path)"
+    try:
+        raw = read_file(path, MAX_PLAN_BYTES)
+    except NotReadable as exc:  # what it holds cannot be checked: never replaced
+        return f"{given} exists and cannot be read ({exc.reason}); {kept}"
+    except TooLarge:
+        raw = b"not a plan"
+    if not raw.strip():
+        return None
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError):
+        document = None
+    if isinstance(document, dict) and document.get("format") == FORMAT:
+        return None
+    # Never quoted: a key, an env file or a policy named by mistake may hold secrets.
+    return f"{given} exists and holds something other than an opsctl plan; {kept}"
+
+
+def _write_atomically(path: str, text: str) -> None:
+    unfit = unfit_output(path)
+    if unfit is not None:
+        raise UsageError(unfit)
+    target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
     try:
         fd, temp = tempfile.mkstemp(prefix=".opsctl-plan-", dir=directory)
