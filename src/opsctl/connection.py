@@ -298,12 +298,21 @@ def _check_options(url: str) -> None:
         raise UsageError(
             f"Redis URL {shown!r}: one of its options has a value the connection cannot use"
         ) from None
-    for name in parse_qs(parts.query):
+    for name, values in parse_qs(parts.query).items():
         if name not in _URL_OPTIONS:
             raise UsageError(
                 f"Redis URL {shown!r}: {name} is an option opsctl does not take in a URL "
                 f"(it takes {', '.join(sorted(_URL_OPTIONS))})"
             )
+        # redis-py reads these, but fails later on values out of range, in words that
+        # blame the server (an unreachable one, exit 3), not the URL.
+        least = _LEAST.get(name)
+        if least is not None and not float(values[0]) >= least:
+            raise UsageError(f"Redis URL {shown!r}: {name} must be {least:g} or more")
+
+
+#: The least value of the numeric URL options (redis-py has read them as numbers).
+_LEAST = {"max_connections": 1, "socket_read_size": 1, "health_check_interval": 0}
 
 
 #: The query options opsctl takes in a URL: they change nothing it relies on.
