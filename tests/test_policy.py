@@ -554,6 +554,20 @@ def test_schema_is_valid_draft_2020_12_and_lists_every_action() -> None:
         ("version: 1\nqueues:\n  - name: a\n    max_age: 00m\n", False),
         ("version: 1\ndefaults:\n  lost_after: 0s\nqueues:\n  - name: a\n", False),
         ("version: 1\nqueues:\n  - name: a\n    lost_after: 1s\n", True),
+        # A value with a final line break, which a checker written in Python reads with
+        # '$' matching before it, is refused by the schema as opsctl refuses it.
+        ('version: 1\nqueues:\n  - name: a\n    max_age: "10m\\n"\n', False),
+        ('version: 1\nredis:\n  key_prefix: "rq\\n"\nqueues:\n  - name: a\n', False),
+        (
+            'version: 1\nredis:\n  sentinel:\n    hosts: ["h:1\\n"]\n    service: m\n'
+            "queues:\n  - name: a\n",
+            False,
+        ),
+        (
+            'version: 1\nredis:\n  sentinel:\n    hosts: ["h:1"]\n    service: "m\\n"\n'
+            "queues:\n  - name: a\n",
+            False,
+        ),
     ],
 )
 def test_the_published_schema_takes_a_policy_as_it_stands_in_its_file(
@@ -567,6 +581,8 @@ def test_the_published_schema_takes_a_policy_as_it_stands_in_its_file(
     path.write_text(text)
 
     assert (errors == []) is valid, errors
+    if not valid:  # and opsctl refuses it too
+        assert problem_lines(str(path))
     if valid:  # and opsctl agrees once the variables are set
         environ = {"RQ_PREFIX": "tenant", "FORCE": "true", "MAX_AGE": "5m"}
         assert load_policy(str(path), environ=environ).rule_for("a") is not None
