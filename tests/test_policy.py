@@ -669,3 +669,26 @@ def test_values_past_a_limit_name_the_limit(tmp_path: Path) -> None:
         "1,000,000",
         f"{path}:6:7: queues[0].related_keys: holds 21 items; at most 20 are allowed",
     ]
+
+
+def test_a_user_or_password_no_connection_can_send_is_refused_without_quoting_it(
+    tmp_path: Path,
+) -> None:
+    # A YAML escape of a lone surrogate is neither text nor a byte of the environment:
+    # apply could not send it, and failed in words that blamed the URL.
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        'version: 1\nredis:\n  url: "redis://127.0.0.1:1/0"\n  password: "pw\\ud800x"\n'
+        '  username: "app\\ud800"\nqueues:\n  - name: a\n'
+    )
+    kept = tmp_path / "kept.yaml"  # a byte from the environment is sent as that byte
+    kept.write_text('version: 1\nredis:\n  password: "pw\\udcff"\nqueues:\n  - name: a\n')
+
+    lines = problem_lines(str(path))
+
+    lone = "holds a lone surrogate (such as \\ud800), which no connection can send"
+    assert lines == [
+        f"{path}:4:13: redis.password: the password {lone}",
+        f"{path}:5:13: redis.username: 'app\\ud800' {lone}",
+    ]
+    assert problem_lines(str(kept)) == []

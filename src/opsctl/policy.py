@@ -895,6 +895,7 @@ def _validate(document: _Document) -> None:
             _report_schema_error(document, leaf)
 
     _check_redis_url(document)
+    _check_credentials(document)
     _check_tls(document)
     _check_queue_names(document)
     _check_related_keys(document)
@@ -1076,6 +1077,21 @@ def _check_redis_url(document: _Document) -> None:
         # The URL's user is never quoted: the URL may come from a secret.
         message = "names another user than the URL does; give the user in one place"
         document.report(user_path, f"{document.describe(user_path, username)} {message}")
+
+
+def _check_credentials(document: _Document) -> None:
+    """Report a user name or password no connection could send: one holding a lone
+    surrogate (a YAML escape such as "\\ud800"), which is neither text nor a byte kept
+    from the environment. Apply would fail on it in words that blame the URL."""
+    for path in (("redis", "username"), ("redis", "password"), ("redis", "sentinel", "password")):
+        value = document.value(path)
+        if not isinstance(value, str) or document.is_settled(path):
+            continue
+        try:
+            value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            message = "holds a lone surrogate (such as \\ud800), which no connection can send"
+            document.report(path, f"{document.describe(path, value)} {message}")
 
 
 def _check_tls(document: _Document) -> None:
