@@ -694,6 +694,9 @@ def test_a_permission_refused_mid_run_still_reports_what_was_done(
     assert result.stdout.strip(), f"no report of the change made\n{shown(result)}"
     lines = outcomes(json_report(result))
     assert (lines[abandoned.id][2], lines[overdue.id][2]) == ("done", "error"), shown(result)
+    # The refusal names what is missing, not a script's hash.
+    assert "may not run PUBLISH on rq:pubsub:" in result.stderr, shown(result)
+    assert job_status(admin, overdue.id) == "started"
 
 
 def lost_jobs(admin: redis.Redis) -> tuple[Job, Job]:

@@ -373,6 +373,40 @@ def test_a_stopped_job_enqueued_again_before_its_follow_up_is_left_to_its_new_ru
     assert job.id in Queue(QUEUE, connection=redis_conn).get_job_ids()
 
 
+@pytest.mark.parametrize(
+    ("action", "spoil", "said"),
+    [
+        ("cancel", f"rq:canceled:{QUEUE}", f"rq:canceled:{QUEUE} holds a string"),
+        ("requeue", "opsctl:rescues:{job}", "holds something other than a count"),
+    ],
+)
+def test_an_overdue_job_whose_follow_up_could_not_be_done_is_not_stopped(
+    action: str,
+    spoil: str,
+    said: str,
+    rq_workers: WorkerFactory,
+    redis_conn: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    # Stopped, the job would be left failed and killed, not what the policy says.
+    worker, job = start_job(rq_workers, redis_conn, QUEUE, 60)
+    redis_conn.set(spoil.format(job=job.id), "not what opsctl wrote")
+    time.sleep(1.5)  # past max_age 1s
+    policy = write_policy(tmp_path, action=action, max_age="1s")
+
+    result = run_opsctl("apply", str(policy), "--redis-url", redis_url, "--format", "json")
+
+    assert result.returncode == 1, result.stderr  # an error, named in the report
+    line = job_line(json.loads(result.stdout), job.id)
+    assert (line["outcome"], line["stop_confirmed"]) == ("error", False), show(line)
+    assert f"not stopped: its follow-up ({action}) could not be done: " in line["reason"]
+    assert said in line["reason"]
+    assert job_status(redis_conn, job.id) == "started"  # through RQ's API: still running
+    assert job.id in started_ids(redis_conn)
+    assert worker.running()
+
+
 def test_a_stopped_job_requeued_keeps_what_waits_for_it(
     rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

@@ -241,6 +241,10 @@ local function lost_job_is_held(status)
   return false
 end
 
+-- ARGV[23] '1': only find out whether the change could be done (the follow-up
+-- of a stop, checked before the stop is sent); nothing is re-checked or written.
+if ARGV[23] == '1' then return {1, 'could be done'} end
+
 local status = field(KEYS[1], 'status')
 if status ~= ARGV[5] then
   if status == '' then status = 'missing' end
@@ -442,7 +446,7 @@ if result[1] == 1 and limit then
 end
 if result[1] == 1 then
   local entry = {}
-  for i = 23, #ARGV do table.insert(entry, ARGV[i]) end
+  for i = 24, #ARGV do table.insert(entry, ARGV[i]) end
   if result[2] == 'failed' or result[2] == 'canceled' then
     -- What the job's ended_at now holds: opsctl requeue --run compares it to
     -- tell a job still as this run left it from one that ran again since.
@@ -592,6 +596,9 @@ def failure_text(reason: str) -> str:
 # Returns {receivers, ''}, or {-1, status now}, {-2, ''} (started again since),
 # {-3, ''} (its entry is gone).
 _STOP_SCRIPT = """
+if redis.acl_check_cmd and not redis.acl_check_cmd('PUBLISH', ARGV[1], ARGV[2]) then
+  return redis.error_reply('NOPERM the Redis user may not run PUBLISH on ' .. ARGV[1])
+end
 local job = redis.call('HMGET', KEYS[1], 'status', 'started_at')
 if job[1] ~= 'started' then return {-1, job[1] or ''} end
 if (job[2] or '') ~= ARGV[3] then return {-2, ''} end
@@ -624,12 +631,16 @@ class Actor:
         now: float,
         batch: int = 200,
         between_batches: Callable[[], None] | None = None,
+        check_only: bool = False,
     ) -> list[ChangeResult | None]:
         """Run ``changes``; one result each, in order.
 
         A Redis error fails only its job. If the connection drops, the results
         of the batch in flight and of every later change are None: unknown for
         the batch (each script ran whole or not at all), not attempted after it.
+        With ``check_only``, nothing is written: each result says whether the
+        change could be done (the user's rights, the types of the keys it writes,
+        the numbers it reads), whatever the job's state.
         """
         results: list[ChangeResult | None] = []
         for start in range(0, len(changes), batch):
@@ -643,7 +654,7 @@ class Actor:
             chunk = changes[start : start + batch]
             pipe = self.conn.pipeline(transaction=False)
             for change in chunk:
-                keys, args = self._job_call(change, now)
+                keys, args = self._job_call(change, now, check_only)
                 self._job_script(keys=keys, args=args, client=pipe)
             try:
                 replies = pipe.execute(raise_on_error=False)
@@ -655,7 +666,9 @@ class Actor:
             results.extend(_result(reply) for reply in replies)
         return results
 
-    def _job_call(self, change: JobChange, now: float) -> tuple[list[str], list[Any]]:
+    def _job_call(
+        self, change: JobChange, now: float, check_only: bool = False
+    ) -> tuple[list[str], list[Any]]:
         k = self.keys
         job, origin = change.job_id, change.queue
         execution = k.execution(job, change.execution_id or "-")
@@ -708,6 +721,7 @@ class Actor:
             "-" if change.worker_birth is None else change.worker_birth,
             "1" if change.job_heartbeat_checked else "0",
             change.expect.get("origin", ""),
+            "1" if check_only else "0",
         ]
         for name, value in change.audit:
             args += [name, value]

@@ -452,8 +452,13 @@ class Executor:
         whose policy action follows the stop (see :meth:`_follow_up`)."""
         waiting = []
         unsent = stops_that_may_stray(self.conn, self.keys, outcomes)
+        undoable = self._follow_ups_that_would_fail(outcomes)
         for outcome, why in zip(outcomes, unsent, strict=True):
             entry = outcome.entry
+            if why is None and id(outcome) in undoable:
+                # Stopped, the job would be left failed, not what the policy says.
+                action = outcome.verdict.follow_up
+                why = f"its follow-up ({action}) could not be done: {undoable[id(outcome)]}"
             if why is not None:
                 outcome.stop_confirmed = False
                 _set(outcome, ERROR, f"not stopped: {why}", append=True)
@@ -542,6 +547,44 @@ class Executor:
             self.renew_locks()
         return statuses
 
+    def _follow_ups_that_would_fail(self, outcomes: list[JobOutcome]) -> dict[int, str]:
+        """Why the follow-up of each stop (by ``id`` of its outcome) could not be done,
+        for those that could not: checked before the stop is sent, by the script that
+        will apply it (the user's rights, the types of the keys it writes, opsctl's count
+        of requeues), so that no job is stopped whose follow-up would then fail."""
+        following = [o for o in outcomes if o.verdict.follow_up not in (None, "fail")]
+        if not following:
+            return {}
+        changes = [self._follow_up_change(o, o.verdict.follow_up or "fail", {}) for o in following]
+        results = self.actor.apply_jobs(changes, self.run.now, check_only=True)
+        if any(result is None for result in results):
+            raise redis.exceptions.ConnectionError("lost the connection to Redis")
+        return {
+            id(o): result.detail
+            for o, result in zip(following, results, strict=True)
+            if result is not None and not result.done
+        }
+
+    def _follow_up_change(self, o: JobOutcome, action: str, expect: dict[str, str]) -> JobChange:
+        """The change that applies ``action`` to a job stopped by this run."""
+        # The queue written to is the origin read before the stop: the change
+        # goes ahead only while the job's origin is still that one.
+        expect["origin"] = (o.entry.job or {}).get("origin", "")
+        origin = expect["origin"] or o.entry.queue
+        return JobChange(
+            action=action,
+            queue=origin,
+            job_id=o.entry.job_id,
+            member=o.entry.job_id.encode(),
+            execution_id=None,
+            source=self.keys.failed(origin),
+            expect=expect,
+            expect_execution_heartbeat="",
+            worker=o.entry.worker_name,
+            audit=self._audit_fields(o, action, o.reason),
+            related_keys=o.rule.related_keys_of(o.entry.job_id, self.keys.prefix),
+        )
+
     def _follow_up(self, outcomes: list[JobOutcome]) -> None:
         """Apply the policy's action to stopped jobs (RQ files them as failed)."""
         for o in outcomes:
@@ -560,29 +603,12 @@ class Executor:
                 why = f"{o.action} not done: it changed since it was stopped ({now})"
                 _set(o, SKIPPED, why, append=True)
                 continue
-            # The queue written to is the origin read before the stop: the change
-            # goes ahead only while the job's origin is still that one.
-            expect["origin"] = (o.entry.job or {}).get("origin", "")
-            origin = expect["origin"] or o.entry.queue
             stopped.append(o)
-            changes.append(
-                JobChange(
-                    action=o.action,
-                    queue=origin,
-                    job_id=o.entry.job_id,
-                    member=o.entry.job_id.encode(),
-                    execution_id=None,
-                    source=self.keys.failed(origin),
-                    expect=expect,
-                    expect_execution_heartbeat="",
-                    worker=o.entry.worker_name,
-                    audit=self._audit_fields(o, o.action, o.reason),
-                    related_keys=o.rule.related_keys_of(o.entry.job_id, self.keys.prefix),
-                )
-            )
+            changes.append(self._follow_up_change(o, o.action, expect))
         for o, result in zip(stopped, self._apply_reconciled(stopped, changes), strict=True):
             if result is not None:
-                _record(o, result)
+                # The stop stays in the reason, whatever became of the follow-up.
+                _record(o, result, append=True)
 
     # Workers and the audit trail -------------------------------------------------------------
 
@@ -797,7 +823,9 @@ def _set(outcome: JobOutcome, result: str, why: str, append: bool = False) -> No
     _log_outcome(outcome)
 
 
-def _record(outcome: JobOutcome, result: ChangeResult) -> None:
+def _record(outcome: JobOutcome, result: ChangeResult, append: bool = False) -> None:
+    """Settle ``outcome`` from its change's result; with ``append``, an error or a
+    skip is added to the reason rather than put in its place."""
     if result.done:
         outcome.outcome = DONE
         if result.detail not in _PLAIN_DETAILS:
@@ -806,9 +834,9 @@ def _record(outcome: JobOutcome, result: ChangeResult) -> None:
             outcome.reason += f"; requeued by opsctl {result.rescues} time(s) so far"
         _log_outcome(outcome)
     elif result.error:
-        _set(outcome, ERROR, result.detail)
+        _set(outcome, ERROR, result.detail, append)
     else:
-        _set(outcome, SKIPPED, f"changed since it was read: {result.detail}")
+        _set(outcome, SKIPPED, f"changed since it was read: {result.detail}", append)
 
 
 def _log_outcome(outcome: JobOutcome) -> None:
