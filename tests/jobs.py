@@ -41,3 +41,14 @@ def sleep_first_time(marker: str, seconds: float) -> str:
         time.sleep(seconds)
         return "slept"
     return "ran again"
+
+
+def exit_at_once() -> None:
+    """End the work horse's process at once, as a library calling ``os._exit(0)`` does.
+
+    RQ's cleanup of the run never happens: the job stays started, and the worker,
+    idle again, still lists the job among its executions.
+    """
+    import os
+
+    os._exit(0)

@@ -446,6 +446,43 @@ def test_job_within_max_age_is_left_running_and_finishes_normally(
     assert result is not None and result.return_value == "slept 12s"
 
 
+def test_a_job_an_idle_worker_still_lists_is_failed_once_lost_after_passes_and_never_stopped(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # A work horse that ends its process at once (a library calling os._exit) leaves
+    # the job started and listed among the now idle worker's executions. A stop sent
+    # for it finds no work horse, and RQ's worker then kills its own process group.
+    worker = rq_workers.start([QUEUE])
+    job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.exit_at_once")
+    deadline = time.monotonic() + STATUS_TIMEOUT_S
+    listed = f"rq:worker:{worker.name}:executions"
+    while time.monotonic() < deadline and not (
+        redis_conn.hget(f"rq:worker:{worker.name}", "state") == b"idle"
+        and redis_conn.scard(listed) == 1
+    ):
+        time.sleep(0.2)
+    assert job_status(redis_conn, job.id) == "started"
+    assert redis_conn.scard(listed) == 1, "the idle worker still lists the job"
+    time.sleep(2.5)  # past max_age 1s and lost_after 2s
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"version: 1\ndefaults:\n  max_age: 1s\n  lost_after: 2s\n  action: fail\n"
+        f"queues:\n  - name: {QUEUE}\n"
+    )
+
+    report = apply(policy, redis_url)
+
+    line = job_line(report, job.id)
+    assert (line["state"], line["action"], line["outcome"]) == ("abandoned", "fail", "done"), show(
+        line
+    )
+    assert f"{worker.name} is live but not executing it" in line["reason"]
+    assert job_status(redis_conn, job.id) == "failed"
+    assert job.id in failed_ids(redis_conn)
+    time.sleep(1)  # a stop would have killed the worker by now
+    assert worker.running(), "the worker is left running"
+
+
 def test_job_of_a_stopped_worker_whose_hash_expired_is_left_to_its_work_horse(
     rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

@@ -17,6 +17,7 @@ from opsctl.engine import (
     ACTION_NONE,
     ACTION_REMOVE_ENTRY,
     ACTION_STOP,
+    LEASE_GRACE_S,
     Liveness,
     State,
     Verdict,
@@ -463,6 +464,11 @@ def test_worker_with_only_a_named_connection_keeps_its_job() -> None:
         pytest.param((), {"current_job": "other"}, State.ABANDONED, id="rq2-current_job-other"),
         pytest.param((), {"state": "busy"}, State.RUNNING, id="busy-with-no-record-yet"),
         pytest.param((), {"state": "idle"}, State.ABANDONED, id="idle-with-no-record"),
+        # Records a worker that is not busy left behind (its work horse exited without
+        # RQ's cleanup): it runs no job, and a stop would make it kill its own group.
+        pytest.param((MEMBER,), {"state": "idle"}, State.ABANDONED, id="rq3-idle-lists-it"),
+        pytest.param((), {"current_job": JOB_ID, "state": "idle"}, State.ABANDONED, id="rq2-idle"),
+        pytest.param((MEMBER,), {"state": "suspended"}, State.ABANDONED, id="suspended-lists-it"),
     ],
 )
 def test_live_worker_executes_a_job_when_its_own_records_say_so(
@@ -471,6 +477,17 @@ def test_live_worker_executes_a_job_when_its_own_records_say_so(
     verdict = decide(entry(), worker(executing=executing, **fields))
 
     assert verdict.state is state
+
+
+def test_an_idle_workers_left_behind_record_is_not_a_job_it_holds_elsewhere() -> None:
+    # The entry names another worker; the idle one's records still list the job.
+    idle = worker("w-idle", executing=(MEMBER,), state="idle")
+    named = worker(executing=(), state="idle")
+
+    verdict = decide(entry(job=job_hash(started_ago_s=3600)), named, idle)
+
+    assert (verdict.state, verdict.signals.worker) == (State.ABANDONED, WORKER)
+    assert verdict.action != ACTION_STOP
 
 
 def test_rq1_bare_member_is_matched_by_the_workers_current_job() -> None:
@@ -493,6 +510,23 @@ def test_job_over_max_age_on_a_live_worker_is_overdue_and_stopped_first() -> Non
     assert verdict.follow_up == "requeue"
     assert verdict.reason == "running longer than max_age 600s"
     assert verdict.signals.age_s == 3600.0
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_an_overdue_job_whose_lease_its_worker_stopped_renewing_is_not_stopped(
+    force: bool,
+) -> None:
+    # The worker's records name the job (restored from an older copy, say), but it
+    # renews no lease on it: a stop that finds no work horse kills the worker's group.
+    lapsed = replace(entry(job=job_hash(started_ago_s=3600)), score=NOW - LEASE_GRACE_S - 1)
+    rule = Rule(max_age_seconds=600, action="requeue", force=force)
+
+    verdict = decide(lapsed, worker(), rule=rule)
+    renewed = decide(replace(lapsed, score=NOW - LEASE_GRACE_S + 1), worker(), rule=rule)
+
+    assert (verdict.state, verdict.action) == (State.OVERDUE, ACTION_NONE)
+    assert "but not stopped: w1 has stopped renewing its lease on this run" in verdict.reason
+    assert (renewed.state, renewed.action) == (State.OVERDUE, ACTION_STOP)
 
 
 def test_job_within_max_age_on_a_live_worker_is_running_and_kept() -> None:

@@ -1641,6 +1641,8 @@ def stranded(conn: redis.Redis, first_seen_s: float | None) -> Job:
     if first_seen_s is not None:
         key = f"rq:queue:{QUEUE}:intermediate:first_seen:{job.id}"
         conn.set(key, time.time() - first_seen_s, ex=86400)
+        # RQ marks an id it finds in the list after the job was enqueued.
+        conn.hset(job.key, "enqueued_at", iso(ago(first_seen_s + 60)))
     return job
 
 
@@ -1693,6 +1695,25 @@ def test_a_stranded_id_without_rqs_mark_is_failed_only_once_lost_after_has_passe
     # It waited an hour in its queue; a worker may have moved it to the list just now.
     job = stranded(redis_conn, first_seen_s=None)
     redis_conn.hset(job.key, "enqueued_at", iso(ago(HOUR_S)))
+    path = policy(tmp_path, extra="  lost_after: 4s\n")
+
+    first = job_in(run(path, redis_url), job.id)
+    time.sleep(4.5)
+    later = job_in(run(path, redis_url), job.id)
+
+    assert (first["state"], first["action"], first["outcome"]) == ("stranded", "none", "kept")
+    assert "found there now (a worker may have just taken it)" in first["reason"]
+    assert (later["state"], later["action"], later["outcome"]) == ("stranded", "fail", "done")
+    assert job_status(redis_conn, job.id) == "failed"
+
+
+def test_rqs_mark_of_an_earlier_stay_in_the_list_is_no_measure_of_this_one(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # RQ keeps its mark for a day: a job enqueued again under its id (a retry, a
+    # periodic job) that a worker has just moved to the list is not an hour old there.
+    job = stranded(redis_conn, first_seen_s=HOUR_S)
+    redis_conn.hset(job.key, "enqueued_at", iso(ago(1)))
     path = policy(tmp_path, extra="  lost_after: 4s\n")
 
     first = job_in(run(path, redis_url), job.id)

@@ -152,11 +152,28 @@ def _heartbeat_since_death(worker: WorkerRecord) -> bool:
     return died is not None and beat is not None and beat > died
 
 
+def runs_a_job(worker: WorkerRecord) -> bool:
+    """Whether a worker's hash allows that it runs a job: its state is ``busy``, or
+    it records none.
+
+    RQ marks a worker busy in the transaction that records the run it takes, and
+    idle only once it waits for work again: a worker that is idle (or starting, or
+    suspended) runs no job. Records of it that still name one were left behind (a
+    work horse that exited without RQ's cleanup, or data restored from an older
+    copy); a stop sent for such a job finds no work horse, and RQ's worker then
+    kills its own process group.
+    """
+    state = worker.fields.get("state")
+    return not state or state == "busy"
+
+
 def is_executing(worker: WorkerRecord, entry: StartedEntry) -> bool:
     """Whether a live ``worker``'s own records say it runs ``entry``."""
     if not worker.exists:
         # Its records expired with its hash: it may be executing any job that names it.
         return True
+    if not runs_a_job(worker):
+        return False
     if worker.executions:
         if entry.lost:  # no registry member to match: any execution of the job
             return any(e.startswith(f"{entry.job_id}:") for e in worker.executions)
@@ -171,7 +188,9 @@ def jobs_in_hand(workers: Mapping[str, WorkerRecord]) -> dict[str, str]:
     name: the jobs of its executions set (RQ 3) and its ``current_job`` (RQ 1, 2)."""
     found: dict[str, str] = {}
     for name, worker in workers.items():
-        if not (worker.executions or worker.current_job) or not worker_liveness(worker).alive:
+        if not (worker.executions or worker.current_job) or not runs_a_job(worker):
+            continue
+        if not worker_liveness(worker).alive:
             continue
         for execution in worker.executions:
             found.setdefault(execution.rpartition(":")[0] or execution, name)
@@ -233,7 +252,7 @@ def _decide(
         return _not_started(status, rule, liveness, holds, signals, now)
     if not holds:
         return _abandoned(rule, liveness, signals, now)
-    return _held(rule, signals)
+    return _held(entry, rule, signals, now)
 
 
 _NO_WORKER = Liveness(False, "no worker named")
@@ -300,6 +319,20 @@ def _dead_creator(entry: StartedEntry, holder: str, named_alive: bool) -> str | 
     return None
 
 
+def rq_first_seen(job: Mapping[str, str]) -> float | None:
+    """When RQ's cleanup first saw a job in its queue's intermediate list (its mark),
+    if that mark is of the job's present stay there: None when there is none, or
+    when it is older than the job's ``enqueued_at``. RQ leaves the mark for a day
+    and never clears it when the job starts, so a job enqueued again under the same
+    id (a retry, a periodic job of a fixed id) would otherwise take its old mark
+    for how long it has been there now."""
+    seen = parse_timestamp(job.get("first_seen"))
+    enqueued = parse_timestamp(job.get("enqueued_at"))
+    if seen is None or (enqueued is not None and seen < enqueued):
+        return None
+    return seen
+
+
 def out_of_place_since(entry: StartedEntry) -> float | None:
     """Since when a lost or stranded job is known to be out of place.
 
@@ -311,7 +344,7 @@ def out_of_place_since(entry: StartedEntry) -> float | None:
     """
     job = entry.job if entry.job is not None else _NO_FIELDS
     if entry.stranded:
-        return parse_timestamp(job.get("first_seen")) or entry.first_lost
+        return rq_first_seen(job) or entry.first_lost
     if job.get("status") == "started":
         moments = [parse_timestamp(job.get(n)) for n in ("started_at", "last_heartbeat")]
         known = [t for t in moments if t is not None]
@@ -448,19 +481,36 @@ def _abandoned(rule: Rule, liveness: Liveness, signals: Signals, now: float) -> 
     return Verdict(State.ABANDONED, rule.action, why, signals)
 
 
-def _held(rule: Rule, signals: Signals) -> Verdict:
+def _held(entry: StartedEntry, rule: Rule, signals: Signals, now: float) -> Verdict:
     age = signals.age_s
     if rule.force:
-        return Verdict(State.OVERDUE, ACTION_STOP, "force is set", signals, rule.action)
-    if age is None:
+        why = "force is set"
+    elif age is None:
         reason = "age unknown (no readable started_at); never acted on by age"
         return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
-    # The age itself is in the signals (and every report's age column).
-    if age > rule.max_age_seconds:
-        reason = sys.intern(f"running longer than max_age {rule.max_age_seconds}s")
-        return Verdict(State.OVERDUE, ACTION_STOP, reason, signals, rule.action)
-    reason = sys.intern(f"running within max_age {rule.max_age_seconds}s")
-    return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
+    elif age > rule.max_age_seconds:
+        # The age itself is in the signals (and every report's age column).
+        why = sys.intern(f"running longer than max_age {rule.max_age_seconds}s")
+    else:
+        reason = sys.intern(f"running within max_age {rule.max_age_seconds}s")
+        return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
+    if not entry.lost and not entry.stranded and entry.score < now - LEASE_GRACE_S:
+        # A worker renews the lease (the entry's score) at every heartbeat while it
+        # runs the job. One that stopped renewing it may run no such job (its records
+        # were left behind): a stop that finds no work horse makes RQ's worker kill
+        # its own process group. RQ's own cleanup fails such an entry in time.
+        reason = sys.intern(
+            f"{why}, but not stopped: {signals.worker} has stopped renewing its lease on "
+            "this run, so it may not be running it, and a stop that finds no work horse "
+            "makes RQ's worker kill its own process group"
+        )
+        return Verdict(State.OVERDUE, ACTION_NONE, reason, signals)
+    return Verdict(State.OVERDUE, ACTION_STOP, why, signals, rule.action)
+
+
+#: Seconds past its lease's end (the registry score: the worker's clock) before an
+#: entry's lease counts as no longer renewed.
+LEASE_GRACE_S = 60
 
 
 def started_moment(job: Mapping[str, str], execution: Mapping[str, str]) -> float | None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 
+from opsctl.engine import rq_first_seen
 from opsctl.keys import JOB_FIELDS, LOST_NOTE_TTL_S, Keys, lost_note_key
 from opsctl.model import StartedEntry
 from opsctl.progress import WALKING, OnProgress
@@ -498,7 +499,7 @@ def _needs_note(entry: StartedEntry) -> bool:
     lost, or stranded without RQ's own first-seen mark, and not noted."""
     if entry.first_lost is not None or not _is_queued(entry):
         return False
-    return entry.lost or (entry.stranded and "first_seen" not in (entry.job or {}))
+    return entry.lost or (entry.stranded and rq_first_seen(entry.job or {}) is None)
 
 
 def _is_queued(entry: StartedEntry) -> bool:
@@ -679,7 +680,7 @@ def _stranded_entries(
             entries.append(
                 StartedEntry(queue, job_id, None, float("nan"), job or None, None, stranded=True)
             )
-    unmarked = {e.job_id: dict(e.job) for e in entries if e.job and "first_seen" not in e.job}
+    unmarked = {e.job_id: dict(e.job) for e in entries if e.job and rq_first_seen(e.job) is None}
     noted = lost_notes(conn, keys, unmarked, result.problems)
     return [replace(e, first_lost=noted.get(e.job_id)) if e.job_id in noted else e for e in entries]
 
