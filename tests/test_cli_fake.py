@@ -548,6 +548,27 @@ def test_dead_worker_registration_is_removed_and_a_live_one_stays(
     assert queue.get_job_ids() == [waiting.id], "a queued job is not opsctl's business"
 
 
+def test_a_death_opsctl_recorded_is_never_shown_as_the_workers_own(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    # The first run removes the dead worker's registrations (its queue "default" is
+    # covered) but leaves its job in "other" alone; the next run fails that job.
+    register_worker(url, "w-crashed")
+    job = started_job(conn, "w-crashed", queue="other")
+    policy = write_policy(tmp_path, 'version: 1\nqueues:\n  - name: "*"\n    action: fail\n')
+
+    first = apply(policy, url, "--queue", "default")
+    later = apply(policy, url, "--queue", "other")
+
+    assert [(w["name"], w["outcome"]) for w in first["workers"]] == [("w-crashed", "done")]
+    [line] = [j for j in later["jobs"] if j["id"] == job.id]
+    assert line["outcome"] == "done"
+    assert "an opsctl run found it dead at " in line["reason"]
+    assert "recorded its death" not in line["reason"]
+    failure = Job.fetch(job.id, connection=conn).latest_result()
+    assert failure is not None and "an opsctl run found it dead at " in str(failure.exc_string)
+
+
 def test_forced_job_is_stopped_by_its_live_worker_then_gets_the_policy_action(
     conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
 ) -> None:

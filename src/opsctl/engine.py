@@ -115,7 +115,12 @@ def worker_liveness(worker: WorkerRecord | None) -> Liveness:
             return Liveness(True, "worker hash expired, but the worker still holds its connection")
         return Liveness(False, "worker hash is gone")
     if worker.fields.get("death") and not _heartbeat_since_death(worker):
-        return Liveness(False, f"worker recorded its death at {worker.fields['death']}")
+        death = worker.fields["death"]
+        if worker.fields.get("death_noted_by") == "opsctl":
+            # Written by the run that removed its registrations, not by the worker.
+            found = f"an opsctl run found it dead at {death} (no connection to Redis)"
+            return Liveness(False, f"{found}, and it has not heartbeated since")
+        return Liveness(False, f"worker recorded its death at {death}")
     # A death followed by a heartbeat was written while the worker was cut off
     # from Redis (by a run that took it for dead), after which it came back and
     # went on: it no longer counts, and the connections decide, as for any other.

@@ -36,6 +36,7 @@ EXECUTION_FIELDS: tuple[str, ...] = ("worker_name", "created_at", "last_heartbea
 WORKER_FIELDS: tuple[str, ...] = (
     "birth",
     "death",
+    "death_noted_by",
     "last_heartbeat",
     "state",
     "current_job",
