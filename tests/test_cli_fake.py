@@ -1118,6 +1118,31 @@ def test_a_run_lock_key_of_another_type_is_named_and_nothing_is_done(
     assert conn.hgetall("opsctl:lock") == {b"set by": b"someone else"}
 
 
+@pytest.mark.parametrize("ended", [True, False])
+def test_a_run_lock_left_by_a_run_that_has_ended_says_so_and_when_it_expires(
+    conn: redis.Redis, url: str, tmp_path: Path, ended: bool
+) -> None:
+    # A run that lost Redis leaves its lock to expire; the next run is not told that
+    # another run holds it, when none does.
+    job = started_job(conn, "w-crashed")
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    pid = process.pid if ended else os.getppid()  # a process that runs: pytest's parent
+    token = f"opsctl run=0123456789ab host={os.uname().nodename} pid={pid} abcd1234"
+    conn.set("opsctl:lock", token, ex=60)
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+
+    result = opsctl("apply", str(policy), "--redis-url", url, "--lock-timeout", "0")
+
+    assert result.exit_code == 5, result.output
+    if ended:
+        assert "held by an opsctl run that has ended" in result.stderr
+        assert "left the lock to expire, in 60s at most" in result.stderr
+    else:
+        assert f"another opsctl run holds the lock ({token})" in result.stderr
+    assert status_of(conn, job.id) == "started"
+
+
 def test_plans_made_one_after_another_leave_no_garbage_behind(
     conn: redis.Redis, tmp_path: Path
 ) -> None:

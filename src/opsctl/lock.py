@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -186,8 +187,16 @@ def run_lock(
                     "not left by a run, and no run will release it: not waited for. If it "
                     f"was set to pause opsctl, runs resume once it is removed (DEL {RUN_LOCK_KEY})."
                 )
+            holder, ttl = lock.holder(), conn.ttl(RUN_LOCK_KEY)
+            within = f", in {ttl}s at most" if isinstance(ttl, int) and ttl > 0 else ""
+            if _ended_here(holder):
+                raise LockTimeout(
+                    f"the run lock is held by an opsctl run that has ended ({holder}; no such "
+                    f"process runs on this host): it lost Redis and left the lock to expire"
+                    f"{within}. Try again then."
+                )
             raise LockTimeout(
-                f"another opsctl run holds the lock ({lock.holder()}); waited {timeout_s:g}s. "
+                f"another opsctl run holds the lock ({holder}); waited {timeout_s:g}s. "
                 "Try again when it has finished, or raise --lock-timeout."
             )
     keeper = _Keeper(lock)
@@ -196,6 +205,21 @@ def run_lock(
             yield lock
         finally:
             keeper.stop()  # first: a renewal must not follow the release
+
+
+def _ended_here(holder: str) -> bool:
+    """Whether a lock's holder (an :func:`owner_token`) names a process of this host
+    that no longer runs: a run that left its lock to expire when Redis went silent."""
+    found = re.search(r"\bhost=(\S+) pid=(\d+)\b", holder)
+    if found is None or found[1] != socket.gethostname() or int(found[2]) == os.getpid():
+        return False
+    try:
+        os.kill(int(found[2]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it runs, as another user's process
+        return False
+    return False
 
 
 @contextmanager
