@@ -233,6 +233,17 @@ def test_dashboard_queries_name_only_opsctls_metrics_and_chart_every_one() -> No
     assert functions <= promql, functions - promql
 
 
+def test_the_dashboards_stuck_jobs_are_the_reports_every_state_but_running() -> None:
+    dashboard = json.loads((EXAMPLES / "grafana" / "opsctl-dashboard.json").read_text())
+
+    [panel] = [p for p in dashboard["panels"] if p["title"] == "Stuck jobs now"]
+    [query] = [t["expr"] for t in panel["targets"]]
+
+    # Lost, stranded, orphaned and leftover jobs are stuck too, as the report counts them.
+    assert 'state!="running"' in query
+    assert "state=~" not in query
+
+
 def test_dashboard_has_a_panel_per_metric_family_and_unique_ids() -> None:
     dashboard = json.loads((EXAMPLES / "grafana" / "opsctl-dashboard.json").read_text())
 
