@@ -407,6 +407,28 @@ def test_an_overdue_job_whose_follow_up_could_not_be_done_is_not_stopped(
     assert worker.running()
 
 
+def test_an_overdue_job_is_not_stopped_while_rqs_lock_would_hold_off_its_follow_up(
+    rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # A worker killed while cleaning leaves RQ's maintenance lock for 15 minutes:
+    # stopped, the job would sit failed with its requeue never applied.
+    worker, job = start_job(rq_workers, redis_conn, QUEUE, 60)
+    redis_conn.set(f"rq:clean_registries:{QUEUE}", "a worker that died cleaning", ex=899)
+    time.sleep(1.5)  # past max_age 1s
+    policy = write_policy(tmp_path, action="requeue", max_age="1s")
+
+    result = run_opsctl(
+        "apply", str(policy), "--redis-url", redis_url, "--format", "json", "--lock-timeout", "1"
+    )
+
+    assert result.returncode == 5, result.stderr  # RQ's lock held: run again later
+    line = job_line(json.loads(result.stdout), job.id)
+    assert (line["outcome"], line["stop_confirmed"]) == ("skipped", False), show(line)
+    assert "not stopped, as its requeue could not follow: RQ's maintenance lock" in line["reason"]
+    assert job_status(redis_conn, job.id) == "started"
+    assert worker.running()
+
+
 def test_a_stopped_job_requeued_keeps_what_waits_for_it(
     rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 
 import redis
@@ -129,16 +130,9 @@ class Executor:
                     break
                 self._checkpoint()
                 self._under_queue_lock(queue, [o for o in outcomes if o.action != ACTION_STOP])
-            follow_ups: dict[str, list[JobOutcome]] = {}
             if stops and not self.run.redis_lost:
                 self._checkpoint()
-                for outcome in self._stop_jobs(stops):
-                    follow_ups.setdefault(outcome.entry.queue, []).append(outcome)
-                self._dealt(len(stops))
-            for queue, stopped in follow_ups.items():
-                if self.run.redis_lost:
-                    break
-                self._under_queue_lock(queue, stopped, follow_up=True)
+                self._stop_and_follow_up(stops)
             if self.run.redis_lost:
                 # A batch could not be confirmed and Redis stayed away: the
                 # queues not reached yet wait for the next run.
@@ -188,43 +182,73 @@ class Executor:
                 work.setdefault(job.entry.queue, []).append(job)
         return work
 
-    def _under_queue_lock(
-        self, queue: str, outcomes: list[JobOutcome], follow_up: bool = False
-    ) -> None:
-        """Change ``outcomes`` (or, with ``follow_up``, apply the follow-up actions of
-        these stopped jobs) while holding RQ's maintenance lock of ``queue``."""
+    def _under_queue_lock(self, queue: str, outcomes: list[JobOutcome]) -> None:
+        """Change ``outcomes`` while holding RQ's maintenance lock of ``queue``."""
         if not outcomes:
             return
+        with ExitStack() as held:
+            refused = self._take_queue_lock(queue, held)
+            if refused is not None:
+                for outcome in outcomes:
+                    _set(outcome, SKIPPED, refused)
+                self._dealt(len(outcomes))
+                return
+            self._change_jobs(outcomes)
+
+    def _take_queue_lock(self, queue: str, held: ExitStack) -> str | None:
+        """Take RQ's maintenance lock of ``queue`` until ``held`` closes; None once
+        taken, else why it could not be."""
         lock = maintenance_lock(self.conn, self.keys.prefix, queue, self.run.run_id)
         if not lock.try_acquire() and not lock.acquire(self._lock_wait_s(), self._asked_to_stop):
             self._checkpoint()  # asked to stop while waiting: the rest is left
             ttl = self.conn.ttl(lock.key)
             lasts = f", for {ttl}s more" if isinstance(ttl, int) and ttl > 0 else ""
-            why = (
+            if queue not in self.run.locked_out:
+                self.run.locked_out.append(queue)
+            return (
                 f"RQ's maintenance lock of this queue is held (by {lock.holder()}{lasts}): "
                 "RQ is cleaning its registries, or a worker killed while cleaning left the "
                 "lock behind; run again once it is gone"
             )
-            if queue not in self.run.locked_out:
-                self.run.locked_out.append(queue)
-            for outcome in outcomes:
-                if follow_up:
-                    outcome.action = outcome.verdict.follow_up or "fail"
-                    _set(outcome, SKIPPED, f"{outcome.action} not applied: {why}", append=True)
-                else:
-                    _set(outcome, SKIPPED, why)
-            if not follow_up:
-                self._dealt(len(outcomes))
-            return
         self._held.append(lock)
-        try:
-            with released(lock):
-                if follow_up:
-                    self._follow_up(outcomes)
+        held.callback(self._held.remove, lock)
+        held.enter_context(released(lock))
+        return None
+
+    def _stop_and_follow_up(self, stops: list[JobOutcome]) -> None:
+        """Stop ``stops`` through their workers, then apply their follow-ups. RQ's
+        maintenance lock of each queue with a follow-up is taken first and held
+        through both: its cleaning must not file a stopped job elsewhere before the
+        follow-up, and a job is not stopped whose follow-up the lock would hold off."""
+        with ExitStack() as held:
+            refused: dict[str, str | None] = {}
+            sent = []
+            for outcome in stops:
+                queue, follow_up = outcome.entry.queue, outcome.verdict.follow_up
+                if follow_up in (None, "fail"):
+                    sent.append(outcome)
+                    continue
+                if queue not in refused:
+                    refused[queue] = self._take_queue_lock(queue, held)
+                why = refused[queue]
+                if why is None:
+                    sent.append(outcome)
                 else:
-                    self._change_jobs(outcomes)
-        finally:
-            self._held.remove(lock)
+                    outcome.stop_confirmed = False
+                    _set(
+                        outcome,
+                        SKIPPED,
+                        f"not stopped, as its {follow_up} could not follow: {why}",
+                        append=True,
+                    )
+            follow_ups: dict[str, list[JobOutcome]] = {}
+            for outcome in self._stop_jobs(sent):
+                follow_ups.setdefault(outcome.entry.queue, []).append(outcome)
+            self._dealt(len(stops))
+            for stopped in follow_ups.values():
+                if self.run.redis_lost:
+                    break
+                self._follow_up(stopped)
 
     def _lock_wait_s(self) -> float:
         """What is left of --lock-timeout for RQ's maintenance locks: one budget for
