@@ -47,6 +47,7 @@ from typer.testing import CliRunner
 from conftest import opsctl_env, serve_fake_redis
 from opsctl import apply as apply_module
 from opsctl import run, terminal
+from opsctl.actions import Actor
 from opsctl.cli import app
 from opsctl.engine import ACTION_NONE, ACTION_REMOVE_ENTRY, ACTION_STOP, State
 from opsctl.keys import Keys
@@ -567,6 +568,47 @@ def test_a_death_opsctl_recorded_is_never_shown_as_the_workers_own(
     assert "recorded its death" not in line["reason"]
     failure = Job.fetch(job.id, connection=conn).latest_result()
     assert failure is not None and "an opsctl run found it dead at " in str(failure.exc_string)
+
+
+@pytest.mark.parametrize(
+    ("state", "lease_ago_s", "said"),
+    [
+        ("busy", None, None),
+        ("idle", None, "w-live is idle, not busy, so it runs no job"),
+        ("suspended", None, "w-live is suspended, not busy, so it runs no job"),
+        ("busy", 120, "w-live has stopped renewing its lease on this run"),
+    ],
+)
+def test_a_stop_is_sent_only_to_a_busy_worker_that_renews_the_runs_lease(
+    conn: redis.Redis,
+    live_worker: Any,
+    state: str,
+    lease_ago_s: float | None,
+    said: str | None,
+) -> None:
+    # Checked again as the stop is sent (a plan's reads may be minutes old): a stop that
+    # finds no work horse makes RQ's worker kill its own process group.
+    worker = live_worker("w-live")
+    job = started_job(conn, "w-live")
+    conn.hset("rq:worker:w-live", "state", state)
+    [member] = conn.zrange("rq:wip:default", 0, -1)
+    if lease_ago_s is not None:
+        conn.zadd("rq:wip:default", {member: time.time() - lease_ago_s})
+    actor = Actor(conn, Keys("rq"))
+    started_at = conn.hget(job.key, "started_at").decode()
+
+    sent = actor.send_stop("w-live", job.id, "default", member, started_at, time.time() - 60)
+
+    if said is None:
+        assert (sent.receivers, sent.not_sent) == (1, None)
+        deadline = time.monotonic() + 5
+        while not worker.commands and time.monotonic() < deadline:
+            time.sleep(0.05)  # the worker's listener thread takes it
+        assert worker.commands == [{"command": "stop-job", "job_id": job.id}]
+    else:
+        assert sent.not_sent is not None and said in sent.not_sent
+        assert worker.commands == []
+    assert status_of(conn, job.id) == "started"
 
 
 def test_forced_job_is_stopped_by_its_live_worker_then_gets_the_policy_action(

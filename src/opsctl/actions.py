@@ -603,7 +603,19 @@ end
 local job = redis.call('HMGET', KEYS[1], 'status', 'started_at')
 if job[1] ~= 'started' then return {-1, job[1] or ''} end
 if (job[2] or '') ~= ARGV[3] then return {-2, ''} end
-if not redis.call('ZSCORE', KEYS[2], ARGV[4]) then return {-3, ''} end
+local lease = redis.call('ZSCORE', KEYS[2], ARGV[4])
+if not lease then return {-3, ''} end
+-- A stop that finds no work horse makes RQ's worker kill its own process group:
+-- none is sent to a worker that is not busy, nor for a run whose lease it no
+-- longer renews (see opsctl.engine.runs_a_job and the lease rule of _held).
+local kind = redis.call('TYPE', KEYS[3])
+if type(kind) == 'table' then kind = kind['ok'] end
+if kind == 'hash' then
+  local state = redis.call('HGET', KEYS[3], 'state')
+  if state and state ~= '' and state ~= 'busy' then return {-4, state} end
+end
+local score = tonumber(lease)
+if score and score < tonumber(ARGV[5]) then return {-5, ''} end
 return {redis.call('PUBLISH', ARGV[1], ARGV[2]), ''}
 """
 
@@ -753,14 +765,27 @@ class Actor:
         return _result(reply)
 
     def send_stop(
-        self, worker: str, job_id: str, queue: str, member: bytes, started_at: str
+        self,
+        worker: str,
+        job_id: str,
+        queue: str,
+        member: bytes,
+        started_at: str,
+        lease_ended_before: float,
     ) -> StopSent:
         """Ask ``worker`` to stop ``job_id`` (RQ's stop-job command), atomically only
-        if the job is still started, from ``started_at``, under registry ``member``."""
+        if the job is still started, from ``started_at``, under registry ``member``,
+        the worker is busy, and the entry's lease ends after ``lease_ended_before``."""
         payload = json.dumps({"command": "stop-job", "job_id": job_id})
         reply = self._stop_script(
-            keys=[self.keys.job(job_id), self.keys.started(queue)],
-            args=[self.keys.worker_channel(worker), payload, started_at, member],
+            keys=[self.keys.job(job_id), self.keys.started(queue), self.keys.worker(worker)],
+            args=[
+                self.keys.worker_channel(worker),
+                payload,
+                started_at,
+                member,
+                repr(lease_ended_before),
+            ],
         )
         code, detail = int(reply[0]), reply[1]
         if isinstance(detail, bytes):
@@ -771,6 +796,11 @@ class Actor:
             -1: f"its status is now {detail!r}" if detail else "the job is gone",
             -2: "it started again since it was read (a retry, or a new run of its id)",
             -3: "its registry entry is gone",
+            -4: f"{worker} is {detail}, not busy, so it runs no job: its records of this one "
+            "were left behind, and a stop that finds no work horse makes RQ's worker kill its "
+            "own process group",
+            -5: f"{worker} has stopped renewing its lease on this run, so it may not be running "
+            "it, and a stop that finds no work horse makes RQ's worker kill its own process group",
         }[code]
         return StopSent(0, why)
 

@@ -30,6 +30,7 @@ from opsctl.audit import AuditContext
 from opsctl.engine import (
     ACTION_REMOVE_ENTRY,
     ACTION_STOP,
+    LEASE_GRACE_S,
     is_executing,
     jobs_in_hand,
     out_of_place_since,
@@ -476,6 +477,8 @@ class Executor:
         whose policy action follows the stop (see :meth:`_follow_up`)."""
         waiting = []
         unsent = stops_that_may_stray(self.conn, self.keys, outcomes)
+        # The moment before which a lease ended counts as no longer renewed.
+        lapsed = server_time(self.conn) - LEASE_GRACE_S if outcomes else 0.0
         undoable = self._follow_ups_that_would_fail(outcomes)
         for outcome, why in zip(outcomes, unsent, strict=True):
             entry = outcome.entry
@@ -489,7 +492,7 @@ class Executor:
                 continue
             started_at = (entry.job or {}).get("started_at") or ""
             sent = self.actor.send_stop(
-                entry.worker_name, entry.job_id, entry.queue, entry.member, started_at
+                entry.worker_name, entry.job_id, entry.queue, entry.member, started_at, lapsed
             )
             if sent.not_sent is not None:
                 # It ended, or began again, since it was read (a plan's reads may be
