@@ -468,9 +468,9 @@ def test_a_url_option_the_connection_does_not_take_is_named(
         ("retry_on_timeout=true", "opsctl sets retry_on_timeout itself ("),
         ("client_name=a%20b", "opsctl sets client_name itself (it names its connection opsctl-"),
         # Numbers out of range: redis-py reads them, then fails as if the server had.
-        ("health_check_interval=-5", "health_check_interval must be 0 or more"),
-        ("socket_read_size=0", "socket_read_size must be 1 or more"),
-        ("max_connections=0", "max_connections must be 1 or more"),
+        ("health_check_interval=-5", "health_check_interval must be a number, 0 or more"),
+        ("socket_read_size=0", "socket_read_size must be a number, 1 or more"),
+        ("max_connections=0", "max_connections must be a number, 1 or more"),
     ],
 )
 def test_a_url_option_opsctl_would_misread_or_not_keep_is_refused_in_both_places(

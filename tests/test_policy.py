@@ -568,6 +568,13 @@ def test_schema_is_valid_draft_2020_12_and_lists_every_action() -> None:
             "queues:\n  - name: a\n",
             False,
         ),
+        # A control character in a related key, a final line break included.
+        (
+            'version: 1\nqueues:\n  - name: a\n    related_keys: ["x:{job_id}\\n"]\n',
+            False,
+        ),
+        ('version: 1\nqueues:\n  - name: a\n    related_keys: ["x\\t:{job_id}"]\n', False),
+        ('version: 1\nqueues:\n  - name: a\n    related_keys: ["x:{job_id}:y"]\n', True),
     ],
 )
 def test_the_published_schema_takes_a_policy_as_it_stands_in_its_file(
@@ -681,6 +688,10 @@ def test_a_user_or_password_no_connection_can_send_is_refused_without_quoting_it
         'version: 1\nredis:\n  url: "redis://127.0.0.1:1/0"\n  password: "pw\\ud800x"\n'
         '  username: "app\\ud800"\nqueues:\n  - name: a\n'
     )
+    in_url = tmp_path / "in-url.yaml"
+    in_url.write_text(
+        'version: 1\nredis:\n  url: "redis://u:pw\\ud800@h:1/0"\nqueues:\n  - name: a\n'
+    )
     kept = tmp_path / "kept.yaml"  # a byte from the environment is sent as that byte
     kept.write_text('version: 1\nredis:\n  password: "pw\\udcff"\nqueues:\n  - name: a\n')
 
@@ -692,3 +703,4 @@ def test_a_user_or_password_no_connection_can_send_is_refused_without_quoting_it
         f"{path}:5:13: redis.username: 'app\\ud800' {lone}",
     ]
     assert problem_lines(str(kept)) == []
+    assert problem_lines(str(in_url)) == [f"{in_url}:3:8: redis.url: the URL: {lone}"]

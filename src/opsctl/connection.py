@@ -200,6 +200,13 @@ def check_url(url: str) -> None:
             "rediss://, unix:// or redis+sentinel://"
         )
     shown = mask_url(url)
+    try:
+        url.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a YAML escape such as "\ud800": neither text nor a byte
+        raise UsageError(
+            f"Redis URL {shown!r} holds a lone surrogate (such as \\ud800), which no "
+            "connection can send"
+        ) from None
     # redis-py reads the protocol from the URL and refuses other values only
     # when it connects, as if the server could not be reached.
     query = url.partition("?")[2].partition("#")[0]
@@ -307,8 +314,12 @@ def _check_options(url: str) -> None:
         # redis-py reads these, but fails later on values out of range, in words that
         # blame the server (an unreachable one, exit 3), not the URL.
         least = _LEAST.get(name)
-        if least is not None and not float(values[0]) >= least:
-            raise UsageError(f"Redis URL {shown!r}: {name} must be {least:g} or more")
+        try:
+            too_small = least is not None and not float(values[0]) >= least
+        except ValueError:  # read otherwise by an older redis-py: not a number here
+            too_small = True
+        if too_small:
+            raise UsageError(f"Redis URL {shown!r}: {name} must be a number, {least:g} or more")
 
 
 #: The least value of the numeric URL options (redis-py has read them as numbers).
