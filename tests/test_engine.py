@@ -216,6 +216,26 @@ def test_job_whose_worker_recorded_its_death_is_abandoned_even_if_still_subscrib
     assert "recorded its death" in verdict.reason
 
 
+@pytest.mark.parametrize(
+    ("noted_by", "said"),
+    [
+        ("opsctl {death}", "an opsctl run found it dead at {death}"),
+        # The worker came back, then shut down cleanly: the death is its own.
+        ("opsctl 2023-01-01T00:00:00.000000Z", "worker recorded its death at {death}"),
+    ],
+)
+def test_a_death_opsctl_wrote_is_told_from_one_the_worker_recorded(
+    noted_by: str, said: str
+) -> None:
+    death = iso(60)
+    died = worker(death=death, last_heartbeat=iso(61), death_noted_by=noted_by.format(death=death))
+
+    verdict = decide(entry(), died)
+
+    assert verdict.state is State.ABANDONED
+    assert said.format(death=death) in verdict.reason
+
+
 def test_job_whose_worker_holds_no_connection_is_abandoned_while_its_hash_lingers() -> None:
     # A SIGKILLed worker: the hash expires minutes later, the connection is gone at once.
     killed = worker(subscribers=0, connected=False)

@@ -511,8 +511,9 @@ if removed == 0 then
   return {0, 'no longer registered (removed since it was read)'}
 end
 if hash and redis.call('HEXISTS', KEYS[1], 'death') == 0 then
-  -- Signed, so that no later run takes it for a death the worker recorded itself.
-  redis.call('HSET', KEYS[1], 'death', ARGV[4], 'death_noted_by', 'opsctl')
+  -- Signed with the moment written, so that no later run takes it for a death the
+  -- worker recorded itself (RQ's own clean shutdown overwrites the moment alone).
+  redis.call('HSET', KEYS[1], 'death', ARGV[4], 'death_noted_by', 'opsctl ' .. ARGV[4])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
 end
 -- As RQ's own shutdown does: a worker started again under this name must not

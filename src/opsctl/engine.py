@@ -116,7 +116,7 @@ def worker_liveness(worker: WorkerRecord | None) -> Liveness:
         return Liveness(False, "worker hash is gone")
     if worker.fields.get("death") and not _heartbeat_since_death(worker):
         death = worker.fields["death"]
-        if worker.fields.get("death_noted_by") == "opsctl":
+        if worker.fields.get("death_noted_by") == f"opsctl {death}":
             # Written by the run that removed its registrations, not by the worker.
             found = f"an opsctl run found it dead at {death} (no connection to Redis)"
             return Liveness(False, f"{found}, and it has not heartbeated since")
