@@ -1178,8 +1178,8 @@ def test_a_run_lock_left_by_a_run_that_has_ended_says_so_and_when_it_expires(
 
     assert result.exit_code == 5, result.output
     if ended:
-        assert "held by an opsctl run that has ended" in result.stderr
-        assert "left the lock to expire, in 60s at most" in result.stderr
+        assert "held by an opsctl run that has ended, it seems" in result.stderr
+        assert "left the lock to expire, in 60s at most. Try again then" in result.stderr
     else:
         assert f"another opsctl run holds the lock ({token})" in result.stderr
     assert status_of(conn, job.id) == "started"

@@ -191,9 +191,10 @@ def run_lock(
             within = f", in {ttl}s at most" if isinstance(ttl, int) and ttl > 0 else ""
             if _ended_here(holder):
                 raise LockTimeout(
-                    f"the run lock is held by an opsctl run that has ended ({holder}; no such "
-                    f"process runs on this host): it lost Redis and left the lock to expire"
-                    f"{within}. Try again then."
+                    f"the run lock is held by an opsctl run that has ended, it seems ({holder}; "
+                    f"no such process runs on this host): most likely it lost Redis and left "
+                    f"the lock to expire{within}. Try again then (a run on another machine of "
+                    "the same name would still hold it)."
                 )
             raise LockTimeout(
                 f"another opsctl run holds the lock ({holder}); waited {timeout_s:g}s. "
