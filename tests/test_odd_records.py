@@ -1689,31 +1689,25 @@ def test_a_recently_stranded_id_is_left_for_its_worker(
     assert redis_conn.lrange(f"rq:queue:{QUEUE}:intermediate", 0, -1) == [job.id.encode()]
 
 
-def test_a_stranded_id_without_rqs_mark_is_failed_only_once_lost_after_has_passed_since_found(
-    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+@pytest.mark.parametrize(
+    ("first_seen_s", "enqueued_ago_s"),
+    [
+        # It waited an hour in its queue; a worker may have moved it to the list just now.
+        pytest.param(None, HOUR_S, id="no-mark"),
+        # RQ keeps its mark for a day: a job enqueued again under its id (a retry, a
+        # periodic job) that a worker has just moved to the list is not an hour old there.
+        pytest.param(HOUR_S, 1, id="mark-of-an-earlier-stay"),
+    ],
+)
+def test_a_stranded_id_without_rqs_mark_of_this_stay_is_failed_once_lost_after_has_passed(
+    redis_conn: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    first_seen_s: float | None,
+    enqueued_ago_s: float,
 ) -> None:
-    # It waited an hour in its queue; a worker may have moved it to the list just now.
-    job = stranded(redis_conn, first_seen_s=None)
-    redis_conn.hset(job.key, "enqueued_at", iso(ago(HOUR_S)))
-    path = policy(tmp_path, extra="  lost_after: 4s\n")
-
-    first = job_in(run(path, redis_url), job.id)
-    time.sleep(4.5)
-    later = job_in(run(path, redis_url), job.id)
-
-    assert (first["state"], first["action"], first["outcome"]) == ("stranded", "none", "kept")
-    assert "found there now (a worker may have just taken it)" in first["reason"]
-    assert (later["state"], later["action"], later["outcome"]) == ("stranded", "fail", "done")
-    assert job_status(redis_conn, job.id) == "failed"
-
-
-def test_rqs_mark_of_an_earlier_stay_in_the_list_is_no_measure_of_this_one(
-    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
-) -> None:
-    # RQ keeps its mark for a day: a job enqueued again under its id (a retry, a
-    # periodic job) that a worker has just moved to the list is not an hour old there.
-    job = stranded(redis_conn, first_seen_s=HOUR_S)
-    redis_conn.hset(job.key, "enqueued_at", iso(ago(1)))
+    job = stranded(redis_conn, first_seen_s=first_seen_s)
+    redis_conn.hset(job.key, "enqueued_at", iso(ago(enqueued_ago_s)))
     path = policy(tmp_path, extra="  lost_after: 4s\n")
 
     first = job_in(run(path, redis_url), job.id)
