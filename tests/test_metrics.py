@@ -463,13 +463,13 @@ def test_a_metrics_file_that_cannot_be_read_is_not_replaced(
     # checked, so it is kept.
     args, target = apply_with_metrics(fake_redis_url, tmp_path)
     target.write_text("-----BEGIN PRIVATE KEY-----\n")
-    from opsctl import metrics
+    from opsctl import files
     from opsctl.files import NotReadable
 
     def refused(path: str, limit_bytes: int) -> bytes:
         raise NotReadable("permission denied")
 
-    monkeypatch.setattr(metrics, "read_file", refused)
+    monkeypatch.setattr(files, "read_file", refused)
     result = invoke_opsctl(*args)
 
     assert result.exit_code == 2, result.output

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 
 
 class NotReadable(Exception):
@@ -82,6 +83,31 @@ def replaceable(path: str) -> bool:
     except OSError:
         return True  # the write itself then says why it cannot
     return stat.S_ISREG(mode)
+
+
+#: Why :func:`kept_from_replacing` keeps a file: it is no regular file, it cannot
+#: be read (so what it holds is unknown), or it holds something else.
+NOT_A_FILE, UNREADABLE, SOMETHING_ELSE = "not a file", "unreadable", "something else"
+
+
+def kept_from_replacing(
+    path: str, limit_bytes: int, ours: Callable[[bytes], bool]
+) -> tuple[str, str] | None:
+    """Why opsctl may not replace ``path`` with a file it writes, or None: it may when
+    the path names nothing yet, or a regular file that is empty or whose bytes
+    ``ours`` recognises as opsctl's own. Otherwise (one of the reasons above, and
+    the reason a file could not be read)."""
+    if not replaceable(path):
+        return NOT_A_FILE, ""
+    if not os.path.lexists(path):
+        return None
+    try:
+        raw = read_file(path, limit_bytes)
+    except NotReadable as exc:  # what it holds cannot be checked: never replaced
+        return UNREADABLE, exc.reason
+    except TooLarge:
+        return SOMETHING_ELSE, ""
+    return None if not raw.strip() or ours(raw) else (SOMETHING_ELSE, "")
 
 
 def _open(path: str) -> int:

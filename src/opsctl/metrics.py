@@ -37,9 +37,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from opsctl import files
 from opsctl.engine import State, classify, jobs_in_hand
 from opsctl.errors import ExitCode, OpsctlError
-from opsctl.files import NotReadable, TooLarge, read_file, replaceable
+from opsctl.files import NotReadable, TooLarge, read_file
 from opsctl.policy import Rule
 from opsctl.run import Run
 from opsctl.shown import quoted
@@ -77,27 +78,25 @@ NOT_METRICS = (
 def unfit_target(path: str) -> str | None:
     """Why writing the metrics to ``path`` would destroy something, or None: it names
     nothing yet, or a regular file that is empty or holds opsctl's metrics."""
-    if not replaceable(path):
-        return NOT_A_FILE
-    if not os.path.lexists(path):
+    kept = files.kept_from_replacing(path, MAX_METRICS_FILE_BYTES, _holds_our_metrics)
+    if kept is None:
         return None
-    try:
-        text = read_file(path, MAX_METRICS_FILE_BYTES).decode("utf-8")
-    except NotReadable as exc:  # what it holds cannot be checked: never replaced
-        return f"it exists and cannot be read ({exc.reason}), so {NOT_METRICS_SHORT}"
-    except (TooLarge, UnicodeDecodeError):
-        return NOT_METRICS
-    return None if not text.strip() or _holds_our_metrics(text) else NOT_METRICS
+    why, detail = kept
+    if why == files.NOT_A_FILE:
+        return NOT_A_FILE
+    if why == files.UNREADABLE:
+        return f"it exists and cannot be read ({detail}), so {NOT_METRICS_SHORT}"
+    return NOT_METRICS
 
 
-def _holds_our_metrics(text: str) -> bool:
-    """Whether ``text`` is Prometheus text holding opsctl's gauges (a file of
-    comments alone, or of other lines that parse, such as 'password 12345', is not)."""
+def _holds_our_metrics(raw: bytes) -> bool:
+    """Whether ``raw`` is Prometheus text holding opsctl's gauges (a file of comments
+    alone, or of other lines that parse, such as 'password 12345', is not)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        names = [family.name for family in text_string_to_metric_families(text)]
-    except ValueError:
+        names = [f.name for f in text_string_to_metric_families(raw.decode("utf-8"))]
+    except ValueError:  # UnicodeDecodeError included
         return False
     return any(name.startswith("opsctl_") for name in names)
 

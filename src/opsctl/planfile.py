@@ -23,9 +23,10 @@ from urllib.parse import urlsplit
 
 import redis
 
+from opsctl import files
 from opsctl.engine import ACTION_REMOVE_ENTRY, ACTION_STOP, Signals, State, Verdict
 from opsctl.errors import ExitCode, OpsctlError, UsageError
-from opsctl.files import NotReadable, TooLarge, check_file, read_file, replaceable
+from opsctl.files import NotReadable, TooLarge, check_file, read_file
 from opsctl.keys import DEFAULT_PREFIX
 from opsctl.model import StartedEntry, WorkerRecord, format_timestamp
 from opsctl.policy import ACTIONS, Limits, Rule
@@ -96,28 +97,26 @@ def unfit_output(path: str) -> str | None:
     yet, or a regular file that is empty or holds an opsctl plan."""
     if not path:
         return "--output is empty; give the path of the plan file to write"
+    kept = files.kept_from_replacing(path, MAX_PLAN_BYTES, _is_a_plan)
+    if kept is None:
+        return None
+    why, detail = kept
     given = f"--output {quoted(path)}"
-    if not replaceable(path):
+    if why == files.NOT_A_FILE:
         return f"{given} exists and is not a regular file; refusing to replace it"
-    if not os.path.lexists(path):
-        return None
-    kept = "refusing to replace it (remove it, or give another path)"
-    try:
-        raw = read_file(path, MAX_PLAN_BYTES)
-    except NotReadable as exc:  # what it holds cannot be checked: never replaced
-        return f"{given} exists and cannot be read ({exc.reason}); {kept}"
-    except TooLarge:
-        raw = b"not a plan"
-    if not raw.strip():
-        return None
+    refusing = "refusing to replace it (remove it, or give another path)"
+    if why == files.UNREADABLE:
+        return f"{given} exists and cannot be read ({detail}); {refusing}"
+    # Never quoted: a key, an env file or a policy named by mistake may hold secrets.
+    return f"{given} exists and holds something other than an opsctl plan; {refusing}"
+
+
+def _is_a_plan(raw: bytes) -> bool:
     try:
         document = json.loads(raw)
     except (ValueError, RecursionError):
-        document = None
-    if isinstance(document, dict) and document.get("format") == FORMAT:
-        return None
-    # Never quoted: a key, an env file or a policy named by mistake may hold secrets.
-    return f"{given} exists and holds something other than an opsctl plan; {kept}"
+        return False
+    return isinstance(document, dict) and document.get("format") == FORMAT
 
 
 def _write_atomically(path: str, text: str) -> None:
