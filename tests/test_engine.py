@@ -536,16 +536,42 @@ def test_job_over_max_age_on_a_live_worker_is_overdue_and_stopped_first() -> Non
 def test_an_overdue_job_whose_lease_its_worker_stopped_renewing_is_not_stopped(
     force: bool,
 ) -> None:
-    # The worker's records name the job (restored from an older copy, say), but it
-    # renews no lease on it: a stop that finds no work horse kills the worker's group.
+    # The worker's records name the job, but it renews no lease on it (frozen, say, or
+    # a SimpleWorker, which renews nothing): a stop that finds no work horse kills the
+    # worker's group.
     lapsed = replace(entry(job=job_hash(started_ago_s=3600)), score=NOW - LEASE_GRACE_S - 1)
     rule = Rule(max_age_seconds=600, action="requeue", force=force)
+    frozen = worker(last_heartbeat=iso(LEASE_GRACE_S + 30))
 
-    verdict = decide(lapsed, worker(), rule=rule)
-    renewed = decide(replace(lapsed, score=NOW - LEASE_GRACE_S + 1), worker(), rule=rule)
+    verdict = decide(lapsed, frozen, rule=rule)
+    renewed = decide(replace(lapsed, score=NOW - LEASE_GRACE_S + 1), frozen, rule=rule)
 
     assert (verdict.state, verdict.action) == (State.OVERDUE, ACTION_NONE)
     assert "but not stopped: w1 has stopped renewing its lease on this run" in verdict.reason
+    assert (renewed.state, renewed.action) == (State.OVERDUE, ACTION_STOP)
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        {"executing": (MEMBER, "other:ex9")},  # RQ 3: it runs another job now
+        {"executing": (), "current_job": JOB_ID},  # RQ 2, data restored from an older copy
+    ],
+)
+def test_a_run_whose_lease_ended_before_its_workers_last_heartbeat_is_not_held_by_it(
+    records: dict[str, Any],
+) -> None:
+    # A worker renews the lease of the run it executes with every heartbeat: one that
+    # heartbeated after this run's lease ended runs no such job, whatever it lists.
+    ended = replace(entry(job=job_hash(started_ago_s=3600)), score=NOW - 20)
+    busy = worker(last_heartbeat=iso(5), **records)
+
+    verdict = decide(ended, busy)
+    renewed = decide(replace(ended, score=NOW + 60), busy)
+
+    # Acted on once it has not run for longer than lost_after, and never stopped.
+    assert (verdict.state, verdict.action) == (State.ABANDONED, ACTION_NONE), verdict.reason
+    assert "w1 is live but not executing it for 30s, within lost_after" in verdict.reason
     assert (renewed.state, renewed.action) == (State.OVERDUE, ACTION_STOP)
 
 

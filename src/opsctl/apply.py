@@ -484,7 +484,7 @@ class Executor:
             entry = outcome.entry
             if why is None and id(outcome) in undoable:
                 # Stopped, the job would be left failed, not what the policy says.
-                action = outcome.verdict.follow_up
+                action = outcome.verdict.follow_up or "fail"
                 why = f"its follow-up ({action}) could not be done: {undoable[id(outcome)]}"
             if why is not None:
                 outcome.stop_confirmed = False
@@ -578,8 +578,11 @@ class Executor:
         """Why the follow-up of each stop (by ``id`` of its outcome) could not be done,
         for those that could not: checked before the stop is sent, by the script that
         will apply it (the user's rights, the types of the keys it writes, opsctl's count
-        of requeues), so that no job is stopped whose follow-up would then fail."""
-        following = [o for o in outcomes if o.verdict.follow_up not in (None, "fail")]
+        of requeues), so that no job is stopped whose follow-up would then fail. A stop
+        whose action is ``fail`` is checked as opsctl's own fail: RQ's worker files the
+        stopped job in the same failed registry, and a key of another type there would
+        leave the job in no registry at all."""
+        following = [o for o in outcomes if o.action == ACTION_STOP]
         if not following:
             return {}
         changes = [self._follow_up_change(o, o.verdict.follow_up or "fail", {}) for o in following]

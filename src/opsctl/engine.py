@@ -172,6 +172,23 @@ def runs_a_job(worker: WorkerRecord) -> bool:
     return not state or state == "busy"
 
 
+def left_behind(worker: WorkerRecord, entry: StartedEntry) -> bool:
+    """Whether ``worker`` has heartbeated since the lease of ``entry``'s run ended.
+
+    A worker renews the lease of the run it executes (the entry's score, written
+    by its own clock) with every heartbeat it writes during that run, and the
+    lease always ends after that heartbeat. A heartbeat after the lease ended was
+    written while running something else, or nothing: the worker's records of this
+    run, if any, were left behind (a work horse that ended its process without
+    RQ's cleanup; data restored from an older copy), and a stop for it would find
+    no work horse.
+    """
+    if entry.lost or entry.stranded or not worker.exists:
+        return False
+    beat = parse_timestamp(worker.fields.get("last_heartbeat"))
+    return beat is not None and beat > entry.score
+
+
 def is_executing(worker: WorkerRecord, entry: StartedEntry) -> bool:
     """Whether a live ``worker``'s own records say it runs ``entry``."""
     if not worker.exists:
@@ -219,12 +236,15 @@ def classify(
     name = entry.worker_name
     worker = workers.get(name) if name else None
     liveness = worker_liveness(worker) if name else _NO_WORKER
-    holds = liveness.alive and worker is not None and is_executing(worker, entry)
+    left = worker is not None and left_behind(worker, entry)
+    holds = liveness.alive and worker is not None and not left and is_executing(worker, entry)
     birth = None if worker is None else worker.fields.get("birth", "")
     signals = _signals(entry, name, liveness, now, birth)
     if in_hand is None:
         in_hand = jobs_in_hand(workers)
     holder = None if holds else in_hand.get(entry.job_id)
+    if left and holder == name:
+        holder = None  # its records of this very run are what was left behind
     if holder is not None:
         verdict = _held_elsewhere(entry, holder, workers[holder], liveness.alive, signals)
     else:
