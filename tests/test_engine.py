@@ -18,6 +18,7 @@ from opsctl.engine import (
     ACTION_REMOVE_ENTRY,
     ACTION_STOP,
     LEASE_GRACE_S,
+    RQ1_SINCE_RESTART,
     Liveness,
     State,
     Verdict,
@@ -234,6 +235,40 @@ def test_a_death_opsctl_wrote_is_told_from_one_the_worker_recorded(
 
     assert verdict.state is State.ABANDONED
     assert said.format(death=death) in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("version", "born_ago_s", "beat_ago_s", "alive"),
+    [
+        ("1.16.2", 3600, 5, True),  # born before the restart, heartbeated since
+        ("1.16.2", 3600, 600, False),  # no heartbeat since the restart: killed before it
+        ("1.16.2", 100, 5, False),  # born after the restart: it subscribed, and left
+        ("2.6.0", 3600, 5, False),  # RQ 2 subscribes again after a restart
+    ],
+)
+def test_an_rq1_worker_that_heartbeated_since_redis_restarted_is_live_without_a_connection(
+    version: str, born_ago_s: float, beat_ago_s: float, alive: bool
+) -> None:
+    # RQ 1's command thread dies with the connection and never subscribes again.
+    rq1 = replace(
+        worker(
+            executing=(),
+            current_job=JOB_ID,
+            subscribers=0,
+            connected=False,
+            version=version,
+            birth=iso(born_ago_s),
+            last_heartbeat=iso(beat_ago_s),
+        ),
+        server_started=NOW - 300,
+    )
+
+    verdict = decide(entry(member=JOB_ID, execution=None), rq1)
+
+    assert verdict.signals.worker_alive is alive
+    assert (verdict.state is State.RUNNING) is alive
+    if alive:
+        assert verdict.signals.worker_evidence == RQ1_SINCE_RESTART
 
 
 def test_job_whose_worker_holds_no_connection_is_abandoned_while_its_hash_lingers() -> None:

@@ -1628,6 +1628,41 @@ def test_dependents_are_released_when_rqs_key_prefix_is_the_policys(
         assert "deferred" not in item["reason"]
 
 
+@pytest.mark.parametrize(("version", "alive"), [("1.16.2", True), ("2.6.0", False)])
+def test_an_rq1_worker_born_before_redis_restarted_is_live_without_a_connection(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, version: str, alive: bool
+) -> None:
+    # RQ 1's command thread dies with the connection to a restarted Redis and never
+    # subscribes again; its main loop reconnects, heartbeats and runs jobs on. Here:
+    # born a day before this server started, heartbeating now, no connection.
+    job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.quick")
+    redis_conn.hset(
+        job.key,
+        mapping={"status": "started", "worker_name": "w-rq1", "started_at": iso(ago(HOUR_S))},
+    )
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {job.id: time.time() + 60})
+    worker_key = "rq:worker:w-rq1"
+    redis_conn.hset(
+        worker_key,
+        mapping={
+            "birth": iso(ago(86400)),
+            "last_heartbeat": iso(ago(0)),
+            "version": version,
+            "state": "busy",
+            "current_job": job.id,
+            "queues": QUEUE,
+        },
+    )
+    redis_conn.sadd("rq:workers", worker_key)
+
+    item = job_in(run(policy(tmp_path), redis_url, "--reconnect-grace", "0", "--dry-run"), job.id)
+
+    assert item["worker_alive"] is alive
+    assert item["state"] == ("overdue" if alive else "abandoned")
+    if alive:
+        assert "RQ 1 worker that has heartbeated since Redis restarted" in item["worker_evidence"]
+
+
 # --- 6. RQ's intermediate list ---------------------------------------------------------------
 
 

@@ -124,6 +124,8 @@ def worker_liveness(worker: WorkerRecord | None) -> Liveness:
     # A death followed by a heartbeat was written while the worker was cut off
     # from Redis (by a run that took it for dead), after which it came back and
     # went on: it no longer counts, and the connections decide, as for any other.
+    if not worker.subscribers and not worker.connected and _rq1_since_restart(worker):
+        return Liveness(True, RQ1_SINCE_RESTART)
     if worker.subscribers is None and worker.connected is None:
         return Liveness(True, "worker hash exists (its connections cannot be checked here)")
     if worker.subscribers:
@@ -134,6 +136,26 @@ def worker_liveness(worker: WorkerRecord | None) -> Liveness:
         again = f"still none {worker.looked_again_after_s:g}s later"
         return Liveness(False, f"{NO_CONNECTION} ({again})")
     return Liveness(False, NO_CONNECTION)
+
+
+#: Evidence of an RQ 1 worker that has heartbeated since Redis restarted.
+RQ1_SINCE_RESTART = (
+    "RQ 1 worker that has heartbeated since Redis restarted (RQ 1 never subscribes again "
+    "after a restart, so its missing connections prove nothing; it counts as live while "
+    "its hash lasts)"
+)
+
+
+def _rq1_since_restart(worker: WorkerRecord) -> bool:
+    """Whether ``worker`` is an RQ 1 worker born before the server's last start that
+    has heartbeated since: its command thread died with the restart and never
+    subscribes again, and its reconnected connection carries no name."""
+    started = worker.server_started
+    if started is None or not worker.fields.get("version", "").startswith("1."):
+        return False
+    birth = parse_timestamp(worker.fields.get("birth"))
+    beat = parse_timestamp(worker.fields.get("last_heartbeat"))
+    return birth is not None and beat is not None and birth < started <= beat
 
 
 #: Evidence of a worker whose hash exists and records no death, but which holds

@@ -36,6 +36,9 @@ class WorkerRecord:
     #: Set when a worker first found without a connection was read again this
     #: many seconds later (see opsctl.run): its verdict then rests on both looks.
     looked_again_after_s: float | None = None
+    #: When the Redis server last started (server time), read only for RQ 1 workers:
+    #: one born before then lost its subscription with the restart for good.
+    server_started: float | None = None
 
     @property
     def current_job(self) -> str:

@@ -980,6 +980,7 @@ def read_workers(
     elif clients is not None and subscribers is not None:
         subscribers = {n: clients.listeners(keys, n, c) for n, c in subscribers.items()}
     workers: dict[str, WorkerRecord] = {}
+    started = _server_started(conn) if _any_rq1(hashes.values()) else None
     for name, (exists, fields, ttl, executions) in hashes.items():
         fields = fields or [None] * len(WORKER_FIELDS)
         ttl = ttl if isinstance(ttl, int) else -1
@@ -995,8 +996,31 @@ def read_workers(
             connected=clients.connected(keys, name) if clients is not None else None,
             executions=frozenset(text(m) for m in executions),
             registered_in=frozenset(registrations.get(name, ())),
+            server_started=started,
         )
     return workers
+
+
+_VERSION_AT = WORKER_FIELDS.index("version")
+
+
+def _any_rq1(hashes: Iterable[tuple[Any, Any, Any, Any]]) -> bool:
+    """Whether any of these worker hashes was written by RQ 1."""
+    for _, fields, _, _ in hashes:
+        version = fields[_VERSION_AT] if fields else None
+        if isinstance(version, bytes | str) and text(version).startswith("1."):
+            return True
+    return False
+
+
+def _server_started(conn: redis.Redis) -> float | None:
+    """When the server last started (server time); None where INFO is refused."""
+    try:
+        uptime = conn.info("server").get("uptime_in_seconds")
+    except redis.ResponseError:
+        return None
+    # INFO counts whole seconds: the start is up to a second earlier than it says.
+    return server_time(conn) - uptime - 1 if isinstance(uptime, int) else None
 
 
 def _registrations(
