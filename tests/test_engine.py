@@ -598,16 +598,41 @@ def test_a_run_whose_lease_ended_before_its_workers_last_heartbeat_is_not_held_b
 ) -> None:
     # A worker renews the lease of the run it executes with every heartbeat: one that
     # heartbeated after this run's lease ended runs no such job, whatever it lists.
-    ended = replace(entry(job=job_hash(started_ago_s=3600)), score=NOW - 20)
+    ended = replace(entry(job=job_hash(started_ago_s=3600)), score=NOW - LEASE_GRACE_S - 20)
     busy = worker(last_heartbeat=iso(5), **records)
 
     verdict = decide(ended, busy)
-    renewed = decide(replace(ended, score=NOW + 60), busy)
+    # Within the margin: the heartbeat before a horse past its timeout is killed
+    # renews no lease.
+    renewed = decide(replace(ended, score=NOW - LEASE_GRACE_S + 20), busy)
 
     # Acted on once it has not run for longer than lost_after, and never stopped.
     assert (verdict.state, verdict.action) == (State.ABANDONED, ACTION_NONE), verdict.reason
     assert "w1 is live but not executing it for 30s, within lost_after" in verdict.reason
     assert (renewed.state, renewed.action) == (State.OVERDUE, ACTION_STOP)
+
+
+@pytest.mark.parametrize(
+    ("records", "state"),
+    [
+        ({"executing": (f"{JOB_ID}:e2",)}, State.LEFTOVER),  # RQ 3: its own run, e2
+        ({"executing": (), "current_job": JOB_ID}, State.RUNNING),  # RQ 2: names the job
+    ],
+)
+def test_a_dead_runs_entry_never_gets_the_job_a_worker_runs_again_acted_on(
+    records: dict[str, Any], state: State
+) -> None:
+    # The job was enqueued again under its id and a SimpleWorker (which renews no
+    # heartbeat) runs it; the dead run's execution record expired, so its entry names
+    # the job hash's worker, the new one, which has heartbeated since that lease ended.
+    again = job_hash(started_ago_s=700, worker="w-simple", last_heartbeat=iso(700))
+    dead_run = replace(entry(job=again, execution=None), score=NOW - 3600)
+    simple = worker("w-simple", last_heartbeat=iso(700), **records)
+
+    verdict = decide(dead_run, simple)
+
+    assert verdict.state is state, verdict.reason
+    assert verdict.action in (ACTION_NONE, ACTION_REMOVE_ENTRY)
 
 
 def test_job_within_max_age_on_a_live_worker_is_running_and_kept() -> None:

@@ -31,7 +31,7 @@ from opsctl.engine import (
     ACTION_REMOVE_ENTRY,
     ACTION_STOP,
     LEASE_GRACE_S,
-    is_executing,
+    holding,
     jobs_in_hand,
     out_of_place_since,
     runs_elsewhere,
@@ -739,9 +739,8 @@ def _hold_back_live_workers(conn: redis.Redis, keys: Keys, run: Run) -> None:
         if job.outcome != PLANNED or job.action == ACTION_STOP:
             continue
         name = job.entry.worker_name
-        worker = fresh.get(name) if name else None
-        holder = in_hand.get(job.entry.job_id)
-        if worker is not None and worker_liveness(worker).alive and is_executing(worker, job.entry):
+        holds, holder = holding(job.entry, fresh, in_hand)
+        if holds:
             _set(job, SKIPPED, f"not acted on: {name} is live now and executing it")
         elif holder is not None and job.action != ACTION_REMOVE_ENTRY:
             _set(job, SKIPPED, f"not acted on: {holder} is live now and executing this job")

@@ -199,8 +199,10 @@ def left_behind(worker: WorkerRecord, entry: StartedEntry) -> bool:
 
     A worker renews the lease of the run it executes (the entry's score, written
     by its own clock) with every heartbeat it writes during that run, and the
-    lease always ends after that heartbeat. A heartbeat after the lease ended was
-    written while running something else, or nothing: the worker's records of this
+    lease ends after that heartbeat (but for the heartbeat before a work horse
+    past its timeout is killed, and RQ 1's rounding). A heartbeat written more
+    than :data:`LEASE_GRACE_S` after the lease ended was written while running
+    something else, or nothing: the worker's records of this
     run, if any, were left behind (a work horse that ended its process without
     RQ's cleanup; data restored from an older copy), and a stop for it would find
     no work horse.
@@ -208,7 +210,9 @@ def left_behind(worker: WorkerRecord, entry: StartedEntry) -> bool:
     if entry.lost or entry.stranded or not worker.exists:
         return False
     beat = parse_timestamp(worker.fields.get("last_heartbeat"))
-    return beat is not None and beat > entry.score
+    # With a margin: the parent's last heartbeat before it kills a work horse past its
+    # timeout renews no lease, and RQ 1's last lease may end within a second of it.
+    return beat is not None and beat > entry.score + LEASE_GRACE_S
 
 
 def is_executing(worker: WorkerRecord, entry: StartedEntry) -> bool:
@@ -258,15 +262,11 @@ def classify(
     name = entry.worker_name
     worker = workers.get(name) if name else None
     liveness = worker_liveness(worker) if name else _NO_WORKER
-    left = worker is not None and left_behind(worker, entry)
-    holds = liveness.alive and worker is not None and not left and is_executing(worker, entry)
     birth = None if worker is None else worker.fields.get("birth", "")
     signals = _signals(entry, name, liveness, now, birth)
     if in_hand is None:
         in_hand = jobs_in_hand(workers)
-    holder = None if holds else in_hand.get(entry.job_id)
-    if left and holder == name:
-        holder = None  # its records of this very run are what was left behind
+    holds, holder = _holding(entry, worker, liveness.alive, in_hand)
     if holder is not None:
         verdict = _held_elsewhere(entry, holder, workers[holder], liveness.alive, signals)
     else:
@@ -277,6 +277,47 @@ def classify(
         note = f"; its origin is queue {origin!r}, not {entry.queue!r}"
         verdict = replace(verdict, reason=verdict.reason + note)
     return verdict
+
+
+def holding(
+    entry: StartedEntry, workers: Mapping[str, WorkerRecord], in_hand: Mapping[str, str]
+) -> tuple[bool, str | None]:
+    """Whether the live worker ``entry`` names executes its run; if not, the live
+    worker whose records say it executes the job (another run of it), or None.
+    ``in_hand`` is :func:`jobs_in_hand` of ``workers``."""
+    name = entry.worker_name
+    worker = workers.get(name) if name else None
+    alive = worker is not None and worker_liveness(worker).alive
+    return _holding(entry, worker, alive, in_hand)
+
+
+def _holding(
+    entry: StartedEntry, worker: WorkerRecord | None, alive: bool, in_hand: Mapping[str, str]
+) -> tuple[bool, str | None]:
+    left = worker is not None and left_behind(worker, entry)
+    holds = alive and worker is not None and not left and is_executing(worker, entry)
+    holder = None if holds else in_hand.get(entry.job_id)
+    if (
+        left
+        and worker is not None
+        and holder == worker.name
+        and _names_this_run_alone(worker, entry)
+    ):
+        holder = None  # its records of this very run are what was left behind
+    return holds, holder
+
+
+def _names_this_run_alone(worker: WorkerRecord, entry: StartedEntry) -> bool:
+    """Whether ``worker``'s records of ``entry``'s job name this entry's run and no
+    later run of the job (which the worker may be executing now)."""
+    if worker.executions:
+        runs = [e for e in worker.executions if e.startswith(f"{entry.job_id}:")]
+        return runs == [entry.member_text]
+    # RQ 1 and 2 name the job, not the run: a job hash started or heartbeated after
+    # this run's lease ended is a later run's.
+    job = entry.job if entry.job is not None else _NO_FIELDS
+    moments = (parse_timestamp(job.get(n)) for n in ("started_at", "last_heartbeat"))
+    return not any(t is not None and t > entry.score for t in moments)
 
 
 def _decide(
