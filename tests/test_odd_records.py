@@ -1243,6 +1243,15 @@ def test_explain_of_an_unknown_job_exits_6_with_one_line(redis_url: str) -> None
 # --- real workers: SimpleWorker and RQ 3 concurrency limits --------------------------------
 
 
+def lapse_simple_lease(conn: redis.Redis, worker: str, job_id: str) -> None:
+    """Make a SimpleWorker's job look as if it ran past its lease an hour ago: the lease
+    (fixed at the start, timeout + 60 s later) and the worker's last heartbeat (written
+    at the start; none while the job runs) both moved back, as RQ would have left them."""
+    lease_end = time.time() - HOUR_S
+    conn.zadd(f"rq:wip:{QUEUE}", {started_member(conn, job_id): lease_end})
+    conn.hset(f"rq:worker:{worker}", "last_heartbeat", iso(ago(HOUR_S + 660)))
+
+
 def test_a_simpleworkers_job_is_never_abandoned_while_the_worker_lives(
     rq_workers: WorkerFactory, redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
@@ -1250,8 +1259,7 @@ def test_a_simpleworkers_job_is_never_abandoned_while_the_worker_lives(
     job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 60, job_timeout=600)
     assert wait_for_status(redis_conn, job.id, "started", timeout=20) == "started"
     # No horse and no heartbeats while the job runs: its lease can lapse.
-    member = started_member(redis_conn, job.id)
-    redis_conn.zadd(f"rq:wip:{QUEUE}", {member: time.time() - HOUR_S})
+    lapse_simple_lease(redis_conn, worker.name, job.id)
 
     item = job_in(run(policy(tmp_path), redis_url), job.id)
 
@@ -1820,7 +1828,7 @@ def test_one_database_with_every_kind_of_odd_record_is_applied_correctly(
     simple = rq_workers.start([QUEUE], simple=True)
     running = queue.enqueue("jobs.sleep_for", 60, job_timeout=600)
     assert wait_for_status(redis_conn, running.id, "started", timeout=20) == "started"
-    redis_conn.zadd(f"rq:wip:{QUEUE}", {started_member(redis_conn, running.id): 1.0})
+    lapse_simple_lease(redis_conn, simple.name, running.id)
     simple.process.send_signal(19)  # SIGSTOP: it keeps its connection, takes nothing new
     waiting = queue.enqueue("jobs.quick")
     finished = queue.enqueue("jobs.quick")
