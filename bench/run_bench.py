@@ -73,6 +73,9 @@ class Measured:
     stdout: str
     stderr: str
     redis_cpu_s: float | None = None  # CPU time the private Redis spent meanwhile
+    #: Seconds Redis spent on each command meanwhile (INFO commandstats); a
+    #: command a script runs counts both on its own and within the script.
+    redis_commands: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -188,9 +191,16 @@ class Bench:
         Redis runs commands on one thread, so this is the least time any
         client could take for the same commands.
         """
+        client = self.server.client()
+        client.config_resetstat()
         before = self.redis_cpu()
         m = run_child(argv, self.env, stdout_path)
         m.redis_cpu_s = self.redis_cpu() - before
+        stats = client.info("commandstats")
+        m.redis_commands = {
+            name.removeprefix("cmdstat_"): float(counts["usec"]) / 1e6
+            for name, counts in sorted(stats.items(), key=lambda kv: -float(kv[1]["usec"]))
+        }
         return m
 
     def opsctl_dry_run(self, seeded: Seeded, name: str) -> Measured:
@@ -261,8 +271,12 @@ class Bench:
         self.add("opsctl apply --dry-run", n, dry, floor.seconds)
         self.add("  of which start-up (--version)", 0, self.startup(), floor.seconds)
         busy = dry.redis_cpu_s or 0.0
-        self.rows.append(Row("  Redis busy meanwhile (server CPU)", n, busy, floor.seconds))
-        log(f"Redis busy during the dry run [{n}]: {busy:.2f}s")
+        by_command = {name: s for name, s in dry.redis_commands.items() if s >= 0.01}
+        self.rows.append(
+            Row("  Redis busy meanwhile (server CPU)", n, busy, floor.seconds, detail=by_command)
+        )
+        spent = ", ".join(f"{name} {s:.2f}s" for name, s in by_command.items())
+        log(f"Redis busy during the dry run [{n}]: {busy:.2f}s ({spent})")
 
         fetch = self.rq_read("fetch", str(sample))
         info = child_json(fetch)
@@ -360,7 +374,7 @@ class Bench:
             # Redis alone spent on the dry run's commands.
             budget = min(fetch.seconds / 10, many.seconds / 3)
             busy.target = f"the read targets allow a dry run of {budget:.2f}s"
-            busy.detail = {"budget_s": budget}
+            busy.detail["budget_s"] = budget
         mark(cleanup, f"opsctl ≤ RQ: {cleanup.seconds / apply.seconds:.2f}x faster",
              apply.seconds <= cleanup.seconds)  # fmt: skip
         rss = Row("peak RSS, dry run", n, dry.rss_mb or 0.0)

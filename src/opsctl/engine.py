@@ -36,6 +36,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import cast
 
 from opsctl.model import StartedEntry, WorkerRecord, parse_int, parse_timestamp
 from opsctl.policy import Rule
@@ -107,6 +108,13 @@ def worker_liveness(worker: WorkerRecord | None) -> Liveness:
     """Decide whether ``worker`` is live; see the module docstring for the rule."""
     if worker is None:
         return Liveness(False, "worker hash is gone")
+    found = worker.concluded.get("liveness")
+    if found is None:
+        found = worker.concluded["liveness"] = _liveness(worker)
+    return cast(Liveness, found)
+
+
+def _liveness(worker: WorkerRecord) -> Liveness:
     if not worker.exists:
         if worker.subscribers or worker.connected:
             # Stopped (SIGSTOP, a debugger) or starved long enough for its
@@ -154,7 +162,7 @@ def _rq1_since_restart(worker: WorkerRecord) -> bool:
     if started is None or not worker.fields.get("version", "").startswith("1."):
         return False
     birth = parse_timestamp(worker.fields.get("birth"))
-    beat = parse_timestamp(worker.fields.get("last_heartbeat"))
+    beat = worker.heartbeat_at
     return birth is not None and beat is not None and birth < started <= beat
 
 
@@ -175,7 +183,7 @@ def _heartbeat_since_death(worker: WorkerRecord) -> bool:
     """Whether a worker whose hash records a death has heartbeated after it (RQ
     records a death as a worker shuts down, after its last heartbeat)."""
     died = parse_timestamp(worker.fields.get("death"))
-    beat = parse_timestamp(worker.fields.get("last_heartbeat"))
+    beat = worker.heartbeat_at
     return died is not None and beat is not None and beat > died
 
 
@@ -209,7 +217,7 @@ def left_behind(worker: WorkerRecord, entry: StartedEntry) -> bool:
     """
     if entry.lost or entry.stranded or not worker.exists:
         return False
-    beat = parse_timestamp(worker.fields.get("last_heartbeat"))
+    beat = worker.heartbeat_at
     # With a margin: the parent's last heartbeat before it kills a work horse past its
     # timeout renews no lease, and RQ 1's last lease may end within a second of it.
     return beat is not None and beat > entry.score + LEASE_GRACE_S

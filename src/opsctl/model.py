@@ -39,6 +39,19 @@ class WorkerRecord:
     #: When the Redis server last started (server time), read only for RQ 1 workers:
     #: one born before then lost its subscription with the restart for good.
     server_started: float | None = None
+    #: ``last_heartbeat`` in epoch seconds (None when missing or unreadable),
+    #: read once: a large run asks for it for every entry naming the worker.
+    heartbeat_at: float | None = field(init=False, default=None, compare=False, repr=False)
+    #: What the engine has concluded from this record, kept so that it is
+    #: concluded once, not once per entry (a record never changes once made;
+    #: ``dataclasses.replace`` makes a new one, with nothing concluded yet).
+    concluded: dict[str, object] = field(
+        init=False, default_factory=dict, compare=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        beat = parse_timestamp(self.fields.get("last_heartbeat"))
+        object.__setattr__(self, "heartbeat_at", beat)
 
     @property
     def current_job(self) -> str:
