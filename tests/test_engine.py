@@ -238,16 +238,19 @@ def test_a_death_opsctl_wrote_is_told_from_one_the_worker_recorded(
 
 
 @pytest.mark.parametrize(
-    ("version", "born_ago_s", "beat_ago_s", "alive"),
+    ("version", "born_ago_s", "beat_ago_s", "ttl_s", "alive"),
     [
-        ("1.16.2", 3600, 5, True),  # born before the restart, heartbeated since
-        ("1.16.2", 3600, 600, False),  # no heartbeat since the restart: killed before it
-        ("1.16.2", 100, 5, False),  # born after the restart: it subscribed, and left
-        ("2.6.0", 3600, 5, False),  # RQ 2 subscribes again after a restart
+        ("1.16.2", 3600, 5, 90, True),  # born before the restart, heartbeated since
+        # Not yet heartbeated since the restart 300 s ago: running a job, it beats only
+        # every 30 s, and a worker killed before the restart has a hash that expires.
+        ("1.16.2", 3600, 310, 50, True),
+        ("1.16.2", 3600, 310, -1, False),  # a hash that never expires proves nothing
+        ("1.16.2", 100, 5, 90, False),  # born after the restart: it subscribed, and left
+        ("2.6.0", 3600, 5, 90, False),  # RQ 2 subscribes again after a restart
     ],
 )
-def test_an_rq1_worker_that_heartbeated_since_redis_restarted_is_live_without_a_connection(
-    version: str, born_ago_s: float, beat_ago_s: float, alive: bool
+def test_an_rq1_worker_born_before_redis_restarted_is_live_without_a_connection(
+    version: str, born_ago_s: float, beat_ago_s: float, ttl_s: int, alive: bool
 ) -> None:
     # RQ 1's command thread dies with the connection and never subscribes again.
     rq1 = replace(
@@ -260,6 +263,7 @@ def test_an_rq1_worker_that_heartbeated_since_redis_restarted_is_live_without_a_
             birth=iso(born_ago_s),
             last_heartbeat=iso(beat_ago_s),
         ),
+        ttl_s=ttl_s,
         server_started=NOW - 300,
     )
 

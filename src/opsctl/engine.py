@@ -146,24 +146,31 @@ def _liveness(worker: WorkerRecord) -> Liveness:
     return Liveness(False, NO_CONNECTION)
 
 
-#: Evidence of an RQ 1 worker that has heartbeated since Redis restarted.
+#: Evidence of an RQ 1 worker born before Redis last started.
 RQ1_SINCE_RESTART = (
-    "RQ 1 worker that has heartbeated since Redis restarted (RQ 1 never subscribes again "
-    "after a restart, so its missing connections prove nothing; it counts as live while "
-    "its hash lasts)"
+    "RQ 1 worker born before Redis last started (RQ 1 never subscribes again after a "
+    "restart, so its missing connections prove nothing; it counts as live while its hash "
+    "lasts)"
 )
 
 
 def _rq1_since_restart(worker: WorkerRecord) -> bool:
-    """Whether ``worker`` is an RQ 1 worker born before the server's last start that
-    has heartbeated since: its command thread died with the restart and never
-    subscribes again, and its reconnected connection carries no name."""
+    """Whether ``worker`` is an RQ 1 worker born before the server's last start,
+    whose hash will expire: its command thread died with the restart and never
+    subscribes again, and its reconnected connection carries no name.
+
+    Its heartbeat since the restart is no evidence either way: a worker running
+    a job heartbeats only every 30 s or so, and one that died before the
+    restart has a hash that expires as RQ set it (the server keeps TTLs across
+    a restart). A hash set never to expire would keep it live for ever.
+    """
     started = worker.server_started
     if started is None or not worker.fields.get("version", "").startswith("1."):
         return False
+    if worker.ttl_s is not None and worker.ttl_s < 0:
+        return False
     birth = parse_timestamp(worker.fields.get("birth"))
-    beat = worker.heartbeat_at
-    return birth is not None and beat is not None and birth < started <= beat
+    return birth is not None and birth < started
 
 
 #: Evidence of a worker whose hash exists and records no death, but which holds
