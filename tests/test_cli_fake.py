@@ -40,7 +40,7 @@ from rq.registry import (
     ScheduledJobRegistry,
     StartedJobRegistry,
 )
-from rq.utils import utcformat
+from rq.utils import utcformat, utcparse
 from rq.worker_registration import get_keys
 from typer.testing import CliRunner
 
@@ -568,6 +568,35 @@ def test_a_death_opsctl_recorded_is_never_shown_as_the_workers_own(
     assert "recorded its death" not in line["reason"]
     failure = Job.fetch(job.id, connection=conn).latest_result()
     assert failure is not None and "an opsctl run found it dead at " in str(failure.exc_string)
+
+
+def test_a_worker_back_after_a_run_found_it_dead_is_live_whatever_its_clock(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    # A run takes a worker cut off from Redis for dead and notes its death (server
+    # time). The worker comes back, subscribes and heartbeats by its own clock, two
+    # minutes behind the server's: its heartbeat reads as older than the death.
+    register_worker(url, "w-back")
+    job = started_job(conn, "w-back", queue="other")
+    policy = write_policy(tmp_path, 'version: 1\nqueues:\n  - name: "*"\n    action: fail\n')
+    first = apply(policy, url, "--queue", "default")
+    assert [(w["name"], w["outcome"]) for w in first["workers"]] == [("w-back", "done")]
+    death = utcparse(conn.hget("rq:worker:w-back", "death").decode())
+    back = redis.Redis.from_url(url, client_name="w-back").pubsub()  # named, as RQ 3 does
+    back.subscribe("rq:pubsub:w-back")
+    assert back.get_message(timeout=5)["type"] == "subscribe"
+    behind = death - timedelta(seconds=120)
+    conn.hset("rq:worker:w-back", "last_heartbeat", utcformat(behind))
+    conn.expire("rq:worker:w-back", 420)
+    try:
+        later = apply(policy, url, "--queue", "other")
+    finally:
+        back.close()
+
+    [line] = [j for j in later["jobs"] if j["id"] == job.id]
+    assert (line["worker_alive"], line["state"], line["outcome"]) == (True, "running", "kept")
+    assert status_of(conn, job.id) == "started"
+    assert started_ids(conn, "other") == [job.id]
 
 
 @pytest.mark.parametrize(

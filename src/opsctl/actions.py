@@ -512,8 +512,11 @@ if removed == 0 then
 end
 if hash and redis.call('HEXISTS', KEYS[1], 'death') == 0 then
   -- Signed with the moment written, so that no later run takes it for a death the
-  -- worker recorded itself (RQ's own clean shutdown overwrites the moment alone).
-  redis.call('HSET', KEYS[1], 'death', ARGV[4], 'death_noted_by', 'opsctl ' .. ARGV[4])
+  -- worker recorded itself (RQ's own clean shutdown overwrites the moment alone), and
+  -- with the heartbeat it follows: a heartbeat written since, by the worker's own clock,
+  -- is told by its change, not by comparing clocks.
+  redis.call('HSET', KEYS[1], 'death', ARGV[4], 'death_noted_by', 'opsctl ' .. ARGV[4],
+    'death_noted_after', ARGV[2])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
 end
 -- As RQ's own shutdown does: a worker started again under this name must not

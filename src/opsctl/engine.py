@@ -124,7 +124,7 @@ def _liveness(worker: WorkerRecord) -> Liveness:
         return Liveness(False, "worker hash is gone")
     if worker.fields.get("death") and not _heartbeat_since_death(worker):
         death = worker.fields["death"]
-        if worker.fields.get("death_noted_by") == f"opsctl {death}":
+        if _death_noted_by_opsctl(worker):
             # Written by the run that removed its registrations, not by the worker.
             found = f"an opsctl run found it dead at {death} (no connection to Redis)"
             return Liveness(False, f"{found}, and it has not heartbeated since")
@@ -186,9 +186,25 @@ def disconnected_only(worker: WorkerRecord | None) -> bool:
     return worker is not None and worker_liveness(worker).evidence == NO_CONNECTION
 
 
+def _death_noted_by_opsctl(worker: WorkerRecord) -> bool:
+    """Whether the death a worker's hash records was written by an opsctl run that
+    found it dead (and removed its registrations), not by the worker itself."""
+    return worker.fields.get("death_noted_by") == f"opsctl {worker.fields.get('death')}"
+
+
 def _heartbeat_since_death(worker: WorkerRecord) -> bool:
-    """Whether a worker whose hash records a death has heartbeated after it (RQ
-    records a death as a worker shuts down, after its last heartbeat)."""
+    """Whether a worker whose hash records a death has heartbeated after it.
+
+    A death an opsctl run noted is in the server's time, and the heartbeat in
+    the worker's: any heartbeat other than the one the run noted it after is a
+    later one, whatever the two clocks say. A death the worker recorded itself
+    (RQ writes one as a worker shuts down, after its last heartbeat) is on the
+    same clock as its heartbeat.
+    """
+    noted_after = worker.fields.get("death_noted_after")
+    if noted_after is not None and _death_noted_by_opsctl(worker):
+        written = worker.fields.get("last_heartbeat")
+        return bool(written) and written != noted_after
     died = parse_timestamp(worker.fields.get("death"))
     beat = worker.heartbeat_at
     return died is not None and beat is not None and beat > died

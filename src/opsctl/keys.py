@@ -37,6 +37,7 @@ WORKER_FIELDS: tuple[str, ...] = (
     "birth",
     "death",
     "death_noted_by",
+    "death_noted_after",
     "last_heartbeat",
     "state",
     "current_job",
