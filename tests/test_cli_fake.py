@@ -359,6 +359,28 @@ def test_requeue_puts_an_abandoned_job_back_on_its_queue_and_a_worker_runs_it(
     assert Job.fetch(job.id, connection=conn).return_value() == "done"
 
 
+def test_a_run_a_live_worker_lists_but_whose_record_is_gone_holds_its_job_no_more(
+    conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    # An earlier run of the job on w-busy ended its process at once, without RQ's
+    # cleanup: w-busy's set of executions still lists it (its heartbeat keeps the set),
+    # and the run's record has expired. The job was retried on w-crashed, which died.
+    live_worker("w-busy")
+    other = started_job(conn, "w-busy")  # what w-busy runs now
+    register_worker(url, "w-crashed")
+    job = started_job(conn, "w-crashed")
+    conn.sadd("rq:worker:w-busy:executions", f"{job.id}:{'0' * 32}")
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="requeue")
+
+    report = apply(policy, url)
+
+    line = jobs_by_id(report)[job.id]
+    assert (line["state"], line["action"], line["outcome"]) == ("abandoned", "requeue", "done")
+    assert status_of(conn, job.id) == "queued"
+    assert Queue("default", connection=conn).get_job_ids() == [job.id]
+    assert started_ids(conn) == [other.id]
+
+
 def test_cancel_marks_an_abandoned_job_canceled(
     conn: redis.Redis, url: str, tmp_path: Path
 ) -> None:

@@ -971,6 +971,7 @@ def read_workers(
                 ([] if isinstance(r, Exception) else r) for r in replies[4 * i : 4 * i + 4]
             )
             hashes[name] = (exists, fields, ttl, executions)
+    _drop_ended_executions(conn, keys, hashes)
     # Connections are looked at after the hashes: a worker started in between
     # (it registers, then subscribes) then shows its connection, and is live.
     clients = read_clients(conn)
@@ -999,6 +1000,36 @@ def read_workers(
             server_started=started,
         )
     return workers
+
+
+def _drop_ended_executions(
+    conn: redis.Redis, keys: Keys, hashes: dict[str, tuple[Any, Any, Any, Any]]
+) -> None:
+    """Leave out of each worker's set of executions (RQ 3) those whose record is gone.
+
+    RQ writes an execution's record in the same transaction that lists it in the
+    set, and deletes the record when the run ends, so a member without one names
+    a run that ended without RQ's cleanup (a work horse that ended its process at
+    once, say): the worker's heartbeat keeps the set, stale member and all, for
+    as long as it lives, and RQ itself passes such members over. A member whose
+    record cannot be read is kept.
+    """
+    listed = [
+        (name, member) for name, (_, _, _, executions) in hashes.items() for member in executions
+    ]
+    ended: set[tuple[str, Any]] = set()
+    # A member is the job and execution ids as the record's key ends.
+    prefix = keys.execution("", "")[:-1].encode("utf-8", "surrogateescape")
+    for batch in batches(listed, BATCH):
+        pipe = conn.pipeline(transaction=False)
+        for _name, member in batch:
+            pipe.exists(prefix + cast(bytes, as_bytes(member)))
+        for found, exists in zip(batch, replies_of(pipe), strict=True):
+            if exists == 0:
+                ended.add(found)
+    for name, (exists, fields, ttl, executions) in list(hashes.items()):
+        current = [m for m in executions if (name, m) not in ended]
+        hashes[name] = (exists, fields, ttl, current)
 
 
 _VERSION_AT = WORKER_FIELDS.index("version")
