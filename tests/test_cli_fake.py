@@ -1941,6 +1941,7 @@ def test_a_plan_of_a_policy_whose_defaults_say_dry_run_changes_nothing(
         (("--queue", "default"), "--queue"),
         (("--max-actions", "1"), "--max-actions"),
         (("--max-age", "1h", "--force"), "--force and --max-age"),
+        (("--no-dry-run",), "--no-dry-run (or OPSCTL_DRY_RUN=false)"),
     ],
 )
 def test_options_a_plan_cannot_honour_are_refused_with_it(

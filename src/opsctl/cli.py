@@ -733,6 +733,14 @@ def _apply(
     run: Run | None
     if plan_file is not None:
         _refuse_with_plan(force=force, max_age=max_age, queue=queue, max_actions=max_actions)
+        if job.overrides.dry_run is False:
+            _fail(
+                UsageError(
+                    "--no-dry-run (or OPSCTL_DRY_RUN=false) cannot be used with --plan: a "
+                    "plan does what the policy it was made from says, and one made where "
+                    "dry_run is true changes nothing; make the plan from a policy without it"
+                )
+            )
         plan_age = _guard(
             lambda: _parse_duration_option(
                 "--max-plan-age", DEFAULT_MAX_PLAN_AGE if max_plan_age is None else max_plan_age
