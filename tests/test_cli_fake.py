@@ -359,6 +359,36 @@ def test_requeue_puts_an_abandoned_job_back_on_its_queue_and_a_worker_runs_it(
     assert Job.fetch(job.id, connection=conn).return_value() == "done"
 
 
+@pytest.mark.parametrize(
+    ("kind", "outcome", "exit_code", "said"),
+    [
+        ("hash", "error", 1, "rq:clean_registries:aa, is a hash, not the string RQ writes"),
+        ("pinned", "skipped", 5, "rq:clean_registries:aa, is held (by hand) and never expires"),
+    ],
+)
+def test_a_maintenance_lock_that_no_run_left_holds_back_its_own_queue_alone(
+    conn: redis.Redis, url: str, tmp_path: Path, kind: str, outcome: str, exit_code: int, said: str
+) -> None:
+    if kind == "hash":
+        conn.hset("rq:clean_registries:aa", "x", "1")
+    else:
+        conn.set("rq:clean_registries:aa", "by hand")
+    held_back, cleaned = started_job(conn, "w-dead", "aa"), started_job(conn, "w-dead", "bb")
+    policy = write_policy(tmp_path, 'version: 1\nqueues:\n  - name: "*"\n    action: fail\n')
+
+    began = time.monotonic()
+    report = apply(policy, url, "--lock-timeout", "30", exit_code=exit_code)
+
+    assert time.monotonic() - began < 20, "a lock that will never go is not waited for"
+    lines = jobs_by_id(report)
+    assert lines[held_back.id]["outcome"] == outcome
+    assert said in lines[held_back.id]["reason"]
+    assert status_of(conn, held_back.id) == "started"
+    assert lines[cleaned.id]["outcome"] == "done"
+    assert status_of(conn, cleaned.id) == "failed"
+    assert report["refused"] is None
+
+
 def test_a_run_a_live_worker_lists_but_whose_record_is_gone_holds_its_job_no_more(
     conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
 ) -> None:

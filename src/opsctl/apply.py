@@ -191,29 +191,62 @@ class Executor:
             refused = self._take_queue_lock(queue, held)
             if refused is not None:
                 for outcome in outcomes:
-                    _set(outcome, SKIPPED, refused)
+                    _set(outcome, *refused)
                 self._dealt(len(outcomes))
                 return
             self._change_jobs(outcomes)
 
-    def _take_queue_lock(self, queue: str, held: ExitStack) -> str | None:
+    def _take_queue_lock(self, queue: str, held: ExitStack) -> tuple[str, str] | None:
         """Take RQ's maintenance lock of ``queue`` until ``held`` closes; None once
-        taken, else why it could not be."""
+        taken, else the outcome of the queue's jobs and why it could not be."""
         lock = maintenance_lock(self.conn, self.keys.prefix, queue, self.run.run_id)
-        if not lock.try_acquire() and not lock.acquire(self._lock_wait_s(), self._asked_to_stop):
+        if lock.try_acquire():
+            pass
+        elif (odd := self._odd_queue_lock(queue, lock.key)) is not None:
+            return odd
+        elif not lock.acquire(self._lock_wait_s(), self._asked_to_stop):
             self._checkpoint()  # asked to stop while waiting: the rest is left
             ttl = self.conn.ttl(lock.key)
             lasts = f", for {ttl}s more" if isinstance(ttl, int) and ttl > 0 else ""
             if queue not in self.run.locked_out:
                 self.run.locked_out.append(queue)
             return (
+                SKIPPED,
                 f"RQ's maintenance lock of this queue is held (by {lock.holder()}{lasts}): "
                 "RQ is cleaning its registries, or a worker killed while cleaning left the "
-                "lock behind; run again once it is gone"
+                "lock behind; run again once it is gone",
             )
         self._held.append(lock)
         held.callback(self._held.remove, lock)
         held.enter_context(released(lock))
+        return None
+
+    def _odd_queue_lock(self, queue: str, key: str) -> tuple[str, str] | None:
+        """The outcome, and why, for the jobs of a queue whose maintenance lock ``key``
+        neither RQ nor a run left: a key of another type, or one that never expires
+        (RQ's lock expires, and so does opsctl's). Waiting for it would be in vain,
+        and neither RQ nor opsctl cleans the queue while it stays. None for a lock
+        that is simply held."""
+        kind = self.conn.type(key)
+        kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+        if kind not in ("string", "none"):
+            return (
+                ERROR,
+                f"RQ's maintenance lock of this queue, {key}, is a {kind}, not the string "
+                "RQ writes: something else wrote it, and neither RQ nor opsctl cleans this "
+                "queue while it is there; remove it if nothing needs it",
+            )
+        if kind == "string" and self.conn.ttl(key) == -1:
+            holder = self.conn.get(key)
+            shown = holder.decode("utf-8", "replace") if isinstance(holder, bytes) else holder
+            if queue not in self.run.locked_out:
+                self.run.locked_out.append(queue)
+            return (
+                SKIPPED,
+                f"RQ's maintenance lock of this queue, {key}, is held ({shown}) and never "
+                "expires, so it was not left by RQ or by a run: neither RQ nor opsctl "
+                f"cleans this queue until it is removed (DEL {key})",
+            )
         return None
 
     def _stop_and_follow_up(self, stops: list[JobOutcome]) -> None:
@@ -222,7 +255,7 @@ class Executor:
         through both: its cleaning must not file a stopped job elsewhere before the
         follow-up, and a job is not stopped whose follow-up the lock would hold off."""
         with ExitStack() as held:
-            refused: dict[str, str | None] = {}
+            refused: dict[str, tuple[str, str] | None] = {}
             sent = []
             for outcome in stops:
                 queue, follow_up = outcome.entry.queue, outcome.verdict.follow_up
@@ -231,14 +264,15 @@ class Executor:
                     continue
                 if queue not in refused:
                     refused[queue] = self._take_queue_lock(queue, held)
-                why = refused[queue]
-                if why is None:
+                lock_refused = refused[queue]
+                if lock_refused is None:
                     sent.append(outcome)
                 else:
                     outcome.stop_confirmed = False
+                    result, why = lock_refused
                     _set(
                         outcome,
-                        SKIPPED,
+                        result,
                         f"not stopped, as its {follow_up} could not follow: {why}",
                         append=True,
                     )
