@@ -1207,6 +1207,10 @@ def test_explain_shows_a_worker_with_thousands_of_executions_on_one_short_line(
     job = started_job(redis_conn, worker="busy")
     member = started_member(redis_conn, job.id).decode()
     others = [f"old-{i}:e{i}" for i in range(4000)]
+    with redis_conn.pipeline(transaction=False) as pipe:
+        for other in others:  # each with its record, as RQ writes them
+            pipe.hset(f"rq:execution:{other}", "worker_name", "busy")
+        pipe.execute()
     live_worker("busy", {"state": "busy"}, executions=[member, *others])
 
     text = invoke_opsctl("explain", job.id, "--redis-url", redis_url)
