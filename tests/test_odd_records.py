@@ -1235,6 +1235,22 @@ def test_explain_of_a_lost_job_says_it_is_lost(
     assert "no list or registry" in result.stdout
 
 
+def test_explain_shows_bytes_that_are_not_utf8_as_xnn_in_the_places_it_lists(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    redis_conn.hset(b"rq:job:sx-\xff-1", mapping={"status": "failed", "origin": "q1"})
+    redis_conn.zadd("rq:failed:q1", {b"sx-\xff-1": 4102444800})
+
+    text = invoke_opsctl("explain", "sx-\udcff-1", "--redis-url", redis_url)
+    code, explained = explain("sx-\udcff-1", redis_url)
+
+    assert text.exit_code == 0, text.stderr
+    assert "rq:failed:q1 member 'sx-\\xff-1'" in text.stdout
+    assert code == 0 and isinstance(explained, dict)
+    [place] = explained["places"]
+    assert place.startswith("rq:failed:q1 member 'sx-\\xff-1' score 4102444800")
+
+
 def test_explain_of_an_unknown_job_exits_6_with_one_line(redis_url: str) -> None:
     result = invoke_opsctl("explain", "no-such-job", "--redis-url", redis_url)
 

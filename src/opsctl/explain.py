@@ -27,6 +27,7 @@ from opsctl.model import StartedEntry, WorkerRecord, format_timestamp, parse_int
 from opsctl.policy import Policy, Rule
 from opsctl.records import function_name
 from opsctl.report import safe
+from opsctl.shown import quoted
 from opsctl.state import (
     RQ_EXECUTION_ID,
     known_queues,
@@ -95,7 +96,9 @@ def explain(conn: redis.Redis, keys: Keys, job_id: str, policy: Policy | None) -
         others = [q for q in known_queues(conn, keys) if q != origin]
         members += _started_elsewhere(conn, keys, job_id, others, found)
     if not raw and not found.places:
-        raise JobNotFound(f"job {job_id!r} does not exist: no hash, list or registry names it")
+        raise JobNotFound(
+            f"job {quoted(job_id)} does not exist: no hash, list or registry names it"
+        )
 
     executions = _executions(conn, keys, job_id, members)
     found.executions = executions
@@ -162,7 +165,7 @@ def _found_in(
     """The members of registry ``key`` that name ``job_id``, each noted in ``found.places``."""
     hits = _registry_hits(conn, keys, key, job_id)
     for member, score in hits:
-        found.places.append(f"{key} member {text(member)!r} score {_score(score)}")
+        found.places.append(f"{key} member {quoted(text(member))} score {_score(score)}")
     return hits
 
 
@@ -276,9 +279,9 @@ def _rule(policy: Policy | None, queue: str) -> tuple[Rule | None, str]:
         return Rule(source="built-in defaults"), "built-in defaults (no --policy given)"
     rule = policy.rule_for(queue)
     if rule is None:
-        return None, f"no entry of {policy.path} matches queue {queue!r}: never touched"
+        return None, f"no entry of {policy.path} matches queue {quoted(queue)}: never touched"
     if not rule.enabled:
-        return None, f"{rule.source} matches queue {queue!r} but is disabled: never touched"
+        return None, f"{rule.source} matches queue {quoted(queue)} but is disabled: never touched"
     return rule, rule.source
 
 
