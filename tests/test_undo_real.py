@@ -250,6 +250,31 @@ def test_job_taken_out_of_its_registry_since_is_left_as_it_is(
     assert queued_ids(redis_conn, FAIL_QUEUE) == []
 
 
+def test_a_job_found_in_another_queues_registry_goes_back_on_its_origin_queue_as_reported(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    # Its entry sits in FAIL_QUEUE's registry; its hash says it came from "undo-origin",
+    # whose registries and queue RQ (and every action) use.
+    job = Queue("undo-origin", connection=redis_conn).enqueue("jobs.quick")
+    started_again(redis_conn, job)
+    [member] = redis_conn.zrange("rq:wip:undo-origin", 0, -1, withscores=True)
+    redis_conn.zrem("rq:wip:undo-origin", member[0])
+    redis_conn.zadd(f"rq:wip:{FAIL_QUEUE}", {member[0]: member[1]})
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY + "  - name: undo-origin\n")
+    run = opsctl_json("apply", str(policy), "--redis-url", redis_url)
+    assert job.id in FailedJobRegistry("undo-origin", connection=redis_conn).get_job_ids()
+
+    undo = opsctl_json("requeue", "--run", str(run["run_id"]), "--redis-url", redis_url)
+    history = opsctl_json("history", "--job", job.id, "--redis-url", redis_url)
+
+    [line] = undo["jobs"]
+    assert (line["queue"], line["outcome"]) == ("undo-origin", "done")
+    assert queued_ids(redis_conn, "undo-origin") == [job.id]
+    assert queued_ids(redis_conn, FAIL_QUEUE) == []
+    assert [e["queue"] for e in history["entries"] if e["action"] == "requeue"] == ["undo-origin"]
+
+
 def test_a_job_whose_hash_names_no_origin_is_skipped_as_such_not_as_deleted(
     redis_url: str, redis_conn: redis.Redis, tmp_path: Path
 ) -> None:

@@ -281,6 +281,9 @@ def _requeue_batch(
             continue
         if not _can_check(job):
             continue
+        # The run found it in the registry of another queue than its origin, whose
+        # registries and queue the run used, and so does this requeue.
+        job.queue = origin
         keys_, args = _call(keys, undo, context, job, origin, now_iso)
         script(keys=keys_, args=args, client=pipe)
         sent.append(job)
