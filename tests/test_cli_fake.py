@@ -1003,6 +1003,26 @@ def test_queue_option_limits_the_run_to_the_named_queues(
     assert report["unmatched_queues"] == ["nightly"]
 
 
+def test_a_queue_option_naming_no_queue_redis_knows_is_warned_of(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    job = started_job(conn, "w-crashed", "emails")
+    Queue("idle", connection=conn).enqueue("jobs.quick")  # known, with nothing started
+    policy = write_policy(tmp_path, 'version: 1\nqueues:\n  - name: "*"\n    action: fail\n')
+
+    report = apply(policy, url, "--queue", "emials", "--queue", "idle")
+    text = opsctl("apply", str(policy), "--redis-url", url, "--queue", "emials", "--dry-run")
+
+    assert report["summary"]["inspected"] == 0
+    assert [w for w in report["warnings"] if "--queue" in w] == [
+        "--queue 'emials': Redis knows no such queue (it is not in rq:queues, and no started "
+        "registry or worker set names it), so nothing of it was inspected; --queue takes "
+        "exact names"
+    ]
+    assert "warning: --queue 'emials': Redis knows no such queue" in text.stdout
+    assert status_of(conn, job.id) == "started"
+
+
 def test_unmatched_queue_option_is_noted_in_the_text_report(
     conn: redis.Redis, url: str, tmp_path: Path
 ) -> None:

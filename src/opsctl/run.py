@@ -31,7 +31,7 @@ from opsctl.keyspace import (
 from opsctl.model import StartedEntry, WorkerRecord, parse_int, retry_interval
 from opsctl.policy import Limits, Policy, Rule
 from opsctl.progress import SCANNING, WALKING, OnProgress
-from opsctl.shown import printable
+from opsctl.shown import printable, quoted
 from opsctl.state import (
     ListedIds,
     Snapshot,
@@ -279,6 +279,7 @@ def _plan(
         ],
     )
     run.server_version, run.warnings = server_notes(conn)
+    run.warnings += snapshot.warnings
     if found.scanned == 0 and found.refused is None:
         run.warnings.append(nothing_under(keys.prefix, "redis.key_prefix"))
     checkpoint()
@@ -383,6 +384,12 @@ def _read_state(
         place = {q.name: i for i, q in enumerate(queues)}
         snapshot.entries.sort(key=lambda e: place[e.queue])  # stable: registry order kept
     snapshot.queues = [q.name for q in queues]
+    for name in sorted(set(overrides.queues) - set(named)):
+        snapshot.warnings.append(
+            f"--queue {quoted(name)}: Redis knows no such queue (it is not in {keys.queues}, "
+            "and no started registry or worker set names it), so nothing of it was inspected; "
+            "--queue takes exact names"
+        )
     return queues, unmatched, snapshot, found
 
 

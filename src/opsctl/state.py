@@ -50,6 +50,9 @@ class Snapshot:
     entries: list[StartedEntry]
     workers: dict[str, WorkerRecord]
     problems: list[str] = field(default_factory=list)
+    #: What the run should be told of what it was asked to read (a --queue that
+    #: names no queue, say), for the report's warnings.
+    warnings: list[str] = field(default_factory=list)
 
 
 #: Errors that mean the connection to Redis is gone: it dropped, timed out, or
