@@ -7,10 +7,12 @@ import json
 import fakeredis
 import pytest
 import redis
+from typer.testing import CliRunner
 
 from conftest import invoke_opsctl
 from opsctl import audit
 from opsctl.audit import AUDIT_STREAM
+from opsctl.cli import app
 from opsctl.errors import ForeignKey
 
 
@@ -97,3 +99,30 @@ def test_history_shows_every_entry_of_a_run_larger_than_a_page(fake_redis_url: s
     assert result.exit_code == 0, result.output
     entries = json.loads(result.stdout)["entries"]
     assert [e["job"] for e in entries] == [f"job-{i}" for i in range(count)]
+
+
+@pytest.mark.parametrize(("count", "as_table"), [(5, True), (1001, False)])
+def test_history_prints_a_table_up_to_a_thousand_entries_and_plain_lines_beyond(
+    fake_redis_url: str, count: int, as_table: bool
+) -> None:
+    # Laying out a table holds every row first: a long trail prints line by line.
+    conn = redis.Redis.from_url(fake_redis_url)
+    pipe = conn.pipeline(transaction=False)
+    for i in range(count):
+        pipe.xadd(AUDIT_STREAM, {"run_id": "0123456789ab", "job": f"job-{i}", "outcome": "done"})
+    pipe.execute()
+
+    result = CliRunner().invoke(
+        app,
+        ["history", "--run", "0123456789ab", "--redis-url", fake_redis_url],
+        env={"COLUMNS": "200", "REDIS_URL": None},
+    )
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert ("audit trail" in result.stdout) is as_table
+    if not as_table:
+        header = ["time", "run", "queue", "job", "state", "action", "outcome", "reason"]
+        assert lines[0].split() == header
+        assert len(lines) == count + 1
+        assert lines[-1].split() == ["0123456789ab", f"job-{count - 1}", "done"]

@@ -402,8 +402,9 @@ def print_history(entries: list[dict[str, str]], console: Console) -> None:
     rows = [tuple(safe(e.get(key, "")) for key in fields) for e in entries]
     reasons = [safe(e.get("reason", "")) for e in entries]
     widths = _widths(columns, rows)
-    if not _fits(widths, console.width):
-        # Too narrow for a table that keeps ids whole: aligned lines the terminal wraps.
+    if len(entries) > TABLE_ROWS_MAX or not _fits(widths, console.width):
+        # Too many rows for a table (which lays out every row before printing one),
+        # or too narrow for one that keeps ids whole: aligned lines the terminal wraps.
         _print_lines(console, columns, widths, zip(rows, reasons, strict=True))
         return
     table = Table(title="audit trail", title_justify="left")
