@@ -1225,6 +1225,52 @@ def test_status_under_a_prefix_where_nothing_lives_says_what_to_check(
     assert "default" in right.stdout and "no RQ queues found" not in right.stdout
 
 
+def test_status_names_every_record_it_could_not_read_and_counts_them_all(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    started_job(conn, "w-crashed", "sound")
+    for queue in ("broken-list", "broken-failed", "broken-started"):
+        conn.sadd("rq:queues", f"rq:queue:{queue}")
+    conn.hset("rq:queue:broken-list", "x", "1")
+    conn.set("rq:failed:broken-failed", "x")
+    conn.set("rq:wip:broken-started", "x")
+    metrics_file = tmp_path / "status.prom"
+
+    json_run = opsctl("status", "--redis-url", url, "--format", "json")
+    text_run = opsctl("status", "--redis-url", url, "--metrics-file", str(metrics_file))
+
+    assert json_run.exit_code == 0 and text_run.exit_code == 0, json_run.output
+    problems = json.loads(json_run.stdout)["problems"]
+    for key in ("rq:queue:broken-list", "rq:failed:broken-failed", "rq:wip:broken-started"):
+        assert sum(key in p for p in problems) == 1, problems
+        assert f"problem: {key}" in text_run.stdout or f"{key} cannot be read" in text_run.stdout
+    assert len(problems) == 3
+    assert 'opsctl_problems{command="status"} 3.0' in metrics_file.read_text()
+
+
+def test_status_on_a_narrow_terminal_shows_every_name_whole(
+    conn: redis.Redis, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for queue in ("reports-daily-eu-central", "reports-daily-us-eastern"):
+        started_job(conn, "w-crashed", queue)
+    # An 80-column terminal, as rich would see it.
+    monkeypatch.setattr(
+        terminal,
+        "console",
+        lambda **_: Console(file=sys.stdout, width=80, no_color=True, soft_wrap=False),
+    )
+
+    result = opsctl("status", "--redis-url", url)
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:2] == ["queue", "queued"] and lines[0].split()[-1] == "workers"
+    eu = next(line for line in lines if line.startswith("reports-daily-eu-central "))
+    assert eu.split()[1:3] == ["0", "1"]  # queued, started
+    assert eu.split()[-4:] == ["0", "alive,", "0", "dead"]
+    assert any(line.startswith("reports-daily-us-eastern ") for line in lines)
+
+
 @pytest.mark.parametrize(("prefix", "hinted"), [("rq:", True), ("app", False)])
 def test_a_key_prefix_under_which_nothing_lives_is_warned_about(
     conn: redis.Redis, url: str, tmp_path: Path, prefix: str, hinted: bool

@@ -1379,9 +1379,9 @@ def status_command(
             seen = metrics.observe_snapshot(snapshot, Rule())
         with _reader_may_leave():
             if output is StatusFormat.json:
-                report.print_json(status.to_json(now, mask_url(url), statuses))
+                report.print_json(status.to_json(now, mask_url(url), statuses, snapshot.problems))
             elif output is StatusFormat.text:
-                status.print_text(statuses, _console(), key_prefix)
+                status.print_text(statuses, _console(), key_prefix, snapshot.problems)
             else:
                 code = ExitCode.OK
                 moment = time.time()

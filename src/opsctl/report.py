@@ -239,15 +239,15 @@ def print_text(run: Run, console: Console, redis_url: str) -> None:
     if len(run.jobs) > TABLE_ROWS_MAX:
         # One pass at fixed widths, each line written as its job is met.
         rows = ((_job_cells(j), safe(_reason(j))) for j in run.jobs)
-        _print_lines(console, _JOB_COLUMNS, _LINE_WIDTHS, rows)
+        print_lines(console, _JOB_COLUMNS, _LINE_WIDTHS, rows)
     elif run.jobs:
         cells = [_job_cells(j) for j in run.jobs]
-        widths = _widths(_JOB_COLUMNS, cells)
-        if _fits(widths, console.width):
+        widths = column_widths(_JOB_COLUMNS, cells)
+        if fits_as_table(widths, console.width):
             console.print(_jobs_table(run.jobs, cells))
         else:
             reasons = (safe(_reason(j)) for j in run.jobs)
-            _print_lines(console, _JOB_COLUMNS, widths, zip(cells, reasons, strict=True))
+            print_lines(console, _JOB_COLUMNS, widths, zip(cells, reasons, strict=True))
     else:
         console.print(Text("no started jobs in the queues this policy covers"))
     if run.workers:
@@ -285,7 +285,7 @@ def _job_cells(j: JobOutcome) -> tuple[str, ...]:
     )
 
 
-def _widths(headers: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> list[int]:
+def column_widths(headers: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> list[int]:
     """The widest cell of each column, its header included."""
     widths = [len(h) for h in headers]
     for row in rows:
@@ -293,23 +293,25 @@ def _widths(headers: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> list[i
     return widths
 
 
-def _fits(widths: Sequence[int], width: int) -> bool:
+def fits_as_table(widths: Sequence[int], width: int) -> bool:
     """Whether columns this wide, and a reason column, fit ``width`` as a table
     (each column adds its padding and a border)."""
     return sum(w + 3 for w in widths) + REASON_WIDTH_MIN + 4 <= width
 
 
-def _print_lines(
+def print_lines(
     console: Console,
     headers: tuple[str, ...],
     widths: Sequence[int],
     rows: Iterable[tuple[tuple[str, ...], str]],
+    last: str = "reason",
 ) -> None:
-    """Rows of cells, then a reason, as aligned plain lines: what a table becomes
-    when it is too large to lay out or too wide for the terminal. A cell wider than
-    its column pushes the rest of its line along; nothing is cut."""
+    """Rows of cells, then a last one of any length (a reason), as aligned plain
+    lines: what a table becomes when it is too large to lay out or too wide for the
+    terminal. A cell wider than its column pushes the rest of its line along;
+    nothing is cut."""
     out = console.file
-    out.write(_aligned(headers, widths) + " reason\n")
+    out.write(f"{_aligned(headers, widths)} {last}\n")
     for cells, reason in rows:
         out.write(f"{_aligned(cells, widths)} {reason}\n")
 
@@ -401,11 +403,11 @@ def print_history(entries: list[dict[str, str]], console: Console) -> None:
     fields = ("time", "run_id", "queue", "job", "state", "action", "outcome")
     rows = [tuple(safe(e.get(key, "")) for key in fields) for e in entries]
     reasons = [safe(e.get("reason", "")) for e in entries]
-    widths = _widths(columns, rows)
-    if len(entries) > TABLE_ROWS_MAX or not _fits(widths, console.width):
+    widths = column_widths(columns, rows)
+    if len(entries) > TABLE_ROWS_MAX or not fits_as_table(widths, console.width):
         # Too many rows for a table (which lays out every row before printing one),
         # or too narrow for one that keeps ids whole: aligned lines the terminal wraps.
-        _print_lines(console, columns, widths, zip(rows, reasons, strict=True))
+        print_lines(console, columns, widths, zip(rows, reasons, strict=True))
         return
     table = Table(title="audit trail", title_justify="left")
     for column in (*columns, "reason"):

@@ -13,7 +13,7 @@ from rich.text import Text
 from opsctl import engine
 from opsctl.keys import DEFAULT_PREFIX, Keys, nothing_under
 from opsctl.model import format_timestamp
-from opsctl.report import duration, safe
+from opsctl.report import column_widths, duration, print_lines, safe
 from opsctl.state import Snapshot, known_queues, read_snapshot, replies_of, text
 
 #: Registries counted, in column order: (column, key builder name).
@@ -68,8 +68,12 @@ def collect_with_snapshot(
     for i, name in enumerate(names):
         counts = replies[i * width : (i + 1) * width]
         status = QueueStatus(name, queued=_count(counts[0]))
-        for (column, _), count in zip(REGISTRIES, counts[1:-1], strict=True):
+        _unreadable(snapshot, keys.queue(name), counts[0])
+        for (column, builder), count in zip(REGISTRIES, counts[1:-1], strict=True):
             setattr(status, column, _count(count))
+            if column != "started":  # the snapshot's reading of it says so already
+                _unreadable(snapshot, getattr(keys, builder)(name), count)
+        _unreadable(snapshot, keys.queue_workers(name), counts[-1])
         members = [] if isinstance(counts[-1], Exception) else counts[-1]
         for member in members:
             worker = snapshot.workers.get(keys.worker_name_from_key(text(member)))
@@ -80,6 +84,12 @@ def collect_with_snapshot(
         statuses.append(status)
     _oldest_started(snapshot.entries, snapshot.now, statuses)
     return snapshot.now, statuses, snapshot
+
+
+def _unreadable(snapshot: Snapshot, key: str, reply: Any) -> None:
+    """Note ``key`` among the snapshot's problems when it could not be read."""
+    if isinstance(reply, Exception):
+        snapshot.problems.append(f"{key} could not be read ({reply})")
 
 
 def _count(reply: Any) -> int | None:
@@ -99,11 +109,14 @@ def _oldest_started(entries: list[Any], now: float, statuses: list[QueueStatus])
             status.oldest_started_age_seconds = age
 
 
-def to_json(now: float, redis_url: str, statuses: list[QueueStatus]) -> dict[str, Any]:
+def to_json(
+    now: float, redis_url: str, statuses: list[QueueStatus], problems: list[str]
+) -> dict[str, Any]:
     return {
         "now": format_timestamp(now),
         "redis": redis_url,
         "queues": [asdict(s) for s in statuses],
+        "problems": problems,
     }
 
 
@@ -111,17 +124,43 @@ def _shown(count: int | None) -> str:
     return "?" if count is None else str(count)
 
 
-def print_text(statuses: list[QueueStatus], console: Console, prefix: str = DEFAULT_PREFIX) -> None:
+def print_text(
+    statuses: list[QueueStatus],
+    console: Console,
+    prefix: str = DEFAULT_PREFIX,
+    problems: list[str] | None = None,
+) -> None:
+    """The counts as a table, or as aligned lines on a terminal too narrow for a
+    table with every queue name whole; then the records that could not be read."""
     if not statuses:
         console.print(Text(f"no RQ queues found; {nothing_under(prefix, '--key-prefix')}"))
+    else:
+        _print_counts(statuses, console)
+    for problem in problems or ():
+        console.print(Text(f"problem: {safe(problem)}"))
+
+
+def _print_counts(statuses: list[QueueStatus], console: Console) -> None:
+    columns = ("queue", "queued", *[c for c, _ in REGISTRIES], "oldest started", "workers")
+    rows = [
+        (
+            safe(s.name),
+            _shown(s.queued),
+            *[_shown(getattr(s, c)) for c, _ in REGISTRIES],
+            duration(s.oldest_started_age_seconds),
+            f"{s.workers_alive} alive, {s.workers_dead} dead",
+        )
+        for s in statuses
+    ]
+    widths = column_widths(columns, rows)
+    if sum(w + 3 for w in widths) + 1 > console.width:
+        # Nothing is cut: aligned lines, which the terminal wraps.
+        lines = ((row[:-1], row[-1]) for row in rows)
+        print_lines(console, columns[:-1], widths[:-1], lines, last=columns[-1])
         return
     table = Table(title="queues", title_justify="left")
-    columns = ["queue", "queued", *[c for c, _ in REGISTRIES], "oldest started", "workers"]
     for column in columns:
         table.add_column(column, justify="left" if column == "queue" else "right")
-    for s in statuses:
-        counts = [_shown(getattr(s, c)) for c, _ in REGISTRIES]
-        workers = f"{s.workers_alive} alive, {s.workers_dead} dead"
-        age = duration(s.oldest_started_age_seconds)
-        table.add_row(Text(safe(s.name)), _shown(s.queued), *counts, age, workers)
+    for row in rows:
+        table.add_row(Text(row[0]), *row[1:])
     console.print(table)
