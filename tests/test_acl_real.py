@@ -699,6 +699,24 @@ def test_a_permission_refused_mid_run_still_reports_what_was_done(
     assert job_status(admin, overdue.id) == "started"
 
 
+def test_a_user_that_may_not_write_the_audit_trail_changes_nothing_unaudited_and_exits_3(
+    acl_server: AclServer, admin: redis.Redis, tmp_path: Path
+) -> None:
+    user = add_user_without(acl_server, APPLY_USER, "+xadd")
+    (abandoned,) = abandoned_jobs(admin, count=1)
+    dead = registered_dead_worker(acl_server)
+
+    result = acl_server.opsctl(user, "apply", str(write_policy(tmp_path)), "--format", "json")
+
+    assert result.returncode == ExitCode.REDIS_UNAVAILABLE, shown(result)
+    report = json_report(result)
+    assert "may not run XADD" in (report["refused"] or ""), shown(result)
+    assert outcomes(report)[abandoned.id][2] == "error"
+    assert [(w["name"], w["outcome"]) for w in report["workers"]] == [(dead, "error")]
+    assert job_status(admin, abandoned.id) == "started"
+    assert dead in worker_names(admin), "a registration is never removed without its audit"
+
+
 def lost_jobs(admin: redis.Redis) -> tuple[Job, Job]:
     """A job started and one queued, long ago, that have both dropped out of every registry."""
     [started, queued] = abandoned_jobs(admin, count=2)

@@ -478,6 +478,10 @@ if redis.acl_check_cmd then
       return redis.error_reply('NOPERM the Redis user may not run SREM on ' .. KEYS[i])
     end
   end
+  -- The run audits the removal afterwards: a user that may not is refused first.
+  if not redis.acl_check_cmd('XADD', ARGV[8], '*', 'f', 'v') then
+    return redis.error_reply('NOPERM the Redis user may not run XADD on ' .. ARGV[8])
+  end
 end
 local exists = redis.call('EXISTS', KEYS[1])
 if tostring(exists) ~= ARGV[3] then
@@ -581,6 +585,9 @@ class ChangeResult:
     #: The server's refusal, when it refused the change as a read-only replica
     #: (a failover demoted it): every later change would be refused too.
     read_only: str | None = None
+    #: The server's refusal, when the Redis user may not run a command the change
+    #: needs (an ACL): the run then exits as refused, whatever else it did.
+    refused: str | None = None
     #: Known done from the audit trail after its reply was lost: ``dependents``
     #: (and what else the reply said) is not known.
     from_audit: bool = False
@@ -761,11 +768,12 @@ class Actor:
             # Listeners read on the whole server are those of other databases when
             # none is this database's, as for a dead worker; unknown counts none.
             worker.heard_on_server or 0,
+            AUDIT_STREAM,
         ]
         try:
             reply = self._worker_script(keys=keys, args=args)
         except redis.RedisError as exc:
-            return ChangeResult(False, f"Redis error: {exc}")
+            return _result(exc)
         return _result(reply)
 
     def send_stop(
@@ -813,6 +821,8 @@ def _result(reply: Any) -> ChangeResult:
     if isinstance(reply, redis.exceptions.ReadOnlyError):
         why = f"not acted on: the server is a read-only replica now ({reply})"
         return ChangeResult(False, why, error=True, read_only=str(reply))
+    if isinstance(reply, redis.exceptions.NoPermissionError):
+        return ChangeResult(False, f"Redis error: {reply}", error=True, refused=str(reply))
     if isinstance(reply, Exception):
         return ChangeResult(False, f"Redis error: {reply}", error=True)
     done, detail = int(reply[0]) == 1, reply[1]

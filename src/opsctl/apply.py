@@ -358,6 +358,9 @@ class Executor:
                 for left, _, _ in failed[at:]:
                     left.reason += "; dependents not enqueued: lost the connection to Redis"
                 raise
+        for result in results:
+            if result is not None and result.refused:
+                self._note_refused(result.refused)
         refused = next((r.read_only for r in results if r is not None and r.read_only), None)
         if refused is not None:
             # Demoted to a replica mid-run: every later change would be refused too.
@@ -676,8 +679,16 @@ class Executor:
 
     # Workers and the audit trail -------------------------------------------------------------
 
+    def _note_refused(self, refusal: str) -> None:
+        """Note the first command the Redis user was refused (an ACL): the run goes
+        on with what it may do, and exits as refused."""
+        if self.run.refused is None:
+            self.run.refused = refusal
+
     def _deregister(self, worker: WorkerOutcome) -> None:
         result = self.actor.deregister_worker(worker.worker, self.run.now)
+        if result.refused:
+            self._note_refused(result.refused)
         if result.done:
             worker.outcome = DONE
         elif result.error:
