@@ -2221,6 +2221,46 @@ def test_explain_finds_a_job_where_a_run_does_and_agrees_with_its_verdict(
         assert any(place.startswith(f"rq:wip:{QUEUE} member") for place in explained["places"])
 
 
+@pytest.mark.parametrize(
+    ("entries", "action", "said"),
+    [
+        ("  - name: elsewhere\n    enabled: false\n", "none", "disables queue 'elsewhere'"),
+        ("", "none", "left alone: this run does not cover queue 'elsewhere'"),
+        ("  - name: elsewhere\n    dry_run: true\n", "fail", "only planned: queues[1]"),
+        ("  - name: elsewhere\n    action: delete\n", "fail", None),
+    ],
+)
+def test_explain_holds_a_job_to_its_origins_rule_as_a_run_does(
+    redis_conn: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    entries: str,
+    action: str,
+    said: str | None,
+) -> None:
+    # The job sits in queue "odd"'s registry; its hash says it came from "elsewhere".
+    started = iso(ago(3600))
+    redis_conn.hset(
+        "rq:job:stray",
+        mapping={"status": "started", "origin": "elsewhere", "created_at": started,
+                 "started_at": started, "worker_name": "ghost"},
+    )  # fmt: skip
+    redis_conn.zadd("rq:wip:odd", {"stray:e1": time.time() + 100})
+    path = tmp_path / "policy.yaml"
+    path.write_text(f"version: 1\nqueues:\n  - name: odd\n    action: fail\n{entries}")
+
+    item = job_in(run(path, redis_url, "--dry-run"), "stray")
+    code, explained = explain("stray", redis_url, "--policy", str(path))
+
+    assert code == 0 and isinstance(explained, dict), explained
+    [verdict] = explained["verdicts"]
+    assert verdict["action"] == item["action"] == action, (verdict, item)
+    assert verdict["reason"] == item["reason"]
+    if said is not None:
+        assert said in verdict["reason"]
+    assert explained["rule"].startswith("queues[0] (odd); the job's origin, queue 'elsewhere': ")
+
+
 def test_an_rq1_id_with_a_colon_beside_a_job_named_by_its_start_is_judged_as_itself(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
@@ -2336,6 +2376,7 @@ def test_explain_and_apply_find_a_live_worker_running_the_job_that_no_record_nam
     earlier = started_member(redis_conn, job.id).decode()
     now_running = f"{job.id}:e2"
     redis_conn.zadd(f"rq:wip:{QUEUE}", {now_running: time.time() + 60})
+    redis_conn.hset(f"rq:execution:{now_running}", "worker_name", "taker")  # as RQ writes it
     live_worker("taker", {"state": "busy", "birth": iso(ago(60))}, [now_running])
 
     code, explained = explain(job.id, redis_url)

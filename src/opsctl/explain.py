@@ -27,6 +27,7 @@ from opsctl.model import StartedEntry, WorkerRecord, format_timestamp, parse_int
 from opsctl.policy import Policy, Rule
 from opsctl.records import function_name
 from opsctl.report import safe
+from opsctl.run import held_to_origin
 from opsctl.shown import quoted
 from opsctl.state import (
     RQ_EXECUTION_ID,
@@ -104,7 +105,13 @@ def explain(conn: redis.Redis, keys: Keys, job_id: str, policy: Policy | None) -
     found.executions = executions
     workers = _workers(conn, keys, job_id, (fields, executions), queues)
     found.workers = [_worker_view(w) for w in workers.values()]
+    # Lost and stranded jobs are judged by their origin's rule; an entry by its
+    # registry's queue's (the first entry's is named).
     rule, found.rule = _rule(policy, origin or (members[0][0] if members else ""))
+    if members and members[0][0] != origin:
+        found.rule = _rule(policy, members[0][0])[1]
+        if origin:
+            found.rule += f"; the job's origin, queue {quoted(origin)}: {_rule(policy, origin)[1]}"
     job = {k: v for k, v in fields.items() if k in JOB_FIELDS or k in LOST_FIELDS}
     first_seen = conn.get(keys.intermediate_first_seen(origin, job_id)) if origin else None
     if first_seen:
@@ -117,8 +124,12 @@ def explain(conn: redis.Redis, keys: Keys, job_id: str, policy: Policy | None) -
     entries = _entries(job_id, held, members, executions, found.places, first_lost)
     for entry in entries:
         # An entry in a registry is judged by that queue's rule, as a run judges it.
-        judged_by = rule if entry.lost or entry.stranded else _rule(policy, entry.queue)[0]
-        found.verdicts.append(_verdict(conn, keys, entry, workers, judged_by, now))
+        if entry.lost or entry.stranded:
+            found.verdicts.append(_verdict(conn, keys, entry, workers, (rule, found.rule), now))
+        else:
+            judged_by = _rule(policy, entry.queue)
+            verdict = _verdict(conn, keys, entry, workers, judged_by, now)
+            found.verdicts.append(_held_to_origin(verdict, entry, policy))
     return found
 
 
@@ -332,14 +343,23 @@ def _verdict(
     keys: Keys,
     entry: StartedEntry,
     workers: dict[str, WorkerRecord],
-    rule: Rule | None,
+    judged_by: tuple[Rule | None, str],
     now: float,
 ) -> dict[str, Any]:
     where = "lost (in no registry or list)" if entry.lost else text(entry.member)
     if entry.stranded:
         where = "stranded (in the intermediate list only)"
+    rule, words = judged_by
     if rule is None:
-        return {"entry": where, "state": None, "action": "none", "reason": "no rule applies"}
+        return {
+            "entry": where,
+            "state": None,
+            "action": engine.ACTION_NONE,
+            "follow_up": None,
+            "reason": f"no rule applies: {words}",
+            "age_seconds": None,
+            "heartbeat_age_seconds": None,
+        }
     verdict = engine.classify(entry, workers, rule, now)
     reason = verdict.reason + _retried_instead(entry, verdict)
     acts_by_delete = "delete" in (verdict.action, verdict.follow_up)
@@ -360,6 +380,25 @@ def _verdict(
         "age_seconds": verdict.signals.age_s,
         "heartbeat_age_seconds": verdict.signals.heartbeat_age_s,
     }
+
+
+def _held_to_origin(
+    verdict: dict[str, Any], entry: StartedEntry, policy: Policy | None
+) -> dict[str, Any]:
+    """``verdict`` as a run holds it to the rule of the job's origin queue, when the
+    job sits in another queue's registry (see :func:`opsctl.run.held_to_origin`)."""
+    origin = (entry.job or {}).get("origin")
+    acts = verdict["action"] not in (engine.ACTION_NONE, engine.ACTION_REMOVE_ENTRY)
+    if policy is None or not acts or not origin or origin == entry.queue:
+        return verdict
+    held = held_to_origin(policy.rule_for(origin), origin)
+    if held is None:
+        return verdict
+    planned_only, words = held
+    changed: dict[str, Any] = {"reason": f"{verdict['reason']}; {words}"}
+    if not planned_only:
+        changed.update(action=engine.ACTION_NONE, follow_up=None)
+    return {**verdict, **changed}
 
 
 def _retried_instead(entry: StartedEntry, verdict: engine.Verdict) -> str:

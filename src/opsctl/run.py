@@ -695,35 +695,52 @@ def stops_that_may_stray(
 
 
 def _respect_origins(policy: Policy, overrides: Overrides, run: Run) -> None:
-    """Hold a job that sits in another queue's registry to its origin queue's rule too.
-
-    Actions write to the origin's registries and queue (a stop too: RQ files
-    the stopped job there). A queue the policy disables, or that this run does
-    not cover (no policy entry matches it, or --queue leaves it out), is never
-    changed, so the job is left alone; one in dry-run mode is only planned for,
-    so the job is only planned. Removing an entry touches only the registry it
-    sits in, so that goes ahead.
-    """
+    """Hold a job that sits in another queue's registry to its origin queue's rule too
+    (see :func:`held_to_origin`)."""
     origins: dict[str, Rule | None] = {}
     for job in run.jobs:
-        if not job.acts or job.action == ACTION_REMOVE_ENTRY or job.entry.job is None:
+        origin = job.entry.job.get("origin") if job.entry.job is not None else None
+        if not job.acts or job.action == ACTION_REMOVE_ENTRY or not origin:
             continue
-        origin = job.entry.job.get("origin")
-        if not origin or origin == job.entry.queue:
+        if origin == job.entry.queue:
             continue
         if origin not in origins:
             found = policy.rule_for(origin)
             origins[origin] = effective_rule(found, overrides) if found is not None else None
-        rule = origins[origin]
-        if rule is None or (overrides.queues and origin not in overrides.queues):
+        covered = not overrides.queues or origin in overrides.queues
+        held = held_to_origin(origins[origin] if covered else None, origin)
+        if held is None:
+            continue
+        planned_only, words = held
+        if not planned_only:
             job.action, job.outcome = ACTION_NONE, KEPT
-            job.reason = f"{job.reason}; left alone: this run does not cover queue {origin!r}"
-        elif not rule.enabled:
-            job.action, job.outcome = ACTION_NONE, KEPT
-            job.reason = f"{job.reason}; left alone: {rule.source} disables queue {origin!r}"
-        elif rule.dry_run and not job.rule.dry_run:
+        elif job.rule.dry_run:
+            continue  # only planned already
+        else:
             job.rule = replace(job.rule, dry_run=True)
-            job.reason = f"{job.reason}; only planned: {rule.source} sets dry_run for {origin!r}"
+        job.reason = f"{job.reason}; {words}"
+
+
+def held_to_origin(rule: Rule | None, origin: str) -> tuple[bool, str] | None:
+    """How an action on a job found in another queue's registry is held back by the
+    rule of its ``origin`` queue (None: the run does not cover that queue): whether it
+    is only planned rather than left alone, and the words for the reason; None when
+    the origin's rule lets it go ahead.
+
+    Actions write to the origin's registries and queue (a stop too: RQ files the
+    stopped job there). A queue the policy disables, or that the run does not
+    cover (no policy entry matches it, or --queue leaves it out), is never
+    changed, so the job is left alone; one in dry-run mode is only planned for,
+    so the job is only planned. Removing an entry touches only the registry it
+    sits in, so that is never held back.
+    """
+    if rule is None:
+        return False, f"left alone: this run does not cover queue {quoted(origin)}"
+    if not rule.enabled:
+        return False, f"left alone: {rule.source} disables queue {quoted(origin)}"
+    if rule.dry_run:
+        return True, f"only planned: {rule.source} sets dry_run for {quoted(origin)}"
+    return None
 
 
 def _read_functions(conn: redis.Redis, keys: Keys, run: Run) -> None:
