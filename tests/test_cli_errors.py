@@ -604,6 +604,7 @@ def test_a_blank_queue_variable_is_refused_rather_than_read_as_every_queue(
         ("OPSCTL_FORMAT", ("apply", "policies/minimal.yaml")),
         ("OPSCTL_EVERY", ("watch", "policies/minimal.yaml")),
         ("OPSCTL_RUN", ("history",)),
+        ("OPSCTL_OUTPUT", ("plan", "policies/minimal.yaml")),
     ],
 )
 def test_a_blank_variable_is_refused_rather_than_read_as_not_given(
@@ -899,3 +900,10 @@ def test_errors_quoting_a_file_name_show_a_byte_that_is_not_utf8_as_hex(
 )
 def test_a_quoted_file_name_shows_each_byte_as_the_name_holds_it(raw: bytes, shown: str) -> None:
     assert quoted(os.fsdecode(raw)) == shown
+
+
+def test_plan_without_an_output_file_says_where_to_give_one(closed_url: str) -> None:
+    result = opsctl("plan", "policies/minimal.yaml", "--redis-url", closed_url)
+
+    assert result.exit_code == 2, result.output
+    assert "give --output FILE (or OPSCTL_OUTPUT): where to write the plan" in result.output

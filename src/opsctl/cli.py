@@ -1139,7 +1139,9 @@ def _print_round(run: Run, output: Format, url: str, policy: Policy) -> None:
 @app.command("plan")
 def plan_command(
     policy_file: Annotated[str, typer.Argument(metavar="POLICY", help="Policy file (YAML).")],
-    output_file: Annotated[str, _option("--output", "-o", help="Where to write the plan (JSON).")],
+    output_file: Annotated[
+        str | None, _option("--output", "-o", help="Where to write the plan (JSON). Required.")
+    ] = None,
     force: ForceOpt = None,
     max_age: MaxAgeOpt = None,
     queue: QueueOpt = None,
@@ -1170,6 +1172,9 @@ def plan_command(
         sentinel_db,
         (tls_ca_cert, tls_cert, tls_key, tls_verify),
     )
+    if output_file is None:
+        # Not required by the parser, so that a blank OPSCTL_OUTPUT is named as such.
+        _fail(UsageError("give --output FILE (or OPSCTL_OUTPUT): where to write the plan"))
     url_given = _guard(connection.given_url) is not None
     policy = _guard(lambda: _load_for_apply(policy_file, url_given))
     _refuse_overwriting("--output", output_file, policy_file)
