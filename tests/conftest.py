@@ -68,6 +68,23 @@ def wait_until(
         time.sleep(interval)
 
 
+def wait_until_watched(conn: redis.Redis, job_id: str, timeout: float = 20) -> None:
+    """Wait until the worker running ``job_id`` has heartbeated since the job started, as
+    a worker watching its work horse does every job monitoring interval: opsctl sends a
+    stop to no worker before then (a SimpleWorker never heartbeats while it runs a job)."""
+    from opsctl.model import parse_timestamp
+
+    def watched() -> bool:
+        job = conn.hmget(f"rq:job:{job_id}", ["started_at", "worker_name"])
+        started, name = (None if v is None else v.decode() for v in job)
+        beat = conn.hget(f"rq:worker:{name}", "last_heartbeat") if name else None
+        started_at = parse_timestamp(started)
+        beat_at = parse_timestamp(beat.decode() if beat else None)
+        return started_at is not None and beat_at is not None and beat_at > started_at
+
+    assert wait_until(watched, timeout), f"the worker of {job_id} never heartbeated since its start"
+
+
 def job_status(conn: redis.Redis, job_id: str) -> str | None:
     """The job's status through RQ's API, or None when the job no longer exists."""
     try:

@@ -18,7 +18,6 @@ import re
 import secrets
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from conftest import (
     terminate,
     wait_for_status,
     wait_until,
+    wait_until_watched,
 )
 from opsctl.errors import ExitCode
 
@@ -523,7 +523,7 @@ def test_apply_user_stops_an_overdue_job_through_its_live_worker(
     acl_server: AclServer, admin: redis.Redis, acl_workers: WorkerFactory, tmp_path: Path
 ) -> None:
     job = running_job(acl_workers, admin)
-    time.sleep(1.5)  # past max_age 1s
+    wait_until_watched(admin, job.id)  # and so past max_age 1s
     policy = str(write_policy(tmp_path, max_age="1s"))
     admin.execute_command("ACL", "LOG", "RESET")
 
@@ -684,7 +684,7 @@ def test_a_permission_refused_mid_run_still_reports_what_was_done(
     # Queue "acl" (an abandoned job) is worked before "acl-slow" (an overdue one to stop).
     (abandoned,) = abandoned_jobs(admin, count=1)
     overdue = running_job(acl_workers, admin, queue="acl-slow")
-    time.sleep(1.5)  # past max_age 1s
+    wait_until_watched(admin, overdue.id)  # and so past max_age 1s
     policy = write_policy(tmp_path, max_age="1s")
     policy.write_text(policy.read_text() + "  - name: acl-slow\n")
 

@@ -13,6 +13,7 @@ import os
 import signal
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from rq.registry import (
     ScheduledJobRegistry,
     StartedJobRegistry,
 )
+from rq.utils import utcformat
 from rq.worker_registration import get_keys
 
 from conftest import (
@@ -38,6 +40,7 @@ from conftest import (
     job_status,
     run_opsctl,
     wait_for_status,
+    wait_until_watched,
 )
 
 pytestmark = pytest.mark.redis_server
@@ -313,7 +316,7 @@ def test_overdue_job_is_stopped_by_its_live_worker_then_gets_the_policy_action(
     # After a requeue the worker would take the job again; one job and it exits instead.
     extra = ["--max-jobs", "1"] if action == "requeue" else []
     worker, job = start_job(rq_workers, redis_conn, QUEUE, 60, extra=extra)
-    time.sleep(1.5)  # past max_age 1s
+    wait_until_watched(redis_conn, job.id)  # and so past max_age 1s
 
     policy = write_policy(tmp_path, action=action, max_age="1s")
     logged = "-v", "--log-format", "json"
@@ -350,7 +353,7 @@ def test_a_stopped_job_enqueued_again_before_its_follow_up_is_left_to_its_new_ru
 
     # One job, and the worker exits: no worker takes the job when it is enqueued again.
     _, job = start_job(rq_workers, redis_conn, QUEUE, 60, extra=["--max-jobs", "1"])
-    time.sleep(1.5)  # past max_age 1s
+    wait_until_watched(redis_conn, job.id)  # and so past max_age 1s
     waited = Executor._wait_until_ended
 
     def enqueued_again_once_stopped(self: Executor, outcomes: Any) -> dict[str, str]:
@@ -394,7 +397,7 @@ def test_an_overdue_job_whose_follow_up_could_not_be_done_is_not_stopped(
     # Stopped, the job would be left failed and killed, not what the policy says.
     worker, job = start_job(rq_workers, redis_conn, QUEUE, 60)
     redis_conn.set(spoil.format(job=job.id), "not what opsctl wrote")
-    time.sleep(1.5)  # past max_age 1s
+    wait_until_watched(redis_conn, job.id)  # and so past max_age 1s
     policy = write_policy(tmp_path, action=action, max_age="1s")
 
     result = run_opsctl("apply", str(policy), "--redis-url", redis_url, "--format", "json")
@@ -416,7 +419,7 @@ def test_an_overdue_job_is_not_stopped_while_rqs_lock_would_hold_off_its_follow_
     # stopped, the job would sit failed with its requeue never applied.
     worker, job = start_job(rq_workers, redis_conn, QUEUE, 60)
     redis_conn.set(f"rq:clean_registries:{QUEUE}", "a worker that died cleaning", ex=899)
-    time.sleep(1.5)  # past max_age 1s
+    wait_until_watched(redis_conn, job.id)  # and so past max_age 1s
     policy = write_policy(tmp_path, action="requeue", max_age="1s")
 
     result = run_opsctl(
@@ -438,7 +441,7 @@ def test_a_stopped_job_requeued_keeps_what_waits_for_it(
     # requeued, neither may expire while it waits, or its dependents wait for ever.
     _, job = start_job(rq_workers, redis_conn, QUEUE, 60, extra=["--max-jobs", "1"])
     waiting = Queue(QUEUE, connection=redis_conn).enqueue("jobs.quick", depends_on=job)
-    time.sleep(1.5)  # past max_age 1s
+    wait_until_watched(redis_conn, job.id)  # and so past max_age 1s
 
     report = apply(write_policy(tmp_path, action="requeue", max_age="1s"), redis_url)
 
@@ -589,9 +592,11 @@ def build_mixed_scene(rq_workers: WorkerFactory, conn: redis.Redis) -> dict[str,
     opsctl writes to Redis. Returns the job ids by the state opsctl should find.
     """
     abandoned = abandon_job(rq_workers, conn)
-    _, overdue = start_job(rq_workers, conn, SLOW_QUEUE, 60, job_monitoring_interval=30)
+    worker, overdue = start_job(rq_workers, conn, SLOW_QUEUE, 60, job_monitoring_interval=30)
     orphaned = add_orphan_entry(conn, QUEUE)
     time.sleep(1.5)  # the slow queue's max_age is 1s
+    # The heartbeat the worker writes as it watches its work horse, 30 s early.
+    conn.hset(f"rq:worker:{worker.name}", "last_heartbeat", utcformat(datetime.now(timezone.utc)))
     return {"abandoned": abandoned.id, "overdue": overdue.id, "orphaned": orphaned}
 
 

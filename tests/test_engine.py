@@ -664,11 +664,32 @@ def test_job_one_second_over_max_age_is_overdue() -> None:
 def test_force_turns_a_running_job_into_an_overdue_one() -> None:
     forced = Rule(max_age_seconds=86400, action="cancel", force=True)
 
-    verdict = decide(entry(job=job_hash(started_ago_s=5)), worker(), rule=forced)
+    # Its worker has heartbeated since it started: it watches a work horse.
+    verdict = decide(
+        entry(job=job_hash(started_ago_s=5)), worker(last_heartbeat=iso(2)), rule=forced
+    )
 
     assert verdict.state is State.OVERDUE
     assert (verdict.action, verdict.follow_up) == (ACTION_STOP, "cancel")
     assert verdict.reason == "force is set"
+
+
+@pytest.mark.parametrize(("beat_ago_s", "stopped"), [(901, False), (900, False), (870, True)])
+def test_no_stop_goes_to_a_worker_that_has_not_heartbeated_since_the_job_started(
+    beat_ago_s: float, stopped: bool
+) -> None:
+    # A SimpleWorker heartbeats just before it starts a job, and not again until it ends;
+    # asked to stop it, RQ 3's files the job's own failure as stopped (no retries), RQ
+    # 1.16's kills its own process group. A forking worker heartbeats while it watches.
+    started = entry(job=job_hash(started_ago_s=900), execution=execution_hash(created_ago_s=900))
+
+    verdict = decide(started, worker(last_heartbeat=iso(beat_ago_s)))
+
+    assert verdict.state is State.OVERDUE
+    assert verdict.action == (ACTION_STOP if stopped else "none")
+    if not stopped:
+        assert "but not stopped: " in verdict.reason
+        assert "has not heartbeated since the job started" in verdict.reason
 
 
 def test_force_does_not_change_what_happens_to_an_abandoned_job() -> None:

@@ -301,7 +301,7 @@ def classify(
     if holder is not None:
         verdict = _held_elsewhere(entry, holder, workers[holder], liveness.alive, signals)
     else:
-        verdict = _decide(entry, rule, liveness, holds, signals, now)
+        verdict = _decide(entry, rule, liveness, holds, signals, now, worker)
     origin = entry.job.get("origin", "") if entry.job is not None else ""
     if origin and origin != entry.queue:
         # Actions use the origin's registries and queue, as RQ does.
@@ -358,6 +358,7 @@ def _decide(
     holds: bool,
     signals: Signals,
     now: float,
+    worker: WorkerRecord | None = None,
 ) -> Verdict:
     if entry.lost:
         return _lost(entry, rule, holds, signals, now)
@@ -371,7 +372,7 @@ def _decide(
         return _not_started(status, rule, liveness, holds, signals, now)
     if not holds:
         return _abandoned(rule, liveness, signals, now)
-    return _held(entry, rule, signals, now)
+    return _held(entry, rule, signals, now, worker)
 
 
 _NO_WORKER = Liveness(False, "no worker named")
@@ -600,7 +601,9 @@ def _abandoned(rule: Rule, liveness: Liveness, signals: Signals, now: float) -> 
     return Verdict(State.ABANDONED, rule.action, why, signals)
 
 
-def _held(entry: StartedEntry, rule: Rule, signals: Signals, now: float) -> Verdict:
+def _held(
+    entry: StartedEntry, rule: Rule, signals: Signals, now: float, worker: WorkerRecord | None
+) -> Verdict:
     age = signals.age_s
     if rule.force:
         why = "force is set"
@@ -624,7 +627,29 @@ def _held(entry: StartedEntry, rule: Rule, signals: Signals, now: float) -> Verd
             "makes RQ's worker kill its own process group"
         )
         return Verdict(State.OVERDUE, ACTION_NONE, reason, signals)
+    if worker is not None and not watched_since_start(worker, entry):
+        reason = sys.intern(
+            f"{why}, but not stopped: {signals.worker} has not heartbeated since the job "
+            "started, as a worker watching a work horse does: a SimpleWorker, which cannot "
+            "stop it (RQ 3's then files the job's own failure as stopped, without its "
+            "retries; RQ 1.16's kills its own process group), or a frozen worker"
+        )
+        return Verdict(State.OVERDUE, ACTION_NONE, reason, signals)
     return Verdict(State.OVERDUE, ACTION_STOP, why, signals, rule.action)
+
+
+def watched_since_start(worker: WorkerRecord, entry: StartedEntry) -> bool:
+    """Whether ``worker`` has heartbeated since ``entry``'s job started (both moments
+    by its own clock): a worker that forks a work horse heartbeats while it watches it
+    (every job monitoring interval, 30 s by default); a ``SimpleWorker``, which runs
+    the job itself, writes its last heartbeat just before the job's start and none
+    until the job ends, and a frozen worker writes none. A worker whose hash is gone,
+    or a job of unknown start, cannot tell: taken as watched."""
+    job = entry.job if entry.job is not None else _NO_FIELDS
+    started = parse_timestamp(job.get("started_at"))
+    if not worker.exists or started is None:
+        return True
+    return worker.heartbeat_at is not None and worker.heartbeat_at > started
 
 
 #: Seconds past its lease's end (the registry score: the worker's clock) before an

@@ -22,7 +22,7 @@ import pytest
 import redis
 from rq_versions import COMPAT_DIR, VERSIONS, RQEnv, rq_env
 
-from conftest import WorkerFactory, WorkerProcess, clean_env, run_opsctl
+from conftest import WorkerFactory, WorkerProcess, clean_env, run_opsctl, wait_until_watched
 
 pytestmark = pytest.mark.redis_server
 
@@ -339,7 +339,8 @@ def test_overdue_job_is_stopped_by_its_live_worker_of_any_release(
     # After a requeue the worker would take the job again; one job and it exits instead.
     extra = ["--max-jobs", "1"] if action == "requeue" else []
     worker, job_id = started_job(rq_workers, release, redis_url, queue, *extra)
-    time.sleep(1.5)  # past max_age 1s
+    with redis.Redis.from_url(redis_url) as conn:
+        wait_until_watched(conn, job_id)  # and so past max_age 1s
 
     report = apply(write_policy(tmp_path, {queue: action}, max_age="1s"), redis_url)
 
