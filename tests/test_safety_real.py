@@ -1715,7 +1715,7 @@ def test_a_maintenance_lock_a_killed_worker_left_behind_exits_5_with_the_jobs_un
     report = report_of(result, EXIT_LOCKED)
     assert Counter(outcomes(report).values()) == Counter({"skipped": 3})
     reason = report["jobs"][0]["reason"]
-    assert "RQ's maintenance lock of this queue is held (by 1, for " in reason
+    assert "RQ's maintenance lock of this queue is held (by RQ, value '1', for " in reason
     assert "a worker killed while cleaning left the lock behind" in reason
     assert f"kept this run from queue(s) '{QUEUE}': their jobs were skipped" in result.stderr
     assert statuses(redis_conn, job_ids) == Counter({"started": 3})

@@ -104,7 +104,7 @@ def test_requeue_run_puts_back_what_the_run_failed_or_canceled_and_workers_finis
         "skipped",
         f"changed since run {run['run_id']}: status is now queued",
     )
-    assert found[deleted.id] == ("skipped", "the job no longer exists (deleted)")
+    assert found[deleted.id] == ("skipped", "the job no longer exists (deleted, or expired)")
     assert undo["undo_of"] == run["run_id"]
     assert queued_ids(redis_conn, FAIL_QUEUE) == [retried.id, to_fail.id]
     assert queued_ids(redis_conn, CANCEL_QUEUE) == [to_cancel.id]

@@ -212,7 +212,7 @@ class Executor:
                 self.run.locked_out.append(queue)
             return (
                 SKIPPED,
-                f"RQ's maintenance lock of this queue is held (by {lock.holder()}{lasts}): "
+                f"RQ's maintenance lock of this queue is held ({_holder(lock)}{lasts}): "
                 "RQ is cleaning its registries, or a worker killed while cleaning left the "
                 "lock behind; run again once it is gone",
             )
@@ -889,6 +889,13 @@ def _failure_ttl(job: Mapping[str, str]) -> int:
         return DEFAULT_FAILURE_TTL_S
     # Redis refuses expiries past its clock's range; such a TTL means "keep it".
     return -1 if ttl > MAX_TTL_S else ttl
+
+
+def _holder(lock: Lock) -> str:
+    """Who holds a queue's maintenance lock, in words: an opsctl run names itself in
+    it; RQ writes only "1"."""
+    holder = lock.holder()
+    return f"by {holder}" if holder.startswith("opsctl ") else f"by RQ, value {holder!r}"
 
 
 def _set(outcome: JobOutcome, result: str, why: str, append: bool = False) -> None:

@@ -76,7 +76,7 @@ for i, kind in ipairs(kinds) do
 end
 
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  return {0, 'the job no longer exists (deleted)'}
+  return {0, 'the job no longer exists (deleted, or expired)'}
 end
 local function field(name)
   local v = redis.call('HGET', KEYS[1], name)
@@ -273,7 +273,7 @@ def _requeue_batch(
             _record(undo, job, origin)
             continue
         if origin is None:
-            job.outcome, job.reason = SKIPPED, "the job no longer exists (deleted)"
+            job.outcome, job.reason = SKIPPED, "the job no longer exists (deleted, or expired)"
             continue
         if not origin:
             job.outcome = SKIPPED
