@@ -1188,6 +1188,8 @@ def test_explain_never_promises_a_retry_after_a_stop(
     live_worker("busy", {"state": "busy"}, executions=[started_member(redis_conn, job.id).decode()])
     path = policy(tmp_path, extra="  max_age: 1s\n")
     time.sleep(1.5)
+    # As a worker writes while it watches the work horse running the job.
+    redis_conn.hset("rq:worker:busy", "last_heartbeat", iso(ago(0)))
 
     code, explained = explain(job.id, redis_url, "--policy", str(path))
 
@@ -2354,6 +2356,7 @@ def test_a_plan_leaves_alone_a_job_a_live_worker_took_again_since(
     assert made.exit_code == 0, made.output
     assert [j["action"] for j in json.loads(plan.read_text())["jobs"]] == ["fail"]
     # Another worker runs the job now, under an execution of its own.
+    redis_conn.hset(f"rq:execution:{job.id}:e2", "worker_name", "taker")  # as RQ writes it
     live_worker("taker", {"state": "busy", "birth": iso(ago(60))}, [f"{job.id}:e2"])
 
     result = invoke_opsctl(
