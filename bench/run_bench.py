@@ -25,6 +25,7 @@ import os
 os.environ.pop("RQ_KEY_PREFIX", None)
 
 import argparse
+import compileall
 import hashlib
 import json
 import platform
@@ -466,6 +467,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    # An installed package carries its compiled bytecode; a checkout run with
+    # PYTHONDONTWRITEBYTECODE set would compile every module at every start.
+    compileall.compile_dir(ROOT / "src", quiet=1)
     load = os.getloadavg()[0]
     if load > 0.5:
         log(f"load average is {load:.2f}: other work on this machine will skew the figures")
