@@ -1253,6 +1253,23 @@ def test_explain_shows_bytes_that_are_not_utf8_as_xnn_in_the_places_it_lists(
     assert place.startswith("rq:failed:q1 member 'sx-\\xff-1' score 4102444800")
 
 
+def test_explain_shows_the_start_of_a_huge_field_and_its_length_and_json_all_of_it(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    job = started_job(redis_conn, worker="w")
+    redis_conn.hset(job.key, "description", "x" * 5_000_000)
+
+    text = invoke_opsctl("explain", job.id, "--redis-url", redis_url)
+    code, explained = explain(job.id, redis_url)
+
+    assert text.exit_code == 0, text.stderr
+    [line] = [line for line in text.stdout.splitlines() if line.startswith("  description: ")]
+    assert line.endswith("… (5,000,000 characters in all; --format json has it whole)")
+    assert len(line) < 2100
+    assert code == 0 and isinstance(explained, dict)
+    assert len(explained["fields"]["description"]) == 5_000_000
+
+
 def test_explain_of_an_unknown_job_exits_6_with_one_line(redis_url: str) -> None:
     result = invoke_opsctl("explain", "no-such-job", "--redis-url", redis_url)
 

@@ -414,6 +414,18 @@ def _retried_instead(entry: StartedEntry, verdict: engine.Verdict) -> str:
     return f"; it has {left} retries left, so failing it retries it ({when})"
 
 
+#: Characters of a field's value the text shows; JSON has it whole.
+SHOWN_CHARS = 2000
+
+
+def _cut(value: str) -> str:
+    """A field's value for one line of text: its start, and how long it is, when long
+    (a description can hold megabytes of arguments)."""
+    if len(value) <= SHOWN_CHARS:
+        return value
+    return f"{value[:SHOWN_CHARS]}… ({len(value):,} characters in all; --format json has it whole)"
+
+
 #: Items of a long list the text shows; JSON has them all.
 SHOWN_ITEMS = 5
 
@@ -449,7 +461,7 @@ def print_text(found: Explanation, console: Console) -> None:
     if not found.exists:
         out.append(f"  hash: none: {found.foreign}" if found.foreign else "  hash: gone")
     out.append("fields:")
-    out += [f"  {name}: {value}" for name, value in found.fields.items()] or ["  (none)"]
+    out += [f"  {name}: {_cut(value)}" for name, value in found.fields.items()] or ["  (none)"]
     out.append("in:")
     out += [f"  {place}" for place in found.places] or ["  no list or registry"]
     out.append("executions:")
