@@ -692,6 +692,17 @@ def test_no_stop_goes_to_a_worker_that_has_not_heartbeated_since_the_job_started
         assert "has not heartbeated since the job started" in verdict.reason
 
 
+def test_no_stop_goes_to_a_worker_whose_hash_expired_while_it_held_its_connection() -> None:
+    # A SimpleWorker's hash expires during a long job (nothing renews it), as a frozen
+    # worker's does; either still holds its connection, so it is live and holds the job.
+    started = entry(job=job_hash(started_ago_s=900), execution=execution_hash(created_ago_s=900))
+
+    verdict = decide(started, worker(exists=False, subscribers=1))
+
+    assert (verdict.state, verdict.action) == (State.OVERDUE, "none")
+    assert "has let its hash expire (it writes no heartbeat)" in verdict.reason
+
+
 def test_force_does_not_change_what_happens_to_an_abandoned_job() -> None:
     forced = Rule(max_age_seconds=600, action="cancel", force=True)
 

@@ -628,11 +628,16 @@ def _held(
         )
         return Verdict(State.OVERDUE, ACTION_NONE, reason, signals)
     if worker is not None and not watched_since_start(worker, entry):
+        silent = (
+            "has not heartbeated since the job started"
+            if worker.exists
+            else "has let its hash expire (it writes no heartbeat)"
+        )
         reason = sys.intern(
-            f"{why}, but not stopped: {signals.worker} has not heartbeated since the job "
-            "started, as a worker watching a work horse does: a SimpleWorker, which cannot "
-            "stop it (RQ 3's then files the job's own failure as stopped, without its "
-            "retries; RQ 1.16's kills its own process group), or a frozen worker"
+            f"{why}, but not stopped: {signals.worker} {silent}, as a worker watching a work "
+            "horse does: a SimpleWorker, which cannot stop it (RQ 3's then files the job's "
+            "own failure as stopped, without its retries; RQ 1.16's kills its own process "
+            "group), or a frozen worker"
         )
         return Verdict(State.OVERDUE, ACTION_NONE, reason, signals)
     return Verdict(State.OVERDUE, ACTION_STOP, why, signals, rule.action)
@@ -643,11 +648,14 @@ def watched_since_start(worker: WorkerRecord, entry: StartedEntry) -> bool:
     by its own clock): a worker that forks a work horse heartbeats while it watches it
     (every job monitoring interval, 30 s by default); a ``SimpleWorker``, which runs
     the job itself, writes its last heartbeat just before the job's start and none
-    until the job ends, and a frozen worker writes none. A worker whose hash is gone,
-    or a job of unknown start, cannot tell: taken as watched."""
+    until the job ends, and a frozen worker writes none. A worker whose hash has
+    expired writes none either (a heartbeat renews it), whatever its connection says.
+    A job of unknown start cannot tell: taken as watched."""
+    if not worker.exists:
+        return False
     job = entry.job if entry.job is not None else _NO_FIELDS
     started = parse_timestamp(job.get("started_at"))
-    if not worker.exists or started is None:
+    if started is None:
         return True
     return worker.heartbeat_at is not None and worker.heartbeat_at > started
 

@@ -129,7 +129,7 @@ def explain(conn: redis.Redis, keys: Keys, job_id: str, policy: Policy | None) -
         else:
             judged_by = _rule(policy, entry.queue)
             verdict = _verdict(conn, keys, entry, workers, judged_by, now)
-            found.verdicts.append(_held_to_origin(verdict, entry, policy))
+            found.verdicts.append(_held_to_origin(verdict, entry, policy, judged_by[0]))
     return found
 
 
@@ -383,7 +383,7 @@ def _verdict(
 
 
 def _held_to_origin(
-    verdict: dict[str, Any], entry: StartedEntry, policy: Policy | None
+    verdict: dict[str, Any], entry: StartedEntry, policy: Policy | None, rule: Rule | None
 ) -> dict[str, Any]:
     """``verdict`` as a run holds it to the rule of the job's origin queue, when the
     job sits in another queue's registry (see :func:`opsctl.run.held_to_origin`)."""
@@ -395,6 +395,8 @@ def _held_to_origin(
     if held is None:
         return verdict
     planned_only, words = held
+    if planned_only and rule is not None and rule.dry_run:
+        return verdict  # only planned already, under its own queue's rule
     changed: dict[str, Any] = {"reason": f"{verdict['reason']}; {words}"}
     if not planned_only:
         changed.update(action=engine.ACTION_NONE, follow_up=None)
