@@ -1248,6 +1248,21 @@ def test_status_names_every_record_it_could_not_read_and_counts_them_all(
     assert 'opsctl_problems{command="status"} 3.0' in metrics_file.read_text()
 
 
+@pytest.mark.parametrize("key", ["rq:queues", "rq:workers"])
+def test_status_names_a_queue_set_or_worker_set_it_could_not_read(
+    conn: redis.Redis, url: str, key: str
+) -> None:
+    Queue("waiting", connection=conn).enqueue("jobs.quick")  # nothing started anywhere
+    conn.delete(key)
+    conn.set(key, "not a set")
+
+    result = opsctl("status", "--redis-url", url, "--format", "json")
+
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert [p for p in document["problems"] if key in p] != [], document["problems"]
+
+
 def test_status_on_a_narrow_terminal_shows_every_name_whole(
     conn: redis.Redis, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

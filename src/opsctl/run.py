@@ -363,7 +363,7 @@ def _read_state(
         if twin is not None:
             twin.connection_pool.disconnect()
     del listed
-    named = known_queues(conn, keys, found.listed)
+    named = known_queues(conn, keys, found.listed, snapshot.problems)
     queues, unmatched = _choose_queues(sorted({*named, *covered}), policy, overrides)
     later = [q.name for q in queues if q.name not in covered]
     if later:

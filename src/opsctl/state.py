@@ -189,15 +189,21 @@ def server_time(conn: redis.Redis) -> float:
     return float(seconds) + float(micros) / 1_000_000
 
 
-def known_queues(conn: redis.Redis, keys: Keys, listed: Iterable[str] | None = None) -> list[str]:
+def known_queues(
+    conn: redis.Redis,
+    keys: Keys,
+    listed: Iterable[str] | None = None,
+    problems: list[str] | None = None,
+) -> list[str]:
     """Queue names RQ knows: its queue set, every queue with a started registry,
     and every queue with registered workers.
 
     ``listed`` holds the registry and worker-set keys when a pass over the
     keyspace has already found them (see :func:`opsctl.keyspace.survey`);
-    otherwise they are looked for here.
+    otherwise they are looked for here. A queue set that cannot be read is
+    named in ``problems``.
     """
-    names = set(_queue_names_from_set(conn, keys))
+    names = set(_queue_names_from_set(conn, keys, problems))
     if listed is None:
         # A queue may show only as a started registry, or only through the
         # workers that serve it. One pass over the key space finds both: their
@@ -276,7 +282,8 @@ def _read_snapshot(
         if on_entries:
             on_entries(batch, workers, now)
 
-    workers = read_workers(conn, keys, registered_workers(conn, keys, queues), problems, queues)
+    registered = registered_workers(conn, keys, queues, problems)
+    workers = read_workers(conn, keys, registered, problems, queues)
     reader.held_by = {name for name, w in workers.items() if w.exists and not w.fields.get("death")}
     entries = _read_entries(conn, keys, queues, total, problems, decoded, reader, ids, listed)
     # Workers that entries name but no registration lists (most often dead ones).
@@ -916,19 +923,24 @@ def _decode(shared: tuple[int, ...], values: list[Any], as_text: bool = False) -
     return values
 
 
-def registered_workers(conn: redis.Redis, keys: Keys, queues: list[str]) -> set[str]:
-    """Names of the workers registered, globally or on one of ``queues``."""
+def registered_workers(
+    conn: redis.Redis, keys: Keys, queues: list[str], problems: list[str] | None = None
+) -> set[str]:
+    """Names of the workers registered, globally or on one of ``queues``; a set of
+    another type is named in ``problems``."""
+    sets = [keys.workers, *(keys.queue_workers(queue) for queue in queues)]
     pipe = conn.pipeline(transaction=False)
-    pipe.smembers(keys.workers)
-    for queue in queues:
-        pipe.smembers(keys.queue_workers(queue))
-    return {
-        keys.worker_name_from_key(text(m))
-        for reply in replies_of(pipe)
-        if not isinstance(reply, Exception)
-        for m in reply
-        if text(m).startswith(keys.worker(""))
-    }
+    for key in sets:
+        pipe.smembers(key)
+    names: set[str] = set()
+    for key, reply in zip(sets, replies_of(pipe), strict=True):
+        if isinstance(reply, Exception):
+            _note(problems, f"worker registrations: {key} could not be read ({reply})")
+            continue
+        names.update(
+            keys.worker_name_from_key(text(m)) for m in reply if text(m).startswith(keys.worker(""))
+        )
+    return names
 
 
 def read_workers(

@@ -54,8 +54,10 @@ def collect_with_snapshot(
     conn: redis.Redis, keys: Keys
 ) -> tuple[float, list[QueueStatus], Snapshot]:
     """Like :func:`collect`, with the snapshot the counts came from (for metrics)."""
-    names = known_queues(conn, keys)
+    unread: list[str] = []
+    names = known_queues(conn, keys, problems=unread)
     snapshot = read_snapshot(conn, keys, names)
+    snapshot.problems[:0] = [p for p in unread if p not in snapshot.problems]
     pipe = conn.pipeline(transaction=False)
     for name in names:
         pipe.llen(keys.queue(name))
