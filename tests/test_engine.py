@@ -692,6 +692,17 @@ def test_no_stop_goes_to_a_worker_that_has_not_heartbeated_since_the_job_started
         assert "has not heartbeated since the job started" in verdict.reason
 
 
+def test_no_stop_goes_to_a_worker_that_nothing_listens_for_on_its_command_channel() -> None:
+    # Live by its named connection (an RQ 1 worker after Redis restarted never
+    # subscribes again): a stop published on its channel would reach no one.
+    started = entry(job=job_hash(started_ago_s=900), execution=execution_hash(created_ago_s=900))
+
+    verdict = decide(started, worker(subscribers=0, connected=True))
+
+    assert (verdict.state, verdict.action) == (State.OVERDUE, "none")
+    assert "nothing of this database listens on" in verdict.reason
+
+
 def test_no_stop_goes_to_a_worker_whose_hash_expired_while_it_held_its_connection() -> None:
     # A SimpleWorker's hash expires during a long job (nothing renews it), as a frozen
     # worker's does; either still holds its connection, so it is live and holds the job.

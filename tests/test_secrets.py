@@ -153,9 +153,14 @@ def conn(server: SecureServer) -> Iterator[redis.Redis]:
     overdue = start_job(client, SLOW_QUEUE, LIVE_WORKER)
     an_hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
     client.hset(f"rq:job:{overdue}", "started_at", an_hour_ago.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
-    live = server.client(client_name=LIVE_WORKER)
-    live.ping()
-    client.hset(f"rq:worker:{LIVE_WORKER}", mapping={"state": "busy", "current_job": overdue})
+    # Subscribed to its command channel under its name, heartbeating as it watches its
+    # work horse: it hears the stop, and nothing stops the job.
+    live = server.client(client_name=LIVE_WORKER).pubsub()
+    live.subscribe(f"rq:pubsub:{LIVE_WORKER}")
+    assert live.get_message(timeout=5) is not None
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    worker = {"state": "busy", "current_job": overdue, "last_heartbeat": now}
+    client.hset(f"rq:worker:{LIVE_WORKER}", mapping=worker)
     client.sadd("rq:workers", f"rq:worker:{LIVE_WORKER}")
 
     yield client
@@ -306,7 +311,7 @@ COMMANDS = {
         ("apply", POLICY, "--dry-run", "--format", "json"), 0, '"dry_run": true'
     ),
     "apply-verbose": Command(("apply", POLICY, "--queue", CLEAN_QUEUE, "-v"), 0, "outcome=done"),
-    "apply-debug": Command(("apply", POLICY, "-vv", *QUIET), 1, "did not receive the stop"),
+    "apply-debug": Command(("apply", POLICY, "-vv", *QUIET), 1, "did not stop it within 0s"),
     "apply-quiet": Command(("apply", POLICY, "-q", *QUIET), 1, "action(s) failed"),
     "apply-failing-action-json": Command(
         ("apply", POLICY, "--queue", BROKEN_QUEUE, "--format", "json"), 1, '"outcome":"error"'
