@@ -46,6 +46,7 @@ from conftest import (
     numsub,
     wait_for_status,
     wait_until,
+    wait_until_watched,
 )
 from opsctl import apply as apply_module
 from opsctl import cli
@@ -1227,7 +1228,10 @@ def overdue_on_a_stubborn_worker(conn: redis.Redis) -> tuple[Job, Any]:
         pipe.lrem(Queue(QUEUE, connection=conn).key, 0, job.id)
         pipe.execute()
     conn.hset(job.key, "started_at", "2020-01-01T00:00:00.000000Z")
-    conn.hset("rq:worker:stubborn", mapping={"state": "busy", "current_job": job.id})
+    # Busy, and heartbeating as it watches its work horse.
+    beat = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    worker = {"state": "busy", "current_job": job.id, "last_heartbeat": beat}
+    conn.hset("rq:worker:stubborn", mapping=worker)
     conn.sadd("rq:worker:stubborn:executions", f"{job.id}:{execution.id}")
     channel = conn.pubsub()
     channel.subscribe("rq:pubsub:stubborn")
@@ -1928,6 +1932,7 @@ def test_no_stop_is_published_where_an_unnamed_connection_of_another_database_ma
     rq_workers.start([QUEUE], name="dup")
     job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 8, job_id="nightly")
     assert wait_for_status(redis_conn, job.id, "started") == "started"
+    wait_until_watched(redis_conn, job.id)  # a stop would be sent from now on
     other = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/1")
     listener = other.pubsub()
     listener.subscribe("rq:pubsub:dup")
@@ -1974,6 +1979,7 @@ def test_an_overdue_job_is_not_stopped_through_a_channel_a_namesake_on_another_d
             rq_workers.start([QUEUE], name="dup")
             job = Queue(QUEUE, connection=redis_conn).enqueue("jobs.sleep_for", 8, job_id="nightly")
             assert wait_for_status(redis_conn, job.id, "started") == "started"
+            wait_until_watched(redis_conn, job.id)  # a stop would be sent from now on
 
             args = apply_args(POLICIES / "safety_fail.yaml", url, "--force")
             previewed = line_of(report_of(run_opsctl(*args, "--dry-run")), "nightly")
