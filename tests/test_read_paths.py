@@ -299,3 +299,20 @@ def test_registries_read_ahead_of_one_another_keep_each_entry_with_its_own_queue
     assert read == expected  # each registry whole, in order, with its own queue's name
     assert all(e.job is not None and e.job["origin"] == e.queue for e in snapshot.entries)
     assert [p for p in snapshot.problems if "rq:wip:broken" in p]
+
+
+@pytest.mark.parametrize("scripts", [True, False])
+def test_a_workers_runs_without_a_record_are_left_out_on_either_path(scripts: bool) -> None:
+    conn = fakeredis.FakeRedis()
+    conn.hset("rq:worker:w1", mapping={"state": "busy", "last_heartbeat": "2026-01-01T00:00:00Z"})
+    conn.sadd("rq:workers", "rq:worker:w1")
+    conn.hset("rq:execution:now:e2", "worker_name", "w1")
+    conn.sadd("rq:worker:w1:executions", "now:e2", "ended:e1", b"odd-\xff:e3")
+
+    if scripts:
+        workers = state.read_workers(conn, Keys(), ["w1"])
+    else:
+        with scripts_refused():
+            workers = state.read_workers(conn, Keys(), ["w1"])
+
+    assert workers["w1"].executions == frozenset({"now:e2"})

@@ -1027,24 +1027,78 @@ def _drop_ended_executions(
     a run that ended without RQ's cleanup (a work horse that ended its process at
     once, say): the worker's heartbeat keeps the set, stale member and all, for
     as long as it lives, and RQ itself passes such members over. A member whose
-    record cannot be read is kept.
+    record cannot be read is kept. The records are looked for on the server (a
+    set may list thousands of runs); where scripts are refused, with EXISTS.
     """
-    listed = [
-        (name, member) for name, (_, _, _, executions) in hashes.items() for member in executions
-    ]
-    ended: set[tuple[str, Any]] = set()
+    names = [name for name, (_, _, _, executions) in hashes.items() if executions]
     # A member is the job and execution ids as the record's key ends.
     prefix = keys.execution("", "")[:-1].encode("utf-8", "surrogateescape")
-    for batch in batches(listed, BATCH):
-        pipe = conn.pipeline(transaction=False)
-        for _name, member in batch:
-            pipe.exists(prefix + cast(bytes, as_bytes(member)))
-        for found, exists in zip(batch, replies_of(pipe), strict=True):
-            if exists == 0:
-                ended.add(found)
+    ended: set[tuple[str, bytes]] = set()
+    for batch in batches(names, BATCH):
+        sets = [keys.worker_executions(name) for name in batch]
+        gone = _ended_on_server(conn, sets, prefix)
+        if gone is None:
+            gone = _ended_by_exists(conn, [hashes[name][3] for name in batch], prefix)
+        for name, members in zip(batch, gone, strict=True):
+            ended.update((name, cast(bytes, as_bytes(m))) for m in members)
+    if not ended:
+        return
     for name, (exists, fields, ttl, executions) in list(hashes.items()):
-        current = [m for m in executions if (name, m) not in ended]
+        current = [m for m in executions if (name, as_bytes(m)) not in ended]
         hashes[name] = (exists, fields, ttl, current)
+
+
+# A read-only script: for each set in KEYS, its members whose execution record
+# (ARGV[1], the record keys' prefix, then the member) does not exist. A key that
+# is not a set answers none.
+_ENDED_SCRIPT_BODY = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local gone = {}
+  local members = redis.pcall('SMEMBERS', key)
+  if type(members) == 'table' and not members.err then
+    for _, member in ipairs(members) do
+      if redis.call('EXISTS', ARGV[1] .. member) == 0 then gone[#gone + 1] = member end
+    end
+  elseif type(members) == 'table' and string.sub(tostring(members.err), 1, 6) == 'NOPERM' then
+    error(members)
+  end
+  out[i] = gone
+end
+return out
+"""
+_ENDED_SCRIPTS = (
+    ("EVAL_RO", "#!lua flags=no-writes\n" + _ENDED_SCRIPT_BODY),
+    ("EVAL", _ENDED_SCRIPT_BODY),
+)
+
+
+def _ended_on_server(conn: redis.Redis, sets: list[str], prefix: bytes) -> list[list[Any]] | None:
+    """Each set's members without a record, looked for by script; None where no
+    script may run."""
+    send: Callable[..., Any] = conn.execute_command
+    for command, body in _ENDED_SCRIPTS:
+        try:
+            return cast("list[list[Any]]", send(command, body, len(sets), *sets, prefix))
+        except redis.exceptions.NoPermissionError as exc:
+            log.debug("ended_executions_script_refused command=%s error=%s", command, exc)
+        except redis.ResponseError as exc:
+            log.debug("ended_executions_script_unknown command=%s error=%s", command, exc)
+    return None
+
+
+def _ended_by_exists(conn: redis.Redis, listed: list[Any], prefix: bytes) -> list[list[Any]]:
+    """Each list of members' members without a record, looked for with EXISTS."""
+    members = [(i, m) for i, executions in enumerate(listed) for m in executions]
+    gone: list[list[Any]] = [[] for _ in listed]
+    for batch in batches(members, BATCH):
+        pipe = conn.pipeline(transaction=False)
+        for _, member in batch:
+            pipe.exists(prefix + cast(bytes, as_bytes(member)))
+        for (i, member), exists in zip(batch, replies_of(pipe), strict=True):
+            if exists == 0:
+                gone[i].append(member)
+    return gone
 
 
 _VERSION_AT = WORKER_FIELDS.index("version")
