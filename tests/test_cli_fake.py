@@ -601,19 +601,24 @@ def test_dead_worker_registration_is_removed_and_a_live_one_stays(
     assert queue.get_job_ids() == [waiting.id], "a queued job is not opsctl's business"
 
 
+def found_dead_by_a_run(conn: redis.Redis, url: str, tmp_path: Path, name: str) -> tuple[Job, Path]:
+    """A worker a run found dead, with a job in queue "other": the run removed its
+    registrations (its queue "default" is covered) but left the job alone."""
+    register_worker(url, name)
+    job = started_job(conn, name, queue="other")
+    policy = write_policy(tmp_path, 'version: 1\nqueues:\n  - name: "*"\n    action: fail\n')
+    first = apply(policy, url, "--queue", "default")
+    assert [(w["name"], w["outcome"]) for w in first["workers"]] == [(name, "done")]
+    return job, policy
+
+
 def test_a_death_opsctl_recorded_is_never_shown_as_the_workers_own(
     conn: redis.Redis, url: str, tmp_path: Path
 ) -> None:
-    # The first run removes the dead worker's registrations (its queue "default" is
-    # covered) but leaves its job in "other" alone; the next run fails that job.
-    register_worker(url, "w-crashed")
-    job = started_job(conn, "w-crashed", queue="other")
-    policy = write_policy(tmp_path, 'version: 1\nqueues:\n  - name: "*"\n    action: fail\n')
+    job, policy = found_dead_by_a_run(conn, url, tmp_path, "w-crashed")
 
-    first = apply(policy, url, "--queue", "default")
     later = apply(policy, url, "--queue", "other")
 
-    assert [(w["name"], w["outcome"]) for w in first["workers"]] == [("w-crashed", "done")]
     [line] = [j for j in later["jobs"] if j["id"] == job.id]
     assert line["outcome"] == "done"
     assert "an opsctl run found it dead at " in line["reason"]
@@ -628,11 +633,7 @@ def test_a_worker_back_after_a_run_found_it_dead_is_live_whatever_its_clock(
     # A run takes a worker cut off from Redis for dead and notes its death (server
     # time). The worker comes back, subscribes and heartbeats by its own clock, two
     # minutes behind the server's: its heartbeat reads as older than the death.
-    register_worker(url, "w-back")
-    job = started_job(conn, "w-back", queue="other")
-    policy = write_policy(tmp_path, 'version: 1\nqueues:\n  - name: "*"\n    action: fail\n')
-    first = apply(policy, url, "--queue", "default")
-    assert [(w["name"], w["outcome"]) for w in first["workers"]] == [("w-back", "done")]
+    job, policy = found_dead_by_a_run(conn, url, tmp_path, "w-back")
     death = utcparse(conn.hget("rq:worker:w-back", "death").decode())
     back = redis.Redis.from_url(url, client_name="w-back").pubsub()  # named, as RQ 3 does
     back.subscribe("rq:pubsub:w-back")

@@ -208,10 +208,8 @@ class Executor:
             self._checkpoint()  # asked to stop while waiting: the rest is left
             ttl = self.conn.ttl(lock.key)
             lasts = f", for {ttl}s more" if isinstance(ttl, int) and ttl > 0 else ""
-            if queue not in self.run.locked_out:
-                self.run.locked_out.append(queue)
-            return (
-                SKIPPED,
+            return self._locked_out(
+                queue,
                 f"RQ's maintenance lock of this queue is held ({_holder(lock)}{lasts}): "
                 "RQ is cleaning its registries, or a worker killed while cleaning left the "
                 "lock behind; run again once it is gone",
@@ -239,15 +237,19 @@ class Executor:
         if kind == "string" and self.conn.ttl(key) == -1:
             holder = self.conn.get(key)
             shown = holder.decode("utf-8", "replace") if isinstance(holder, bytes) else holder
-            if queue not in self.run.locked_out:
-                self.run.locked_out.append(queue)
-            return (
-                SKIPPED,
+            return self._locked_out(
+                queue,
                 f"RQ's maintenance lock of this queue, {key}, is held ({shown}) and never "
                 "expires, so it was not left by RQ or by a run: neither RQ nor opsctl "
                 f"cleans this queue until it is removed (DEL {key})",
             )
         return None
+
+    def _locked_out(self, queue: str, why: str) -> tuple[str, str]:
+        """Note that a lock kept the run from ``queue`` (exit 5); its jobs are skipped."""
+        if queue not in self.run.locked_out:
+            self.run.locked_out.append(queue)
+        return SKIPPED, why
 
     def _stop_and_follow_up(self, stops: list[JobOutcome]) -> None:
         """Stop ``stops`` through their workers, then apply their follow-ups. RQ's
