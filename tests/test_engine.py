@@ -697,10 +697,12 @@ def test_no_stop_goes_to_a_worker_that_nothing_listens_for_on_its_command_channe
     # subscribes again): a stop published on its channel would reach no one.
     started = entry(job=job_hash(started_ago_s=900), execution=execution_hash(created_ago_s=900))
 
-    verdict = decide(started, worker(subscribers=0, connected=True))
+    deaf = replace(worker(subscribers=0, connected=True), heard_on_server=0)
+
+    verdict = decide(started, deaf)
 
     assert (verdict.state, verdict.action) == (State.OVERDUE, "none")
-    assert "nothing of this database listens on" in verdict.reason
+    assert "nothing listens on w1's command channel" in verdict.reason
 
 
 def test_no_stop_goes_to_a_worker_whose_hash_expired_while_it_held_its_connection() -> None:

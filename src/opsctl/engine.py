@@ -627,11 +627,11 @@ def _held(
             "makes RQ's worker kill its own process group"
         )
         return Verdict(State.OVERDUE, ACTION_NONE, reason, signals)
-    if worker is not None and worker.subscribers == 0:
+    if worker is not None and worker.heard_on_server == 0:
         reason = sys.intern(
-            f"{why}, but not stopped: nothing of this database listens on "
-            f"{signals.worker}'s command channel, so no stop can reach it (RQ 1 never "
-            "subscribes again after Redis restarts)"
+            f"{why}, but not stopped: nothing listens on {signals.worker}'s command "
+            "channel, so no stop can reach it (RQ 1 never subscribes again after Redis "
+            "restarts)"
         )
         return Verdict(State.OVERDUE, ACTION_NONE, reason, signals)
     if worker is not None and not watched_since_start(worker, entry):
