@@ -27,7 +27,7 @@ from opsctl.model import StartedEntry, WorkerRecord, format_timestamp, parse_int
 from opsctl.policy import Policy, Rule
 from opsctl.records import function_name
 from opsctl.report import safe
-from opsctl.run import held_to_origin
+from opsctl.run import origin_hold
 from opsctl.shown import quoted
 from opsctl.state import (
     RQ_EXECUTION_ID,
@@ -386,17 +386,14 @@ def _held_to_origin(
     verdict: dict[str, Any], entry: StartedEntry, policy: Policy | None, rule: Rule | None
 ) -> dict[str, Any]:
     """``verdict`` as a run holds it to the rule of the job's origin queue, when the
-    job sits in another queue's registry (see :func:`opsctl.run.held_to_origin`)."""
-    origin = (entry.job or {}).get("origin")
-    acts = verdict["action"] not in (engine.ACTION_NONE, engine.ACTION_REMOVE_ENTRY)
-    if policy is None or not acts or not origin or origin == entry.queue:
+    job sits in another queue's registry (see :func:`opsctl.run.origin_hold`)."""
+    if policy is None:
         return verdict
-    held = held_to_origin(policy.rule_for(origin), origin)
+    dry_run = rule is not None and rule.dry_run
+    held = origin_hold(verdict["action"], entry, dry_run, policy.rule_for)
     if held is None:
         return verdict
     planned_only, words = held
-    if planned_only and rule is not None and rule.dry_run:
-        return verdict  # only planned already, under its own queue's rule
     changed: dict[str, Any] = {"reason": f"{verdict['reason']}; {words}"}
     if not planned_only:
         changed.update(action=engine.ACTION_NONE, follow_up=None)

@@ -32,6 +32,7 @@ from opsctl.state import (
     HashReader,
     ListedIds,
     batches,
+    call_script,
     glob_escape,
     known_queues,
     registry_members,
@@ -189,21 +190,17 @@ def survey(
     if len(skipped) > SKIPPED_MAX:
         skipped = []
     skip = _Skip(listed)
-    modes = list(_SURVEY_SCRIPTS)
-    send: Callable[..., Any] = conn.execute_command
+    forms = list(_SURVEY_SCRIPTS)
     cursor: Any = 0
     while True:
-        while modes:
-            command, body = modes[0]
+        page = None
+        if forms:
             read_here = not skip.ready()
             args = (pattern, SURVEY_COUNT, keys.job_prefix, "1" if read_here else "0")
-            try:
-                page = send(command, body, 0, cursor, *args, len(prefixes), *prefixes, *skipped)
-            except redis.ResponseError as exc:
-                if len(modes) == 1:
-                    log.info("survey_script_unavailable error=%s; reading plainly", exc)
-                modes.pop(0)
-                continue
+            page = call_script(conn, forms, 0, cursor, *args, len(prefixes), *prefixes, *skipped)
+            if page is None:
+                log.info("survey_script_unavailable: reading plainly")
+        if page is not None:
             cursor = page[0]
             result.listed += [text(k) for k in page[1]]
             result.scanned += int(page[3])
@@ -211,8 +208,7 @@ def survey(
                 _add_candidates(result, page[2], ids)
             else:
                 unread = skip.unlisted(page[2])
-                _read_candidates(conn, command, keys, unread, skipped, result, ids)
-            break
+                _read_candidates(conn, forms[0][0], keys, unread, skipped, result, ids)
         else:
             result.filtered_server_side = False
             cursor = _survey_plainly(

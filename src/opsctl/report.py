@@ -293,10 +293,10 @@ def column_widths(headers: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> 
     return widths
 
 
-def fits_as_table(widths: Sequence[int], width: int) -> bool:
-    """Whether columns this wide, and a reason column, fit ``width`` as a table
-    (each column adds its padding and a border)."""
-    return sum(w + 3 for w in widths) + REASON_WIDTH_MIN + 4 <= width
+def fits_as_table(widths: Sequence[int], width: int, last: int = REASON_WIDTH_MIN) -> bool:
+    """Whether columns this wide, and a last column (a reason) at least ``last``
+    wide, fit ``width`` as a table (each column adds its padding and a border)."""
+    return sum(w + 3 for w in widths) + last + 4 <= width
 
 
 def print_lines(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import re
@@ -696,49 +697,55 @@ def stops_that_may_stray(
 
 def _respect_origins(policy: Policy, overrides: Overrides, run: Run) -> None:
     """Hold a job that sits in another queue's registry to its origin queue's rule too
-    (see :func:`held_to_origin`)."""
-    origins: dict[str, Rule | None] = {}
+    (see :func:`origin_hold`)."""
+
+    @functools.cache
+    def origin_rule(origin: str) -> Rule | None:
+        if overrides.queues and origin not in overrides.queues:
+            return None
+        found = policy.rule_for(origin)
+        return effective_rule(found, overrides) if found is not None else None
+
     for job in run.jobs:
-        origin = job.entry.job.get("origin") if job.entry.job is not None else None
-        if not job.acts or job.action == ACTION_REMOVE_ENTRY or not origin:
-            continue
-        if origin == job.entry.queue:
-            continue
-        if origin not in origins:
-            found = policy.rule_for(origin)
-            origins[origin] = effective_rule(found, overrides) if found is not None else None
-        covered = not overrides.queues or origin in overrides.queues
-        held = held_to_origin(origins[origin] if covered else None, origin)
+        held = origin_hold(job.action, job.entry, job.rule.dry_run, origin_rule)
         if held is None:
             continue
         planned_only, words = held
-        if not planned_only:
-            job.action, job.outcome = ACTION_NONE, KEPT
-        elif job.rule.dry_run:
-            continue  # only planned already
-        else:
+        if planned_only:
             job.rule = replace(job.rule, dry_run=True)
+        else:
+            job.action, job.outcome = ACTION_NONE, KEPT
         job.reason = f"{job.reason}; {words}"
 
 
-def held_to_origin(rule: Rule | None, origin: str) -> tuple[bool, str] | None:
-    """How an action on a job found in another queue's registry is held back by the
-    rule of its ``origin`` queue (None: the run does not cover that queue): whether it
-    is only planned rather than left alone, and the words for the reason; None when
-    the origin's rule lets it go ahead.
+def origin_hold(
+    action: str,
+    entry: StartedEntry,
+    dry_run: bool,
+    origin_rule: Callable[[str], Rule | None],
+) -> tuple[bool, str] | None:
+    """How the rule of the job's origin queue holds back ``action`` on a job found
+    in another queue's registry: whether it is only planned rather than left
+    alone, and the words for the reason; None when it goes ahead as the rule of
+    the registry's queue says (``dry_run``: whether that rule only plans).
 
-    Actions write to the origin's registries and queue (a stop too: RQ files the
-    stopped job there). A queue the policy disables, or that the run does not
-    cover (no policy entry matches it, or --queue leaves it out), is never
-    changed, so the job is left alone; one in dry-run mode is only planned for,
-    so the job is only planned. Removing an entry touches only the registry it
-    sits in, so that is never held back.
+    ``origin_rule`` gives a queue's rule, None for a queue the run does not
+    cover. Actions write to the origin's registries and queue (a stop too: RQ
+    files the stopped job there). A queue the policy disables, or that the run
+    does not cover (no policy entry matches it, or --queue leaves it out), is
+    never changed, so the job is left alone; one in dry-run mode is only planned
+    for, so the job is only planned. Removing an entry touches only the registry
+    it sits in, so that is never held back.
     """
+    origin = entry.job.get("origin") if entry.job is not None else None
+    if action in (ACTION_NONE, ACTION_REMOVE_ENTRY) or not origin or origin == entry.queue:
+        return None
+    rule = origin_rule(origin)
     if rule is None:
         return False, f"left alone: this run does not cover queue {quoted(origin)}"
     if not rule.enabled:
         return False, f"left alone: {rule.source} disables queue {quoted(origin)}"
-    if rule.dry_run:
+    if rule.dry_run and not dry_run:
         return True, f"only planned: {rule.source} sets dry_run for {quoted(origin)}"
     return None
 

@@ -766,16 +766,11 @@ class HashReader:
 
     def _choose(self, first: tuple[list[bytes], bytes]) -> None:
         call_keys, layout = first
-        for mode, (eval_name, _, body) in enumerate(_READ_SCRIPTS):
-            try:
-                _send_script(self.conn, eval_name, body, call_keys, layout, self._argv)
-            except redis.ResponseError as exc:
-                log.debug("read_script_refused command=%s error=%s", eval_name, exc)
-                continue
-            self.mode = mode
-            return
-        log.info("read_script_unavailable: reading hashes with pipelined HMGET")
-        self.mode = len(_READ_SCRIPTS)
+        forms = [(eval_name, body) for eval_name, _, body in _READ_SCRIPTS]
+        args = (len(call_keys), *call_keys, layout, *self._argv)
+        if call_script(self.conn, forms, *args) is None:
+            log.info("read_script_unavailable: reading hashes with pipelined HMGET")
+        self.mode = len(_READ_SCRIPTS) - len(forms)  # the form that answered
 
     def _pipelined(self, hash_keys: list[bytes], has_execution: list[bool]) -> list[Any]:
         """The script's answers from plain commands: HMGET, then EXISTS where nothing was found.
@@ -935,7 +930,7 @@ def registered_workers(
     names: set[str] = set()
     for key, reply in zip(sets, replies_of(pipe), strict=True):
         if isinstance(reply, Exception):
-            _note(problems, f"worker registrations: {key} could not be read ({reply})")
+            note_problem(problems, f"worker registrations: {key} could not be read ({reply})")
             continue
         names.update(
             keys.worker_name_from_key(text(m)) for m in reply if text(m).startswith(keys.worker(""))
@@ -974,14 +969,14 @@ def read_workers(
         for i, name in enumerate(batch):
             unreadable = replies[4 * i + 1]
             if isinstance(unreadable, Exception):
-                _note(
+                note_problem(
                     problems, f"worker {name}: {keys.worker(name)} could not be read ({unreadable})"
                 )
             unlisted = replies[4 * i + 3]
             if isinstance(unlisted, Exception):
                 # Judged by its hash's state instead (busy: running any job that names it).
                 key = keys.worker_executions(name)
-                _note(problems, f"worker {name}: {key} could not be read ({unlisted})")
+                note_problem(problems, f"worker {name}: {key} could not be read ({unlisted})")
             exists, fields, ttl, executions = (
                 ([] if isinstance(r, Exception) else r) for r in replies[4 * i : 4 * i + 4]
             )
@@ -1034,9 +1029,10 @@ def _drop_ended_executions(
     # A member is the job and execution ids as the record's key ends.
     prefix = keys.execution("", "")[:-1].encode("utf-8", "surrogateescape")
     ended: set[tuple[str, bytes]] = set()
+    forms = list(_ENDED_SCRIPTS)
     for batch in batches(names, BATCH):
         sets = [keys.worker_executions(name) for name in batch]
-        gone = _ended_on_server(conn, sets, prefix)
+        gone: list[list[Any]] | None = call_script(conn, forms, len(sets), *sets, prefix)
         if gone is None:
             gone = _ended_by_exists(conn, [hashes[name][3] for name in batch], prefix)
         for name, members in zip(batch, gone, strict=True):
@@ -1073,17 +1069,21 @@ _ENDED_SCRIPTS = (
 )
 
 
-def _ended_on_server(conn: redis.Redis, sets: list[str], prefix: bytes) -> list[list[Any]] | None:
-    """Each set's members without a record, looked for by script; None where no
-    script may run."""
+def call_script(conn: redis.Redis, forms: list[tuple[str, str]], *args: Any) -> Any:
+    """The reply of the first of ``forms`` (a command, such as EVAL_RO, and the
+    script's body; read-only forms first) that the server runs with ``args``
+    (the number of keys, the keys, then the arguments). A form the server or the
+    user refuses is dropped from ``forms``, so that a caller calling again never
+    sends it again. None once every form is refused: the caller reads with plain
+    commands instead. The scripts given must not answer nil."""
     send: Callable[..., Any] = conn.execute_command
-    for command, body in _ENDED_SCRIPTS:
+    while forms:
+        command, body = forms[0]
         try:
-            return cast("list[list[Any]]", send(command, body, len(sets), *sets, prefix))
-        except redis.exceptions.NoPermissionError as exc:
-            log.debug("ended_executions_script_refused command=%s error=%s", command, exc)
+            return send(command, body, *args)
         except redis.ResponseError as exc:
-            log.debug("ended_executions_script_unknown command=%s error=%s", command, exc)
+            log.debug("script_refused command=%s error=%s", command, exc)
+            forms.pop(0)
     return None
 
 
@@ -1137,7 +1137,7 @@ def _registrations(
     found: dict[str, set[str]] = {}
     for key, members in zip(sets, replies_of(pipe), strict=True):
         if isinstance(members, Exception):
-            _note(problems, f"worker registrations: {key} could not be read ({members})")
+            note_problem(problems, f"worker registrations: {key} could not be read ({members})")
             continue
         for member in members:
             # A member that is not a worker key is someone else's data: left alone.
@@ -1156,12 +1156,12 @@ def _queue_names_from_set(
         raise
     except redis.ResponseError as exc:
         # Queues are found by their registries and worker sets all the same.
-        _note(problems, f"queue set: {keys.queues} could not be read ({exc})")
+        note_problem(problems, f"queue set: {keys.queues} could not be read ({exc})")
         return []
     return [text(m).removeprefix(prefix) for m in members]
 
 
-def _note(problems: list[str] | None, what: str) -> None:
+def note_problem(problems: list[str] | None, what: str) -> None:
     """Name an unreadable record in ``problems`` (when kept), once."""
     if problems is not None and what not in problems:
         problems.append(what)

@@ -13,8 +13,8 @@ from rich.text import Text
 from opsctl import engine
 from opsctl.keys import DEFAULT_PREFIX, Keys, nothing_under
 from opsctl.model import format_timestamp
-from opsctl.report import column_widths, duration, print_lines, safe
-from opsctl.state import Snapshot, known_queues, read_snapshot, replies_of, text
+from opsctl.report import column_widths, duration, fits_as_table, print_lines, safe
+from opsctl.state import Snapshot, known_queues, note_problem, read_snapshot, replies_of, text
 
 #: Registries counted, in column order: (column, key builder name).
 REGISTRIES = (
@@ -57,7 +57,9 @@ def collect_with_snapshot(
     unread: list[str] = []
     names = known_queues(conn, keys, problems=unread)
     snapshot = read_snapshot(conn, keys, names)
-    snapshot.problems[:0] = [p for p in unread if p not in snapshot.problems]
+    for problem in snapshot.problems:
+        note_problem(unread, problem)
+    snapshot.problems = unread
     pipe = conn.pipeline(transaction=False)
     for name in names:
         pipe.llen(keys.queue(name))
@@ -91,7 +93,7 @@ def collect_with_snapshot(
 def _unreadable(snapshot: Snapshot, key: str, reply: Any) -> None:
     """Note ``key`` among the snapshot's problems when it could not be read."""
     if isinstance(reply, Exception):
-        snapshot.problems.append(f"{key} could not be read ({reply})")
+        note_problem(snapshot.problems, f"{key} could not be read ({reply})")
 
 
 def _count(reply: Any) -> int | None:
@@ -155,7 +157,7 @@ def _print_counts(statuses: list[QueueStatus], console: Console) -> None:
         for s in statuses
     ]
     widths = column_widths(columns, rows)
-    if sum(w + 3 for w in widths) + 1 > console.width:
+    if not fits_as_table(widths[:-1], console.width, last=widths[-1]):
         # Nothing is cut: aligned lines, which the terminal wraps.
         lines = ((row[:-1], row[-1]) for row in rows)
         print_lines(console, columns[:-1], widths[:-1], lines, last=columns[-1])
