@@ -659,12 +659,13 @@ def test_a_worker_back_after_a_run_found_it_dead_is_live_whatever_its_clock(
         ("idle", None, "w-live is idle, not busy, so it runs no job"),
         ("suspended", None, "w-live is suspended, not busy, so it runs no job"),
         ("busy", 120, "w-live has stopped renewing its lease on this run"),
+        (None, None, "the hash of w-live has expired"),
     ],
 )
 def test_a_stop_is_sent_only_to_a_busy_worker_that_renews_the_runs_lease(
     conn: redis.Redis,
     live_worker: Any,
-    state: str,
+    state: str | None,
     lease_ago_s: float | None,
     said: str | None,
 ) -> None:
@@ -672,7 +673,10 @@ def test_a_stop_is_sent_only_to_a_busy_worker_that_renews_the_runs_lease(
     # finds no work horse makes RQ's worker kill its own process group.
     worker = live_worker("w-live")
     job = started_job(conn, "w-live")
-    conn.hset("rq:worker:w-live", "state", state)
+    if state is None:
+        conn.delete("rq:worker:w-live")  # expired since it was read
+    else:
+        conn.hset("rq:worker:w-live", "state", state)
     [member] = conn.zrange("rq:wip:default", 0, -1)
     if lease_ago_s is not None:
         conn.zadd("rq:wip:default", {member: time.time() - lease_ago_s})

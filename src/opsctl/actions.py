@@ -606,7 +606,8 @@ def failure_text(reason: str) -> str:
 # KEYS: the job hash, the started registry. ARGV: the channel, the command,
 # the started_at read, the registry member read.
 # Returns {receivers, ''}, or {-1, status now}, {-2, ''} (started again since),
-# {-3, ''} (its entry is gone).
+# {-3, ''} (its entry is gone), {-4, worker state} (not busy), {-5, ''} (lease
+# not renewed), {-6, ''} (the worker's hash is gone).
 _STOP_SCRIPT = """
 if redis.acl_check_cmd and not redis.acl_check_cmd('PUBLISH', ARGV[1], ARGV[2]) then
   return redis.error_reply('NOPERM the Redis user may not run PUBLISH on ' .. ARGV[1])
@@ -618,9 +619,12 @@ local lease = redis.call('ZSCORE', KEYS[2], ARGV[4])
 if not lease then return {-3, ''} end
 -- A stop that finds no work horse makes RQ's worker kill its own process group:
 -- none is sent to a worker that is not busy, nor for a run whose lease it no
--- longer renews (see opsctl.engine.runs_a_job and the lease rule of _held).
+-- longer renews (see opsctl.engine.runs_a_job and the lease rule of _held), nor
+-- to a worker whose hash has expired since it was read: a worker watching a
+-- work horse renews it with every heartbeat (see engine.watched_since_start).
 local kind = redis.call('TYPE', KEYS[3])
 if type(kind) == 'table' then kind = kind['ok'] end
+if kind == 'none' then return {-6, ''} end
 if kind == 'hash' then
   local state = redis.call('HGET', KEYS[3], 'state')
   if state and state ~= '' and state ~= 'busy' then return {-4, state} end
@@ -787,7 +791,8 @@ class Actor:
     ) -> StopSent:
         """Ask ``worker`` to stop ``job_id`` (RQ's stop-job command), atomically only
         if the job is still started, from ``started_at``, under registry ``member``,
-        the worker is busy, and the entry's lease ends after ``lease_ended_before``."""
+        the worker's hash still exists and says it is busy, and the entry's lease ends
+        after ``lease_ended_before``."""
         payload = json.dumps({"command": "stop-job", "job_id": job_id})
         reply = self._stop_script(
             keys=[self.keys.job(job_id), self.keys.started(queue), self.keys.worker(worker)],
@@ -813,6 +818,8 @@ class Actor:
             "own process group",
             -5: f"{worker} has stopped renewing its lease on this run, so it may not be running "
             "it, and a stop that finds no work horse makes RQ's worker kill its own process group",
+            -6: f"the hash of {worker} has expired: it has not heartbeated for as long as a "
+            "heartbeat keeps it, so it may be frozen rather than watching a work horse",
         }[code]
         return StopSent(0, why)
 
