@@ -539,7 +539,7 @@ def test_max_age_in_words_exits_2_with_the_accepted_forms(closed_url: str) -> No
         (("apply", "policies/minimal.yaml", "--max-age", "٣"), "is not a duration"),
         (
             ("apply", "policies/minimal.yaml", "--max-age", "99999999999d"),
-            "is longer than the most allowed",
+            "has 11 digits before its unit; at most 9 are allowed",
         ),
         (("watch", "policies/minimal.yaml", "--every", "999999999d"), "at most 7d"),
         # An empty queue name matches nothing: the run would quietly do nothing.

@@ -69,7 +69,6 @@ _DURATION = re.compile(r"([0-9]{1,9})([smhd])")
 _DURATION_MAX_MINUTES = 1_000_000_000
 _SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION_HINT = "use 90s, 10m, 2h or 1d"
-_DURATION_MAX_TEXT = f"{_DURATION_MAX_MINUTES:,} minutes or nine digits before the unit"
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _REFERENCE_HINT = "write ${NAME} or ${NAME:-default}"
 #: A shell's other forms of a reference (${NAME-x}, ${NAME:?x}, ${NAME:=x}, ${NAME+x}, ...):
@@ -241,9 +240,7 @@ def parse_duration(text: str | int) -> int:
     match = _DURATION.fullmatch(text) if isinstance(text, str) else None
     if match is None:
         if _too_long(text):
-            raise ValueError(
-                f"{_describe(text)} is longer than the most allowed, {_DURATION_MAX_TEXT}"
-            )
+            raise ValueError(f"{_describe(text)} {_too_long_words(text)}")
         raise ValueError(f"{_describe(text)} is not a duration ({_DURATION_HINT})")
     return int(match[1]) * _SECONDS_PER_UNIT[match[2]]
 
@@ -980,11 +977,21 @@ def _report_schema_error(document: _Document, error: ValidationError) -> None:
         document.report(path, f"{what} is more than the most allowed, {error.validator_value:,}")
     elif _kind(path) in ("max_age", "lost_after") and _too_long(error.instance):
         what = document.describe(path, error.instance)
-        document.report(path, f"{what} is longer than the most allowed, {_DURATION_MAX_TEXT}")
+        document.report(path, f"{what} {_too_long_words(error.instance)}")
     else:
         template = _VALUE_MESSAGES.get(_kind(path), "{value} is not allowed here")
         what = document.describe(path, error.instance)
         document.report(path, template.replace("{value}", what))
+
+
+def _too_long_words(value: Any) -> str:
+    """Why a duration :func:`_too_long` calls too long is refused, after its value."""
+    if isinstance(value, int):
+        return f"is more minutes than the most allowed, {_DURATION_MAX_MINUTES:,}"
+    digits = len(str(value)) - 1
+    return (
+        f"has {digits} digits before its unit; at most 9 are allowed (as in 999999999{value[-1]})"
+    )
 
 
 def _too_long(value: Any) -> bool:
