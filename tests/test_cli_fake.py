@@ -532,6 +532,44 @@ def test_orphaned_and_leftover_entries_are_removed_and_the_finished_job_stays_fi
     }
 
 
+def test_entry_of_a_job_an_rq_2_10_worker_is_taking_stays_until_its_lease_ends(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    # RQ 2.0 to 2.10 enter the job a worker takes while it is still 'queued', with an
+    # execution record that names no worker; the job's worker_name still names the
+    # dead worker of its earlier run. Removing the entry would break the run about to start.
+    register_worker(url, "w-crashed")
+    queue = Queue("default", connection=conn)
+    job = queue.enqueue("jobs.quick")
+    with conn.pipeline() as pipe:
+        execution = Execution.create(job, LEASE_S, pipe)
+        pipe.hset(job.key, "worker_name", "w-crashed")
+        pipe.lrem(queue.key, 0, job.id)
+        pipe.execute()
+    conn.hdel(execution.key, "worker_name")
+    registry = StartedJobRegistry("default", connection=conn)
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="fail")
+
+    taking = apply(policy, url)
+
+    [line] = taking["jobs"]
+    assert (line["state"], line["action"]) == ("leftover", "none")
+    assert registry.get_job_ids(cleanup=False) == [job.id]
+    assert status_of(conn, job.id) == "queued"
+    assert conn.exists(execution.key) == 1
+
+    # Its lease ended long ago: no worker is about to run it from this entry.
+    [member] = conn.zrange(registry.key, 0, -1)
+    conn.zadd(registry.key, {member: time.time() - 3600})
+    later = apply(policy, url)
+
+    assert [(j["state"], j["action"], j["outcome"]) for j in later["jobs"]] == [
+        ("leftover", "remove-entry", "done")
+    ]
+    assert registry.get_job_ids(cleanup=False) == []
+    assert status_of(conn, job.id) == "queued"
+
+
 def test_second_apply_right_after_the_first_changes_nothing(
     conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
 ) -> None:

@@ -348,6 +348,25 @@ def test_entry_of_a_queued_job_a_live_worker_has_just_taken_is_left_until_lost_a
     )  # its worker is dead: nobody will run it from this entry
 
 
+def test_entry_of_a_queued_job_whose_taker_no_record_names_stays_while_its_lease_lasts() -> None:
+    # RQ 2.0 to 2.10: a worker enters the job it takes, with an execution record that
+    # names no worker, while the job is still 'queued' and its worker_name still names
+    # the dead worker of an earlier run; its work horse marks it started a moment later.
+    rq210 = {"created_at": repr(NOW - 1), "last_heartbeat": repr(NOW - 1)}
+    earlier_worker_dead = worker(exists=False, executing=(), subscribers=0, connected=False)
+    job = job_hash(status="queued", started_at="", last_heartbeat="")
+    taken = replace(entry(job=job, execution=rq210), score=NOW + 90)
+    lapsed = replace(taken, score=NOW - LEASE_GRACE_S - 1)
+
+    verdict = decide(taken, earlier_worker_dead)
+
+    assert (verdict.state, verdict.action) == (State.LEFTOVER, "none")
+    assert "no record names the worker that took it" in verdict.reason
+    assert decide(replace(taken, job={**job, "worker_name": ""})).action == "none"
+    # Once the lease has ended, no worker holds it: only the entry is left.
+    assert decide(lapsed, earlier_worker_dead).action == "remove-entry"
+
+
 def test_a_death_written_while_a_worker_was_cut_off_gives_way_to_its_return() -> None:
     # A run took the worker for dead while it was cut off from Redis and wrote its
     # death; it came back, holds its connection and has heartbeated since.

@@ -369,7 +369,7 @@ def _decide(
     if job is None or not (status or job.get("created_at")):
         return _orphaned(job, holds, signals)
     if status != "started":
-        return _not_started(status, rule, liveness, holds, signals, now)
+        return _not_started(entry, status, rule, liveness, holds, signals, now)
     if not holds:
         return _abandoned(rule, liveness, signals, now)
     return _held(entry, rule, signals, now, worker)
@@ -553,7 +553,13 @@ def _orphaned(job: Mapping[str, str] | None, holds: bool, signals: Signals) -> V
 
 
 def _not_started(
-    status: str, rule: Rule, liveness: Liveness, holds: bool, signals: Signals, now: float
+    entry: StartedEntry,
+    status: str,
+    rule: Rule,
+    liveness: Liveness,
+    holds: bool,
+    signals: Signals,
+    now: float,
 ) -> Verdict:
     shown = f"'{status}'" if status else "missing"
     if holds:
@@ -561,6 +567,14 @@ def _not_started(
         # still writing its end; the entry is its to remove.
         reason = f"status is {shown} but {signals.worker} is executing it"
         return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
+    creator = entry.execution.get("worker_name") if entry.execution is not None else None
+    if status == "queued" and not creator and entry.score + LEASE_GRACE_S > now:
+        # RQ 2.0 to 2.10 enter a job a worker takes in the registry while its
+        # status is still 'queued', and name the worker nowhere the entry leads
+        # (not in the execution record; the job's worker_name may still name a
+        # worker of an earlier run) until its work horse marks it started. The
+        # entry's lease is the one sign of a worker about to run it.
+        return Verdict(State.LEFTOVER, ACTION_NONE, _TAKEN_UNNAMED, signals)
     if liveness.alive and status == "queued":
         # A worker enters a job it takes in the registry (with its execution)
         # while the job's status is still 'queued'; its work horse marks it
@@ -571,6 +585,12 @@ def _not_started(
         found = f"status is {shown} and {signals.worker} is live but not executing it"
         return _unlisted(State.LEFTOVER, found, ACTION_REMOVE_ENTRY, rule, signals, now)
     return Verdict(State.LEFTOVER, ACTION_REMOVE_ENTRY, f"status is {shown}", signals)
+
+
+_TAKEN_UNNAMED = (
+    "status is 'queued' and no record names the worker that took it, whose lease on it has "
+    "not ended: that worker may be about to start it, so the entry stays until the lease ends"
+)
 
 
 def _unlisted(
