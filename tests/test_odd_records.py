@@ -1032,6 +1032,24 @@ def test_a_requeued_job_with_a_ttl_of_its_own_keeps_the_set_of_what_waits_for_it
     assert job_status(redis_conn, waiting.id) == "deferred"
 
 
+@pytest.mark.parametrize("ttl", ["0.5", "inf", "1e3", "99999999999999999999"])
+def test_a_requeued_job_whose_ttl_is_no_whole_number_of_seconds_is_requeued_whole(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, ttl: str
+) -> None:
+    # Not written by RQ: "0.5" expired the hash at once while its id was pushed, and
+    # "inf" stopped the script after its first writes, leaving the job in no queue.
+    job = started_job(redis_conn)
+    redis_conn.hset(job.key, "ttl", ttl)
+
+    item = job_in(run(policy(tmp_path, "requeue"), redis_url), job.id)
+
+    assert (item["action"], item["outcome"]) == ("requeue", "done")
+    # RQ cannot load such a job (its ttl is no integer), so its hash is read as stored.
+    assert redis_conn.hget(job.key, "status") == b"queued"
+    assert Queue(QUEUE, connection=redis_conn).get_job_ids() == [job.id]
+    assert redis_conn.ttl(job.key) == -1  # kept while it waits, as a ttl of -1 is
+
+
 # --- 10. jobs a scheduler refers to ---------------------------------------------------------
 
 

@@ -69,11 +69,16 @@ CHECK_WRITES_LUA = """  for _, w in ipairs(writes) do
 #: job's own ttl instead, when it has one, as RQ's enqueue sets it; the sets
 #: never do (a worker clears the hash's expiry when it starts the job, not the
 #: sets', which must last until the job's end releases its dependents). Shared
-#: by the requeuing scripts.
+#: by the requeuing scripts, which call it after other writes, so it must not
+#: fail: a ttl that is no whole number of seconds RQ writes (RQ cannot load
+#: such a job; "0.5" would expire the hash at once, "inf" would stop the script
+#: half-way) counts as none, as -1 does, and so does one too long to expire.
 KEEP_WHILE_QUEUED_LUA = """
-local function keep_while_queued(ttl, job_key, sets)
+local function keep_while_queued(ttl_field, job_key, sets)
+  local ttl = nil
+  if string.match(ttl_field, '^[0-9]+$') and #ttl_field <= 15 then ttl = tonumber(ttl_field) end
   if ttl and ttl > 0 then
-    redis.call('EXPIRE', job_key, math.floor(ttl))
+    redis.call('EXPIRE', job_key, ttl)
   else
     redis.call('PERSIST', job_key)
   end
@@ -315,7 +320,7 @@ local function enqueue(at_front)
   redis.call('HSET', KEYS[1], 'status', 'queued', 'enqueued_at', now_iso)
   -- A stopped job's hash and its dependents and dependencies sets carry its
   -- failure_ttl (RQ sets it).
-  keep_while_queued(tonumber(field(KEYS[1], 'ttl')), KEYS[1], {KEYS[12], KEYS[13]})
+  keep_while_queued(field(KEYS[1], 'ttl'), KEYS[1], {KEYS[12], KEYS[13]})
   if at_front == '1' then
     redis.call('LPUSH', KEYS[6], job_id)
   else

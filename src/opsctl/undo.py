@@ -110,7 +110,7 @@ if redis.call('HEXISTS', KEYS[1], 'exc_info') == 1 then
 end
 -- Its hash and the set of its dependents (which wait for its new run) carry
 -- its failure_ttl.
-keep_while_queued(tonumber(field('ttl')), KEYS[1], {KEYS[6]})
+keep_while_queued(field('ttl'), KEYS[1], {KEYS[6]})
 redis.call('RPUSH', KEYS[3], job_id)
 redis.call('SADD', KEYS[4], KEYS[3])
 
