@@ -2148,13 +2148,15 @@ def test_a_json_report_is_written_in_the_encoding_of_its_stream(
 def test_a_connection_pool_of_one_is_enough_for_a_run(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
-    # The keyspace walk runs on a thread of its own, beside the registry reads.
-    job = started_job(redis_conn)
+    # The keyspace walk runs on a thread of its own, beside the registry reads, and the
+    # registries of many queues are listed on two threads at once: they wait for the
+    # pool's one connection rather than take its refusal for an unreachable server.
+    jobs = [started_job(redis_conn, queue=f"q{n}") for n in range(20) for _ in range(3)]
 
-    report = run(policy(tmp_path), f"{redis_url}?max_connections=1")
+    report = run(policy(tmp_path), f"{redis_url}?max_connections=1", "--reconnect-grace", "0")
 
-    assert job_in(report, job.id)["outcome"] == "done"
-    assert job_status(redis_conn, job.id) == "failed"
+    assert {job_in(report, job.id)["outcome"] for job in jobs} == {"done"}
+    assert {job_status(redis_conn, job.id) for job in jobs} == {"failed"}
 
 
 def test_a_worker_key_holding_a_string_is_named_its_job_judged_and_registration_removed(

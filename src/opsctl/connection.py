@@ -487,7 +487,7 @@ def connect(
         if url.lower().startswith(SENTINEL_SCHEME + "://"):
             conn = _master(url, settings, options)
         else:
-            conn = redis.Redis.from_url(url, **settings)
+            conn = _client(url, settings, timeout_s)
         _ping(conn)
     except MasterNotFoundError as exc:
         raise RedisUnavailable(
@@ -524,6 +524,19 @@ def connect(
             f"Redis at {mask_url(url)} refused the connection: {redact(str(exc), url)}"
         ) from None
     return conn
+
+
+def _client(url: str, settings: dict[str, Any], timeout_s: float) -> redis.Redis:
+    """A client for ``url``. A URL that caps its pool (``max_connections``) gets a
+    pool whose callers wait up to ``timeout_s`` for a free connection: opsctl reads
+    on several threads at once, and a plain pool refuses a connection past its cap
+    at once, which a run would take for a server that cannot be reached."""
+    if "max_connections" not in parse_qs(urlsplit(url).query):
+        return redis.Redis.from_url(url, **settings)
+    pool = redis.BlockingConnectionPool.from_url(url, timeout=timeout_s, **settings)
+    client = redis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True
+    return client
 
 
 def _login_hint(exc: redis.AuthenticationError, url: str, settings: dict[str, Any]) -> str:

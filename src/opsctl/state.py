@@ -830,7 +830,7 @@ def twin_client(conn: redis.Redis) -> redis.Redis | None:
     connection pool is copied; for others (Sentinel) the caller's is used.
     """
     pool = conn.connection_pool
-    if type(pool) is not redis.ConnectionPool:
+    if type(pool) not in (redis.ConnectionPool, redis.BlockingConnectionPool):
         return None
     # Values that are not UTF-8 (pickled data) become lone surrogates, as
     # everywhere else in opsctl (see text()), rather than failing the read.
@@ -839,9 +839,10 @@ def twin_client(conn: redis.Redis) -> redis.Redis | None:
         "decode_responses": True,
         "encoding_errors": "surrogateescape",
     }
-    return redis.Redis(
-        connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
-    )
+    if isinstance(pool, redis.BlockingConnectionPool):  # the URL's cap, and its wait
+        kwargs.update(max_connections=pool.max_connections, timeout=pool.timeout)
+    twin = type(pool)(connection_class=pool.connection_class, **kwargs)
+    return redis.Redis(connection_pool=twin)
 
 
 def _send_script(
