@@ -380,7 +380,7 @@ def test_a_stopped_job_enqueued_again_before_its_follow_up_is_left_to_its_new_ru
     ("action", "spoil", "said"),
     [
         ("cancel", f"rq:canceled:{QUEUE}", f"rq:canceled:{QUEUE} holds a string"),
-        ("requeue", "opsctl:rescues:{job}", "holds something other than a count"),
+        ("requeue", "opsctl:rescues:rq:{job}", "holds something other than a count"),
         # RQ's worker files a stopped job there: it would be left in no registry.
         ("fail", f"rq:failed:{QUEUE}", f"rq:failed:{QUEUE} holds a string"),
     ],

@@ -359,7 +359,7 @@ def wrong_typed_keys(apply_safe: bool, rescue_damage: bool) -> st.SearchStrategy
     if not apply_safe:
         targets.append(st.just((b"rq:queues", ("list", "string", "hash", "zset"))))
     if rescue_damage:
-        targets.append(job_ids.map(lambda j: (b"opsctl:rescues:" + j, ("hash",))))
+        targets.append(job_ids.map(lambda j: (b"opsctl:rescues:rq:" + j, ("hash",))))
     return st.one_of(targets).flatmap(
         lambda target: st.sampled_from(target[1]).map(lambda kind: of_kind(kind, target[0]))
     )
@@ -788,7 +788,7 @@ def test_a_damaged_requeue_counter_does_not_stop_a_requeue_dry_run(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
     normal = abandoned_jobs(redis_conn)
-    redis_conn.hset(f"opsctl:rescues:{normal[0]}", "count", "1")
+    redis_conn.hset(f"opsctl:rescues:rq:{normal[0]}", "count", "1")
 
     result, report = apply_json(policy_file(tmp_path, "requeue"), redis_url, "--dry-run")
 

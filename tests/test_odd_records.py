@@ -1398,7 +1398,7 @@ def test_a_damaged_key_a_change_reaches_leaves_the_job_untouched_and_names_the_k
 ) -> None:
     job = limited_job(redis_conn, "api")
     key = {
-        "rescue-count": f"opsctl:rescues:{job.id}",
+        "rescue-count": f"opsctl:rescues:rq:{job.id}",
         "limit-allowed": "rq:rl:api:allowed",
         "limit-config": "rq:rl:api",
     }[damage]
@@ -1421,7 +1421,7 @@ def test_a_dry_run_says_which_requeue_a_damaged_count_would_make_fail(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path, value: str
 ) -> None:
     job = started_job(redis_conn)
-    key = f"opsctl:rescues:{job.id}"
+    key = f"opsctl:rescues:rq:{job.id}"
     redis_conn.set(key, value)
 
     report = run(policy(tmp_path, "requeue"), redis_url, "--dry-run")

@@ -1632,6 +1632,30 @@ def test_job_requeued_max_requeues_times_is_failed_the_next_time_with_the_count_
     assert queue.get_job_ids() == []
 
 
+def test_requeues_are_counted_per_key_prefix(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # Two deployments under different prefixes may use the same job ids (a fixed id
+    # for a nightly job, say): one's requeues do not count against the other's job.
+    policy = POLICIES / "safety_requeue_max_2.yaml"
+    [job_id] = abandon(redis_conn, 1)
+    for _ in range(2):
+        assert line_of(apply(policy, redis_url), job_id)["action"] == "requeue"
+        start_in_dead_worker(redis_conn, [Job.fetch(job_id, connection=redis_conn)])
+    for key in list(redis_conn.scan_iter(match="rq:*")):
+        redis_conn.copy(key, b"app2:" + key.removeprefix(b"rq:"))
+
+    prefixed = tmp_path / "app2.yaml"
+    prefixed.write_text(policy.read_text() + "redis:\n  key_prefix: app2\n")
+    other = line_of(apply(prefixed, redis_url), job_id)
+    own = line_of(apply(policy, redis_url), job_id)
+
+    assert (other["action"], other["outcome"]) == ("requeue", "done")
+    assert redis_conn.hget(f"app2:job:{job_id}", "status") == b"queued"
+    assert (own["action"], own["outcome"]) == ("fail", "done")
+    assert job_status(redis_conn, job_id) == "failed"
+
+
 def test_job_failed_instead_of_requeued_says_why_in_its_rq_failure_result(
     redis_conn: redis.Redis, redis_url: str
 ) -> None:

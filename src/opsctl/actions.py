@@ -722,7 +722,7 @@ class Actor:
             k.finished(origin),
             k.deferred(origin),
             k.started(origin),
-            rescue_key(job),
+            rescue_key(k.prefix, job),
             AUDIT_STREAM,
             # 19 and 20: a lost job's re-check and the scheduler check of a delete.
             k.intermediate(origin),

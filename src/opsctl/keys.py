@@ -59,9 +59,10 @@ DEAD_WORKER_TTL_S = 60
 RESCUE_TTL_S = 7 * 86400
 
 
-def rescue_key(job_id: str) -> str:
-    """opsctl's own counter of how often it requeued ``job_id``."""
-    return f"opsctl:rescues:{job_id}"
+def rescue_key(prefix: str, job_id: str) -> str:
+    """opsctl's own counter of how often it requeued the job ``job_id`` (of RQ's key
+    prefix ``prefix``: deployments under other prefixes may use the same ids)."""
+    return f"opsctl:rescues:{prefix}:{job_id}"
 
 
 #: Seconds opsctl remembers when it first found a queued job lost (a week).

@@ -300,7 +300,7 @@ def _plan(
     checkpoint()
     _hold_back_scheduled_deletes(conn, keys, run)
     _keep_reserved_related_keys(keys, run)
-    _apply_rescue_limits(conn, run)
+    _apply_rescue_limits(conn, keys, run)
     _note_stops_not_sent(conn, keys, run)
     _note_unwritable_targets(conn, keys, run)
     run.limits_tripped = _tripped_limits(run, policy, overrides)
@@ -798,14 +798,14 @@ def _planned_to(action: str, run: Run) -> list[JobOutcome]:
     return [j for j in run.jobs if action in (j.action, j.verdict.follow_up) and j.acts]
 
 
-def _apply_rescue_limits(conn: redis.Redis, run: Run) -> None:
+def _apply_rescue_limits(conn: redis.Redis, keys: Keys, run: Run) -> None:
     """Turn a requeue into a fail for jobs opsctl already requeued max_requeues times."""
     requeues = _planned_to("requeue", run)
     if not requeues:
         return
     pipe = conn.pipeline(transaction=False)
     for j in requeues:
-        pipe.get(rescue_key(j.entry.job_id))
+        pipe.get(rescue_key(keys.prefix, j.entry.job_id))
     for j, raw in zip(requeues, replies_of(pipe), strict=True):
         if isinstance(raw, Exception):
             run.problems.append(f"requeue count of job {j.entry.job_id}: cannot be read ({raw})")
@@ -813,7 +813,7 @@ def _apply_rescue_limits(conn: redis.Redis, run: Run) -> None:
         count = _requeue_count(raw) if raw else None
         if raw and count is None:
             # The requeue's script refuses to write past it: say so before it runs.
-            key = rescue_key(j.entry.job_id)
+            key = rescue_key(keys.prefix, j.entry.job_id)
             run.problems.append(
                 f"requeue count of job {j.entry.job_id}: {key} holds something other than a "
                 "count of requeues, so the requeue would fail; mend or delete it"
