@@ -758,6 +758,45 @@ def test_forced_job_is_stopped_by_its_live_worker_then_gets_the_policy_action(
     jsonschema.validate(report, REPORT_SCHEMA)
 
 
+def test_an_overdue_job_whose_id_is_not_utf_8_is_stopped_without_ending_the_run(
+    conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
+) -> None:
+    # Ids are bytes to Redis; one that is not UTF-8 made the stop's follow-up fail to
+    # encode, and the whole run ended with an unexpected error and no report.
+    worker = live_worker("w-live")
+    job = started_job(conn, "w-live", started_ago_s=5)
+    [member] = conn.zrange("rq:wip:default", 0, -1)
+    execution_id = member.decode().rpartition(":")[2]
+    odd = b"odd\xffid"
+    conn.rename(job.key, b"rq:job:" + odd)
+    conn.rename(
+        f"rq:execution:{member.decode()}", b"rq:execution:" + odd + b":" + execution_id.encode()
+    )
+    conn.zadd("rq:wip:default", {odd + b":" + execution_id.encode(): time.time() + 60})
+    conn.zrem("rq:wip:default", member)
+    conn.srem("rq:worker:w-live:executions", member)
+    conn.sadd("rq:worker:w-live:executions", odd + b":" + execution_id.encode())
+    policy = write_policy(tmp_path, DEFAULT_POLICY, action="requeue")
+
+    result = opsctl(
+        "apply",
+        str(policy),
+        "--redis-url",
+        url,
+        "--format",
+        "json",
+        "--force",
+        "--stop-timeout",
+        "1",
+    )
+
+    assert result.exit_code == 1, result.output  # the worker does not stop it
+    [line] = json.loads(result.stdout)["jobs"]
+    assert (line["id"], line["state"], line["stop_confirmed"]) == ("odd\\xffid", "overdue", False)
+    assert worker.commands == [{"command": "stop-job", "job_id": "odd\udcffid"}]
+    assert conn.hget(b"rq:job:" + odd, "status") == b"started"
+
+
 def test_follow_up_after_a_confirmed_stop_is_reported_done_once(
     conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
 ) -> None:

@@ -281,10 +281,11 @@ end
 if ARGV[21] == '1' and field(KEYS[1], 'last_heartbeat') ~= ARGV[6] then
   return {0, 'job heartbeat changed since it was read: a worker is alive'}
 end
-if exec_id ~= '' and field(KEYS[3], 'last_heartbeat') ~= ARGV[7] then
-  if redis.call('EXISTS', KEYS[3]) == 0 then
-    return {0, 'its execution record expired since it was read; the next run decides'}
-  end
+-- A record that expired since it was read was renewed by no one: its run's
+-- lease ended, which leaves the job as abandoned as it was read (a new run of
+-- the job would show in its status, its entry or its heartbeat).
+if exec_id ~= '' and field(KEYS[3], 'last_heartbeat') ~= ARGV[7]
+    and redis.call('EXISTS', KEYS[3]) == 1 then
   return {0, 'execution heartbeat changed since it was read: a worker is alive'}
 end
 if field(KEYS[1], 'retries_left') ~= ARGV[8] then

@@ -644,7 +644,7 @@ class Executor:
             action=action,
             queue=origin,
             job_id=o.entry.job_id,
-            member=o.entry.job_id.encode(),
+            member=o.entry.job_id.encode("utf-8", "surrogateescape"),
             execution_id=None,
             source=self.keys.failed(origin),
             expect=expect,
