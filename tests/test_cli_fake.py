@@ -797,6 +797,51 @@ def test_an_overdue_job_whose_id_is_not_utf_8_is_stopped_without_ending_the_run(
     assert conn.hget(b"rq:job:" + odd, "status") == b"started"
 
 
+def test_a_maintenance_lock_held_through_a_stop_is_kept_while_another_is_waited_for(
+    conn: redis.Redis,
+    url: str,
+    tmp_path: Path,
+    live_worker: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Queue aa's lock is taken for its stop and follow-up; RQ holds queue bb's, and the
+    # wait for it outlasts aa's expiry: RQ's cleaning must not get aa's lock meanwhile.
+    monkeypatch.setattr("opsctl.lock.MAINTENANCE_LOCK_TTL_S", 2)
+    jobs = {}
+    for queue in ("aa", "bb"):
+        live_worker(f"w-{queue}", queue=queue, obeys_stop=True)
+        jobs[queue] = started_job(conn, f"w-{queue}", queue, started_ago_s=5)
+    conn.set("rq:clean_registries:bb", "1", ex=899)
+    policy = write_policy(tmp_path, "version: 1\nqueues:\n  - name: '*'\n    action: requeue\n")
+    rq_took_it: list[float] = []
+    running = threading.Event()
+
+    def rq_cleaning() -> None:  # a worker's cleaning, trying for the lock as RQ does
+        key = "rq:clean_registries:aa"
+        with redis.Redis.from_url(url) as own:
+            while running.is_set() and own.get(key) in (None, b"1"):
+                time.sleep(0.02)  # until the run has taken it
+            while running.is_set() and status_of(own, jobs["aa"].id) == "started":
+                if own.set(key, "1", nx=True, ex=899):  # before the follow-up: taken from it
+                    rq_took_it.append(time.monotonic())
+                    own.delete(key)
+                time.sleep(0.1)
+
+    running.set()
+    rival = threading.Thread(target=rq_cleaning)
+    rival.start()
+    try:
+        report = apply(policy, url, "--force", "--lock-timeout", "5", exit_code=5)
+    finally:
+        running.clear()
+        rival.join()
+
+    states = {j["queue"]: (j["action"], j["outcome"]) for j in report["jobs"]}
+    assert states["bb"][1] == "skipped"
+    assert states["aa"] == ("requeue", "done")
+    assert rq_took_it == []
+
+
 def test_follow_up_after_a_confirmed_stop_is_reported_done_once(
     conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
 ) -> None:

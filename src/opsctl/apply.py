@@ -103,6 +103,7 @@ class Executor:
     def __post_init__(self) -> None:
         self.actor = Actor(self.conn, self.keys)
         self._held: list[Lock] = []
+        self._renewed_at = time.monotonic()  # see _waiting_for_lock
         self._lock_deadline: float | None = None  # see _lock_wait_s
         self._dealt_with, self._to_deal_with = 0, 0
         self._slow_once = False  # see _apply_reconciled
@@ -204,7 +205,7 @@ class Executor:
             pass
         elif (odd := self._odd_queue_lock(queue, lock.key)) is not None:
             return odd
-        elif not lock.acquire(self._lock_wait_s(), self._asked_to_stop):
+        elif not lock.acquire(self._lock_wait_s(), self._waiting_for_lock):
             self._checkpoint()  # asked to stop while waiting: the rest is left
             ttl = self.conn.ttl(lock.key)
             lasts = f", for {ttl}s more" if isinstance(ttl, int) and ttl > 0 else ""
@@ -300,9 +301,18 @@ class Executor:
         if self.on_progress is not None:
             self.on_progress(self._dealt_with, self._to_deal_with, APPLYING)
 
+    def _waiting_for_lock(self) -> bool:
+        """Called while waiting for a maintenance lock: keeps the ones already held
+        (a third of their expiry apart; a wait may outlast them), and tells whether
+        to stop waiting."""
+        if self._held and time.monotonic() - self._renewed_at >= self._held[0].ttl_s / 3:
+            self.renew_locks()
+        return self._asked_to_stop()
+
     def renew_locks(self) -> None:
         """Keep the maintenance locks held while work goes on (the run lock is
         renewed in the background for the whole run: see opsctl.lock.run_lock)."""
+        self._renewed_at = time.monotonic()
         for lock in self._held:
             if not lock.renew():
                 log.warning("lock=%s lost while working", lock.key)
