@@ -2036,6 +2036,8 @@ def test_a_reviewed_plan_fails_a_stranded_job_and_deletes_related_keys(
     assert (
         invoke_opsctl("plan", str(path), "--redis-url", redis_url, "-o", str(plan)).exit_code == 0
     )
+    # Strict JSON, as a reviewer's tools read it: no NaN for the job that has no score.
+    json.loads(plan.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the plan"))
 
     report = run(path, redis_url, "--plan", str(plan))
 

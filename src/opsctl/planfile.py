@@ -390,7 +390,8 @@ def _job(j: JobOutcome) -> dict[str, Any]:
         "member": _member_text(e.member),
         "job_id": e.job_id,
         "execution_id": e.execution_id,
-        "score": e.score if e.score not in (float("inf"), float("-inf")) else str(e.score),
+        # JSON has no infinity or NaN (a lost or stranded job has no score): as text.
+        "score": e.score if math.isfinite(e.score) else str(e.score),
         "job": None if e.job is None else dict(e.job),
         "execution": None if e.execution is None else dict(e.execution),
         "state": v.state.value,
