@@ -471,6 +471,8 @@ def test_a_url_option_the_connection_does_not_take_is_named(
         ("health_check_interval=-5", "health_check_interval must be a number, 0 or more"),
         ("socket_read_size=0", "socket_read_size must be a number, 1 or more"),
         ("max_connections=0", "max_connections must be a number, 1 or more"),
+        # A TLS version by name: redis-py takes only its number, and says only "invalid".
+        ("ssl_min_version=TLSv1_2", "ssl_min_version takes a TLS version's number: 771 for"),
     ],
 )
 def test_a_url_option_opsctl_would_misread_or_not_keep_is_refused_in_both_places(

@@ -192,6 +192,26 @@ def test_tls_without_the_ca_refuses_the_unknown_certificate_with_exit_3(
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_server_that_requires_a_client_certificate_gets_named_as_the_likely_cause(
+    tls_server: TlsServer,
+) -> None:
+    url = f"rediss://localhost:{tls_server.port}/0"
+    ca = str(tls_server.ca_path)
+    conn = tls_server.server.client
+    conn.config_set("tls-auth-clients", "yes")
+    try:
+        without = _opsctl("status", "--redis-url", url, "--tls-ca-cert", ca)
+        cert, key = str(tls_server.client_cert), str(tls_server.client_key)
+        given = ["--tls-cert", cert, "--tls-key", key]
+        with_one = _opsctl("status", "--redis-url", url, "--tls-ca-cert", ca, *given)
+    finally:
+        conn.config_set("tls-auth-clients", "optional")
+
+    assert without.returncode == 3, without.stderr
+    assert "if it requires a client certificate, give one with --tls-cert" in without.stderr
+    assert with_one.returncode == 0, with_one.stderr
+
+
 def test_host_name_check_refuses_an_address_the_certificate_does_not_name(
     tls_server: TlsServer,
 ) -> None:

@@ -178,6 +178,8 @@ _UNKNOWN_OPTION = re.compile(r"unexpected keyword argument '([^']+)'")
 def _why_not_valid(exc: Exception, url: str) -> str:
     """Why redis-py refused ``url``, in words about the URL rather than its code."""
     unknown = _UNKNOWN_OPTION.search(str(exc))
+    if "'ssl_min_version'" in str(exc):
+        return "ssl_min_version takes a TLS version's number: 771 for TLS 1.2, 772 for TLS 1.3"
     if unknown is None:
         return redact(str(exc), url)
     scheme = url.split("://", 1)[0].lower()
@@ -505,6 +507,7 @@ def connect(
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         raise RedisUnavailable(
             f"cannot reach Redis at {mask_url(url)}: {redact(str(exc), url)}"
+            f"{_tls_hint(exc, url, options.tls)}"
         ) from None
     except redis.exceptions.InvalidResponse as exc:
         # Something listens there, but not Redis (a web server, say).
@@ -537,6 +540,24 @@ def _client(url: str, settings: dict[str, Any], timeout_s: float) -> redis.Redis
     client = redis.Redis(connection_pool=pool)
     client.auto_close_connection_pool = True
     return client
+
+
+#: Words of a TLS connection the server closed during or right after the
+#: handshake: most often, one that requires a client certificate got none.
+_TLS_CLOSED = ("EOF occurred in violation of protocol", "certificate required", "UNEXPECTED_EOF")
+
+
+def _tls_hint(exc: Exception, url: str, tls: Tls) -> str:
+    """What a TLS connection closed at once most likely means, when no client
+    certificate was given; '' otherwise."""
+    if not url.lower().startswith("rediss://") or tls.cert is not None:
+        return ""
+    if not any(words in str(exc) for words in _TLS_CLOSED):
+        return ""
+    return (
+        " (the server closed the TLS connection: if it requires a client certificate, "
+        "give one with --tls-cert and --tls-key, or redis.tls.cert and redis.tls.key)"
+    )
 
 
 def _login_hint(exc: redis.AuthenticationError, url: str, settings: dict[str, Any]) -> str:
