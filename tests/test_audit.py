@@ -11,9 +11,13 @@ from typer.testing import CliRunner
 
 from conftest import invoke_opsctl
 from opsctl import audit
-from opsctl.audit import AUDIT_STREAM
+from opsctl.actions import ChangeResult, JobChange
+from opsctl.apply import Executor
+from opsctl.audit import AUDIT_STREAM, AuditContext
 from opsctl.cli import app
 from opsctl.errors import ForeignKey
+from opsctl.keys import Keys
+from opsctl.run import Run
 
 
 @pytest.fixture
@@ -126,3 +130,27 @@ def test_history_prints_a_table_up_to_a_thousand_entries_and_plain_lines_beyond(
         assert lines[0].split() == header
         assert len(lines) == count + 1
         assert lines[-1].split() == ["0123456789ab", f"job-{count - 1}", "done"]
+
+
+def test_a_change_whose_reply_was_lost_is_confirmed_only_by_its_own_audit_entry(
+    conn: fakeredis.FakeRedis,
+) -> None:
+    # One job, two changes in one run: its left-over entry removed (done, and audited)
+    # and its abandoned run failed (refused by its re-check: no entry). Both replies
+    # were lost; the trail confirms the first alone.
+    context = AuditContext(run_id="r1", policy_digest="d")
+    run = Run(run_id="r1", dry_run=False, now=0.0, queues=[])
+    executor = Executor(conn, Keys(), run, context)
+
+    def change(action: str, state: str) -> JobChange:
+        fields = audit.entry_fields(context, "t", "j1", "q", state, action, "why")
+        return JobChange(action, "q", "j1", b"j1:e", "e", "rq:wip:q", {}, "", audit=fields)
+
+    removed, failed = change("remove-entry", "leftover"), change("fail", "abandoned")
+    audit.append(conn, [(removed.audit, "done", "removed")])
+    results: list[ChangeResult | None] = [None, None]
+
+    executor._settle_from_audit([removed, failed], results)
+
+    assert results[0] is not None and results[0].done
+    assert results[1] is None  # unknown still: the next round or run decides

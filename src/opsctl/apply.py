@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -424,17 +425,26 @@ class Executor:
     def _settle_from_audit(
         self, changes: list[JobChange], results: list[ChangeResult | None]
     ) -> None:
-        """Mark as done the unknown changes the audit trail shows this run made."""
-        recorded = {
-            entry["job"]
+        """Mark as done the unknown changes the audit trail shows this run made.
+
+        An entry is matched by its job, queue, state and action, as the change
+        would have written it, and counts once: one job may have two changes in a
+        run (a left-over entry removed, and its abandoned run failed)."""
+        recorded = Counter(
+            _audit_key(entry)
             for entry in audit.history(self.conn, run_id=self.run.run_id, limit=None)
             if entry.get("outcome") == DONE
-        }
-        for i, result in enumerate(results):
-            if result is None and changes[i].job_id in recorded:
-                results[i] = ChangeResult(
-                    True, "done (confirmed after reconnecting)", from_audit=True
-                )
+        )
+        known = [i for i, r in enumerate(results) if r is not None and r.done]
+        unknown = [i for i, r in enumerate(results) if r is None]
+        for i in known + unknown:  # the entries of changes known done are not another's
+            key = _audit_key(dict(changes[i].audit))
+            if recorded[key] > 0:
+                recorded[key] -= 1
+                if results[i] is None:
+                    results[i] = ChangeResult(
+                        True, "done (confirmed after reconnecting)", from_audit=True
+                    )
 
     def _failed_with_dependents(self, change: JobChange) -> bool:
         """Whether a job a fail is known to have changed (its reply was lost) is
@@ -997,3 +1007,8 @@ def _enqueue_dependents(conn: redis.Redis, keys: Keys, outcome: JobOutcome) -> N
 
 
 __all__ = ["Executor", "failure_reason", "recheck_plan"]
+
+
+def _audit_key(entry: Mapping[str, str]) -> tuple[str | None, ...]:
+    """What tells one change's audit entry from another's within a run."""
+    return tuple(entry.get(name) for name in ("job", "queue", "state", "action"))
