@@ -365,6 +365,12 @@ def test_entry_of_a_queued_job_whose_taker_no_record_names_stays_while_its_lease
     assert decide(replace(taken, job={**job, "worker_name": ""})).action == "none"
     # Once the lease has ended, no worker holds it: only the entry is left.
     assert decide(lapsed, earlier_worker_dead).action == "remove-entry"
+    # A lease that never ends (RQ 1 scores a job without a timeout +inf), and an RQ 1
+    # entry (a bare id: RQ 1 writes the entry and the start at once), show no taker.
+    endless = replace(taken, score=float("inf"))
+    rq1 = replace(entry(job=job, execution=None, member="j1"), score=NOW + 90)
+    assert decide(endless, earlier_worker_dead).action == "remove-entry"
+    assert decide(rq1, earlier_worker_dead).action == "remove-entry"
 
 
 def test_a_death_written_while_a_worker_was_cut_off_gives_way_to_its_return() -> None:

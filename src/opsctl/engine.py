@@ -32,6 +32,7 @@ removed.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -568,12 +569,14 @@ def _not_started(
         reason = f"status is {shown} but {signals.worker} is executing it"
         return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
     creator = entry.execution.get("worker_name") if entry.execution is not None else None
-    if status == "queued" and not creator and entry.score + LEASE_GRACE_S > now:
-        # RQ 2.0 to 2.10 enter a job a worker takes in the registry while its
-        # status is still 'queued', and name the worker nowhere the entry leads
-        # (not in the execution record; the job's worker_name may still name a
-        # worker of an earlier run) until its work horse marks it started. The
-        # entry's lease is the one sign of a worker about to run it.
+    taken_unnamed = entry.execution_id is not None and not creator and status == "queued"
+    if taken_unnamed and math.isfinite(entry.score) and entry.score + LEASE_GRACE_S > now:
+        # RQ 2.0 to 2.10 enter a job a worker takes in the registry (as one of
+        # its executions) while its status is still 'queued', and name the worker
+        # nowhere the entry leads (not in the execution record; the job's
+        # worker_name may still name a worker of an earlier run) until its work
+        # horse marks it started. The entry's lease is the one sign of a worker
+        # about to run it. RQ 1 writes its entry and the start at once.
         return Verdict(State.LEFTOVER, ACTION_NONE, _TAKEN_UNNAMED, signals)
     if liveness.alive and status == "queued":
         # A worker enters a job it takes in the registry (with its execution)
