@@ -1658,6 +1658,26 @@ def test_requeues_are_counted_per_key_prefix(
     assert job_status(redis_conn, job_id) == "failed"
 
 
+def test_requeues_counted_under_the_counters_earlier_name_still_count(
+    redis_conn: redis.Redis, redis_url: str
+) -> None:
+    # Earlier releases kept one counter for all prefixes, opsctl:rescues:<job>: a job
+    # requeued once there is requeued once more, then failed, with max_requeues 2.
+    policy = POLICIES / "safety_requeue_max_2.yaml"
+    [job_id] = abandon(redis_conn, 1)
+    redis_conn.set(f"opsctl:rescues:{job_id}", 1, ex=3600)
+
+    once_more = line_of(apply(policy, redis_url), job_id)
+    start_in_dead_worker(redis_conn, [Job.fetch(job_id, connection=redis_conn)])
+    then = line_of(apply(policy, redis_url), job_id)
+
+    assert (once_more["action"], once_more["outcome"]) == ("requeue", "done")
+    assert "requeued by opsctl 2 time(s) so far" in once_more["reason"]
+    assert (then["action"], then["outcome"]) == ("fail", "done")
+    assert "requeued by opsctl 2 times already" in then["reason"]
+    assert job_status(redis_conn, job_id) == "failed"
+
+
 def test_job_failed_instead_of_requeued_says_why_in_its_rq_failure_result(
     redis_conn: redis.Redis, redis_url: str
 ) -> None:

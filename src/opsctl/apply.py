@@ -934,7 +934,8 @@ def _record(outcome: JobOutcome, result: ChangeResult, append: bool = False) -> 
         if result.detail not in _PLAIN_DETAILS:
             outcome.reason = f"{outcome.reason}; {result.detail}"
         if result.rescues:
-            outcome.reason += f"; requeued by opsctl {result.rescues} time(s) so far"
+            so_far = result.rescues + outcome.requeued_before
+            outcome.reason += f"; requeued by opsctl {so_far} time(s) so far"
         _log_outcome(outcome)
     elif result.error:
         _set(outcome, ERROR, result.detail, append)

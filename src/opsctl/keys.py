@@ -65,6 +65,13 @@ def rescue_key(prefix: str, job_id: str) -> str:
     return f"opsctl:rescues:{prefix}:{job_id}"
 
 
+def legacy_rescue_key(job_id: str) -> str:
+    """The name opsctl gave the counter of :func:`rescue_key` before it kept one per
+    key prefix. Read, never written: its count is added to the new counter's until
+    it expires, a week after the job's last requeue counted there."""
+    return f"opsctl:rescues:{job_id}"
+
+
 #: Seconds opsctl remembers when it first found a queued job lost (a week).
 LOST_NOTE_TTL_S = 7 * 86400
 

@@ -20,7 +20,7 @@ import redis
 from opsctl import engine
 from opsctl.engine import ACTION_NONE, ACTION_REMOVE_ENTRY, ACTION_STOP, Verdict
 from opsctl.errors import StoppedEarly
-from opsctl.keys import Keys, nothing_under, rescue_key
+from opsctl.keys import Keys, legacy_rescue_key, nothing_under, rescue_key
 from opsctl.keyspace import (
     Survey,
     find_lost,
@@ -84,6 +84,8 @@ class JobOutcome:
     reason: str
     stop_confirmed: bool | None = None
     function: str = ""  # the job's function, read without unpickling; "" when not read
+    #: Requeues counted under the counter's name of before (see legacy_rescue_key).
+    requeued_before: int = 0
 
     @property
     def acts(self) -> bool:
@@ -806,7 +808,11 @@ def _apply_rescue_limits(conn: redis.Redis, keys: Keys, run: Run) -> None:
     pipe = conn.pipeline(transaction=False)
     for j in requeues:
         pipe.get(rescue_key(keys.prefix, j.entry.job_id))
-    for j, raw in zip(requeues, replies_of(pipe), strict=True):
+        pipe.get(legacy_rescue_key(j.entry.job_id))
+    replies = replies_of(pipe)
+    for j, raw, before in zip(requeues, replies[::2], replies[1::2], strict=True):
+        if isinstance(before, bytes):  # a damaged one counts none: nothing writes it
+            j.requeued_before = _requeue_count(before) or 0
         if isinstance(raw, Exception):
             run.problems.append(f"requeue count of job {j.entry.job_id}: cannot be read ({raw})")
             raw = None
@@ -818,7 +824,7 @@ def _apply_rescue_limits(conn: redis.Redis, keys: Keys, run: Run) -> None:
                 f"requeue count of job {j.entry.job_id}: {key} holds something other than a "
                 "count of requeues, so the requeue would fail; mend or delete it"
             )
-        count = count or 0
+        count = (count or 0) + j.requeued_before
         if count < j.rule.max_requeues:
             continue
         note = (
