@@ -186,12 +186,41 @@ def test_json_logs_are_one_object_per_line_on_stderr_with_the_runs_fields(
     assert lines
     for line in lines:
         assert {"time", "level", "message"} <= line.keys()
+        assert line.get("run_id") == report["run_id"], line  # from the first line on
     acted = [line for line in lines if line.get("job_id") == job.id]
     assert acted, lines
     assert acted[0]["queue"] == "default"
     assert acted[0]["action"] == "fail"
     assert acted[0]["outcome"] == "done"
     assert acted[0]["run_id"] == report["run_id"]
+
+
+def test_json_logs_of_a_plan_carried_out_name_the_plans_run(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    with serve_fake_redis() as url:
+        conn = redis.Redis.from_url(url)
+        started_job(conn, "gone-worker")
+        made = _opsctl("plan", str(_write(tmp_path)), "--redis-url", url, "-o", str(plan))
+        conn.close()
+        result = _opsctl(
+            "apply",
+            "--plan",
+            str(plan),
+            "--redis-url",
+            url,
+            "--format",
+            "json",
+            "-v",
+            "--log-format",
+            "json",
+        )
+
+    assert made.returncode == 0, made.stderr
+    assert result.returncode == 0, result.stderr
+    run_id = json.loads(result.stdout)["run_id"]  # a run of its own, not the plan's
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert any(line["message"].startswith("run started plan=") for line in lines), lines
+    assert {line.get("run_id") for line in lines} == {run_id}, lines
 
 
 def test_text_logs_need_v_and_q_silences_warnings(tmp_path: Path) -> None:

@@ -879,10 +879,10 @@ class Job:
         return conn
 
     def apply_policy(self, policy: Policy) -> Run:
+        run_id = new_run_id()
+        logs.current_run_id.set(run_id)  # every line of the run names it, from the first
         conn = self.connect()
         keys = Keys(policy.key_prefix)
-        run_id = new_run_id()
-        logs.current_run_id.set(run_id)
         log.info("run started policy=%s", policy.path, extra={"run_id": run_id})
         dry = self.overrides.dry_run
         if dry if dry is not None else policy.defaults.dry_run:
@@ -897,14 +897,19 @@ class Job:
     ) -> tuple[Run, tuple[str, str]]:
         """Carry out a plan file; the run, and the path and digest of the policy the
         plan was made from (as the plan records them)."""
+        run_id = new_run_id()  # a run of its own, as each carrying out of a plan is
+        logs.current_run_id.set(run_id)
         conn = self.connect()
         identity = planfile.server_identity(conn, self.url)
 
         def read() -> planfile.Plan:
             digest, rule_for = (policy.digest, policy.rule_for) if policy else (None, None)
-            return planfile.read(path, identity, server_time(conn), max_age_s, digest, rule_for)
+            found = planfile.read(path, identity, server_time(conn), max_age_s, digest, rule_for)
+            found.run.run_id = run_id
+            return found
 
         plan_read = read()
+        log.info("run started plan=%s", path)
         made_from = (plan_read.policy_path, plan_read.policy_digest)
         if self.overrides.dry_run or plan_read.run.dry_run:
             recheck_plan(conn, Keys(plan_read.key_prefix), plan_read.run)
@@ -912,11 +917,10 @@ class Job:
             plan_read.run.dry_run = True
             plan_read.run.server_version, plan_read.run.warnings = server_notes(conn)
             return plan_read.run, made_from
-        with run_lock(conn, new_run_id(), self.lock_timeout_s, self.should_stop):
+        with run_lock(conn, run_id, self.lock_timeout_s, self.should_stop):
             plan_read = read()  # again, now that no other run can act meanwhile
             run = plan_read.run
             run.server_version, run.warnings = server_notes(conn)
-            logs.current_run_id.set(run.run_id)
             keys = Keys(plan_read.key_prefix)
             recheck_plan(conn, keys, run)
             self._execute(conn, keys, run, plan_read.policy_digest)
