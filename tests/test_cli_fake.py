@@ -797,16 +797,18 @@ def test_an_overdue_job_whose_id_is_not_utf_8_is_stopped_without_ending_the_run(
     assert conn.hget(b"rq:job:" + odd, "status") == b"started"
 
 
+@pytest.fixture
+def short_maintenance_locks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RQ's maintenance locks taken by a run expire after 2 s, not 60 s."""
+    monkeypatch.setattr("opsctl.lock.MAINTENANCE_LOCK_TTL_S", 2)
+
+
+@pytest.mark.usefixtures("short_maintenance_locks")
 def test_a_maintenance_lock_held_through_a_stop_is_kept_while_another_is_waited_for(
-    conn: redis.Redis,
-    url: str,
-    tmp_path: Path,
-    live_worker: Any,
-    monkeypatch: pytest.MonkeyPatch,
+    conn: redis.Redis, url: str, tmp_path: Path, live_worker: Any
 ) -> None:
     # Queue aa's lock is taken for its stop and follow-up; RQ holds queue bb's, and the
     # wait for it outlasts aa's expiry: RQ's cleaning must not get aa's lock meanwhile.
-    monkeypatch.setattr("opsctl.lock.MAINTENANCE_LOCK_TTL_S", 2)
     jobs = {}
     for queue in ("aa", "bb"):
         live_worker(f"w-{queue}", queue=queue, obeys_stop=True)

@@ -160,6 +160,10 @@ def test_help_names_the_variable_of_every_option(command: str) -> None:
 # --- logs -----------------------------------------------------------------------------------
 
 
+#: A JSON report on stdout, and JSON log lines (with info) on stderr.
+JSON_LOGGED = ("--format", "json", "-v", "--log-format", "json")
+
+
 def test_json_logs_are_one_object_per_line_on_stderr_with_the_runs_fields(
     tmp_path: Path,
 ) -> None:
@@ -167,17 +171,7 @@ def test_json_logs_are_one_object_per_line_on_stderr_with_the_runs_fields(
         conn = redis.Redis.from_url(url)
         job = started_job(conn, "gone-worker")
 
-        result = _opsctl(
-            "apply",
-            str(_write(tmp_path)),
-            "--redis-url",
-            url,
-            "--format",
-            "json",
-            "-v",
-            "--log-format",
-            "json",
-        )
+        result = _opsctl("apply", str(_write(tmp_path)), "--redis-url", url, *JSON_LOGGED)
         conn.close()
 
     assert result.returncode == 0, result.stderr
@@ -202,18 +196,7 @@ def test_json_logs_of_a_plan_carried_out_name_the_plans_run(tmp_path: Path) -> N
         started_job(conn, "gone-worker")
         made = _opsctl("plan", str(_write(tmp_path)), "--redis-url", url, "-o", str(plan))
         conn.close()
-        result = _opsctl(
-            "apply",
-            "--plan",
-            str(plan),
-            "--redis-url",
-            url,
-            "--format",
-            "json",
-            "-v",
-            "--log-format",
-            "json",
-        )
+        result = _opsctl("apply", "--plan", str(plan), "--redis-url", url, *JSON_LOGGED)
 
     assert made.returncode == 0, made.stderr
     assert result.returncode == 0, result.stderr
