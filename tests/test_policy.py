@@ -289,6 +289,20 @@ def test_each_mistake_is_reported_on_its_own_exact_line(name: str, expected: str
     assert problem_lines(f"policies/{name}.yaml", REDIS_ENV) == [f"policies/{name}.yaml:{expected}"]
 
 
+@pytest.mark.parametrize("content", ["s3cr3tPW\n", "root:x:0:0:root:/root:/bin/bash\n", "42\n"])
+def test_a_file_that_is_one_value_is_refused_without_quoting_it(
+    tmp_path: Path, content: str
+) -> None:
+    # A password file or a token given by mistake for the policy: the message reaches logs.
+    path = tmp_path / "mounted-secret"
+    path.write_text(content)
+
+    [line] = problem_lines(str(path))
+
+    assert content.strip() not in line
+    assert line.endswith("; a policy is a mapping with 'version' and 'queues'")
+
+
 def test_every_problem_in_a_file_is_reported_in_line_order() -> None:
     assert problem_lines("policies/many_problems.yaml") == [
         "policies/many_problems.yaml:1:10: version: 2 is not supported (use 1)",

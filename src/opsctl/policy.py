@@ -550,7 +550,9 @@ def _build_document(
     document.data = _Builder(document, environ, strict_env).build(node, (), 0)
 
     if not isinstance(document.data, dict):
-        what = _describe(document.data)
+        # Its kind alone: a file that is one line of text may be a secret given by
+        # mistake (a password file, a token), and this message reaches logs.
+        what = _describe(document.data) if document.data is None else _kind_of(document.data)
         message = f"the top level is {what}; a policy is a mapping with 'version' and 'queues'"
         raise _Refused(_file_problem(file, message, *_position(node)))
     return document
@@ -1403,6 +1405,17 @@ def _format_path(path: _Path) -> str:
             part = part.encode("unicode_escape").decode()  # never a control character
         text += f".{part}" if text else part
     return text
+
+
+def _kind_of(value: Any) -> str:
+    """What kind of YAML value ``value`` is, in words, without quoting it."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text (not shown: is this the policy file meant?)"
+    return _describe(value)  # a mapping, a list
 
 
 def _describe(value: Any) -> str:
