@@ -1192,6 +1192,7 @@ def test_the_text_report_shows_each_job_id_whole_to_paste_into_explain(
     assert len(job.id) == 36 and job.id in result.stdout
     explained = opsctl("explain", job.id, "--redis-url", url)
     assert explained.exit_code == 0, explained.output
+    assert f"  read from: {url}, key prefix 'rq'" in explained.stdout.splitlines()
     # explain looks once; apply looks at a worker without a connection twice
     assert "w-crashed: dead (worker holds no connection to Redis; apply looks at it again" in (
         explained.stdout

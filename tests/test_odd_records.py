@@ -1293,7 +1293,8 @@ def test_explain_of_an_unknown_job_exits_6_with_one_line(redis_url: str) -> None
 
     assert result.exit_code == ExitCode.INVALID
     assert result.stderr.strip() == (
-        "opsctl: error: job 'no-such-job' does not exist: no hash, list or registry names it"
+        "opsctl: error: job 'no-such-job' does not exist: no hash, list or registry names it "
+        f"(looked for on {redis_url}, key prefix 'rq')"
     )
 
 

@@ -1449,14 +1449,22 @@ def explain_command(
     url, options = _guard(lambda: connection.resolve(policy))
     _setup_logging(verbose, quiet, log_format, url)
     keys = Keys(key_prefix or (policy.key_prefix if policy else DEFAULT_PREFIX))
-    found = _guard(
-        lambda: explain.explain(connect(url, timeout, options), keys, job_id, policy), url=url
-    )
+    # Which server and prefix were read: a policy's URL wins over REDIS_URL, and a
+    # job looked for under another prefix or database is simply not found.
+    where = f"{mask_url(url)}, key prefix {quoted(keys.prefix)}"
+
+    def read() -> explain.Explanation:
+        try:
+            return explain.explain(connect(url, timeout, options), keys, job_id, policy)
+        except explain.JobNotFound as exc:
+            raise explain.JobNotFound(f"{exc} (looked for on {where})") from None
+
+    found = _guard(read, url=url)
     with _reader_may_leave():
         if output is Format.json:
             report.print_json(explain.to_json(found, mask_url(url)))
         else:
-            explain.print_text(found, _console())
+            explain.print_text(found, _console(), where)
 
 
 @app.command()

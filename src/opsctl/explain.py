@@ -454,9 +454,13 @@ def to_json(found: Explanation, redis_url: str) -> dict[str, Any]:
     }
 
 
-def print_text(found: Explanation, console: Console) -> None:
-    """The explanation as plain sections, one fact per line."""
-    out: list[str] = [f"job {found.job_id}", f"  function: {found.function}"]
+def print_text(found: Explanation, console: Console, where: str = "") -> None:
+    """The explanation as plain sections, one fact per line (``where``: the server
+    and key prefix it was read from)."""
+    out: list[str] = [f"job {found.job_id}"]
+    if where:
+        out.append(f"  read from: {where}")
+    out.append(f"  function: {found.function}")
     if not found.exists:
         out.append(f"  hash: none: {found.foreign}" if found.foreign else "  hash: gone")
     out.append("fields:")
