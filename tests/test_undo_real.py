@@ -176,6 +176,21 @@ def failed_by_a_run(redis_url: str, conn: redis.Redis, tmp_path: Path) -> tuple[
     return job, str(run["run_id"])
 
 
+def test_requeue_under_another_key_prefix_than_the_runs_is_refused(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    # Under another prefix none of its jobs are found: all would be reported gone.
+    job, run_id = failed_by_a_run(redis_url, redis_conn, tmp_path)
+
+    result = run_opsctl(
+        "requeue", "--run", run_id, "--redis-url", redis_url, "--key-prefix", "other"
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert f"run {run_id} acted on jobs under the key prefix 'rq'" in result.stderr
+    assert job_status(redis_conn, job.id) == "failed"
+
+
 def test_requeue_waits_for_a_running_apply_and_gives_up_with_exit_5(
     redis_url: str, redis_conn: redis.Redis, tmp_path: Path
 ) -> None:

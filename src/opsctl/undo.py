@@ -181,17 +181,17 @@ class UndoRun:
         }
 
 
-def jobs_of_run(conn: redis.Redis, run_id: str) -> tuple[list[Undo], str]:
+def jobs_of_run(conn: redis.Redis, run_id: str) -> tuple[list[Undo], str | None]:
     """The jobs ``run_id`` failed or canceled, from the audit trail, in the order it
-    did, and RQ's key prefix the run used (entries written before opsctl recorded it:
-    RQ's own, ``rq``)."""
+    did, and RQ's key prefix the run used (None for entries written before opsctl
+    recorded it)."""
     entries = audit.history(conn, run_id=run_id, limit=None)
     if not entries:
         raise UnknownRun(
             f"--run: no audit entries for run {run_id!r} (see `opsctl history` for run ids; "
             f"the trail keeps about {AUDIT_MAXLEN:,} entries)"
         )
-    prefix = entries[-1].get("key_prefix") or DEFAULT_PREFIX
+    prefix = entries[-1].get("key_prefix") or None
     found: dict[str, Undo] = {}
     for entry in entries:
         action = entry.get("action", "")
@@ -218,7 +218,13 @@ def requeue_run(
     ``key_prefix``, or else the prefix the run itself used. Once ``should_stop``
     says so, the jobs not reached yet are skipped (and the lock is not waited for)."""
     jobs, used = jobs_of_run(conn, run_id)
-    keys = Keys(key_prefix or used)
+    if key_prefix and used and key_prefix != used:
+        # Under another prefix its jobs are not found, and would all be reported gone.
+        raise UsageError(
+            f"--key-prefix {key_prefix!r}: run {run_id} acted on jobs under the key prefix "
+            f"{used!r}; leave --key-prefix out to undo it there"
+        )
+    keys = Keys(key_prefix or used or DEFAULT_PREFIX)
     undo = UndoRun(new_run_id(), run_id, dry_run, jobs)
     if dry_run:
         _requeue(conn, keys, undo, should_stop)
