@@ -2361,6 +2361,23 @@ def test_explain_of_a_job_key_that_holds_no_hash_says_so_and_judges_its_entry(
     assert redis_conn.get("rq:job:not-a-hash") == b"written by something else"
 
 
+def test_explain_names_a_worker_key_that_holds_no_hash_as_a_run_does(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    job = started_job(redis_conn, worker="strange")
+    redis_conn.set("rq:worker:strange", "written by something else")
+
+    code, explained = explain(job.id, redis_url)
+    text = invoke_opsctl("explain", job.id, "--redis-url", redis_url)
+    planned = run(policy(tmp_path), redis_url, "--dry-run")
+
+    assert code == 0 and isinstance(explained, dict), explained
+    [problem] = explained["problems"]
+    assert problem.startswith("worker strange: rq:worker:strange could not be read (WRONGTYPE")
+    assert problem in planned["problems"]
+    assert f"problem: {problem}" in text.stdout.splitlines()
+
+
 def test_a_stale_entry_of_a_job_a_live_worker_runs_again_leaves_the_job_alone(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path, live_worker: Any
 ) -> None:

@@ -67,6 +67,8 @@ class Explanation:
     rule: str = ""
     #: The job's key and the type it holds, when that is not a hash.
     foreign: str = ""
+    #: Records read along the way that could not be read as RQ writes them.
+    problems: list[str] = field(default_factory=list)
 
 
 def explain(conn: redis.Redis, keys: Keys, job_id: str, policy: Policy | None) -> Explanation:
@@ -103,7 +105,7 @@ def explain(conn: redis.Redis, keys: Keys, job_id: str, policy: Policy | None) -
 
     executions = _executions(conn, keys, job_id, members)
     found.executions = executions
-    workers = _workers(conn, keys, job_id, (fields, executions), queues)
+    workers = _workers(conn, keys, job_id, (fields, executions), queues, found.problems)
     found.workers = [_worker_view(w) for w in workers.values()]
     # Lost and stranded jobs are judged by their origin's rule; an entry by its
     # registry's queue's (the first entry's is named).
@@ -254,14 +256,17 @@ def _workers(
     job_id: str,
     records: tuple[dict[str, str], list[dict[str, Any]]],
     queues: list[str],
+    problems: list[str],
 ) -> dict[str, WorkerRecord]:
     """The workers the job's records name, and any live worker that says it is
-    executing the job (a run looks at every registered worker, and so does this)."""
+    executing the job (a run looks at every registered worker, and so does this).
+    A worker record that cannot be read is named in ``problems``, as a run names it."""
     fields, executions = records
     names = {fields.get("worker_name", "")}
     names |= {e["fields"].get("worker_name", "") for e in executions}
     named = {n for n in names if n}
-    found = read_workers(conn, keys, named | registered_workers(conn, keys, queues), queues=queues)
+    everyone = named | registered_workers(conn, keys, queues, problems)
+    found = read_workers(conn, keys, everyone, problems, queues)
     holder = engine.jobs_in_hand(found).get(job_id)
     return {n: w for n, w in found.items() if n in named or n == holder}
 
@@ -451,6 +456,7 @@ def to_json(found: Explanation, redis_url: str) -> dict[str, Any]:
         "workers": found.workers,
         "rule": found.rule,
         "verdicts": found.verdicts,
+        "problems": found.problems,
     }
 
 
@@ -493,5 +499,6 @@ def print_text(found: Explanation, console: Console, where: str = "") -> None:
         out.append(f"  {v['entry']}: {state} -> {v['action']}{follow}: {v['reason']}")
     if not found.verdicts:
         out.append("  not in a started registry and not lost: opsctl does not act on it")
+    out += [f"problem: {problem}" for problem in found.problems]
     for line in out:
         console.print(Text(safe(line)))
