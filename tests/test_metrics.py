@@ -336,6 +336,22 @@ def test_status_metrics_file_holds_the_gauges_it_prints(
     assert started(written, "default", "abandoned") == 2
 
 
+def test_a_queue_whose_started_registry_cannot_be_read_gets_no_series_rather_than_zeros(
+    conn: redis.Redis, fake_redis_url: str, live: LiveWorker
+) -> None:
+    seed(conn, fake_redis_url)
+    conn.sadd("rq:queues", "rq:queue:odd")
+    conn.set("rq:wip:odd", "written by something else")
+
+    result = run_opsctl("status", "--redis-url", fake_redis_url, "--format", "prometheus")
+
+    assert result.returncode == 0, result.stderr
+    values = gauges(result.stdout, "status")
+    assert not [key for key in values if ("queue", "odd") in key[1]]
+    assert started(values, "default", "abandoned") == 2
+    assert single(values, "opsctl_problems") == 1
+
+
 def test_a_queue_name_that_is_not_utf8_is_written_escaped(
     conn: redis.Redis, fake_redis_url: str, tmp_path: Path
 ) -> None:

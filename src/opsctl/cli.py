@@ -1385,7 +1385,8 @@ def status_command(
         now, statuses, snapshot = found
         if output is StatusFormat.prometheus or metrics_file is not None:
             # status takes no policy: states are judged by the built-in rule (max_age 10m).
-            seen = metrics.observe_snapshot(snapshot, Rule())
+            unread = {s.name for s in statuses if s.started is None}
+            seen = metrics.observe_snapshot(snapshot, Rule(), unread)
         with _reader_may_leave():
             if output is StatusFormat.json:
                 report.print_json(status.to_json(now, mask_url(url), statuses, snapshot.problems))

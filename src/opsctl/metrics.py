@@ -33,7 +33,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -135,9 +135,12 @@ def observe_run(run: Run) -> Observation:
     return seen
 
 
-def observe_snapshot(snapshot: Snapshot, rule: Rule) -> Observation:
-    """The gauges' view of ``opsctl status``: every entry classified under ``rule``."""
-    seen = Observation(queues=set(snapshot.queues), problems=len(snapshot.problems))
+def observe_snapshot(snapshot: Snapshot, rule: Rule, unread: Collection[str] = ()) -> Observation:
+    """The gauges' view of ``opsctl status``: every entry classified under ``rule``.
+    Queues whose started registry could not be read (``unread``) get no series: a
+    count of 0 would read as nothing stuck there."""
+    queues = set(snapshot.queues) - set(unread)
+    seen = Observation(queues=queues, problems=len(snapshot.problems))
     in_hand = jobs_in_hand(snapshot.workers)
     for entry in snapshot.entries:
         verdict = classify(entry, snapshot.workers, rule, snapshot.now, in_hand)
