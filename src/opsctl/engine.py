@@ -664,10 +664,11 @@ def _held(
             else "has let its hash expire (it writes no heartbeat)"
         )
         reason = sys.intern(
-            f"{why}, but not stopped: {signals.worker} {silent}, as a worker watching a work "
-            "horse does: a SimpleWorker, which cannot stop it (RQ 3's then files the job's "
-            "own failure as stopped, without its retries; RQ 1.16's kills its own process "
-            "group), or a frozen worker"
+            f"{why}, but not stopped: {signals.worker} {silent}. A worker watching a work "
+            "horse heartbeats every job monitoring interval (30 s by default), and a later "
+            "run stops the job once it has; one that does not is a SimpleWorker, which "
+            "cannot stop it (RQ 3's then files the job's own failure as stopped, without its "
+            "retries; RQ 1.16's kills its own process group), or a frozen worker"
         )
         return Verdict(State.OVERDUE, ACTION_NONE, reason, signals)
     return Verdict(State.OVERDUE, ACTION_STOP, why, signals, rule.action)
