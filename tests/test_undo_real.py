@@ -176,6 +176,23 @@ def failed_by_a_run(redis_url: str, conn: redis.Redis, tmp_path: Path) -> tuple[
     return job, str(run["run_id"])
 
 
+def test_an_undo_of_a_run_that_deleted_jobs_says_they_cannot_be_put_back(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    job = Queue(FAIL_QUEUE, connection=redis_conn).enqueue("jobs.quick")
+    started_again(redis_conn, job)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.replace("action: fail", "action: delete"))
+    run = opsctl_json("apply", str(policy), "--redis-url", redis_url)
+
+    undo = opsctl_json("requeue", "--run", run["run_id"], "--redis-url", redis_url)
+    text = run_opsctl("requeue", "--run", run["run_id"], "--redis-url", redis_url)
+
+    assert (undo["jobs"], undo["deleted_not_undoable"]) == ([], 1)
+    assert "1 job(s) the run deleted cannot be put back" in text.stdout
+    assert job_status(redis_conn, job.id) is None
+
+
 def test_requeue_under_another_key_prefix_than_the_runs_is_refused(
     redis_url: str, redis_conn: redis.Redis, tmp_path: Path
 ) -> None:

@@ -149,6 +149,8 @@ class UndoRun:
     jobs: list[Undo] = field(default_factory=list)
     #: Set when the connection to Redis was lost midway: the report shows what was done.
     redis_lost: bool = False
+    #: Jobs the run deleted: their hashes are gone, so they cannot be put back.
+    deleted: int = 0
 
     @property
     def failed(self) -> bool:
@@ -168,6 +170,7 @@ class UndoRun:
             "dry_run": self.dry_run,
             "redis": redis_url,
             "summary": self.summary(),
+            "deleted_not_undoable": self.deleted,
             "jobs": [
                 {
                     "id": j.job_id,
@@ -181,20 +184,24 @@ class UndoRun:
         }
 
 
-def jobs_of_run(conn: redis.Redis, run_id: str) -> tuple[list[Undo], str | None]:
+def jobs_of_run(conn: redis.Redis, run_id: str) -> tuple[list[Undo], str | None, int]:
     """The jobs ``run_id`` failed or canceled, from the audit trail, in the order it
-    did, and RQ's key prefix the run used (None for entries written before opsctl
-    recorded it)."""
+    did, RQ's key prefix the run used (None for entries written before opsctl
+    recorded it), and how many jobs it deleted (which no undo can put back)."""
     entries = audit.history(conn, run_id=run_id, limit=None)
     if not entries:
         raise UnknownRun(
-            f"--run: no audit entries for run {run_id!r} (see `opsctl history` for run ids; "
+            f"--run: no audit entries for run {run_id!r}: a run that changed nothing writes "
+            "none, or the id is mistyped (see `opsctl history` for run ids; "
             f"the trail keeps about {AUDIT_MAXLEN:,} entries)"
         )
     prefix = entries[-1].get("key_prefix") or None
     found: dict[str, Undo] = {}
+    deleted = set()
     for entry in entries:
         action = entry.get("action", "")
+        if action == "delete" and entry.get("outcome") == DONE:
+            deleted.add(entry.get("job", ""))
         # A fail that retried the job put it back on a queue already: nothing to undo.
         if action not in UNDOABLE or entry.get("outcome") != DONE:
             continue
@@ -203,7 +210,7 @@ def jobs_of_run(conn: redis.Redis, run_id: str) -> tuple[list[Undo], str | None]
         job_id = entry.get("job", "")
         found.pop(job_id, None)
         found[job_id] = Undo(job_id, entry.get("queue", ""), action, entry.get("ended_at", ""))
-    return list(found.values()), prefix
+    return list(found.values()), prefix, len(deleted)
 
 
 def requeue_run(
@@ -217,7 +224,7 @@ def requeue_run(
     """Requeue (or, dry, check) every job ``run_id`` failed or canceled, under
     ``key_prefix``, or else the prefix the run itself used. Once ``should_stop``
     says so, the jobs not reached yet are skipped (and the lock is not waited for)."""
-    jobs, used = jobs_of_run(conn, run_id)
+    jobs, used, deleted = jobs_of_run(conn, run_id)
     if key_prefix and used and key_prefix != used:
         # Under another prefix its jobs are not found, and would all be reported gone.
         raise UsageError(
@@ -225,7 +232,7 @@ def requeue_run(
             f"{used!r}; leave --key-prefix out to undo it there"
         )
     keys = Keys(key_prefix or used or DEFAULT_PREFIX)
-    undo = UndoRun(new_run_id(), run_id, dry_run, jobs)
+    undo = UndoRun(new_run_id(), run_id, dry_run, jobs, deleted=deleted)
     if dry_run:
         _requeue(conn, keys, undo, should_stop)
         return undo
@@ -387,5 +394,9 @@ def print_text(undo: UndoRun, console: Console) -> None:
         console.print(table)
     else:
         console.print("the run failed or canceled no job")
+    if undo.deleted:
+        console.print(
+            f"{undo.deleted} job(s) the run deleted cannot be put back: their hashes are gone"
+        )
     counts = ", ".join(f"{n} {k}" for k, n in undo.summary().items())
     console.print(f"requeue {undo.run_id} (undo of {undo.undo_of}): {counts}")
