@@ -1007,9 +1007,9 @@ def _enqueue_dependents(conn: redis.Redis, keys: Keys, outcome: JobOutcome) -> N
         outcome.reason += f"; dependents not enqueued: {exc}"
 
 
-__all__ = ["Executor", "failure_reason", "recheck_plan"]
-
-
 def _audit_key(entry: Mapping[str, str]) -> tuple[str | None, ...]:
     """What tells one change's audit entry from another's within a run."""
     return tuple(entry.get(name) for name in ("job", "queue", "state", "action"))
+
+
+__all__ = ["Executor", "failure_reason", "recheck_plan"]

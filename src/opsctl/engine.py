@@ -426,6 +426,12 @@ def runs_elsewhere(entry: StartedEntry, verdict: Verdict) -> bool:
     )
 
 
+def _creator(entry: StartedEntry) -> str | None:
+    """The worker an entry's execution record names as the one that created it
+    (RQ 2.11 on write it; earlier releases, none)."""
+    return entry.execution.get("worker_name") if entry.execution is not None else None
+
+
 def _dead_creator(entry: StartedEntry, holder: str, named_alive: bool) -> str | None:
     """The dead worker whose run an entry is, when its own execution record says so.
 
@@ -434,7 +440,7 @@ def _dead_creator(entry: StartedEntry, holder: str, named_alive: bool) -> str | 
     run, even when the holder names only the job (RQ 2's ``current_job``). Only a
     dead creator counts: a live one may be about to run the job itself.
     """
-    creator = entry.execution.get("worker_name") if entry.execution is not None else None
+    creator = _creator(entry)
     if creator and creator != holder and not named_alive:
         return creator
     return None
@@ -568,8 +574,7 @@ def _not_started(
         # still writing its end; the entry is its to remove.
         reason = f"status is {shown} but {signals.worker} is executing it"
         return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
-    creator = entry.execution.get("worker_name") if entry.execution is not None else None
-    taken_unnamed = entry.execution_id is not None and not creator and status == "queued"
+    taken_unnamed = entry.execution_id is not None and not _creator(entry) and status == "queued"
     if taken_unnamed and math.isfinite(entry.score) and entry.score + LEASE_GRACE_S > now:
         # RQ 2.0 to 2.10 enter a job a worker takes in the registry (as one of
         # its executions) while its status is still 'queued', and name the worker

@@ -925,18 +925,7 @@ def registered_workers(
     """Names of the workers registered, globally or on one of ``queues``; a set of
     another type is named in ``problems``."""
     sets = [keys.workers, *(keys.queue_workers(queue) for queue in queues)]
-    pipe = conn.pipeline(transaction=False)
-    for key in sets:
-        pipe.smembers(key)
-    names: set[str] = set()
-    for key, reply in zip(sets, replies_of(pipe), strict=True):
-        if isinstance(reply, Exception):
-            note_problem(problems, f"worker registrations: {key} could not be read ({reply})")
-            continue
-        names.update(
-            keys.worker_name_from_key(text(m)) for m in reply if text(m).startswith(keys.worker(""))
-        )
-    return names
+    return {name for _, names in _listed_workers(conn, keys, sets, problems) for name in names}
 
 
 def read_workers(
@@ -1132,19 +1121,31 @@ def _registrations(
     sets = [keys.workers]
     known = sorted({*_queue_names_from_set(conn, keys, problems), *queues})
     sets += [keys.queue_workers(q) for q in known]
+    found: dict[str, set[str]] = {}
+    for key, names in _listed_workers(conn, keys, sets, problems):
+        for name in names:
+            found.setdefault(name, set()).add(key)
+    return found
+
+
+def _listed_workers(
+    conn: redis.Redis, keys: Keys, sets: list[str], problems: list[str] | None
+) -> list[tuple[str, list[str]]]:
+    """Each readable registration set of ``sets`` with the worker names it lists; a
+    set of another type is named in ``problems``."""
     pipe = conn.pipeline(transaction=False)
     for key in sets:
         pipe.smembers(key)
-    found: dict[str, set[str]] = {}
+    listed = []
     for key, members in zip(sets, replies_of(pipe), strict=True):
         if isinstance(members, Exception):
             note_problem(problems, f"worker registrations: {key} could not be read ({members})")
             continue
-        for member in members:
-            # A member that is not a worker key is someone else's data: left alone.
-            if text(member).startswith(keys.worker("")):
-                found.setdefault(keys.worker_name_from_key(text(member)), set()).add(key)
-    return found
+        # A member that is not a worker key is someone else's data: left alone.
+        shown = (text(m) for m in members)
+        names = [keys.worker_name_from_key(m) for m in shown if m.startswith(keys.worker(""))]
+        listed.append((key, names))
+    return listed
 
 
 def _queue_names_from_set(
