@@ -165,7 +165,7 @@ def test_dry_run_metrics_show_planned_actions_and_nothing_changes(
     assert seeded["abandoned"][0].get_status(refresh=True) == JobStatus.STARTED
 
 
-def test_a_registry_that_cannot_be_read_is_counted_as_a_problem_the_exit_code_does_not_show(
+def test_a_registry_that_cannot_be_read_is_a_problem_with_no_counts_and_no_exit_code(
     conn: redis.Redis, fake_redis_url: str, live: LiveWorker, tmp_path: Path
 ) -> None:
     seeded = seed(conn, fake_redis_url)
@@ -182,6 +182,9 @@ def test_a_registry_that_cannot_be_read_is_counted_as_a_problem_the_exit_code_do
     values = gauges(target.read_text(), "apply")
     assert single(values, "opsctl_problems") == 1
     assert single(values, "opsctl_last_run_exit_code") == 0
+    # No counts for the unread queue: zeros would say nothing is stuck there.
+    assert not [key for key in values if ("queue", "spare") in key[1]]
+    assert started(values, "default", "abandoned") == 2
     assert seeded["abandoned"][0].get_status(refresh=True) == JobStatus.FAILED
     assert conn.get("rq:wip:spare") == b"not a registry"
 

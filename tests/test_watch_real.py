@@ -123,6 +123,7 @@ def test_watch_cleans_jobs_stuck_between_rounds_and_follows_policy_edits(
     redis_url: str, redis_conn: redis.Redis, rq_workers: WorkerFactory, tmp_path: Path, watch: Any
 ) -> None:
     policy, metrics, process = watching(tmp_path, redis_url, watch)
+    assert read_metrics(metrics)["opsctl_policy_file_rejected"] == 0
 
     failed = abandon(rq_workers, redis_conn)
     assert wait_for_status(redis_conn, failed.id, "failed", ROUND_TIMEOUT_S) == "failed"
@@ -139,7 +140,15 @@ def test_watch_cleans_jobs_stuck_between_rounds_and_follows_policy_edits(
     status = wait_for_status(redis_conn, still_cancel.id, "canceled", ROUND_TIMEOUT_S)
     assert status == "canceled", logs(tmp_path)
     assert process.poll() is None, logs(tmp_path)
+    # The rounds succeed under the last good policy, and the metrics say the file is refused.
     assert read_metrics(metrics)["opsctl_last_run_exit_code"] == 0
+    assert read_metrics(metrics)["opsctl_policy_file_rejected"] == 1
+
+    write_policy(policy, "cancel")  # mended: the file's policy is in force again
+    assert wait_until(
+        lambda: read_metrics(metrics).get("opsctl_policy_file_rejected") == 0,
+        timeout=ROUND_TIMEOUT_S,
+    ), logs(tmp_path)
 
     assert stop(process) == 0, logs(tmp_path)
     assert redis_conn.exists("opsctl:lock") == 0
@@ -149,7 +158,7 @@ def test_watch_cleans_jobs_stuck_between_rounds_and_follows_policy_edits(
 def test_a_policy_file_replaced_by_a_fifo_is_refused_and_watch_still_stops_on_sigterm(
     redis_url: str, redis_conn: redis.Redis, rq_workers: WorkerFactory, tmp_path: Path, watch: Any
 ) -> None:
-    policy, _, process = watching(tmp_path, redis_url, watch)
+    policy, metrics, process = watching(tmp_path, redis_url, watch)
 
     policy.unlink()
     os.mkfifo(policy)  # opening it would wait for a writer that never comes
@@ -158,6 +167,10 @@ def test_a_policy_file_replaced_by_a_fifo_is_refused_and_watch_still_stops_on_si
     ), logs(tmp_path)
     failed = abandon(rq_workers, redis_conn)  # rounds go on with the last good policy
     assert wait_for_status(redis_conn, failed.id, "failed", ROUND_TIMEOUT_S) == "failed"
+    assert wait_until(
+        lambda: read_metrics(metrics).get("opsctl_policy_file_rejected") == 1,
+        timeout=ROUND_TIMEOUT_S,
+    ), logs(tmp_path)
 
     assert stop(process) == 0, logs(tmp_path)
 

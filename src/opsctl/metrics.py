@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LAST_SUCCESS = "opsctl_last_success_timestamp_seconds"
+#: The gauge that tells a watch whose policy file is refused.
+POLICY_REJECTED = "opsctl_policy_file_rejected"
 
 
 #: Why a metrics path that names something other than a regular file is refused.
@@ -123,6 +125,13 @@ class Observation:
         if age_s is not None and age_s > self.oldest_age_s.get(queue, -1.0):
             self.oldest_age_s[queue] = age_s
 
+    def leave_out(self, unread: Collection[str]) -> None:
+        """No job counts or ages for queues whose started registry could not be read:
+        a count of 0 would read as nothing stuck there. What the run did there stays."""
+        self.queues -= set(unread)
+        for queue in unread:
+            self.oldest_age_s.pop(queue, None)
+
 
 def observe_run(run: Run) -> Observation:
     """The gauges' view of an apply, plan or watch round."""
@@ -132,6 +141,7 @@ def observe_run(run: Run) -> Observation:
         seen.add_entry(queue, job.verdict.state.value, job.verdict.signals.age_s)
         if job.acts:
             seen.actions[(queue, job.action, job.outcome)] += 1
+    seen.leave_out(run.unread)
     return seen
 
 
@@ -139,12 +149,12 @@ def observe_snapshot(snapshot: Snapshot, rule: Rule, unread: Collection[str] = (
     """The gauges' view of ``opsctl status``: every entry classified under ``rule``.
     Queues whose started registry could not be read (``unread``) get no series: a
     count of 0 would read as nothing stuck there."""
-    queues = set(snapshot.queues) - set(unread)
-    seen = Observation(queues=queues, problems=len(snapshot.problems))
+    seen = Observation(queues=set(snapshot.queues), problems=len(snapshot.problems))
     in_hand = jobs_in_hand(snapshot.workers)
     for entry in snapshot.entries:
         verdict = classify(entry, snapshot.workers, rule, snapshot.now, in_hand)
         seen.add_entry(entry.queue, verdict.state.value, verdict.signals.age_s)
+    seen.leave_out({*unread, *snapshot.unread})
     return seen
 
 
@@ -158,6 +168,9 @@ class RunFacts:
     duration_s: float
     exit_code: int
     last_success_s: float | None  # None: no run has succeeded yet
+    #: ``watch`` only: whether the policy file's content was refused (unreadable
+    #: or invalid), so the round ran under the last good policy; None: not watched.
+    policy_rejected: bool | None = None
 
 
 def build(seen: Observation | None, facts: RunFacts) -> CollectorRegistry:
@@ -200,7 +213,7 @@ def build(seen: Observation | None, facts: RunFacts) -> CollectorRegistry:
             ["command"],
             registry=registry,
         ).labels(command).set(seen.problems)
-    run_level = (
+    run_level = [
         ("opsctl_run_duration_seconds", "Seconds the run took.", facts.duration_s),
         (
             "opsctl_last_run_timestamp_seconds",
@@ -213,7 +226,16 @@ def build(seen: Observation | None, facts: RunFacts) -> CollectorRegistry:
             "Unix time of the last run that exited 0 (0: none yet).",
             facts.last_success_s or 0.0,
         ),
-    )
+    ]
+    if facts.policy_rejected is not None:
+        run_level.append(
+            (
+                POLICY_REJECTED,
+                "1 when the policy file cannot be read or is invalid, so the round ran under "
+                "the last good policy; 0 when the file's policy is the one in force.",
+                float(facts.policy_rejected),
+            )
+        )
     for name, help_text, value in run_level:
         Gauge(name, help_text, ["command"], registry=registry).labels(command).set(value)
     return registry

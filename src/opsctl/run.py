@@ -135,6 +135,8 @@ class Run:
     #: Queues whose jobs were skipped: RQ's maintenance lock of the queue was held
     #: for longer than --lock-timeout.
     locked_out: list[str] = field(default_factory=list)
+    #: Queues whose started registry could not be read (each is also a problem).
+    unread: set[str] = field(default_factory=set)
 
     @property
     def failed(self) -> bool:
@@ -274,6 +276,7 @@ def _plan(
         now=snapshot.now,
         queues=queues,
         problems=list(snapshot.problems),
+        unread=snapshot.unread,
         unmatched=unmatched,
         disabled=[
             name
@@ -383,6 +386,7 @@ def _read_state(
                 seen_in = known.registered_in | again.registered_in
                 snapshot.workers[name] = replace(known, registered_in=seen_in)
         snapshot.problems += more.problems
+        snapshot.unread |= more.unread
         snapshot.entries += more.entries
         place = {q.name: i for i, q in enumerate(queues)}
         snapshot.entries.sort(key=lambda e: place[e.queue])  # stable: registry order kept

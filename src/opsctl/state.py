@@ -53,6 +53,8 @@ class Snapshot:
     #: What the run should be told of what it was asked to read (a --queue that
     #: names no queue, say), for the report's warnings.
     warnings: list[str] = field(default_factory=list)
+    #: Queues whose started registry could not be read (each also a problem).
+    unread: set[str] = field(default_factory=set)
 
 
 #: Errors that mean the connection to Redis is gone: it dropped, timed out, or
@@ -285,11 +287,14 @@ def _read_snapshot(
     registered = registered_workers(conn, keys, queues, problems)
     workers = read_workers(conn, keys, registered, problems, queues)
     reader.held_by = {name for name, w in workers.items() if w.exists and not w.fields.get("death")}
-    entries = _read_entries(conn, keys, queues, total, problems, decoded, reader, ids, listed)
+    unread: set[str] = set()
+    entries = _read_entries(
+        conn, keys, queues, total, (problems, unread), decoded, reader, ids, listed
+    )
     # Workers that entries name but no registration lists (most often dead ones).
     named = {name for e in entries if (name := e.worker_name)} - set(workers)
     workers.update(read_workers(conn, keys, named, problems, queues))
-    return Snapshot(now=now, queues=queues, entries=entries, workers=workers, problems=problems)
+    return Snapshot(now, queues, entries, workers, problems, unread=unread)
 
 
 def registry_members(conn: redis.Redis, key: str) -> Iterator[tuple[bytes, float]]:
@@ -365,23 +370,25 @@ def _read_entries(
     keys: Keys,
     queues: list[str],
     total: int,
-    problems: list[str],
+    unreadable: tuple[list[str], set[str]],
     on_decoded: Callable[[list[StartedEntry]], None],
     reader: HashReader,
     ids: dict[str, str] | None = None,
     listed: ListedIds | None = None,
 ) -> list[StartedEntry]:
     """The entries of the started registries of ``queues`` (``total`` members
-    together, as counted before), in turn.
+    together, as counted before), in turn. What cannot be read goes to
+    ``unreadable``: the problems, and the queues whose registry is unreadable.
 
     Helper threads read the next batches (``READS_AHEAD`` of them, from this
     registry or the next ones) while this one is decoded and ``on_decoded``
     sees it, so Redis runs the read script while Python works on the replies.
     """
+    problems = unreadable[0]
     entries: list[StartedEntry] = []
     pending: deque[tuple[str, list[tuple[bytes, float]], list[Any], Any]] = deque()
     with ThreadPoolExecutor(max_workers=READS_AHEAD, thread_name_prefix="opsctl-read") as ahead:
-        listing = _registry_batches(conn, keys, queues, total, problems, ahead, listed)
+        listing = _registry_batches(conn, keys, queues, total, unreadable, ahead, listed)
         for item in chain(listing, [None]):
             if item is not None:
                 queue, batch = item
@@ -404,7 +411,7 @@ def _registry_batches(
     keys: Keys,
     queues: list[str],
     total: int,
-    problems: list[str],
+    unreadable: tuple[list[str], set[str]],
     ahead: Executor,
     listed: ListedIds | None = None,
 ) -> Iterator[tuple[str, list[tuple[bytes, float]]]]:
@@ -436,7 +443,9 @@ def _registry_batches(
         except redis.exceptions.NoPermissionError:
             raise
         except redis.ResponseError as exc:
+            problems, unread = unreadable
             problems.append(f"queue {queue}: {keys.started(queue)} cannot be read: {exc}")
+            unread.add(queue)
             continue
         del listing
         for batch in batches(found, SCRIPT_BATCH * SCRIPT_CALLS):

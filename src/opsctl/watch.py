@@ -89,6 +89,8 @@ class Watch:
         self.metrics_file = metrics_file
         self._stop = threading.Event()
         self._seen_digest = policy.digest
+        #: Whether the policy file's current content was refused (see _reload).
+        self.policy_rejected = False
         self._last_success_s = (
             metrics.previous_success(metrics.recorded(metrics_file), "watch")
             if metrics_file
@@ -133,6 +135,7 @@ class Watch:
             if self._seen_digest != "unreadable":
                 log.error("policy unreadable, keeping the last good policy: %s", exc)
             self._seen_digest = "unreadable"
+            self.policy_rejected = True
             return
         if digest == self._seen_digest:
             return
@@ -142,7 +145,9 @@ class Watch:
         except OpsctlError as exc:
             problems = str(exc).replace("\n", " | ")
             log.error("policy=%s invalid, keeping the last good policy: %s", path, problems)
+            self.policy_rejected = True
             return
+        self.policy_rejected = False
         log.warning("policy=%s reloaded sha256=%s", path, self.policy.digest[:12])
 
     def _write_metrics(self, result: RoundResult, began: float) -> None:
@@ -157,6 +162,7 @@ class Watch:
             duration_s=time.monotonic() - began,
             exit_code=result.exit_code,
             last_success_s=self._last_success_s,
+            policy_rejected=self.policy_rejected,
         )
         seen = metrics.observe_run(result.run) if result.run is not None else None
         try:
