@@ -626,6 +626,38 @@ def test_a_blank_variable_is_refused_rather_than_read_as_not_given(
 
 
 @pytest.mark.parametrize(
+    ("env", "args", "message"),
+    [
+        ({"OPSCTL_MAX_AGE": "5x"}, (), "OPSCTL_MAX_AGE: '5x' is not a duration"),
+        ({"OPSCTL_MAX_AGE": "0"}, (), "OPSCTL_MAX_AGE: '0' is zero"),
+        ({"OPSCTL_MAX_AGE": "5x"}, ("--max-age", "7x"), "--max-age: '7x' is not a duration"),
+        ({}, ("--max-age", "7x"), "--max-age: '7x' is not a duration"),
+    ],
+)
+def test_a_bad_duration_is_named_where_it_was_given(
+    closed_url: str, env: dict[str, str], args: tuple[str, ...], message: str
+) -> None:
+    # A deploy script that sets OPSCTL_MAX_AGE passes no --max-age: an error naming
+    # the option would send its reader looking for one.
+    command = ("apply", "policies/minimal.yaml", *args, "--redis-url", closed_url)
+
+    result = opsctl(*command, env=env)
+
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "cannot reach Redis" not in result.output  # refused before connecting
+
+
+def test_a_bad_watch_interval_from_the_environment_names_its_variable(closed_url: str) -> None:
+    result = opsctl(
+        "watch", "policies/minimal.yaml", "--redis-url", closed_url, env={"OPSCTL_EVERY": "0s"}
+    )
+
+    assert result.exit_code == 2, result.output
+    assert "OPSCTL_EVERY: '0s' must be longer than 0s" in result.output
+
+
+@pytest.mark.parametrize(
     ("variable", "option"),
     [("OPSCTL_DRY_RUN", ("--dry-run",)), ("OPSCTL_MAX_ACTIONS", ("--max-actions", "5"))],
 )

@@ -91,6 +91,10 @@ T = TypeVar("T")
 ENV_PREFIX = "OPSCTL_"
 
 
+#: How the current command's options were given, by long name: the long name
+#: itself, or the OPSCTL_* variable that set it (see :func:`_given_as`).
+_GIVEN_AS: dict[str, str] = {}
+
 #: How a set but blank variable is refused, after "OPSCTL_X is set but ".
 _BLANK = "empty (is a variable unset?); give it a value, or unset it"
 
@@ -112,6 +116,8 @@ def _option(
         given = ctx.get_parameter_source(param.name) if param.name else None
         # Compared by name: some typer releases carry a click of their own.
         from_command_line = getattr(given, "name", "") == "COMMANDLINE"
+        from_env = getattr(given, "name", "") == "ENVIRONMENT"
+        _GIVEN_AS[long_name] = envvar if from_env else long_name
         if not from_command_line and not os.environ.get(envvar, "x").strip():
             raise typer.BadParameter(f"{envvar} is set but {if_blank}")
         if callback is None:
@@ -121,6 +127,12 @@ def _option(
         return callback(*(param, value)[2 - wanted :])
 
     return typer.Option(*names, envvar=envvar, callback=checked, **settings)
+
+
+def _given_as(long_name: str) -> str:
+    """The name to quote in an error about an option: its OPSCTL_* variable when
+    the value came from there (the command line names no such option then)."""
+    return _GIVEN_AS.get(long_name, long_name)
 
 
 def _flag(*names: str, **settings: Any) -> Any:
@@ -332,7 +344,7 @@ def _parse_duration_option(option: str, value: str) -> int:
         # isdigit() alone accepts other scripts' digits (full-width...); a policy does not.
         return parse_duration(int(value) if value.isascii() and value.isdigit() else value)
     except ValueError as exc:
-        raise UsageError(f"{option}: {exc}") from None
+        raise UsageError(f"{_given_as(option)}: {exc}") from None
 
 
 def _overrides(
@@ -361,7 +373,8 @@ def _parse_max_age(value: str | None) -> int | None:
         return None
     seconds = _parse_duration_option("--max-age", value)
     if seconds == 0:
-        raise UsageError(f"--max-age: {quoted(value)} {ZERO_MAX_AGE.format(force='--force')}")
+        zero = ZERO_MAX_AGE.format(force="--force")
+        raise UsageError(f"{_given_as('--max-age')}: {quoted(value)} {zero}")
     return seconds
 
 
@@ -1080,7 +1093,9 @@ def watch_command(
     )
     every_s = _guard(lambda: _parse_duration_option("--every", every))
     if not 0 < every_s <= MAX_WATCH_EVERY_S:
-        _fail(UsageError(f"--every: {every!r} must be longer than 0s and at most 7d"))
+        _fail(
+            UsageError(f"{_given_as('--every')}: {every!r} must be longer than 0s and at most 7d")
+        )
     _refuse_overwriting("--metrics-file", metrics_file, policy_file)
     url_given = _guard(connection.given_url) is not None
     policy = _guard(lambda: _load_for_apply(policy_file, url_given))
