@@ -373,6 +373,17 @@ def test_entry_of_a_queued_job_whose_taker_no_record_names_stays_while_its_lease
     assert decide(rq1, earlier_worker_dead).action == "remove-entry"
 
 
+@pytest.mark.parametrize("death", ["xyz", "2026-13-45T99:99:99Z"])
+def test_a_death_that_is_no_moment_leaves_liveness_to_the_connections(death: str) -> None:
+    # Neither RQ nor opsctl writes such a death: a worker that holds its connection
+    # is live, and its running job is left alone.
+    subscribed = worker(death=death, last_heartbeat=iso(5))
+    gone = worker(death=death, last_heartbeat=iso(5), subscribers=0, connected=False)
+
+    assert decide(entry(), subscribed).state is State.RUNNING
+    assert worker_liveness(gone) == Liveness(False, "worker holds no connection to Redis")
+
+
 def test_a_death_written_while_a_worker_was_cut_off_gives_way_to_its_return() -> None:
     # A run took the worker for dead while it was cut off from Redis and wrote its
     # death; it came back, holds its connection and has heartbeated since.
@@ -915,3 +926,22 @@ def test_split_member_separates_job_and_execution(
     # Bytes that are not UTF-8 come back unchanged, so keys built from the id match.
     whole = job_id + (f":{execution_id}" if execution_id else "")
     assert whole.encode("utf-8", "surrogateescape") == member
+
+
+def test_a_bare_id_entry_of_a_job_its_worker_runs_says_the_run_is_not_told() -> None:
+    # An RQ 1 entry beside the RQ 3 run of the same job, on the worker both name.
+    bare = entry(execution=None, member=JOB_ID)
+
+    verdict = decide(bare, worker(executing=(MEMBER,)))
+
+    assert (verdict.state, verdict.action) == (State.RUNNING, ACTION_NONE)
+    assert verdict.reason == (
+        f"{WORKER} is executing it, and its records do not say whether this entry is that run"
+    )
+
+
+def test_an_origin_that_is_not_utf8_is_shown_as_every_other_name_is() -> None:
+    # The byte 0xc3 that is no UTF-8 shows as \xc3, as the queue's own name does elsewhere.
+    verdict = decide(entry(job=job_hash(origin="\udcc3(")), worker())
+
+    assert "; its origin is queue '\\xc3(', not 'default'" in verdict.reason

@@ -515,6 +515,28 @@ def test_a_started_job_in_no_started_registry_is_lost_and_failed_after_lost_afte
     assert job.id in FailedJobRegistry(QUEUE, connection=redis_conn).get_job_ids(cleanup=False)
 
 
+@pytest.mark.parametrize("only", [[], ["--queue", "retired q"]])
+def test_a_lost_job_whose_queue_redis_no_longer_knows_is_found_by_its_origin(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path, only: list[str]
+) -> None:
+    # The queue was deleted while the job ran: neither RQ's queue set, a started
+    # registry nor a worker set names it, only the job's own origin.
+    job = started_job(redis_conn, queue="retired q")
+    redis_conn.zrem("rq:wip:retired q", started_member(redis_conn, job.id, "retired q"))
+    long_ago = iso(ago(HOUR_S))
+    redis_conn.hset(job.key, mapping={"started_at": long_ago, "last_heartbeat": long_ago})
+    redis_conn.srem("rq:queues", "rq:queue:retired q")
+
+    report = run(policy(tmp_path), redis_url, *only)
+
+    item = job_in(report, job.id)
+    assert (item["state"], item["action"], item["outcome"]) == ("lost", "fail", "done")
+    assert not [w for w in report["warnings"] if "no such queue" in w]
+    assert job_status(redis_conn, job.id) == "failed"
+    failed = FailedJobRegistry("retired q", connection=redis_conn)
+    assert job.id in failed.get_job_ids(cleanup=False)
+
+
 def test_a_queued_job_in_no_queue_or_registry_is_lost_and_requeued(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

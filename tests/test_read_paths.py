@@ -316,3 +316,11 @@ def test_a_workers_runs_without_a_record_are_left_out_on_either_path(scripts: bo
             workers = state.read_workers(conn, Keys(), ["w1"])
 
     assert workers["w1"].executions == frozenset({"now:e2"})
+
+
+def test_a_member_of_the_queue_set_that_is_no_queue_key_names_no_queue(
+    conn: fakeredis.FakeRedis,
+) -> None:
+    conn.sadd("rq:queues", "rq:queue:emails", "notaqueuekey", "rq:worker:w1")
+
+    assert state.known_queues(conn, Keys(), listed=[]) == ["emails"]

@@ -39,6 +39,7 @@ import redis
 from opsctl.audit import AUDIT_MAXLEN, AUDIT_STREAM
 from opsctl.keys import DEAD_WORKER_TTL_S, DEFAULT_FAILURE_TTL_S, RESCUE_TTL_S, Keys, rescue_key
 from opsctl.model import WorkerRecord, format_timestamp
+from opsctl.shown import quoted
 from opsctl.state import CONNECTION_LOST, unanswered
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,15 @@ CHECK_WRITES_LUA = """  for _, w in ipairs(writes) do
 #: fail: a ttl that is no whole number of seconds RQ writes (RQ cannot load
 #: such a job; "0.5" would expire the hash at once, "inf" would stop the script
 #: half-way) counts as none, as -1 does, and so does one too long to expire.
+#: ``whole_number`` reads a field as RQ reads a count: plain digits only (never
+#: inf, 1e3 or 0x10), at most ``digits`` of them; nil otherwise.
 KEEP_WHILE_QUEUED_LUA = """
+local function whole_number(text, digits)
+  if text and string.match(text, '^[0-9]+$') and #text <= digits then return tonumber(text) end
+  return nil
+end
 local function keep_while_queued(ttl_field, job_key, sets)
-  local ttl = nil
-  if string.match(ttl_field, '^[0-9]+$') and #ttl_field <= 15 then ttl = tonumber(ttl_field) end
+  local ttl = whole_number(ttl_field, 15)
   if ttl and ttl > 0 then
     redis.call('EXPIRE', job_key, ttl)
   else
@@ -401,12 +407,8 @@ local function release_slot(rl_concurrency)
   if redis.call('ZREM', allowed, job_id) == 0 then return end
   -- Read as RQ reads it: a plain whole number (never inf, 1e3 or 0x10, which
   -- would let every waiting job in); otherwise the job's own, else no slot.
-  local function count(text)
-    if text and string.match(text, '^%d+$') and #text < 10 then return tonumber(text) end
-    return nil
-  end
-  local concurrency = count(redis.call('HGET', limit, 'concurrency'))
-  concurrency = concurrency or count(rl_concurrency) or 0
+  local concurrency = whole_number(redis.call('HGET', limit, 'concurrency'), 9)
+  concurrency = concurrency or whole_number(rl_concurrency, 9) or 0
   -- Nothing here may fail (the change is made): a waiting id whose job is no
   -- waiting job leaves the line; one whose job or queue cannot be written (its
   -- queue is no list, or the user may not) stops it, where it is.
@@ -816,7 +818,7 @@ class Actor:
         if code >= 0:
             return StopSent(code)
         why = {
-            -1: f"its status is now {detail!r}" if detail else "the job is gone",
+            -1: f"its status is now {quoted(detail)}" if detail else "the job is gone",
             -2: "it started again since it was read (a retry, or a new run of its id)",
             -3: "its registry entry is gone",
             -4: f"{worker} is {detail}, not busy, so it runs no job: its records of this one "

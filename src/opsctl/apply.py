@@ -55,13 +55,13 @@ from opsctl.run import (
     WorkerOutcome,
     stops_that_may_stray,
 )
+from opsctl.shown import quoted
 from opsctl.state import (
     CONNECTION_LOST,
     forget_no_answer,
     gave_no_answer,
-    read_workers,
+    read_registered_workers,
     refuse_foreign_key,
-    registered_workers,
     server_time,
     text,
     unanswered,
@@ -784,8 +784,7 @@ def _hold_back_live_workers(conn: redis.Redis, keys: Keys, run: Run) -> None:
     names.discard("")
     # A worker that took one of the jobs again since the plan was made.
     queues = [q.name for q in run.queues]
-    names |= registered_workers(conn, keys, queues)
-    fresh = read_workers(conn, keys, names, queues=queues)
+    fresh, _ = read_registered_workers(conn, keys, queues, also=names)
     for w in run.workers:
         now_read = fresh.get(w.worker.name)
         live = worker_liveness(now_read)
@@ -902,7 +901,7 @@ _FOLLOW_UP_FIELDS = ("status", "last_heartbeat", "retries_left")
 
 def _now_is(status: str) -> str:
     """A job's status now, in words."""
-    return "the job is gone" if status == "missing" else f"its status is now {status!r}"
+    return "the job is gone" if status == "missing" else f"its status is now {quoted(status)}"
 
 
 def _failure_ttl(job: Mapping[str, str]) -> int:
@@ -917,7 +916,7 @@ def _holder(lock: Lock) -> str:
     """Who holds a queue's maintenance lock, in words: an opsctl run names itself in
     it; RQ writes only "1"."""
     holder = lock.holder()
-    return f"by {holder}" if holder.startswith("opsctl ") else f"by RQ, value {holder!r}"
+    return f"by {holder}" if holder.startswith("opsctl ") else f"by RQ, value {quoted(holder)}"
 
 
 def _set(outcome: JobOutcome, result: str, why: str, append: bool = False) -> None:

@@ -41,6 +41,7 @@ from typing import cast
 
 from opsctl.model import StartedEntry, WorkerRecord, parse_int, parse_timestamp
 from opsctl.policy import Rule
+from opsctl.shown import quoted
 
 
 class State(str, Enum):
@@ -123,8 +124,9 @@ def _liveness(worker: WorkerRecord) -> Liveness:
             # running the job.
             return Liveness(True, "worker hash expired, but the worker still holds its connection")
         return Liveness(False, "worker hash is gone")
-    if worker.fields.get("death") and not _heartbeat_since_death(worker):
-        death = worker.fields["death"]
+    death = worker.fields.get("death")
+    # A death that is no moment is none RQ (or opsctl) wrote: the connections decide.
+    if death and parse_timestamp(death) is not None and not _heartbeat_since_death(worker):
         if _death_noted_by_opsctl(worker):
             # Written by the run that removed its registrations, not by the worker.
             found = f"an opsctl run found it dead at {death} (no connection to Redis)"
@@ -306,7 +308,7 @@ def classify(
     origin = entry.job.get("origin", "") if entry.job is not None else ""
     if origin and origin != entry.queue:
         # Actions use the origin's registries and queue, as RQ does.
-        note = f"; its origin is queue {origin!r}, not {entry.queue!r}"
+        note = f"; its origin is queue {quoted(origin)}, not {quoted(entry.queue)}"
         verdict = replace(verdict, reason=verdict.reason + note)
     return verdict
 
@@ -409,7 +411,12 @@ def _held_elsewhere(
     # say which execution is its own. A stop would go to the worker the records
     # name, not to the holder, so none is sent.
     named = entry.worker_name or "no worker"
-    reason = f"{holder} is executing it, though its records name {named}"
+    if named == holder:
+        reason = (
+            f"{holder} is executing it, and its records do not say whether this entry is that run"
+        )
+    else:
+        reason = f"{holder} is executing it, though its records name {named}"
     return Verdict(State.RUNNING, ACTION_NONE, reason, signals)
 
 

@@ -32,8 +32,7 @@ from opsctl.shown import quoted
 from opsctl.state import (
     RQ_EXECUTION_ID,
     known_queues,
-    read_workers,
-    registered_workers,
+    read_registered_workers,
     server_time,
     split_member,
     text,
@@ -265,8 +264,7 @@ def _workers(
     names = {fields.get("worker_name", "")}
     names |= {e["fields"].get("worker_name", "") for e in executions}
     named = {n for n in names if n}
-    everyone = named | registered_workers(conn, keys, queues, problems)
-    found = read_workers(conn, keys, everyone, problems, queues)
+    found, _ = read_registered_workers(conn, keys, queues, problems, also=named)
     holder = engine.jobs_in_hand(found).get(job_id)
     return {n: w for n, w in found.items() if n in named or n == holder}
 

@@ -284,8 +284,7 @@ def _read_snapshot(
         if on_entries:
             on_entries(batch, workers, now)
 
-    registered = registered_workers(conn, keys, queues, problems)
-    workers = read_workers(conn, keys, registered, problems, queues)
+    workers, registrations = read_registered_workers(conn, keys, queues, problems)
     reader.held_by = {name for name, w in workers.items() if w.exists and not w.fields.get("death")}
     unread: set[str] = set()
     entries = _read_entries(
@@ -293,7 +292,7 @@ def _read_snapshot(
     )
     # Workers that entries name but no registration lists (most often dead ones).
     named = {name for e in entries if (name := e.worker_name)} - set(workers)
-    workers.update(read_workers(conn, keys, named, problems, queues))
+    workers.update(read_workers(conn, keys, named, problems, queues, registrations))
     return Snapshot(now, queues, entries, workers, problems, unread=unread)
 
 
@@ -928,13 +927,25 @@ def _decode(shared: tuple[int, ...], values: list[Any], as_text: bool = False) -
     return values
 
 
-def registered_workers(
-    conn: redis.Redis, keys: Keys, queues: list[str], problems: list[str] | None = None
-) -> set[str]:
-    """Names of the workers registered, globally or on one of ``queues``; a set of
-    another type is named in ``problems``."""
-    sets = [keys.workers, *(keys.queue_workers(queue) for queue in queues)]
-    return {name for _, names in _listed_workers(conn, keys, sets, problems) for name in names}
+#: Worker name → the registration sets (global and per queue) that list it.
+Registrations = dict[str, set[str]]
+
+
+def read_registered_workers(
+    conn: redis.Redis,
+    keys: Keys,
+    queues: list[str],
+    problems: list[str] | None = None,
+    also: Iterable[str] = (),
+) -> tuple[dict[str, WorkerRecord], Registrations]:
+    """The workers registered, globally or on one of ``queues``, and those named
+    in ``also``, read (see :func:`read_workers`); with the registrations read, for
+    the workers a run reads later. A set of another type is named in ``problems``."""
+    registrations = _registrations(conn, keys, queues, problems)
+    wanted = {keys.workers, *(keys.queue_workers(queue) for queue in queues)}
+    names = {n for n, listed_in in registrations.items() if not listed_in.isdisjoint(wanted)}
+    names.update(also)
+    return read_workers(conn, keys, names, problems, queues, registrations), registrations
 
 
 def read_workers(
@@ -943,19 +954,22 @@ def read_workers(
     names: Iterable[str],
     problems: list[str] | None = None,
     queues: Iterable[str] = (),
+    registrations: Registrations | None = None,
 ) -> dict[str, WorkerRecord]:
     """Worker hashes, registrations and connection signals for ``names``.
 
     Registrations are looked for in the global set and in the worker sets of
     the queues in RQ's queue set and of ``queues`` (a queue may be known only
-    by its worker set). A worker key that cannot be read as a hash (another
-    type) counts as a hash without fields, judged by its connection signals,
-    and is named in ``problems``.
+    by its worker set), unless ``registrations`` gives them as read earlier in
+    the run (see :func:`read_registered_workers`). A worker key that cannot be
+    read as a hash (another type) counts as a hash without fields, judged by its
+    connection signals, and is named in ``problems``.
     """
     names = sorted(set(names))
     if not names:
         return {}
-    registrations = _registrations(conn, keys, queues, problems)
+    if registrations is None:
+        registrations = _registrations(conn, keys, queues, problems)
     hashes: dict[str, tuple[Any, Any, Any, Any]] = {}
     for batch in batches(names, BATCH // 4):
         pipe = conn.pipeline(transaction=False)
@@ -1124,13 +1138,13 @@ def _server_started(conn: redis.Redis) -> float | None:
 
 def _registrations(
     conn: redis.Redis, keys: Keys, queues: Iterable[str], problems: list[str] | None = None
-) -> dict[str, set[str]]:
-    """Worker name → the registration sets (global and per queue) that list it; a set
-    of another type is named in ``problems``."""
+) -> Registrations:
+    """The registration sets of each worker: the global set and those of the queues
+    of RQ's queue set and of ``queues``; a set of another type is named in ``problems``."""
     sets = [keys.workers]
     known = sorted({*_queue_names_from_set(conn, keys, problems), *queues})
     sets += [keys.queue_workers(q) for q in known]
-    found: dict[str, set[str]] = {}
+    found: Registrations = {}
     for key, names in _listed_workers(conn, keys, sets, problems):
         for name in names:
             found.setdefault(name, set()).add(key)
@@ -1169,7 +1183,9 @@ def _queue_names_from_set(
         # Queues are found by their registries and worker sets all the same.
         note_problem(problems, f"queue set: {keys.queues} could not be read ({exc})")
         return []
-    return [text(m).removeprefix(prefix) for m in members]
+    # A member that is not a queue key is someone else's data: left alone.
+    shown = (text(m) for m in members)
+    return [name.removeprefix(prefix) for name in shown if name.startswith(prefix)]
 
 
 def note_problem(problems: list[str] | None, what: str) -> None:
