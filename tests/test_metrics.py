@@ -21,7 +21,7 @@ from rq import Queue
 from rq.job import JobStatus
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, StartedJobRegistry
 
-from conftest import invoke_opsctl, run_opsctl
+from conftest import free_port, invoke_opsctl, run_opsctl
 from test_cli_fake import LiveWorker, register_worker, started_job
 
 STATES = ("orphaned", "leftover", "abandoned", "overdue", "running")
@@ -246,6 +246,23 @@ def test_status_sharing_the_file_of_apply_keeps_apply_failures_visible(
     assert single(values, "opsctl_last_run_exit_code") == 5
     assert single(values, "opsctl_last_success_timestamp_seconds") == success
     assert single(gauges(target.read_text(), "status"), "opsctl_last_run_exit_code") == 0
+
+
+def test_a_command_that_read_nothing_keeps_the_problems_another_command_counted(
+    conn: redis.Redis, fake_redis_url: str, live: LiveWorker, tmp_path: Path
+) -> None:
+    seed(conn, fake_redis_url)
+    conn.set("rq:wip:spare", "not a registry")
+    apply, target = apply_with_metrics(fake_redis_url, tmp_path)
+    assert run_opsctl(*apply).returncode == 0
+    closed = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+
+    status = run_opsctl("status", "--redis-url", closed, "--metrics-file", str(target))
+
+    assert status.returncode == 3, status.stderr
+    # An alert on apply's problems must not resolve because status could not connect.
+    assert single(gauges(target.read_text(), "apply"), "opsctl_problems") == 1
+    assert single(gauges(target.read_text(), "status"), "opsctl_last_run_exit_code") == 3
 
 
 def test_apply_and_status_files_in_one_collector_directory_hold_no_series_twice(

@@ -59,6 +59,16 @@ log = logging.getLogger(__name__)
 LAST_SUCCESS = "opsctl_last_success_timestamp_seconds"
 #: The gauge that tells a watch whose policy file is refused.
 POLICY_REJECTED = "opsctl_policy_file_rejected"
+PROBLEMS = "opsctl_problems"
+#: Gauges a run may write no series of (problems, when it read nothing; the policy
+#: file's, but for watch), and their help: a file shared by several commands keeps
+#: the series of the others all the same (see :func:`write`).
+_OPTIONAL = {
+    PROBLEMS: "Records the run could not read, and searches its user may not run; listed "
+    "under problems in its report.",
+    POLICY_REJECTED: "1 when the policy file cannot be read or is invalid, so the round ran "
+    "under the last good policy; 0 when the file's policy is the one in force.",
+}
 
 
 #: Why a metrics path that names something other than a regular file is refused.
@@ -206,13 +216,9 @@ def build(seen: Observation | None, facts: RunFacts) -> CollectorRegistry:
             oldest.labels(command, _shown(queue)).set(age_s)
         for (queue, action, outcome), count in sorted(seen.actions.items()):
             actions.labels(command, _shown(queue), action, outcome).set(count)
-        Gauge(
-            "opsctl_problems",
-            "Records the run could not read, and searches its user may not run; listed under "
-            "problems in its report.",
-            ["command"],
-            registry=registry,
-        ).labels(command).set(seen.problems)
+        Gauge(PROBLEMS, _OPTIONAL[PROBLEMS], ["command"], registry=registry).labels(command).set(
+            seen.problems
+        )
     run_level = [
         ("opsctl_run_duration_seconds", "Seconds the run took.", facts.duration_s),
         (
@@ -229,12 +235,7 @@ def build(seen: Observation | None, facts: RunFacts) -> CollectorRegistry:
     ]
     if facts.policy_rejected is not None:
         run_level.append(
-            (
-                POLICY_REJECTED,
-                "1 when the policy file cannot be read or is invalid, so the round ran under "
-                "the last good policy; 0 when the file's policy is the one in force.",
-                float(facts.policy_rejected),
-            )
+            (POLICY_REJECTED, _OPTIONAL[POLICY_REJECTED], float(facts.policy_rejected))
         )
     for name, help_text, value in run_level:
         Gauge(name, help_text, ["command"], registry=registry).labels(command).set(value)
@@ -328,7 +329,13 @@ def write(path: str, seen: Observation | None, facts: RunFacts, samples: list[Sa
             others.setdefault(sample.name, []).append(sample)
     families = list(build(seen, facts).collect())
     for family in families:
-        family.samples += others.get(family.name, [])
+        family.samples += others.pop(family.name, [])
+    from prometheus_client.metrics_core import Metric
+
+    for name, kept in others.items():  # families of which this run writes no series
+        family = Metric(name, _OPTIONAL.get(name, "Written by opsctl."), "gauge")
+        family.samples = kept
+        families.append(family)
     merged = CollectorRegistry(auto_describe=False)
     merged.register(_Families(families))
     unfit = unfit_target(path)  # checked at start too; it may have changed since

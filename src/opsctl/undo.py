@@ -184,10 +184,17 @@ class UndoRun:
         }
 
 
-def jobs_of_run(conn: redis.Redis, run_id: str) -> tuple[list[Undo], str | None, int]:
-    """The jobs ``run_id`` failed or canceled, from the audit trail, in the order it
-    did, RQ's key prefix the run used (None for entries written before opsctl
-    recorded it), and how many jobs it deleted (which no undo can put back)."""
+@dataclass
+class RunChanges:
+    """What the audit trail says a run did that bears on undoing it."""
+
+    jobs: list[Undo]  # the jobs it failed or canceled, in the order it did
+    key_prefix: str | None  # RQ's key prefix it used (None: not recorded then)
+    deleted: int  # how many jobs it deleted, which no undo can put back
+
+
+def jobs_of_run(conn: redis.Redis, run_id: str) -> RunChanges:
+    """What ``run_id`` did, from the audit trail (see :class:`RunChanges`)."""
     entries = audit.history(conn, run_id=run_id, limit=None)
     if not entries:
         raise UnknownRun(
@@ -210,7 +217,7 @@ def jobs_of_run(conn: redis.Redis, run_id: str) -> tuple[list[Undo], str | None,
         job_id = entry.get("job", "")
         found.pop(job_id, None)
         found[job_id] = Undo(job_id, entry.get("queue", ""), action, entry.get("ended_at", ""))
-    return list(found.values()), prefix, len(deleted)
+    return RunChanges(list(found.values()), prefix, len(deleted))
 
 
 def requeue_run(
@@ -224,7 +231,8 @@ def requeue_run(
     """Requeue (or, dry, check) every job ``run_id`` failed or canceled, under
     ``key_prefix``, or else the prefix the run itself used. Once ``should_stop``
     says so, the jobs not reached yet are skipped (and the lock is not waited for)."""
-    jobs, used, deleted = jobs_of_run(conn, run_id)
+    changes = jobs_of_run(conn, run_id)
+    used = changes.key_prefix
     if key_prefix and used and key_prefix != used:
         # Under another prefix its jobs are not found, and would all be reported gone.
         raise UsageError(
@@ -232,7 +240,7 @@ def requeue_run(
             f"{used!r}; leave --key-prefix out to undo it there"
         )
     keys = Keys(key_prefix or used or DEFAULT_PREFIX)
-    undo = UndoRun(new_run_id(), run_id, dry_run, jobs, deleted=deleted)
+    undo = UndoRun(new_run_id(), run_id, dry_run, changes.jobs, deleted=changes.deleted)
     if dry_run:
         _requeue(conn, keys, undo, should_stop)
         return undo
