@@ -263,9 +263,10 @@ def _as_error(exc: Exception, url: str | None) -> OpsctlError:
     return OpsctlError(f"unexpected {exc.__class__.__name__}: {exc} (run with -vv for details)")
 
 
-def _load_for_apply(path: str, url_given: bool) -> Policy:
-    """Load a policy; an unset variable is an error unless --redis-url replaces its use."""
-    policy = load_policy(path, strict_env=False)
+def _load_for_apply(path: str, url_given: bool, raw: bytes | None = None) -> Policy:
+    """Load a policy (from ``raw``, its bytes, when read already); an unset variable is
+    an error unless --redis-url replaces its use."""
+    policy = load_policy(path, strict_env=False, raw=raw)
     fatal = [
         Problem(n.file, n.line, n.column, n.path, n.message.removesuffix(UNCHECKED_SUFFIX))
         for n in policy.notes
@@ -1136,7 +1137,7 @@ def watch_command(
 
     loop = watch.Watch(
         policy,
-        lambda path: _load_for_apply(path, url_given),
+        lambda path, raw: _load_for_apply(path, url_given, raw),
         one_round,
         every_s,
         metrics_file,

@@ -199,9 +199,16 @@ class Policy:
 
 
 def load_policy(
-    path: str | Path, *, environ: Mapping[str, str] | None = None, strict_env: bool = True
+    path: str | Path,
+    *,
+    environ: Mapping[str, str] | None = None,
+    strict_env: bool = True,
+    raw: bytes | None = None,
 ) -> Policy:
     """Load and validate a policy file; raise PolicyError listing every problem.
+
+    With ``raw``, those are the file's bytes (read earlier, as ``watch`` reads them
+    to tell a change), and the file is not read again.
 
     With `strict_env` (the default, for commands that act on Redis) a ``${VAR}`` whose
     variable is unset and has no default is an error. Without it, that is a note, and the
@@ -209,7 +216,7 @@ def load_policy(
     inherited settings apply, redis_url is None, an entry with an unknown name is left out).
     `environ` defaults to the process environment.
     """
-    policy, problems = _inspect(str(path), _environment(environ), strict_env)
+    policy, problems = _inspect(str(path), _environment(environ), strict_env, raw)
     if policy is None:
         raise PolicyError(problems)
     return policy
@@ -267,11 +274,13 @@ class _Refused(Exception):
 
 
 def _inspect(
-    file: str, environ: Mapping[str, str], strict_env: bool
+    file: str, environ: Mapping[str, str], strict_env: bool, raw: bytes | None = None
 ) -> tuple[Policy | None, list[Problem]]:
-    """The policy in `file` (None when it has an error) and every problem found in it."""
+    """The policy in `file` (None when it has an error) and every problem found in it;
+    `raw` holds its bytes when they were read already."""
     try:
-        raw = _read_bytes(file)
+        if raw is None:
+            raw = _read_bytes(file)
         document = _build_document(file, raw, environ, strict_env)
     except _Refused as refused:
         return None, [refused.problem]

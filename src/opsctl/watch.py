@@ -77,7 +77,7 @@ class Watch:
     def __init__(
         self,
         policy: Policy,
-        load: Callable[[str], Policy],
+        load: Callable[[str, bytes], Policy],
         round_fn: RoundFn,
         every_s: float,
         metrics_file: str | None = None,
@@ -130,18 +130,21 @@ class Watch:
         """Take up a changed policy file; keep the last good policy if it is invalid."""
         path = self.policy.path
         try:
-            digest = hashlib.sha256(read_policy_bytes(path)).hexdigest()
+            raw = read_policy_bytes(path)
         except PolicyError as exc:
             if self._seen_digest != "unreadable":
-                log.error("policy unreadable, keeping the last good policy: %s", exc)
+                log.error("policy=%s unreadable, keeping the last good policy: %s", path, exc)
             self._seen_digest = "unreadable"
             self.policy_rejected = True
             return
+        digest = hashlib.sha256(raw).hexdigest()
         if digest == self._seen_digest:
             return
         self._seen_digest = digest
         try:
-            self.policy = self._load(path)
+            # The bytes just read, not the file again: a write landing between two
+            # reads would leave the digest of one and the policy of the other.
+            self.policy = self._load(path, raw)
         except OpsctlError as exc:
             problems = str(exc).replace("\n", " | ")
             log.error("policy=%s invalid, keeping the last good policy: %s", path, problems)
