@@ -941,3 +941,19 @@ def test_plan_without_an_output_file_says_where_to_give_one(closed_url: str) -> 
 
     assert result.exit_code == 2, result.output
     assert "give --output FILE (or OPSCTL_OUTPUT): where to write the plan" in result.output
+
+
+def test_watch_refuses_at_start_a_metrics_file_in_a_directory_it_cannot_write(
+    closed_url: str, tmp_path: Path
+) -> None:
+    # A loop that could never write its metrics would run for ever with none.
+    target = tmp_path / "missing" / "opsctl.prom"
+
+    result = opsctl(
+        "watch", "policies/minimal.yaml", "--redis-url", closed_url, "--metrics-file", str(target)
+    )
+
+    assert result.exit_code == 2, result.output
+    assert "cannot write a file in" in result.output
+    assert "No such file or directory" in result.output
+    assert "cannot reach Redis" not in result.output  # refused before connecting

@@ -1098,6 +1098,14 @@ def watch_command(
             UsageError(f"{_given_as('--every')}: {every!r} must be longer than 0s and at most 7d")
         )
     _refuse_overwriting("--metrics-file", metrics_file, policy_file)
+    if metrics_file is not None and (unwritable := metrics.unwritable_directory(metrics_file)):
+        # A loop would run for ever without them, and an alert on their age see no data.
+        _fail(
+            UsageError(
+                f"{_given_as('--metrics-file')}: cannot write a file in {unwritable}; "
+                "create the directory, or give a writable one"
+            )
+        )
     url_given = _guard(connection.given_url) is not None
     policy = _guard(lambda: _load_for_apply(policy_file, url_given))
     first_url, _ = _guard(lambda: connection.resolve(policy))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
@@ -85,6 +86,19 @@ NOT_METRICS = (
     "it exists and does not hold opsctl's metrics in the Prometheus text format (a key, "
     f"a certificate, a policy?), and {NOT_METRICS_SHORT}"
 )
+
+
+def unwritable_directory(path: str) -> str | None:
+    """Why no file can be written beside ``path`` (its directory is missing, or
+    refuses a new file), or None. Tried by writing and removing an empty file,
+    as the metrics are written: a permission check alone misleads root, and says
+    nothing of a read-only file system."""
+    where = os.path.dirname(os.path.abspath(path))
+    try:
+        with tempfile.NamedTemporaryFile(dir=where, prefix=".opsctl-check-", suffix=".tmp"):
+            return None
+    except OSError as exc:
+        return f"{quoted(where)}: {exc.strerror or exc}"
 
 
 def unfit_target(path: str) -> str | None:
