@@ -574,6 +574,28 @@ def test_apply_user_undoes_a_run_with_opsctl_requeue(
     assert failed_ids(admin) == []
 
 
+def test_an_undo_its_user_may_not_make_exits_3_and_leaves_the_jobs_failed(
+    acl_server: AclServer, admin: redis.Redis, tmp_path: Path
+) -> None:
+    jobs = abandoned_jobs(admin, count=2)
+    applied = acl_server.opsctl(
+        APPLY_USER, "apply", str(write_policy(tmp_path)), "--format", "json"
+    )
+    assert applied.returncode == ExitCode.OK, shown(applied)
+    weak = add_user_without(acl_server, APPLY_USER, "+lpush", "+rpush")
+
+    result = acl_server.opsctl(
+        weak, "requeue", "--run", json_report(applied)["run_id"], "--format", "json"
+    )
+
+    assert result.returncode == ExitCode.REDIS_UNAVAILABLE, shown(result)
+    report = json.loads(result.stdout)
+    assert "may not run" in report["refused"], report
+    assert {j["outcome"] for j in report["jobs"]} == {"error"}
+    assert {job_status(admin, j.id) for j in jobs} == {"failed"}
+    assert sorted(failed_ids(admin)) == sorted(j.id for j in jobs)
+
+
 def test_status_user_writes_metrics_with_opsctl_status(
     acl_server: AclServer, admin: redis.Redis, tmp_path: Path
 ) -> None:

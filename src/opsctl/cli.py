@@ -1334,6 +1334,9 @@ def requeue_command(
         _fail(error or OpsctlError("requeue did not run"), url=url)
     if done.redis_lost:
         _fail(RedisUnavailable("lost the connection to Redis; see the report"), url=url)
+    if done.refused and not dry_run:
+        why = f"Redis refused a command ({done.refused}); see the report for what was done"
+        _fail(RedisUnavailable(why), url=url)
     if done.failed and not dry_run:  # a dry run changes nothing, so nothing can fail
         errors = done.summary()["errors"]
         _fail(OpsctlError(f"{errors} requeue(s) failed; see the report"), url=url)

@@ -151,6 +151,8 @@ class UndoRun:
     redis_lost: bool = False
     #: Jobs the run deleted: their hashes are gone, so they cannot be put back.
     deleted: int = 0
+    #: The first change the Redis user was refused (an ACL): the undo exits as refused.
+    refused: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -171,6 +173,7 @@ class UndoRun:
             "redis": redis_url,
             "summary": self.summary(),
             "deleted_not_undoable": self.deleted,
+            "refused": self.refused,
             "jobs": [
                 {
                     "id": j.job_id,
@@ -370,6 +373,8 @@ def _call(
 def _record(undo: UndoRun, job: Undo, reply: Any) -> None:
     if isinstance(reply, Exception):
         # A dry run sends the same checks, so it can tell what the real run would meet.
+        if isinstance(reply, redis.exceptions.NoPermissionError) and undo.refused is None:
+            undo.refused = str(reply)
         job.outcome = ERROR
         job.reason = f"{'would fail: ' if undo.dry_run else ''}Redis error: {reply}"
     elif int(reply[0]) != 1:
