@@ -265,6 +265,27 @@ def test_a_command_that_read_nothing_keeps_the_problems_another_command_counted(
     assert single(gauges(target.read_text(), "status"), "opsctl_last_run_exit_code") == 3
 
 
+@pytest.mark.parametrize(
+    ("policy_text", "extra"),
+    [(POLICY.replace("action: fail", "action: kill"), ()), (POLICY, ("--max-age", "0"))],
+    ids=["invalid-policy", "bad-option"],
+)
+def test_a_run_refused_as_a_mistake_shows_exit_code_2_and_keeps_the_last_success(
+    conn: redis.Redis, fake_redis_url: str, tmp_path: Path, policy_text: str, extra: tuple[str, ...]
+) -> None:
+    args, target = apply_with_metrics(fake_redis_url, tmp_path)
+    assert run_opsctl(*args).returncode == 0
+    success = single(gauges(target.read_text(), "apply"), "opsctl_last_success_timestamp_seconds")
+    written_policy(tmp_path, policy_text)  # the deploy ships a broken policy or command
+
+    result = run_opsctl(*args, *extra)
+
+    assert result.returncode == 2, result.stderr
+    values = gauges(target.read_text(), "apply")
+    assert single(values, "opsctl_last_run_exit_code") == 2
+    assert single(values, "opsctl_last_success_timestamp_seconds") == success
+
+
 def test_apply_and_status_files_in_one_collector_directory_hold_no_series_twice(
     conn: redis.Redis, fake_redis_url: str, live: LiveWorker, tmp_path: Path
 ) -> None:

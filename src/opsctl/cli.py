@@ -192,10 +192,24 @@ def _say(message: str, level: int = logging.INFO) -> None:
         terminal.say_on_stderr(f"opsctl: {message}")
 
 
+#: The command, metrics file and start of a run whose mistakes (exit 2) are to be
+#: written to its metrics: the exit-code gauge must not go on showing the last run's.
+_metrics_if_invalid: ContextVar[tuple[str, str, float] | None] = ContextVar(
+    "opsctl_metrics_if_invalid", default=None
+)
+
+
 def _fail(error: OpsctlError, best_effort: bool = False, url: str | None = None) -> NoReturn:
     message = redact(str(error), url)
     _say(f"error: {message}", logging.ERROR)
     code = error.exit_code
+    target = _metrics_if_invalid.get()
+    if target is not None and code == ExitCode.INVALID:
+        _metrics_if_invalid.set(None)
+        command, path, began = target
+        _, write_error = _attempt(lambda: _write_metrics(path, command, None, code, began), url)
+        if write_error is not None:
+            _say(f"error: {redact(str(write_error), url)}", logging.ERROR)
     if best_effort and code in BEST_EFFORT_CODES:
         _say("--best-effort: exiting 0 despite the error above", logging.WARNING)
         raise typer.Exit(ExitCode.OK)
@@ -707,6 +721,7 @@ def apply(
     if policy_file is None and plan_file is None:
         _fail(UsageError("give a POLICY file, or --plan with a plan file"))
     _refuse_overwriting("--metrics-file", metrics_file, policy_file, plan_file)
+    _note_mistakes_in_metrics("apply", metrics_file)
     policy = None
     if policy_file is not None:
         url_given = _guard(connection.given_url) is not None
@@ -824,6 +839,13 @@ def _refuse_with_plan(**given: object) -> None:
         )
 
 
+def _note_mistakes_in_metrics(command: str, metrics_file: str | None) -> None:
+    """From here on, a mistake in the policy or an option (exit 2) is written to
+    ``metrics_file``, when given, as ``command``'s exit code."""
+    target = (command, metrics_file, time.monotonic()) if metrics_file is not None else None
+    _metrics_if_invalid.set(target)
+
+
 def _finish(
     error: OpsctlError | None,
     best_effort: bool,
@@ -841,6 +863,7 @@ def _finish(
     run itself succeeded.
     """
     command, metrics_file = metrics_to
+    _metrics_if_invalid.set(None)  # written here, whatever the error
     if metrics_file is not None:
         if run is not None:
             seen = metrics.observe_run(run)
@@ -1106,6 +1129,7 @@ def watch_command(
                 "create the directory, or give a writable one"
             )
         )
+    _note_mistakes_in_metrics("watch", metrics_file)
     url_given = _guard(connection.given_url) is not None
     policy = _guard(lambda: _load_for_apply(policy_file, url_given))
     first_url, _ = _guard(lambda: connection.resolve(policy))
@@ -1143,6 +1167,7 @@ def watch_command(
         log.error("round failed, exit_code=%d: %s", error.exit_code, redact(str(error), url))
         return watch.RoundResult(run, error.exit_code)
 
+    _metrics_if_invalid.set(None)  # the rounds write their own
     loop = watch.Watch(
         policy,
         lambda path, raw: _load_for_apply(path, url_given, raw),
