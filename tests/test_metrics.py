@@ -332,6 +332,23 @@ def test_metrics_file_that_cannot_be_written_exits_6_after_the_full_report(
     waited, failed = result.stderr.strip().splitlines()
     assert "workers_without_connection count=1" in waited, result.stderr
     assert "cannot write the metrics file" in failed, result.stderr
+    assert "the report above is complete" in failed, result.stderr
+
+
+def test_a_run_that_printed_no_report_does_not_say_its_report_is_complete(
+    tmp_path: Path,
+) -> None:
+    closed = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    target = tmp_path / "missing" / "opsctl.prom"
+
+    result = run_opsctl(
+        "apply", str(written_policy(tmp_path)), "--redis-url", closed, "--best-effort",
+        "--metrics-file", str(target),
+    )  # fmt: skip
+
+    assert result.returncode == 6, result.stderr  # --best-effort never hides 6
+    assert "cannot write the metrics file" in result.stderr
+    assert "report above" not in result.stderr
 
 
 def test_action_failure_keeps_its_own_exit_code_when_metrics_are_written(

@@ -871,10 +871,18 @@ def _finish(
         _, write_error = _attempt(
             lambda: _write_metrics(metrics_file, command, seen, code, began), url
         )
+        reported = run is not None or seen is not None  # status reports without a run
+        if isinstance(write_error, metrics.MetricsWriteError) and reported:
+            write_error = metrics.MetricsWriteError(f"{write_error}; the report above is complete")
         if write_error is not None and error is None:
             error = write_error
-        elif write_error is not None:
-            _say(f"error: {redact(str(write_error), url)}", logging.ERROR)
+        elif write_error is not None and error is not None:
+            if best_effort and error.exit_code in BEST_EFFORT_CODES:
+                # --best-effort hides the run's failure, never a setup mistake.
+                _say(f"error: {redact(str(error), url)}", logging.ERROR)
+                error = write_error
+            else:
+                _say(f"error: {redact(str(write_error), url)}", logging.ERROR)
     if error is not None:
         _fail(error, best_effort, url)
 

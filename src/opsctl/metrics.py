@@ -361,7 +361,7 @@ def write(path: str, seen: Observation | None, facts: RunFacts, samples: list[Sa
         where = os.path.dirname(os.path.abspath(path))
         raise MetricsWriteError(
             f"cannot write the metrics file {quoted(path)}: {exc.strerror or exc} "
-            f"(check that {quoted(where)} exists and is writable; the report above is complete)"
+            f"(check that {quoted(where)} exists and is writable)"
         ) from None
 
 
