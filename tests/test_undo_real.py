@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import redis
-from rq import Queue
+from rq import Queue, Retry
 from rq.executions import Execution
 from rq.job import Job
 from rq.registry import CanceledJobRegistry, FailedJobRegistry
@@ -191,6 +191,24 @@ def test_an_undo_of_a_run_that_deleted_jobs_says_they_cannot_be_put_back(
     assert (undo["jobs"], undo["deleted_not_undoable"]) == ([], 1)
     assert "1 job(s) the run deleted cannot be put back" in text.stdout
     assert job_status(redis_conn, job.id) is None
+
+
+def test_an_undo_of_a_run_whose_fail_retried_the_job_says_it_is_queued_already(
+    redis_url: str, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    job = Queue(FAIL_QUEUE, connection=redis_conn).enqueue("jobs.quick", retry=Retry(max=1))
+    started_again(redis_conn, job)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    run = opsctl_json("apply", str(policy), "--redis-url", redis_url)
+    assert job_status(redis_conn, job.id) == "queued"  # retried, not failed for good
+
+    undo = opsctl_json("requeue", "--run", run["run_id"], "--redis-url", redis_url)
+    text = run_opsctl("requeue", "--run", run["run_id"], "--redis-url", redis_url)
+
+    assert (undo["jobs"], undo["retried_already"]) == ([], 1)
+    assert "1 job(s) the run failed were retried: they are on a queue already" in text.stdout
+    assert Queue(FAIL_QUEUE, connection=redis_conn).get_job_ids() == [job.id]
 
 
 def test_requeue_under_another_key_prefix_than_the_runs_is_refused(

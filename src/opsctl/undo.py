@@ -151,6 +151,8 @@ class UndoRun:
     redis_lost: bool = False
     #: Jobs the run deleted: their hashes are gone, so they cannot be put back.
     deleted: int = 0
+    #: Jobs a fail of the run retried: back on a queue already, nothing to undo.
+    retried: int = 0
     #: The first change the Redis user was refused (an ACL): the undo exits as refused.
     refused: str | None = None
 
@@ -173,6 +175,7 @@ class UndoRun:
             "redis": redis_url,
             "summary": self.summary(),
             "deleted_not_undoable": self.deleted,
+            "retried_already": self.retried,
             "refused": self.refused,
             "jobs": [
                 {
@@ -194,6 +197,7 @@ class RunChanges:
     jobs: list[Undo]  # the jobs it failed or canceled, in the order it did
     key_prefix: str | None  # RQ's key prefix it used (None: not recorded then)
     deleted: int  # how many jobs it deleted, which no undo can put back
+    retried: int = 0  # how many jobs a fail of its retried: on a queue already
 
 
 def jobs_of_run(conn: redis.Redis, run_id: str) -> RunChanges:
@@ -201,13 +205,13 @@ def jobs_of_run(conn: redis.Redis, run_id: str) -> RunChanges:
     entries = audit.history(conn, run_id=run_id, limit=None)
     if not entries:
         raise UnknownRun(
-            f"--run: no audit entries for run {run_id!r}: a run that changed nothing writes "
-            "none, or the id is mistyped (see `opsctl history` for run ids; "
+            f"--run: no audit entries for run {run_id!r}: a dry run, or a run that changed "
+            "nothing, writes none, or the id is mistyped (see `opsctl history` for run ids; "
             f"the trail keeps about {AUDIT_MAXLEN:,} entries)"
         )
     prefix = entries[-1].get("key_prefix") or None
     found: dict[str, Undo] = {}
-    deleted = set()
+    deleted, retried = set(), set()
     for entry in entries:
         action = entry.get("action", "")
         if action == "delete" and entry.get("outcome") == DONE:
@@ -216,11 +220,12 @@ def jobs_of_run(conn: redis.Redis, run_id: str) -> RunChanges:
         if action not in UNDOABLE or entry.get("outcome") != DONE:
             continue
         if entry.get("detail") != UNDOABLE[action][0]:
+            retried.add(entry.get("job", ""))
             continue
         job_id = entry.get("job", "")
         found.pop(job_id, None)
         found[job_id] = Undo(job_id, entry.get("queue", ""), action, entry.get("ended_at", ""))
-    return RunChanges(list(found.values()), prefix, len(deleted))
+    return RunChanges(list(found.values()), prefix, len(deleted), len(retried - set(found)))
 
 
 def requeue_run(
@@ -243,7 +248,14 @@ def requeue_run(
             f"{used!r}; leave --key-prefix out to undo it there"
         )
     keys = Keys(key_prefix or used or DEFAULT_PREFIX)
-    undo = UndoRun(new_run_id(), run_id, dry_run, changes.jobs, deleted=changes.deleted)
+    undo = UndoRun(
+        new_run_id(),
+        run_id,
+        dry_run,
+        changes.jobs,
+        deleted=changes.deleted,
+        retried=changes.retried,
+    )
     if dry_run:
         _requeue(conn, keys, undo, should_stop)
         return undo
@@ -406,7 +418,11 @@ def print_text(undo: UndoRun, console: Console) -> None:
             table.add_row(*(Text(safe(c)) for c in cells))
         console.print(table)
     else:
-        console.print("the run failed or canceled no job")
+        console.print("the run failed (for good) or canceled no job")
+    if undo.retried:
+        console.print(
+            f"{undo.retried} job(s) the run failed were retried: they are on a queue already"
+        )
     if undo.deleted:
         console.print(
             f"{undo.deleted} job(s) the run deleted cannot be put back: their hashes are gone"
