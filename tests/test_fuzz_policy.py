@@ -958,6 +958,20 @@ def test_number_too_long_to_print_is_refused_not_crashed(tmp_path: Path, text: s
     assert "unexpected" not in validated.stderr + applied.stderr
 
 
+@pytest.mark.parametrize("digits", ["9" * 5000, "-" + "9" * 5000])
+def test_a_number_of_thousands_of_digits_is_too_large_and_names_no_tag(
+    tmp_path: Path, digits: str
+) -> None:
+    # The file writes no !!int: the error must not tell the reader to drop one.
+    path = policy_with(tmp_path, f"max_age: {digits}")
+
+    outcome = validate(path)
+
+    assert outcome.exit_code == ExitCode.INVALID, outcome
+    assert "max_age: the number is too large for any setting" in outcome.stdout
+    assert "!!int" not in outcome.stdout
+
+
 @pytest.mark.parametrize("at", ["defaults", "queues"])
 def test_nan_max_percent_is_refused(tmp_path: Path, at: str) -> None:
     path = policy_with(tmp_path, "limits: {max_percent: .nan}", at=at)

@@ -412,6 +412,8 @@ def _text_position(text: str, index: int) -> tuple[int, int]:
 
 _TAG = "tag:yaml.org,2002:"
 _STR_TAG = _TAG + "str"
+#: A whole number as YAML writes one in decimal (a sign, digits, underscores).
+_DIGITS = re.compile(r"[-+]?[0-9][0-9_]*")
 _MAP_TAG = _TAG + "map"
 _SEQ_TAG = _TAG + "seq"
 _MERGE_TAG = _TAG + "merge"
@@ -686,6 +688,11 @@ class _Builder:
             self.document.settled.add(path)
             return str(node.value)
         except _CONSTRUCTION_ERRORS:
+            if node.tag == _TAG + "int" and _DIGITS.fullmatch(str(node.value)):
+                # Too many digits for Python to read: far more than any setting holds.
+                self.document.report(path, "the number is too large for any setting")
+                self.document.settled.add(path)
+                return "<number>"
             what = self.document.describe(path, str(node.value))
             tag = _short_tag(node.tag)
             self.document.report(path, f"{what} is not a valid {tag} value; fix it or drop {tag}")
