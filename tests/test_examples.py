@@ -38,6 +38,8 @@ METRICS = {
     "opsctl_last_run_timestamp_seconds",
     "opsctl_last_run_exit_code",
     "opsctl_last_success_timestamp_seconds",
+    "opsctl_problems",
+    "opsctl_policy_file_rejected",
 }
 
 POLICY_FILES = sorted([*EXAMPLES.rglob("*.yaml"), *(ROOT / "policies").glob("*.yaml")])
