@@ -537,6 +537,24 @@ def test_a_lost_job_whose_queue_redis_no_longer_knows_is_found_by_its_origin(
     assert job.id in failed.get_job_ids(cleanup=False)
 
 
+def test_the_queued_jobs_of_a_deleted_queue_do_not_bring_it_back(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # RQ deletes a queue but keeps its jobs when asked: they stay queued, in no queue.
+    queue = Queue("retired", connection=redis_conn)
+    jobs = [queue.enqueue("jobs.quick") for _ in range(2)]
+    queue.delete(delete_jobs=False)
+    path = policy(tmp_path, "requeue", extra="  lost_after: 1s\n")
+
+    first = run(path, redis_url)
+    time.sleep(1.5)
+    later = run(path, redis_url)
+
+    assert first["jobs"] == later["jobs"] == []
+    assert Queue.all(connection=redis_conn) == []
+    assert {job_status(redis_conn, j.id) for j in jobs} == {"queued"}
+
+
 def test_a_queued_job_in_no_queue_or_registry_is_lost_and_requeued(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

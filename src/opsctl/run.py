@@ -370,9 +370,11 @@ def _read_state(
             twin.connection_pool.disconnect()
     del listed
     named = known_queues(conn, keys, found.listed, snapshot.problems)
-    # A job may be all that is left of its queue (a queue deleted while one of its
-    # jobs ran): its origin names the queue, which then needs a rule like any other.
-    named = sorted({*named, *(origin for origin in (*found.started, *found.queued) if origin)})
+    # A started job may be all that is left of its queue (a queue deleted while the
+    # job ran): its origin names the queue, which then needs a rule like any other.
+    # Queued jobs do not: deleting a queue but not its jobs leaves them so, and such
+    # a queue stays deleted.
+    named = sorted({*named, *(origin for origin in found.started if origin)})
     queues, unmatched = _choose_queues(sorted({*named, *covered}), policy, overrides)
     later = [q.name for q in queues if q.name not in covered]
     if later:
