@@ -189,6 +189,30 @@ def test_a_registry_that_cannot_be_read_is_a_problem_with_no_counts_and_no_exit_
     assert conn.get("rq:wip:spare") == b"not a registry"
 
 
+def test_a_plan_carries_the_registries_it_could_not_read_to_the_run_that_applies_it(
+    conn: redis.Redis, fake_redis_url: str, live: LiveWorker, tmp_path: Path
+) -> None:
+    seeded = seed(conn, fake_redis_url)
+    conn.set("rq:wip:spare", "not a registry")
+    plan, target = tmp_path / "plan.json", tmp_path / "opsctl.prom"
+    made = run_opsctl(
+        "plan", str(written_policy(tmp_path)), "--redis-url", fake_redis_url, "-o", str(plan)
+    )
+    assert made.returncode == 0, made.stderr
+
+    result = run_opsctl(
+        "apply", "--plan", str(plan), "--redis-url", fake_redis_url, "--format", "json",
+        "--metrics-file", str(target),
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert [p for p in json.loads(result.stdout)["problems"] if "rq:wip:spare" in p]
+    values = gauges(target.read_text(), "apply")
+    assert single(values, "opsctl_problems") == 1
+    assert not [key for key in values if ("queue", "spare") in key[1]]
+    assert seeded["abandoned"][0].get_status(refresh=True) == JobStatus.FAILED
+
+
 def written_policy(tmp_path: Path, text: str = POLICY) -> Path:
     """A policy (POLICY unless told), in a file."""
     policy = tmp_path / "policy.yaml"

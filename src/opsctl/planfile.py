@@ -82,6 +82,10 @@ def write(
         "key_prefix": key_prefix,
         "policy": {"path": policy[0], "sha256": policy[1]},
         "limits_tripped": run.limits_tripped,
+        # What the plan's read could not read: a run applying it reports them, and
+        # writes no job counts for those queues, as the run that read them would.
+        "problems": run.problems,
+        "unread_queues": sorted(run.unread),
         "queues": [
             {"name": q.name, "rule": _rule(q.rule), "inspected": q.inspected} for q in run.queues
         ],
@@ -240,6 +244,11 @@ def _checked_run(
     run.jobs = [_unjob(j) for j in document["jobs"]]
     run.workers = [_unworker(w) for w in document["workers"]]
     run.limits_tripped = list(document["limits_tripped"])
+    for name in ("problems", "unread_queues"):  # plans written before these lack them
+        document.setdefault(name, [])
+        _expect(document, name, list[str], "the plan")
+    run.problems = list(document["problems"])
+    run.unread = set(document["unread_queues"])
     return run
 
 
