@@ -957,3 +957,19 @@ def test_watch_refuses_at_start_a_metrics_file_in_a_directory_it_cannot_write(
     assert "cannot write a file in" in result.output
     assert "No such file or directory" in result.output
     assert "cannot reach Redis" not in result.output  # refused before connecting
+
+
+def test_watch_that_cannot_start_on_its_policy_says_so_in_its_metrics(
+    closed_url: str, tmp_path: Path
+) -> None:
+    # A sidecar restarted on a broken policy: an alert on the refused file keeps firing.
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nqueues: [\n")
+    target = tmp_path / "opsctl.prom"
+
+    result = opsctl("watch", str(policy), "--redis-url", closed_url, "--metrics-file", str(target))
+
+    assert result.exit_code == 2, result.output
+    written = target.read_text()
+    assert 'opsctl_last_run_exit_code{command="watch"} 2.0' in written
+    assert 'opsctl_policy_file_rejected{command="watch"} 1.0' in written

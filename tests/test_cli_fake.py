@@ -2024,6 +2024,32 @@ def test_a_reader_that_goes_away_cuts_the_report_short_but_not_the_exit_code(
         assert {status_of(conn, job.id) for job in jobs} == {"failed"}
 
 
+def test_a_report_cut_short_is_not_called_complete_when_the_metrics_fail_too(
+    conn: redis.Redis, url: str, tmp_path: Path
+) -> None:
+    started_job(conn, "w-dead")
+    policy = write_policy(tmp_path, FAIL_ALL)
+    env = opsctl_env()
+    env.pop("PYTHONUNBUFFERED", None)  # buffered, as in a real pipe
+    argv = ["apply", str(policy), "--redis-url", url, "--dry-run", "--format", "json"]
+    argv += ["--metrics-file", str(tmp_path / "missing" / "opsctl.prom")]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "opsctl", *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # the reader goes before the report is written
+    stderr = child.stderr.read().decode()
+
+    assert child.wait(timeout=120) == 6, stderr
+    assert "the output was cut short" in stderr
+    assert "cannot write the metrics file" in stderr
+    assert "report above is complete" not in stderr
+
+
 def made_plan(url: str, tmp_path: Path, text: str = FAIL_ALL) -> tuple[Path, Path]:
     """A policy and the plan `opsctl plan` made from it."""
     policy, plan = write_policy(tmp_path, text), tmp_path / "plan.json"

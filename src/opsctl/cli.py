@@ -207,7 +207,11 @@ def _fail(error: OpsctlError, best_effort: bool = False, url: str | None = None)
     if target is not None and code == ExitCode.INVALID:
         _metrics_if_invalid.set(None)
         command, path, began = target
-        _, write_error = _attempt(lambda: _write_metrics(path, command, None, code, began), url)
+        # A watch that cannot start on its policy file refuses that file, as its rounds say.
+        rejected = isinstance(error, PolicyError) if command == "watch" else None
+        _, write_error = _attempt(
+            lambda: _write_metrics(path, command, None, code, began, rejected), url
+        )
         if write_error is not None:
             _say(f"error: {redact(str(write_error), url)}", logging.ERROR)
     if best_effort and code in BEST_EFFORT_CODES:
@@ -871,7 +875,8 @@ def _finish(
         _, write_error = _attempt(
             lambda: _write_metrics(metrics_file, command, seen, code, began), url
         )
-        reported = run is not None or seen is not None  # status reports without a run
+        # A report was printed whole (status reports without a run).
+        reported = (run is not None or seen is not None) and not _output_cut_short.get()
         if isinstance(write_error, metrics.MetricsWriteError) and reported:
             write_error = metrics.MetricsWriteError(f"{write_error}; the report above is complete")
         if write_error is not None and error is None:
@@ -888,7 +893,12 @@ def _finish(
 
 
 def _write_metrics(
-    path: str, command: str, seen: metrics.Observation | None, code: int, began: float
+    path: str,
+    command: str,
+    seen: metrics.Observation | None,
+    code: int,
+    began: float,
+    policy_rejected: bool | None = None,
 ) -> None:
     now_s = time.time()
     samples = metrics.recorded(path)
@@ -898,6 +908,7 @@ def _write_metrics(
         duration_s=time.monotonic() - began,
         exit_code=code,
         last_success_s=metrics.last_success(samples, command, code, now_s),
+        policy_rejected=policy_rejected,
     )
     metrics.write(path, seen, facts, samples)
 
@@ -1034,10 +1045,15 @@ def _print_run(run: Run, output: Format, url: str, where: tuple[str, str]) -> No
             report.print_text(run, _console(), shown)
 
 
+#: Whether the last report's reader went away before its end (see _reader_may_leave).
+_output_cut_short: ContextVar[bool] = ContextVar("opsctl_output_cut_short", default=False)
+
+
 @contextmanager
 def _reader_may_leave() -> Iterator[None]:
     """Let the reader of the output go early (``| head``): the output is cut short,
     and the command's exit code stays that of what it did."""
+    _output_cut_short.set(False)
     try:
         yield
         # Now, while a reader that has gone can still be told apart: what is
@@ -1046,6 +1062,7 @@ def _reader_may_leave() -> Iterator[None]:
     except BrokenPipeError:
         # What is still buffered, and later writes, go nowhere instead of failing again.
         terminal.discard(sys.stdout)
+        _output_cut_short.set(True)
         _say("the output's reader went away; the output was cut short", logging.WARNING)
 
 
