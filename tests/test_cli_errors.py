@@ -560,6 +560,10 @@ def test_max_age_in_words_exits_2_with_the_accepted_forms(closed_url: str) -> No
         (("status", "--timeout", "0"), "0.0 is not a number of seconds above 0"),
         (("status", "--timeout", "1e10"), "1e+10 seconds is longer than the most allowed, 86400"),
         (("apply", "policies/minimal.yaml", "--stop-timeout", "1e10"), "the most allowed, 86400"),
+        (
+            ("apply", "policies/minimal.yaml", "--stop-timeout", "0"),
+            "0.0 is not a number of seconds above 0",
+        ),
         (("apply", "policies/minimal.yaml", "--lock-timeout", "1e300"), "the most allowed"),
     ],
 )

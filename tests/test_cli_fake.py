@@ -895,7 +895,7 @@ def test_stops_on_several_queues_are_waited_for_once_after_the_other_changes(
     lines = jobs_by_id(report)
     assert [lines[j.id]["outcome"] for j in overdue] == ["error", "error"]
     assert all(
-        "did not stop it within 3s (a SimpleWorker cannot" in lines[j.id]["reason"] for j in overdue
+        "did not stop it within 3s: a worker frozen" in lines[j.id]["reason"] for j in overdue
     )
     assert lines[abandoned.id]["outcome"] == "done"
     assert status_of(conn, abandoned.id) == "failed"

@@ -299,7 +299,7 @@ class Command:
 
 
 POLICY, PLAN = "{policy}", "plan.json"
-QUIET = ("--stop-timeout", "0")
+QUIET = ("--stop-timeout", "0.1")
 
 COMMANDS = {
     "apply-text": Command(("apply", POLICY, "--queue", CLEAN_QUEUE), 0, "2 acted"),
@@ -311,7 +311,7 @@ COMMANDS = {
         ("apply", POLICY, "--dry-run", "--format", "json"), 0, '"dry_run": true'
     ),
     "apply-verbose": Command(("apply", POLICY, "--queue", CLEAN_QUEUE, "-v"), 0, "outcome=done"),
-    "apply-debug": Command(("apply", POLICY, "-vv", *QUIET), 1, "did not stop it within 0s"),
+    "apply-debug": Command(("apply", POLICY, "-vv", *QUIET), 1, "did not stop it within 0.1s"),
     "apply-quiet": Command(("apply", POLICY, "-q", *QUIET), 1, "action(s) failed"),
     "apply-failing-action-json": Command(
         ("apply", POLICY, "--queue", BROKEN_QUEUE, "--format", "json"), 1, '"outcome":"error"'

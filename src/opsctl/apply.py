@@ -585,9 +585,11 @@ class Executor:
             if status == "started":
                 outcome.stop_confirmed = False
                 why = (
-                    f"{worker} did not stop it within {self.stop_timeout_s:g}s (a SimpleWorker "
-                    "cannot, nor can a worker whose process was killed alone: its work horse "
-                    "runs on and reads no stop)"
+                    f"{worker} did not stop it within {self.stop_timeout_s:g}s: a worker "
+                    "frozen or starved of CPU reads the stop late (RQ then files the job as "
+                    "stopped in FailedJobRegistry, kept for its failure_ttl, and no later "
+                    "run takes the policy's action on it), and one whose process was killed "
+                    "alone never does (its work horse runs on)"
                 )
                 _set(outcome, ERROR, why, append=True)
                 continue

@@ -693,7 +693,9 @@ def apply(
     stop_timeout: Annotated[
         float,
         _option(
-            "--stop-timeout", help="Seconds to wait for workers to stop jobs.", callback=_seconds
+            "--stop-timeout",
+            help="Seconds to wait for workers to stop jobs (above 0).",
+            callback=_positive_seconds,
         ),
     ] = 15.0,
     reconnect_grace: ReconnectGraceOpt = Overrides.reconnect_grace_s,
@@ -1111,7 +1113,9 @@ def watch_command(
     stop_timeout: Annotated[
         float,
         _option(
-            "--stop-timeout", help="Seconds to wait for workers to stop jobs.", callback=_seconds
+            "--stop-timeout",
+            help="Seconds to wait for workers to stop jobs (above 0).",
+            callback=_positive_seconds,
         ),
     ] = 15.0,
     reconnect_grace: ReconnectGraceOpt = Overrides.reconnect_grace_s,
