@@ -977,3 +977,25 @@ def test_watch_that_cannot_start_on_its_policy_says_so_in_its_metrics(
     written = target.read_text()
     assert 'opsctl_last_run_exit_code{command="watch"} 2.0' in written
     assert 'opsctl_policy_file_rejected{command="watch"} 1.0' in written
+
+
+def test_options_refused_with_a_plan_are_named_as_they_were_given(
+    closed_url: str, tmp_path: Path
+) -> None:
+    # A shared env file sets OPSCTL_MAX_ACTIONS: the message must not send its reader
+    # looking for a --max-actions the command line never gave.
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+
+    with_plan = opsctl(
+        "apply", "--plan", str(plan), "--redis-url", closed_url,
+        env={"OPSCTL_MAX_ACTIONS": "200"},
+    )  # fmt: skip
+    without = opsctl(
+        "apply", "policies/minimal.yaml", "--redis-url", closed_url,
+        env={"OPSCTL_MAX_PLAN_AGE": "30m"},
+    )  # fmt: skip
+
+    assert (with_plan.exit_code, without.exit_code) == (2, 2), with_plan.output + without.output
+    assert "OPSCTL_MAX_ACTIONS cannot be used with --plan" in with_plan.output
+    assert "OPSCTL_MAX_PLAN_AGE applies only with --plan" in without.output

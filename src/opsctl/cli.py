@@ -790,7 +790,8 @@ def _apply(
         assert policy is not None
         if max_plan_age is not None:
             # Most likely --plan was meant, and forgetting it would act on the policy.
-            _fail(UsageError("--max-plan-age applies only with --plan, which was not given"))
+            given_as = _given_as("--max-plan-age")
+            _fail(UsageError(f"{given_as} applies only with --plan, which was not given"))
         run, error = _attempt(lambda: job.apply_policy(policy), url)
         where = (policy.path, policy.digest)
     if run is not None and where is not None:
@@ -835,7 +836,7 @@ DEFAULT_MAX_PLAN_AGE = "15m"
 def _refuse_with_plan(**given: object) -> None:
     """Options that choose what a run does cannot change a plan, which holds exactly
     the actions it lists: refuse them rather than ignore them."""
-    names = [f"--{name.replace('_', '-')}" for name, value in given.items() if value]
+    names = [_given_as(f"--{name.replace('_', '-')}") for name, value in given.items() if value]
     if names:
         _fail(
             UsageError(
