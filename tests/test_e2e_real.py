@@ -338,6 +338,16 @@ def test_overdue_job_is_stopped_by_its_live_worker_then_gets_the_policy_action(
     if action != "requeue":
         assert worker.running(), "stopping a job leaves its worker running"
         assert report["workers"] == []
+    if action == "fail":  # an undo leaves a stopped job, and says so
+        undo = run_opsctl(
+            "requeue", "--run", report["run_id"], "--redis-url", redis_url, "--format", "json"
+        )
+        assert undo.returncode == 0, undo.stderr
+        assert (json.loads(undo.stdout)["jobs"], json.loads(undo.stdout)["stopped_not_undone"]) == (
+            [],
+            1,
+        )
+        check_end_state(redis_conn, job.id)
 
 
 @pytest.mark.parametrize("action", ["delete", "cancel", "requeue"])

@@ -193,7 +193,7 @@ def test_an_undo_of_a_run_that_deleted_jobs_says_they_cannot_be_put_back(
     assert job_status(redis_conn, job.id) is None
 
 
-def test_an_undo_of_a_run_whose_fail_retried_the_job_says_it_is_queued_already(
+def test_an_undo_of_a_run_whose_fail_retried_the_job_says_it_is_queued_again(
     redis_url: str, redis_conn: redis.Redis, tmp_path: Path
 ) -> None:
     job = Queue(FAIL_QUEUE, connection=redis_conn).enqueue("jobs.quick", retry=Retry(max=1))
@@ -207,7 +207,10 @@ def test_an_undo_of_a_run_whose_fail_retried_the_job_says_it_is_queued_already(
     text = run_opsctl("requeue", "--run", run["run_id"], "--redis-url", redis_url)
 
     assert (undo["jobs"], undo["retried_already"]) == ([], 1)
-    assert "1 job(s) the run failed were retried: they are on a queue already" in text.stdout
+    assert (
+        "1 job(s) the run failed were retried: they are queued or scheduled again already"
+        in text.stdout
+    )
     assert Queue(FAIL_QUEUE, connection=redis_conn).get_job_ids() == [job.id]
 
 

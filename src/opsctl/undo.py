@@ -151,8 +151,11 @@ class UndoRun:
     redis_lost: bool = False
     #: Jobs the run deleted: their hashes are gone, so they cannot be put back.
     deleted: int = 0
-    #: Jobs a fail of the run retried: back on a queue already, nothing to undo.
+    #: Jobs a fail of the run retried: queued or scheduled already, nothing to undo.
     retried: int = 0
+    #: Jobs a worker stopped at the run's request, with no action after (the policy
+    #: said fail): RQ filed them as stopped, which `rq requeue` puts back.
+    stopped: int = 0
     #: The first change the Redis user was refused (an ACL): the undo exits as refused.
     refused: str | None = None
 
@@ -176,6 +179,7 @@ class UndoRun:
             "summary": self.summary(),
             "deleted_not_undoable": self.deleted,
             "retried_already": self.retried,
+            "stopped_not_undone": self.stopped,
             "refused": self.refused,
             "jobs": [
                 {
@@ -197,7 +201,8 @@ class RunChanges:
     jobs: list[Undo]  # the jobs it failed or canceled, in the order it did
     key_prefix: str | None  # RQ's key prefix it used (None: not recorded then)
     deleted: int  # how many jobs it deleted, which no undo can put back
-    retried: int = 0  # how many jobs a fail of its retried: on a queue already
+    retried: int = 0  # how many jobs a fail of its retried: queued or scheduled already
+    stopped: int = 0  # how many jobs a worker stopped at its request, and nothing more
 
 
 def jobs_of_run(conn: redis.Redis, run_id: str) -> RunChanges:
@@ -211,9 +216,14 @@ def jobs_of_run(conn: redis.Redis, run_id: str) -> RunChanges:
         )
     prefix = entries[-1].get("key_prefix") or None
     found: dict[str, Undo] = {}
-    deleted, retried = set(), set()
+    deleted: set[str] = set()
+    retried: set[str] = set()
+    stopped: set[str] = set()
+    acted: set[str] = set()
     for entry in entries:
         action = entry.get("action", "")
+        if entry.get("outcome") == DONE:
+            (stopped if action == "stop" else acted).add(entry.get("job", ""))
         if action == "delete" and entry.get("outcome") == DONE:
             deleted.add(entry.get("job", ""))
         # A fail that retried the job put it back on a queue already: nothing to undo.
@@ -225,7 +235,13 @@ def jobs_of_run(conn: redis.Redis, run_id: str) -> RunChanges:
         job_id = entry.get("job", "")
         found.pop(job_id, None)
         found[job_id] = Undo(job_id, entry.get("queue", ""), action, entry.get("ended_at", ""))
-    return RunChanges(list(found.values()), prefix, len(deleted), len(retried - set(found)))
+    return RunChanges(
+        list(found.values()),
+        prefix,
+        len(deleted),
+        retried=len(retried - set(found)),
+        stopped=len(stopped - acted),
+    )
 
 
 def requeue_run(
@@ -255,6 +271,7 @@ def requeue_run(
         changes.jobs,
         deleted=changes.deleted,
         retried=changes.retried,
+        stopped=changes.stopped,
     )
     if dry_run:
         _requeue(conn, keys, undo, should_stop)
@@ -421,7 +438,13 @@ def print_text(undo: UndoRun, console: Console) -> None:
         console.print("the run failed (for good) or canceled no job")
     if undo.retried:
         console.print(
-            f"{undo.retried} job(s) the run failed were retried: they are on a queue already"
+            f"{undo.retried} job(s) the run failed were retried: they are queued or "
+            "scheduled again already"
+        )
+    if undo.stopped:
+        console.print(
+            f"{undo.stopped} job(s) a worker stopped at the run's request are in "
+            "FailedJobRegistry as stopped, which this undo leaves: `rq requeue` puts them back"
         )
     if undo.deleted:
         console.print(
