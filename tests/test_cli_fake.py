@@ -2058,6 +2058,18 @@ def made_plan(url: str, tmp_path: Path, text: str = FAIL_ALL) -> tuple[Path, Pat
     return policy, plan
 
 
+def test_a_plan_with_nothing_to_do_says_so_rather_than_speak_of_a_policy(
+    url: str, tmp_path: Path
+) -> None:
+    _, plan = made_plan(url, tmp_path)  # nothing is stuck
+
+    result = opsctl("apply", "--plan", str(plan), "--redis-url", url)
+
+    assert result.exit_code == 0, result.output
+    assert "the plan lists no job to act on" in result.output
+    assert "policy" not in result.output
+
+
 def edit_plan(plan: Path, change: Callable[[dict[str, Any]], object]) -> None:
     document = json.loads(plan.read_text())
     change(document)

@@ -240,7 +240,7 @@ def _checked_run(
     dry_run = document.get("dry_run", False)
     if not isinstance(dry_run, bool):
         raise TypeError("dry_run is not true or false")
-    run = Run(run_id=new_run_id(), dry_run=dry_run, now=now, queues=queues)
+    run = Run(run_id=new_run_id(), dry_run=dry_run, now=now, queues=queues, from_plan=True)
     run.jobs = [_unjob(j) for j in document["jobs"]]
     run.workers = [_unworker(w) for w in document["workers"]]
     run.limits_tripped = list(document["limits_tripped"])

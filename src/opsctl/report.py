@@ -248,6 +248,8 @@ def print_text(run: Run, console: Console, redis_url: str) -> None:
         else:
             reasons = (safe(_reason(j)) for j in run.jobs)
             print_lines(console, _JOB_COLUMNS, widths, zip(cells, reasons, strict=True))
+    elif run.from_plan:
+        console.print(Text("the plan lists no job to act on"))
     else:
         console.print(Text("no started jobs in the queues this policy covers"))
     if run.workers:

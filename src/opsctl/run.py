@@ -137,6 +137,8 @@ class Run:
     locked_out: list[str] = field(default_factory=list)
     #: Queues whose started registry could not be read (each is also a problem).
     unread: set[str] = field(default_factory=set)
+    #: Whether the run carries out a plan file (its jobs are the plan's, not a read's).
+    from_plan: bool = False
 
     @property
     def failed(self) -> bool:
