@@ -28,6 +28,7 @@ from opsctl.engine import (
 )
 from opsctl.model import StartedEntry, WorkerRecord, format_timestamp, parse_timestamp
 from opsctl.policy import Rule
+from opsctl.run import retries_left
 from opsctl.state import split_member
 
 #: The server time of every snapshot in this module, in epoch seconds.
@@ -945,3 +946,7 @@ def test_an_origin_that_is_not_utf8_is_shown_as_every_other_name_is() -> None:
     verdict = decide(entry(job=job_hash(origin="\udcc3(")), worker())
 
     assert "; its origin is queue '\\xc3(', not 'default'" in verdict.reason
+
+
+def test_one_retry_left_is_said_in_the_singular() -> None:
+    assert (retries_left(1), retries_left(2)) == ("1 retry left", "2 retries left")

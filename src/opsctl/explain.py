@@ -27,7 +27,7 @@ from opsctl.model import StartedEntry, WorkerRecord, format_timestamp, parse_int
 from opsctl.policy import Policy, Rule
 from opsctl.records import function_name
 from opsctl.report import safe
-from opsctl.run import origin_hold
+from opsctl.run import origin_hold, retries_left
 from opsctl.shown import quoted
 from opsctl.state import (
     RQ_EXECUTION_ID,
@@ -410,10 +410,10 @@ def _retried_instead(entry: StartedEntry, verdict: engine.Verdict) -> str:
         return ""
     left = parse_int(entry.job.get("retries_left"))
     interval = retry_interval(entry.job, left)
-    if interval is None:
+    if interval is None or left is None:
         return ""
     when = "back on its queue" if interval == 0 else f"scheduled {interval}s later"
-    return f"; it has {left} retries left, so failing it retries it ({when})"
+    return f"; it has {retries_left(left)}, so failing it retries it ({when})"
 
 
 #: Characters of a field's value the text shows; JSON has it whole.

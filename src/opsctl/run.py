@@ -910,7 +910,12 @@ def _retried(entry: StartedEntry, verdict: Verdict) -> str:
     left = parse_int(entry.job.get("retries_left"))
     if left is None or left <= 0:
         return ""
-    return f"; it has {left} retries left, so failing it retries it, as RQ does"
+    return f"; it has {retries_left(left)}, so failing it retries it, as RQ does"
+
+
+def retries_left(count: int) -> str:
+    """``count`` retries left, in words."""
+    return f"{count} {'retry' if count == 1 else 'retries'} left"
 
 
 def _dead_registrations(
