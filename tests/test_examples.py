@@ -421,3 +421,21 @@ def test_deploy_hook_only_warns_when_redis_is_unreachable(tmp_path: Path) -> Non
     assert "warning: exit 3; the deploy goes on (report: none; see the message above)" in (
         result.stderr
     )
+
+
+# --- the README's JSON report -----------------------------------------------------------
+
+
+def test_the_readmes_report_example_holds_every_field_a_report_has() -> None:
+    readme = (ROOT / "README.md").read_text()
+    intro = "Here is the report from the demo's real run, trimmed to one element per list:"
+    block = readme.split(intro, 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
+    example = json.loads(block)
+    schema = json.loads((ROOT / "schemas" / "report.schema.json").read_text())
+
+    jsonschema.validate(example, schema)
+    # Each list trimmed to one element, every field of a real report shown.
+    assert set(example) == set(schema["properties"])
+    for name in ("job", "worker", "queue"):
+        [item] = example[f"{name}s"]
+        assert set(item) == set(schema["$defs"][name]["properties"]), name
