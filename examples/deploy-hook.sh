@@ -11,6 +11,8 @@
 #   2  the policy or an option is invalid: a mistake to fix before the next deploy
 #   4  a blast-radius limit tripped: far more jobs look stuck than ever should, so a person
 #      looks before anything is changed (opsctl changed nothing)
+#   130, 143  opsctl was stopped by SIGINT or SIGTERM (the deploy itself is being
+#      stopped, most likely): it stopped between two changes; run it again to finish
 #   *  anything opsctl does not document
 # What only warns (this hook exits 0):
 #   1  some actions failed; the report says which, the next run tries again
@@ -48,6 +50,10 @@ case "$rc" in
   4)
     echo "opsctl: a blast-radius limit tripped and nothing was done; look at $report" >&2
     exit 4
+    ;;
+  130 | 143)
+    echo "opsctl: stopped by a signal between two changes; run it again to finish" >&2
+    exit "$rc"
     ;;
   *)
     echo "opsctl: unexpected exit $rc; stopping the deploy" >&2
