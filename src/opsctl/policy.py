@@ -953,6 +953,13 @@ def _report_schema_error(document: _Document, error: ValidationError) -> None:
     path: _Path = tuple(error.absolute_path)
     if path in document.unknown and _structure_wanted(error):
         # Whatever the unset variable will hold, it gives text: never valid here.
+        # That is the one problem to fix: that it is unset no longer matters.
+        shown = _format_path(path)
+        document.problems = [
+            p
+            for p in document.problems
+            if not (p.path == shown and p.message.startswith("environment variable "))
+        ]
         what = "a mapping" if "object" in _types_of(error) else "a list"
         document.report(
             path,
