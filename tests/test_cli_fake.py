@@ -2327,3 +2327,34 @@ def test_a_plan_edited_against_its_policy_is_refused_when_the_policy_is_given(
     assert result.exit_code == 2, result.output
     assert "the plan's rule for queue 'default' differs from the policy's (action)" in result.output
     assert status_of(conn, job.id) == "started"
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (("apply", "policy.yaml", "--bogus"), {}),
+        (("apply", "policy.yaml"), {"OPSCTL_DRY_RUN": ""}),
+        (("status", "--timeout", "0"), {}),
+    ],
+    ids=["unknown-option", "blank-variable", "out-of-range"],
+)
+def test_an_option_refused_keeps_exit_2_when_the_reader_of_stderr_is_gone(
+    args: tuple[str, ...], env: dict[str, str]
+) -> None:
+    # `opsctl ... 2>&1 | head -1`: the reader of stderr may be gone before the
+    # error is written, and a deploy script must still see 2, not 1.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        child = subprocess.run(
+            [sys.executable, "-m", "opsctl", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=write_end,
+            env={**opsctl_env(), **env},
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+
+    assert child.returncode == 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 from rich.console import Console
 
@@ -34,13 +34,41 @@ class _Console(Console):
 
 def streams_ready() -> None:
     """Give a standard stream the caller closed (``>&-``) somewhere to write, nowhere,
-    so that the command does what it was asked rather than fail on its first word."""
+    so that the command does what it was asked rather than fail on its first word; and
+    let the reader of stderr go away (``2>&1 | head``) without a word written there
+    changing the exit code, whoever writes it (the option parser exits 1 on a broken
+    pipe, where its own error exits 2)."""
     closed = sys.stdout is None
     for name in ("stdout", "stderr"):
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
+    if not isinstance(sys.stderr, _ReaderMayLeave):
+        sys.stderr = _ReaderMayLeave(sys.stderr)
     if closed:
         say_on_stderr("opsctl: stdout is closed: the output goes nowhere")
+
+
+class _ReaderMayLeave:
+    """A text stream whose writes go nowhere once its reader has gone away."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            discard(self._stream)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            discard(self._stream)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def say_on_stderr(line: str) -> None:
