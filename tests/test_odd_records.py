@@ -2259,6 +2259,7 @@ def test_a_plan_acts_on_neither_a_worker_live_again_nor_the_job_it_executes(
     [worker] = report["workers"]
     assert worker["outcome"] == "skipped", worker
     assert worker["reason"].startswith("not removed: the worker is live now")
+    assert worker["alive"] is True  # as it is now, as its jobs' columns say
     assert job_status(redis_conn, job.id) == "started"
     queue = Queue(QUEUE, connection=redis_conn)
     assert "rq:worker:back" in Worker.all_keys(connection=redis_conn, queue=queue)

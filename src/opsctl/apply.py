@@ -792,6 +792,7 @@ def _hold_back_live_workers(conn: redis.Redis, keys: Keys, run: Run) -> None:
         live = worker_liveness(now_read)
         if w.outcome == PLANNED and not w.dry_run and live.alive:
             w.outcome, w.reason = SKIPPED, f"not removed: the worker is live now ({live.evidence})"
+            w.alive = True
         elif now_read is not None:
             # The removal re-checks the listeners of its channel against this count
             # (those of the server's other databases); a plan does not record it.

@@ -212,7 +212,7 @@ def _job_json(j: JobOutcome) -> dict[str, Any]:
 def _worker_json(w: WorkerOutcome) -> dict[str, Any]:
     return {
         "name": w.worker.name,
-        "alive": False,
+        "alive": w.alive,
         "queues": list(w.worker.queues),
         "registered_in": sorted(w.worker.registered_in),
         "action": w.action,

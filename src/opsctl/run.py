@@ -102,6 +102,8 @@ class WorkerOutcome:
     reason: str
     action: str = "remove-registration"
     dry_run: bool = False
+    #: Found live again since it was read (by ``apply --plan``): then not removed.
+    alive: bool = False
 
 
 @dataclass
