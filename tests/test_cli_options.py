@@ -1,5 +1,6 @@
-"""OPSCTL_* environment variables and their precedence, JSON log lines, colour, and shell
-completion, through the real CLI in a subprocess against fakeredis servers."""
+"""OPSCTL_* environment variables and their precedence, JSON log lines, colour, shell
+completion and what a stop signal says, mostly through the real CLI in a subprocess
+against fakeredis servers."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import redis
+import typer
 
 from conftest import clean_env, run_opsctl, serve_fake_redis
+from opsctl import cli
 from test_cli_fake import started_job, status_of
 
 ANSI = re.compile(r"\x1b\[")
@@ -325,3 +328,21 @@ def test_with_json_logs_errors_and_notes_on_stderr_are_json_lines_too(tmp_path: 
     assert planned.returncode == 0, planned.stderr
     notes = [json.loads(line) for line in planned.stderr.splitlines()]
     assert any("wrote 0 planned action(s)" in note["message"] for note in notes), notes
+
+
+@pytest.mark.parametrize(
+    ("reported", "left", "said"),
+    [
+        (True, True, "what was done is in the report; run again to finish"),
+        (True, False, "what was done is in the report, and nothing was left undone"),
+        (False, True, "nothing was done"),
+    ],
+)
+def test_a_stop_signal_says_whether_a_run_again_has_anything_to_finish(
+    capsys: pytest.CaptureFixture[str], reported: bool, left: bool, said: str
+) -> None:
+    with pytest.raises(typer.Exit) as stopped:
+        cli._exit_if_signalled([15], reported=reported, left=left)
+
+    assert stopped.value.exit_code == 143
+    assert capsys.readouterr().err == f"opsctl: stopped by signal 15: {said}\n"

@@ -579,6 +579,7 @@ class Executor:
             worker = outcome.entry.worker_name
             if status == "started" and asked_to_stop:
                 outcome.stop_confirmed = False
+                self.run.stopped = True  # its follow-up is left for a later run
                 why = "stop sent, but not waited for: opsctl was asked to stop"
                 _set(outcome, SKIPPED, why, append=True)
                 continue

@@ -748,7 +748,7 @@ def apply(
         run, error = _apply(
             job, policy, plan_file, max_plan_age, force, max_age, queue, max_actions, url, output
         )
-    _exit_if_signalled(received, reported=run is not None)
+    _exit_if_signalled(received, reported=run is not None, left=run is None or run.stopped)
     _finish(error, best_effort, url, ("apply", metrics_file), run, began)
 
 
@@ -818,12 +818,14 @@ def _stop_on_signals() -> Iterator[list[int]]:
         yield received
 
 
-def _exit_if_signalled(received: list[int], reported: bool) -> None:
+def _exit_if_signalled(received: list[int], reported: bool, left: bool = True) -> None:
     """Exit as the first stop signal says, if one came: a run cut short never passes
-    for a finished one. ``reported``: its report, of what was done, is printed."""
+    for a finished one. ``reported``: its report, of what was done, is printed;
+    ``left``: the signal left something undone (it may have come after the last change)."""
     if not received:
         return
-    done = "what was done is in the report; run again to finish"
+    done = "what was done is in the report"
+    done += "; run again to finish" if left else ", and nothing was left undone"
     said = done if reported else "nothing was done"
     _say(f"stopped by signal {received[0]}: {said}", logging.WARNING)
     raise typer.Exit(128 + received[0])
@@ -1384,7 +1386,8 @@ def requeue_command(
                     report.print_json(done.to_json(mask_url(url)))
                 else:
                     undo.print_text(done, _console())
-    _exit_if_signalled(received, reported=done is not None)
+    left = done is None or any(j.reason == undo.ASKED_TO_STOP for j in done.jobs)
+    _exit_if_signalled(received, reported=done is not None, left=left)
     if done is None:
         _fail(error or OpsctlError("requeue did not run"), url=url)
     if done.redis_lost:

@@ -127,6 +127,10 @@ class UnknownRun(UsageError):
     """Raised when the audit trail holds no entry of the run to undo."""
 
 
+#: Why a job was not reached: a stop signal came first.
+ASKED_TO_STOP = "not acted on: opsctl was asked to stop"
+
+
 @dataclass
 class Undo:
     """One job the run failed or canceled, and what requeueing it came to."""
@@ -290,7 +294,7 @@ def _requeue(
         batch = undo.jobs[start : start + BATCH]
         if should_stop is not None and should_stop():
             for job in undo.jobs[start:]:
-                job.outcome, job.reason = SKIPPED, "not acted on: opsctl was asked to stop"
+                job.outcome, job.reason = SKIPPED, ASKED_TO_STOP
             return
         try:
             _requeue_batch(conn, keys, undo, context, script, batch)
