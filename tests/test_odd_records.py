@@ -449,6 +449,27 @@ def test_an_expired_score_does_not_condemn_a_job_a_live_worker_holds(
     assert job_status(redis_conn, job.id) == "started"
 
 
+def test_two_entries_of_one_abandoned_job_say_the_second_change_will_be_skipped(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # An RQ 1 bare id beside the RQ 3 entry of the same job, its worker dead.
+    job = started_job(redis_conn)
+    redis_conn.zadd(f"rq:wip:{QUEUE}", {job.id: time.time() - HOUR_S})
+    path = policy(tmp_path)
+
+    dry = [j for j in run(path, redis_url, "--dry-run")["jobs"] if j["id"] == job.id]
+    done = [j for j in run(path, redis_url)["jobs"] if j["id"] == job.id]
+    later = [j for j in run(path, redis_url)["jobs"] if j["id"] == job.id]
+
+    assert [(j["action"], j["outcome"]) for j in dry] == [("fail", "planned")] * 2
+    assert "plans a change of it too" not in dry[0]["reason"]
+    assert "plans a change of it too: the second to run finds the job changed" in dry[1]["reason"]
+    assert sorted(j["outcome"] for j in done) == ["done", "skipped"]
+    assert [(j["action"], j["outcome"]) for j in later] == [("remove-entry", "done")]
+    assert job_status(redis_conn, job.id) == "failed"
+    assert redis_conn.zcard(f"rq:wip:{QUEUE}") == 0
+
+
 # --- 5. lost jobs ---------------------------------------------------------------------------
 
 

@@ -312,9 +312,28 @@ def _plan(
     _apply_rescue_limits(conn, keys, run)
     _note_stops_not_sent(conn, keys, run)
     _note_unwritable_targets(conn, keys, run)
+    _note_jobs_changed_twice(run)
     run.limits_tripped = _tripped_limits(run, policy, overrides)
     checkpoint()
     return run
+
+
+def _note_jobs_changed_twice(run: Run) -> None:
+    """Say so where two entries of one job (an RQ 1 bare id beside an RQ 2 entry, say)
+    each plan a change of the job: the second to run finds the job changed since it
+    was read and is skipped, its entry left for a later run to remove."""
+    first: dict[str, JobOutcome] = {}
+    for job in run.jobs:
+        if job.outcome != PLANNED or job.action in (ACTION_NONE, ACTION_REMOVE_ENTRY):
+            continue
+        earlier = first.setdefault(job.entry.job_id, job)
+        if earlier is not job:
+            other = f"{quoted(earlier.entry.member_text)} in {quoted(earlier.entry.queue)}"
+            job.reason += (
+                f"; another entry of this job ({other}) plans a change of it too: the "
+                "second to run finds the job changed and is skipped, and a later run "
+                "removes its entry"
+            )
 
 
 def _read_state(
