@@ -1263,13 +1263,51 @@ def test_a_signal_to_apply_stops_it_between_changes_with_its_report_and_no_lock_
             run.kill()
 
     assert run.returncode == 128 + signum, stderr
-    assert f"stopped by signal {int(signum)}" in stderr
+    assert f"stopped by signal {int(signum)}: what was done is in the report; stops sent" in stderr
     [line] = json.loads(stdout)["jobs"]
     assert (line["id"], line["outcome"]) == (job.id, "skipped"), line
     assert "asked to stop" in line["reason"]
+    assert "no later run takes the policy's action on it" in line["reason"]
     assert redis_conn.exists("opsctl:lock", f"rq:clean_registries:{QUEUE}") == 0
     assert [e[1][b"job"] for e in redis_conn.xrange("opsctl:audit")] == [job.id.encode()]
     assert job_status(redis_conn, job.id) == "started"
+
+
+def test_a_job_stopped_just_as_a_signal_comes_still_gets_its_follow_up(
+    redis_conn: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # Once stopped, the job is no longer started: no later run would requeue it.
+    job, channel = overdue_on_a_stubborn_worker(redis_conn)
+    [member] = redis_conn.zrange(f"rq:wip:{QUEUE}", 0, -1)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"version: 1\ndefaults:\n  max_age: 1m\n  action: requeue\nqueues:\n  - name: {QUEUE}\n"
+    )
+
+    run = start_opsctl(*apply_args(policy, redis_url, "--stop-timeout", "60"))
+    try:
+        asked = channel.get_message(timeout=20)
+        while asked is not None and asked["type"] != "message":
+            asked = channel.get_message(timeout=20)
+        assert asked is not None and b"stop-job" in asked["data"], "opsctl asked for a stop"
+        with redis_conn.pipeline() as pipe:  # the worker obeys, as RQ files a stopped job
+            job.set_status(JobStatus.STOPPED, pipeline=pipe)
+            pipe.zrem(f"rq:wip:{QUEUE}", member)
+            FailedJobRegistry(QUEUE, connection=redis_conn).add(job, pipeline=pipe)
+            pipe.execute()
+        run.send_signal(signal.SIGTERM)
+        stdout, stderr = run.communicate(timeout=30)
+    finally:
+        channel.close()
+        if run.poll() is None:
+            run.kill()
+
+    assert run.returncode == 143, stderr
+    [line] = json.loads(stdout)["jobs"]
+    assert (line["action"], line["outcome"]) == ("requeue", "done"), line
+    assert job_status(redis_conn, job.id) == "queued"
+    assert job.id in Queue(QUEUE, connection=redis_conn).get_job_ids()
+    assert job.id not in FailedJobRegistry(QUEUE, connection=redis_conn).get_job_ids()
 
 
 def test_a_stop_sent_before_redis_stops_answering_is_reported_as_sent_not_as_not_acted_on(

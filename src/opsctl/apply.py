@@ -148,16 +148,17 @@ class Executor:
                 self._audit_the_rest()
         except Interrupted:
             log.warning("stopping: the remaining actions are left for the next run")
-            self.run.stopped = True
             for job in self.run.jobs:
                 if job.outcome == PLANNED and not job.rule.dry_run:
                     _set(job, SKIPPED, "not acted on: opsctl was asked to stop")
+                    self.run.stopped = True
             for worker in self.run.workers:
                 if worker.outcome == PLANNED and not worker.dry_run:
                     worker.outcome, worker.reason = (
                         SKIPPED,
                         "not acted on: opsctl was asked to stop",
                     )
+                    self.run.stopped = True
             if not gave_no_answer():
                 try:
                     self._audit_the_rest()
@@ -579,8 +580,12 @@ class Executor:
             worker = outcome.entry.worker_name
             if status == "started" and asked_to_stop:
                 outcome.stop_confirmed = False
-                self.run.stopped = True  # its follow-up is left for a later run
-                why = "stop sent, but not waited for: opsctl was asked to stop"
+                self.run.stops_not_waited_for = True
+                why = (
+                    "stop sent, but not waited for: opsctl was asked to stop (a worker that "
+                    "stops the job later leaves it stopped in FailedJobRegistry, where no "
+                    "later run takes the policy's action on it)"
+                )
                 _set(outcome, SKIPPED, why, append=True)
                 continue
             if status == "started":
@@ -608,7 +613,8 @@ class Executor:
             else:
                 outcome.outcome = DONE
                 _log_outcome(outcome)
-        self._checkpoint()
+        # No stop request is heeded before the follow-ups: a job stopped is no longer
+        # started, so no later run would make them (the next change's check heeds it).
         return follow_ups
 
     def _statuses(self, job_ids: list[str]) -> dict[str, str]:

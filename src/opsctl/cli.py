@@ -748,7 +748,9 @@ def apply(
         run, error = _apply(
             job, policy, plan_file, max_plan_age, force, max_age, queue, max_actions, url, output
         )
-    _exit_if_signalled(received, reported=run is not None, left=run is None or run.stopped)
+    left = run is None or bool(run.stopped or run.locked_out or run.redis_lost or run.refused)
+    unwaited = run is not None and run.stops_not_waited_for
+    _exit_if_signalled(received, reported=run is not None, left=left, unwaited=unwaited)
     _finish(error, best_effort, url, ("apply", metrics_file), run, began)
 
 
@@ -818,14 +820,22 @@ def _stop_on_signals() -> Iterator[list[int]]:
         yield received
 
 
-def _exit_if_signalled(received: list[int], reported: bool, left: bool = True) -> None:
+def _exit_if_signalled(
+    received: list[int], reported: bool, left: bool = True, unwaited: bool = False
+) -> None:
     """Exit as the first stop signal says, if one came: a run cut short never passes
     for a finished one. ``reported``: its report, of what was done, is printed;
-    ``left``: the signal left something undone (it may have come after the last change)."""
+    ``left``: something was left for a later run (the signal may have come after the
+    last change); ``unwaited``: stops were sent and not waited for."""
     if not received:
         return
     done = "what was done is in the report"
-    done += "; run again to finish" if left else ", and nothing was left undone"
+    if left:
+        done += "; run again to finish"
+    if unwaited:
+        done += "; stops sent were not waited for: see their jobs' reasons"
+    if not (left or unwaited):
+        done += ", and nothing was left undone"
     said = done if reported else "nothing was done"
     _say(f"stopped by signal {received[0]}: {said}", logging.WARNING)
     raise typer.Exit(128 + received[0])

@@ -133,7 +133,9 @@ class Run:
     refused: str | None = None  # Redis refused a command mid-run (an ACL, say)
     server_version: str | None = None
     warnings: list[str] = field(default_factory=list)  # about the server's settings
-    stopped: bool = False  # asked to stop (opsctl watch): the rest was left for later
+    stopped: bool = False  # asked to stop, it left changes for a later run
+    #: Asked to stop while waiting for workers to stop jobs: those stops were not waited for.
+    stops_not_waited_for: bool = False
     #: Queues whose jobs were skipped: RQ's maintenance lock of the queue was held
     #: for longer than --lock-timeout.
     locked_out: list[str] = field(default_factory=list)
