@@ -23,6 +23,8 @@ from rq.job import Job
 from rq.registry import CanceledJobRegistry, FailedJobRegistry
 
 from conftest import WorkerFactory, job_status, opsctl_env, run_opsctl, wait_for_status, wait_until
+from opsctl import audit
+from opsctl.audit import AuditContext
 
 pytestmark = pytest.mark.redis_server
 
@@ -402,3 +404,30 @@ def test_a_key_of_another_type_is_an_error_of_its_job_and_a_dry_run_still_exits_
         assert queued_ids(redis_conn, FAIL_QUEUE) == [other.id]
     else:
         assert job_status(redis_conn, other.id) == "failed"
+
+
+def test_a_stopped_job_counts_as_left_to_rq_requeue_whatever_else_the_run_did_to_its_entries(
+    redis_url: str, redis_conn: redis.Redis
+) -> None:
+    # The run removed a leftover entry of the job, then had its worker stop it.
+    context = AuditContext("0123456789ab", "digest")
+    now = "2026-01-01T00:00:00.000000Z"
+    audit.append(
+        redis_conn,
+        [
+            (
+                audit.entry_fields(context, now, "j1", "q", "leftover", "remove-entry", ""),
+                "done",
+                "",
+            ),
+            (audit.entry_fields(context, now, "j1", "q", "overdue", "stop", ""), "done", "stopped"),
+        ],
+    )
+
+    undo = json.loads(
+        run_opsctl(
+            "requeue", "--run", "0123456789ab", "--redis-url", redis_url, "--format", "json"
+        ).stdout
+    )
+
+    assert (undo["jobs"], undo["stopped_not_undone"]) == ([], 1)

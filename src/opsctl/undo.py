@@ -127,6 +127,8 @@ class UnknownRun(UsageError):
     """Raised when the audit trail holds no entry of the run to undo."""
 
 
+#: Actions that change a job itself (a removed registry entry leaves the job as it is).
+JOB_CHANGES = frozenset({"fail", "requeue", "cancel", "delete"})
 #: Why a job was not reached: a stop signal came first.
 ASKED_TO_STOP = "not acted on: opsctl was asked to stop"
 
@@ -226,8 +228,10 @@ def jobs_of_run(conn: redis.Redis, run_id: str) -> RunChanges:
     acted: set[str] = set()
     for entry in entries:
         action = entry.get("action", "")
-        if entry.get("outcome") == DONE:
-            (stopped if action == "stop" else acted).add(entry.get("job", ""))
+        if entry.get("outcome") == DONE and action == "stop":
+            stopped.add(entry.get("job", ""))
+        elif entry.get("outcome") == DONE and action in JOB_CHANGES:
+            acted.add(entry.get("job", ""))
         if action == "delete" and entry.get("outcome") == DONE:
             deleted.add(entry.get("job", ""))
         # A fail that retried the job put it back on a queue already: nothing to undo.
@@ -447,8 +451,8 @@ def print_text(undo: UndoRun, console: Console) -> None:
         )
     if undo.stopped:
         console.print(
-            f"{undo.stopped} job(s) a worker stopped at the run's request are in "
-            "FailedJobRegistry as stopped, which this undo leaves: `rq requeue` puts them back"
+            f"{undo.stopped} job(s) a worker stopped at the run's request were filed as "
+            "stopped in FailedJobRegistry, which this undo leaves: `rq requeue` puts them back"
         )
     if undo.deleted:
         console.print(
