@@ -999,3 +999,29 @@ def test_options_refused_with_a_plan_are_named_as_they_were_given(
     assert (with_plan.exit_code, without.exit_code) == (2, 2), with_plan.output + without.output
     assert "OPSCTL_MAX_ACTIONS cannot be used with --plan" in with_plan.output
     assert "OPSCTL_MAX_PLAN_AGE applies only with --plan" in without.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--redis-url", "notaurl"),
+        ("--tls-ca-cert", "/nonexistent/ca.pem"),
+        ("--every", "bogus"),
+    ],
+    ids=["malformed-url", "tls-without-rediss", "bad-interval"],
+)
+def test_watch_refuses_at_start_what_every_round_would_refuse_and_says_so_in_its_metrics(
+    closed_url: str, tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    target = tmp_path / "opsctl.prom"
+    command = ["watch", "policies/minimal.yaml", "--metrics-file", str(target), *args]
+    if "--redis-url" not in args:
+        command += ["--redis-url", closed_url]
+
+    result = opsctl(*command)
+
+    assert result.exit_code == 2, result.output
+    written = target.read_text()
+    assert 'opsctl_last_run_exit_code{command="watch"} 2.0' in written
+    # Nothing is known of the policy file: no series says it is fine, or refused.
+    assert "opsctl_policy_file_rejected{" not in written

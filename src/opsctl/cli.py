@@ -41,6 +41,7 @@ from opsctl.connection import (
     TLS_VERIFY_MODES,
     ConnectionOptions,
     Tls,
+    check_settings,
     connect,
     mask_url,
     redact,
@@ -207,8 +208,9 @@ def _fail(error: OpsctlError, best_effort: bool = False, url: str | None = None)
     if target is not None and code == ExitCode.INVALID:
         _metrics_if_invalid.set(None)
         command, path, began = target
-        # A watch that cannot start on its policy file refuses that file, as its rounds say.
-        rejected = isinstance(error, PolicyError) if command == "watch" else None
+        # A watch that cannot start on its policy file refuses that file, as its rounds
+        # say; of another mistake nothing is known of the file (it may not be read yet).
+        rejected = True if command == "watch" and isinstance(error, PolicyError) else None
         _, write_error = _attempt(
             lambda: _write_metrics(path, command, None, code, began, rejected), url
         )
@@ -1157,11 +1159,6 @@ def watch_command(
         sentinel_db,
         (tls_ca_cert, tls_cert, tls_key, tls_verify),
     )
-    every_s = _guard(lambda: _parse_duration_option("--every", every))
-    if not 0 < every_s <= MAX_WATCH_EVERY_S:
-        _fail(
-            UsageError(f"{_given_as('--every')}: {every!r} must be longer than 0s and at most 7d")
-        )
     _refuse_overwriting("--metrics-file", metrics_file, policy_file)
     if metrics_file is not None and (unwritable := metrics.unwritable_directory(metrics_file)):
         # A loop would run for ever without them, and an alert on their age see no data.
@@ -1172,9 +1169,17 @@ def watch_command(
             )
         )
     _note_mistakes_in_metrics("watch", metrics_file)
+    every_s = _guard(lambda: _parse_duration_option("--every", every))
+    if not 0 < every_s <= MAX_WATCH_EVERY_S:
+        _fail(
+            UsageError(f"{_given_as('--every')}: {every!r} must be longer than 0s and at most 7d")
+        )
     url_given = _guard(connection.given_url) is not None
     policy = _guard(lambda: _load_for_apply(policy_file, url_given))
-    first_url, _ = _guard(lambda: connection.resolve(policy))
+    first_url, first_options = _guard(lambda: connection.resolve(policy))
+    # What every round would refuse (a malformed URL, a TLS file that cannot be read)
+    # is refused now, as apply refuses it, rather than logged round after round.
+    _guard(lambda: check_settings(first_url, first_options))
     _setup_logging(verbose, quiet, log_format, first_url)
     overrides = _overrides(
         dry_run, force, max_age, queue, max_actions, stop_timeout, reconnect_grace

@@ -459,6 +459,16 @@ def sentinel_url(hosts: list[str], service: str, db: int = 0) -> str:
     return f"{SENTINEL_SCHEME}://{','.join(hosts)}/{service}/{db}"
 
 
+def check_settings(url: str, options: ConnectionOptions | None = None) -> None:
+    """Refuse (UsageError) what :func:`connect` would refuse before it reaches the
+    server: a malformed URL, TLS options for a URL without TLS, TLS files it cannot
+    read. A loop (``opsctl watch``) checks at start what each round would refuse."""
+    check_url(url)
+    options = options or ConnectionOptions()
+    _credentials(url, options)
+    _tls_settings(url, options.tls)
+
+
 def connect(
     url: str,
     timeout_s: float = DEFAULT_TIMEOUT_S,
