@@ -554,15 +554,22 @@ def test_apply_user_reads_the_audit_trail_with_opsctl_history(
     }
 
 
-def test_apply_user_undoes_a_run_with_opsctl_requeue(
+def failed_by_the_apply_user(
     acl_server: AclServer, admin: redis.Redis, tmp_path: Path
-) -> None:
+) -> tuple[list[Job], str]:
+    """Two abandoned jobs an apply as the documented apply user failed, and its run id."""
     jobs = abandoned_jobs(admin, count=2)
     applied = acl_server.opsctl(
         APPLY_USER, "apply", str(write_policy(tmp_path)), "--format", "json"
     )
     assert applied.returncode == ExitCode.OK, shown(applied)
-    run_id = json_report(applied)["run_id"]
+    return jobs, str(json_report(applied)["run_id"])
+
+
+def test_apply_user_undoes_a_run_with_opsctl_requeue(
+    acl_server: AclServer, admin: redis.Redis, tmp_path: Path
+) -> None:
+    jobs, run_id = failed_by_the_apply_user(acl_server, admin, tmp_path)
 
     result = acl_server.opsctl(APPLY_USER, "requeue", "--run", run_id, "--format", "json")
 
@@ -577,16 +584,10 @@ def test_apply_user_undoes_a_run_with_opsctl_requeue(
 def test_an_undo_its_user_may_not_make_exits_3_and_leaves_the_jobs_failed(
     acl_server: AclServer, admin: redis.Redis, tmp_path: Path
 ) -> None:
-    jobs = abandoned_jobs(admin, count=2)
-    applied = acl_server.opsctl(
-        APPLY_USER, "apply", str(write_policy(tmp_path)), "--format", "json"
-    )
-    assert applied.returncode == ExitCode.OK, shown(applied)
+    jobs, run_id = failed_by_the_apply_user(acl_server, admin, tmp_path)
     weak = add_user_without(acl_server, APPLY_USER, "+lpush", "+rpush")
 
-    result = acl_server.opsctl(
-        weak, "requeue", "--run", json_report(applied)["run_id"], "--format", "json"
-    )
+    result = acl_server.opsctl(weak, "requeue", "--run", run_id, "--format", "json")
 
     assert result.returncode == ExitCode.REDIS_UNAVAILABLE, shown(result)
     report = json.loads(result.stdout)

@@ -1241,6 +1241,14 @@ def overdue_on_a_stubborn_worker(conn: redis.Redis) -> tuple[Job, Any]:
     return job, channel
 
 
+def heard_a_stop(channel: Any) -> None:
+    """Wait until the worker's channel hears opsctl ask for a stop."""
+    asked = channel.get_message(timeout=20)
+    while asked is not None and asked["type"] != "message":
+        asked = channel.get_message(timeout=20)
+    assert asked is not None and b"stop-job" in asked["data"], "opsctl asked for a stop"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_apply_stops_it_between_changes_with_its_report_and_no_lock_left(
     redis_conn: redis.Redis, redis_url: str, tmp_path: Path, signum: int
@@ -1251,10 +1259,7 @@ def test_a_signal_to_apply_stops_it_between_changes_with_its_report_and_no_lock_
 
     run = start_opsctl(*apply_args(policy, redis_url, "--stop-timeout", "60"))
     try:
-        asked = channel.get_message(timeout=20)
-        while asked is not None and asked["type"] != "message":
-            asked = channel.get_message(timeout=20)
-        assert asked is not None and b"stop-job" in asked["data"], "opsctl asked for a stop"
+        heard_a_stop(channel)
         run.send_signal(signum)
         stdout, stderr = run.communicate(timeout=30)
     finally:
@@ -1286,10 +1291,7 @@ def test_a_job_stopped_just_as_a_signal_comes_still_gets_its_follow_up(
 
     run = start_opsctl(*apply_args(policy, redis_url, "--stop-timeout", "60"))
     try:
-        asked = channel.get_message(timeout=20)
-        while asked is not None and asked["type"] != "message":
-            asked = channel.get_message(timeout=20)
-        assert asked is not None and b"stop-job" in asked["data"], "opsctl asked for a stop"
+        heard_a_stop(channel)
         with redis_conn.pipeline() as pipe:  # the worker obeys, as RQ files a stopped job
             job.set_status(JobStatus.STOPPED, pipeline=pipe)
             pipe.zrem(f"rq:wip:{QUEUE}", member)
