@@ -1401,8 +1401,7 @@ def requeue_command(
                     report.print_json(done.to_json(mask_url(url)))
                 else:
                     undo.print_text(done, _console())
-    left = done is None or any(j.reason == undo.ASKED_TO_STOP for j in done.jobs)
-    _exit_if_signalled(received, reported=done is not None, left=left)
+    _exit_if_signalled(received, reported=done is not None, left=done is None or done.cut_short)
     if done is None:
         _fail(error or OpsctlError("requeue did not run"), url=url)
     if done.redis_lost:
@@ -1485,8 +1484,7 @@ def status_command(
         now, statuses, snapshot = found
         if output is StatusFormat.prometheus or metrics_file is not None:
             # status takes no policy: states are judged by the built-in rule (max_age 10m).
-            unread = {s.name for s in statuses if s.started is None}
-            seen = metrics.observe_snapshot(snapshot, Rule(), unread)
+            seen = metrics.observe_snapshot(snapshot, Rule())
         with _reader_may_leave():
             if output is StatusFormat.json:
                 report.print_json(status.to_json(now, mask_url(url), statuses, snapshot.problems))

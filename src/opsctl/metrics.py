@@ -169,16 +169,16 @@ def observe_run(run: Run) -> Observation:
     return seen
 
 
-def observe_snapshot(snapshot: Snapshot, rule: Rule, unread: Collection[str] = ()) -> Observation:
+def observe_snapshot(snapshot: Snapshot, rule: Rule) -> Observation:
     """The gauges' view of ``opsctl status``: every entry classified under ``rule``.
-    Queues whose started registry could not be read (``unread``) get no series: a
-    count of 0 would read as nothing stuck there."""
+    Queues whose started registry could not be read get no series: a count of 0
+    would read as nothing stuck there."""
     seen = Observation(queues=set(snapshot.queues), problems=len(snapshot.problems))
     in_hand = jobs_in_hand(snapshot.workers)
     for entry in snapshot.entries:
         verdict = classify(entry, snapshot.workers, rule, snapshot.now, in_hand)
         seen.add_entry(entry.queue, verdict.state.value, verdict.signals.age_s)
-    seen.leave_out({*unread, *snapshot.unread})
+    seen.leave_out(snapshot.unread)
     return seen
 
 

@@ -414,6 +414,7 @@ _TAG = "tag:yaml.org,2002:"
 _STR_TAG = _TAG + "str"
 #: A whole number as YAML writes one in decimal (a sign, digits, underscores).
 _DIGITS = re.compile(r"[-+]?[0-9][0-9_]*")
+_TOO_LARGE = "the number is too large for any setting"
 _MAP_TAG = _TAG + "map"
 _SEQ_TAG = _TAG + "seq"
 _MERGE_TAG = _TAG + "merge"
@@ -690,9 +691,7 @@ class _Builder:
         except _CONSTRUCTION_ERRORS:
             if node.tag == _TAG + "int" and _DIGITS.fullmatch(str(node.value)):
                 # Too many digits for Python to read: far more than any setting holds.
-                self.document.report(path, "the number is too large for any setting")
-                self.document.settled.add(path)
-                return "<number>"
+                return self._refused_number(path, _TOO_LARGE)
             what = self.document.describe(path, str(node.value))
             tag = _short_tag(node.tag)
             self.document.report(path, f"{what} is not a valid {tag} value; fix it or drop {tag}")
@@ -726,11 +725,14 @@ class _Builder:
     def _sane(self, value: Any, path: _Path) -> Any:
         """``value``, or a placeholder after reporting a number no setting can hold."""
         if isinstance(value, float) and not math.isfinite(value):
-            self.document.report(path, f"{value} is not a finite number")
-        elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 63:
-            self.document.report(path, "the number is too large for any setting")
-        else:
-            return value
+            return self._refused_number(path, f"{value} is not a finite number")
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 63:
+            return self._refused_number(path, _TOO_LARGE)
+        return value
+
+    def _refused_number(self, path: _Path, message: str) -> str:
+        """Report a number no setting can hold; the placeholder that stands for it."""
+        self.document.report(path, message)
         self.document.settled.add(path)
         return "<number>"
 

@@ -129,8 +129,6 @@ class UnknownRun(UsageError):
 
 #: Actions that change a job itself (a removed registry entry leaves the job as it is).
 JOB_CHANGES = frozenset({"fail", "requeue", "cancel", "delete"})
-#: Why a job was not reached: a stop signal came first.
-ASKED_TO_STOP = "not acted on: opsctl was asked to stop"
 
 
 @dataclass
@@ -146,6 +144,19 @@ class Undo:
 
 
 @dataclass
+class Left:
+    """The jobs a run changed that an undo of it leaves as they are, counted."""
+
+    #: Jobs the run deleted: their hashes are gone, so they cannot be put back.
+    deleted: int = 0
+    #: Jobs a fail of the run retried: queued or scheduled already, nothing to undo.
+    retried: int = 0
+    #: Jobs a worker stopped at the run's request, with no action after (the policy
+    #: said fail): RQ filed them as stopped, which `rq requeue` puts back.
+    stopped: int = 0
+
+
+@dataclass
 class UndoRun:
     """One ``opsctl requeue --run``: its own run id, the run undone, every job."""
 
@@ -155,13 +166,9 @@ class UndoRun:
     jobs: list[Undo] = field(default_factory=list)
     #: Set when the connection to Redis was lost midway: the report shows what was done.
     redis_lost: bool = False
-    #: Jobs the run deleted: their hashes are gone, so they cannot be put back.
-    deleted: int = 0
-    #: Jobs a fail of the run retried: queued or scheduled already, nothing to undo.
-    retried: int = 0
-    #: Jobs a worker stopped at the run's request, with no action after (the policy
-    #: said fail): RQ filed them as stopped, which `rq requeue` puts back.
-    stopped: int = 0
+    #: Set when a stop signal came before every job was reached: those are skipped.
+    cut_short: bool = False
+    left: Left = field(default_factory=Left)
     #: The first change the Redis user was refused (an ACL): the undo exits as refused.
     refused: str | None = None
 
@@ -183,9 +190,9 @@ class UndoRun:
             "dry_run": self.dry_run,
             "redis": redis_url,
             "summary": self.summary(),
-            "deleted_not_undoable": self.deleted,
-            "retried_already": self.retried,
-            "stopped_not_undone": self.stopped,
+            "deleted_not_undoable": self.left.deleted,
+            "retried_already": self.left.retried,
+            "stopped_not_undone": self.left.stopped,
             "refused": self.refused,
             "jobs": [
                 {
@@ -206,9 +213,7 @@ class RunChanges:
 
     jobs: list[Undo]  # the jobs it failed or canceled, in the order it did
     key_prefix: str | None  # RQ's key prefix it used (None: not recorded then)
-    deleted: int  # how many jobs it deleted, which no undo can put back
-    retried: int = 0  # how many jobs a fail of its retried: queued or scheduled already
-    stopped: int = 0  # how many jobs a worker stopped at its request, and nothing more
+    left: Left  # the jobs it changed that an undo leaves
 
 
 def jobs_of_run(conn: redis.Redis, run_id: str) -> RunChanges:
@@ -227,29 +232,25 @@ def jobs_of_run(conn: redis.Redis, run_id: str) -> RunChanges:
     stopped: set[str] = set()
     acted: set[str] = set()
     for entry in entries:
-        action = entry.get("action", "")
-        if entry.get("outcome") == DONE and action == "stop":
-            stopped.add(entry.get("job", ""))
-        elif entry.get("outcome") == DONE and action in JOB_CHANGES:
-            acted.add(entry.get("job", ""))
-        if action == "delete" and entry.get("outcome") == DONE:
-            deleted.add(entry.get("job", ""))
-        # A fail that retried the job put it back on a queue already: nothing to undo.
-        if action not in UNDOABLE or entry.get("outcome") != DONE:
+        if entry.get("outcome") != DONE:
+            continue
+        action, job_id = entry.get("action", ""), entry.get("job", "")
+        if action == "stop":
+            stopped.add(job_id)
+        elif action in JOB_CHANGES:
+            acted.add(job_id)
+        if action == "delete":
+            deleted.add(job_id)
+        if action not in UNDOABLE:
             continue
         if entry.get("detail") != UNDOABLE[action][0]:
-            retried.add(entry.get("job", ""))
+            # A fail that retried the job put it back on a queue already: nothing to undo.
+            retried.add(job_id)
             continue
-        job_id = entry.get("job", "")
         found.pop(job_id, None)
         found[job_id] = Undo(job_id, entry.get("queue", ""), action, entry.get("ended_at", ""))
-    return RunChanges(
-        list(found.values()),
-        prefix,
-        len(deleted),
-        retried=len(retried - set(found)),
-        stopped=len(stopped - acted),
-    )
+    left = Left(len(deleted), len(retried - set(found)), len(stopped - acted))
+    return RunChanges(list(found.values()), prefix, left)
 
 
 def requeue_run(
@@ -272,15 +273,7 @@ def requeue_run(
             f"{used!r}; leave --key-prefix out to undo it there"
         )
     keys = Keys(key_prefix or used or DEFAULT_PREFIX)
-    undo = UndoRun(
-        new_run_id(),
-        run_id,
-        dry_run,
-        changes.jobs,
-        deleted=changes.deleted,
-        retried=changes.retried,
-        stopped=changes.stopped,
-    )
+    undo = UndoRun(new_run_id(), run_id, dry_run, changes.jobs, left=changes.left)
     if dry_run:
         _requeue(conn, keys, undo, should_stop)
         return undo
@@ -298,7 +291,8 @@ def _requeue(
         batch = undo.jobs[start : start + BATCH]
         if should_stop is not None and should_stop():
             for job in undo.jobs[start:]:
-                job.outcome, job.reason = SKIPPED, ASKED_TO_STOP
+                job.outcome, job.reason = SKIPPED, "not acted on: opsctl was asked to stop"
+            undo.cut_short = True
             return
         try:
             _requeue_batch(conn, keys, undo, context, script, batch)
@@ -444,19 +438,20 @@ def print_text(undo: UndoRun, console: Console) -> None:
         console.print(table)
     else:
         console.print("the run failed (for good) or canceled no job")
-    if undo.retried:
+    left = undo.left
+    if left.retried:
         console.print(
-            f"{undo.retried} job(s) the run failed were retried: they are queued or "
+            f"{left.retried} job(s) the run failed were retried: they are queued or "
             "scheduled again already"
         )
-    if undo.stopped:
+    if left.stopped:
         console.print(
-            f"{undo.stopped} job(s) a worker stopped at the run's request were filed as "
+            f"{left.stopped} job(s) a worker stopped at the run's request were filed as "
             "stopped in FailedJobRegistry, which this undo leaves: `rq requeue` puts them back"
         )
-    if undo.deleted:
+    if left.deleted:
         console.print(
-            f"{undo.deleted} job(s) the run deleted cannot be put back: their hashes are gone"
+            f"{left.deleted} job(s) the run deleted cannot be put back: their hashes are gone"
         )
     counts = ", ".join(f"{n} {k}" for k, n in undo.summary().items())
     console.print(f"requeue {undo.run_id} (undo of {undo.undo_of}): {counts}")
